@@ -1,0 +1,360 @@
+//! The routing op's description: what a backend must compute from router logits.
+//!
+//! The semantics are decided once, in the design document, and implemented once as the scalar
+//! reference router in `sluice-models`; every backend is tested against it. In short:
+//!
+//! - scores are f32: `softmax(logits)` or `sigmoid(logits)`;
+//! - the f32 correction bias (`noaux_tc` only) is added to the sigmoid scores for *selection only*;
+//!   weights are the unbiased scores, carried alongside;
+//! - group scores: the largest softmax probability (`group_limited_greedy`) or the sum of the two
+//!   largest biased scores (`noaux_tc`); the best `topk_group` groups are kept, the others masked
+//!   with `-inf`;
+//! - ties: larger score first, then lower index (for experts and for groups alike);
+//! - output rows hold `top_k` experts sorted by weight descending, then by expert id;
+//! - `norm_topk_prob` divides by `sum + 1e-20` in f32; `routed_scaling_factor` is applied once,
+//!   after that, unless [`RoutingSpec::apply_scaling`] is false;
+//! - non-finite logits follow [`NonFinitePolicy`].
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// The epsilon added to the sum of the selected weights before renormalising.
+pub const RENORM_EPSILON: f32 = 1e-20;
+
+/// How logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScoringFunc {
+    /// `softmax` over all experts of a token (DeepSeek-V2, V2-Lite, V2.5).
+    Softmax,
+    /// Element-wise `sigmoid` (DeepSeek-V3, R1, Kimi-K2).
+    Sigmoid,
+}
+
+impl ScoringFunc {
+    /// The name used in Hugging Face configs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ScoringFunc::Softmax => "softmax",
+            ScoringFunc::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+/// How experts are selected from the scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopkMethod {
+    /// Plain top-k over all experts (V2-Lite).
+    Greedy,
+    /// Keep the `topk_group` groups with the largest maximum score, then top-k (V2, V2.5).
+    GroupLimitedGreedy,
+    /// Sigmoid scores plus the correction bias; keep the `topk_group` groups with the largest sum of
+    /// their two best biased scores, then top-k on biased scores; weights from unbiased scores
+    /// (V3, R1, Kimi-K2).
+    NoauxTc,
+}
+
+impl TopkMethod {
+    /// The name used in Hugging Face configs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TopkMethod::Greedy => "greedy",
+            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            TopkMethod::NoauxTc => "noaux_tc",
+        }
+    }
+
+    /// Whether the method restricts the choice to the best groups.
+    pub const fn uses_groups(self) -> bool {
+        !matches!(self, TopkMethod::Greedy)
+    }
+}
+
+/// What to do with a token whose logits (or hidden state) hold a NaN or an infinity.
+///
+/// Whatever the policy, a routing result never holds an out-of-range or a duplicate expert id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NonFinitePolicy {
+    /// Fail the whole call with an error that names the first bad row.
+    #[default]
+    Error,
+    /// Mark the bad rows invalid (ids `-1`, weights `0.0`) and route the other rows normally.
+    MarkInvalid,
+}
+
+/// Everything a backend needs to route router logits `[T, E]` to `top_k` experts per token.
+///
+/// Build it with [`RoutingSpec::new`] (which validates), or fill the fields and call
+/// [`RoutingSpec::validate`]; backends validate again before they run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingSpec {
+    /// Number of routed experts `E`.
+    pub num_experts: usize,
+    /// Scoring function.
+    pub scoring: ScoringFunc,
+    /// Selection method.
+    pub method: TopkMethod,
+    /// Number of expert groups `G`; experts `g*E/G .. (g+1)*E/G` form group `g`.
+    pub n_group: usize,
+    /// Number of groups kept per token.
+    pub topk_group: usize,
+    /// Experts per token `K`.
+    pub top_k: usize,
+    /// Divide the selected weights by their sum (plus [`RENORM_EPSILON`]).
+    pub norm_topk_prob: bool,
+    /// The factor the final weights are multiplied by.
+    pub routed_scaling_factor: f32,
+    /// Whether the gate applies `routed_scaling_factor` (true, the default) or leaves it to the
+    /// caller, as engines that scale after the experts do.
+    pub apply_scaling: bool,
+    /// What to do with non-finite rows.
+    pub non_finite: NonFinitePolicy,
+}
+
+/// A routing configuration that no real model has or that makes routing ill-defined.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// A size that must be positive is zero.
+    #[error("`{field}` must be at least 1, got 0")]
+    Zero {
+        /// The field's name.
+        field: &'static str,
+    },
+    /// The experts do not split evenly into groups.
+    #[error("`n_routed_experts` = {num_experts} is not divisible by `n_group` = {n_group}")]
+    UnevenGroups {
+        /// `E`.
+        num_experts: usize,
+        /// `G`.
+        n_group: usize,
+    },
+    /// More groups kept than exist.
+    #[error("`topk_group` = {topk_group} is larger than `n_group` = {n_group}")]
+    TooManyGroups {
+        /// Groups kept.
+        topk_group: usize,
+        /// Groups in all.
+        n_group: usize,
+    },
+    /// Fewer experts survive the group mask than are selected.
+    #[error(
+        "`num_experts_per_tok` = {top_k} exceeds the {allowed} experts that the kept groups hold \
+         (`topk_group` {topk_group} x {per_group} experts per group)"
+    )]
+    TooFewAllowedExperts {
+        /// `K`.
+        top_k: usize,
+        /// `topk_group * E / G`.
+        allowed: usize,
+        /// Groups kept.
+        topk_group: usize,
+        /// Experts per group.
+        per_group: usize,
+    },
+    /// The two-best group score needs two experts per group.
+    #[error("`noaux_tc` needs at least 2 experts per group, got {per_group}")]
+    GroupTooSmall {
+        /// Experts per group.
+        per_group: usize,
+    },
+    /// A scoring function the method is not defined for.
+    #[error("`topk_method` = \"{}\" is not defined with `scoring_func` = \"{}\"", method.name(), scoring.name())]
+    ScoringMismatch {
+        /// The method.
+        method: TopkMethod,
+        /// The scoring function.
+        scoring: ScoringFunc,
+    },
+    /// The scaling factor is not a positive finite number.
+    #[error("`routed_scaling_factor` must be positive and finite, got {0}")]
+    BadScalingFactor(f32),
+}
+
+impl RoutingSpec {
+    /// A validated spec with scaling applied in the gate and the default non-finite policy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        num_experts: usize,
+        scoring: ScoringFunc,
+        method: TopkMethod,
+        n_group: usize,
+        topk_group: usize,
+        top_k: usize,
+        norm_topk_prob: bool,
+        routed_scaling_factor: f32,
+    ) -> Result<Self, SpecError> {
+        let spec = RoutingSpec {
+            num_experts,
+            scoring,
+            method,
+            n_group,
+            topk_group,
+            top_k,
+            norm_topk_prob,
+            routed_scaling_factor,
+            apply_scaling: true,
+            non_finite: NonFinitePolicy::default(),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks the spec against the rules in the design document.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        for (field, value) in [
+            ("n_routed_experts", self.num_experts),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+            ("num_experts_per_tok", self.top_k),
+        ] {
+            if value == 0 {
+                return Err(SpecError::Zero { field });
+            }
+        }
+        let expected_scoring = match self.method {
+            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => ScoringFunc::Softmax,
+            TopkMethod::NoauxTc => ScoringFunc::Sigmoid,
+        };
+        if self.scoring != expected_scoring {
+            return Err(SpecError::ScoringMismatch { method: self.method, scoring: self.scoring });
+        }
+        if self.num_experts % self.n_group != 0 {
+            return Err(SpecError::UnevenGroups {
+                num_experts: self.num_experts,
+                n_group: self.n_group,
+            });
+        }
+        if self.topk_group > self.n_group {
+            return Err(SpecError::TooManyGroups {
+                topk_group: self.topk_group,
+                n_group: self.n_group,
+            });
+        }
+        let per_group = self.experts_per_group();
+        let allowed =
+            if self.method.uses_groups() { self.topk_group * per_group } else { self.num_experts };
+        if self.top_k > allowed {
+            return Err(SpecError::TooFewAllowedExperts {
+                top_k: self.top_k,
+                allowed,
+                topk_group: self.topk_group,
+                per_group,
+            });
+        }
+        if self.method == TopkMethod::NoauxTc && per_group < 2 {
+            return Err(SpecError::GroupTooSmall { per_group });
+        }
+        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+            return Err(SpecError::BadScalingFactor(self.routed_scaling_factor));
+        }
+        Ok(())
+    }
+
+    /// Experts per group, `E / G`.
+    pub const fn experts_per_group(&self) -> usize {
+        self.num_experts / self.n_group
+    }
+
+    /// Whether grouping changes anything: the method uses groups and some group can be dropped.
+    pub const fn groups_restrict(&self) -> bool {
+        self.method.uses_groups() && self.topk_group < self.n_group
+    }
+
+    /// The factor applied to the final weights: `routed_scaling_factor`, or 1 when scaling is left
+    /// to the caller.
+    pub const fn output_scale(&self) -> f32 {
+        if self.apply_scaling { self.routed_scaling_factor } else { 1.0 }
+    }
+}
+
+impl fmt::Display for RoutingSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} + {}, E={}, groups {}/{}, top-{}, renorm={}, scale={}{}",
+            self.scoring.name(),
+            self.method.name(),
+            self.num_experts,
+            self.topk_group,
+            self.n_group,
+            self.top_k,
+            self.norm_topk_prob,
+            self.routed_scaling_factor,
+            if self.apply_scaling { "" } else { " (left to the caller)" },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v3() -> RoutingSpec {
+        RoutingSpec::new(256, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5)
+            .unwrap()
+    }
+
+    #[test]
+    fn real_model_shapes_are_valid() {
+        v3();
+        RoutingSpec::new(384, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 1, 1, 8, true, 2.827)
+            .unwrap();
+        RoutingSpec::new(
+            160,
+            ScoringFunc::Softmax,
+            TopkMethod::GroupLimitedGreedy,
+            8,
+            3,
+            6,
+            false,
+            16.0,
+        )
+        .unwrap();
+        RoutingSpec::new(64, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0)
+            .unwrap();
+    }
+
+    #[test]
+    fn invalid_specs_name_the_problem() {
+        let mut s = v3();
+        s.n_group = 7;
+        assert_eq!(s.validate(), Err(SpecError::UnevenGroups { num_experts: 256, n_group: 7 }));
+        let mut s = v3();
+        s.topk_group = 9;
+        assert_eq!(s.validate(), Err(SpecError::TooManyGroups { topk_group: 9, n_group: 8 }));
+        let mut s = v3();
+        s.topk_group = 1;
+        s.top_k = 33;
+        assert!(matches!(s.validate(), Err(SpecError::TooFewAllowedExperts { allowed: 32, .. })));
+        let mut s = v3();
+        s.top_k = 0;
+        assert_eq!(s.validate(), Err(SpecError::Zero { field: "num_experts_per_tok" }));
+        let mut s = v3();
+        s.scoring = ScoringFunc::Softmax;
+        assert!(matches!(s.validate(), Err(SpecError::ScoringMismatch { .. })));
+        let mut s = v3();
+        s.routed_scaling_factor = f32::NAN;
+        assert!(matches!(s.validate(), Err(SpecError::BadScalingFactor(_))));
+        let mut s = v3();
+        s.n_group = 256;
+        s.topk_group = 8;
+        assert_eq!(s.validate(), Err(SpecError::GroupTooSmall { per_group: 1 }));
+    }
+
+    #[test]
+    fn error_messages_name_field_and_value() {
+        let mut s = v3();
+        s.n_group = 7;
+        let message = s.validate().unwrap_err().to_string();
+        assert!(message.contains("n_group") && message.contains('7'), "{message}");
+    }
+
+    #[test]
+    fn scaling_can_be_left_to_the_caller() {
+        let mut s = v3();
+        assert_eq!(s.output_scale(), 2.5);
+        s.apply_scaling = false;
+        assert_eq!(s.output_scale(), 1.0);
+    }
+}
