@@ -4,9 +4,15 @@
 //! import ([`Tensor::from_dlpack`](crate::Tensor::from_dlpack)) is zero-copy and validates every
 //! field a producer could get wrong.
 
+use std::sync::Arc;
+
+use dlpark::ffi::{DLManagedTensor, DLManagedTensorVersioned, DLTensor};
+use dlpark::metadata::Dynamic;
+use dlpark::{DlpackFlags, Managed, ManagedTensorBase, OpaqueContext};
 use thiserror::Error;
 
-use crate::DType;
+use crate::storage::Storage;
+use crate::{DType, Device, Element, Layout, Tensor};
 
 /// An owned versioned DLPack tensor (`DLManagedTensorVersioned`, DLPack 1.x). Dropping it calls the
 /// producer's deleter once.
@@ -110,4 +116,293 @@ pub enum DlpackError {
         /// Rank.
         ndim: i32,
     },
+}
+
+/// Converts a tensor's `usize` metadata to DLPack's `i64`.
+fn to_i64(values: &[usize], what: &'static str) -> Result<Vec<i64>, DlpackError> {
+    values
+        .iter()
+        .map(|&v| i64::try_from(v).map_err(|_| DlpackError::MetadataOverflow(what)))
+        .collect()
+}
+
+/// Builds a managed tensor of either ABI that owns `ctx` and points at `data`.
+///
+/// # Safety
+///
+/// `data + byte_offset` must address the tensor described by `shape`, `strides` and `dtype` on
+/// `device`, valid for as long as `ctx` is alive; `read_only` must be set unless the consumer may
+/// write the memory.
+#[allow(clippy::too_many_arguments)]
+unsafe fn build<M: ManagedTensorBase>(
+    ctx: impl OpaqueContext,
+    data: *const u8,
+    byte_offset: usize,
+    shape: &[usize],
+    strides: &[usize],
+    dtype: DType,
+    device: Device,
+    read_only: bool,
+) -> Result<Managed<M>, DlpackError> {
+    let dl_device = device.to_dlpack().ok_or(DlpackError::MetadataOverflow("device ordinal"))?;
+    let byte_offset =
+        u64::try_from(byte_offset).map_err(|_| DlpackError::MetadataOverflow("byte offset"))?;
+    let mut init = Dynamic::new(to_i64(shape, "shape")?, to_i64(strides, "strides")?)
+        .initialize_as::<M>(ctx)
+        .map_err(|_| DlpackError::MetadataOverflow("rank"))?;
+    init.set_data(data.cast_mut().cast())
+        .set_byte_offset(byte_offset)
+        .set_dtype(dtype.to_dlpack())
+        .set_device(dl_device);
+    if read_only {
+        init.set_flags(DlpackFlags::READ_ONLY)
+            .map_err(|_| DlpackError::MetadataOverflow("flags"))?;
+    }
+    // SAFETY: the descriptor was filled from a validated layout (shape/strides copied into the
+    // allocation, explicit strides for every rank), `data` stays valid while `ctx` lives (the
+    // caller's contract), `ctx` is released by the generated deleter exactly once, and READ_ONLY
+    // is set as the caller decided. IS_COPIED is never asserted.
+    Ok(unsafe { init.finish() })
+}
+
+fn export<M: ManagedTensorBase>(tensor: &Tensor) -> Result<Managed<M>, DlpackError> {
+    let _span = tracing::debug_span!(
+        "dlpack_export",
+        shape = ?tensor.shape(),
+        dtype = %tensor.dtype(),
+        device = %tensor.device(),
+        requires_grad = tensor.requires_grad(),
+    )
+    .entered();
+    if tensor.requires_grad() {
+        tracing::debug!("refused: the tensor requires grad");
+        return Err(DlpackError::RequiresGrad);
+    }
+    let storage: Arc<Storage> = Arc::clone(tensor.storage());
+    let data = storage.as_ptr();
+    let byte_offset = tensor
+        .offset()
+        .checked_mul(tensor.dtype().size_in_bytes())
+        .ok_or(DlpackError::MetadataOverflow("byte offset"))?;
+    // SAFETY: the storage Arc is the context, so `data` (the storage's first byte) stays valid until
+    // the consumer's deleter drops it; the tensor's layout was checked against the storage when the
+    // tensor was built. READ_ONLY is always set: sluice tensors are immutable and the exporting
+    // tensor keeps sharing the storage, so exclusivity can never be promised.
+    unsafe {
+        build::<M>(
+            storage,
+            data,
+            byte_offset,
+            tensor.shape(),
+            tensor.strides(),
+            tensor.dtype(),
+            tensor.device(),
+            true,
+        )
+    }
+}
+
+/// Hands a host `Vec` to a DLPack consumer without a copy: the managed tensor owns the vector and
+/// frees it in its deleter. This is how backends return host outputs.
+pub fn export_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Dlpack, DlpackError> {
+    let layout = Layout::contiguous(shape).map_err(|_| DlpackError::MetadataOverflow("shape"))?;
+    if layout.elem_count() != data.len() {
+        return Err(DlpackError::MetadataOverflow("shape does not match the vector's length"));
+    }
+    let ptr = data.as_ptr().cast::<u8>();
+    let owner = Box::new(data);
+    // SAFETY: moving the vector into the box does not move its heap buffer, so `ptr` stays valid
+    // until the deleter drops the box; the buffer holds exactly `shape`'s elements, contiguous. The
+    // consumer becomes the only owner, so the tensor is writable (no READ_ONLY).
+    unsafe {
+        build::<DLManagedTensorVersioned>(
+            owner,
+            ptr,
+            0,
+            layout.shape(),
+            layout.strides(),
+            T::DTYPE,
+            Device::Cpu,
+            false,
+        )
+    }
+}
+
+/// The fields of a DLPack descriptor after validation, copied out of it.
+struct Validated {
+    base: *const u8,
+    len: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    dtype: DType,
+    device: Device,
+}
+
+/// Validates a raw descriptor. `version` is `None` for the legacy ABI.
+///
+/// # Safety
+///
+/// `dl.shape` (and `dl.strides` if non-null) must point to `dl.ndim` readable `i64`s, as the DLPack
+/// contract of the producer promises.
+unsafe fn validate(dl: &DLTensor, version: Option<(u32, u32)>) -> Result<Validated, DlpackError> {
+    if dl.ndim < 0 {
+        return Err(DlpackError::NegativeNdim(dl.ndim));
+    }
+    let ndim = dl.ndim as usize;
+    if ndim > 0 && dl.shape.is_null() {
+        return Err(DlpackError::NullShape(dl.ndim));
+    }
+    if dl.dtype.lanes != 1 {
+        return Err(DlpackError::Lanes(dl.dtype.lanes));
+    }
+    let dtype = DType::from_dlpack(dl.dtype)
+        .ok_or(DlpackError::UnsupportedDType { code: dl.dtype.code.0, bits: dl.dtype.bits })?;
+    let device = Device::from_dlpack(dl.device).ok_or(DlpackError::UnsupportedDevice {
+        device_type: dl.device.device_type.0,
+        device_id: dl.device.device_id,
+    })?;
+    let raw_shape: &[i64] = if ndim == 0 {
+        &[]
+    } else {
+        // SAFETY: non-null (checked above) and `ndim` entries long by the caller's contract.
+        unsafe { std::slice::from_raw_parts(dl.shape, ndim) }
+    };
+    let mut shape = Vec::with_capacity(ndim);
+    for (axis, &value) in raw_shape.iter().enumerate() {
+        let extent =
+            usize::try_from(value).map_err(|_| DlpackError::NegativeDimension { axis, value })?;
+        shape.push(extent);
+    }
+    let strides = if dl.strides.is_null() {
+        if let Some((major, minor)) = version
+            && (major, minor) >= (1, 2)
+            && ndim > 0
+        {
+            return Err(DlpackError::MissingStrides { major, minor, ndim: dl.ndim });
+        }
+        crate::layout::contiguous_strides(&shape)
+            .map_err(|_| DlpackError::ExtentOverflow("element count"))?
+    } else {
+        // SAFETY: non-null and `ndim` entries long by the caller's contract.
+        let raw = unsafe { std::slice::from_raw_parts(dl.strides, ndim) };
+        let mut strides = Vec::with_capacity(ndim);
+        for (axis, &value) in raw.iter().enumerate() {
+            let stride =
+                usize::try_from(value).map_err(|_| DlpackError::NegativeStride { axis, value })?;
+            strides.push(stride);
+        }
+        strides
+    };
+    let elem_count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or(DlpackError::ExtentOverflow("element count"))?;
+    let span = Layout::strided(&shape, &strides, 0)
+        .map_err(|_| DlpackError::ExtentOverflow("strides"))?
+        .span();
+    let len = span
+        .checked_mul(dtype.size_in_bytes())
+        .ok_or(DlpackError::ExtentOverflow("byte length"))?;
+    let byte_offset =
+        usize::try_from(dl.byte_offset).map_err(|_| DlpackError::ExtentOverflow("byte offset"))?;
+    let data = dl.data as usize;
+    if elem_count > 0 && data == 0 {
+        return Err(DlpackError::NullData(elem_count));
+    }
+    let base = data.checked_add(byte_offset).ok_or(DlpackError::ExtentOverflow("byte offset"))?;
+    base.checked_add(len).ok_or(DlpackError::ExtentOverflow("address space"))?;
+    if elem_count > 0 && !base.is_multiple_of(dtype.size_in_bytes()) {
+        return Err(DlpackError::Misaligned { address: base, align: dtype.size_in_bytes(), dtype });
+    }
+    Ok(Validated {
+        base: (dl.data as *const u8).wrapping_add(byte_offset),
+        len,
+        shape,
+        strides,
+        dtype,
+        device,
+    })
+}
+
+fn import<M: ManagedTensorBase>(managed: Managed<M>) -> Result<Tensor, DlpackError> {
+    // SAFETY: `managed` owns a descriptor that stays alive and unmodified until it is dropped.
+    let header: &M = unsafe { &*managed.as_ptr() };
+    let version = header.version().map(|v| (v.major, v.minor));
+    let read_only = header.flags().contains(DlpackFlags::READ_ONLY);
+    // SAFETY: the producer's DLPack contract: shape/strides point to `ndim` readable values.
+    let validated = unsafe { validate(header.tensor(), version) };
+    let _span = tracing::debug_span!("dlpack_import", ?version, read_only).entered();
+    let v = match validated {
+        Ok(v) => v,
+        Err(error) => {
+            tracing::debug!(%error, "refused");
+            // Dropping `managed` runs the producer's deleter exactly once.
+            return Err(error);
+        }
+    };
+    tracing::debug!(shape = ?v.shape, dtype = %v.dtype, device = %v.device, "imported");
+    let release = managed.into_deleter();
+    // SAFETY: validation proved `base` addresses `len` bytes spanning the whole view (on
+    // `v.device`); the producer keeps them valid until its deleter runs, which happens when
+    // `release` is dropped together with the storage. sluice never writes storage.
+    let storage = unsafe { Storage::foreign(v.base, v.len, v.device, read_only, release) };
+    let layout = Layout::strided(&v.shape, &v.strides, 0)
+        .map_err(|_| DlpackError::ExtentOverflow("strides"))?;
+    Tensor::from_parts(Arc::new(storage), layout, v.dtype)
+        .map_err(|_| DlpackError::ExtentOverflow("layout"))
+}
+
+impl Tensor {
+    /// Exports the tensor as a versioned DLPack tensor, sharing its storage (no copy).
+    ///
+    /// The consumer may outlive `self`: the managed tensor holds a reference to the storage.
+    /// `READ_ONLY` is always set. A tensor that requires grad is refused with
+    /// [`DlpackError::RequiresGrad`]; call [`detach`](Tensor::detach) first.
+    pub fn to_dlpack(&self) -> Result<Dlpack, DlpackError> {
+        export::<DLManagedTensorVersioned>(self)
+    }
+
+    /// Like [`to_dlpack`](Tensor::to_dlpack), as a legacy (pre-1.0) `DLManagedTensor`.
+    pub fn to_dlpack_legacy(&self) -> Result<LegacyDlpack, DlpackError> {
+        export::<DLManagedTensor>(self)
+    }
+
+    /// Imports a versioned DLPack tensor without a copy, after validating every field.
+    ///
+    /// The producer's deleter runs exactly once: when the last tensor sharing the import is dropped,
+    /// or right away if validation fails. Imported tensors do not require grad.
+    pub fn from_dlpack(tensor: Dlpack) -> Result<Tensor, DlpackError> {
+        import(tensor)
+    }
+
+    /// Imports a legacy `DLManagedTensor` (strides may be null: compact row-major).
+    pub fn from_dlpack_legacy(tensor: LegacyDlpack) -> Result<Tensor, DlpackError> {
+        import(tensor)
+    }
+
+    /// Imports a raw versioned managed tensor, as handed over by C or a Python capsule.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is null or points to a `DLManagedTensorVersioned` the caller owns (ownership moves to
+    /// sluice) whose shape and strides arrays hold `ndim` values and whose deleter may be called
+    /// once from any thread.
+    pub unsafe fn from_raw_dlpack(
+        ptr: *mut DLManagedTensorVersioned,
+    ) -> Result<Tensor, DlpackError> {
+        if ptr.is_null() {
+            return Err(DlpackError::NullManagedTensor);
+        }
+        // SAFETY: non-null and pointing to an initialised managed tensor (this function's contract).
+        let declared = unsafe { (*ptr).version };
+        // SAFETY: forwarded from this function's contract. On a version mismatch dlpark releases
+        // the tensor through its deleter before returning the error.
+        match unsafe { Managed::from_raw(ptr) } {
+            Ok(managed) => import(managed),
+            Err(_) => Err(DlpackError::IncompatibleVersion {
+                major: declared.major,
+                minor: declared.minor,
+            }),
+        }
+    }
 }

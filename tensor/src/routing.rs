@@ -219,7 +219,7 @@ impl RoutingSpec {
         if self.scoring != expected_scoring {
             return Err(SpecError::ScoringMismatch { method: self.method, scoring: self.scoring });
         }
-        if self.num_experts % self.n_group != 0 {
+        if !self.num_experts.is_multiple_of(self.n_group) {
             return Err(SpecError::UnevenGroups {
                 num_experts: self.num_experts,
                 n_group: self.n_group,
