@@ -56,3 +56,8 @@ pub mod reexports {
     pub use half;
     pub use ndarray;
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
