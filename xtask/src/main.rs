@@ -4,6 +4,7 @@
 //! Rust toolchain (Python with torch and transformers for `fixtures` and `bench-vs-torch`).
 
 mod ci;
+mod fixtures;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,12 +14,15 @@ usage: cargo xtask <task>
 
 tasks:
   ci        fmt --check, clippy -D warnings, test, doc (warnings denied); stops at the first failure
+  fixtures  regenerate models/testdata: golden router outputs from Hugging Face transformers
+            (Python: $SLUICE_PYTHON, else .venv, created from xtask/fixtures/requirements.txt)
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci::run(&project_root()),
+        Some("fixtures") => fixtures::run(&project_root(), &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
