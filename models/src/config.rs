@@ -1,0 +1,464 @@
+//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 and Kimi-K2 / K2.5 checkpoints.
+//!
+//! Only what the MoE gate needs is read: the family, the hidden size, the layer count, the MoE layer
+//! rule and the routing fields, which become a validated [`RoutingSpec`].
+//!
+//! # Where the fields live
+//!
+//! Text models keep them at the top level. Kimi-K2.5 is multimodal and nests them under
+//! `text_config` (whose `model_type` is `kimi_k2`, or `deepseek_v3` once transformers has rewritten
+//! it); errors then name the field as `text_config.<field>`.
+//!
+//! # Missing fields
+//!
+//! Configs written by the model authors carry every routing field. Configs written by transformers'
+//! `save_pretrained` carry every field of transformers' own config class, which for DeepSeek-V3 has
+//! no `scoring_func`, `topk_method` or `moe_layer_freq`, and for DeepSeek-V2 no `scoring_func` or
+//! `moe_layer_freq`. A missing field (or a JSON `null`, which is how `None` is saved) is read the
+//! way transformers 5.24 reads it:
+//!
+//! | field | `deepseek_v2` | `deepseek_v3`, `kimi_k2` |
+//! | --- | --- | --- |
+//! | `scoring_func` | `softmax` | `sigmoid` |
+//! | `topk_method` | `greedy` when `n_group` is absent or 1; refused otherwise | `noaux_tc` |
+//! | `n_group`, `topk_group` | 1 for `greedy`; required for a grouped method | 8 and 4 |
+//! | `norm_topk_prob` | false | true |
+//! | `routed_scaling_factor` | 1.0 | 2.5 |
+//! | `first_k_dense_replace` | 0 | 3 |
+//! | `moe_layer_freq` | 1 | 1 |
+//!
+//! transformers' `DeepseekV2Config` defaults `topk_method` to `greedy` even when `n_group` > 1,
+//! which silently ignores the groups; every released grouped V2 checkpoint says
+//! `group_limited_greedy`. That combination is ambiguous, so it is refused with an error that asks
+//! for an explicit `topk_method`. The sizes (`hidden_size`, `num_hidden_layers`,
+//! `n_routed_experts`, `num_experts_per_tok`) are always required.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use sluice_tensor::{RoutingSpec, ScoringFunc, SpecError, TopkMethod};
+use thiserror::Error;
+
+/// The model family, from `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFamily {
+    /// `deepseek_v2`: DeepSeek-V2, V2-Lite, V2.5 (softmax scoring).
+    DeepseekV2,
+    /// `deepseek_v3`: DeepSeek-V3, R1 (sigmoid scoring with a correction bias). Kimi checkpoints
+    /// whose config says `deepseek_v3` are reported as this family too.
+    DeepseekV3,
+    /// `kimi_k2`: Kimi-K2, and Kimi-K2.5 (`kimi_k25` with a `text_config`). The V3 architecture.
+    KimiK2,
+}
+
+impl ModelFamily {
+    /// The family for a `model_type` string, if it is one sluice knows.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "deepseek_v2" => Some(ModelFamily::DeepseekV2),
+            "deepseek_v3" => Some(ModelFamily::DeepseekV3),
+            "kimi_k2" => Some(ModelFamily::KimiK2),
+            _ => None,
+        }
+    }
+
+    /// A display name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ModelFamily::DeepseekV2 => "DeepSeek-V2",
+            ModelFamily::DeepseekV3 => "DeepSeek-V3",
+            ModelFamily::KimiK2 => "Kimi-K2",
+        }
+    }
+
+    /// Whether the family uses the V2 routing (softmax scores, no correction bias).
+    const fn is_v2(self) -> bool {
+        matches!(self, ModelFamily::DeepseekV2)
+    }
+}
+
+impl fmt::Display for ModelFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a `config.json` could not be used. Every variant names the file.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not JSON, or its top level is not an object.
+    #[error("{}: malformed JSON: {message}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A required field is absent (or `null`).
+    #[error("{}: missing field `{field}`{hint}", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The field, with its `text_config.` prefix where nested.
+        field: String,
+        /// Extra context, empty or starting with a separator.
+        hint: &'static str,
+    },
+    /// A field holds a JSON value of the wrong type.
+    #[error("{}: field `{field}` is {found}, expected {expected}", path.display())]
+    WrongType {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// The value found, as JSON.
+        found: String,
+        /// What was expected, in words.
+        expected: &'static str,
+    },
+    /// A field holds a value sluice does not accept.
+    #[error("{}: field `{field}` = {value}: {reason}", path.display())]
+    BadValue {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// The value, as JSON.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The routing fields are inconsistent.
+    #[error("{}: {source}", path.display())]
+    Spec {
+        /// The file.
+        path: PathBuf,
+        /// What the routing validation said.
+        source: SpecError,
+    },
+}
+
+/// What sluice reads from a checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    family: ModelFamily,
+    model_type: String,
+    nested_text_config: bool,
+    hidden_size: usize,
+    num_layers: usize,
+    first_k_dense_replace: usize,
+    moe_layer_freq: usize,
+    routing: RoutingSpec,
+}
+
+impl ModelConfig {
+    /// Reads and parses a `config.json` file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` is only used in error messages.
+    pub fn from_json(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let root: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::Json { path: path.to_path_buf(), message: e.to_string() })?;
+        let Value::Object(root) = root else {
+            return Err(ConfigError::Json {
+                path: path.to_path_buf(),
+                message: format!("the top level is {}, expected an object", json_kind(&root)),
+            });
+        };
+        let top = Fields { object: &root, prefix: "", path };
+        let config = match top.get("text_config") {
+            Some(Value::Object(text_config)) => {
+                let mut config = Self::parse(
+                    Fields { object: text_config, prefix: "text_config.", path },
+                    true,
+                )?;
+                // transformers rewrites Kimi-K2.5's text `model_type` to `deepseek_v3`; the outer
+                // one still says which model this is.
+                if top.str("model_type")? == Some("kimi_k25") {
+                    config.family = ModelFamily::KimiK2;
+                }
+                config
+            }
+            Some(other) => return Err(top.wrong_type("text_config", other, "an object")),
+            None if top.str("model_type")? == Some("kimi_k25") => {
+                return Err(top.missing("text_config", " (Kimi-K2.5 keeps its text model there)"));
+            }
+            None => Self::parse(top, false)?,
+        };
+        tracing::debug!(
+            file = %path.display(),
+            family = %config.family,
+            routing = %config.routing,
+            "parsed model config"
+        );
+        Ok(config)
+    }
+
+    fn parse(fields: Fields<'_>, nested_text_config: bool) -> Result<Self, ConfigError> {
+        let model_type = fields.required_str("model_type")?;
+        let family = ModelFamily::from_model_type(model_type).ok_or_else(|| {
+            fields.bad_value(
+                "model_type",
+                "not a model sluice knows (expected deepseek_v2, deepseek_v3 or kimi_k2)",
+            )
+        })?;
+        let v2 = family.is_v2();
+
+        let hidden_size = fields.required_usize("hidden_size")?;
+        let num_layers = fields.required_usize("num_hidden_layers")?;
+        let num_experts = fields.usize("n_routed_experts")?.ok_or_else(|| {
+            fields.missing("n_routed_experts", "; a model without routed experts has no MoE gate")
+        })?;
+        let top_k = fields.required_usize("num_experts_per_tok")?;
+
+        let scoring = match fields.str("scoring_func")? {
+            None if v2 => ScoringFunc::Softmax,
+            None => ScoringFunc::Sigmoid,
+            Some("softmax") => ScoringFunc::Softmax,
+            Some("sigmoid") => ScoringFunc::Sigmoid,
+            Some(_) => {
+                return Err(fields.bad_value("scoring_func", "expected \"softmax\" or \"sigmoid\""));
+            }
+        };
+        let n_group = fields.usize("n_group")?;
+        let method = match fields.str("topk_method")? {
+            None if !v2 => TopkMethod::NoauxTc,
+            None if n_group.unwrap_or(1) == 1 => TopkMethod::Greedy,
+            None => {
+                return Err(fields.missing(
+                    "topk_method",
+                    " while `n_group` > 1: transformers would route greedily and ignore the \
+                     groups, released grouped V2 checkpoints say \"group_limited_greedy\"; \
+                     set it explicitly",
+                ));
+            }
+            Some("greedy") => TopkMethod::Greedy,
+            Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
+            Some("noaux_tc") => TopkMethod::NoauxTc,
+            Some(_) => {
+                return Err(fields.bad_value(
+                    "topk_method",
+                    "expected \"greedy\", \"group_limited_greedy\" or \"noaux_tc\"",
+                ));
+            }
+        };
+        let topk_group = fields.usize("topk_group")?;
+        let (n_group, topk_group) = match (method, n_group, topk_group) {
+            (_, Some(groups), Some(kept)) => (groups, kept),
+            _ if !v2 => (n_group.unwrap_or(8), topk_group.unwrap_or(4)),
+            (TopkMethod::Greedy, groups, kept) => {
+                let groups = groups.unwrap_or(1);
+                (groups, kept.unwrap_or(groups))
+            }
+            (_, None, _) => {
+                return Err(fields.missing("n_group", " (required by a grouped `topk_method`)"));
+            }
+            (_, Some(_), None) => {
+                return Err(fields.missing("topk_group", " (required by a grouped `topk_method`)"));
+            }
+        };
+        let norm_topk_prob = fields.bool("norm_topk_prob")?.unwrap_or(!v2);
+        let routed_scaling_factor =
+            fields.f32("routed_scaling_factor")?.unwrap_or(if v2 { 1.0 } else { 2.5 });
+        let first_k_dense_replace =
+            fields.usize("first_k_dense_replace")?.unwrap_or(if v2 { 0 } else { 3 });
+        let moe_layer_freq = fields.usize("moe_layer_freq")?.unwrap_or(1);
+        if moe_layer_freq == 0 {
+            return Err(fields.bad_value("moe_layer_freq", "must be at least 1"));
+        }
+        if hidden_size == 0 {
+            return Err(fields.bad_value("hidden_size", "must be at least 1"));
+        }
+
+        let routing = RoutingSpec::new(
+            num_experts,
+            scoring,
+            method,
+            n_group,
+            topk_group,
+            top_k,
+            norm_topk_prob,
+            routed_scaling_factor,
+        )
+        .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
+
+        Ok(ModelConfig {
+            family,
+            model_type: model_type.to_owned(),
+            nested_text_config,
+            hidden_size,
+            num_layers,
+            first_k_dense_replace,
+            moe_layer_freq,
+            routing,
+        })
+    }
+
+    /// The model family.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The `model_type` of the text model, as written in the file.
+    pub fn model_type(&self) -> &str {
+        &self.model_type
+    }
+
+    /// Whether the routing fields came from a nested `text_config` (multimodal Kimi-K2.5), whose
+    /// checkpoints name the text model's tensors with an extra prefix.
+    pub fn has_nested_text_config(&self) -> bool {
+        self.nested_text_config
+    }
+
+    /// The hidden size `H`, the width of the gate weight `[E, H]`.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// `num_hidden_layers`: the decoder layers, not counting multi-token-prediction layers.
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    /// The number of leading dense layers.
+    pub fn first_k_dense_replace(&self) -> usize {
+        self.first_k_dense_replace
+    }
+
+    /// Every `moe_layer_freq`-th layer is an MoE layer.
+    pub fn moe_layer_freq(&self) -> usize {
+        self.moe_layer_freq
+    }
+
+    /// The routing spec every MoE layer of this model uses (scaling applied in the gate, non-finite
+    /// logits an error).
+    pub fn routing(&self) -> &RoutingSpec {
+        &self.routing
+    }
+
+    /// Whether decoder layer `layer` has an MoE block: it exists, it is past the dense layers and it
+    /// falls on the MoE frequency.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer < self.num_layers
+            && layer >= self.first_k_dense_replace
+            && layer.is_multiple_of(self.moe_layer_freq)
+    }
+
+    /// The MoE layers in increasing order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.num_layers).filter(|&layer| self.is_moe_layer(layer))
+    }
+}
+
+/// The fields of one JSON object, with the prefix and file to name in errors.
+#[derive(Clone, Copy)]
+struct Fields<'a> {
+    object: &'a Map<String, Value>,
+    prefix: &'static str,
+    path: &'a Path,
+}
+
+impl<'a> Fields<'a> {
+    /// The value of a field; `null` counts as absent, as transformers saves `None` that way.
+    fn get(&self, field: &str) -> Option<&'a Value> {
+        self.object.get(field).filter(|v| !v.is_null())
+    }
+
+    fn name(&self, field: &str) -> String {
+        format!("{}{field}", self.prefix)
+    }
+
+    fn missing(&self, field: &str, hint: &'static str) -> ConfigError {
+        ConfigError::Missing { path: self.path.to_path_buf(), field: self.name(field), hint }
+    }
+
+    fn wrong_type(&self, field: &str, found: &Value, expected: &'static str) -> ConfigError {
+        ConfigError::WrongType {
+            path: self.path.to_path_buf(),
+            field: self.name(field),
+            found: found.to_string(),
+            expected,
+        }
+    }
+
+    fn bad_value(&self, field: &str, reason: &str) -> ConfigError {
+        ConfigError::BadValue {
+            path: self.path.to_path_buf(),
+            field: self.name(field),
+            value: self.get(field).map_or_else(|| "null".to_owned(), Value::to_string),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn str(&self, field: &str) -> Result<Option<&'a str>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.wrong_type(field, other, "a string")),
+        }
+    }
+
+    fn required_str(&self, field: &str) -> Result<&'a str, ConfigError> {
+        self.str(field)?.ok_or_else(|| self.missing(field, ""))
+    }
+
+    fn usize(&self, field: &str) -> Result<Option<usize>, ConfigError> {
+        let Some(value) = self.get(field) else { return Ok(None) };
+        value
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| self.wrong_type(field, value, "a non-negative integer"))
+    }
+
+    fn required_usize(&self, field: &str) -> Result<usize, ConfigError> {
+        self.usize(field)?.ok_or_else(|| self.missing(field, ""))
+    }
+
+    fn bool(&self, field: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong_type(field, other, "true or false")),
+        }
+    }
+
+    fn f32(&self, field: &str) -> Result<Option<f32>, ConfigError> {
+        let Some(value) = self.get(field) else { return Ok(None) };
+        // Rounding to f32 is intended: the factor multiplies f32 weights.
+        value
+            .as_f64()
+            .map(|x| Some(x as f32))
+            .ok_or_else(|| self.wrong_type(field, value, "a number"))
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,282 @@
+use super::*;
+
+/// DeepSeek-V2-Lite-Chat as its authors wrote it (routing-relevant fields plus some others).
+const V2_LITE: &str = r#"{
+  "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+  "hidden_size": 2048, "num_hidden_layers": 27, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+  "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+  "n_group": 1, "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax",
+  "norm_topk_prob": false, "routed_scaling_factor": 1.0, "q_lora_rank": null,
+  "torch_dtype": "bfloat16", "transformers_version": "4.33.1"
+}"#;
+
+/// DeepSeek-V2 (and V2.5, which shares the routing fields).
+const V2: &str = r#"{
+  "model_type": "deepseek_v2", "hidden_size": 5120, "num_hidden_layers": 60,
+  "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 160, "n_shared_experts": 2,
+  "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3, "topk_method": "group_limited_greedy",
+  "scoring_func": "softmax", "norm_topk_prob": false, "routed_scaling_factor": 16.0
+}"#;
+
+/// DeepSeek-V3 / R1.
+const V3: &str = r#"{
+  "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+  "num_nextn_predict_layers": 1, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+  "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8,
+  "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
+  "routed_scaling_factor": 2.5,
+  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                          "quant_method": "fp8", "weight_block_size": [128, 128]}
+}"#;
+
+/// Kimi-K2 (Instruct) as Moonshot wrote it.
+const KIMI_K2: &str = r#"{
+  "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168,
+  "num_hidden_layers": 61, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+  "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1,
+  "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
+  "routed_scaling_factor": 2.827
+}"#;
+
+fn parse(json: &str) -> Result<ModelConfig, ConfigError> {
+    ModelConfig::from_json(json, "some/dir/config.json")
+}
+
+fn expect_spec(
+    config: &ModelConfig,
+    scoring: ScoringFunc,
+    method: TopkMethod,
+    groups: (usize, usize),
+    top_k: usize,
+    renorm: bool,
+    scale: f32,
+) {
+    let spec = config.routing();
+    assert_eq!(spec.scoring, scoring, "{spec}");
+    assert_eq!(spec.method, method, "{spec}");
+    assert_eq!((spec.n_group, spec.topk_group), groups, "{spec}");
+    assert_eq!(spec.top_k, top_k, "{spec}");
+    assert_eq!(spec.norm_topk_prob, renorm, "{spec}");
+    assert_eq!(spec.routed_scaling_factor, scale, "{spec}");
+    assert!(spec.apply_scaling, "scaling is applied in the gate by default");
+}
+
+#[test]
+fn deepseek_v2_lite() {
+    let c = parse(V2_LITE).unwrap();
+    assert_eq!(c.family(), ModelFamily::DeepseekV2);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (2048, 27, 64));
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 6, false, 1.0);
+    assert!(!c.is_moe_layer(0));
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), (1..27).collect::<Vec<_>>());
+}
+
+#[test]
+fn deepseek_v2_and_v2_5() {
+    let c = parse(V2).unwrap();
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (5120, 60, 160));
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, (8, 3), 6, false, 16.0);
+    assert_eq!(c.moe_layers().count(), 59);
+}
+
+#[test]
+fn deepseek_v3_and_r1() {
+    let c = parse(V3).unwrap();
+    assert_eq!(c.family(), ModelFamily::DeepseekV3);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (7168, 61, 256));
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (8, 4), 8, true, 2.5);
+    assert!(!c.is_moe_layer(2) && c.is_moe_layer(3) && c.is_moe_layer(60));
+    assert!(!c.is_moe_layer(61), "the multi-token-prediction layer is not a decoder layer");
+    assert_eq!(c.moe_layers().count(), 58);
+}
+
+#[test]
+fn kimi_k2_under_either_model_type() {
+    for json in [KIMI_K2.to_owned(), KIMI_K2.replace("kimi_k2", "deepseek_v3")] {
+        let c = parse(&json).unwrap();
+        assert_eq!(c.routing().num_experts, 384);
+        expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (1, 1), 8, true, 2.827);
+        assert_eq!(c.moe_layers().count(), 60);
+        assert!(!c.has_nested_text_config());
+    }
+    assert_eq!(parse(KIMI_K2).unwrap().family(), ModelFamily::KimiK2);
+}
+
+#[test]
+fn kimi_k2_5_nests_routing_under_text_config() {
+    for text_model_type in ["kimi_k2", "deepseek_v3"] {
+        let text = KIMI_K2.replace("kimi_k2", text_model_type);
+        let json = format!(
+            r#"{{"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+                "vision_config": {{"hidden_size": 1152, "model_type": "kimi_k25_vision"}},
+                "text_config": {text}}}"#
+        );
+        let c = parse(&json).unwrap();
+        assert!(c.has_nested_text_config());
+        assert_eq!(c.family(), ModelFamily::KimiK2);
+        assert_eq!(c.model_type(), text_model_type);
+        assert_eq!(c.hidden_size(), 7168, "the text model's hidden size, not the vision tower's");
+        expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (1, 1), 8, true, 2.827);
+    }
+}
+
+#[test]
+fn nested_errors_name_the_text_config_field() {
+    let json = r#"{"model_type": "kimi_k25", "text_config": {"model_type": "kimi_k2",
+        "hidden_size": 7168, "num_hidden_layers": 61, "n_routed_experts": 384}}"#;
+    let message = parse(json).unwrap_err().to_string();
+    assert!(message.contains("text_config.num_experts_per_tok"), "{message}");
+    assert!(message.contains("some/dir/config.json"), "{message}");
+}
+
+/// What `DeepseekV3Config(...).save_pretrained()` writes: no `scoring_func`, `topk_method` or
+/// `moe_layer_freq`.
+#[test]
+fn v3_saved_by_transformers_defaults_to_sigmoid_noaux_tc() {
+    let json = r#"{"model_type": "deepseek_v3", "transformers_version": "5.24.0",
+        "hidden_size": 64, "num_hidden_layers": 4, "first_k_dense_replace": 1,
+        "n_routed_experts": 32, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": true, "routed_scaling_factor": 2.5, "q_lora_rank": null}"#;
+    let c = parse(json).unwrap();
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (4, 2), 4, true, 2.5);
+    assert_eq!(c.moe_layer_freq(), 1);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![1, 2, 3]);
+}
+
+/// What `DeepseekV2Config(...).save_pretrained()` writes for a greedy model: `n_group` and
+/// `topk_group` are `null`, and there is no `scoring_func`.
+#[test]
+fn v2_saved_by_transformers_reads_null_groups_as_ungrouped() {
+    let json = r#"{"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 3,
+        "first_k_dense_replace": 0, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "n_group": null, "topk_group": null, "topk_method": "greedy", "norm_topk_prob": false,
+        "routed_scaling_factor": 1.0}"#;
+    let c = parse(json).unwrap();
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 4, false, 1.0);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![0, 1, 2]);
+}
+
+#[test]
+fn absent_knobs_take_the_family_defaults() {
+    let v2 = r#"{"model_type": "deepseek_v2", "hidden_size": 8, "num_hidden_layers": 2,
+        "n_routed_experts": 8, "num_experts_per_tok": 2}"#;
+    let c = parse(v2).unwrap();
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 2, false, 1.0);
+    assert_eq!((c.first_k_dense_replace(), c.moe_layer_freq()), (0, 1));
+
+    let v3 = r#"{"model_type": "deepseek_v3", "hidden_size": 8, "num_hidden_layers": 5,
+        "n_routed_experts": 64, "num_experts_per_tok": 8}"#;
+    let c = parse(v3).unwrap();
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (8, 4), 8, true, 2.5);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![3, 4]);
+}
+
+#[test]
+fn v2_without_topk_method_but_with_groups_is_ambiguous() {
+    let json = V2.replace(r#""topk_method": "group_limited_greedy","#, "");
+    let err = parse(&json).unwrap_err();
+    assert!(matches!(&err, ConfigError::Missing { field, .. } if field == "topk_method"), "{err}");
+    assert!(err.to_string().contains("n_group"), "{err}");
+}
+
+#[test]
+fn grouped_v2_needs_its_group_fields() {
+    let json = V2.replace(r#""topk_group": 3,"#, "");
+    let err = parse(&json).unwrap_err();
+    assert!(matches!(&err, ConfigError::Missing { field, .. } if field == "topk_group"), "{err}");
+}
+
+#[test]
+fn moe_layer_freq_selects_every_other_layer() {
+    let json = V3.replace(r#""moe_layer_freq": 1"#, r#""moe_layer_freq": 2"#);
+    let c = parse(&json).unwrap();
+    let layers: Vec<_> = c.moe_layers().collect();
+    assert_eq!(layers.first(), Some(&4));
+    assert!(layers.iter().all(|l| l % 2 == 0 && *l >= 3));
+    assert!(!c.is_moe_layer(3) && !c.is_moe_layer(5));
+    let err = parse(&V3.replace(r#""moe_layer_freq": 1"#, r#""moe_layer_freq": 0"#)).unwrap_err();
+    assert!(err.to_string().contains("moe_layer_freq"), "{err}");
+}
+
+#[test]
+fn missing_sizes_are_named() {
+    for field in ["hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok"] {
+        let mut value: Value = serde_json::from_str(V3).unwrap();
+        value.as_object_mut().unwrap().remove(field);
+        let err = parse(&value.to_string()).unwrap_err();
+        assert!(matches!(&err, ConfigError::Missing { field: f, .. } if f == field), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(field) && message.contains("some/dir/config.json"), "{message}");
+    }
+}
+
+#[test]
+fn wrong_json_types_name_field_and_value() {
+    let cases = [
+        (r#""n_group": 8,"#, r#""n_group": "8","#, "n_group", "\"8\""),
+        (r#""n_group": 8,"#, r#""n_group": -8,"#, "n_group", "-8"),
+        (r#""n_group": 8,"#, r#""n_group": 8.5,"#, "n_group", "8.5"),
+        (r#""norm_topk_prob": true,"#, r#""norm_topk_prob": 1,"#, "norm_topk_prob", "1"),
+        (r#""scoring_func": "sigmoid","#, r#""scoring_func": 3,"#, "scoring_func", "3"),
+        (
+            r#""routed_scaling_factor": 2.5"#,
+            r#""routed_scaling_factor": "2.5""#,
+            "routed_scaling_factor",
+            "\"2.5\"",
+        ),
+    ];
+    for (from, to, field, value) in cases {
+        let json = V3.replace(from, to);
+        assert_ne!(json, V3, "{from}");
+        let err = parse(&json).unwrap_err();
+        assert!(matches!(&err, ConfigError::WrongType { field: f, .. } if f == field), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(field) && message.contains(value), "{message}");
+    }
+}
+
+#[test]
+fn unknown_names_are_refused_with_their_value() {
+    let cases = [
+        (r#""model_type": "deepseek_v3""#, r#""model_type": "llama""#, "\"llama\""),
+        (r#""scoring_func": "sigmoid""#, r#""scoring_func": "tanh""#, "\"tanh\""),
+        (r#""topk_method": "noaux_tc""#, r#""topk_method": "gready""#, "\"gready\""),
+    ];
+    for (from, to, value) in cases {
+        let err = parse(&V3.replace(from, to)).unwrap_err();
+        assert!(matches!(err, ConfigError::BadValue { .. }), "{err}");
+        assert!(err.to_string().contains(value), "{err}");
+    }
+}
+
+#[test]
+fn inconsistent_groups_are_refused_by_spec_validation() {
+    let err = parse(&V3.replace(r#""n_group": 8"#, r#""n_group": 7"#)).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Spec { source: SpecError::UnevenGroups { n_group: 7, .. }, .. }),
+        "{err}"
+    );
+    let err = parse(&V3.replace(r#""topk_group": 4"#, r#""topk_group": 9"#)).unwrap_err();
+    assert!(err.to_string().contains("topk_group") && err.to_string().contains("config.json"));
+    let err = parse(&V3.replace(r#""scoring_func": "sigmoid""#, r#""scoring_func": "softmax""#))
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::Spec { source: SpecError::ScoringMismatch { .. }, .. }));
+}
+
+#[test]
+fn malformed_json_names_the_file() {
+    for bad in ["{", "[1, 2]", "", "{\"model_type\": }"] {
+        let err = parse(bad).unwrap_err();
+        assert!(matches!(err, ConfigError::Json { .. }), "{bad}: {err}");
+        assert!(err.to_string().contains("some/dir/config.json"), "{err}");
+    }
+    let err = parse(r#"{"text_config": 3}"#).unwrap_err();
+    assert!(matches!(&err, ConfigError::WrongType { field, .. } if field == "text_config"));
+}
+
+#[test]
+fn reading_a_missing_file_names_it() {
+    let err = ModelConfig::from_file("no/such/dir/config.json").unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
+    assert!(err.to_string().contains("no/such/dir/config.json"), "{err}");
+}

@@ -1,0 +1,91 @@
+//! One token's scores, group choice and expert ranking: the part of routing that both the router
+//! and the near-tie finder need.
+
+use std::cmp::Ordering;
+
+use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+
+/// One token, scored and ranked.
+pub(crate) struct RankedRow {
+    /// Unbiased scores `s[E]` (the weights come from these).
+    pub scores: Vec<f32>,
+    /// Selection values `c[E]` (`s + bias` for `noaux_tc`, else `s`).
+    pub selection: Vec<f32>,
+    /// Group scores and group indices, best first; empty when grouping cannot drop a group.
+    pub ranked_groups: Vec<(f32, usize)>,
+    /// The experts of the kept groups, best selection value first.
+    pub ranked_experts: Vec<usize>,
+}
+
+/// Scores and ranks one token's finite logits. `bias`, if any, has `spec.num_experts` finite
+/// entries; the caller has checked both.
+pub(crate) fn rank_row(logits: &[f32], bias: Option<&[f32]>, spec: &RoutingSpec) -> RankedRow {
+    let scores = match spec.scoring {
+        ScoringFunc::Softmax => softmax(logits),
+        ScoringFunc::Sigmoid => logits.iter().map(|&x| sigmoid(x)).collect(),
+    };
+    let selection: Vec<f32> = match bias {
+        Some(bias) => scores.iter().zip(bias).map(|(&s, &b)| s + b).collect(),
+        None => scores.clone(),
+    };
+
+    let per_group = spec.experts_per_group();
+    let (ranked_groups, candidates): (Vec<(f32, usize)>, Vec<usize>) = if spec.groups_restrict() {
+        let mut groups: Vec<(f32, usize)> = selection
+            .chunks(per_group)
+            .map(|members| group_score(members, spec.method))
+            .zip(0..)
+            .collect();
+        groups.sort_by(|a, b| best_first(*a, *b));
+        let candidates = groups
+            .iter()
+            .take(spec.topk_group)
+            .flat_map(|&(_, group)| group * per_group..(group + 1) * per_group)
+            .collect();
+        (groups, candidates)
+    } else {
+        (Vec::new(), (0..spec.num_experts).collect())
+    };
+
+    let mut ranked_experts = candidates;
+    ranked_experts.sort_by(|&a, &b| best_first((selection[a], a), (selection[b], b)));
+    RankedRow { scores, selection, ranked_groups, ranked_experts }
+}
+
+/// The total order used everywhere: larger value first, then lower index. Values are never NaN
+/// here; were one to slip through, it would compare equal rather than panic.
+pub(crate) fn best_first(a: (f32, usize), b: (f32, usize)) -> Ordering {
+    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
+}
+
+/// A group's score: its best value (V2), or the f32 sum of its two best values (V3).
+fn group_score(members: &[f32], method: TopkMethod) -> f32 {
+    let mut best = f32::NEG_INFINITY;
+    let mut second = f32::NEG_INFINITY;
+    for &value in members {
+        if value > best {
+            second = best;
+            best = value;
+        } else if value > second {
+            second = value;
+        }
+    }
+    match method {
+        TopkMethod::NoauxTc => best + second,
+        TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => best,
+    }
+}
+
+/// Correctly rounded f32 sigmoid (computed in f64).
+fn sigmoid(x: f32) -> f32 {
+    let x = f64::from(x);
+    (1.0 / (1.0 + (-x).exp())) as f32
+}
+
+/// Softmax over one token's logits, computed in f64 and rounded once per probability.
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let exps: Vec<f64> = logits.iter().map(|&x| (f64::from(x) - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|&e| (e / sum) as f32).collect()
+}
