@@ -5,7 +5,9 @@
 //!   `save_pretrained` wrote it) into a validated [`RoutingSpec`](sluice_tensor::RoutingSpec).
 //! - [`reference`] is the one source of truth for routing semantics.
 
+mod checkpoint;
 mod config;
 pub mod reference;
 
+pub use checkpoint::{Checkpoint, CheckpointError};
 pub use config::{ConfigError, ModelConfig, ModelFamily};
