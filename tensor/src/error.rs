@@ -92,6 +92,12 @@ pub enum TensorError {
         /// The region's length.
         region: usize,
     },
+    /// Host memory for a copy could not be allocated.
+    #[error("cannot allocate {bytes} bytes for a copy of the tensor")]
+    Allocation {
+        /// Bytes requested.
+        bytes: usize,
+    },
     /// Data not aligned for its dtype.
     #[error("data at {address:#x} is not aligned for {dtype}")]
     Misaligned {

@@ -266,7 +266,14 @@ impl Tensor {
             return Ok(self.as_slice::<T>()?.to_vec());
         }
         let elements = self.storage_elements::<T>()?;
-        Ok(self.layout.indices().map(|i| elements[i]).collect())
+        // A view with zero strides may name far more elements than its storage holds: allocate
+        // fallibly instead of aborting.
+        let mut out = Vec::new();
+        out.try_reserve_exact(self.elem_count()).map_err(|_| TensorError::Allocation {
+            bytes: self.elem_count().saturating_mul(size_of::<T>()),
+        })?;
+        out.extend(self.layout.indices().map(|i| elements[i]));
+        Ok(out)
     }
 
     /// An ndarray view of a host tensor of dtype `T` (any strides), sharing the data.

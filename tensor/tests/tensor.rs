@@ -125,3 +125,14 @@ fn view_errors_are_typed() {
         Err(TensorError::ReshapeNeedsCopy { .. })
     ));
 }
+
+#[test]
+fn copies_of_huge_aliasing_views_fail_cleanly() {
+    use sluice_tensor::{Layout, Storage};
+    let base = Tensor::from_vec(vec![1.0f32; 4], &[4]).unwrap();
+    let storage: Arc<Storage> = Arc::clone(base.storage());
+    // A zero stride repeats one element 2^61 times: valid as a view, impossible as a copy.
+    let layout = Layout::strided(&[1 << 61], &[0], 0).unwrap();
+    let huge = Tensor::from_storage(storage, layout, DType::F32).unwrap();
+    assert!(matches!(huge.to_vec::<f32>(), Err(TensorError::Allocation { .. })));
+}
