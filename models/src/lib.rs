@@ -1,13 +1,45 @@
 //! DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 and Kimi-K2 / K2.5 MoE gates from Hugging Face
 //! checkpoints, and the scalar reference router every backend is tested against.
 //!
-//! - [`ModelConfig`] reads a checkpoint's `config.json` (as the model authors or transformers'
-//!   `save_pretrained` wrote it) into a validated [`RoutingSpec`](sluice_tensor::RoutingSpec).
-//! - [`reference`] is the one source of truth for routing semantics.
+//! - [`Checkpoint`] opens a checkpoint folder: [`ModelConfig`] from `config.json` (as the model
+//!   authors or transformers' `save_pretrained` wrote it), and safetensors weights, single-file or
+//!   sharded, memory-mapped lazily and read zero-copy.
+//! - [`MoeGate`] is one MoE layer's router: weight, correction bias and validated
+//!   [`RoutingSpec`](sluice_tensor::RoutingSpec). It programs against any
+//!   [`Backend`](sluice_tensor::Backend) and hands it only detached DLPack tensors, so parameters
+//!   and activations that require grad route fine.
+//! - [`reference`](mod@reference) is the one source of truth for routing semantics, with the
+//!   comparison helpers every fast path is tested with.
+//!
+//! ```no_run
+//! use sluice_models::{Checkpoint, MoeGate};
+//! use sluice_tensor::{Backend, Tensor};
+//!
+//! fn route_layer(backend: &dyn Backend) -> Result<(), Box<dyn std::error::Error>> {
+//!     let checkpoint = Checkpoint::open("DeepSeek-V3")?;
+//!     // Maps only the shard(s) holding layer 3's gate.
+//!     let gate = MoeGate::load(&checkpoint, 3)?;
+//!     assert!(gate.weight().requires_grad(), "held as a parameter");
+//!
+//!     let prepared = gate.prepare(backend)?;
+//!     let h = gate.hidden_size();
+//!     // Activations that require grad are fine: the gate detaches them (no copy).
+//!     let hidden = Tensor::from_vec(vec![0.1f32; 4 * h], &[4, h])?.with_requires_grad(true);
+//!     let routing = prepared.route(&hidden)?;
+//!     println!("{:?}", routing.ids().to_vec::<i32>()?); // [4, 8] expert ids
+//!     Ok(())
+//! }
+//! ```
 
 mod checkpoint;
 mod config;
+mod error;
+mod gate;
+mod prepared;
 pub mod reference;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::{CONFIG_FILE, Checkpoint, CheckpointError, SHARD_INDEX, SINGLE_FILE};
 pub use config::{ConfigError, ModelConfig, ModelFamily};
+pub use error::ModelError;
+pub use gate::MoeGate;
+pub use prepared::{GateRouting, PreparedGate};

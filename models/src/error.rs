@@ -1,0 +1,144 @@
+//! [`ModelError`]: everything that can go wrong between a checkpoint folder and routed tokens.
+
+use std::path::PathBuf;
+
+use sluice_tensor::{BackendError, DType, DlpackError, TensorError, TopkMethod};
+use thiserror::Error;
+
+use crate::checkpoint::CheckpointError;
+use crate::config::ConfigError;
+use crate::reference::ReferenceError;
+
+/// Why a gate could not be loaded, prepared or run.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// `config.json` is missing or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The checkpoint or one of its tensors could not be read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The tensor core refused an operation.
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    /// A tensor could not cross the DLPack bridge.
+    #[error(transparent)]
+    Dlpack(#[from] DlpackError),
+    /// The backend refused its inputs or failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The reference router refused its inputs.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// The layer exists but has a dense MLP, not an MoE block.
+    #[error(
+        "{}: layer {layer} is dense, not MoE (MoE layers are >= first_k_dense_replace = \
+         {first_k_dense_replace} and multiples of moe_layer_freq = {moe_layer_freq})",
+        dir.display()
+    )]
+    DenseLayer {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The layer asked for.
+        layer: usize,
+        /// The number of leading dense layers.
+        first_k_dense_replace: usize,
+        /// The MoE layer frequency.
+        moe_layer_freq: usize,
+    },
+    /// The layer index is not below `num_hidden_layers`.
+    #[error("{}: layer {layer} does not exist (num_hidden_layers = {num_layers})", dir.display())]
+    LayerOutOfRange {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The layer asked for.
+        layer: usize,
+        /// The number of decoder layers.
+        num_layers: usize,
+    },
+    /// An MoE layer whose gate weight is not in the checkpoint under any name it may have.
+    #[error("{}: MoE layer {layer} has no gate weight (looked for {tried:?})", dir.display())]
+    MissingGate {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The layer.
+        layer: usize,
+        /// The names looked for.
+        tried: Vec<String>,
+    },
+    /// A `noaux_tc` gate without its correction bias.
+    #[error("{}: `{tensor}` is missing, but noaux_tc routing needs the correction bias", dir.display())]
+    MissingBias {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The tensor name looked for.
+        tensor: String,
+    },
+    /// A correction bias for a method that has none.
+    #[error(
+        "{}: `{tensor}` exists, but `{}` routing has no correction bias (only noaux_tc has one); \
+         the config and the weights disagree", dir.display(), method.name()
+    )]
+    UnexpectedBias {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The tensor found.
+        tensor: String,
+        /// The method the config names.
+        method: TopkMethod,
+    },
+    /// A gate tensor has the wrong shape.
+    #[error("{}: `{tensor}` has shape {shape:?}, expected {expected:?}", dir.display())]
+    GateShape {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A gate tensor has a dtype the gate does not take.
+    #[error("{}: `{tensor}` has dtype {dtype}; supported: {supported}", dir.display())]
+    GateDType {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: DType,
+        /// What the gate takes.
+        supported: &'static str,
+    },
+    /// Hidden states that are not `[T, H]` with the gate's hidden size.
+    #[error("layer {layer}: hidden states have shape {shape:?}, expected [tokens, {hidden_size}]")]
+    HiddenShape {
+        /// The gate's layer.
+        layer: usize,
+        /// The shape given.
+        shape: Vec<usize>,
+        /// The gate's hidden size.
+        hidden_size: usize,
+    },
+    /// A backend returned an output that breaks the backend contract.
+    #[error(
+        "backend `{backend}` returned `{output}` as {dtype} {shape:?}, expected {expected_dtype} \
+         {expected_shape:?}"
+    )]
+    BackendOutput {
+        /// The backend's name.
+        backend: String,
+        /// The output.
+        output: &'static str,
+        /// Its dtype.
+        dtype: DType,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The dtype the contract says.
+        expected_dtype: DType,
+        /// The shape the contract says.
+        expected_shape: Vec<usize>,
+    },
+}

@@ -1,0 +1,255 @@
+//! [`MoeGate`]: one MoE layer's router weight, correction bias and routing spec, loaded from a
+//! checkpoint.
+
+use std::path::Path;
+
+use half::{bf16, f16};
+use sluice_tensor::{Backend, DType, NonFinitePolicy, RoutingSpec, Tensor, TopkMethod};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
+use crate::prepared::{GateRouting, PreparedGate, check_hidden, export_detached, import_checked};
+
+/// One MoE layer's gate: the router weight `[E, H]`, the f32 correction bias `[E]` (`noaux_tc`
+/// only) and the routing spec.
+///
+/// The weight is held as a **parameter** (`requires_grad = true`), the way a training framework
+/// holds it; that is what made the original DLPack export fail. The gate never exports it as is:
+/// [`prepare`](MoeGate::prepare) and [`route`](MoeGate::route) detach the weight, the bias and the
+/// hidden states (O(1), same storage) before they cross the bridge.
+#[derive(Debug, Clone)]
+pub struct MoeGate {
+    layer: usize,
+    spec: RoutingSpec,
+    hidden_size: usize,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// Where a checkpoint keeps its text model's layers: `model.layers.` for text models; Kimi-K2.5's
+/// multimodal checkpoints prefix the language model, as released (`language_model.model.`) or as
+/// transformers saves it (`model.language_model.`).
+fn layer_prefixes(nested_text_config: bool) -> &'static [&'static str] {
+    if nested_text_config {
+        &["language_model.model.layers.", "model.language_model.layers."]
+    } else {
+        &["model.layers."]
+    }
+}
+
+impl MoeGate {
+    /// Loads the gate of MoE layer `layer`.
+    ///
+    /// The weight must be bf16 or f32 `[E, H]`, the bias (present exactly when the method is
+    /// `noaux_tc`) `[E]`. An f32 bias is used as stored, zero-copy; an f64 one is rounded once to
+    /// f32, a bf16 or f16 one widened exactly. It is never narrowed to bf16: rounding the bias
+    /// changes which experts are selected.
+    pub fn load(checkpoint: &Checkpoint, layer: usize) -> Result<Self, ModelError> {
+        let config = checkpoint.config();
+        let dir = checkpoint.dir();
+        let _span = tracing::debug_span!("gate_load", layer).entered();
+        if layer >= config.num_layers() {
+            return Err(ModelError::LayerOutOfRange {
+                dir: dir.to_path_buf(),
+                layer,
+                num_layers: config.num_layers(),
+            });
+        }
+        if !config.is_moe_layer(layer) {
+            return Err(ModelError::DenseLayer {
+                dir: dir.to_path_buf(),
+                layer,
+                first_k_dense_replace: config.first_k_dense_replace(),
+                moe_layer_freq: config.moe_layer_freq(),
+            });
+        }
+        let spec = *config.routing();
+        let hidden_size = config.hidden_size();
+        let names: Vec<(String, String)> = layer_prefixes(config.has_nested_text_config())
+            .iter()
+            .map(|prefix| {
+                let gate = format!("{prefix}{layer}.mlp.gate");
+                (format!("{gate}.weight"), format!("{gate}.e_score_correction_bias"))
+            })
+            .collect();
+        let mut found = None;
+        for pair in &names {
+            if checkpoint.contains(&pair.0)? {
+                found = Some(pair);
+                break;
+            }
+        }
+        let Some((weight_name, bias_name)) = found else {
+            return Err(ModelError::MissingGate {
+                dir: dir.to_path_buf(),
+                layer,
+                tried: names.into_iter().map(|(weight, _)| weight).collect(),
+            });
+        };
+
+        let weight = checkpoint.tensor(weight_name)?;
+        check_shape(dir, weight_name, &weight, &[spec.num_experts, hidden_size])?;
+        if !matches!(weight.dtype(), DType::BF16 | DType::F32) {
+            return Err(ModelError::GateDType {
+                dir: dir.to_path_buf(),
+                tensor: weight_name.clone(),
+                dtype: weight.dtype(),
+                supported: "bf16, f32",
+            });
+        }
+
+        let has_bias = checkpoint.contains(bias_name)?;
+        let bias = match (spec.method, has_bias) {
+            (TopkMethod::NoauxTc, true) => {
+                Some(load_bias(checkpoint, bias_name, spec.num_experts)?)
+            }
+            (TopkMethod::NoauxTc, false) => {
+                return Err(ModelError::MissingBias {
+                    dir: dir.to_path_buf(),
+                    tensor: bias_name.clone(),
+                });
+            }
+            (method, true) => {
+                return Err(ModelError::UnexpectedBias {
+                    dir: dir.to_path_buf(),
+                    tensor: bias_name.clone(),
+                    method,
+                });
+            }
+            (_, false) => None,
+        };
+        tracing::debug!(
+            layer,
+            weight = %weight_name,
+            dtype = %weight.dtype(),
+            bias = bias.is_some(),
+            "loaded gate"
+        );
+        Ok(MoeGate { layer, spec, hidden_size, weight: weight.with_requires_grad(true), bias })
+    }
+
+    /// Loads the gate of every MoE layer, in layer order.
+    pub fn load_all(checkpoint: &Checkpoint) -> Result<Vec<Self>, ModelError> {
+        checkpoint.config().moe_layers().map(|layer| Self::load(checkpoint, layer)).collect()
+    }
+
+    /// Leaves `routed_scaling_factor` to the caller (`false`), for engines that scale after the
+    /// experts, or applies it in the gate (`true`, the default). It is applied exactly once either
+    /// way.
+    pub fn with_apply_scaling(mut self, apply: bool) -> Self {
+        self.spec.apply_scaling = apply;
+        self
+    }
+
+    /// Sets what happens to tokens with non-finite logits (default: an error naming the first).
+    pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
+        self.spec.non_finite = policy;
+        self
+    }
+
+    /// The decoder layer.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// The routing spec, with this gate's scaling and non-finite options.
+    pub fn spec(&self) -> &RoutingSpec {
+        &self.spec
+    }
+
+    /// The hidden size `H`.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// The number of routed experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.spec.num_experts
+    }
+
+    /// The router weight `[E, H]`, bf16 or f32, as a parameter (`requires_grad = true`).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The f32 correction bias `[E]` (`noaux_tc` only).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Hands the detached weight and bias to `backend` to prepare for repeated routing.
+    pub fn prepare(&self, backend: &dyn Backend) -> Result<PreparedGate, ModelError> {
+        let _span =
+            tracing::debug_span!("gate_prepare", layer = self.layer, backend = backend.name())
+                .entered();
+        let weight = export_detached(&self.weight)?;
+        let bias = self.bias.as_ref().map(export_detached).transpose()?;
+        let router = backend.prepare_router(weight, bias, &self.spec)?;
+        Ok(PreparedGate::new(self.layer, self.hidden_size, backend.name(), router))
+    }
+
+    /// Routes hidden states `[T, H]` once: [`prepare`](MoeGate::prepare), then
+    /// [`PreparedGate::route`]. Keep the [`PreparedGate`] to route more than once.
+    pub fn route(&self, backend: &dyn Backend, hidden: &Tensor) -> Result<GateRouting, ModelError> {
+        self.prepare(backend)?.route(hidden)
+    }
+
+    /// Router logits `x · Wᵀ`, f32 `[T, E]`, computed by `backend` without preparing a router.
+    pub fn router_gemm(
+        &self,
+        backend: &dyn Backend,
+        hidden: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let tokens = check_hidden(self.layer, self.hidden_size, hidden)?;
+        let logits =
+            backend.router_gemm(&export_detached(hidden)?, &export_detached(&self.weight)?)?;
+        import_checked(backend.name(), "logits", logits, DType::F32, &[tokens, self.num_experts()])
+    }
+}
+
+fn check_shape(
+    dir: &Path,
+    name: &str,
+    tensor: &Tensor,
+    expected: &[usize],
+) -> Result<(), ModelError> {
+    if tensor.shape() == expected {
+        Ok(())
+    } else {
+        Err(ModelError::GateShape {
+            dir: dir.to_path_buf(),
+            tensor: name.to_owned(),
+            shape: tensor.shape().to_vec(),
+            expected: expected.to_vec(),
+        })
+    }
+}
+
+/// The correction bias as f32, without ever rounding it through bf16.
+fn load_bias(checkpoint: &Checkpoint, name: &str, experts: usize) -> Result<Tensor, ModelError> {
+    let dir = checkpoint.dir();
+    let stored = checkpoint.tensor(name)?;
+    check_shape(dir, name, &stored, &[experts])?;
+    let widened: Vec<f32> = match stored.dtype() {
+        DType::F32 => return Ok(stored),
+        DType::F64 => stored.to_vec::<f64>()?.into_iter().map(|b| b as f32).collect(),
+        DType::BF16 => stored.to_vec::<bf16>()?.into_iter().map(f32::from).collect(),
+        DType::F16 => stored.to_vec::<f16>()?.into_iter().map(f32::from).collect(),
+        dtype => {
+            return Err(ModelError::GateDType {
+                dir: dir.to_path_buf(),
+                tensor: name.to_owned(),
+                dtype,
+                supported: "f32 (or f64, bf16, f16, converted to f32)",
+            });
+        }
+    };
+    if matches!(stored.dtype(), DType::BF16 | DType::F16) {
+        tracing::warn!(
+            tensor = name,
+            dtype = %stored.dtype(),
+            "correction bias stored in half precision: it has already lost bits that f32 would keep"
+        );
+    }
+    Ok(Tensor::from_vec(widened, &[experts])?)
+}
