@@ -6,17 +6,15 @@
 //! from a 163-shard DeepSeek-V3 checkpoint maps only the shards holding it.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 
-use memmap2::Mmap;
-use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
+use safetensors::SafeTensorError;
 use serde_json::Value;
-use sluice_tensor::{DType, SharedBytes, Tensor, TensorError};
+use sluice_tensor::{DType, Tensor, TensorError};
 use thiserror::Error;
 
 use crate::config::{ConfigError, ModelConfig};
+use crate::safetensors_file::SafetensorsFile;
 
 /// The single-file weights name.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -165,31 +163,8 @@ pub struct Checkpoint {
 
 #[derive(Debug)]
 enum Weights {
-    Single(WeightsFile),
-    Sharded { index: PathBuf, weight_map: HashMap<String, usize>, shards: Vec<WeightsFile> },
-}
-
-/// One safetensors file, mapped on first use.
-#[derive(Debug)]
-struct WeightsFile {
-    path: PathBuf,
-    mapped: Mutex<Option<Arc<MappedFile>>>,
-}
-
-/// A mapped safetensors file and its validated header.
-#[derive(Debug)]
-struct MappedFile {
-    bytes: Arc<Mmap>,
-    tensors: HashMap<String, TensorEntry>,
-}
-
-#[derive(Debug)]
-struct TensorEntry {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    /// Byte range from the start of the file.
-    start: usize,
-    end: usize,
+    Single(SafetensorsFile),
+    Sharded { index: PathBuf, weight_map: HashMap<String, usize>, shards: Vec<SafetensorsFile> },
 }
 
 impl Checkpoint {
@@ -202,7 +177,7 @@ impl Checkpoint {
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(SHARD_INDEX);
         let weights = if single.is_file() {
-            Weights::Single(WeightsFile::new(single))
+            Weights::Single(SafetensorsFile::new(single))
         } else if index.is_file() {
             read_index(&dir, index)?
         } else {
@@ -228,7 +203,7 @@ impl Checkpoint {
     /// file (to read its header); for a sharded one it only consults the index.
     pub fn contains(&self, name: &str) -> Result<bool, CheckpointError> {
         match &self.weights {
-            Weights::Single(file) => Ok(file.map()?.tensors.contains_key(name)),
+            Weights::Single(file) => file.contains(name),
             Weights::Sharded { weight_map, .. } => Ok(weight_map.contains_key(name)),
         }
     }
@@ -247,19 +222,17 @@ impl Checkpoint {
                 (shard, Some(index))
             }
         };
-        let mapped = file.map()?;
-        let entry = mapped.tensors.get(name).ok_or_else(|| match index {
+        file.tensor(name)?.ok_or_else(|| match index {
             Some(index) => CheckpointError::TensorNotInShard {
                 name: name.to_owned(),
-                shard: file.path.clone(),
+                shard: file.path().to_path_buf(),
                 index: index.clone(),
             },
             None => CheckpointError::TensorNotFound {
                 name: name.to_owned(),
-                location: file.path.clone(),
+                location: file.path().to_path_buf(),
             },
-        })?;
-        file.tensor(&mapped, name, entry)
+        })
     }
 
     /// The weights files mapped so far, in the order the index lists them.
@@ -268,14 +241,14 @@ impl Checkpoint {
             Weights::Single(file) => std::slice::from_ref(file),
             Weights::Sharded { shards, .. } => shards.as_slice(),
         };
-        files.iter().filter(|f| f.is_mapped()).map(|f| f.path.as_path()).collect()
+        files.iter().filter(|f| f.is_mapped()).map(SafetensorsFile::path).collect()
     }
 
     /// Every weights file of the checkpoint (one, or the shards the index names).
     pub fn files(&self) -> Vec<&Path> {
         match &self.weights {
-            Weights::Single(file) => vec![file.path.as_path()],
-            Weights::Sharded { shards, .. } => shards.iter().map(|f| f.path.as_path()).collect(),
+            Weights::Single(file) => vec![file.path()],
+            Weights::Sharded { shards, .. } => shards.iter().map(SafetensorsFile::path).collect(),
         }
     }
 }
@@ -317,7 +290,7 @@ fn read_index(dir: &Path, index: PathBuf) -> Result<Weights, CheckpointError> {
                         tensor: tensor.clone(),
                     });
                 }
-                shards.push(WeightsFile::new(path));
+                shards.push(SafetensorsFile::new(path));
                 shard_ids.insert(shard, shards.len() - 1);
                 shards.len() - 1
             }
@@ -333,144 +306,6 @@ fn shard_path(dir: &Path, shard: &str) -> Option<PathBuf> {
     let inside = !shard.is_empty()
         && relative.components().all(|component| matches!(component, Component::Normal(_)));
     inside.then(|| dir.join(relative))
-}
-
-impl WeightsFile {
-    fn new(path: PathBuf) -> Self {
-        WeightsFile { path, mapped: Mutex::new(None) }
-    }
-
-    fn is_mapped(&self) -> bool {
-        self.mapped.lock().unwrap_or_else(PoisonError::into_inner).is_some()
-    }
-
-    /// The mapped file, mapping it and parsing its header on first use.
-    fn map(&self) -> Result<Arc<MappedFile>, CheckpointError> {
-        // A poisoned lock only means another thread panicked while mapping; the slot is still
-        // either empty or a complete mapping.
-        let mut slot = self.mapped.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(mapped) = slot.as_ref() {
-            return Ok(Arc::clone(mapped));
-        }
-        let mapped = Arc::new(self.map_now()?);
-        *slot = Some(Arc::clone(&mapped));
-        Ok(mapped)
-    }
-
-    fn map_now(&self) -> Result<MappedFile, CheckpointError> {
-        let io = |source| CheckpointError::Io { path: self.path.clone(), source };
-        let file = File::open(&self.path).map_err(io)?;
-        // SAFETY: the mapping is only ever read. Its contents are undefined if another process
-        // modifies or truncates the file while it is mapped; `Checkpoint`'s documentation makes
-        // leaving the files alone a precondition, as every memory-mapped loader must.
-        let bytes = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&bytes).map_err(|source| CheckpointError::Header {
-                path: self.path.clone(),
-                tensor: inconsistent_entry(&bytes),
-                source,
-            })?;
-        let data_start = header_len + 8;
-        let tensors = metadata
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| {
-                let (start, end) = info.data_offsets;
-                let entry = TensorEntry {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: data_start.saturating_add(start),
-                    end: data_start.saturating_add(end),
-                };
-                (name, entry)
-            })
-            .collect();
-        tracing::debug!(file = %self.path.display(), bytes = bytes.len(), "mapped weights file");
-        Ok(MappedFile { bytes: Arc::new(bytes), tensors })
-    }
-
-    /// A tensor of a mapped file, validated against the file.
-    fn tensor(
-        &self,
-        mapped: &MappedFile,
-        name: &str,
-        entry: &TensorEntry,
-    ) -> Result<Tensor, CheckpointError> {
-        let dtype = dtype_of(entry.dtype).ok_or_else(|| CheckpointError::UnsupportedDType {
-            name: name.to_owned(),
-            path: self.path.clone(),
-            dtype: entry.dtype.to_string(),
-        })?;
-        let file_len = mapped.bytes.len();
-        let expected = entry
-            .shape
-            .iter()
-            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
-            .unwrap_or(usize::MAX);
-        if entry.end < entry.start || entry.end - entry.start != expected || entry.end > file_len {
-            return Err(CheckpointError::ByteRange {
-                name: name.to_owned(),
-                path: self.path.clone(),
-                dtype,
-                shape: entry.shape.clone(),
-                start: entry.start,
-                end: entry.end,
-                expected,
-                file_len,
-            });
-        }
-        let tensor_error = |source| CheckpointError::Tensor {
-            name: name.to_owned(),
-            path: self.path.clone(),
-            source,
-        };
-        let address = mapped.bytes.as_ptr() as usize + entry.start;
-        if address.is_multiple_of(dtype.size_in_bytes()) {
-            let region: SharedBytes = Arc::clone(&mapped.bytes) as SharedBytes;
-            Tensor::from_mapped(region, entry.start, dtype, &entry.shape).map_err(tensor_error)
-        } else {
-            tracing::debug!(tensor = name, "misaligned in the file: copied");
-            let bytes = mapped.bytes.get(entry.start..entry.end).unwrap_or_default();
-            Tensor::from_bytes(bytes, dtype, &entry.shape).map_err(tensor_error)
-        }
-    }
-}
-
-/// The first tensor of a safetensors header whose byte range disagrees with its dtype and shape,
-/// for error messages: the parser reports such a mismatch without naming the tensor.
-fn inconsistent_entry(bytes: &[u8]) -> Option<String> {
-    let header_len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
-    let header: std::collections::BTreeMap<String, Value> =
-        serde_json::from_slice(bytes.get(8..8usize.checked_add(header_len)?)?).ok()?;
-    let entry_len = |entry: &Value| -> Option<(usize, usize)> {
-        let dtype: StDtype = serde_json::from_value(entry.get("dtype")?.clone()).ok()?;
-        let shape: Vec<usize> = serde_json::from_value(entry.get("shape")?.clone()).ok()?;
-        let offsets: (usize, usize) =
-            serde_json::from_value(entry.get("data_offsets")?.clone()).ok()?;
-        let bits = shape.iter().try_fold(dtype.bitsize(), |n, &d| n.checked_mul(d))?;
-        Some((offsets.1.checked_sub(offsets.0)?, bits / 8))
-    };
-    header
-        .iter()
-        .filter(|(name, _)| name.as_str() != "__metadata__")
-        .find(|(_, entry)| entry_len(entry).is_none_or(|(given, needed)| given != needed))
-        .map(|(name, _)| name.clone())
-}
-
-/// The sluice dtype of a safetensors dtype, if there is one.
-fn dtype_of(dtype: StDtype) -> Option<DType> {
-    Some(match dtype {
-        StDtype::F32 => DType::F32,
-        StDtype::F16 => DType::F16,
-        StDtype::BF16 => DType::BF16,
-        StDtype::F64 => DType::F64,
-        StDtype::I32 => DType::I32,
-        StDtype::I64 => DType::I64,
-        StDtype::U8 => DType::U8,
-        StDtype::BOOL => DType::Bool,
-        StDtype::F8_E4M3 => DType::F8E4M3,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]

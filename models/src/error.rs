@@ -122,6 +122,16 @@ pub enum ModelError {
         /// The gate's hidden size.
         hidden_size: usize,
     },
+    /// A golden fixture file lacks an entry or holds a malformed one.
+    #[error("{}: `{entry}` {message}", path.display())]
+    Fixture {
+        /// The fixture file.
+        path: PathBuf,
+        /// The tensor or metadata key.
+        entry: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A backend returned an output that breaks the backend contract.
     #[error(
         "backend `{backend}` returned `{output}` as {dtype} {shape:?}, expected {expected_dtype} \

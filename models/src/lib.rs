@@ -9,7 +9,8 @@
 //!   [`Backend`](sluice_tensor::Backend) and hands it only detached DLPack tensors, so parameters
 //!   and activations that require grad route fine.
 //! - [`reference`](mod@reference) is the one source of truth for routing semantics, with the
-//!   comparison helpers every fast path is tested with.
+//!   comparison helpers every fast path is tested with; [`golden`] reads the fixtures that pin it
+//!   to transformers' own routers.
 //!
 //! ```no_run
 //! use sluice_models::{Checkpoint, MoeGate};
@@ -35,8 +36,10 @@ mod checkpoint;
 mod config;
 mod error;
 mod gate;
+pub mod golden;
 mod prepared;
 pub mod reference;
+mod safetensors_file;
 
 pub use checkpoint::{CONFIG_FILE, Checkpoint, CheckpointError, SHARD_INDEX, SINGLE_FILE};
 pub use config::{ConfigError, ModelConfig, ModelFamily};
