@@ -113,6 +113,14 @@ pub enum ModelError {
         supported: &'static str,
     },
     /// Hidden states that are not `[T, H]` with the gate's hidden size.
+    /// A gate built from tensors in memory has an inconsistent part.
+    #[error("gate {part} {problem}")]
+    GatePart {
+        /// `weight` or `bias`.
+        part: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     #[error("layer {layer}: hidden states have shape {shape:?}, expected [tokens, {hidden_size}]")]
     HiddenShape {
         /// The gate's layer.

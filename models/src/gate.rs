@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use half::{bf16, f16};
-use sluice_tensor::{Backend, DType, NonFinitePolicy, RoutingSpec, Tensor, TopkMethod};
+use sluice_tensor::{
+    Backend, BackendError, DType, NonFinitePolicy, RoutingSpec, Tensor, TopkMethod,
+};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
@@ -125,6 +127,58 @@ impl MoeGate {
             bias = bias.is_some(),
             "loaded gate"
         );
+        Self::new(layer, spec, weight, bias)
+    }
+
+    /// A gate from tensors already in memory (synthetic weights, another loader).
+    ///
+    /// The weight must be bf16 or f32 `[E, H]` with `E = spec.num_experts`; the bias, present
+    /// exactly when the method is `noaux_tc`, f32 `[E]`. The spec is validated. The weight is held
+    /// as a parameter (`requires_grad = true`), like a loaded one.
+    pub fn new(
+        layer: usize,
+        spec: RoutingSpec,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<Self, ModelError> {
+        spec.validate().map_err(BackendError::from)?;
+        let invalid = |part: &'static str, problem: String| ModelError::GatePart { part, problem };
+        let [experts, hidden_size] = weight.shape() else {
+            return Err(invalid(
+                "weight",
+                format!("has shape {:?}, expected [E, H]", weight.shape()),
+            ));
+        };
+        let (experts, hidden_size) = (*experts, *hidden_size);
+        if experts != spec.num_experts || hidden_size == 0 {
+            return Err(invalid(
+                "weight",
+                format!("has shape {:?}, expected [{}, H > 0]", weight.shape(), spec.num_experts),
+            ));
+        }
+        if !matches!(weight.dtype(), DType::BF16 | DType::F32) {
+            return Err(invalid(
+                "weight",
+                format!("has dtype {}; supported: bf16, f32", weight.dtype()),
+            ));
+        }
+        match (&bias, spec.method) {
+            (Some(b), TopkMethod::NoauxTc) => {
+                if b.dtype() != DType::F32 || b.shape() != [experts] {
+                    return Err(invalid(
+                        "bias",
+                        format!("is {} {:?}, expected f32 [{experts}]", b.dtype(), b.shape()),
+                    ));
+                }
+            }
+            (None, TopkMethod::NoauxTc) => {
+                return Err(invalid("bias", "is missing; noaux_tc routing needs it".to_owned()));
+            }
+            (Some(_), method) => {
+                return Err(invalid("bias", format!("is not used by {}", method.name())));
+            }
+            (None, _) => {}
+        }
         Ok(MoeGate { layer, spec, hidden_size, weight: weight.with_requires_grad(true), bias })
     }
 

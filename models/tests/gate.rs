@@ -375,3 +375,31 @@ fn a_backend_breaking_the_output_contract_is_caught() {
     assert!(matches!(err, ModelError::BackendOutput { output: "topk_ids", .. }), "{err}");
     assert!(err.to_string().contains("reference"), "{err}");
 }
+
+#[test]
+fn gates_from_tensors_in_memory_are_validated() {
+    use sluice_models::{ModelError, MoeGate};
+    use sluice_tensor::{RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+    let spec =
+        RoutingSpec::new(8, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 2, 1, 2, true, 2.5).unwrap();
+    let weight = || Tensor::from_vec(vec![0.25f32; 8 * 4], &[8, 4]).unwrap();
+    let bias = || Some(Tensor::from_vec(vec![0.0f32; 8], &[8]).unwrap());
+    let gate = MoeGate::new(5, spec, weight(), bias()).unwrap();
+    assert_eq!((gate.layer(), gate.hidden_size(), gate.num_experts()), (5, 4, 8));
+    assert!(gate.weight().requires_grad(), "held as a parameter");
+
+    let part = |r: Result<MoeGate, ModelError>| match r {
+        Err(ModelError::GatePart { part, .. }) => part,
+        other => panic!("expected GatePart, got {other:?}"),
+    };
+    let wrong_experts = Tensor::from_vec(vec![0.0f32; 7 * 4], &[7, 4]).unwrap();
+    assert_eq!(part(MoeGate::new(0, spec, wrong_experts, bias())), "weight");
+    let ints = Tensor::from_vec(vec![0i32; 8 * 4], &[8, 4]).unwrap();
+    assert_eq!(part(MoeGate::new(0, spec, ints, bias())), "weight");
+    assert_eq!(part(MoeGate::new(0, spec, weight(), None)), "bias");
+    let short_bias = Some(Tensor::from_vec(vec![0.0f32; 4], &[4]).unwrap());
+    assert_eq!(part(MoeGate::new(0, spec, weight(), short_bias)), "bias");
+    let mut bad = spec;
+    bad.topk_group = 3;
+    assert!(MoeGate::new(0, bad, weight(), bias()).is_err());
+}
