@@ -112,7 +112,6 @@ pub enum ModelError {
         /// What the gate takes.
         supported: &'static str,
     },
-    /// Hidden states that are not `[T, H]` with the gate's hidden size.
     /// A gate built from tensors in memory has an inconsistent part.
     #[error("gate {part} {problem}")]
     GatePart {
@@ -121,6 +120,7 @@ pub enum ModelError {
         /// What is wrong with it.
         problem: String,
     },
+    /// Hidden states that are not `[T, H]` with the gate's hidden size.
     #[error("layer {layer}: hidden states have shape {shape:?}, expected [tokens, {hidden_size}]")]
     HiddenShape {
         /// The gate's layer.
