@@ -1,0 +1,92 @@
+//! Configuration of a [`CpuBackend`]: threads, kernel family, token limit.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::engine::Engine;
+use crate::{CpuBackend, CpuKernel};
+
+/// The default limit on tokens per call.
+pub const DEFAULT_MAX_TOKENS: usize = 1 << 20;
+
+/// Builds a [`CpuBackend`]. Defaults: one thread per available core, [`CpuKernel::Auto`], at most
+/// [`DEFAULT_MAX_TOKENS`] tokens per call.
+#[derive(Debug, Clone)]
+pub struct CpuBackendBuilder {
+    threads: Option<usize>,
+    kernel: CpuKernel,
+    max_tokens: usize,
+}
+
+impl Default for CpuBackendBuilder {
+    fn default() -> Self {
+        CpuBackendBuilder { threads: None, kernel: CpuKernel::Auto, max_tokens: DEFAULT_MAX_TOKENS }
+    }
+}
+
+/// Why a [`CpuBackend`] could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CpuBuildError {
+    /// The forced kernel family needs CPU features this CPU lacks.
+    #[error("the {kernel} kernel needs CPU features this CPU lacks: {missing}")]
+    KernelUnavailable {
+        /// The family asked for.
+        kernel: CpuKernel,
+        /// The features it needs.
+        missing: &'static str,
+    },
+    /// Zero threads, or a zero token limit.
+    #[error("`{field}` must be at least 1, got 0")]
+    Zero {
+        /// The setting.
+        field: &'static str,
+    },
+    /// The worker threads could not be started.
+    #[error("cannot start the CPU backend's worker threads: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+}
+
+impl CpuBackendBuilder {
+    /// Threads to compute with, the calling thread included (default: available cores).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads);
+        self
+    }
+
+    /// The kernel family (default [`CpuKernel::Auto`]). A family the CPU lacks makes
+    /// [`build`](Self::build) fail.
+    pub fn kernel(mut self, kernel: CpuKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The most tokens one call may take; larger calls fail with
+    /// [`BackendError::TooManyTokens`](sluice_tensor::BackendError::TooManyTokens) before
+    /// allocating anything.
+    pub fn max_tokens(mut self, max_tokens: usize) -> Self {
+        self.max_tokens = max_tokens;
+        self
+    }
+
+    /// Checks the settings, resolves the kernel family and starts the worker threads.
+    pub fn build(self) -> Result<CpuBackend, CpuBuildError> {
+        if let Some(missing) = self.kernel.missing_features() {
+            return Err(CpuBuildError::KernelUnavailable { kernel: self.kernel, missing });
+        }
+        let threads = match self.threads {
+            Some(0) => return Err(CpuBuildError::Zero { field: "threads" }),
+            Some(threads) => threads,
+            None => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        };
+        if self.max_tokens == 0 {
+            return Err(CpuBuildError::Zero { field: "max_tokens" });
+        }
+        let kernel = self.kernel.resolve();
+        tracing::debug!(%kernel, threads, max_tokens = self.max_tokens, "cpu backend");
+        let engine = Engine::new(kernel, threads, self.max_tokens)?;
+        Ok(CpuBackend { engine: Arc::new(engine) })
+    }
+}

@@ -1,0 +1,250 @@
+//! Routing of one token's f32 logits: scores, group limit, top-k, renormalisation and scaling.
+//!
+//! The semantics are the ones `sluice_tensor::RoutingSpec` documents and the scalar reference in
+//! `sluice-models` implements, down to the roundings: scores are computed in f64 and rounded once
+//! to f32, the bias is added in f32, the renormalising sum is taken in f64 and rounded to f32 before
+//! the epsilon is added. This is an independent implementation that reuses its buffers, so routing a
+//! row never allocates.
+
+mod topk;
+
+use sluice_tensor::{BackendError, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod};
+
+use self::topk::TopK;
+
+/// Buffers for routing rows one after another without allocating.
+#[derive(Debug, Default)]
+pub(crate) struct RouteScratch {
+    /// Unbiased scores (softmax probabilities or sigmoids), one per expert.
+    scores: Vec<f32>,
+    /// Softmax numerators in f64.
+    exps: Vec<f64>,
+    /// Selection keys: the scores, plus the correction bias for `noaux_tc`.
+    keys: Vec<f32>,
+    /// One score per group.
+    group_keys: Vec<f32>,
+    /// Whether each group survived the group limit.
+    group_kept: Vec<bool>,
+    groups: TopK,
+    experts: TopK,
+}
+
+/// What became of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowOutcome {
+    /// The row was routed.
+    Routed,
+    /// The row's logits were not all finite; it was marked invalid (ids `-1`, weights `0`).
+    NonFinite,
+}
+
+/// A validated routing spec with its bias, ready to route rows of logits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowRouter<'a> {
+    spec: &'a RoutingSpec,
+    bias: Option<&'a [f32]>,
+}
+
+impl<'a> RowRouter<'a> {
+    /// Validates the spec and that the bias, if any, has one finite value per expert.
+    ///
+    /// A bias is only meaningful for `noaux_tc`; for the softmax methods it is refused rather than
+    /// silently ignored.
+    pub(crate) fn new(
+        op: &'static str,
+        spec: &'a RoutingSpec,
+        bias: Option<&'a [f32]>,
+    ) -> Result<Self, BackendError> {
+        spec.validate()?;
+        if let Some(bias) = bias {
+            if spec.method != TopkMethod::NoauxTc {
+                return Err(BackendError::Shape {
+                    op,
+                    arg: "bias",
+                    shape: vec![bias.len() as i64],
+                    expected: format!(
+                        "no correction bias: `topk_method` = \"{}\" does not use one",
+                        spec.method.name()
+                    ),
+                });
+            }
+            if bias.len() != spec.num_experts {
+                return Err(BackendError::Shape {
+                    op,
+                    arg: "bias",
+                    shape: vec![bias.len() as i64],
+                    expected: format!("[{}] (one value per expert)", spec.num_experts),
+                });
+            }
+            if let Some((expert, value)) = bias.iter().enumerate().find(|(_, b)| !b.is_finite()) {
+                return Err(BackendError::Device {
+                    backend: "cpu",
+                    message: format!(
+                        "{op}: correction bias of expert {expert} is {value}, not a finite number"
+                    ),
+                });
+            }
+        }
+        Ok(RowRouter { spec, bias })
+    }
+
+    /// The spec this router follows.
+    pub(crate) fn spec(&self) -> &RoutingSpec {
+        self.spec
+    }
+
+    /// Routes consecutive rows of a row-major block of logits (`rows × E`, row stride `E`) into
+    /// `ids` and `weights` (`rows × K` each). Returns the index (within the block) of the first
+    /// non-finite row, if any; such rows are marked invalid.
+    pub(crate) fn route_block(
+        &self,
+        logits: &[f32],
+        ids: &mut [i32],
+        weights: &mut [f32],
+        scratch: &mut RouteScratch,
+    ) -> Option<usize> {
+        let experts = self.spec.num_experts;
+        let k = self.spec.top_k;
+        let mut first_bad = None;
+        let rows = logits.chunks_exact(experts).zip(ids.chunks_exact_mut(k));
+        for (row, ((logits, ids), weights)) in rows.zip(weights.chunks_exact_mut(k)).enumerate() {
+            if self.route_row(logits, scratch, ids, weights) == RowOutcome::NonFinite {
+                first_bad = first_bad.or(Some(row));
+            }
+        }
+        first_bad
+    }
+
+    /// Routes one row of `E` logits into `ids` and `weights` (`K` each), sorted by weight
+    /// descending, then by id.
+    pub(crate) fn route_row(
+        &self,
+        logits: &[f32],
+        scratch: &mut RouteScratch,
+        ids: &mut [i32],
+        weights: &mut [f32],
+    ) -> RowOutcome {
+        let spec = self.spec;
+        if !logits.iter().all(|l| l.is_finite()) {
+            ids.fill(-1);
+            weights.fill(0.0);
+            return RowOutcome::NonFinite;
+        }
+        self.score(logits, scratch);
+        self.select_groups(scratch);
+        let RouteScratch { scores, keys, group_kept, experts, .. } = scratch;
+        let per_group = spec.experts_per_group();
+        experts.reset(spec.top_k);
+        for (group, _) in group_kept.iter().enumerate().filter(|(_, kept)| **kept) {
+            let first = group * per_group;
+            for (offset, &key) in keys[first..first + per_group].iter().enumerate() {
+                experts.offer(key, (first + offset) as u32);
+            }
+        }
+
+        let mut sum = 0.0f64;
+        for ((&(_, expert), id), weight) in
+            experts.entries().iter().zip(&mut *ids).zip(&mut *weights)
+        {
+            *id = expert as i32;
+            *weight = scores[expert as usize];
+            sum += f64::from(*weight);
+        }
+        let denominator = sum as f32 + RENORM_EPSILON;
+        let scale = spec.output_scale();
+        for weight in weights.iter_mut() {
+            if spec.norm_topk_prob {
+                *weight /= denominator;
+            }
+            *weight *= scale;
+        }
+        sort_by_weight_then_id(ids, weights);
+        RowOutcome::Routed
+    }
+
+    /// Fills the scores and selection keys of a finite row.
+    fn score(&self, logits: &[f32], scratch: &mut RouteScratch) {
+        let RouteScratch { scores, exps, keys, .. } = scratch;
+        scores.clear();
+        keys.clear();
+        match self.spec.scoring {
+            ScoringFunc::Sigmoid => scores.extend(logits.iter().map(|&l| sigmoid(l))),
+            ScoringFunc::Softmax => {
+                let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+                exps.clear();
+                exps.extend(logits.iter().map(|&l| (f64::from(l) - max).exp()));
+                let sum: f64 = exps.iter().sum();
+                scores.extend(exps.iter().map(|&e| (e / sum) as f32));
+            }
+        }
+        match self.bias {
+            Some(bias) => keys.extend(scores.iter().zip(bias).map(|(&s, &b)| s + b)),
+            None => keys.extend_from_slice(scores),
+        }
+    }
+
+    /// Marks which groups take part in the expert selection.
+    fn select_groups(&self, scratch: &mut RouteScratch) {
+        let spec = self.spec;
+        let RouteScratch { keys, group_keys, group_kept, groups, .. } = scratch;
+        group_kept.clear();
+        if !spec.groups_restrict() {
+            group_kept.resize(spec.n_group, true);
+            return;
+        }
+        group_kept.resize(spec.n_group, false);
+        group_keys.clear();
+        group_keys.extend(keys.chunks_exact(spec.experts_per_group()).map(
+            |group| match spec.method {
+                TopkMethod::NoauxTc => sum_of_two_largest(group),
+                TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
+                    group.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                }
+            },
+        ));
+        groups.reset(spec.topk_group);
+        for (group, &key) in group_keys.iter().enumerate() {
+            groups.offer(key, group as u32);
+        }
+        for &(_, group) in groups.entries() {
+            group_kept[group as usize] = true;
+        }
+    }
+}
+
+/// The logistic function, computed in f64 and rounded once.
+fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-f64::from(x)).exp())) as f32
+}
+
+/// The sum of the two largest values of a group (which holds at least two).
+fn sum_of_two_largest(values: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in values {
+        if v > first {
+            second = first;
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    first + second
+}
+
+/// Sorts a row's experts by weight descending, then by id ascending (insertion sort: K is small).
+fn sort_by_weight_then_id(ids: &mut [i32], weights: &mut [f32]) {
+    for i in 1..ids.len() {
+        let mut j = i;
+        while j > 0
+            && (weights[j] > weights[j - 1]
+                || (weights[j] == weights[j - 1] && ids[j] < ids[j - 1]))
+        {
+            ids.swap(j, j - 1);
+            weights.swap(j, j - 1);
+            j -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+use proptest::prelude::*;
+use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+
+use super::*;
+
+fn spec(
+    e: usize,
+    method: TopkMethod,
+    groups: (usize, usize),
+    k: usize,
+    norm: bool,
+    scale: f32,
+) -> RoutingSpec {
+    let scoring =
+        if method == TopkMethod::NoauxTc { ScoringFunc::Sigmoid } else { ScoringFunc::Softmax };
+    RoutingSpec::new(e, scoring, method, groups.0, groups.1, k, norm, scale).unwrap()
+}
+
+fn route(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>, Vec<f32>) {
+    let router = RowRouter::new("test", spec, bias).unwrap();
+    let mut ids = vec![0; spec.top_k];
+    let mut weights = vec![0.0; spec.top_k];
+    let outcome = router.route_row(logits, &mut RouteScratch::default(), &mut ids, &mut weights);
+    assert_eq!(outcome, RowOutcome::Routed);
+    (ids, weights)
+}
+
+#[test]
+fn biased_selection_with_unbiased_weights_and_group_mask() {
+    // 8 experts in 4 groups of 2, keep 2 groups, top-2, renormalise, scale 2.
+    let s = spec(8, TopkMethod::NoauxTc, (4, 2), 2, true, 2.0);
+    let logits = [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0];
+    let bias = [0.0, 0.0, 0.3, 0.2, 0.0, 0.0, 0.05, 0.9];
+    // keys: e0 .881 e1 .5 | e2 .8 e3 .7 | e4 .5 e5 .5 | e6 .55 e7 1.169
+    // group sums: 1.381, 1.5, 1.0, 1.719 -> groups 3 and 1; best keys there: e7, e2.
+    // Expert 0 has the largest unbiased score but its group is dropped.
+    let (ids, weights) = route(&s, Some(&bias), &logits);
+    let s7 = 1.0 / (1.0 + 1f64.exp());
+    let s2 = 0.5;
+    let expected = [(2, 2.0 * s2 / (s2 + s7)), (7, 2.0 * s7 / (s2 + s7))];
+    assert_eq!(ids, vec![expected[0].0, expected[1].0]);
+    for (w, (_, e)) in weights.iter().zip(expected) {
+        assert!((f64::from(*w) - e).abs() < 1e-6, "{weights:?}");
+    }
+}
+
+#[test]
+fn equal_weights_are_sorted_by_id() {
+    let s = spec(8, TopkMethod::NoauxTc, (4, 2), 2, true, 2.0);
+    let bias = [0.1, 0.0, 0.3, 0.2, 0.0, 0.0, 0.05, 0.5];
+    // All scores 0.5; keys select e7 (1.0) then e2 (0.8); equal weights -> id order.
+    let (ids, weights) = route(&s, Some(&bias), &[0.0; 8]);
+    assert_eq!(ids, vec![2, 7]);
+    assert_eq!(weights, vec![1.0, 1.0]);
+}
+
+#[test]
+fn ties_in_keys_go_to_the_lower_expert() {
+    let s = spec(8, TopkMethod::Greedy, (1, 1), 3, false, 1.0);
+    let logits = [0.5, 0.7, 0.7, 0.1, 0.7, 0.2, 0.7, 0.7];
+    let (ids, _) = route(&s, None, &logits);
+    assert_eq!(ids, vec![1, 2, 4]);
+}
+
+#[test]
+fn group_ties_go_to_the_lower_group() {
+    // Two groups with identical contents, keep one: group 0 wins.
+    let s = spec(4, TopkMethod::GroupLimitedGreedy, (2, 1), 1, false, 1.0);
+    let (ids, _) = route(&s, None, &[1.0, 0.0, 1.0, 0.0]);
+    assert_eq!(ids, vec![0]);
+    let s = spec(4, TopkMethod::NoauxTc, (2, 1), 2, true, 1.0);
+    let (ids, _) = route(&s, Some(&[0.0; 4]), &[1.0, 0.0, 0.0, 1.0]);
+    assert_eq!(ids, vec![0, 1]);
+}
+
+#[test]
+fn softmax_weights_are_probabilities_and_scaling_applies_once() {
+    let mut s = spec(4, TopkMethod::Greedy, (1, 1), 2, false, 16.0);
+    let logits = [1.0f32, 3.0, 2.0, 0.0];
+    let total: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+    let p = |l: f32| f64::from(l).exp() / total;
+    let (ids, weights) = route(&s, None, &logits);
+    assert_eq!(ids, vec![1, 2]);
+    assert!((f64::from(weights[0]) - 16.0 * p(3.0)).abs() < 1e-5);
+    assert!((f64::from(weights[1]) - 16.0 * p(2.0)).abs() < 1e-5);
+    s.apply_scaling = false;
+    let (_, unscaled) = route(&s, None, &logits);
+    assert!((f64::from(unscaled[0]) - p(3.0)).abs() < 1e-6);
+}
+
+#[test]
+fn renormalisation_survives_underflowed_weights() {
+    // Sigmoid of -200 underflows to 0: the epsilon keeps 0/0 out.
+    let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 2.5);
+    let (ids, weights) = route(&s, Some(&[1.0, 0.0, 2.0, 0.0]), &[-200.0; 4]);
+    assert_eq!(ids, vec![0, 2]);
+    assert_eq!(weights, vec![0.0, 0.0]);
+}
+
+#[test]
+fn non_finite_rows_are_marked_and_counted() {
+    let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
+    let router = RowRouter::new("test", &s, None).unwrap();
+    let mut logits = vec![0.0f32; 12];
+    logits[5] = f32::NAN;
+    logits[8] = f32::INFINITY;
+    let mut ids = vec![7; 6];
+    let mut weights = vec![7.0; 6];
+    let first = router.route_block(&logits, &mut ids, &mut weights, &mut RouteScratch::default());
+    assert_eq!(first, Some(1));
+    assert_eq!(&ids[2..], &[-1, -1, -1, -1]);
+    assert_eq!(&weights[2..], &[0.0; 4]);
+    assert_eq!(&ids[..2], &[0, 1]);
+}
+
+#[test]
+fn a_non_finite_bias_is_refused_with_the_expert_named() {
+    let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
+    let bias = [0.0, 0.0, f32::NEG_INFINITY, 0.0];
+    let err = RowRouter::new("route", &s, Some(&bias)).unwrap_err();
+    assert!(err.to_string().contains("expert 2"), "{err}");
+}
+
+#[test]
+fn bias_shape_and_method_are_checked() {
+    let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
+    let err = RowRouter::new("route", &s, Some(&[0.0; 3])).unwrap_err();
+    assert!(err.to_string().contains("[4]"), "{err}");
+    let s = spec(4, TopkMethod::Greedy, (1, 1), 2, false, 1.0);
+    let err = RowRouter::new("route", &s, Some(&[0.0; 4])).unwrap_err();
+    assert!(err.to_string().contains("greedy"), "{err}");
+    let mut bad = s;
+    bad.top_k = 9;
+    assert!(matches!(RowRouter::new("route", &bad, None), Err(BackendError::Spec(_))));
+}
+
+/// An independent, deliberately plain routing: full sorts and -inf masks.
+fn naive(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>, Vec<f32>) {
+    let e = spec.num_experts;
+    let scores: Vec<f32> = match spec.scoring {
+        ScoringFunc::Sigmoid => {
+            logits.iter().map(|&l| (1.0 / (1.0 + (-f64::from(l)).exp())) as f32).collect()
+        }
+        ScoringFunc::Softmax => {
+            let max = logits.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = logits.iter().map(|&l| (f64::from(l) - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            exps.iter().map(|&x| (x / sum) as f32).collect()
+        }
+    };
+    let mut keys: Vec<f32> = match bias {
+        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+        None => scores.clone(),
+    };
+    let order = |v: &[f32]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap().then(a.cmp(&b)));
+        idx
+    };
+    if spec.groups_restrict() {
+        let p = e / spec.n_group;
+        let gkeys: Vec<f32> = keys
+            .chunks(p)
+            .map(|g| {
+                let o = order(g);
+                if spec.method == TopkMethod::NoauxTc { g[o[0]] + g[o[1]] } else { g[o[0]] }
+            })
+            .collect();
+        let kept: Vec<usize> = order(&gkeys)[..spec.topk_group].to_vec();
+        for (i, key) in keys.iter_mut().enumerate() {
+            if !kept.contains(&(i / p)) {
+                *key = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let chosen: Vec<usize> = order(&keys)[..spec.top_k].to_vec();
+    let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
+    let sum = w.iter().map(|&x| f64::from(x)).sum::<f64>() as f32;
+    for x in &mut w {
+        if spec.norm_topk_prob {
+            *x /= sum + RENORM_EPSILON;
+        }
+        *x *= spec.output_scale();
+    }
+    let mut rows: Vec<(i32, f32)> = chosen.iter().map(|&i| i as i32).zip(w).collect();
+    rows.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    rows.into_iter().unzip()
+}
+
+fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
+    (1usize..5, 1usize..9, prop::bool::ANY, prop::sample::select(vec![0u8, 1, 2]))
+        .prop_flat_map(|(n_group, per_group, norm, method)| {
+            let method = [TopkMethod::Greedy, TopkMethod::GroupLimitedGreedy, TopkMethod::NoauxTc]
+                [method as usize];
+            let per_group =
+                if method == TopkMethod::NoauxTc { per_group.max(2) } else { per_group };
+            let n_group = if method == TopkMethod::Greedy { 1 } else { n_group };
+            (Just((n_group, per_group, norm, method)), 1..=n_group)
+        })
+        .prop_flat_map(|((n_group, per_group, norm, method), topk_group)| {
+            let allowed = if method == TopkMethod::Greedy {
+                n_group * per_group
+            } else {
+                topk_group * per_group
+            };
+            (Just((n_group, per_group, norm, method, topk_group)), 1..=allowed)
+        })
+        .prop_map(|((n_group, per_group, norm, method, topk_group), k)| {
+            spec(n_group * per_group, method, (n_group, topk_group), k, norm, 2.5)
+        })
+}
+
+proptest! {
+    #[test]
+    fn matches_a_naive_sort_based_router(
+        spec in arb_spec(),
+        seed in prop::collection::vec(-4.0f32..4.0, 64),
+        bias_seed in prop::collection::vec(-0.5f32..0.5, 64),
+    ) {
+        let e = spec.num_experts;
+        // Distinct values keep the comparison away from float near-ties.
+        let logits: Vec<f32> = (0..e).map(|i| seed[i] + i as f32 * 1e-3).collect();
+        let bias: Vec<f32> = bias_seed[..e].to_vec();
+        let bias = (spec.method == TopkMethod::NoauxTc).then_some(bias.as_slice());
+        let (ids, weights) = route(&spec, bias, &logits);
+        let (naive_ids, naive_weights) = naive(&spec, bias, &logits);
+        prop_assert_eq!(&ids, &naive_ids);
+        for (a, b) in weights.iter().zip(&naive_weights) {
+            prop_assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{:?} vs {:?}", weights, naive_weights);
+        }
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        prop_assert_eq!(sorted.len(), spec.top_k);
+        prop_assert!(ids.iter().all(|&i| i >= 0 && (i as usize) < e));
+    }
+}

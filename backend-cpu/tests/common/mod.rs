@@ -1,0 +1,76 @@
+//! Helpers shared by the integration tests: backends for every kernel family, DLPack in and out.
+
+#![allow(dead_code)]
+
+use sluice_backend_cpu::{CpuBackend, CpuKernel};
+use sluice_tensor::dlpack::export_vec;
+use sluice_tensor::{Dlpack, Element, RoutingOutput, Tensor};
+
+/// A backend for every kernel family this CPU supports, with one and with two threads.
+pub fn backends() -> Vec<CpuBackend> {
+    let mut out = Vec::new();
+    for kernel in CpuKernel::CONCRETE {
+        if !kernel.is_supported() {
+            eprintln!(
+                "skipping the {kernel} kernel: this CPU lacks {:?}",
+                kernel.missing_features()
+            );
+            continue;
+        }
+        for threads in [1, 2] {
+            out.push(CpuBackend::builder().kernel(kernel).threads(threads).build().unwrap());
+        }
+    }
+    out
+}
+
+/// A short label for messages.
+pub fn label(backend: &CpuBackend) -> String {
+    format!("{} x{}", backend.kernel(), backend.threads())
+}
+
+/// A host DLPack tensor owning `data`.
+pub fn dl<T: Element>(data: Vec<T>, shape: &[usize]) -> Dlpack {
+    export_vec(data, shape).unwrap()
+}
+
+/// The elements of a host DLPack tensor, in row-major order.
+pub fn read<T: Element>(dl: Dlpack) -> (Vec<usize>, Vec<T>) {
+    let tensor = Tensor::from_dlpack(dl).unwrap();
+    (tensor.shape().to_vec(), tensor.to_vec::<T>().unwrap())
+}
+
+/// Ids and weights of a routing output.
+pub fn read_routing(out: RoutingOutput) -> (Vec<usize>, Vec<i32>, Vec<f32>) {
+    let (shape, ids) = read::<i32>(out.topk_ids);
+    let (weight_shape, weights) = read::<f32>(out.topk_weights);
+    assert_eq!(shape, weight_shape);
+    (shape, ids, weights)
+}
+
+/// Deterministic pseudo-random numbers (xorshift64).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Roughly normal (sum of uniforms), mean 0, standard deviation about `scale`.
+    pub fn normal(&mut self, scale: f32) -> f32 {
+        let sum: f32 = (0..4).map(|_| self.unit()).sum();
+        (sum - 2.0) * 1.7 * scale
+    }
+
+    pub fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal(scale)).collect()
+    }
+}

@@ -1,0 +1,268 @@
+//! Property tests: every kernel family, with one and two threads, against the scalar reference
+//! router of `sluice-models` on random configs and inputs.
+
+mod common;
+
+use common::{Rng, backends, dl, label, read, read_routing};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use sluice_models::reference::{self, Routing, Tolerance};
+use sluice_tensor::{Backend, BackendError, NonFinitePolicy, RoutingSpec, ScoringFunc, TopkMethod};
+
+/// Relative closeness under which two selection values count as a near tie: well above the
+/// rounding differences of an f32 GEMM, far below the gaps of random data.
+const NEAR_TIE: f32 = 1e-4;
+const WEIGHTS: Tolerance = Tolerance { abs: 1e-5, rel: 1e-5 };
+
+#[derive(Debug, Clone)]
+struct Case {
+    spec: RoutingSpec,
+    tokens: usize,
+    hidden: usize,
+    /// 0: f32, 1: bf16, 2: f16.
+    x_type: u8,
+    w_bf16: bool,
+    seed: u64,
+}
+
+fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
+    let method = prop::sample::select(vec![
+        TopkMethod::Greedy,
+        TopkMethod::GroupLimitedGreedy,
+        TopkMethod::NoauxTc,
+    ]);
+    (method, 1usize..=8, 1usize..=20, any::<bool>(), any::<bool>())
+        .prop_flat_map(|(method, n_group, per_group, norm, apply_scaling)| {
+            let per_group =
+                if method == TopkMethod::NoauxTc { per_group.max(2) } else { per_group };
+            let n_group = if method == TopkMethod::Greedy { 1 } else { n_group };
+            (Just((method, n_group, per_group, norm, apply_scaling)), 1..=n_group)
+        })
+        .prop_flat_map(|((method, n_group, per_group, norm, apply_scaling), topk_group)| {
+            let allowed =
+                if method.uses_groups() { topk_group * per_group } else { n_group * per_group };
+            let k = 1..=allowed.min(12);
+            (Just((method, n_group, per_group, norm, apply_scaling, topk_group)), k)
+        })
+        .prop_map(|((method, n_group, per_group, norm, apply_scaling, topk_group), k)| {
+            let scoring = if method == TopkMethod::NoauxTc {
+                ScoringFunc::Sigmoid
+            } else {
+                ScoringFunc::Softmax
+            };
+            let mut spec = RoutingSpec::new(
+                n_group * per_group,
+                scoring,
+                method,
+                n_group,
+                topk_group,
+                k,
+                norm,
+                2.5,
+            )
+            .unwrap();
+            spec.apply_scaling = apply_scaling;
+            spec
+        })
+}
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    // T crosses the switch from the expert split to the token split (96 tokens with 2 threads)
+    // and the token chunk size; H covers odd sizes and more than one K block of bf16 pairs.
+    (
+        arb_spec(),
+        0usize..=220,
+        prop::sample::select(vec![1usize, 2, 7, 32, 33, 100, 258, 300]),
+        0u8..3,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(spec, tokens, hidden, x_type, w_bf16, seed)| Case {
+            spec,
+            tokens,
+            hidden,
+            x_type,
+            w_bf16,
+            seed,
+        })
+}
+
+/// The case's tensors: hidden states and weight as DLPack (in their dtypes), the values the
+/// reference sees, and the bias.
+struct Inputs {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Inputs {
+    fn new(case: &Case) -> Self {
+        let mut rng = Rng::new(case.seed);
+        let e = case.spec.num_experts;
+        let x = rng.normals(case.tokens * case.hidden, 1.0);
+        let w = rng.normals(e * case.hidden, 2.0 / (case.hidden as f32).sqrt());
+        let bias = (case.spec.method == TopkMethod::NoauxTc).then(|| rng.normals(e, 0.1));
+        // Round to the dtypes the backend will see, so the reference multiplies the same values.
+        let x = match case.x_type {
+            0 => x,
+            1 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+            _ => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        };
+        let w =
+            if case.w_bf16 { w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect() } else { w };
+        Inputs { x, w, bias }
+    }
+
+    fn x_dl(&self, case: &Case) -> sluice_tensor::Dlpack {
+        let shape = [case.tokens, case.hidden];
+        match case.x_type {
+            0 => dl(self.x.clone(), &shape),
+            1 => dl(self.x.iter().map(|&v| bf16::from_f32(v)).collect(), &shape),
+            _ => dl(self.x.iter().map(|&v| f16::from_f32(v)).collect(), &shape),
+        }
+    }
+
+    fn w_dl(&self, case: &Case) -> sluice_tensor::Dlpack {
+        let shape = [case.spec.num_experts, case.hidden];
+        if case.w_bf16 {
+            dl(self.w.iter().map(|&v| bf16::from_f32(v)).collect(), &shape)
+        } else {
+            dl(self.w.clone(), &shape)
+        }
+    }
+
+    fn bias_dl(&self) -> Option<sluice_tensor::Dlpack> {
+        self.bias.as_ref().map(|b| dl(b.clone(), &[b.len()]))
+    }
+}
+
+/// `|logit - exact| <= (H + 4) * eps * sum |x w|`: the error bound of f32 accumulation.
+fn check_logits(
+    case: &Case,
+    inputs: &Inputs,
+    exact: &[f32],
+    got: &[f32],
+    what: &str,
+) -> Result<(), TestCaseError> {
+    let (t, e, h) = (case.tokens, case.spec.num_experts, case.hidden);
+    prop_assert_eq!(got.len(), t * e);
+    for i in 0..t {
+        for j in 0..e {
+            let abs: f64 = (0..h)
+                .map(|k| {
+                    f64::from(inputs.x[i * h + k]).abs() * f64::from(inputs.w[j * h + k]).abs()
+                })
+                .sum();
+            let bound = (h as f64 + 4.0) * f64::from(f32::EPSILON) * abs + 1e-30;
+            let (g, x) = (f64::from(got[i * e + j]), f64::from(exact[i * e + j]));
+            prop_assert!(
+                (g - x).abs() <= bound + x.abs() * f64::from(f32::EPSILON),
+                "{what}: logit [{i}, {j}] = {g}, reference {x}, bound {bound}"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn as_routing(case: &Case, ids: Vec<i32>, weights: Vec<f32>) -> Routing {
+    Routing::new(case.tokens, case.spec.top_k, ids, weights).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_path_matches_the_reference(case in arb_case()) {
+        let inputs = Inputs::new(&case);
+        let (t, e, h) = (case.tokens, case.spec.num_experts, case.hidden);
+        let exact = reference::router_logits(&inputs.x, &inputs.w, t, h, e).unwrap();
+        let bias = inputs.bias.as_deref();
+        let expected = reference::route(&exact, t, bias, &case.spec).unwrap();
+        let near = reference::near_tie_rows(&exact, t, bias, &case.spec, NEAR_TIE).unwrap();
+        for backend in backends() {
+            let what = format!("{} {case:?}", label(&backend));
+            // Routing of given logits is exact: the same f64-rounded scores, order and sums.
+            let out = backend.route_logits(&dl(exact.clone(), &[t, e]), inputs.bias_dl().as_ref(), &case.spec).unwrap();
+            let (shape, ids, weights) = read_routing(out);
+            prop_assert_eq!(shape, vec![t, case.spec.top_k]);
+            prop_assert_eq!(&ids, expected.ids(), "{}", what);
+            prop_assert_eq!(&weights, expected.weights(), "{}", what);
+
+            let (shape, logits) = read::<f32>(backend.router_gemm(&inputs.x_dl(&case), &inputs.w_dl(&case)).unwrap());
+            prop_assert_eq!(shape, vec![t, e]);
+            check_logits(&case, &inputs, &exact, &logits, &format!("one-off {what}"))?;
+
+            let prepared = backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &case.spec).unwrap();
+            let (_, logits) = read::<f32>(prepared.router_gemm(&inputs.x_dl(&case)).unwrap());
+            check_logits(&case, &inputs, &exact, &logits, &format!("prepared {what}"))?;
+
+            let (shape, ids, weights) = read_routing(prepared.route(&inputs.x_dl(&case)).unwrap());
+            prop_assert_eq!(shape, vec![t, case.spec.top_k]);
+            let actual = as_routing(&case, ids, weights);
+            reference::check_sorted(&actual).map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
+            reference::compare_routings(&expected, &actual, e, &near, WEIGHTS)
+                .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
+        }
+    }
+}
+
+/// A V3-like spec with `e` experts.
+fn v3_like(e: usize, non_finite: NonFinitePolicy) -> RoutingSpec {
+    let mut spec =
+        RoutingSpec::new(e, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5).unwrap();
+    spec.non_finite = non_finite;
+    spec
+}
+
+#[test]
+fn non_finite_rows_follow_the_policy_on_every_path() {
+    // 300 tokens: the token split with chunks on two threads; bad rows in different chunks.
+    let (t, e, h) = (300, 64, 40);
+    let case = Case {
+        spec: v3_like(e, NonFinitePolicy::Error),
+        tokens: t,
+        hidden: h,
+        x_type: 0,
+        w_bf16: true,
+        seed: 9,
+    };
+    let mut inputs = Inputs::new(&case);
+    inputs.x[250 * h + 3] = f32::NAN;
+    inputs.x[37 * h] = f32::INFINITY;
+    inputs.x[200 * h + 1] = f32::NEG_INFINITY;
+    let exact = reference::router_logits(&inputs.x, &inputs.w, t, h, e).unwrap();
+    let bias = inputs.bias.as_deref();
+    for backend in backends() {
+        let what = label(&backend);
+        let prepared =
+            backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &case.spec).unwrap();
+        match prepared.route(&inputs.x_dl(&case)) {
+            Err(BackendError::NonFinite { row }) => assert_eq!(row, 37, "{what}"),
+            other => panic!("{what}: expected a non-finite error, got {other:?}"),
+        }
+        // Small T goes through the expert split and the second routing pass.
+        let few = Case { tokens: 40, ..case.clone() };
+        let err = prepared
+            .route(&Inputs { x: inputs.x[..40 * h].to_vec(), ..Inputs::new(&few) }.x_dl(&few));
+        assert!(matches!(err, Err(BackendError::NonFinite { row: 37 })), "{what}: {err:?}");
+
+        let spec = v3_like(e, NonFinitePolicy::MarkInvalid);
+        let expected = reference::route(&exact, t, bias, &spec).unwrap();
+        let near = reference::near_tie_rows(&exact, t, bias, &spec, NEAR_TIE).unwrap();
+        let prepared = backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &spec).unwrap();
+        let (_, ids, weights) = read_routing(prepared.route(&inputs.x_dl(&case)).unwrap());
+        for row in [37, 200, 250] {
+            assert_eq!(&ids[row * 8..row * 8 + 8], &[-1; 8], "{what}");
+            assert_eq!(&weights[row * 8..row * 8 + 8], &[0.0; 8], "{what}");
+        }
+        let summary = reference::compare_routings(
+            &expected,
+            &as_routing(&case, ids, weights),
+            e,
+            &near,
+            WEIGHTS,
+        )
+        .unwrap_or_else(|m| panic!("{what}: {m}"));
+        assert_eq!(summary.rows_invalid, 3);
+    }
+}
