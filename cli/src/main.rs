@@ -1,19 +1,74 @@
-//! `sluice`: MoE gating from the command line.
+//! `sluice`: MoE gating for DeepSeek V2/V3 and Kimi-K2 checkpoints, from the command line.
+//!
+//! Every failure ends the same way: one line on stderr naming the problem, a non-zero exit code, and
+//! nothing written at the output path.
+
+mod backend;
+mod bench;
+mod demo;
+mod error;
+mod inspect;
+mod io;
+mod logging;
+mod route;
+mod synthetic;
+mod timing;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// MoE gating for DeepSeek V2/V3 and Kimi-K2 checkpoints.
+/// MoE gating for DeepSeek V2/V3 and Kimi-K2: router GEMM, grouped top-k, bias correction,
+/// renormalisation and scaling, from real Hugging Face checkpoints.
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about)]
+#[command(name = "sluice", version, about, propagate_version = true)]
 struct Cli {
-    /// More output (repeat for more); `RUST_LOG` works too.
+    /// Log what happens (`-v` info, `-vv` debug, `-vvv` trace); `RUST_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route a batch through a DeepSeek-V3-shaped gate, check it against the reference, and show
+    /// where the tokens went.
+    Demo(demo::DemoArgs),
+    /// Describe a checkpoint: model family, MoE layers, gate shapes and dtypes, routing config.
+    Inspect(inspect::InspectArgs),
+    /// Route hidden states from a safetensors file through a checkpoint's gate(s).
+    Route(route::RouteArgs),
+    /// Time the full gate (router GEMM + routing) on synthetic weights of a real model's shape.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    let result = match &cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Route(args) => route::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    logging::report_peak_memory();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice: {}", error.one_line());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

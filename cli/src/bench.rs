@@ -1,0 +1,145 @@
+//! `sluice bench`: the full gate (router GEMM + routing) timed on synthetic weights of a real
+//! model's shape.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::backend::BackendArgs;
+use crate::error::CliError;
+use crate::io;
+use crate::synthetic::{self, ModelShape};
+use crate::timing::{self, Budget};
+
+/// The hidden states' dtype (the weight is bf16, as in real checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputDType {
+    /// bf16 hidden states.
+    Bf16,
+    /// f32 hidden states (never rounded to bf16).
+    F32,
+}
+
+impl InputDType {
+    fn name(self) -> &'static str {
+        match self {
+            InputDType::Bf16 => "bf16",
+            InputDType::F32 => "f32",
+        }
+    }
+}
+
+/// Arguments of `sluice bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The model whose gate shape to time.
+    #[arg(long, value_enum, default_value_t = ModelShape::V3)]
+    pub model: ModelShape,
+    /// Token counts T to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 64, 512, 2048])]
+    pub tokens: Vec<usize>,
+    /// Hidden-state dtype.
+    #[arg(long, value_enum, default_value_t = InputDType::Bf16)]
+    pub dtype: InputDType,
+    /// Minimum seconds of timed calls per T (after warm-up).
+    #[arg(long, default_value_t = 0.5)]
+    pub min_seconds: f64,
+    /// Minimum timed calls per T.
+    #[arg(long, default_value_t = 20)]
+    pub min_calls: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// One measured cell.
+struct Row {
+    tokens: usize,
+    median: Duration,
+    min: Duration,
+    calls: usize,
+    gflops: f64,
+}
+
+/// Times the gate at every T and prints (and optionally writes) the results.
+pub fn run(args: &BenchArgs) -> Result<(), CliError> {
+    if let Some(path) = &args.json {
+        io::check_output_path(path)?;
+    }
+    if !(args.min_seconds.is_finite() && args.min_seconds >= 0.0) {
+        return Err(CliError::Input(format!(
+            "--min-seconds must be >= 0, got {}",
+            args.min_seconds
+        )));
+    }
+    let backend = args.backend.build()?;
+    let gate = args.model.gate(1)?;
+    let prepared = gate.prepare(backend.as_ref())?;
+    let (h, e) = (gate.hidden_size(), gate.num_experts());
+    println!(
+        "sluice bench: {} gate ({h} -> {e}, {}), {} input, bf16 weight, {} backend",
+        args.model.name(),
+        gate.spec(),
+        args.dtype.name(),
+        backend.name()
+    );
+    println!("{:>6}  {:>10}  {:>10}  {:>9}  {:>6}", "T", "median ms", "min ms", "GFLOP/s", "calls");
+    let mut rows = Vec::with_capacity(args.tokens.len());
+    for &tokens in &args.tokens {
+        let hidden = synthetic::hidden_states(tokens, h, args.dtype == InputDType::Bf16, 2)?;
+        let budget = Budget {
+            warmup_calls: 3,
+            min_calls: args.min_calls,
+            min_time: Duration::from_secs_f64(args.min_seconds),
+            max_calls: 1_000_000,
+        };
+        let samples = timing::measure(budget, || prepared.route(&hidden).map(drop))?;
+        let median = samples.median();
+        let flops = 2.0 * tokens as f64 * h as f64 * e as f64;
+        let gflops = if median.is_zero() { 0.0 } else { flops / median.as_secs_f64() / 1e9 };
+        println!(
+            "{tokens:>6}  {:>10.4}  {:>10.4}  {gflops:>9.1}  {:>6}",
+            median.as_secs_f64() * 1e3,
+            samples.min().as_secs_f64() * 1e3,
+            samples.len()
+        );
+        rows.push(Row { tokens, median, min: samples.min(), calls: samples.len(), gflops });
+    }
+    if let Some(path) = &args.json {
+        let results: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "model": args.model.name(),
+                    "tokens": r.tokens,
+                    "dtype": args.dtype.name(),
+                    "backend": backend.name(),
+                    "median_ms": r.median.as_secs_f64() * 1e3,
+                    "min_ms": r.min.as_secs_f64() * 1e3,
+                    "calls": r.calls,
+                    "gflops": r.gflops,
+                })
+            })
+            .collect();
+        let document = json!({
+            "results": results,
+            "meta": {
+                "hidden_size": h,
+                "num_experts": e,
+                "routing": gate.spec().to_string(),
+                "weight_dtype": "bf16",
+                "threads": args.backend.threads,
+                "min_seconds": args.min_seconds,
+                "min_calls": args.min_calls,
+            },
+        });
+        let text = serde_json::to_string_pretty(&document)
+            .map_err(|e| CliError::Input(format!("cannot encode the results: {e}")))?;
+        io::write_atomically(path, text.as_bytes())?;
+    }
+    Ok(())
+}

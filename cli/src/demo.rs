@@ -1,0 +1,153 @@
+//! `sluice demo`: the whole mission in a few seconds, on a DeepSeek-V3-shaped gate.
+
+use std::time::Duration;
+
+use clap::Args;
+use half::bf16;
+use sluice_models::MoeGate;
+use sluice_models::reference::{self, Routing, Tolerance};
+
+use crate::backend::BackendArgs;
+use crate::error::CliError;
+use crate::synthetic::{self, ModelShape};
+use crate::timing::{self, Budget};
+
+/// Arguments of `sluice demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Tokens in the batch.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Seed for the synthetic weights and hidden states.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// How many tokens' routing to print.
+    #[arg(long, default_value_t = 4)]
+    pub show: usize,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// Where within relative distance this small two selections count as a near tie, which the check
+/// skips (fast paths and the reference round differently).
+const NEAR_TIE: f32 = 1e-5;
+
+/// Builds the gate, routes, checks against the reference, prints what happened and how fast.
+pub fn run(args: &DemoArgs) -> Result<(), CliError> {
+    let shape = ModelShape::V3;
+    let gate = shape.gate(args.seed)?;
+    let spec = *gate.spec();
+    let (h, e) = (gate.hidden_size(), gate.num_experts());
+    let backend = args.backend.build()?;
+    println!("sluice demo: a DeepSeek-V3-shaped gate ({h} -> {e} experts; {spec})");
+    println!(
+        "  weight {} {:?} from seed {}, held as a parameter (requires_grad = {})",
+        gate.weight().dtype(),
+        gate.weight().shape(),
+        args.seed,
+        gate.weight().requires_grad()
+    );
+    let hidden = synthetic::hidden_states(args.tokens, h, true, args.seed.wrapping_add(1))?
+        .with_requires_grad(true);
+    println!(
+        "  {} tokens of bf16 hidden states (requires_grad = true), {} backend",
+        args.tokens,
+        backend.name()
+    );
+
+    let prepared = gate.prepare(backend.as_ref())?;
+    let routing = prepared.route(&hidden)?.to_routing()?;
+    let (checked, skipped) = self_check(&gate, &hidden, &routing)?;
+    println!(
+        "\ncheck: matches the reference router on {checked} of {} tokens ({skipped} near ties \
+         skipped)",
+        args.tokens
+    );
+
+    print_tokens(&routing, args.show);
+    print_load(&routing, e, spec.n_group);
+
+    let budget = Budget {
+        warmup_calls: 3,
+        min_calls: 20,
+        min_time: Duration::from_millis(300),
+        max_calls: 100_000,
+    };
+    let samples = timing::measure(budget, || prepared.route(&hidden).map(drop))?;
+    println!(
+        "\ntime per call: {:.3} ms (median of {} calls; router GEMM + routing, {} tokens)",
+        samples.median().as_secs_f64() * 1e3,
+        samples.len(),
+        args.tokens
+    );
+    Ok(())
+}
+
+/// Routes the same input with the scalar reference and compares; returns (rows compared, near
+/// ties skipped).
+fn self_check(
+    gate: &MoeGate,
+    hidden: &sluice_tensor::Tensor,
+    actual: &Routing,
+) -> Result<(usize, usize), CliError> {
+    let spec = gate.spec();
+    let tokens = hidden.shape()[0];
+    let x = hidden.to_vec::<bf16>()?;
+    let w = gate.weight().to_vec::<bf16>()?;
+    let bias = gate.bias().map(|b| b.to_vec::<f32>()).transpose()?;
+    let check = |e: reference::ReferenceError| CliError::SelfCheck(e.to_string());
+    let logits = reference::router_logits(&x, &w, tokens, gate.hidden_size(), spec.num_experts)
+        .map_err(check)?;
+    let expected = reference::route(&logits, tokens, bias.as_deref(), spec).map_err(check)?;
+    let near = reference::near_tie_rows(&logits, tokens, bias.as_deref(), spec, NEAR_TIE)
+        .map_err(check)?;
+    let tolerance = Tolerance { abs: 1e-5, rel: 1e-4 };
+    let summary =
+        reference::compare_routings(&expected, actual, spec.num_experts, &near, tolerance)
+            .map_err(|m| CliError::SelfCheck(m.to_string()))?;
+    Ok((summary.rows_compared, summary.rows_skipped))
+}
+
+fn print_tokens(routing: &Routing, show: usize) {
+    if show == 0 || routing.tokens() == 0 {
+        return;
+    }
+    println!(
+        "\nrouting of the first {} tokens (expert: weight), sorted by weight:",
+        show.min(routing.tokens())
+    );
+    for (t, (ids, weights)) in routing.rows().take(show).enumerate() {
+        let picks: Vec<String> =
+            ids.iter().zip(weights).map(|(id, w)| format!("{id:>3}: {w:.3}")).collect();
+        println!("  token {t:>2}  {}", picks.join("  "));
+    }
+}
+
+/// One character per expert (its load relative to the busiest expert), one row per group, then the
+/// selections per group as bars.
+fn print_load(routing: &Routing, num_experts: usize, n_group: usize) {
+    const LEVELS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let mut load = vec![0usize; num_experts];
+    for &id in routing.ids() {
+        if let Some(slot) = usize::try_from(id).ok().and_then(|i| load.get_mut(i)) {
+            *slot += 1;
+        }
+    }
+    let busiest = load.iter().copied().max().unwrap_or(0).max(1);
+    let per_group = num_experts / n_group.max(1);
+    println!(
+        "\nexpert load ({} picks; one row per group, one column per expert, busiest expert {} picks):",
+        load.iter().sum::<usize>(),
+        busiest
+    );
+    let group_totals: Vec<usize> = load.chunks(per_group).map(|c| c.iter().sum()).collect();
+    for (g, experts) in load.chunks(per_group).enumerate() {
+        let row: String = experts.iter().map(|&n| LEVELS[(n * 8).div_ceil(busiest)]).collect();
+        println!("  group {g}  |{row}|");
+    }
+    let top = group_totals.iter().copied().max().unwrap_or(0).max(1);
+    println!("\nselections per group:");
+    for (g, &total) in group_totals.iter().enumerate() {
+        println!("  group {g}  {:<40} {total}", "█".repeat((total * 40).div_ceil(top)));
+    }
+}

@@ -1,0 +1,170 @@
+//! Gates of real models' shapes with random weights from a fixed seed, for `demo` and `bench`.
+
+use clap::ValueEnum;
+use half::bf16;
+use sluice_models::MoeGate;
+use sluice_tensor::{RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+
+use crate::error::CliError;
+
+/// The model shapes `demo` and `bench` know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelShape {
+    /// DeepSeek-V3 / R1: 7168 -> 256 experts, 8 groups keep 4, top-8, sigmoid + bias, scale 2.5.
+    V3,
+    /// Kimi-K2: 7168 -> 384 experts, one group, top-8, sigmoid + bias, scale 2.827.
+    #[value(name = "kimi-k2")]
+    KimiK2,
+    /// DeepSeek-V2: 5120 -> 160 experts, 8 groups keep 3, top-6, softmax, scale 16.
+    V2,
+    /// DeepSeek-V2-Lite: 2048 -> 64 experts, top-6, softmax greedy, scale 1.
+    #[value(name = "v2-lite")]
+    V2Lite,
+}
+
+impl ModelShape {
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelShape::V3 => "v3",
+            ModelShape::KimiK2 => "kimi-k2",
+            ModelShape::V2 => "v2",
+            ModelShape::V2Lite => "v2-lite",
+        }
+    }
+
+    /// The hidden size `H`.
+    pub fn hidden_size(self) -> usize {
+        match self {
+            ModelShape::V3 | ModelShape::KimiK2 => 7168,
+            ModelShape::V2 => 5120,
+            ModelShape::V2Lite => 2048,
+        }
+    }
+
+    /// The routing config of the real model.
+    pub fn spec(self) -> RoutingSpec {
+        let (e, scoring, method, groups, keep, k, renorm, scale) = match self {
+            ModelShape::V3 => (256, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5),
+            ModelShape::KimiK2 => {
+                (384, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 1, 1, 8, true, 2.827)
+            }
+            ModelShape::V2 => {
+                (160, ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, 8, 3, 6, false, 16.0)
+            }
+            ModelShape::V2Lite => {
+                (64, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0)
+            }
+        };
+        RoutingSpec {
+            num_experts: e,
+            scoring,
+            method,
+            n_group: groups,
+            topk_group: keep,
+            top_k: k,
+            norm_topk_prob: renorm,
+            routed_scaling_factor: scale,
+            apply_scaling: true,
+            non_finite: Default::default(),
+        }
+    }
+
+    /// A gate with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, for `noaux_tc`, an f32 bias
+    /// `0.05 * N(0, 1)`, drawn from `seed`.
+    pub fn gate(self, seed: u64) -> Result<MoeGate, CliError> {
+        let spec = self.spec();
+        let (e, h) = (spec.num_experts, self.hidden_size());
+        let mut rng = Normal::new(seed);
+        let scale = 2.0 / (h as f32).sqrt();
+        let weight: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.sample() * scale)).collect();
+        let weight = Tensor::from_vec(weight, &[e, h])?;
+        let bias = match spec.method {
+            TopkMethod::NoauxTc => {
+                let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.sample()).collect();
+                Some(Tensor::from_vec(bias, &[e])?)
+            }
+            _ => None,
+        };
+        Ok(MoeGate::new(0, spec, weight, bias)?)
+    }
+}
+
+/// Hidden states `[tokens, hidden]` drawn from `N(0, 1)`, as f32 or rounded to bf16.
+pub fn hidden_states(
+    tokens: usize,
+    hidden: usize,
+    bf16_input: bool,
+    seed: u64,
+) -> Result<Tensor, CliError> {
+    let mut rng = Normal::new(seed);
+    let values: Vec<f32> = (0..tokens * hidden).map(|_| rng.sample()).collect();
+    if bf16_input {
+        let rounded: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        Ok(Tensor::from_vec(rounded, &[tokens, hidden])?)
+    } else {
+        Ok(Tensor::from_vec(values, &[tokens, hidden])?)
+    }
+}
+
+/// Standard normal samples from SplitMix64 through Box-Muller: small, deterministic, good enough
+/// for synthetic weights.
+struct Normal {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Normal { state: seed, spare: None }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f32 {
+        if let Some(spare) = self.spare.take() {
+            return spare;
+        }
+        let radius = (-2.0 * self.uniform().ln()).sqrt();
+        let angle = std::f64::consts::TAU * self.uniform();
+        self.spare = Some((radius * angle.sin()) as f32);
+        (radius * angle.cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_has_a_valid_spec() {
+        for shape in ModelShape::value_variants() {
+            shape.spec().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn samples_are_deterministic_and_roughly_standard() {
+        let draw = |seed| {
+            let mut rng = Normal::new(seed);
+            (0..20_000).map(|_| rng.sample()).collect::<Vec<f32>>()
+        };
+        let a = draw(3);
+        assert_eq!(a, draw(3));
+        assert_ne!(a, draw(4));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / a.len() as f32;
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
+}

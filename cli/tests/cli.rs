@@ -1,0 +1,305 @@
+//! The `sluice` binary end to end: commands on the committed fixtures, and bad input that must end
+//! in one line on stderr, a non-zero exit and nothing written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().expect("sluice runs")
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/testdata")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Writes an f32 `hidden_states` `[t, h]` input file.
+fn write_input(path: &Path, values: &[f32], t: usize, h: usize) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![t, h], &bytes).unwrap();
+    std::fs::write(path, safetensors::serialize([("hidden_states", view)], None).unwrap()).unwrap();
+}
+
+/// The golden f32 hidden states of a fixture.
+fn golden_hidden(name: &str) -> (Vec<f32>, usize, usize) {
+    let bytes = std::fs::read(Path::new(&fixture(name)).join("golden.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor("hidden_states.f32").unwrap();
+    let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+    (values.collect(), view.shape()[0], view.shape()[1])
+}
+
+fn read_i32(path: &Path, name: &str) -> (Vec<i32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    assert_eq!(view.dtype(), Dtype::I32, "{name}");
+    let values = view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()));
+    (values.collect(), view.shape().to_vec())
+}
+
+fn read_f32(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    assert_eq!(view.dtype(), Dtype::F32, "{name}");
+    view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch { dir: tempfile::tempdir().unwrap() }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[test]
+fn demo_checks_itself_and_reports_a_time() {
+    let out = sluice(&["demo", "--tokens", "8", "--show", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("matches the reference router on 8 of 8 tokens"), "{text}");
+    assert!(text.contains("token  1"), "{text}");
+    assert!(text.contains("selections per group"), "{text}");
+    assert!(text.contains("time per call"), "{text}");
+}
+
+#[test]
+fn inspect_describes_every_fixture() {
+    let v3 = sluice(&["inspect", &fixture("v3")]);
+    assert!(v3.status.success(), "{}", stderr(&v3));
+    let text = stdout(&v3);
+    assert!(text.contains("DeepSeek-V3"), "{text}");
+    assert!(text.contains("layer   3  weight bf16 [256, 7168]  bias f32 [256]"), "{text}");
+    let v2 = stdout(&sluice(&["inspect", &fixture("v2")]));
+    assert!(v2.contains("2 MoE: 2, 4"), "{v2}");
+    assert!(v2.contains("group_limited_greedy"), "{v2}");
+    for name in ["v2-lite", "kimi-k2", "saved-by-transformers"] {
+        let out = sluice(&["inspect", &fixture(name)]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn route_matches_the_golden_expert_sets() {
+    let scratch = Scratch::new();
+    let (hidden, t, h) = golden_hidden("v3");
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let out = sluice(&[
+        "route",
+        "--checkpoint",
+        &fixture("v3"),
+        "--layer",
+        "3",
+        "--input",
+        &scratch.s("in.safetensors"),
+        "--output",
+        &scratch.s("out.safetensors"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (ids, shape) = read_i32(&scratch.path("out.safetensors"), "topk_ids");
+    assert_eq!(shape, vec![t, 8]);
+    let golden = std::fs::read(Path::new(&fixture("v3")).join("golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&golden).unwrap();
+    let expected: Vec<i64> = golden
+        .tensor("layers.3.f32.topk_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (row, (got, want)) in ids.chunks(8).zip(expected.chunks(8)).enumerate() {
+        let mut got: Vec<i64> = got.iter().map(|&i| i64::from(i)).collect();
+        let mut want = want.to_vec();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "row {row}");
+    }
+    let weights = read_f32(&scratch.path("out.safetensors"), "topk_weights");
+    let row_sum: f32 = weights[..8].iter().sum();
+    assert!((row_sum - 2.5).abs() < 1e-4, "scaled by routed_scaling_factor: {row_sum}");
+}
+
+#[test]
+fn route_all_layers_and_no_scale() {
+    let scratch = Scratch::new();
+    let (hidden, t, h) = golden_hidden("v2");
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let out = sluice(&[
+        "route",
+        "--checkpoint",
+        &fixture("v2"),
+        "--all-layers",
+        "--no-scale",
+        "--input",
+        &scratch.s("in.safetensors"),
+        "--output",
+        &scratch.s("out.safetensors"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for layer in [2, 4] {
+        let (ids, shape) =
+            read_i32(&scratch.path("out.safetensors"), &format!("layers.{layer}.topk_ids"));
+        assert_eq!(shape, vec![t, 6]);
+        assert!(ids.iter().all(|&i| (0..160).contains(&i)));
+        let weights =
+            read_f32(&scratch.path("out.safetensors"), &format!("layers.{layer}.topk_weights"));
+        // Softmax probabilities without the factor of 16: each below 1.
+        assert!(weights.iter().all(|&w| w > 0.0 && w < 1.0), "{weights:?}");
+    }
+}
+
+#[test]
+fn non_finite_rows_fail_by_default_and_can_be_marked_invalid() {
+    let scratch = Scratch::new();
+    let (mut hidden, t, h) = golden_hidden("kimi-k2");
+    hidden[2 * h + 5] = f32::NAN;
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let args = |extra: &'static [&'static str]| {
+        let mut v = vec![
+            "route".to_owned(),
+            "--checkpoint".to_owned(),
+            fixture("kimi-k2"),
+            "--layer".to_owned(),
+            "1".to_owned(),
+            "--input".to_owned(),
+            scratch.s("in.safetensors"),
+            "--output".to_owned(),
+            scratch.s("out.safetensors"),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let failed = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args(&[])).output().unwrap();
+    assert!(!failed.status.success());
+    assert!(stderr(&failed).contains("row 2"), "{}", stderr(&failed));
+    assert!(!scratch.path("out.safetensors").exists());
+    let marked = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args(&["--mark-invalid"]))
+        .output()
+        .unwrap();
+    assert!(marked.status.success(), "{}", stderr(&marked));
+    let (ids, _) = read_i32(&scratch.path("out.safetensors"), "topk_ids");
+    assert!(ids[16..24].iter().all(|&i| i == -1));
+    assert!(ids[..16].iter().chain(&ids[24..]).all(|&i| (0..384).contains(&i)));
+}
+
+#[test]
+fn bad_input_is_one_line_a_failure_and_no_output() {
+    let scratch = Scratch::new();
+    let (hidden, t, h) = golden_hidden("v3");
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    write_input(&scratch.path("narrow.safetensors"), &hidden[..t * 100], t, 100);
+    std::fs::write(scratch.path("garbage.safetensors"), b"\xff\xff\xff\xff not a header").unwrap();
+    std::fs::write(scratch.path("short.safetensors"), [8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
+    let v3 = fixture("v3");
+    let input = scratch.s("in.safetensors");
+    let out = scratch.s("out.safetensors");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--layer".into(), "0".into()], "dense"),
+        (vec!["--layer".into(), "99".into()], "does not exist"),
+        (vec!["--input".into(), scratch.s("missing.safetensors")], "missing.safetensors"),
+        (vec!["--input".into(), scratch.s("garbage.safetensors")], "safetensors"),
+        (vec!["--input".into(), scratch.s("short.safetensors")], "safetensors"),
+        (vec!["--input".into(), scratch.s("narrow.safetensors")], "hidden"),
+        (vec!["--output".into(), scratch.s("no/such/dir/out.safetensors")], "does not exist"),
+        (vec!["--checkpoint".into(), scratch.s("nowhere")], "nowhere"),
+        (vec!["--checkpoint".into(), fixture("../../README.md")], "README.md"),
+    ];
+    for (overrides, expected) in cases {
+        let mut args: Vec<String> = vec!["route".into()];
+        let mut set = |flag: &str, default: &str| {
+            let value = overrides
+                .iter()
+                .position(|a| a == flag)
+                .map(|i| overrides[i + 1].clone())
+                .unwrap_or_else(|| default.to_owned());
+            args.push(flag.to_owned());
+            args.push(value);
+        };
+        set("--checkpoint", &v3);
+        set("--layer", "3");
+        set("--input", &input);
+        set("--output", &out);
+        let result = Command::new(env!("CARGO_BIN_EXE_sluice")).args(&args).output().unwrap();
+        let err = stderr(&result);
+        assert!(!result.status.success(), "{overrides:?} succeeded");
+        assert_eq!(err.lines().count(), 1, "{overrides:?}: one line on stderr, got {err:?}");
+        assert!(err.starts_with("sluice: "), "{err}");
+        assert!(err.contains(expected), "{overrides:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(
+            scratch.files(),
+            vec![
+                "garbage.safetensors",
+                "in.safetensors",
+                "narrow.safetensors",
+                "short.safetensors"
+            ],
+            "{overrides:?} left files behind"
+        );
+    }
+}
+
+#[test]
+fn bench_writes_the_documented_json() {
+    let scratch = Scratch::new();
+    let out = sluice(&[
+        "bench",
+        "--model",
+        "v2-lite",
+        "--tokens",
+        "1,3",
+        "--dtype",
+        "f32",
+        "--min-seconds",
+        "0",
+        "--min-calls",
+        "2",
+        "--json",
+        &scratch.s("bench.json"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scratch.path("bench.json")).unwrap()).unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (result, tokens) in results.iter().zip([1, 3]) {
+        assert_eq!(result["model"], "v2-lite");
+        assert_eq!(result["tokens"], tokens);
+        assert_eq!(result["dtype"], "f32");
+        assert_eq!(result["backend"], "cpu");
+        assert!(result["median_ms"].as_f64().unwrap() > 0.0);
+        assert!(result["gflops"].as_f64().unwrap() > 0.0);
+    }
+}
