@@ -32,3 +32,8 @@ pub use backend::CpuBackend;
 pub use builder::{CpuBackendBuilder, CpuBuildError, DEFAULT_MAX_TOKENS};
 pub use kernel::CpuKernel;
 pub use prepared::CpuPreparedRouter;
+
+/// The README's examples, compiled (and where they need no files, run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -57,7 +57,3 @@ pub mod reexports {
     pub use ndarray;
 }
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;
