@@ -5,6 +5,8 @@
 
 mod ci;
 mod fixtures;
+mod process;
+mod python;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

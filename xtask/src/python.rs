@@ -1,0 +1,91 @@
+//! Finding or creating the Python that the developer tasks (`fixtures`, `bench-vs-torch`) run.
+//!
+//! `$SLUICE_PYTHON` wins when set, and must already have the packages. Otherwise the project's
+//! `.venv` is used, created with `python3 -m venv` when missing and filled from the task's
+//! requirements file when it cannot import what the task needs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::process::run_to_success;
+
+/// Names a Python to use instead of the project's `.venv`.
+const PYTHON_ENV: &str = "SLUICE_PYTHON";
+/// The project's virtual environment, relative to the root.
+const VENV: &str = ".venv";
+
+/// What a task needs from Python.
+pub struct Requirements {
+    /// The pip requirements file that provides it, relative to the project root.
+    pub file: &'static str,
+    /// A Python statement that succeeds only when every module the task imports is there; it is
+    /// checked before the task runs so a half-made venv gets repaired.
+    pub import_check: &'static str,
+}
+
+/// The Python to run `task` with: `$SLUICE_PYTHON`, else `<root>/.venv`, created or completed
+/// from `needs.file` first when it lacks a package.
+pub fn interpreter(root: &Path, needs: &Requirements, task: &str) -> Result<PathBuf, String> {
+    if let Some(chosen) = std::env::var_os(PYTHON_ENV) {
+        let python = PathBuf::from(chosen);
+        if !imports_ok(&python, needs)? {
+            let shown = python.display();
+            return Err(format!(
+                "{PYTHON_ENV}={shown} cannot import what {task} needs; \
+                 run `{shown} -m pip install -r {}`",
+                needs.file
+            ));
+        }
+        return Ok(python);
+    }
+    let venv = root.join(VENV);
+    let python = venv_python(&venv);
+    if !python.exists() {
+        println!("{task}: creating {VENV}");
+        let mut create = Command::new("python3");
+        create.args(["-m", "venv"]).arg(&venv).current_dir(root);
+        match create.status() {
+            Err(e) => return Err(spawn_error("python3", &e, needs)),
+            Ok(status) if !status.success() => {
+                return Err(format!("python3 -m venv {VENV} failed ({status})"));
+            }
+            Ok(_) => {}
+        }
+    }
+    if !imports_ok(&python, needs)? {
+        println!("{task}: installing {} into {VENV}", needs.file);
+        let mut install = Command::new(&python);
+        install.args(["-m", "pip", "install", "-r", needs.file]).current_dir(root);
+        run_to_success(&mut install, "pip install")?;
+    }
+    Ok(python)
+}
+
+fn venv_python(venv: &Path) -> PathBuf {
+    if cfg!(windows) {
+        venv.join("Scripts").join("python.exe")
+    } else {
+        venv.join("bin").join("python")
+    }
+}
+
+/// Whether `python` can import every module the task needs (its own errors stay quiet).
+fn imports_ok(python: &Path, needs: &Requirements) -> Result<bool, String> {
+    let output = Command::new(python)
+        .args(["-c", needs.import_check])
+        .output()
+        .map_err(|e| spawn_error(&python.display().to_string(), &e, needs))?;
+    Ok(output.status.success())
+}
+
+fn spawn_error(program: &str, error: &std::io::Error, needs: &Requirements) -> String {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        format!(
+            "{program} not found (install Python 3, or set {PYTHON_ENV} to a Python that has \
+             the packages in {})",
+            needs.file
+        )
+    } else {
+        format!("could not start {program}: {error}")
+    }
+}
