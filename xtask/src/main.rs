@@ -5,8 +5,10 @@
 
 mod ci;
 mod fixtures;
+mod fuzz;
 mod process;
 mod python;
+mod valgrind;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +20,10 @@ tasks:
   ci        fmt --check, clippy -D warnings, test, doc (warnings denied); stops at the first failure
   fixtures  regenerate models/testdata: golden router outputs from Hugging Face transformers
             (Python: $SLUICE_PYTHON, else .venv, created from xtask/fixtures/requirements.txt)
+  fuzz [--seconds 60] [TARGET...]
+            run the cargo-fuzz targets under fuzz/ (all by default) for that long each
+            (needs nightly and `cargo install cargo-fuzz`)
+  valgrind  run the tensor and CPU backend test suites under valgrind memcheck
 ";
 
 fn main() -> ExitCode {
@@ -25,6 +31,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci::run(&project_root()),
         Some("fixtures") => fixtures::run(&project_root(), &args[1..]),
+        Some("fuzz") => fuzz::run(&project_root(), &args[1..]),
+        Some("valgrind") => valgrind::run(&project_root()),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
