@@ -240,8 +240,11 @@ fn main() {
         );
     }
     println!();
-    println!("| shape | x | T | GEMM ms | GEMM GFLOP/s | % bf16 peak | gate ms | gate GFLOP/s |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| shape | x | T | GEMM ms | GEMM GFLOP/s | % bf16 peak | gate ms | gate GFLOP/s | \
+         routing alone ms |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for shape in shapes().into_iter().filter(|s| o.shapes.iter().any(|n| n == s.name)) {
         let (h, e) = (shape.hidden, shape.spec.num_experts);
         let w: Vec<bf16> = pseudo_random(e * h, 1, 2.0 / (h as f32).sqrt())
@@ -250,6 +253,7 @@ fn main() {
             .collect();
         let bias = pseudo_random(e, 2, 0.05);
         let weight = export_vec(w, &[e, h]).expect("weight");
+        let bias_for_routing = export_vec(bias.clone(), &[e]).expect("bias");
         let bias = export_vec(bias, &[e]).expect("bias");
         let router = backend.prepare_router(weight, Some(bias), &shape.spec).expect("prepare");
         for x_type in &o.x_types {
@@ -266,17 +270,26 @@ fn main() {
                 let gate = median(o.quick, || {
                     black_box(router.route(&x).expect("route"));
                 });
+                let logits = router.router_gemm(&x).expect("gemm");
+                let routing = median(o.quick, || {
+                    black_box(
+                        backend
+                            .route_logits(&logits, Some(&bias_for_routing), &shape.spec)
+                            .expect("route_logits"),
+                    );
+                });
                 let flops = 2.0 * (t * h * e) as f64;
                 let peak_share = peaks
                     .map(|(bf16_peak, _)| format!("{:.0}%", 100.0 * flops / gemm / 1e9 / bf16_peak))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "| {} | {x_type} | {t} | {:.4} | {:.1} | {peak_share} | {:.4} | {:.1} |",
+                    "| {} | {x_type} | {t} | {:.4} | {:.1} | {peak_share} | {:.4} | {:.1} | {:.4} |",
                     shape.name,
                     gemm * 1e3,
                     flops / gemm / 1e9,
                     gate * 1e3,
                     flops / gate / 1e9,
+                    routing * 1e3,
                 );
             }
         }

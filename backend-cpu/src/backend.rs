@@ -73,7 +73,7 @@ impl CpuBackend {
             });
         }
         let bias = bias.map(|b| input::bias(OP, b).map(|b| b.to_vec())).transpose()?;
-        RowRouter::new(OP, spec, bias.as_deref())?;
+        RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
         let _span = tracing::debug_span!("cpu_prepare_router", experts, hidden, %spec).entered();
         let packed = PackedWeight::pack(view).map_err(|_| {
             output::out_of_memory(OP, experts * hidden * WeightView::bytes_per_value(&view))
@@ -143,7 +143,7 @@ impl Backend for CpuBackend {
             });
         }
         let bias = bias.map(|b| input::bias(OP, b).map(|b| b.to_vec())).transpose()?;
-        let router = RowRouter::new(OP, spec, bias.as_deref())?;
+        let router = RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
         ops::route_logits(&self.engine, OP, LogitRows::View(logits), tokens, &router)
     }
 

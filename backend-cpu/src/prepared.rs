@@ -38,7 +38,7 @@ impl CpuPreparedRouter {
     }
 
     fn router(&self) -> Result<RowRouter<'_>, BackendError> {
-        RowRouter::new("route", &self.spec, self.bias.as_deref())
+        RowRouter::new("route", &self.spec, self.bias.as_deref(), self.engine.kernel)
     }
 }
 

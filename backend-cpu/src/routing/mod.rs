@@ -6,9 +6,12 @@
 //! the epsilon is added. This is an independent implementation that reuses its buffers, so routing a
 //! row never allocates.
 
+mod score;
 mod topk;
 
 use sluice_tensor::{BackendError, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod};
+
+use crate::CpuKernel;
 
 use self::topk::TopK;
 
@@ -43,6 +46,8 @@ pub(crate) enum RowOutcome {
 pub(crate) struct RowRouter<'a> {
     spec: &'a RoutingSpec,
     bias: Option<&'a [f32]>,
+    /// The instruction set the scores are computed with.
+    kernel: CpuKernel,
 }
 
 impl<'a> RowRouter<'a> {
@@ -54,6 +59,7 @@ impl<'a> RowRouter<'a> {
         op: &'static str,
         spec: &'a RoutingSpec,
         bias: Option<&'a [f32]>,
+        kernel: CpuKernel,
     ) -> Result<Self, BackendError> {
         spec.validate()?;
         if let Some(bias) = bias {
@@ -85,7 +91,7 @@ impl<'a> RowRouter<'a> {
                 });
             }
         }
-        Ok(RowRouter { spec, bias })
+        Ok(RowRouter { spec, bias, kernel: kernel.resolve() })
     }
 
     /// The spec this router follows.
@@ -125,7 +131,8 @@ impl<'a> RowRouter<'a> {
         weights: &mut [f32],
     ) -> RowOutcome {
         let spec = self.spec;
-        if !logits.iter().all(|l| l.is_finite()) {
+        // A fold, not `all`: no early exit, so it vectorises.
+        if !logits.iter().fold(true, |finite, l| finite & l.is_finite()) {
             ids.fill(-1);
             weights.fill(0.0);
             return RowOutcome::NonFinite;
@@ -137,14 +144,12 @@ impl<'a> RowRouter<'a> {
         experts.reset(spec.top_k);
         for (group, _) in group_kept.iter().enumerate().filter(|(_, kept)| **kept) {
             let first = group * per_group;
-            for (offset, &key) in keys[first..first + per_group].iter().enumerate() {
-                experts.offer(key, (first + offset) as u32);
-            }
+            experts.offer_all(&keys[first..first + per_group], first as u32);
         }
 
         let mut sum = 0.0f64;
         for ((&(_, expert), id), weight) in
-            experts.entries().iter().zip(&mut *ids).zip(&mut *weights)
+            experts.sorted().iter().zip(&mut *ids).zip(&mut *weights)
         {
             *id = expert as i32;
             *weight = scores[expert as usize];
@@ -165,17 +170,10 @@ impl<'a> RowRouter<'a> {
     /// Fills the scores and selection keys of a finite row.
     fn score(&self, logits: &[f32], scratch: &mut RouteScratch) {
         let RouteScratch { scores, exps, keys, .. } = scratch;
-        scores.clear();
         keys.clear();
         match self.spec.scoring {
-            ScoringFunc::Sigmoid => scores.extend(logits.iter().map(|&l| sigmoid(l))),
-            ScoringFunc::Softmax => {
-                let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
-                exps.clear();
-                exps.extend(logits.iter().map(|&l| (f64::from(l) - max).exp()));
-                let sum: f64 = exps.iter().sum();
-                scores.extend(exps.iter().map(|&e| (e / sum) as f32));
-            }
+            ScoringFunc::Sigmoid => score::sigmoids(self.kernel, logits, scores),
+            ScoringFunc::Softmax => score::softmax(self.kernel, logits, exps, scores),
         }
         match self.bias {
             Some(bias) => keys.extend(scores.iter().zip(bias).map(|(&s, &b)| s + b)),
@@ -203,32 +201,41 @@ impl<'a> RowRouter<'a> {
             },
         ));
         groups.reset(spec.topk_group);
-        for (group, &key) in group_keys.iter().enumerate() {
-            groups.offer(key, group as u32);
-        }
-        for &(_, group) in groups.entries() {
+        groups.offer_all(group_keys, 0);
+        for &(_, group) in groups.sorted() {
             group_kept[group as usize] = true;
         }
     }
 }
 
-/// The logistic function, computed in f64 and rounded once.
-fn sigmoid(x: f32) -> f32 {
-    (1.0 / (1.0 + (-f64::from(x)).exp())) as f32
-}
-
 /// The sum of the two largest values of a group (which holds at least two).
+///
+/// Eight independent running pairs (largest, second largest) over interleaved lanes, merged at
+/// the end: branch-free selects the compiler turns into vector max/min.
 fn sum_of_two_largest(values: &[f32]) -> f32 {
-    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &v in values {
-        if v > first {
-            second = first;
-            first = v;
-        } else if v > second {
-            second = v;
+    const WAYS: usize = 8;
+    let larger = |a: f32, b: f32| if a > b { a } else { b };
+    let smaller = |a: f32, b: f32| if a > b { b } else { a };
+    let mut first = [f32::NEG_INFINITY; WAYS];
+    let mut second = [f32::NEG_INFINITY; WAYS];
+    let chunks = values.chunks_exact(WAYS);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((f, s), &v) in first.iter_mut().zip(&mut second).zip(chunk) {
+            *s = larger(*s, smaller(*f, v));
+            *f = larger(*f, v);
         }
     }
-    first + second
+    for &v in rest {
+        second[0] = larger(second[0], smaller(first[0], v));
+        first[0] = larger(first[0], v);
+    }
+    let (mut best, mut runner_up) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (&f, &s) in first.iter().zip(&second) {
+        runner_up = larger(larger(runner_up, s), smaller(best, f));
+        best = larger(best, f);
+    }
+    best + runner_up
 }
 
 /// Sorts a row's experts by weight descending, then by id ascending (insertion sort: K is small).

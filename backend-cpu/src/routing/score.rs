@@ -1,0 +1,278 @@
+//! Scores of a row of logits: sigmoid or softmax, computed in f64 and rounded once to f32, as the
+//! reference does.
+//!
+//! The SIMD paths evaluate `exp` in f64 with a degree-13 polynomial after Cody-Waite range
+//! reduction (error a few f64 ulps), so the rounded f32 scores equal the reference's except when
+//! the exact value lies within about 1e-15 (relative) of an f32 rounding boundary; the portable
+//! path calls the same `f64::exp` as the reference.
+
+use crate::CpuKernel;
+
+/// The logistic function, computed in f64 and rounded once.
+pub(super) fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-f64::from(x)).exp())) as f32
+}
+
+/// `out = sigmoid(logits)`.
+pub(super) fn sigmoids(kernel: CpuKernel, logits: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(logits.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    match kernel {
+        // SAFETY: the backend was built with this family only if the CPU supports it.
+        CpuKernel::Avx512Bf16 => return unsafe { x86::sigmoids_avx512(logits, out) },
+        // SAFETY: as above.
+        CpuKernel::Avx2Fma => return unsafe { x86::sigmoids_avx2(logits, out) },
+        CpuKernel::Auto | CpuKernel::Scalar => {}
+    }
+    let _ = kernel;
+    out.iter_mut().zip(logits).for_each(|(s, &l)| *s = sigmoid(l));
+}
+
+/// `out = softmax(logits)`, with `exps` as f64 scratch.
+pub(super) fn softmax(kernel: CpuKernel, logits: &[f32], exps: &mut Vec<f64>, out: &mut Vec<f32>) {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+    exps.clear();
+    exps.resize(logits.len(), 0.0);
+    let simd = match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the backend was built with this family only if the CPU supports it.
+        CpuKernel::Avx512Bf16 => unsafe { x86::shifted_exps_avx512(logits, max, exps) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        CpuKernel::Avx2Fma => unsafe { x86::shifted_exps_avx2(logits, max, exps) },
+        _ => 0,
+    };
+    for (e, &l) in exps[simd..].iter_mut().zip(&logits[simd..]) {
+        *e = (f64::from(l) - max).exp();
+    }
+    let sum: f64 = exps.iter().sum();
+    out.clear();
+    out.extend(exps.iter().map(|&e| (e / sum) as f32));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::sigmoid;
+
+    /// `ln 2` split so that `n * LN2_HI` is exact for `|n| < 2^11` (the fdlibm constants).
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    /// `1/13!, 1/12!, ..., 1/1!, 1`: the Taylor polynomial of `e^r`, highest degree first.
+    const TAYLOR: [f64; 14] = {
+        let mut c = [0.0; 14];
+        let mut k = 13;
+        let mut factorial = 1.0;
+        let mut i = 1;
+        while i <= 13 {
+            factorial *= i as f64;
+            i += 1;
+        }
+        // c[0] = 1/13!, then multiply by k going down: 1/12! = 13 * 1/13!, ...
+        c[0] = 1.0 / factorial;
+        let mut j = 1;
+        while j < 14 {
+            c[j] = c[j - 1] * k as f64;
+            k -= 1;
+            j += 1;
+        }
+        c
+    };
+    /// Arguments are clamped here: `e^800` is infinite and `e^-800` zero in f64 either way.
+    const CLAMP: f64 = 800.0;
+    /// Softmax arguments below this give exponentials that vanish in the sum and round to 0 in
+    /// f32; clamping keeps `2^n` normal for the AVX2 path.
+    const SOFTMAX_FLOOR: f64 = -708.0;
+
+    /// `e^x` for `x` in `[-800, 800]` (f64 lanes), via `scalef`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp_avx512(x: __m512d) -> __m512d {
+        let n = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), x);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+        let mut p = _mm512_set1_pd(TAYLOR[0]);
+        for &c in &TAYLOR[1..] {
+            p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
+        }
+        _mm512_scalef_pd(p, n)
+    }
+
+    /// Loads 8 logits as f64.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` addresses 8 readable f32s.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load8_avx512(ptr: *const f32) -> __m512d {
+        // SAFETY: caller.
+        _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(ptr) })
+    }
+
+    /// Sigmoids of `logits` into `out` (same length).
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sigmoids_avx512(logits: &[f32], out: &mut [f32]) {
+        let one = _mm512_set1_pd(1.0);
+        let (lo, hi) = (_mm512_set1_pd(-CLAMP), _mm512_set1_pd(CLAMP));
+        let mut chunks = logits.chunks_exact(8).zip(out.chunks_exact_mut(8));
+        for (l, s) in &mut chunks {
+            // SAFETY: the chunk holds 8 f32s.
+            let x = unsafe { load8_avx512(l.as_ptr()) };
+            let e = exp_avx512(_mm512_min_pd(
+                _mm512_max_pd(_mm512_sub_pd(_mm512_setzero_pd(), x), lo),
+                hi,
+            ));
+            let v = _mm512_cvtpd_ps(_mm512_div_pd(one, _mm512_add_pd(one, e)));
+            // SAFETY: the output chunk holds 8 f32s.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) };
+        }
+        let done = logits.len() / 8 * 8;
+        for (s, &l) in out[done..].iter_mut().zip(&logits[done..]) {
+            *s = sigmoid(l);
+        }
+    }
+
+    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 8 entries; returns how many.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shifted_exps_avx512(logits: &[f32], max: f64, exps: &mut [f64]) -> usize {
+        let (max, floor) = (_mm512_set1_pd(max), _mm512_set1_pd(SOFTMAX_FLOOR));
+        for (l, e) in logits.chunks_exact(8).zip(exps.chunks_exact_mut(8)) {
+            // SAFETY: the chunk holds 8 f32s.
+            let x = _mm512_max_pd(_mm512_sub_pd(unsafe { load8_avx512(l.as_ptr()) }, max), floor);
+            // SAFETY: the output chunk holds 8 f64s.
+            unsafe { _mm512_storeu_pd(e.as_mut_ptr(), exp_avx512(x)) };
+        }
+        logits.len() / 8 * 8
+    }
+
+    /// `e^x` for `x` in `[-708, 709]` (f64 lanes), building `2^n` in the exponent bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_avx2(x: __m256d) -> __m256d {
+        let n = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_HI), x);
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_LO), r);
+        let mut p = _mm256_set1_pd(TAYLOR[0]);
+        for &c in &TAYLOR[1..] {
+            p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
+        }
+        // n + 1.5 * 2^52 holds n in its low mantissa bits; add the bias and move it to the
+        // exponent field: the bits of 2^n.
+        let magic = _mm256_set1_pd(6_755_399_441_055_744.0);
+        let bits = _mm256_sub_epi64(
+            _mm256_castpd_si256(_mm256_add_pd(n, magic)),
+            _mm256_castpd_si256(magic),
+        );
+        let scale = _mm256_slli_epi64::<52>(_mm256_add_epi64(bits, _mm256_set1_epi64x(1023)));
+        _mm256_mul_pd(p, _mm256_castsi256_pd(scale))
+    }
+
+    /// Sigmoids of `logits` into `out` (same length).
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sigmoids_avx2(logits: &[f32], out: &mut [f32]) {
+        let one = _mm256_set1_pd(1.0);
+        let (lo, hi) = (_mm256_set1_pd(SOFTMAX_FLOOR), _mm256_set1_pd(709.0));
+        for (l, s) in logits.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            // SAFETY: the chunk holds 4 f32s.
+            let x = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(l.as_ptr()) });
+            let minus_x =
+                _mm256_min_pd(_mm256_max_pd(_mm256_sub_pd(_mm256_setzero_pd(), x), lo), hi);
+            let v = _mm256_cvtpd_ps(_mm256_div_pd(one, _mm256_add_pd(one, exp_avx2(minus_x))));
+            // SAFETY: the output chunk holds 4 f32s.
+            unsafe { _mm_storeu_ps(s.as_mut_ptr(), v) };
+        }
+        let done = logits.len() / 4 * 4;
+        for (s, &l) in out[done..].iter_mut().zip(&logits[done..]) {
+            *s = sigmoid(l);
+        }
+    }
+
+    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 4 entries; returns how many.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn shifted_exps_avx2(logits: &[f32], max: f64, exps: &mut [f64]) -> usize {
+        let (max, floor) = (_mm256_set1_pd(max), _mm256_set1_pd(SOFTMAX_FLOOR));
+        for (l, e) in logits.chunks_exact(4).zip(exps.chunks_exact_mut(4)) {
+            // SAFETY: the chunk holds 4 f32s.
+            let x = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(l.as_ptr()) });
+            let x = _mm256_max_pd(_mm256_sub_pd(x, max), floor);
+            // SAFETY: the output chunk holds 4 f64s.
+            unsafe { _mm256_storeu_pd(e.as_mut_ptr(), exp_avx2(x)) };
+        }
+        logits.len() / 4 * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernels() -> Vec<CpuKernel> {
+        CpuKernel::CONCRETE.into_iter().filter(|k| k.is_supported()).collect()
+    }
+
+    /// Logits from every range: tiny, ordinary, where sigmoid saturates in f32, huge.
+    fn logits() -> Vec<f32> {
+        let mut v = vec![0.0, -0.0, 1e-30, -1e-30, 17.0, 18.0, -87.0, -103.0, -104.0, -110.0];
+        v.extend([-120.0, 120.0, 700.0, -700.0, -750.0, 800.0, f32::MAX, f32::MIN, 3e38, -3e38]);
+        let mut state = 0x1234_5678_u32;
+        for _ in 0..4000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let unit = state as f32 / u32::MAX as f32;
+            v.push((unit - 0.5) * if state & 1 == 0 { 20.0 } else { 240.0 });
+        }
+        v
+    }
+
+    #[test]
+    fn simd_sigmoids_round_like_the_f64_reference() {
+        let logits = logits();
+        for kernel in kernels() {
+            let mut out = Vec::new();
+            sigmoids(kernel, &logits, &mut out);
+            for (&l, &s) in logits.iter().zip(&out) {
+                assert_eq!(s.to_bits(), sigmoid(l).to_bits(), "{kernel}: sigmoid({l}) = {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_softmax_rounds_like_the_f64_reference() {
+        let logits = logits();
+        for row in logits.chunks(37) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+            let exps: Vec<f64> = row.iter().map(|&l| (f64::from(l) - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            let expected: Vec<f32> = exps.iter().map(|&e| (e / sum) as f32).collect();
+            for kernel in kernels() {
+                let mut out = Vec::new();
+                softmax(kernel, row, &mut Vec::new(), &mut out);
+                assert_eq!(out, expected, "{kernel}");
+            }
+        }
+    }
+}
