@@ -22,7 +22,7 @@ use crate::pack::{LANES, block_count};
 use crate::routing::{RouteScratch, RowOutcome, RowRouter};
 
 /// Below this many tokens per thread the expert blocks are split instead of the tokens.
-const MIN_TOKENS_PER_THREAD: usize = 48;
+const MIN_TOKENS_PER_THREAD: usize = 128;
 /// Tokens per chunk when tokens are split: the chunk's logits (up to 96 x 384 f32 = 144 KiB) stay
 /// in L2 until they are routed.
 const TOKEN_CHUNK: usize = 96;

@@ -7,6 +7,8 @@
 //! row never allocates.
 
 mod score;
+#[cfg(target_arch = "x86_64")]
+mod select_avx512;
 mod topk;
 
 use sluice_tensor::{BackendError, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod};
@@ -30,6 +32,8 @@ pub(crate) struct RouteScratch {
     group_kept: Vec<bool>,
     groups: TopK,
     experts: TopK,
+    /// The chosen experts, best selection value first.
+    picked: Vec<u32>,
 }
 
 /// What became of a row.
@@ -139,20 +143,11 @@ impl<'a> RowRouter<'a> {
         }
         self.score(logits, scratch);
         self.select_groups(scratch);
-        let RouteScratch { scores, keys, group_kept, experts, .. } = scratch;
-        let per_group = spec.experts_per_group();
-        experts.reset(spec.top_k);
-        for (group, _) in group_kept.iter().enumerate().filter(|(_, kept)| **kept) {
-            let first = group * per_group;
-            experts.offer_all(&keys[first..first + per_group], first as u32);
-        }
-
+        self.select_experts(scratch);
         let mut sum = 0.0f64;
-        for ((&(_, expert), id), weight) in
-            experts.sorted().iter().zip(&mut *ids).zip(&mut *weights)
-        {
+        for ((&expert, id), weight) in scratch.picked.iter().zip(&mut *ids).zip(&mut *weights) {
             *id = expert as i32;
-            *weight = scores[expert as usize];
+            *weight = scratch.scores[expert as usize];
             sum += f64::from(*weight);
         }
         let denominator = sum as f32 + RENORM_EPSILON;
@@ -179,6 +174,31 @@ impl<'a> RowRouter<'a> {
             Some(bias) => keys.extend(scores.iter().zip(bias).map(|(&s, &b)| s + b)),
             None => keys.extend_from_slice(scores),
         }
+    }
+
+    /// Chooses the `top_k` experts of the kept groups into `picked`, best first.
+    fn select_experts(&self, scratch: &mut RouteScratch) {
+        let RouteScratch { keys, group_kept, experts, picked, .. } = scratch;
+        let per_group = self.spec.experts_per_group();
+        let k = self.spec.top_k;
+        let runs = group_kept.iter().enumerate().filter(|(_, kept)| **kept).map(|(group, _)| {
+            (&keys[group * per_group..(group + 1) * per_group], (group * per_group) as u32)
+        });
+        picked.clear();
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == CpuKernel::Avx512Bf16 && k <= select_avx512::MAX_K {
+            picked.resize(k, 0);
+            // SAFETY: the backend uses this family only on CPUs with AVX-512F; keys are finite
+            // (finite logits, finite bias) and the kept groups hold at least `top_k` experts
+            // (validated spec).
+            unsafe { select_avx512::select(runs, k, picked) };
+            return;
+        }
+        experts.reset(k);
+        for (values, first) in runs {
+            experts.offer_all(values, first);
+        }
+        picked.extend(experts.sorted().iter().map(|&(_, expert)| expert));
     }
 
     /// Marks which groups take part in the expert selection.
