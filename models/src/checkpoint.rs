@@ -208,6 +208,19 @@ impl Checkpoint {
         }
     }
 
+    /// The names of every tensor in the checkpoint, sorted. For a single-file checkpoint this maps
+    /// the file (to read its header); for a sharded one it only consults the index.
+    pub fn tensor_names(&self) -> Result<Vec<String>, CheckpointError> {
+        match &self.weights {
+            Weights::Single(file) => file.names(),
+            Weights::Sharded { weight_map, .. } => {
+                let mut names: Vec<String> = weight_map.keys().cloned().collect();
+                names.sort_unstable();
+                Ok(names)
+            }
+        }
+    }
+
     /// The tensor of exactly this name, zero-copy over the mapped file (`requires_grad` false).
     pub fn tensor(&self, name: &str) -> Result<Tensor, CheckpointError> {
         let (file, index) = match &self.weights {

@@ -362,7 +362,14 @@ impl ModelConfig {
 
     /// The MoE layers in increasing order.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.num_layers).filter(|&layer| self.is_moe_layer(layer))
+        // The first multiple of the frequency at or past the dense layers, then every
+        // `moe_layer_freq`-th layer: as many steps as there are MoE layers, however large the
+        // numbers in the file.
+        let first = self.first_k_dense_replace.checked_next_multiple_of(self.moe_layer_freq);
+        first
+            .into_iter()
+            .flat_map(|first| (first..self.num_layers).step_by(self.moe_layer_freq))
+            .filter(|&layer| self.is_moe_layer(layer))
     }
 }
 

@@ -39,6 +39,7 @@ mod gate;
 pub mod golden;
 mod prepared;
 pub mod reference;
+mod safetensors_bytes;
 mod safetensors_file;
 
 pub use checkpoint::{CONFIG_FILE, Checkpoint, CheckpointError, SHARD_INDEX, SINGLE_FILE};
@@ -46,3 +47,4 @@ pub use config::{ConfigError, ModelConfig, ModelFamily};
 pub use error::ModelError;
 pub use gate::MoeGate;
 pub use prepared::{GateRouting, PreparedGate};
+pub use safetensors_bytes::SafetensorsBytes;

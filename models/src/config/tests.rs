@@ -199,6 +199,31 @@ fn moe_layer_freq_selects_every_other_layer() {
 }
 
 #[test]
+fn moe_layers_take_one_step_per_moe_layer_however_large_the_counts() {
+    // A hostile config: a layer count no model has. Walking every layer would not finish.
+    let json = V3
+        .replace(r#""num_hidden_layers": 61"#, r#""num_hidden_layers": 1000000000000000000"#)
+        .replace(r#""first_k_dense_replace": 3"#, r#""first_k_dense_replace": 999999999999999997"#)
+        .replace(r#""moe_layer_freq": 1"#, r#""moe_layer_freq": 2"#);
+    let c = parse(&json).unwrap();
+    let layers: Vec<_> = c.moe_layers().collect();
+    assert_eq!(layers, [999_999_999_999_999_998]);
+    // The naive definition, on a small model with every combination of the rule.
+    for (layers, dense, freq) in [(10, 0, 1), (10, 3, 2), (10, 4, 3), (5, 7, 1), (9, 0, 9)] {
+        let json = V3
+            .replace(r#""num_hidden_layers": 61"#, &format!(r#""num_hidden_layers": {layers}"#))
+            .replace(
+                r#""first_k_dense_replace": 3"#,
+                &format!(r#""first_k_dense_replace": {dense}"#),
+            )
+            .replace(r#""moe_layer_freq": 1"#, &format!(r#""moe_layer_freq": {freq}"#));
+        let c = parse(&json).unwrap();
+        let naive: Vec<usize> = (0..layers).filter(|&l| l >= dense && l % freq == 0).collect();
+        assert_eq!(c.moe_layers().collect::<Vec<_>>(), naive, "{layers} {dense} {freq}");
+    }
+}
+
+#[test]
 fn missing_sizes_are_named() {
     for field in ["hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok"] {
         let mut value: Value = serde_json::from_str(V3).unwrap();
