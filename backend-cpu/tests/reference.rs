@@ -67,11 +67,12 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
-    // T crosses the switch from the expert split to the token split (96 tokens with 2 threads)
-    // and the token chunk size; H covers odd sizes and more than one K block of bf16 pairs.
+    // T crosses the switch from the expert split to the token split (256 tokens with 2 threads,
+    // 128 with one) and the token chunk size; H covers odd sizes and more than one K block of
+    // bf16 pairs.
     (
         arb_spec(),
-        0usize..=220,
+        0usize..=300,
         prop::sample::select(vec![1usize, 2, 7, 32, 33, 100, 258, 300]),
         0u8..3,
         any::<bool>(),
