@@ -283,7 +283,8 @@ fn main() {
                     .map(|(bf16_peak, _)| format!("{:.0}%", 100.0 * flops / gemm / 1e9 / bf16_peak))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "| {} | {x_type} | {t} | {:.4} | {:.1} | {peak_share} | {:.4} | {:.1} | {:.4} |",
+                    "| {} | {x_type} | {t} | {:.4} | {:.1} | {peak_share} | {:.4} | {:.1} | \
+                     {:.4} |",
                     shape.name,
                     gemm * 1e3,
                     flops / gemm / 1e9,

@@ -5,8 +5,9 @@ use std::fmt;
 /// The GEMM kernel family a [`CpuBackend`](crate::CpuBackend) uses.
 ///
 /// Every family computes the same thing (f32 logits, f32 accumulation, f32 inputs never rounded to
-/// bf16) and passes the same tests; they differ in speed only. [`CpuKernel::Auto`] picks the fastest
-/// one the CPU supports. Forcing a family the CPU lacks is refused when the backend is built.
+/// bf16) and passes the same tests; they differ in speed only. [`CpuKernel::Auto`] picks the
+/// fastest one the CPU supports. Forcing a family the CPU lacks is refused when the backend is
+/// built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CpuKernel {
     /// The fastest family this CPU supports.

@@ -51,7 +51,9 @@ pub(crate) fn logits<'a>(
     check_tokens(engine, op, tokens)?;
     let gemm = Gemm::new(engine.kernel, hidden, weights);
     let experts = gemm.experts();
-    let _span = tracing::debug_span!("cpu_router_gemm", op, tokens, hidden_size, experts, kernel = %engine.kernel).entered();
+    let kernel = engine.kernel;
+    let _span = tracing::debug_span!("cpu_router_gemm", op, tokens, hidden_size, experts, %kernel)
+        .entered();
     let mut out = filled::<f32>(op, elements(op, tokens, experts)?)?;
     engine.logits(&gemm, &mut out);
     export(out, &[tokens, experts])

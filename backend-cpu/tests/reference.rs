@@ -183,24 +183,28 @@ proptest! {
         for backend in backends() {
             let what = format!("{} {case:?}", label(&backend));
             // Routing of given logits is exact: the same f64-rounded scores, order and sums.
-            let out = backend.route_logits(&dl(exact.clone(), &[t, e]), inputs.bias_dl().as_ref(), &case.spec).unwrap();
+            let logits = dl(exact.clone(), &[t, e]);
+            let out = backend.route_logits(&logits, inputs.bias_dl().as_ref(), &case.spec).unwrap();
             let (shape, ids, weights) = read_routing(out);
             prop_assert_eq!(shape, vec![t, case.spec.top_k]);
             prop_assert_eq!(&ids, expected.ids(), "{}", what);
             prop_assert_eq!(&weights, expected.weights(), "{}", what);
 
-            let (shape, logits) = read::<f32>(backend.router_gemm(&inputs.x_dl(&case), &inputs.w_dl(&case)).unwrap());
+            let one_off = backend.router_gemm(&inputs.x_dl(&case), &inputs.w_dl(&case)).unwrap();
+            let (shape, logits) = read::<f32>(one_off);
             prop_assert_eq!(shape, vec![t, e]);
             check_logits(&case, &inputs, &exact, &logits, &format!("one-off {what}"))?;
 
-            let prepared = backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &case.spec).unwrap();
+            let prepared =
+                backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &case.spec).unwrap();
             let (_, logits) = read::<f32>(prepared.router_gemm(&inputs.x_dl(&case)).unwrap());
             check_logits(&case, &inputs, &exact, &logits, &format!("prepared {what}"))?;
 
             let (shape, ids, weights) = read_routing(prepared.route(&inputs.x_dl(&case)).unwrap());
             prop_assert_eq!(shape, vec![t, case.spec.top_k]);
             let actual = as_routing(&case, ids, weights);
-            reference::check_sorted(&actual).map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
+            reference::check_sorted(&actual)
+                .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
             reference::compare_routings(&expected, &actual, e, &near, WEIGHTS)
                 .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
         }

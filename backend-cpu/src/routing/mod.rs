@@ -2,9 +2,9 @@
 //!
 //! The semantics are the ones `sluice_tensor::RoutingSpec` documents and the scalar reference in
 //! `sluice-models` implements, down to the roundings: scores are computed in f64 and rounded once
-//! to f32, the bias is added in f32, the renormalising sum is taken in f64 and rounded to f32 before
-//! the epsilon is added. This is an independent implementation that reuses its buffers, so routing a
-//! row never allocates.
+//! to f32, the bias is added in f32, the renormalising sum is taken in f64 and rounded to f32
+//! before the epsilon is added. This is an independent implementation that reuses its buffers, so
+//! routing a row never allocates.
 
 mod score;
 #[cfg(target_arch = "x86_64")]

@@ -238,7 +238,12 @@ proptest! {
         let (naive_ids, naive_weights) = naive(&spec, bias, &logits);
         prop_assert_eq!(&ids, &naive_ids);
         for (a, b) in weights.iter().zip(&naive_weights) {
-            prop_assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{:?} vs {:?}", weights, naive_weights);
+            prop_assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{:?} vs {:?}",
+                weights,
+                naive_weights
+            );
         }
         let mut sorted = ids.clone();
         sorted.sort_unstable();
