@@ -8,6 +8,15 @@ use super::{Geometry, Kind, TileFn};
 
 pub(super) const GEOMETRY: Geometry = Geometry { mr: 6, nr: 4 };
 
+/// The blocking per kind: f32 × bf16 keeps both widened halves of 4 blocks in registers (8) next
+/// to 4 × 4 accumulators, so it takes 4 tokens; the others take 6.
+pub(super) const fn geometry(kind: Kind) -> Geometry {
+    match kind {
+        Kind::F32Bf16 => Geometry { mr: 4, nr: 4 },
+        Kind::Bf16Bf16 | Kind::F32F32 => GEOMETRY,
+    }
+}
+
 /// The microkernel for `mr` tokens (`1..=6`) × `nr` blocks (`1..=4`).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn select(kind: Kind, mr: usize, nr: usize) -> TileFn {
@@ -168,19 +177,24 @@ mod x86 {
         let x = tile.x.cast::<f32>();
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         for step in 0..tile.steps {
+            // Widen every block's pair row once: W[e, 2s] (low halves) and W[e, 2s + 1].
+            let mut even = [_mm512_setzero_ps(); NR];
+            let mut odd = [_mm512_setzero_ps(); NR];
             for j in 0..NR {
                 // SAFETY: `j < NR`, `step < steps`.
                 let words = unsafe { load_row::<NR>(tile, j, step, mask) };
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(words));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(words, high));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let xi = x.wrapping_add(i * tile.x_stride + 2 * step);
-                    // SAFETY: row `i < MR` holds `2 * steps` f32 hidden values.
-                    let x0 = _mm512_set1_ps(unsafe { xi.read_unaligned() });
-                    // SAFETY: as above, position `2 * step + 1 < 2 * steps`.
-                    let x1 = _mm512_set1_ps(unsafe { xi.wrapping_add(1).read_unaligned() });
-                    acc[j] = _mm512_fmadd_ps(even, x0, acc[j]);
-                    acc[j] = _mm512_fmadd_ps(odd, x1, acc[j]);
+                even[j] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(words));
+                odd[j] = _mm512_castsi512_ps(_mm512_and_si512(words, high));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = x.wrapping_add(i * tile.x_stride + 2 * step);
+                // SAFETY: row `i < MR` holds `2 * steps` f32 hidden values.
+                let x0 = _mm512_set1_ps(unsafe { xi.read_unaligned() });
+                // SAFETY: as above, position `2 * step + 1 < 2 * steps`.
+                let x1 = _mm512_set1_ps(unsafe { xi.wrapping_add(1).read_unaligned() });
+                for j in 0..NR {
+                    acc[j] = _mm512_fmadd_ps(even[j], x0, acc[j]);
+                    acc[j] = _mm512_fmadd_ps(odd[j], x1, acc[j]);
                 }
             }
         }

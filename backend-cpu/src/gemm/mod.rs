@@ -74,12 +74,20 @@ pub(crate) struct Geometry {
 }
 
 impl CpuKernel {
-    /// The register blocking of this family.
+    /// The largest register blocking of this family (the work split rounds to it).
     pub(crate) fn geometry(self) -> Geometry {
         match self {
             CpuKernel::Avx512Bf16 => avx512::GEOMETRY,
             CpuKernel::Avx2Fma => avx2::GEOMETRY,
             CpuKernel::Auto | CpuKernel::Scalar => scalar::GEOMETRY,
+        }
+    }
+
+    /// The register blocking of this family's microkernel for `kind`.
+    fn tile_geometry(self, kind: Kind) -> Geometry {
+        match self {
+            CpuKernel::Avx512Bf16 => avx512::geometry(kind),
+            _ => self.geometry(),
         }
     }
 
@@ -175,7 +183,7 @@ impl<'a> Gemm<'a> {
     ) {
         let (_, hidden) = self.hidden.dims();
         let depth = self.format.steps(hidden);
-        let geometry = self.kernel.geometry();
+        let geometry = self.kernel.tile_geometry(self.kind);
         let k_blocks = depth.div_ceil(K_BLOCK).max(1);
         for k_block in 0..k_blocks {
             let steps = k_block * K_BLOCK..((k_block + 1) * K_BLOCK).min(depth);
