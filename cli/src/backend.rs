@@ -1,8 +1,8 @@
 //! Choosing a backend from the command line.
 
 use clap::{Args, ValueEnum};
-use sluice_backend_cpu::CpuBackend;
-use sluice_tensor::Backend;
+use sluice_backend_cpu::{CpuBackend, DEFAULT_MAX_TOKENS};
+use sluice_tensor::{Backend, BackendError};
 
 use crate::error::CliError;
 
@@ -13,7 +13,7 @@ pub enum BackendKind {
     Cpu,
 }
 
-/// `--backend` and `--threads`, shared by every command that computes.
+/// `--backend`, `--threads` and `--max-tokens`, shared by every command that computes.
 #[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
     /// Where to compute.
@@ -22,6 +22,9 @@ pub struct BackendArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The most tokens one call may route; more are refused before anything is allocated.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
 }
 
 impl BackendArgs {
@@ -29,14 +32,33 @@ impl BackendArgs {
     pub fn build(&self) -> Result<Box<dyn Backend>, CliError> {
         match self.backend {
             BackendKind::Cpu => {
-                let mut builder = CpuBackend::builder();
+                let mut builder = CpuBackend::builder().max_tokens(self.max_tokens);
                 if let Some(threads) = self.threads {
                     builder = builder.threads(threads);
                 }
                 let backend = builder.build().map_err(|e| CliError::Input(e.to_string()))?;
-                tracing::info!(kernel = ?backend.kernel(), threads = backend.threads(), "cpu backend");
+                tracing::info!(
+                    kernel = ?backend.kernel(),
+                    threads = backend.threads(),
+                    max_tokens = backend.max_tokens(),
+                    "cpu backend"
+                );
                 Ok(Box::new(backend))
             }
         }
+    }
+
+    /// Refuses a token count above `--max-tokens` the way the backend would, for commands that
+    /// make their own hidden states: before those are allocated.
+    pub fn check_tokens(&self, command: &'static str, tokens: usize) -> Result<(), CliError> {
+        if tokens > self.max_tokens {
+            return Err(BackendError::TooManyTokens {
+                op: command,
+                tokens,
+                limit: self.max_tokens,
+            }
+            .into());
+        }
+        Ok(())
     }
 }

@@ -77,6 +77,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         )));
     }
     let backend = args.backend.build()?;
+    for &tokens in &args.tokens {
+        args.backend.check_tokens("bench", tokens)?;
+    }
     let gate = args.model.gate(1)?;
     let prepared = gate.prepare(backend.as_ref())?;
     let (h, e) = (gate.hidden_size(), gate.num_experts());

@@ -32,41 +32,21 @@ pub struct DemoArgs {
 /// skips (fast paths and the reference round differently).
 const NEAR_TIE: f32 = 1e-5;
 
-/// Builds the gate, routes, checks against the reference, prints what happened and how fast.
+/// Builds the gate, routes, checks against the reference, times it, and only then prints what
+/// happened and how fast: a failure at any step prints nothing on stdout.
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
+    let backend = args.backend.build()?;
+    args.backend.check_tokens("demo", args.tokens)?;
     let shape = ModelShape::V3;
     let gate = shape.gate(args.seed)?;
     let spec = *gate.spec();
     let (h, e) = (gate.hidden_size(), gate.num_experts());
-    let backend = args.backend.build()?;
-    println!("sluice demo: a DeepSeek-V3-shaped gate ({h} -> {e} experts; {spec})");
-    println!(
-        "  weight {} {:?} from seed {}, held as a parameter (requires_grad = {})",
-        gate.weight().dtype(),
-        gate.weight().shape(),
-        args.seed,
-        gate.weight().requires_grad()
-    );
     let hidden = synthetic::hidden_states(args.tokens, h, true, args.seed.wrapping_add(1))?
         .with_requires_grad(true);
-    println!(
-        "  {} tokens of bf16 hidden states (requires_grad = true), {} backend",
-        args.tokens,
-        backend.name()
-    );
 
     let prepared = gate.prepare(backend.as_ref())?;
     let routing = prepared.route(&hidden)?.to_routing()?;
     let (checked, skipped) = self_check(&gate, &hidden, &routing)?;
-    println!(
-        "\ncheck: matches the reference router on {checked} of {} tokens ({skipped} near ties \
-         skipped)",
-        args.tokens
-    );
-
-    print_tokens(&routing, args.show);
-    print_load(&routing, e, spec.n_group);
-
     let budget = Budget {
         warmup_calls: 3,
         min_calls: 20,
@@ -74,12 +54,36 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         max_calls: 100_000,
     };
     let samples = timing::measure(budget, || prepared.route(&hidden).map(drop))?;
-    println!(
+
+    let mut report = vec![
+        format!("sluice demo: a DeepSeek-V3-shaped gate ({h} -> {e} experts; {spec})"),
+        format!(
+            "  weight {} {:?} from seed {}, held as a parameter (requires_grad = {})",
+            gate.weight().dtype(),
+            gate.weight().shape(),
+            args.seed,
+            gate.weight().requires_grad()
+        ),
+        format!(
+            "  {} tokens of bf16 hidden states (requires_grad = true), {} backend",
+            args.tokens,
+            backend.name()
+        ),
+        format!(
+            "\ncheck: matches the reference router on {checked} of {} tokens ({skipped} near ties \
+             skipped)",
+            args.tokens
+        ),
+    ];
+    report_tokens(&mut report, &routing, args.show);
+    report_load(&mut report, &routing, e, spec.n_group);
+    report.push(format!(
         "\ntime per call: {:.3} ms (median of {} calls; router GEMM + routing, {} tokens)",
         samples.median().as_secs_f64() * 1e3,
         samples.len(),
         args.tokens
-    );
+    ));
+    println!("{}", report.join("\n"));
     Ok(())
 }
 
@@ -108,24 +112,24 @@ fn self_check(
     Ok((summary.rows_compared, summary.rows_skipped))
 }
 
-fn print_tokens(routing: &Routing, show: usize) {
+fn report_tokens(report: &mut Vec<String>, routing: &Routing, show: usize) {
     if show == 0 || routing.tokens() == 0 {
         return;
     }
-    println!(
+    report.push(format!(
         "\nrouting of the first {} tokens (expert: weight), sorted by weight:",
         show.min(routing.tokens())
-    );
+    ));
     for (t, (ids, weights)) in routing.rows().take(show).enumerate() {
         let picks: Vec<String> =
             ids.iter().zip(weights).map(|(id, w)| format!("{id:>3}: {w:.3}")).collect();
-        println!("  token {t:>2}  {}", picks.join("  "));
+        report.push(format!("  token {t:>2}  {}", picks.join("  ")));
     }
 }
 
 /// One character per expert (its load relative to the busiest expert), one row per group, then the
 /// selections per group as bars.
-fn print_load(routing: &Routing, num_experts: usize, n_group: usize) {
+fn report_load(report: &mut Vec<String>, routing: &Routing, num_experts: usize, n_group: usize) {
     const LEVELS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let mut load = vec![0usize; num_experts];
     for &id in routing.ids() {
@@ -135,19 +139,19 @@ fn print_load(routing: &Routing, num_experts: usize, n_group: usize) {
     }
     let busiest = load.iter().copied().max().unwrap_or(0).max(1);
     let per_group = num_experts / n_group.max(1);
-    println!(
+    report.push(format!(
         "\nexpert load ({} picks; one row per group, one column per expert, busiest expert {} picks):",
         load.iter().sum::<usize>(),
         busiest
-    );
+    ));
     let group_totals: Vec<usize> = load.chunks(per_group).map(|c| c.iter().sum()).collect();
     for (g, experts) in load.chunks(per_group).enumerate() {
         let row: String = experts.iter().map(|&n| LEVELS[(n * 8).div_ceil(busiest)]).collect();
-        println!("  group {g}  |{row}|");
+        report.push(format!("  group {g}  |{row}|"));
     }
     let top = group_totals.iter().copied().max().unwrap_or(0).max(1);
-    println!("\nselections per group:");
+    report.push("\nselections per group:".to_owned());
     for (g, &total) in group_totals.iter().enumerate() {
-        println!("  group {g}  {:<40} {total}", "█".repeat((total * 40).div_ceil(top)));
+        report.push(format!("  group {g}  {:<40} {total}", "█".repeat((total * 40).div_ceil(top))));
     }
 }

@@ -1,5 +1,7 @@
 //! Tracing output on stderr: off by default, `-v` for sluice's own events, `RUST_LOG` to choose.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the subscriber. `RUST_LOG`, when set, wins over `-v`.
@@ -17,6 +19,8 @@ pub fn init(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: redirected logs stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -24,7 +28,8 @@ pub fn init(verbose: u8) {
 /// Logs the process's peak resident memory (Linux `VmHWM`), at info level so `-v` shows it.
 pub fn report_peak_memory() {
     if let Some(kib) = peak_resident_kib() {
-        tracing::info!(peak_rss_mib = format!("{:.1}", kib as f64 / 1024.0), "peak memory");
+        let mib = (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+        tracing::info!(peak_rss_mib = mib, "peak memory");
     }
 }
 

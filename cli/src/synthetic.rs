@@ -97,8 +97,15 @@ pub fn hidden_states(
     bf16_input: bool,
     seed: u64,
 ) -> Result<Tensor, CliError> {
+    let len = tokens.checked_mul(hidden).ok_or_else(|| {
+        CliError::Input(format!("{tokens} tokens x {hidden} values do not fit in memory"))
+    })?;
+    let mut values: Vec<f32> = Vec::new();
+    values.try_reserve_exact(len).map_err(|_| {
+        CliError::Input(format!("cannot allocate hidden states of {tokens} x {hidden} f32"))
+    })?;
     let mut rng = Normal::new(seed);
-    let values: Vec<f32> = (0..tokens * hidden).map(|_| rng.sample()).collect();
+    values.extend((0..len).map(|_| rng.sample()));
     if bf16_input {
         let rounded: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
         Ok(Tensor::from_vec(rounded, &[tokens, hidden])?)

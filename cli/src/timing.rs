@@ -45,7 +45,8 @@ pub fn measure<E>(budget: Budget, mut f: impl FnMut() -> Result<(), E>) -> Resul
     for _ in 0..budget.warmup_calls {
         f()?;
     }
-    let mut samples = Vec::with_capacity(budget.min_calls);
+    // Capped: `--min-calls` comes from the command line.
+    let mut samples = Vec::with_capacity(budget.min_calls.min(1 << 16));
     let started = Instant::now();
     while samples.len() < budget.max_calls
         && (samples.len() < budget.min_calls || started.elapsed() < budget.min_time)
