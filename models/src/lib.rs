@@ -31,6 +31,16 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! # Threads
+//!
+//! [`Checkpoint`], [`MoeGate`], [`PreparedGate`] and [`GateRouting`] are `Send + Sync`. A gate is
+//! immutable once built (its tensors never change, see `sluice_tensor`'s thread notes), and a
+//! [`PreparedGate`] only reads the backend's prepared weight, so the way to route from many threads
+//! is to prepare a gate once and share that one [`PreparedGate`] (by reference in scoped threads, or
+//! in an `Arc`): every call is independent and gives exactly the result a single thread would. A
+//! [`Checkpoint`] may be shared too: the first thread that asks for a tensor in a shard maps it,
+//! under a lock, and every other thread reuses that mapping.
 
 mod checkpoint;
 mod config;
@@ -48,3 +58,13 @@ pub use error::ModelError;
 pub use gate::MoeGate;
 pub use prepared::{GateRouting, PreparedGate};
 pub use safetensors_bytes::SafetensorsBytes;
+
+/// The thread-safety promised in the crate docs, checked at compile time.
+const fn assert_send_sync<T: Send + Sync>() {}
+const _: () = {
+    assert_send_sync::<Checkpoint>();
+    assert_send_sync::<MoeGate>();
+    assert_send_sync::<PreparedGate>();
+    assert_send_sync::<GateRouting>();
+    assert_send_sync::<SafetensorsBytes>();
+};

@@ -26,6 +26,17 @@
 //! assert_eq!(back.to_vec::<f32>()?, vec![0.5; 6]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Threads
+//!
+//! [`Tensor`] and [`Storage`] are `Send + Sync`. A storage never changes after it is built: there is
+//! no mutable access to its bytes, only constructors, views and reads, so any number of threads may
+//! read one tensor, or views of it, at the same time, and clones may move to other threads freely.
+//! What a tensor owns is released when its last view is dropped, on whichever thread that happens:
+//! for a DLPack import that means the producer's deleter runs exactly once, possibly on another
+//! thread than the one that imported it, which the DLPack contract allows. The [`Backend`] and
+//! [`PreparedRouter`] traits require `Send + Sync`, so one backend or prepared router serves many
+//! threads at once.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
@@ -50,10 +61,18 @@ pub use routing::{
 pub use storage::{DeviceAllocation, HOST_ALIGN, SharedBytes, Storage};
 pub use tensor::Tensor;
 
+/// The thread-safety promised in the crate docs, checked at compile time.
+const fn assert_send_sync<T: Send + Sync + ?Sized>() {}
+const _: () = {
+    assert_send_sync::<Tensor>();
+    assert_send_sync::<Storage>();
+    assert_send_sync::<dyn Backend>();
+    assert_send_sync::<dyn PreparedRouter>();
+};
+
 /// Re-exports of the crates whose types appear in this crate's API.
 pub mod reexports {
     pub use dlpark;
     pub use half;
     pub use ndarray;
 }
-
