@@ -73,7 +73,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
     (
         arb_spec(),
         0usize..=300,
-        prop::sample::select(vec![1usize, 2, 7, 32, 33, 100, 258, 300]),
+        prop::sample::select(vec![1usize, 2, 7, 32, 33, 100, 258, 300, 1030]),
         0u8..3,
         any::<bool>(),
         any::<u64>(),
