@@ -133,6 +133,9 @@ mod x86 {
         let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
         let x = tile.x.cast::<f32>();
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        // With one or two tokens the FMA latency, not throughput, would bound the loop: the odd
+        // products then get their own accumulators (unused, and optimised away, otherwise).
+        let mut acc_odd = [[_mm256_setzero_ps(); 2]; MR];
         for step in 0..tile.steps {
             let row = tile.panel.base.wrapping_add(step * tile.panel.row);
             for h in 0..2 {
@@ -140,19 +143,37 @@ mod x86 {
                 let words = unsafe { load_half::<FULL>(row, h, &masks) };
                 let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
                 let odd = _mm256_castsi256_ps(_mm256_and_si256(words, high));
-                for (i, acc) in acc.iter_mut().enumerate() {
+                for i in 0..MR {
                     let xi = x.wrapping_add(i * tile.x_stride + 2 * step);
                     // SAFETY: row `i < MR` holds `2 * steps` hidden values.
                     let x0 = unsafe { broadcast(xi) };
                     // SAFETY: as above, position `2 * step + 1 < 2 * steps`.
                     let x1 = unsafe { broadcast(xi.wrapping_add(1)) };
-                    acc[h] = _mm256_fmadd_ps(even, x0, acc[h]);
-                    acc[h] = _mm256_fmadd_ps(odd, x1, acc[h]);
+                    acc[i][h] = _mm256_fmadd_ps(even, x0, acc[i][h]);
+                    if MR <= 2 {
+                        acc_odd[i][h] = _mm256_fmadd_ps(odd, x1, acc_odd[i][h]);
+                    } else {
+                        acc[i][h] = _mm256_fmadd_ps(odd, x1, acc[i][h]);
+                    }
                 }
             }
         }
+        if MR <= 2 {
+            merge(&mut acc, &acc_odd);
+        }
         // SAFETY: forwarded tile contract.
         unsafe { store::<MR, FULL>(tile, &acc) };
+    }
+
+    /// Adds a second set of accumulators into the first.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn merge<const MR: usize>(acc: &mut [[__m256; 2]; MR], other: &[[__m256; 2]; MR]) {
+        for (acc, other) in acc.iter_mut().zip(other) {
+            for (a, &o) in acc.iter_mut().zip(other) {
+                *a = _mm256_add_ps(*a, o);
+            }
+        }
     }
 
     /// f32 hidden states × f32 weights.
@@ -165,8 +186,7 @@ mod x86 {
     pub(super) unsafe fn f32_f32<const MR: usize, const FULL: bool>(tile: &Tile) {
         let masks = half_masks(tile.width);
         let x = tile.x.cast::<f32>();
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        for step in 0..tile.steps {
+        let accumulate = |acc: &mut [[__m256; 2]; MR], step: usize| {
             let row = tile.panel.base.wrapping_add(step * tile.panel.row);
             // SAFETY: `row` is row `step < steps` of the tile's block.
             let low = unsafe { load_half::<FULL>(row, 0, &masks) };
@@ -179,6 +199,21 @@ mod x86 {
                 acc[0] = _mm256_fmadd_ps(w[0], xi, acc[0]);
                 acc[1] = _mm256_fmadd_ps(w[1], xi, acc[1]);
             }
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        // With one or two tokens, odd steps go to a second set of accumulators so that two FMA
+        // chains per register run in parallel.
+        let paired = if MR <= 2 { tile.steps / 2 } else { 0 };
+        let mut acc_odd = [[_mm256_setzero_ps(); 2]; MR];
+        for pair in 0..paired {
+            accumulate(&mut acc, 2 * pair);
+            accumulate(&mut acc_odd, 2 * pair + 1);
+        }
+        for step in 2 * paired..tile.steps {
+            accumulate(&mut acc, step);
+        }
+        if MR <= 2 {
+            merge(&mut acc, &acc_odd);
         }
         // SAFETY: forwarded tile contract.
         unsafe { store::<MR, FULL>(tile, &acc) };
