@@ -164,6 +164,7 @@ impl Engine {
         if self.splits_experts(tokens) {
             let tile = self.kernel.geometry().nr;
             let shares = self.threads.min(blocks.div_ceil(tile));
+            tracing::debug!(tokens, shares, "logits: expert blocks split between threads");
             self.for_each_share(shares, |share| {
                 let mine = expert_share(blocks, tile, shares, share);
                 if mine.is_empty() {
@@ -178,6 +179,7 @@ impl Engine {
             });
         } else {
             let (len, chunks) = token_chunks(tokens, self.threads, self.kernel.geometry().mr);
+            tracing::debug!(tokens, chunks, chunk_len = len, "logits: token chunks");
             let next = AtomicUsize::new(0);
             self.for_each_share(self.threads, |_| {
                 with_scratch(|scratch| {
@@ -221,6 +223,7 @@ impl Engine {
         }
         let blocks = block_count(experts);
         let (len, chunks) = token_chunks(tokens, self.threads, self.kernel.geometry().mr);
+        tracing::debug!(tokens, chunks, chunk_len = len, "route: token chunks, routed in cache");
         let next = AtomicUsize::new(0);
         let first_bad = AtomicUsize::new(usize::MAX);
         let (ids, weights) = (SharedSlice::new(ids), SharedSlice::new(weights));
