@@ -3,9 +3,12 @@
 //! `cargo xtask ci` is the one test command. Other tasks are for developers and need more than the
 //! Rust toolchain (Python with torch and transformers for `fixtures` and `bench-vs-torch`).
 
+mod bench_vs_torch;
+mod cargo;
 mod ci;
 mod fixtures;
 mod fuzz;
+mod json;
 mod process;
 mod python;
 mod valgrind;
@@ -33,11 +36,12 @@ fn main() -> ExitCode {
         Some("fixtures") => fixtures::run(&project_root(), &args[1..]),
         Some("fuzz") => fuzz::run(&project_root(), &args[1..]),
         Some("valgrind") => valgrind::run(&project_root()),
+        Some("bench-vs-torch") => bench_vs_torch::run(&project_root(), &args[1..]),
         Some("-h" | "--help" | "help") | None => {
-            print!("{USAGE}");
+            print!("{USAGE}{}", bench_vs_torch::USAGE);
             return ExitCode::SUCCESS;
         }
-        Some(other) => Err(format!("unknown task `{other}`\n{USAGE}")),
+        Some(other) => Err(format!("unknown task `{other}`\n{USAGE}{}", bench_vs_torch::USAGE)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

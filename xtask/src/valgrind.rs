@@ -49,7 +49,7 @@ pub fn run(root: &Path) -> Result<(), String> {
 
 /// Builds the packages' tests and returns the test executables cargo reports.
 fn test_binaries(root: &Path) -> Result<Vec<PathBuf>, String> {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    let mut command = Command::new(crate::cargo::program());
     command.args(["test", "--no-run", "--message-format=json"]);
     for package in PACKAGES {
         command.args(["-p", package]);
@@ -62,16 +62,9 @@ fn test_binaries(root: &Path) -> Result<Vec<PathBuf>, String> {
     if !output.status.success() {
         return Err("building the test binaries failed".to_owned());
     }
-    // Each compiler-artifact message of a test target carries `"executable":"<path>"`.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let binaries: Vec<PathBuf> = stdout
-        .lines()
-        .filter(|line| line.contains("\"test\":true"))
-        .filter_map(|line| {
-            let rest = line.split("\"executable\":\"").nth(1)?;
-            Some(PathBuf::from(rest.split('"').next()?))
-        })
-        .collect();
+    let built = crate::cargo::executables(&String::from_utf8_lossy(&output.stdout))?;
+    let binaries: Vec<PathBuf> =
+        built.into_iter().filter(|executable| executable.test).map(|e| e.path).collect();
     if binaries.is_empty() {
         return Err("cargo reported no test binaries".to_owned());
     }
