@@ -15,7 +15,9 @@ use safetensors::SafeTensorError;
 use sluice_models::{
     CONFIG_FILE, Checkpoint, CheckpointError, ModelError, MoeGate, SINGLE_FILE, SafetensorsBytes,
 };
-use sluice_tensor::{BackendError, NonFinitePolicy, RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+use sluice_tensor::{
+    BackendError, NonFinitePolicy, RoutingSpec, ScoringFunc, Tensor, TensorError, TopkMethod,
+};
 use tempfile::TempDir;
 
 const CONFIG: &str = r#"{"model_type": "deepseek_v3", "hidden_size": 2, "num_hidden_layers": 2,
@@ -163,6 +165,29 @@ fn dtype_and_shape_that_disagree_with_the_byte_length_are_refused_with_the_tenso
     let (tensor, source, message) = header_error(&safetensors_bytes(&header, &[0; 4]));
     assert!(matches!(source, SafeTensorError::ValidationOverflow), "{message}");
     assert_eq!(tensor.as_deref(), Some("b"), "{message}");
+}
+
+/// Found by fuzzing `checkpoint_header`: the safetensors parser accepts an empty tensor of any
+/// shape, but a shape whose row-major strides overflow has no layout. That tensor is refused by
+/// name; the rest of the file still reads.
+#[test]
+fn an_empty_tensor_whose_strides_overflow_is_refused_alone() {
+    let header = format!(
+        r#"{{"e":{{"dtype":"F32","shape":[0,{big},{big}],"data_offsets":[0,0]}},"x":{{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}}}"#,
+        big = 1u64 << 62
+    );
+    let file = SafetensorsBytes::parse(
+        std::sync::Arc::new(safetensors_bytes(&header, &[7])),
+        "model.safetensors",
+    )
+    .expect("an empty tensor of any shape is valid safetensors");
+    let err = file.tensor("e").unwrap_err();
+    assert!(
+        matches!(&err, CheckpointError::Tensor { name, source: TensorError::Overflow(_), .. } if name == "e"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("model.safetensors: tensor `e`"), "{err}");
+    assert_eq!(file.tensor("x").unwrap().unwrap().to_vec::<u8>().unwrap(), [7]);
 }
 
 #[test]
