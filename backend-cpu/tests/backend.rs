@@ -157,6 +157,7 @@ fn invalid_specs_and_biases_are_refused() {
     let mut bias = vec![0.0f32; 16];
     bias[5] = f32::NAN;
     let err = b.route_logits(&logits, Some(&dl(bias, &[16])), &v3_like(16)).unwrap_err();
+    assert!(matches!(err, BackendError::NonFiniteBias { expert: 5, .. }), "{err}");
     assert!(err.to_string().contains("expert 5"), "{err}");
 }
 

@@ -199,6 +199,16 @@ pub enum BackendError {
         /// The first bad row.
         row: usize,
     },
+    /// The correction bias holds a NaN or an infinity, which would make selection meaningless.
+    #[error("{op}: the correction bias of expert {expert} is {value}, not a finite number")]
+    NonFiniteBias {
+        /// The op.
+        op: &'static str,
+        /// The first bad expert.
+        expert: usize,
+        /// Its value.
+        value: f32,
+    },
     /// The routing spec is invalid.
     #[error("invalid routing spec: {0}")]
     Spec(#[from] SpecError),

@@ -87,12 +87,7 @@ impl<'a> RowRouter<'a> {
                 });
             }
             if let Some((expert, value)) = bias.iter().enumerate().find(|(_, b)| !b.is_finite()) {
-                return Err(BackendError::Device {
-                    backend: "cpu",
-                    message: format!(
-                        "{op}: correction bias of expert {expert} is {value}, not a finite number"
-                    ),
-                });
+                return Err(BackendError::NonFiniteBias { op, expert, value: *value });
             }
         }
         Ok(RowRouter { spec, bias, kernel: kernel.resolve() })
