@@ -146,6 +146,25 @@ impl Engine {
         }
     }
 
+    /// Splits `tokens` into chunks that the threads claim one at a time; `f` gets each chunk's
+    /// token range and the claiming thread's buffers.
+    fn for_each_token_chunk(&self, tokens: usize, f: impl Fn(Range<usize>, &mut Scratch) + Sync) {
+        let (len, chunks) = token_chunks(tokens, self.threads, self.kernel.geometry().mr);
+        tracing::trace!(chunks, chunk_len = len, "token chunks");
+        let next = AtomicUsize::new(0);
+        self.for_each_share(self.threads, |_| {
+            with_scratch(|scratch| {
+                loop {
+                    let chunk = next.fetch_add(1, Ordering::Relaxed);
+                    if chunk >= chunks {
+                        break;
+                    }
+                    f(chunk * len..((chunk + 1) * len).min(tokens), scratch);
+                }
+            });
+        });
+    }
+
     /// Whether `tokens` are few enough to split the experts instead.
     fn splits_experts(&self, tokens: usize) -> bool {
         tokens < MIN_TOKENS_PER_THREAD * self.threads
@@ -178,24 +197,12 @@ impl Engine {
                 });
             });
         } else {
-            let (len, chunks) = token_chunks(tokens, self.threads, self.kernel.geometry().mr);
-            tracing::debug!(tokens, chunks, chunk_len = len, "logits: token chunks");
-            let next = AtomicUsize::new(0);
-            self.for_each_share(self.threads, |_| {
-                with_scratch(|scratch| {
-                    loop {
-                        let chunk = next.fetch_add(1, Ordering::Relaxed);
-                        if chunk >= chunks {
-                            break;
-                        }
-                        let rows = chunk * len..((chunk + 1) * len).min(tokens);
-                        let window =
-                            OutWindow { ptr: out.window(rows.start * experts), stride: experts };
-                        // SAFETY: each chunk is claimed by exactly one thread, so its rows are
-                        // owned by this call; `window` addresses them.
-                        unsafe { gemm.run(rows, 0..blocks, window, &mut scratch.gemm) };
-                    }
-                });
+            tracing::debug!(tokens, "logits: token chunks");
+            self.for_each_token_chunk(tokens, |rows, scratch| {
+                let window = OutWindow { ptr: out.window(rows.start * experts), stride: experts };
+                // SAFETY: each chunk is claimed by exactly one thread, so its rows are owned by
+                // this call; `window` addresses them.
+                unsafe { gemm.run(rows, 0..blocks, window, &mut scratch.gemm) };
             });
         }
     }
@@ -222,38 +229,27 @@ impl Engine {
             return self.route_rows(router, rows, ids, weights);
         }
         let blocks = block_count(experts);
-        let (len, chunks) = token_chunks(tokens, self.threads, self.kernel.geometry().mr);
-        tracing::debug!(tokens, chunks, chunk_len = len, "route: token chunks, routed in cache");
-        let next = AtomicUsize::new(0);
+        tracing::debug!(tokens, "route: token chunks, routed in cache");
         let first_bad = AtomicUsize::new(usize::MAX);
         let (ids, weights) = (SharedSlice::new(ids), SharedSlice::new(weights));
-        self.for_each_share(self.threads, |_| {
-            with_scratch(|scratch| {
-                loop {
-                    let chunk = next.fetch_add(1, Ordering::Relaxed);
-                    if chunk >= chunks {
-                        break;
-                    }
-                    let rows = chunk * len..((chunk + 1) * len).min(tokens);
-                    scratch.logits.clear();
-                    scratch.logits.resize(rows.len() * experts, 0.0);
-                    let window = OutWindow { ptr: scratch.logits.as_mut_ptr(), stride: experts };
-                    // SAFETY: the window is this thread's own buffer of `rows.len()` full rows.
-                    unsafe { gemm.run(rows.clone(), 0..blocks, window, &mut scratch.gemm) };
-                    // SAFETY: the chunk is claimed by this thread alone, so its output rows are
-                    // not touched by anyone else.
-                    let (ids, weights) = unsafe {
-                        (
-                            ids.range(rows.start * k..rows.end * k),
-                            weights.range(rows.start * k..rows.end * k),
-                        )
-                    };
-                    let bad = router.route_block(&scratch.logits, ids, weights, &mut scratch.route);
-                    if let Some(bad) = bad {
-                        first_bad.fetch_min(rows.start + bad, Ordering::Relaxed);
-                    }
-                }
-            });
+        self.for_each_token_chunk(tokens, |rows, scratch| {
+            scratch.logits.clear();
+            scratch.logits.resize(rows.len() * experts, 0.0);
+            let window = OutWindow { ptr: scratch.logits.as_mut_ptr(), stride: experts };
+            // SAFETY: the window is this thread's own buffer of `rows.len()` full rows.
+            unsafe { gemm.run(rows.clone(), 0..blocks, window, &mut scratch.gemm) };
+            // SAFETY: the chunk is claimed by this thread alone, so its output rows are not
+            // touched by anyone else.
+            let (ids, weights) = unsafe {
+                (
+                    ids.range(rows.start * k..rows.end * k),
+                    weights.range(rows.start * k..rows.end * k),
+                )
+            };
+            let bad = router.route_block(&scratch.logits, ids, weights, &mut scratch.route);
+            if let Some(bad) = bad {
+                first_bad.fetch_min(rows.start + bad, Ordering::Relaxed);
+            }
         });
         Some(first_bad.into_inner()).filter(|&row| row != usize::MAX)
     }
