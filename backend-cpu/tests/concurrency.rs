@@ -102,5 +102,8 @@ fn one_prepared_gate_shared_by_eight_threads_routes_bit_identically() {
     });
     let calls = calls.into_inner();
     eprintln!("{calls} calls from {THREADS} threads in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(calls >= 2_000, "only {calls} calls: too few to mean anything");
+    // Under valgrind (`cargo xtask valgrind`) every call is ~50x slower; the soak still runs its
+    // full time but cannot reach the same count.
+    let min_calls = if std::env::var_os("SLUICE_UNDER_VALGRIND").is_some() { 40 } else { 2_000 };
+    assert!(calls >= min_calls, "only {calls} calls: too few to mean anything");
 }

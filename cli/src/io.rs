@@ -6,8 +6,10 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, TensorView};
+use sluice_models::SafetensorsBytes;
 use sluice_tensor::{DType, Tensor};
 
 use crate::error::CliError;
@@ -19,33 +21,29 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io { path: path.to_path_buf(), source }
 }
 
-/// Reads `hidden_states` `[T, H]` (f32, bf16 or f16) from a safetensors file into a host tensor.
+/// Reads `hidden_states` `[T, H]` (f32, bf16 or f16) from a safetensors file: parsed and
+/// validated like a checkpoint file, and used in place (no second copy of the data).
 pub fn read_hidden_states(path: &Path) -> Result<Tensor, CliError> {
     let bytes = fs::read(path).map_err(io_error(path))?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| CliError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
-    let view = file.tensor(HIDDEN_STATES).map_err(|_| {
+    let file = SafetensorsBytes::parse(Arc::new(bytes), path)?;
+    let hidden = file.tensor(HIDDEN_STATES)?.ok_or_else(|| {
         CliError::Input(format!("{}: has no tensor named `{HIDDEN_STATES}`", path.display()))
     })?;
-    let dtype = match view.dtype() {
-        Dtype::F32 => DType::F32,
-        Dtype::BF16 => DType::BF16,
-        Dtype::F16 => DType::F16,
-        other => {
-            return Err(CliError::Input(format!(
-                "{}: `{HIDDEN_STATES}` has dtype {other:?}; expected F32, BF16 or F16",
-                path.display()
-            )));
-        }
-    };
-    if view.shape().len() != 2 {
+    if !matches!(hidden.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Err(CliError::Input(format!(
+            "{}: `{HIDDEN_STATES}` has dtype {}; expected f32, bf16 or f16",
+            path.display(),
+            hidden.dtype()
+        )));
+    }
+    if hidden.rank() != 2 {
         return Err(CliError::Input(format!(
             "{}: `{HIDDEN_STATES}` has shape {:?}; expected [tokens, hidden_size]",
             path.display(),
-            view.shape()
+            hidden.shape()
         )));
     }
-    Ok(Tensor::from_bytes(view.data(), dtype, view.shape())?)
+    Ok(hidden)
 }
 
 /// One named tensor to write.
@@ -168,9 +166,9 @@ mod tests {
         let view = TensorView::new(Dtype::I32, vec![3], &data).unwrap();
         fs::write(&path, safetensors::serialize([(HIDDEN_STATES, view)], None).unwrap()).unwrap();
         let message = read_hidden_states(&path).unwrap_err().to_string();
-        assert!(message.contains("dtype I32"), "{message}");
+        assert!(message.contains("dtype i32"), "{message}");
         fs::write(&path, b"not safetensors").unwrap();
         let message = read_hidden_states(&path).unwrap_err().to_string();
-        assert!(message.contains("not a valid safetensors file"), "{message}");
+        assert!(message.contains("malformed safetensors"), "{message}");
     }
 }

@@ -248,7 +248,7 @@ impl Checkpoint {
         })
     }
 
-    /// The weights files mapped so far, in the order the index lists them.
+    /// The weights files mapped so far, in the order their first tensor appears in the index.
     pub fn mapped_files(&self) -> Vec<&Path> {
         let files = match &self.weights {
             Weights::Single(file) => std::slice::from_ref(file),
