@@ -46,7 +46,7 @@ pub enum CpuBuildError {
     },
     /// The worker threads could not be started.
     #[error("cannot start the CPU backend's worker threads: {0}")]
-    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+    ThreadPool(#[from] std::io::Error),
 }
 
 impl CpuBackendBuilder {

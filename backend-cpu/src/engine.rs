@@ -6,7 +6,8 @@
 //! - Many tokens: threads claim chunks of tokens; each computes a chunk's logits for all experts
 //!   into its own buffer and routes the chunk right away, while the logits are still in cache.
 //!
-//! The calling thread always takes a share; the pool holds the other `threads - 1` workers.
+//! The calling thread always takes a share; the pool holds the other `threads - 1` workers, which
+//! stay hot between calls (see [`crate::pool`]).
 //! Buffers live in thread-locals and are reused, so a call allocates only its outputs.
 
 use std::cell::RefCell;
@@ -19,6 +20,7 @@ use ndarray::ArrayView2;
 use crate::CpuKernel;
 use crate::gemm::{Gemm, GemmScratch, OutWindow};
 use crate::pack::{LANES, block_count};
+use crate::pool::Pool;
 use crate::routing::{RouteScratch, RowOutcome, RowRouter};
 
 /// Below this many tokens per thread the expert blocks are split instead of the tokens.
@@ -36,7 +38,7 @@ pub(crate) struct Engine {
     pub(crate) threads: usize,
     pub(crate) max_tokens: usize,
     /// `threads - 1` workers; `None` with one thread.
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<Pool>,
 }
 
 /// Per-thread buffers.
@@ -118,31 +120,16 @@ impl Engine {
         kernel: CpuKernel,
         threads: usize,
         max_tokens: usize,
-    ) -> Result<Self, rayon::ThreadPoolBuildError> {
-        let pool = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads - 1)
-                    .thread_name(|i| format!("sluice-cpu-{i}"))
-                    .build()?,
-            )
-        } else {
-            None
-        };
+    ) -> std::io::Result<Self> {
+        let pool = if threads > 1 { Some(Pool::new(threads - 1)?) } else { None };
         Ok(Engine { kernel, threads, max_tokens, pool })
     }
 
     /// Runs `work(share)` for every share `0..shares`, share 0 on the calling thread.
     fn for_each_share(&self, shares: usize, work: impl Fn(usize) + Sync) {
         match &self.pool {
-            Some(pool) if shares > 1 => pool.in_place_scope(|scope| {
-                let work = &work;
-                for share in 1..shares {
-                    scope.spawn(move |_| work(share));
-                }
-                work(0);
-            }),
-            _ => (0..shares).for_each(work),
+            Some(pool) => pool.run(shares, &work),
+            None => (0..shares).for_each(work),
         }
     }
 

@@ -24,6 +24,7 @@ mod input;
 mod kernel;
 mod ops;
 mod output;
+mod pool;
 mod pack;
 mod prepared;
 mod routing;
