@@ -24,8 +24,8 @@ mod input;
 mod kernel;
 mod ops;
 mod output;
-mod pool;
 mod pack;
+mod pool;
 mod prepared;
 mod routing;
 

@@ -9,7 +9,7 @@ use common::Rng;
 use half::bf16;
 use sluice_backend_cpu::CpuBackend;
 use sluice_models::{MoeGate, PreparedGate};
-use sluice_tensor::{Backend, RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+use sluice_tensor::{Backend, Tensor};
 
 /// The types an engine shares between threads, checked when this file compiles.
 const fn assert_send_sync<T: Send + Sync + ?Sized>() {}
@@ -29,20 +29,7 @@ const HIDDEN: usize = 32;
 /// DeepSeek-V3's routing (256 experts, 8 groups keep 4, top-8, sigmoid + bias, scale 2.5) with a
 /// small hidden size, so that debug builds make thousands of calls in the time.
 fn v3_like_gate() -> MoeGate {
-    let spec =
-        RoutingSpec::new(EXPERTS, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5)
-            .unwrap();
-    let mut rng = Rng::new(77);
-    let weight: Vec<bf16> =
-        rng.normals(EXPERTS * HIDDEN, 0.35).into_iter().map(bf16::from_f32).collect();
-    let bias = rng.normals(EXPERTS, 0.05);
-    MoeGate::new(
-        3,
-        spec,
-        Tensor::from_vec(weight, &[EXPERTS, HIDDEN]).unwrap(),
-        Some(Tensor::from_vec(bias, &[EXPERTS]).unwrap()),
-    )
-    .unwrap()
+    common::noaux_gate(EXPERTS, HIDDEN, (8, 4, 8), 0.35, 77)
 }
 
 /// Batches of different sizes (T = 0 included), f32 and bf16, each with its own values.

@@ -9,27 +9,14 @@ use common::Rng;
 use half::bf16;
 use sluice_backend_cpu::CpuBackend;
 use sluice_models::{ModelError, MoeGate};
-use sluice_tensor::{BackendError, Layout, RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+use sluice_tensor::{BackendError, Layout, Tensor};
 
 const EXPERTS: usize = 32;
 const HIDDEN: usize = 24;
 
 /// A V3-like gate (sigmoid, noaux_tc, 4 groups keep 2, top-4) with a small hidden size.
 fn gate() -> MoeGate {
-    let spec =
-        RoutingSpec::new(EXPERTS, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 4, true, 2.5)
-            .unwrap();
-    let mut rng = Rng::new(21);
-    let weight: Vec<bf16> =
-        rng.normals(EXPERTS * HIDDEN, 0.3).into_iter().map(bf16::from_f32).collect();
-    let bias = rng.normals(EXPERTS, 0.05);
-    MoeGate::new(
-        3,
-        spec,
-        Tensor::from_vec(weight, &[EXPERTS, HIDDEN]).unwrap(),
-        Some(Tensor::from_vec(bias, &[EXPERTS]).unwrap()),
-    )
-    .unwrap()
+    common::noaux_gate(EXPERTS, HIDDEN, (4, 2, 4), 0.3, 21)
 }
 
 fn too_many(err: ModelError) -> (usize, usize) {

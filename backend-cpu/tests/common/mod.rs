@@ -2,9 +2,11 @@
 
 #![allow(dead_code)]
 
+use half::bf16;
 use sluice_backend_cpu::{CpuBackend, CpuKernel};
+use sluice_models::MoeGate;
 use sluice_tensor::dlpack::export_vec;
-use sluice_tensor::{Dlpack, Element, RoutingOutput, Tensor};
+use sluice_tensor::{Dlpack, Element, RoutingOutput, RoutingSpec, ScoringFunc, Tensor, TopkMethod};
 
 /// A backend for every kernel family this CPU supports, with one and with two threads.
 pub fn backends() -> Vec<CpuBackend> {
@@ -73,4 +75,38 @@ impl Rng {
     pub fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.normal(scale)).collect()
     }
+}
+
+/// A gate with V3's routing (sigmoid, `noaux_tc`, renormalised, scale 2.5) for `experts` experts in
+/// `groups` groups keeping `keep`, top-`top_k`, with random bf16 weights `N(0, weight_std)` and an
+/// f32 bias `N(0, 0.05)` drawn from `seed`. A small hidden size keeps debug builds fast.
+pub fn noaux_gate(
+    experts: usize,
+    hidden: usize,
+    (groups, keep, top_k): (usize, usize, usize),
+    weight_std: f32,
+    seed: u64,
+) -> MoeGate {
+    let spec = RoutingSpec::new(
+        experts,
+        ScoringFunc::Sigmoid,
+        TopkMethod::NoauxTc,
+        groups,
+        keep,
+        top_k,
+        true,
+        2.5,
+    )
+    .unwrap();
+    let mut rng = Rng::new(seed);
+    let weight: Vec<bf16> =
+        rng.normals(experts * hidden, weight_std).into_iter().map(bf16::from_f32).collect();
+    let bias = rng.normals(experts, 0.05);
+    MoeGate::new(
+        3,
+        spec,
+        Tensor::from_vec(weight, &[experts, hidden]).unwrap(),
+        Some(Tensor::from_vec(bias, &[experts]).unwrap()),
+    )
+    .unwrap()
 }
