@@ -158,10 +158,9 @@ unsafe fn build<M: ManagedTensorBase>(
         init.set_flags(DlpackFlags::READ_ONLY)
             .map_err(|_| DlpackError::MetadataOverflow("flags"))?;
     }
-    // SAFETY: the descriptor was filled from a validated layout (shape/strides copied into the
-    // allocation, explicit strides for every rank), `data` stays valid while `ctx` lives (the
-    // caller's contract), `ctx` is released by the generated deleter exactly once, and READ_ONLY
-    // is set as the caller decided. IS_COPIED is never asserted.
+    // SAFETY: shape and explicit strides were copied from a validated layout; `data` stays valid
+    // while `ctx` lives (caller's contract), and the generated deleter releases `ctx` exactly once.
+    // READ_ONLY is as the caller decided; IS_COPIED is never asserted.
     Ok(unsafe { init.finish() })
 }
 
@@ -184,10 +183,10 @@ fn export<M: ManagedTensorBase>(tensor: &Tensor) -> Result<Managed<M>, DlpackErr
         .offset()
         .checked_mul(tensor.dtype().size_in_bytes())
         .ok_or(DlpackError::MetadataOverflow("byte offset"))?;
-    // SAFETY: the storage Arc is the context, so `data` (the storage's first byte) stays valid until
-    // the consumer's deleter drops it; the tensor's layout was checked against the storage when the
-    // tensor was built. READ_ONLY is always set: sluice tensors are immutable and the exporting
-    // tensor keeps sharing the storage, so exclusivity can never be promised.
+    // READ_ONLY is always set: sluice tensors are immutable and the exporter keeps sharing the
+    // storage, so exclusivity can never be promised.
+    // SAFETY: the storage Arc is the context, so `data` stays valid until the consumer's deleter
+    // drops it; the layout was checked against the storage when the tensor was built.
     unsafe {
         build::<M>(
             storage,
