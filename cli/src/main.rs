@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 /// MoE gating for DeepSeek V2/V3 and Kimi-K2: router GEMM, grouped top-k, bias correction,
 /// renormalisation and scaling, from real Hugging Face checkpoints.
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about, propagate_version = true)]
+#[command(name = "sluice", version, propagate_version = true)]
 struct Cli {
     /// Log what happens (`-v` info, `-vv` debug, `-vvv` trace); `RUST_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
