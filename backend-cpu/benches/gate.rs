@@ -26,7 +26,13 @@ struct Shape {
 
 fn shapes() -> Vec<Shape> {
     let noaux = |e, groups, keep, scale| {
-        RoutingSpec::new(e, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, groups, keep, 8, true, scale)
+        RoutingSpec::builder(e, 8)
+            .scoring(ScoringFunc::Sigmoid)
+            .method(TopkMethod::NoauxTc)
+            .groups(groups, keep)
+            .norm_topk_prob(true)
+            .routed_scaling_factor(scale)
+            .build()
             .expect("valid spec")
     };
     vec![

@@ -14,7 +14,14 @@ use sluice_tensor::{
 };
 
 fn v3_like(e: usize) -> RoutingSpec {
-    RoutingSpec::new(e, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5).unwrap()
+    RoutingSpec::builder(e, 8)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(8, 4)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap()
 }
 
 /// The error of a call that must fail.
@@ -130,9 +137,14 @@ fn wrong_shapes_are_refused() {
     // Bias length and presence.
     let err = b.prepare_router(w(), Some(dl(vec![0.0f32; 15], &[15])), &v3_like(16)).unwrap_err();
     assert!(matches!(err, BackendError::Shape { arg: "bias", .. }), "{err}");
-    let greedy =
-        RoutingSpec::new(16, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 2, false, 1.0)
-            .unwrap();
+    let greedy = RoutingSpec::builder(16, 2)
+        .scoring(ScoringFunc::Softmax)
+        .method(TopkMethod::Greedy)
+        .groups(1, 1)
+        .norm_topk_prob(false)
+        .routed_scaling_factor(1.0)
+        .build()
+        .unwrap();
     let err = b.prepare_router(w(), Some(dl(vec![0.0f32; 16], &[16])), &greedy).unwrap_err();
     assert!(matches!(err, BackendError::Shape { arg: "bias", .. }), "{err}");
     // A prepared router checks H too.
@@ -217,8 +229,14 @@ fn strided_views_compute_the_same_as_contiguous_tensors() {
     let x = rng.normals(t * h, 1.0);
     let w: Vec<bf16> = rng.normals(e * h, 0.3).into_iter().map(bf16::from_f32).collect();
     let bias = rng.normals(e, 0.1);
-    let spec =
-        RoutingSpec::new(e, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 4, true, 2.5).unwrap();
+    let spec = RoutingSpec::builder(e, 4)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(4, 2)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap();
     // x stored column-major ([H, T] contiguous, transposed): unit row stride, column stride T.
     let x_t: Vec<f32> = (0..h * t).map(|i| x[(i % t) * h + i / t]).collect();
     let x_view = Tensor::from_vec(x_t, &[h, t]).unwrap().transpose(0, 1).unwrap();

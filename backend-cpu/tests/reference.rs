@@ -50,17 +50,14 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
             } else {
                 ScoringFunc::Softmax
             };
-            let mut spec = RoutingSpec::new(
-                n_group * per_group,
-                scoring,
-                method,
-                n_group,
-                topk_group,
-                k,
-                norm,
-                2.5,
-            )
-            .unwrap();
+            let mut spec = RoutingSpec::builder(n_group * per_group, k)
+                .scoring(scoring)
+                .method(method)
+                .groups(n_group, topk_group)
+                .norm_topk_prob(norm)
+                .routed_scaling_factor(2.5)
+                .build()
+                .unwrap();
             spec.apply_scaling = apply_scaling;
             spec
         })
@@ -213,8 +210,14 @@ proptest! {
 
 /// A V3-like spec with `e` experts.
 fn v3_like(e: usize, non_finite: NonFinitePolicy) -> RoutingSpec {
-    let mut spec =
-        RoutingSpec::new(e, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5).unwrap();
+    let mut spec = RoutingSpec::builder(e, 8)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(8, 4)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap();
     spec.non_finite = non_finite;
     spec
 }

@@ -286,17 +286,14 @@ impl ModelConfig {
             return Err(fields.bad_value("hidden_size", "must be at least 1"));
         }
 
-        let routing = RoutingSpec::new(
-            num_experts,
-            scoring,
-            method,
-            n_group,
-            topk_group,
-            top_k,
-            norm_topk_prob,
-            routed_scaling_factor,
-        )
-        .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
+        let routing = RoutingSpec::builder(num_experts, top_k)
+            .scoring(scoring)
+            .method(method)
+            .groups(n_group, topk_group)
+            .norm_topk_prob(norm_topk_prob)
+            .routed_scaling_factor(routed_scaling_factor)
+            .build()
+            .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
 
         Ok(ModelConfig {
             family,

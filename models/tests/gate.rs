@@ -380,8 +380,14 @@ fn a_backend_breaking_the_output_contract_is_caught() {
 fn gates_from_tensors_in_memory_are_validated() {
     use sluice_models::{ModelError, MoeGate};
     use sluice_tensor::{RoutingSpec, ScoringFunc, Tensor, TopkMethod};
-    let spec =
-        RoutingSpec::new(8, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 2, 1, 2, true, 2.5).unwrap();
+    let spec = RoutingSpec::builder(8, 2)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(2, 1)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap();
     let weight = || Tensor::from_vec(vec![0.25f32; 8 * 4], &[8, 4]).unwrap();
     let bias = || Some(Tensor::from_vec(vec![0.0f32; 8], &[8]).unwrap());
     let gate = MoeGate::new(5, spec, weight(), bias()).unwrap();

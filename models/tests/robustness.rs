@@ -212,8 +212,14 @@ fn a_malformed_shard_is_refused_when_a_tensor_in_it_is_read() {
 
 /// A V3-style gate from tensors in memory: 8 experts in 4 groups, top-2, hidden size 4.
 fn v3_gate() -> MoeGate {
-    let spec =
-        RoutingSpec::new(8, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 2, true, 2.5).unwrap();
+    let spec = RoutingSpec::builder(8, 2)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(4, 2)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap();
     let weight: Vec<f32> = (0..32).map(|i| ((i * 7) % 11) as f32 / 8.0 - 0.6).collect();
     let bias: Vec<f32> = (0..8).map(|e| (e as f32 - 3.5) * 0.013).collect();
     MoeGate::new(

@@ -56,7 +56,8 @@ pub use dtype::{DType, Element};
 pub use error::TensorError;
 pub use layout::Layout;
 pub use routing::{
-    NonFinitePolicy, RENORM_EPSILON, RoutingSpec, ScoringFunc, SpecError, TopkMethod,
+    NonFinitePolicy, RENORM_EPSILON, RoutingSpec, RoutingSpecBuilder, ScoringFunc, SpecError,
+    TopkMethod,
 };
 pub use storage::{DeviceAllocation, HOST_ALIGN, SharedBytes, Storage};
 pub use tensor::Tensor;

@@ -84,8 +84,23 @@ pub enum NonFinitePolicy {
 
 /// Everything a backend needs to route router logits `[T, E]` to `top_k` experts per token.
 ///
-/// Build it with [`RoutingSpec::new`] (which validates), or fill the fields and call
+/// Build it with [`RoutingSpec::builder`], whose `build` validates, or fill the fields and call
 /// [`RoutingSpec::validate`]; backends validate again before they run.
+///
+/// ```
+/// use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+///
+/// // DeepSeek-V3: sigmoid + correction bias, 8 groups keep 4, top-8, renormalised, scaled by 2.5.
+/// let v3 = RoutingSpec::builder(256, 8)
+///     .scoring(ScoringFunc::Sigmoid)
+///     .method(TopkMethod::NoauxTc)
+///     .groups(8, 4)
+///     .norm_topk_prob(true)
+///     .routed_scaling_factor(2.5)
+///     .build()?;
+/// assert_eq!(v3.experts_per_group(), 32);
+/// # Ok::<(), sluice_tensor::SpecError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoutingSpec {
     /// Number of routed experts `E`.
@@ -172,32 +187,25 @@ pub enum SpecError {
 }
 
 impl RoutingSpec {
-    /// A validated spec with scaling applied in the gate and the default non-finite policy.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        num_experts: usize,
-        scoring: ScoringFunc,
-        method: TopkMethod,
-        n_group: usize,
-        topk_group: usize,
-        top_k: usize,
-        norm_topk_prob: bool,
-        routed_scaling_factor: f32,
-    ) -> Result<Self, SpecError> {
-        let spec = RoutingSpec {
-            num_experts,
-            scoring,
-            method,
-            n_group,
-            topk_group,
-            top_k,
-            norm_topk_prob,
-            routed_scaling_factor,
-            apply_scaling: true,
-            non_finite: NonFinitePolicy::default(),
-        };
-        spec.validate()?;
-        Ok(spec)
+    /// Starts a spec for `num_experts` routed experts and `top_k` experts per token.
+    ///
+    /// Until a builder method says otherwise: softmax scoring, greedy selection, one group, no
+    /// renormalisation, a scaling factor of 1 applied in the gate, and non-finite rows an error.
+    pub const fn builder(num_experts: usize, top_k: usize) -> RoutingSpecBuilder {
+        RoutingSpecBuilder {
+            spec: RoutingSpec {
+                num_experts,
+                scoring: ScoringFunc::Softmax,
+                method: TopkMethod::Greedy,
+                n_group: 1,
+                topk_group: 1,
+                top_k,
+                norm_topk_prob: false,
+                routed_scaling_factor: 1.0,
+                apply_scaling: true,
+                non_finite: NonFinitePolicy::Error,
+            },
+        }
     }
 
     /// Checks the spec against the rules in the design document.
@@ -268,6 +276,64 @@ impl RoutingSpec {
     }
 }
 
+/// Builds a [`RoutingSpec`] one explicit decision at a time; made by [`RoutingSpec::builder`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct RoutingSpecBuilder {
+    spec: RoutingSpec,
+}
+
+impl RoutingSpecBuilder {
+    /// How logits become scores.
+    pub const fn scoring(mut self, scoring: ScoringFunc) -> Self {
+        self.spec.scoring = scoring;
+        self
+    }
+
+    /// How experts are selected from the scores.
+    pub const fn method(mut self, method: TopkMethod) -> Self {
+        self.spec.method = method;
+        self
+    }
+
+    /// `n_group` expert groups, of which the best `topk_group` are kept per token.
+    pub const fn groups(mut self, n_group: usize, topk_group: usize) -> Self {
+        self.spec.n_group = n_group;
+        self.spec.topk_group = topk_group;
+        self
+    }
+
+    /// Whether the selected weights are divided by their sum (plus [`RENORM_EPSILON`]).
+    pub const fn norm_topk_prob(mut self, norm_topk_prob: bool) -> Self {
+        self.spec.norm_topk_prob = norm_topk_prob;
+        self
+    }
+
+    /// The factor the final weights are multiplied by.
+    pub const fn routed_scaling_factor(mut self, factor: f32) -> Self {
+        self.spec.routed_scaling_factor = factor;
+        self
+    }
+
+    /// Whether the gate applies the scaling factor (the default) or leaves it to the caller.
+    pub const fn apply_scaling(mut self, apply_scaling: bool) -> Self {
+        self.spec.apply_scaling = apply_scaling;
+        self
+    }
+
+    /// What to do with rows holding a NaN or an infinity.
+    pub const fn non_finite(mut self, policy: NonFinitePolicy) -> Self {
+        self.spec.non_finite = policy;
+        self
+    }
+
+    /// The spec, validated against the rules of [`RoutingSpec::validate`].
+    pub fn build(self) -> Result<RoutingSpec, SpecError> {
+        self.spec.validate()?;
+        Ok(self.spec)
+    }
+}
+
 impl fmt::Display for RoutingSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -291,27 +357,42 @@ mod tests {
     use super::*;
 
     fn v3() -> RoutingSpec {
-        RoutingSpec::new(256, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5)
+        RoutingSpec::builder(256, 8)
+            .scoring(ScoringFunc::Sigmoid)
+            .method(TopkMethod::NoauxTc)
+            .groups(8, 4)
+            .norm_topk_prob(true)
+            .routed_scaling_factor(2.5)
+            .build()
             .unwrap()
     }
 
     #[test]
     fn real_model_shapes_are_valid() {
         v3();
-        RoutingSpec::new(384, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 1, 1, 8, true, 2.827)
+        RoutingSpec::builder(384, 8)
+            .scoring(ScoringFunc::Sigmoid)
+            .method(TopkMethod::NoauxTc)
+            .groups(1, 1)
+            .norm_topk_prob(true)
+            .routed_scaling_factor(2.827)
+            .build()
             .unwrap();
-        RoutingSpec::new(
-            160,
-            ScoringFunc::Softmax,
-            TopkMethod::GroupLimitedGreedy,
-            8,
-            3,
-            6,
-            false,
-            16.0,
-        )
-        .unwrap();
-        RoutingSpec::new(64, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0)
+        RoutingSpec::builder(160, 6)
+            .scoring(ScoringFunc::Softmax)
+            .method(TopkMethod::GroupLimitedGreedy)
+            .groups(8, 3)
+            .norm_topk_prob(false)
+            .routed_scaling_factor(16.0)
+            .build()
+            .unwrap();
+        RoutingSpec::builder(64, 6)
+            .scoring(ScoringFunc::Softmax)
+            .method(TopkMethod::Greedy)
+            .groups(1, 1)
+            .norm_topk_prob(false)
+            .routed_scaling_factor(1.0)
+            .build()
             .unwrap();
     }
 

@@ -13,7 +13,14 @@ fn spec(
 ) -> RoutingSpec {
     let scoring =
         if method == TopkMethod::NoauxTc { ScoringFunc::Sigmoid } else { ScoringFunc::Softmax };
-    RoutingSpec::new(e, scoring, method, groups.0, groups.1, k, norm, scale).unwrap()
+    RoutingSpec::builder(e, k)
+        .scoring(scoring)
+        .method(method)
+        .groups(groups.0, groups.1)
+        .norm_topk_prob(norm)
+        .routed_scaling_factor(scale)
+        .build()
+        .unwrap()
 }
 
 /// Routes one row on every kernel family this CPU supports; they must agree bit for bit.

@@ -87,17 +87,14 @@ pub fn noaux_gate(
     weight_std: f32,
     seed: u64,
 ) -> MoeGate {
-    let spec = RoutingSpec::new(
-        experts,
-        ScoringFunc::Sigmoid,
-        TopkMethod::NoauxTc,
-        groups,
-        keep,
-        top_k,
-        true,
-        2.5,
-    )
-    .unwrap();
+    let spec = RoutingSpec::builder(experts, top_k)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(groups, keep)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .build()
+        .unwrap();
     let mut rng = Rng::new(seed);
     let weight: Vec<bf16> =
         rng.normals(experts * hidden, weight_std).into_iter().map(bf16::from_f32).collect();

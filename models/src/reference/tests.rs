@@ -18,7 +18,14 @@ fn spec(
         TopkMethod::NoauxTc => ScoringFunc::Sigmoid,
         _ => ScoringFunc::Softmax,
     };
-    RoutingSpec::new(experts, scoring, method, groups.0, groups.1, top_k, renorm, scale).unwrap()
+    RoutingSpec::builder(experts, top_k)
+        .scoring(scoring)
+        .method(method)
+        .groups(groups.0, groups.1)
+        .norm_topk_prob(renorm)
+        .routed_scaling_factor(scale)
+        .build()
+        .unwrap()
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -138,7 +145,13 @@ fn a_bias_near_twelve_keeps_tiny_scores_exact() {
 
 #[test]
 fn too_many_experts_per_token_for_the_kept_groups_is_refused() {
-    let result = RoutingSpec::new(8, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 1, 3, true, 1.0);
+    let result = RoutingSpec::builder(8, 3)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(4, 1)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(1.0)
+        .build();
     assert!(matches!(result, Err(SpecError::TooFewAllowedExperts { allowed: 2, .. })));
     // A spec built by hand is validated by the router too.
     let mut s = spec(8, TopkMethod::NoauxTc, (4, 1), 2, true, 1.0);
