@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use sluice_tensor::{
-    Backend, BackendError, Device, Dlpack, Element, PreparedRouter, RoutingOutput, RoutingSpec,
+    Backend, BackendError, Device, Dlpack, DlpackViewMut, Element, ExpectedShape, PreparedRouter,
+    RoutingOutput, RoutingSpec, check_router_weight,
 };
 
 use crate::builder::{CpuBackendBuilder, CpuBuildError};
@@ -62,17 +63,14 @@ impl CpuBackend {
     ) -> Result<CpuPreparedRouter, BackendError> {
         const OP: &str = "prepare_router";
         spec.validate()?;
-        let view = input::weight(OP, weight)?;
+        let weight_view = input::view(OP, "weight", weight)?;
+        check_router_weight(OP, weight_view.shape(), spec)?;
+        let view = input::weight(OP, &weight_view)?;
         let (experts, hidden) = view.dims();
-        if experts != spec.num_experts {
-            return Err(BackendError::Shape {
-                op: OP,
-                arg: "weight",
-                shape: vec![experts as i64, hidden as i64],
-                expected: format!("[{}, H] (E = the spec's num_experts)", spec.num_experts),
-            });
-        }
-        let bias = bias.map(|b| input::bias(OP, b).map(|b| b.to_vec())).transpose()?;
+        let bias = match bias {
+            Some(bias) => Some(input::bias(OP, &input::view(OP, "bias", bias)?)?.to_vec()),
+            None => None,
+        };
         RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
         let _span = tracing::debug_span!("cpu_prepare_router", experts, hidden, %spec).entered();
         let packed = PackedWeight::pack(view).map_err(|_| {
@@ -86,9 +84,9 @@ impl CpuBackend {
 fn copy_to_host(op: &'static str, tensor: &Dlpack) -> Result<Dlpack, BackendError> {
     fn copy<T: Element>(view: ndarray::ArrayViewD<'_, T>) -> Result<Dlpack, BackendError> {
         let shape = view.shape().to_vec();
-        export(view.iter().copied().collect(), &shape)
+        export("tensor", view.iter().copied().collect(), &shape)
     }
-    match input::any(op, "tensor", tensor)? {
+    match input::any(op, "tensor", &input::view(op, "tensor", tensor)?)? {
         AnyView::F32(v) => copy(v),
         AnyView::F16(v) => copy(v),
         AnyView::Bf16(v) => copy(v),
@@ -118,10 +116,19 @@ impl Backend for CpuBackend {
 
     fn router_gemm(&self, hidden: &Dlpack, weight: &Dlpack) -> Result<Dlpack, BackendError> {
         const OP: &str = "router_gemm";
-        let hidden = input::hidden(OP, hidden)?;
-        let weight = input::weight(OP, weight)?;
-        ops::check_hidden_size(OP, &hidden, weight.dims().1)?;
-        ops::logits(&self.engine, OP, hidden, Weights::Raw(weight))
+        let hidden_view = input::view(OP, "hidden", hidden)?;
+        let weight_view = input::view(OP, "weight", weight)?;
+        let hidden = input::hidden(OP, &hidden_view)?;
+        let weight = input::weight(OP, &weight_view)?;
+        let (experts, hidden_size) = weight.dims();
+        ops::check_hidden_size(OP, &hidden, hidden_size)?;
+        let tokens = hidden.dims().0;
+        ops::check_tokens(&self.engine, OP, tokens)?;
+        let mut logits = ops::new_logits(OP, tokens, experts)?;
+        let mut out = DlpackViewMut::from_slice(&mut logits, &[tokens, experts])
+            .map_err(|source| BackendError::Argument { op: OP, arg: "logits", source })?;
+        ops::logits_into(&self.engine, OP, hidden, Weights::Raw(weight), &mut out)?;
+        ops::export_logits(logits, tokens, experts)
     }
 
     fn route_logits(
@@ -132,17 +139,21 @@ impl Backend for CpuBackend {
     ) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route_logits";
         spec.validate()?;
-        let logits = input::logits(OP, logits)?;
+        let logits_view = input::view(OP, "logits", logits)?;
+        let logits = input::logits(OP, &logits_view)?;
         let (tokens, experts) = logits.dim();
         if experts != spec.num_experts {
             return Err(BackendError::Shape {
                 op: OP,
                 arg: "logits",
-                shape: vec![tokens as i64, experts as i64],
-                expected: format!("[T, {}] (E = the spec's num_experts)", spec.num_experts),
+                shape: vec![tokens, experts],
+                expected: ExpectedShape(vec![None, Some(spec.num_experts)]),
             });
         }
-        let bias = bias.map(|b| input::bias(OP, b).map(|b| b.to_vec())).transpose()?;
+        let bias = match bias {
+            Some(bias) => Some(input::bias(OP, &input::view(OP, "bias", bias)?)?.to_vec()),
+            None => None,
+        };
         let router = RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
         ops::route_logits(&self.engine, OP, LogitRows::View(logits), tokens, &router)
     }

@@ -8,14 +8,15 @@
 //!
 //! The calling thread always takes a share; the pool holds the other `threads - 1` workers, which
 //! stay hot between calls (see [`crate::pool`]).
-//! Buffers live in thread-locals and are reused, so a call allocates only its outputs.
+//! Buffers live in thread-locals that grow once and are then reused, so in steady state a call
+//! allocates nothing: it writes the caller's outputs.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::CpuKernel;
 use crate::gemm::{Gemm, GemmScratch, OutWindow};
@@ -62,42 +63,118 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
-/// A mutable slice that several threads write disjoint parts of.
-pub(crate) struct SharedSlice<'a, T> {
+/// Rows of a caller's `[rows, columns]` output that several threads write disjoint rows of. Rows
+/// may lie further apart than `columns` (a window of a larger buffer); each row is contiguous.
+pub(crate) struct OutRows<'a, T> {
     ptr: *mut T,
-    len: usize,
+    rows: usize,
+    columns: usize,
+    stride: usize,
     _borrow: PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: a `SharedSlice` is a `&mut [T]` split between threads; handing it to another thread is
-// sound when `T: Send`, and every access goes through `range`/`window`, whose callers guarantee
-// disjointness.
-unsafe impl<T: Send> Send for SharedSlice<'_, T> {}
+// SAFETY: an `OutRows` is an exclusive borrow of the rows split between threads; handing it to
+// another thread is sound when `T: Send`, and every access goes through `row`/`window`, whose
+// callers guarantee that threads touch disjoint rows.
+unsafe impl<T: Send> Send for OutRows<'_, T> {}
 // SAFETY: as above; shared references only hand out disjoint parts.
-unsafe impl<T: Send> Sync for SharedSlice<'_, T> {}
+unsafe impl<T: Send> Sync for OutRows<'_, T> {}
 
-impl<'a, T> SharedSlice<'a, T> {
-    pub(crate) fn new(slice: &'a mut [T]) -> Self {
-        SharedSlice { ptr: slice.as_mut_ptr(), len: slice.len(), _borrow: PhantomData }
+impl<'a, T> OutRows<'a, T> {
+    /// The rows of a writable two-dimensional view whose rows are contiguous.
+    pub(crate) fn new(mut view: ArrayViewMut2<'a, T>) -> Self {
+        let (rows, columns) = view.dim();
+        let stride = view.strides()[0];
+        assert!(
+            columns <= 1 || view.strides()[1] == 1,
+            "output rows must be contiguous (checked with the arguments)"
+        );
+        OutRows {
+            ptr: view.as_mut_ptr(),
+            rows,
+            columns,
+            // Views made by the bridge have non-negative strides; one row has stride 0 at most.
+            stride: usize::try_from(stride).unwrap_or(0),
+            _borrow: PhantomData,
+        }
     }
 
-    /// The elements `range`.
+    /// Row `row`.
     ///
     /// # Safety
     ///
-    /// No other live reference (from this or another thread) may overlap `range`.
+    /// No other live reference (from this or another thread) may overlap row `row`.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn range(&self, range: Range<usize>) -> &'a mut [T] {
-        assert!(range.start <= range.end && range.end <= self.len, "shared slice range");
-        // SAFETY: in bounds (checked), the borrow `'a` is exclusive to this `SharedSlice`, and the
-        // caller guarantees no overlap with other live parts.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    unsafe fn row(&self, row: usize) -> &'a mut [T] {
+        assert!(row < self.rows, "output row {row} of {}", self.rows);
+        // SAFETY: row `row` exists (checked) and holds `columns` contiguous elements of the
+        // exclusively borrowed output; the caller guarantees no overlapping live reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(row * self.stride), self.columns) }
+    }
+}
+
+impl OutRows<'_, f32> {
+    /// A GEMM output window whose first element is `(row, column)`.
+    fn window(&self, row: usize, column: usize) -> OutWindow {
+        assert!(row <= self.rows && column <= self.columns, "output window");
+        OutWindow { ptr: self.ptr.wrapping_add(row * self.stride + column), stride: self.stride }
     }
 
-    /// The address of element `offset` (in bounds), for a strided window.
-    fn window(&self, offset: usize) -> *mut T {
-        assert!(offset <= self.len, "shared slice offset");
-        self.ptr.wrapping_add(offset)
+    /// The rows as logits to route, once the GEMM has written them.
+    fn as_logit_rows(&self) -> LogitRows<'_> {
+        LogitRows::Strided {
+            ptr: self.ptr,
+            rows: self.rows,
+            experts: self.columns,
+            stride: self.stride,
+            _borrow: PhantomData,
+        }
+    }
+}
+
+/// The routing outputs of one call.
+pub(crate) struct Routed<'a> {
+    pub(crate) ids: OutRows<'a, i32>,
+    pub(crate) weights: OutRows<'a, f32>,
+}
+
+impl<'a> Routed<'a> {
+    /// The id and weight rows of `token`.
+    ///
+    /// # Safety
+    ///
+    /// No other live reference may overlap row `token` of either output.
+    unsafe fn row(&self, token: usize) -> (&'a mut [i32], &'a mut [f32]) {
+        // SAFETY: forwarded.
+        unsafe { (self.ids.row(token), self.weights.row(token)) }
+    }
+}
+
+/// The rows whose hidden states or logits held a NaN or an infinity (marked invalid).
+#[derive(Debug, Default)]
+pub(crate) struct NonFiniteRows {
+    count: AtomicUsize,
+    first: AtomicUsize,
+}
+
+impl NonFiniteRows {
+    fn new() -> Self {
+        NonFiniteRows { count: AtomicUsize::new(0), first: AtomicUsize::new(usize::MAX) }
+    }
+
+    fn record(&self, row: usize) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.first.fetch_min(row, Ordering::Relaxed);
+    }
+
+    /// How many rows were marked.
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The first marked row.
+    pub(crate) fn first(&self) -> Option<usize> {
+        Some(self.first.load(Ordering::Relaxed)).filter(|&row| row != usize::MAX)
     }
 }
 
@@ -158,15 +235,14 @@ impl Engine {
     }
 
     /// All logits `[T, E]` into `out`.
-    pub(crate) fn logits(&self, gemm: &Gemm<'_>, out: &mut [f32]) {
+    pub(crate) fn logits(&self, gemm: &Gemm<'_>, out: &OutRows<'_, f32>) {
         let (tokens, _) = gemm.hidden_dims();
         let experts = gemm.experts();
         if tokens == 0 || experts == 0 {
             return;
         }
-        assert_eq!(out.len(), tokens * experts, "logits buffer");
+        assert_eq!((out.rows, out.columns), (tokens, experts), "logits buffer");
         let blocks = block_count(experts);
-        let out = SharedSlice::new(out);
         if self.splits_experts(tokens) {
             let tile = self.kernel.geometry().nr;
             let shares = self.threads.min(blocks.div_ceil(tile));
@@ -176,7 +252,7 @@ impl Engine {
                 if mine.is_empty() {
                     return;
                 }
-                let window = OutWindow { ptr: out.window(mine.start * LANES), stride: experts };
+                let window = out.window(0, mine.start * LANES);
                 with_scratch(|scratch| {
                     // SAFETY: the shares' block ranges are disjoint, so each thread owns the
                     // columns of its blocks in every row; `window` addresses them.
@@ -186,7 +262,7 @@ impl Engine {
         } else {
             tracing::debug!(tokens, "logits: token chunks");
             self.for_each_token_chunk(tokens, |rows, scratch| {
-                let window = OutWindow { ptr: out.window(rows.start * experts), stride: experts };
+                let window = out.window(rows.start, 0);
                 // SAFETY: each chunk is claimed by exactly one thread, so its rows are owned by
                 // this call; `window` addresses them.
                 unsafe { gemm.run(rows, 0..blocks, window, &mut scratch.gemm) };
@@ -194,114 +270,154 @@ impl Engine {
         }
     }
 
-    /// The fused route: logits and routing of every token into `ids` and `weights` (`[T, K]`
-    /// each). Returns the first non-finite row, if any (those rows are marked invalid).
+    /// The fused route: logits and routing of every token into `out`, and the logits into
+    /// `logits` when the caller wants them. Rows with non-finite logits are marked invalid and
+    /// reported.
     pub(crate) fn route(
         &self,
         gemm: &Gemm<'_>,
         router: &RowRouter<'_>,
-        ids: &mut [i32],
-        weights: &mut [f32],
-    ) -> Option<usize> {
+        out: &Routed<'_>,
+        logits: Option<&OutRows<'_, f32>>,
+    ) -> NonFiniteRows {
         let (tokens, _) = gemm.hidden_dims();
         let experts = gemm.experts();
-        let k = router.spec().top_k;
         if tokens == 0 {
-            return None;
+            return NonFiniteRows::new();
         }
         if self.splits_experts(tokens) {
-            let mut logits = vec![0.0; tokens * experts];
-            self.logits(gemm, &mut logits);
-            let rows = LogitRows::Contiguous { data: &logits, experts };
-            return self.route_rows(router, rows, ids, weights);
+            return match logits {
+                Some(logits) => {
+                    self.logits(gemm, logits);
+                    self.route_rows(router, logits.as_logit_rows(), out)
+                }
+                None => with_full_logits(tokens * experts, |buffer| {
+                    let logits = OutRows::new(
+                        ArrayViewMut2::from_shape((tokens, experts), buffer)
+                            .expect("the buffer holds tokens x experts values"),
+                    );
+                    self.logits(gemm, &logits);
+                    self.route_rows(router, logits.as_logit_rows(), out)
+                }),
+            };
         }
         let blocks = block_count(experts);
         tracing::debug!(tokens, "route: token chunks, routed in cache");
-        let first_bad = AtomicUsize::new(usize::MAX);
-        let (ids, weights) = (SharedSlice::new(ids), SharedSlice::new(weights));
+        let bad = NonFiniteRows::new();
         self.for_each_token_chunk(tokens, |rows, scratch| {
-            scratch.logits.clear();
-            scratch.logits.resize(rows.len() * experts, 0.0);
-            let window = OutWindow { ptr: scratch.logits.as_mut_ptr(), stride: experts };
-            // SAFETY: the window is this thread's own buffer of `rows.len()` full rows.
-            unsafe { gemm.run(rows.clone(), 0..blocks, window, &mut scratch.gemm) };
-            // SAFETY: the chunk is claimed by this thread alone, so its output rows are not
-            // touched by anyone else.
-            let (ids, weights) = unsafe {
-                (
-                    ids.range(rows.start * k..rows.end * k),
-                    weights.range(rows.start * k..rows.end * k),
-                )
+            let Scratch { gemm: gemm_scratch, logits: chunk, route, .. } = scratch;
+            let (window, stride) = match logits {
+                Some(logits) => (logits.window(rows.start, 0), logits.stride),
+                None => {
+                    chunk.clear();
+                    chunk.resize(rows.len() * experts, 0.0);
+                    (OutWindow { ptr: chunk.as_mut_ptr(), stride: experts }, experts)
+                }
             };
-            let bad = router.route_block(&scratch.logits, ids, weights, &mut scratch.route);
-            if let Some(bad) = bad {
-                first_bad.fetch_min(rows.start + bad, Ordering::Relaxed);
+            // SAFETY: the window is either this thread's own buffer of `rows.len()` full rows, or
+            // the caller's logits rows of this chunk, which only this thread claimed.
+            unsafe { gemm.run(rows.clone(), 0..blocks, window, gemm_scratch) };
+            for (index, token) in rows.enumerate() {
+                // SAFETY: the GEMM above wrote this row completely and nothing writes it while it
+                // is read; `stride` is the distance between the window's rows.
+                let row =
+                    unsafe { std::slice::from_raw_parts(window.ptr.add(index * stride), experts) };
+                // SAFETY: the chunk is claimed by this thread alone, so its output rows are not
+                // touched by anyone else.
+                let (ids, weights) = unsafe { out.row(token) };
+                if router.route_row(row, route, ids, weights) == RowOutcome::NonFinite {
+                    bad.record(token);
+                }
             }
         });
-        Some(first_bad.into_inner()).filter(|&row| row != usize::MAX)
+        bad
     }
 
-    /// Routes rows of logits. Returns the first non-finite row, if any.
+    /// Routes rows of logits into `out`. Rows with non-finite logits are marked invalid and
+    /// reported.
     pub(crate) fn route_rows(
         &self,
         router: &RowRouter<'_>,
         logits: LogitRows<'_>,
-        ids: &mut [i32],
-        weights: &mut [f32],
-    ) -> Option<usize> {
+        out: &Routed<'_>,
+    ) -> NonFiniteRows {
         let tokens = logits.len();
-        let k = router.spec().top_k;
         let shares = if tokens >= MIN_ROWS_FOR_PARALLEL_ROUTING { self.threads } else { 1 };
-        let first_bad = AtomicUsize::new(usize::MAX);
-        let (ids, weights) = (SharedSlice::new(ids), SharedSlice::new(weights));
+        let bad = NonFiniteRows::new();
         self.for_each_share(shares, |share| {
             let rows = tokens * share / shares..tokens * (share + 1) / shares;
-            // SAFETY: the shares' row ranges are disjoint.
-            let (ids, weights) = unsafe {
-                (
-                    ids.range(rows.start * k..rows.end * k),
-                    weights.range(rows.start * k..rows.end * k),
-                )
-            };
             with_scratch(|scratch| {
                 let Scratch { row: copy, route, .. } = scratch;
-                let out = ids.chunks_exact_mut(k).zip(weights.chunks_exact_mut(k));
-                for (token, (ids, weights)) in rows.zip(out) {
+                for token in rows {
                     let row = logits.row(token, copy);
+                    // SAFETY: the shares' row ranges are disjoint.
+                    let (ids, weights) = unsafe { out.row(token) };
                     if router.route_row(row, route, ids, weights) == RowOutcome::NonFinite {
-                        first_bad.fetch_min(token, Ordering::Relaxed);
+                        bad.record(token);
                     }
                 }
             });
         });
-        Some(first_bad.into_inner()).filter(|&row| row != usize::MAX)
+        bad
     }
+}
+
+thread_local! {
+    /// The calling thread's buffer for all logits of a call that splits the experts.
+    static FULL_LOGITS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` zeroed values of this thread's logits buffer, which grows once and is then
+/// reused (a fresh buffer if it is somehow in use already).
+fn with_full_logits<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    FULL_LOGITS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            buffer.clear();
+            buffer.resize(len, 0.0);
+            f(&mut buffer)
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Rows of f32 logits to route.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum LogitRows<'a> {
-    /// Row-major rows of `experts` values each.
-    Contiguous { data: &'a [f32], experts: usize },
+    /// Rows of `experts` contiguous values, `stride` apart, written by this call's GEMM.
+    Strided {
+        ptr: *const f32,
+        rows: usize,
+        experts: usize,
+        stride: usize,
+        _borrow: PhantomData<&'a [f32]>,
+    },
     /// Any strides; a row with a non-unit column stride is copied before it is routed.
     View(ArrayView2<'a, f32>),
 }
 
+// SAFETY: both variants are shared borrows of f32 rows that nothing writes while they are routed.
+unsafe impl Send for LogitRows<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for LogitRows<'_> {}
+
 impl<'a> LogitRows<'a> {
     fn len(&self) -> usize {
         match self {
-            LogitRows::Contiguous { data, experts } => data.len() / (*experts).max(1),
+            LogitRows::Strided { rows, .. } => *rows,
             LogitRows::View(view) => view.nrows(),
         }
     }
 
     /// Row `token` (`< len`), borrowed in place or copied into `copy`.
     fn row<'b>(&'b self, token: usize, copy: &'b mut Vec<f32>) -> &'b [f32] {
-        match self {
-            LogitRows::Contiguous { data, experts } => {
-                &data[token * experts..(token + 1) * experts]
+        match *self {
+            LogitRows::Strided { ptr, rows, experts, stride, .. } => {
+                assert!(token < rows, "logit row {token} of {rows}");
+                // SAFETY: row `token` exists and holds `experts` contiguous values that the GEMM
+                // wrote before routing started; nothing writes them while they are read.
+                unsafe { std::slice::from_raw_parts(ptr.add(token * stride), experts) }
             }
-            LogitRows::View(view) => {
+            LogitRows::View(ref view) => {
                 let row = view.row(token);
                 match row.to_slice() {
                     Some(row) => row,

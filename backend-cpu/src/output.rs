@@ -1,7 +1,6 @@
 //! Output buffers: allocated without aborting on failure, handed out as owned DLPack tensors.
 
-use sluice_tensor::dlpack::export_vec;
-use sluice_tensor::{BackendError, Dlpack, Element};
+use sluice_tensor::{BackendError, Dlpack, Element, export_vec};
 
 /// A vector of `len` default values; an allocation failure becomes an error, not an abort.
 pub(crate) fn filled<T: Copy + Default>(
@@ -16,10 +15,14 @@ pub(crate) fn filled<T: Copy + Default>(
 
 /// The error for a failed allocation of `bytes`.
 pub(crate) fn out_of_memory(op: &'static str, bytes: usize) -> BackendError {
-    BackendError::Device { backend: "cpu", message: format!("{op}: cannot allocate {bytes} bytes") }
+    BackendError::OutOfMemory { op, bytes }
 }
 
-/// Hands `data` over as a host DLPack tensor of `shape` (no copy).
-pub(crate) fn export<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Dlpack, BackendError> {
-    Ok(export_vec(data, shape)?)
+/// Hands `data` over as the host DLPack output `arg` of `shape` (no copy).
+pub(crate) fn export<T: Element>(
+    arg: &'static str,
+    data: Vec<T>,
+    shape: &[usize],
+) -> Result<Dlpack, BackendError> {
+    export_vec(data, shape).map_err(|source| BackendError::Argument { op: "export", arg, source })
 }

@@ -2,18 +2,25 @@
 
 use std::sync::Arc;
 
-use sluice_tensor::{BackendError, Dlpack, PreparedRouter, RoutingOutput, RoutingSpec};
+use sluice_tensor::{
+    BackendError, Dlpack, DlpackView, DlpackViewMut, Execution, PreparedRouter, RouteInputs,
+    RouteOutputs, RoutingOutput, RoutingSpec, check_logits_into, check_route_into,
+};
 
 use crate::engine::Engine;
 use crate::gemm::Weights;
 use crate::input;
-use crate::ops;
+use crate::ops::{self, HostOutputs};
 use crate::pack::PackedWeight;
 use crate::routing::RowRouter;
 
 /// A router prepared by a [`CpuBackend`](crate::CpuBackend): the weight packed into the kernels'
 /// panel layout (the same size as a bf16 or f32 checkpoint tensor, at most one padding value per
 /// expert for an odd hidden size), the bias as f32, and the spec.
+///
+/// `route_into` on the host allocates nothing in steady state: the per-thread buffers grow on the
+/// first calls (or in [`warm_up`](PreparedRouter::warm_up)) and are reused, and no workspace is
+/// needed.
 #[derive(Debug)]
 pub struct CpuPreparedRouter {
     engine: Arc<Engine>,
@@ -37,8 +44,8 @@ impl CpuPreparedRouter {
         self.weight.allocated_bytes()
     }
 
-    fn router(&self) -> Result<RowRouter<'_>, BackendError> {
-        RowRouter::new("route", &self.spec, self.bias.as_deref(), self.engine.kernel)
+    fn router(&self, op: &'static str) -> Result<RowRouter<'_>, BackendError> {
+        RowRouter::new(op, &self.spec, self.bias.as_deref(), self.engine.kernel)
     }
 }
 
@@ -53,15 +60,59 @@ impl PreparedRouter for CpuPreparedRouter {
 
     fn router_gemm(&self, hidden: &Dlpack) -> Result<Dlpack, BackendError> {
         const OP: &str = "router_gemm";
-        let hidden = input::hidden(OP, hidden)?;
-        ops::check_hidden_size(OP, &hidden, self.hidden_size())?;
-        ops::logits(&self.engine, OP, hidden, Weights::Packed(&self.weight))
+        let view = input::view(OP, "hidden", hidden)?;
+        let tokens = input::hidden(OP, &view)?.dims().0;
+        ops::check_tokens(&self.engine, OP, tokens)?;
+        let experts = self.spec.num_experts;
+        let mut logits = ops::new_logits(OP, tokens, experts)?;
+        let mut out = DlpackViewMut::from_slice(&mut logits, &[tokens, experts])
+            .map_err(|source| BackendError::Argument { op: OP, arg: "logits", source })?;
+        self.router_gemm_into(&view, &mut out, Execution::Host)?;
+        ops::export_logits(logits, tokens, experts)
     }
 
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route";
+        let view = input::view(OP, "hidden", hidden)?;
+        let tokens = input::hidden(OP, &view)?.dims().0;
+        ops::check_tokens(&self.engine, OP, tokens)?;
+        let mut outputs = HostOutputs::new(OP, tokens, self.spec.top_k)?;
+        self.route_into(&RouteInputs::new(view), &mut outputs.views(OP)?, Execution::Host)?;
+        outputs.export()
+    }
+
+    fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
+        const OP: &str = "warm_up";
+        ops::check_tokens(&self.engine, OP, tokens)?;
+        let hidden = vec![0.0f32; tokens * self.hidden_size()];
+        let view = DlpackView::from_slice(&hidden, &[tokens, self.hidden_size()])
+            .map_err(|source| BackendError::Argument { op: OP, arg: "hidden", source })?;
+        let mut outputs = HostOutputs::new(OP, tokens, self.spec.top_k)?;
+        self.route_into(&RouteInputs::new(view), &mut outputs.views(OP)?, Execution::Host)
+    }
+
+    fn route_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "route_into";
+        check_route_into(OP, self, inputs, outputs, execution, 0)?;
+        let hidden = input::hidden(OP, &inputs.hidden)?;
+        let weights = Weights::Packed(&self.weight);
+        ops::route_into(&self.engine, OP, hidden, weights, &self.router(OP)?, outputs)
+    }
+
+    fn router_gemm_into(
+        &self,
+        hidden: &DlpackView<'_>,
+        logits: &mut DlpackViewMut<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "router_gemm_into";
+        check_logits_into(OP, self, hidden, logits, execution)?;
         let hidden = input::hidden(OP, hidden)?;
-        ops::check_hidden_size(OP, &hidden, self.hidden_size())?;
-        ops::route(&self.engine, OP, hidden, Weights::Packed(&self.weight), &self.router()?)
+        ops::logits_into(&self.engine, OP, hidden, Weights::Packed(&self.weight), logits)
     }
 }

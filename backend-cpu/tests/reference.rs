@@ -245,14 +245,14 @@ fn non_finite_rows_follow_the_policy_on_every_path() {
         let prepared =
             backend.prepare_router(inputs.w_dl(&case), inputs.bias_dl(), &case.spec).unwrap();
         match prepared.route(&inputs.x_dl(&case)) {
-            Err(BackendError::NonFinite { row }) => assert_eq!(row, 37, "{what}"),
+            Err(BackendError::NonFinite { row, .. }) => assert_eq!(row, 37, "{what}"),
             other => panic!("{what}: expected a non-finite error, got {other:?}"),
         }
         // Small T goes through the expert split and the second routing pass.
         let few = Case { tokens: 40, ..case.clone() };
         let err = prepared
             .route(&Inputs { x: inputs.x[..40 * h].to_vec(), ..Inputs::new(&few) }.x_dl(&few));
-        assert!(matches!(err, Err(BackendError::NonFinite { row: 37 })), "{what}: {err:?}");
+        assert!(matches!(err, Err(BackendError::NonFinite { row: 37, .. })), "{what}: {err:?}");
 
         let spec = v3_like(e, NonFinitePolicy::MarkInvalid);
         let expected = reference::route(&exact, t, bias, &spec).unwrap();

@@ -140,6 +140,17 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A backend's routing breaks the backend contract: an id out of range or repeated, a weight
+    /// that is not finite, or a row marked invalid where the policy allows none.
+    #[error("backend `{backend}` returned an invalid routing in row {row}: {problem}")]
+    InvalidRouting {
+        /// The backend's name.
+        backend: String,
+        /// The first bad row.
+        row: usize,
+        /// What is wrong with it.
+        problem: RoutingProblem,
+    },
     /// A backend returned an output that breaks the backend contract.
     #[error(
         "backend `{backend}` returned `{output}` as {dtype} {shape:?}, expected {expected_dtype} \
@@ -159,4 +170,36 @@ pub enum ModelError {
         /// The shape the contract says.
         expected_shape: Vec<usize>,
     },
+}
+
+/// What is wrong with a row a backend returned.
+#[derive(Debug, Clone, Copy, PartialEq, Error)]
+#[non_exhaustive]
+pub enum RoutingProblem {
+    /// An expert id outside `[0, E)`.
+    #[error("expert id {id} is outside [0, {experts})")]
+    IdOutOfRange {
+        /// The id.
+        id: i32,
+        /// `E`.
+        experts: usize,
+    },
+    /// The same expert twice in one row.
+    #[error("expert {id} appears twice")]
+    RepeatedId {
+        /// The id.
+        id: i32,
+    },
+    /// A weight that is NaN or infinite.
+    #[error("weight {value} of expert {id} is not finite")]
+    NonFiniteWeight {
+        /// The expert.
+        id: i32,
+        /// The weight.
+        value: f32,
+    },
+    /// A row marked invalid (`-1`) only in part, or with non-zero weights, or under the error
+    /// policy, which never marks rows.
+    #[error("the row is marked invalid (id -1) where the contract allows no such mark")]
+    UnexpectedInvalidMark,
 }

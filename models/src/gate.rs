@@ -6,6 +6,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use sluice_tensor::{
     Backend, BackendError, DType, NonFinitePolicy, RoutingSpec, Tensor, TopkMethod,
+    check_router_weight,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -143,19 +144,9 @@ impl MoeGate {
     ) -> Result<Self, ModelError> {
         spec.validate().map_err(BackendError::from)?;
         let invalid = |part: &'static str, problem: String| ModelError::GatePart { part, problem };
-        let [experts, hidden_size] = weight.shape() else {
-            return Err(invalid(
-                "weight",
-                format!("has shape {:?}, expected [E, H]", weight.shape()),
-            ));
-        };
-        let (experts, hidden_size) = (*experts, *hidden_size);
-        if experts != spec.num_experts || hidden_size == 0 {
-            return Err(invalid(
-                "weight",
-                format!("has shape {:?}, expected [{}, H > 0]", weight.shape(), spec.num_experts),
-            ));
-        }
+        check_router_weight("MoeGate::new", weight.shape(), &spec)
+            .map_err(|error| invalid("weight", error.to_string()))?;
+        let (experts, hidden_size) = (spec.num_experts, weight.shape()[1]);
         if !matches!(weight.dtype(), DType::BF16 | DType::F32) {
             return Err(invalid(
                 "weight",

@@ -3,14 +3,27 @@
 
 use std::fmt;
 
-use sluice_tensor::{DType, Dlpack, PreparedRouter, RoutingSpec, Tensor};
+use sluice_tensor::reexports::ndarray::ArrayView2;
+use sluice_tensor::{
+    DType, Dlpack, DlpackView, Execution, NonFinitePolicy, PreparedRouter, RouteInputs,
+    RouteOutputs, RoutingSpec, Tensor,
+};
 
-use crate::error::ModelError;
+use crate::error::{ModelError, RoutingProblem};
 use crate::reference::Routing;
 
 /// A gate prepared by a backend (weight packed, uploaded or kept), for repeated routing.
 ///
-/// Created by [`MoeGate::prepare`](crate::MoeGate::prepare).
+/// Created by [`MoeGate::prepare`](crate::MoeGate::prepare), or by
+/// [`PreparedGate::from_router`] around a router an engine prepared itself.
+///
+/// Whatever the backend, what it returns is checked at this boundary: on the host, every id is in
+/// `[0, E)` and distinct within its row, every weight is finite, and `-1` marks only whole rows
+/// under the mark-invalid policy. A backend that breaks this is a typed error naming it and the
+/// row, never an index an engine would follow out of bounds. (Outputs enqueued on a device stream
+/// are not ready when the call returns, so they are the backend's own responsibility.)
+///
+/// README.md shows the engine-style call: prepare once, then `route_into` preallocated buffers.
 pub struct PreparedGate {
     layer: usize,
     hidden_size: usize,
@@ -38,9 +51,24 @@ impl PreparedGate {
         PreparedGate { layer, hidden_size, backend: backend.to_owned(), router }
     }
 
+    /// A gate around a router that an engine prepared itself, through any [`PreparedRouter`]
+    /// implementation (one written outside this workspace too). `backend` names it in messages.
+    pub fn from_router(
+        layer: usize,
+        backend: impl Into<String>,
+        router: Box<dyn PreparedRouter>,
+    ) -> Self {
+        PreparedGate { layer, hidden_size: router.hidden_size(), backend: backend.into(), router }
+    }
+
     /// The decoder layer.
     pub fn layer(&self) -> usize {
         self.layer
+    }
+
+    /// The prepared router, for calls this type does not wrap.
+    pub fn router(&self) -> &dyn PreparedRouter {
+        &*self.router
     }
 
     /// The hidden size `H` the gate takes.
@@ -68,7 +96,40 @@ impl PreparedGate {
         let ids = import_checked(&self.backend, "topk_ids", output.topk_ids, DType::I32, &shape)?;
         let weights =
             import_checked(&self.backend, "topk_weights", output.topk_weights, DType::F32, &shape)?;
+        let (ids_view, weights_view) =
+            (DlpackView::from_tensor(&ids)?, DlpackView::from_tensor(&weights)?);
+        check_routing(&self.backend, self.spec(), &ids_view, &weights_view)?;
         Ok(GateRouting { ids, weights })
+    }
+
+    /// Routes into caller-owned outputs, on the host or the caller's stream: the engine's call
+    /// (see the [`PreparedRouter`] contract). Nothing is allocated on the way; on the host the
+    /// backend's results are checked before this returns.
+    ///
+    /// The hidden states arrive as a view, so they have crossed the bridge already: a view of a
+    /// tensor that requires grad cannot be made (detach it first, O(1)).
+    pub fn route_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), ModelError> {
+        match *inputs.hidden.shape() {
+            [_, h] if h == self.hidden_size => {}
+            _ => {
+                return Err(ModelError::HiddenShape {
+                    layer: self.layer,
+                    shape: inputs.hidden.shape().to_vec(),
+                    hidden_size: self.hidden_size,
+                });
+            }
+        }
+        self.router.route_into(inputs, outputs, execution)?;
+        if execution == Execution::Host {
+            let (ids, weights) = (outputs.topk_ids.as_view(), outputs.topk_weights.as_view());
+            check_routing(&self.backend, self.spec(), &ids, &weights)?;
+        }
+        Ok(())
     }
 
     /// Router logits `x · Wᵀ`, f32 `[T, E]`, from the prepared weight.
@@ -120,6 +181,46 @@ impl GateRouting {
     pub fn into_parts(self) -> (Tensor, Tensor) {
         (self.ids, self.weights)
     }
+}
+
+/// Checks a backend's host outputs against the contract (see [`PreparedGate`]).
+fn check_routing(
+    backend: &str,
+    spec: &RoutingSpec,
+    ids: &DlpackView<'_>,
+    weights: &DlpackView<'_>,
+) -> Result<(), ModelError> {
+    let ids: ArrayView2<'_, i32> = ids.as_array2().map_err(|source| backend_view(source, "ids"))?;
+    let weights: ArrayView2<'_, f32> =
+        weights.as_array2().map_err(|source| backend_view(source, "weights"))?;
+    let invalid =
+        |row, problem| ModelError::InvalidRouting { backend: backend.to_owned(), row, problem };
+    for (row, (ids, weights)) in ids.outer_iter().zip(weights.outer_iter()).enumerate() {
+        if ids.iter().any(|&id| id == -1) {
+            let whole_row = ids.iter().all(|&id| id == -1) && weights.iter().all(|&w| w == 0.0);
+            if !whole_row || spec.non_finite != NonFinitePolicy::MarkInvalid {
+                return Err(invalid(row, RoutingProblem::UnexpectedInvalidMark));
+            }
+            continue;
+        }
+        for (slot, (&id, &weight)) in ids.iter().zip(weights.iter()).enumerate() {
+            if usize::try_from(id).map_or(true, |id| id >= spec.num_experts) {
+                let problem = RoutingProblem::IdOutOfRange { id, experts: spec.num_experts };
+                return Err(invalid(row, problem));
+            }
+            if !weight.is_finite() {
+                return Err(invalid(row, RoutingProblem::NonFiniteWeight { id, value: weight }));
+            }
+            if ids.iter().take(slot).any(|&earlier| earlier == id) {
+                return Err(invalid(row, RoutingProblem::RepeatedId { id }));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn backend_view(source: sluice_tensor::ViewError, arg: &'static str) -> ModelError {
+    ModelError::Backend(sluice_tensor::BackendError::View { op: "route", arg, source })
 }
 
 /// Checks that hidden states are `[T, H]`, returning `T`.

@@ -331,7 +331,7 @@ fn non_finite_hidden_states_fail_or_mark_their_row() {
     values[HIDDEN + 2] = f32::NAN;
     let hidden = Tensor::from_vec(values.clone(), &[3, HIDDEN]).unwrap();
     let err = gate.route(&backend, &hidden).unwrap_err();
-    assert!(matches!(err, ModelError::Backend(BackendError::NonFinite { row: 1 })), "{err}");
+    assert!(matches!(err, ModelError::Backend(BackendError::NonFinite { row: 1, .. })), "{err}");
 
     let gate = gate.with_non_finite(NonFinitePolicy::MarkInvalid);
     let routing = gate.route(&backend, &hidden).unwrap().to_routing().unwrap();

@@ -243,7 +243,7 @@ fn infinite_hidden_states_fail_or_mark_their_row_under_each_policy() {
 
         let err = gate.route(&backend, &hidden).unwrap_err();
         assert!(
-            matches!(err, ModelError::Backend(BackendError::NonFinite { row: r }) if r == row),
+            matches!(err, ModelError::Backend(BackendError::NonFinite { row: r, .. }) if r == row),
             "{bad}: {err}"
         );
         assert!(err.to_string().contains(&format!("row {row}")), "{err}");

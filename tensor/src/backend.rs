@@ -1,10 +1,11 @@
 //! The contract between sluice and a compute backend.
 //!
 //! A backend never sees a [`Tensor`](crate::Tensor): every data argument is a DLPack tensor made by
-//! the [bridge](crate::dlpack), and every result comes back as a DLPack tensor that the bridge
-//! imports without a copy. Because the bridge refuses tensors that require grad, no backend can be
-//! handed one, whatever it does with its inputs. A backend could be a C library on the other side of
-//! an FFI call and this trait would read the same.
+//! the [bridge](crate::dlpack) or a borrowed [view](crate::DlpackView) validated by it, and every
+//! result comes back as a DLPack tensor that the bridge imports without a copy, or is written into
+//! the caller's own buffers. Because the bridge refuses tensors that require grad, no backend can
+//! be handed one, whatever it does with its inputs. A backend could be a C library on the other
+//! side of an FFI call and this trait would read the same.
 //!
 //! Shapes, with `T` tokens, `H` the hidden size, `E` routed experts and `K = spec.top_k`:
 //!
@@ -16,13 +17,18 @@
 //! | logits | `[T, E]` | f32 |
 //! | `topk_ids` | `[T, K]` | i32 (`-1` marks an invalid row) |
 //! | `topk_weights` | `[T, K]` | f32 |
-
+//! | status | `[2]` | i32: rows with non-finite values, and the first of them or `-1` |
+//!
 use std::fmt;
 
 use thiserror::Error;
 
-use crate::dlpack::{Dlpack, DlpackError};
-use crate::{DType, Device, RoutingSpec, SpecError};
+use crate::contract::{ExpectedShape, with_borrowed_dlpack, write_status};
+use crate::dlpack::{Dlpack, DlpackError, export_vec};
+use crate::{
+    DType, Device, DlpackView, DlpackViewMut, Element, Execution, RouteInputs, RouteOutputs,
+    RoutingSpec, SpecError, TopkMethod, ViewError, check_logits_into, check_route_into,
+};
 
 /// The two outputs of routing, as DLPack tensors owned by the backend until imported.
 pub struct RoutingOutput {
@@ -32,9 +38,26 @@ pub struct RoutingOutput {
     pub topk_weights: Dlpack,
 }
 
+impl RoutingOutput {
+    /// Hands host vectors of `tokens` rows of `top_k` over as the two outputs, without a copy:
+    /// how a backend written outside this workspace returns its results with no `unsafe` code.
+    pub fn from_host_vecs(
+        tokens: usize,
+        top_k: usize,
+        ids: Vec<i32>,
+        weights: Vec<f32>,
+    ) -> Result<Self, DlpackError> {
+        let shape = [tokens, top_k];
+        Ok(RoutingOutput {
+            topk_ids: export_vec(ids, &shape)?,
+            topk_weights: export_vec(weights, &shape)?,
+        })
+    }
+}
+
 impl fmt::Debug for RoutingOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shape = |t: &Dlpack| t.validate().map(|v| v.shape().to_vec()).unwrap_or_default();
+        let shape = |t: &Dlpack| DlpackView::from_dlpack(t).map(|v| v.shape().to_vec());
         f.debug_struct("RoutingOutput")
             .field("topk_ids", &shape(&self.topk_ids))
             .field("topk_weights", &shape(&self.topk_weights))
@@ -47,6 +70,40 @@ impl fmt::Debug for RoutingOutput {
 ///
 /// Created by [`Backend::prepare_router`]; it owns what it needs, so the caller's tensors may be
 /// dropped.
+///
+/// # The engine's contract: `route_into`
+///
+/// Engines call a gate the way they call every kernel: once per layer per decode step, on their
+/// own stream, into buffers they allocated once, usually inside a graph they capture and replay.
+/// [`PreparedRouter::route_into`] is that call. Its rules, which every backend keeps:
+///
+/// 1. **Everything costly happens before.** Packing or uploading the weight, compiling and loading
+///    kernels, choosing GEMM algorithms and allocating what the router keeps happen in
+///    [`Backend::prepare_router`] and [`PreparedRouter::warm_up`]. `route_into` allocates nothing,
+///    compiles nothing, loads nothing.
+/// 2. **Every check comes first.** All arguments are checked ([`check_route_into`] does the shared
+///    part) before any work starts or is enqueued, so a refused call changes no output byte and
+///    leaves a caller's graph capture intact.
+/// 3. **On a device stream, only enqueue.** With [`Execution::Stream`] the call enqueues kernels
+///    and memsets on the caller's stream and returns: no host synchronisation, no stream of its
+///    own, no event the caller did not ask for. The stream's safety contract is stated once, on
+///    [`DeviceStream::new`](crate::DeviceStream::new).
+/// 4. **Mutable scratch comes from the caller.** A prepared router is shared by every thread and
+///    stream that routes through it, so what one call writes (beyond its outputs) lives in the
+///    caller's workspace of at least [`PreparedRouter::workspace_bytes`] bytes, never in the
+///    router.
+/// 5. **Outputs are windows.** Output views may be windows of larger buffers (an engine's
+///    max-batch buffer): only the `[T, K]` (or `[T, E]`) window is written. Rows may be further
+///    apart than `K`; within a row, elements are contiguous.
+/// 6. **Non-finite rows.** Under [`NonFinitePolicy::MarkInvalid`](crate::NonFinitePolicy) a row
+///    whose hidden state or logits hold a NaN or an infinity gets ids `-1` and weights `0`, and the
+///    status output (when given) counts such rows and names the first. The default
+///    [`NonFinitePolicy::Error`](crate::NonFinitePolicy) fails the call, which needs the host to
+///    look at the result: it is refused on a device stream with
+///    [`BackendError::PolicyNeedsHost`]. On the host a failed call may have written the outputs.
+///
+/// The allocating [`PreparedRouter::route`] stays as a convenience; on the host it is the same
+/// computation (a backend builds it on `route_into`).
 pub trait PreparedRouter: Send + Sync + fmt::Debug {
     /// The routing spec this router was prepared for.
     fn spec(&self) -> &RoutingSpec;
@@ -54,11 +111,114 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
     /// The hidden size `H` the weight expects.
     fn hidden_size(&self) -> usize;
 
+    /// The device the router computes on, and where `*_into` arguments must live.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
     /// Router logits `x · Wᵀ`, f32 `[T, E]`.
     fn router_gemm(&self, hidden: &Dlpack) -> Result<Dlpack, BackendError>;
 
     /// The fused route: router GEMM and routing in one call.
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError>;
+
+    /// The bytes of caller workspace a `route_into` of `tokens` tokens needs (0: none).
+    fn workspace_bytes(&self, tokens: usize) -> usize {
+        let _ = tokens;
+        0
+    }
+
+    /// Does now whatever a first call of up to `tokens` tokens would otherwise do (compile or
+    /// load kernels, choose algorithms, grow the router's own host buffers), so that later
+    /// `*_into` calls of up to that many tokens only compute.
+    fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
+        let _ = tokens;
+        Ok(())
+    }
+
+    /// The fused route into caller-owned outputs, on the host or the caller's stream.
+    ///
+    /// The default body serves backends that only implement [`route`](Self::route): on the host
+    /// it routes and copies the results into the outputs (allocating, unlike a native
+    /// implementation), and it refuses device streams.
+    fn route_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "route_into";
+        let tokens = check_route_into(OP, self, inputs, outputs, execution, 0)?;
+        if execution != Execution::Host {
+            return Err(BackendError::UnsupportedExecution { op: OP, execution });
+        }
+        with_borrowed_dlpack(OP, "hidden", &inputs.hidden, |hidden| {
+            let routed = self.route(hidden)?;
+            copy_rows::<i32>(OP, "topk_ids", &routed.topk_ids, &mut outputs.topk_ids)?;
+            copy_rows::<f32>(OP, "topk_weights", &routed.topk_weights, &mut outputs.topk_weights)?;
+            if let Some(logits) = outputs.logits.as_mut() {
+                copy_rows::<f32>(OP, "logits", &self.router_gemm(hidden)?, logits)?;
+            }
+            Ok(())
+        })?;
+        if let Some(status) = outputs.status.as_mut() {
+            let ids = outputs.topk_ids.as_view();
+            let ids = ids.as_array2::<i32>().map_err(|source| BackendError::View {
+                op: OP,
+                arg: "topk_ids",
+                source,
+            })?;
+            write_status(OP, status, (0..tokens).filter(|&row| ids[[row, 0]] < 0))?;
+        }
+        Ok(())
+    }
+
+    /// Router logits into a caller-owned f32 `[T, E]` output, on the host or the caller's stream.
+    ///
+    /// The default body computes them with [`router_gemm`](Self::router_gemm) and copies them,
+    /// on the host only.
+    fn router_gemm_into(
+        &self,
+        hidden: &DlpackView<'_>,
+        logits: &mut DlpackViewMut<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "router_gemm_into";
+        check_logits_into(OP, self, hidden, logits, execution)?;
+        if execution != Execution::Host {
+            return Err(BackendError::UnsupportedExecution { op: OP, execution });
+        }
+        with_borrowed_dlpack(OP, "hidden", hidden, |hidden| {
+            copy_rows::<f32>(OP, "logits", &self.router_gemm(hidden)?, logits)
+        })
+    }
+}
+
+/// Copies a backend's `[T, N]` host output into the caller's window.
+fn copy_rows<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    from: &Dlpack,
+    to: &mut DlpackViewMut<'_>,
+) -> Result<(), BackendError> {
+    let from = DlpackView::from_dlpack(from).map_err(|source| BackendError::Argument {
+        op,
+        arg,
+        source,
+    })?;
+    let from = from.as_array2::<T>().map_err(|source| BackendError::View { op, arg, source })?;
+    let mut to =
+        to.as_array2_mut::<T>().map_err(|source| BackendError::View { op, arg, source })?;
+    if from.dim() != to.dim() {
+        return Err(BackendError::Shape {
+            op,
+            arg,
+            shape: from.shape().to_vec(),
+            expected: ExpectedShape::exact(to.shape()),
+        });
+    }
+    to.assign(&from);
+    Ok(())
 }
 
 /// A compute backend: a device plus the router ops, all taking DLPack tensors.
@@ -113,10 +273,51 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
+/// Which input of a row held the NaN or infinity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NonFiniteInput {
+    /// The hidden states (so the logits were non-finite too).
+    HiddenStates,
+    /// The router logits, from finite hidden states (an overflow) or given directly.
+    Logits,
+}
+
+impl fmt::Display for NonFiniteInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NonFiniteInput::HiddenStates => "hidden states",
+            NonFiniteInput::Logits => "router logits",
+        })
+    }
+}
+
 /// Why a backend op refused its inputs or failed.
+///
+/// Every variant names the op and, where one is at fault, the argument.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum BackendError {
+    /// An argument failed the bridge's validation (a malformed DLPack descriptor, a read-only
+    /// output, self-overlapping strides...).
+    #[error("{op}: `{arg}`: {source}")]
+    Argument {
+        /// The op.
+        op: &'static str,
+        /// The argument.
+        arg: &'static str,
+        /// What the bridge found.
+        source: DlpackError,
+    },
+    /// Typed host access to an argument was refused.
+    #[error("{op}: `{arg}`: {source}")]
+    View {
+        /// The op.
+        op: &'static str,
+        /// The argument.
+        arg: &'static str,
+        /// Why.
+        source: ViewError,
+    },
     /// An argument's dtype is not supported by the op.
     #[error(
         "{op}: `{arg}` has dtype {dtype}, which this op does not support (supported: {supported})"
@@ -131,18 +332,6 @@ pub enum BackendError {
         /// What the op takes.
         supported: &'static str,
     },
-    /// An argument's DLPack dtype is not one sluice knows.
-    #[error("{op}: `{arg}` has a DLPack dtype sluice does not know (code {code}, {bits} bits)")]
-    UnknownDType {
-        /// The op.
-        op: &'static str,
-        /// The argument.
-        arg: &'static str,
-        /// DLPack type code.
-        code: u8,
-        /// Bits per element.
-        bits: u8,
-    },
     /// An argument's shape does not fit the op.
     #[error("{op}: `{arg}` has shape {shape:?}, expected {expected}")]
     Shape {
@@ -151,9 +340,9 @@ pub enum BackendError {
         /// The argument.
         arg: &'static str,
         /// The shape it had.
-        shape: Vec<i64>,
-        /// What was expected, in words.
-        expected: String,
+        shape: Vec<usize>,
+        /// The shape the op needs.
+        expected: ExpectedShape,
     },
     /// An argument lives on a device this backend cannot read.
     #[error("{op}: `{arg}` is on {actual}, this backend computes on {expected}")]
@@ -163,7 +352,7 @@ pub enum BackendError {
         /// The argument.
         arg: &'static str,
         /// Where it is.
-        actual: String,
+        actual: Device,
         /// Where it must be.
         expected: Device,
     },
@@ -175,11 +364,39 @@ pub enum BackendError {
         /// The argument.
         arg: &'static str,
         /// Its shape.
-        shape: Vec<i64>,
+        shape: Vec<usize>,
         /// Its strides.
-        strides: Vec<i64>,
+        strides: Vec<usize>,
         /// What the op needs.
         requirement: &'static str,
+    },
+    /// A router weight of hidden size 0: every logit would be 0 and routing meaningless.
+    #[error("{op}: `{arg}` has hidden size 0; a router needs at least one hidden feature")]
+    ZeroHiddenSize {
+        /// The op.
+        op: &'static str,
+        /// The argument.
+        arg: &'static str,
+    },
+    /// Two arguments share memory that one of them writes.
+    #[error("{op}: `{first}` and `{second}` overlap in memory; outputs must not alias")]
+    Overlap {
+        /// The op.
+        op: &'static str,
+        /// One argument.
+        first: &'static str,
+        /// The other, an output.
+        second: &'static str,
+    },
+    /// The caller's workspace is smaller than the call needs.
+    #[error("{op}: the workspace holds {bytes} bytes, this call needs {needed}")]
+    WorkspaceTooSmall {
+        /// The op.
+        op: &'static str,
+        /// Bytes given.
+        bytes: usize,
+        /// Bytes needed (`workspace_bytes(T)`).
+        needed: usize,
     },
     /// More tokens than the backend is configured to take in one call.
     #[error("{op}: {tokens} tokens exceed the limit of {limit} per call")]
@@ -191,13 +408,18 @@ pub enum BackendError {
         /// The configured limit.
         limit: usize,
     },
-    /// A token's logits hold a NaN or an infinity, under [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error).
+    /// A row holds a NaN or an infinity, under [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error).
     #[error(
-        "non-finite router logits in row {row} (token {row}); pass the mark-invalid policy to route the other rows"
+        "{op}: non-finite {input} in row {row}; pass the mark-invalid policy to route the other \
+         rows"
     )]
     NonFinite {
+        /// The op.
+        op: &'static str,
         /// The first bad row.
         row: usize,
+        /// Which input held the bad value.
+        input: NonFiniteInput,
     },
     /// The correction bias holds a NaN or an infinity, which would make selection meaningless.
     #[error("{op}: the correction bias of expert {expert} is {value}, not a finite number")]
@@ -209,12 +431,46 @@ pub enum BackendError {
         /// Its value.
         value: f32,
     },
+    /// A correction bias was given to a method that does not use one.
+    #[error(
+        "{op}: a correction bias was given, but `topk_method` = \"{}\" does not use one",
+        method.name()
+    )]
+    UnexpectedBias {
+        /// The op.
+        op: &'static str,
+        /// The spec's method.
+        method: TopkMethod,
+    },
+    /// The call cannot run where it was asked to.
+    #[error("{op}: this backend cannot run on {execution}")]
+    UnsupportedExecution {
+        /// The op.
+        op: &'static str,
+        /// Where the call was to run.
+        execution: Execution,
+    },
+    /// The error policy for non-finite rows needs the host to see the result, which a call that
+    /// only enqueues work cannot do.
+    #[error(
+        "{op}: the error policy for non-finite rows needs a host synchronisation; on a device \
+         stream use the mark-invalid policy and a status output"
+    )]
+    PolicyNeedsHost {
+        /// The op.
+        op: &'static str,
+    },
+    /// Memory for an output or a buffer could not be allocated.
+    #[error("{op}: cannot allocate {bytes} bytes")]
+    OutOfMemory {
+        /// The op.
+        op: &'static str,
+        /// The size asked for.
+        bytes: usize,
+    },
     /// The routing spec is invalid.
     #[error("invalid routing spec: {0}")]
     Spec(#[from] SpecError),
-    /// A DLPack tensor failed validation.
-    #[error(transparent)]
-    Dlpack(#[from] DlpackError),
     /// The device or its runtime failed.
     #[error("{backend} backend: {message}")]
     Device {

@@ -104,6 +104,47 @@ pub enum DlpackError {
     /// The extents, strides or offset overflow the address space.
     #[error("DLPack import: tensor extent overflows ({0})")]
     ExtentOverflow(&'static str),
+    /// A buffer holds a different number of elements than its shape needs.
+    #[error("a buffer of {len} elements was given for a shape of {needed} elements")]
+    LengthMismatch {
+        /// Elements given.
+        len: usize,
+        /// Elements the shape needs.
+        needed: usize,
+    },
+    /// A strided view reaches past the end of the slice it was made from.
+    #[error("the view reaches element {needed} but the slice holds only {len}")]
+    SliceTooShort {
+        /// Elements in the slice.
+        len: usize,
+        /// Elements the view spans.
+        needed: usize,
+    },
+    /// A writable view was asked of a tensor its producer marked read-only.
+    #[error("the DLPack tensor is marked read-only; a writable view needs a writable tensor")]
+    ReadOnly,
+    /// A writable view whose strides reach one element through two indices.
+    #[error(
+        "shape {shape:?} with strides {strides:?} reaches some element twice; a writable view \
+         needs every element at its own address"
+    )]
+    SelfOverlapping {
+        /// The shape.
+        shape: Vec<usize>,
+        /// The strides in elements.
+        strides: Vec<usize>,
+    },
+    /// A view of more dimensions than views hold.
+    #[error("a view holds at most {max} dimensions, the tensor has {ndim}")]
+    RankTooLarge {
+        /// The tensor's rank.
+        ndim: usize,
+        /// The most a view holds.
+        max: usize,
+    },
+    /// A raw `DLTensor` pointer was null.
+    #[error("the DLTensor pointer is null")]
+    NullTensor,
     /// Strides are null where the DLPack version requires them.
     #[error(
         "DLPack import: DLPack {major}.{minor} requires strides for a tensor of rank {ndim}, got null"
@@ -134,7 +175,7 @@ fn to_i64(values: &[usize], what: &'static str) -> Result<Vec<i64>, DlpackError>
 /// `device`, valid for as long as `ctx` is alive; `read_only` must be set unless the consumer may
 /// write the memory.
 #[allow(clippy::too_many_arguments)]
-unsafe fn build<M: ManagedTensorBase>(
+pub(crate) unsafe fn build<M: ManagedTensorBase>(
     ctx: impl OpaqueContext,
     data: *const u8,
     byte_offset: usize,
@@ -206,7 +247,7 @@ fn export<M: ManagedTensorBase>(tensor: &Tensor) -> Result<Managed<M>, DlpackErr
 pub fn export_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Dlpack, DlpackError> {
     let layout = Layout::contiguous(shape).map_err(|_| DlpackError::MetadataOverflow("shape"))?;
     if layout.elem_count() != data.len() {
-        return Err(DlpackError::MetadataOverflow("shape does not match the vector's length"));
+        return Err(DlpackError::LengthMismatch { len: data.len(), needed: layout.elem_count() });
     }
     let ptr = data.as_ptr().cast::<u8>();
     let owner = Box::new(data);
@@ -227,23 +268,49 @@ pub fn export_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Dlpack, D
     }
 }
 
-/// The fields of a DLPack descriptor after validation, copied out of it.
-struct Validated {
-    base: *const u8,
-    len: usize,
-    shape: Vec<usize>,
-    strides: Vec<usize>,
-    dtype: DType,
-    device: Device,
+/// The fields of a DLPack descriptor after validation, borrowed from it (nothing is allocated, so
+/// a backend can validate its arguments on every call of a hot loop).
+pub(crate) struct Checked<'a> {
+    /// The first element: the data pointer plus the byte offset.
+    pub(crate) base: *const u8,
+    /// Bytes from `base` to one past the furthest element (0 for an empty tensor).
+    pub(crate) len: usize,
+    /// The extents, each non-negative.
+    pub(crate) shape: &'a [i64],
+    /// The strides in elements, each non-negative; `None` means compact row-major.
+    pub(crate) strides: Option<&'a [i64]>,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
 }
 
-/// Validates a raw descriptor. `version` is `None` for the legacy ABI.
+impl Checked<'_> {
+    /// The extent of `axis` (validated non-negative).
+    pub(crate) fn extent(&self, axis: usize) -> usize {
+        self.shape[axis] as usize
+    }
+
+    /// The stride of `axis` in elements (validated non-negative and, for row-major, computed
+    /// without overflow).
+    pub(crate) fn stride(&self, axis: usize) -> usize {
+        match self.strides {
+            Some(strides) => strides[axis] as usize,
+            None => self.shape[axis + 1..].iter().map(|&d| d as usize).product(),
+        }
+    }
+}
+
+/// Validates a raw descriptor: the one validation routine of the bridge, shared by the owning
+/// import ([`Tensor::from_dlpack`]) and the borrowed views ([`DlpackView`](crate::DlpackView)).
+/// `version` is `None` for the legacy ABI and for a bare `DLTensor`.
 ///
 /// # Safety
 ///
-/// `dl.shape` (and `dl.strides` if non-null) must point to `dl.ndim` readable `i64`s, as the DLPack
-/// contract of the producer promises.
-unsafe fn validate(dl: &DLTensor, version: Option<(u32, u32)>) -> Result<Validated, DlpackError> {
+/// `dl.shape` (and `dl.strides` if non-null) must point to `dl.ndim` readable `i64`s that stay
+/// valid and unchanged for `'a`, as the DLPack contract of the producer promises.
+pub(crate) unsafe fn validate<'a>(
+    dl: &'a DLTensor,
+    version: Option<(u32, u32)>,
+) -> Result<Checked<'a>, DlpackError> {
     if dl.ndim < 0 {
         return Err(DlpackError::NegativeNdim(dl.ndim));
     }
@@ -260,47 +327,58 @@ unsafe fn validate(dl: &DLTensor, version: Option<(u32, u32)>) -> Result<Validat
         device_type: dl.device.device_type.0,
         device_id: dl.device.device_id,
     })?;
-    let raw_shape: &[i64] = if ndim == 0 {
+    let shape: &'a [i64] = if ndim == 0 {
         &[]
     } else {
-        // SAFETY: non-null (checked above) and `ndim` entries long by the caller's contract.
+        // SAFETY: non-null (checked above), `ndim` entries long and valid for `'a` by the caller's
+        // contract.
         unsafe { std::slice::from_raw_parts(dl.shape, ndim) }
     };
-    let mut shape = Vec::with_capacity(ndim);
-    for (axis, &value) in raw_shape.iter().enumerate() {
-        let extent =
-            usize::try_from(value).map_err(|_| DlpackError::NegativeDimension { axis, value })?;
-        shape.push(extent);
+    if let Some((axis, &value)) = shape.iter().enumerate().find(|(_, d)| **d < 0) {
+        return Err(DlpackError::NegativeDimension { axis, value });
     }
-    let strides = if dl.strides.is_null() {
+    let strides: Option<&'a [i64]> = if dl.strides.is_null() {
         if let Some((major, minor)) = version
             && (major, minor) >= (1, 2)
             && ndim > 0
         {
             return Err(DlpackError::MissingStrides { major, minor, ndim: dl.ndim });
         }
-        crate::layout::contiguous_strides(&shape)
-            .map_err(|_| DlpackError::ExtentOverflow("element count"))?
+        None
     } else {
-        // SAFETY: non-null and `ndim` entries long by the caller's contract.
-        let raw = unsafe { std::slice::from_raw_parts(dl.strides, ndim) };
-        let mut strides = Vec::with_capacity(ndim);
-        for (axis, &value) in raw.iter().enumerate() {
-            let stride =
-                usize::try_from(value).map_err(|_| DlpackError::NegativeStride { axis, value })?;
-            strides.push(stride);
+        // SAFETY: non-null, `ndim` entries long and valid for `'a` by the caller's contract.
+        let strides = unsafe { std::slice::from_raw_parts(dl.strides, ndim) };
+        if let Some((axis, &value)) = strides.iter().enumerate().find(|(_, s)| **s < 0) {
+            return Err(DlpackError::NegativeStride { axis, value });
         }
-        strides
+        Some(strides)
     };
-    let elem_count = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or(DlpackError::ExtentOverflow("element count"))?;
-    let span = Layout::strided(&shape, &strides, 0)
-        .map_err(|_| DlpackError::ExtentOverflow("strides"))?
-        .span();
+    // Row-major strides are suffix products of the shape: they must fit even when the tensor is
+    // empty, because consumers compute addresses with them.
+    let mut suffix = 1usize;
+    for &extent in shape.iter().rev() {
+        suffix = suffix
+            .checked_mul(extent as usize)
+            .ok_or(DlpackError::ExtentOverflow("element count"))?;
+    }
+    let elem_count = suffix;
+    let mut furthest = 0usize;
+    if elem_count > 0 {
+        for axis in 0..ndim {
+            let stride = match strides {
+                Some(strides) => strides[axis] as usize,
+                None => shape[axis + 1..].iter().map(|&d| d as usize).product(),
+            };
+            furthest = (shape[axis] as usize - 1)
+                .checked_mul(stride)
+                .and_then(|step| furthest.checked_add(step))
+                .ok_or(DlpackError::ExtentOverflow("strides"))?;
+        }
+    }
+    let span = if elem_count == 0 { 0 } else { furthest + 1 };
     let len = span
         .checked_mul(dtype.size_in_bytes())
+        .filter(|&len| isize::try_from(len).is_ok())
         .ok_or(DlpackError::ExtentOverflow("byte length"))?;
     let byte_offset =
         usize::try_from(dl.byte_offset).map_err(|_| DlpackError::ExtentOverflow("byte offset"))?;
@@ -313,7 +391,7 @@ unsafe fn validate(dl: &DLTensor, version: Option<(u32, u32)>) -> Result<Validat
     if elem_count > 0 && !base.is_multiple_of(dtype.size_in_bytes()) {
         return Err(DlpackError::Misaligned { address: base, align: dtype.size_in_bytes(), dtype });
     }
-    Ok(Validated {
+    Ok(Checked {
         base: (dl.data as *const u8).wrapping_add(byte_offset),
         len,
         shape,
@@ -328,26 +406,30 @@ fn import<M: ManagedTensorBase>(managed: Managed<M>) -> Result<Tensor, DlpackErr
     let header: &M = unsafe { &*managed.as_ptr() };
     let version = header.version().map(|v| (v.major, v.minor));
     let read_only = header.flags().contains(DlpackFlags::READ_ONLY);
-    // SAFETY: the producer's DLPack contract: shape/strides point to `ndim` readable values.
-    let validated = unsafe { validate(header.tensor(), version) };
     let _span = tracing::debug_span!("dlpack_import", ?version, read_only).entered();
-    let v = match validated {
-        Ok(v) => v,
+    // SAFETY: the producer's DLPack contract: shape/strides point to `ndim` readable values that
+    // live as long as the managed tensor.
+    let checked = match unsafe { validate(header.tensor(), version) } {
+        Ok(checked) => checked,
         Err(error) => {
             tracing::debug!(%error, "refused");
             // Dropping `managed` runs the producer's deleter exactly once.
             return Err(error);
         }
     };
-    tracing::debug!(shape = ?v.shape, dtype = %v.dtype, device = %v.device, "imported");
+    let (base, len, dtype, device) = (checked.base, checked.len, checked.dtype, checked.device);
+    let shape: Vec<usize> = (0..checked.shape.len()).map(|axis| checked.extent(axis)).collect();
+    let strides: Vec<usize> = (0..shape.len()).map(|axis| checked.stride(axis)).collect();
+    tracing::debug!(?shape, %dtype, %device, "imported");
     let release = managed.into_deleter();
     // SAFETY: validation proved `base` addresses `len` bytes spanning the whole view (on
-    // `v.device`); the producer keeps them valid until its deleter runs, which happens when
-    // `release` is dropped together with the storage. sluice never writes storage.
-    let storage = unsafe { Storage::foreign(v.base, v.len, v.device, read_only, release) };
-    let layout = Layout::strided(&v.shape, &v.strides, 0)
-        .map_err(|_| DlpackError::ExtentOverflow("strides"))?;
-    Tensor::from_parts(Arc::new(storage), layout, v.dtype)
+    // `device`); the producer keeps them valid until its deleter runs, which happens when
+    // `release` is dropped together with the storage. sluice never writes storage, and the
+    // producer promised (see `Tensor::from_dlpack`) not to write it while sluice holds it.
+    let storage = unsafe { Storage::foreign(base, len, device, read_only, release) };
+    let layout =
+        Layout::strided(&shape, &strides, 0).map_err(|_| DlpackError::ExtentOverflow("strides"))?;
+    Tensor::from_parts(Arc::new(storage), layout, dtype)
         .map_err(|_| DlpackError::ExtentOverflow("layout"))
 }
 
@@ -362,6 +444,10 @@ impl Tensor {
     }
 
     /// Like [`to_dlpack`](Tensor::to_dlpack), as a legacy (pre-1.0) `DLManagedTensor`.
+    ///
+    /// Legacy DLPack has no flags, so nothing tells the consumer that the memory is shared and must
+    /// not be written: only hand a legacy export to a consumer that reads. Prefer
+    /// [`to_dlpack`](Tensor::to_dlpack), which sets `READ_ONLY`.
     pub fn to_dlpack_legacy(&self) -> Result<LegacyDlpack, DlpackError> {
         export::<DLManagedTensor>(self)
     }
@@ -370,11 +456,18 @@ impl Tensor {
     ///
     /// The producer's deleter runs exactly once: when the last tensor sharing the import is dropped,
     /// or right away if validation fails. Imported tensors do not require grad.
+    ///
+    /// A sluice tensor is immutable, and safe code reads it freely from any thread. That holds only
+    /// if the producer does not write the memory while sluice holds it: handing a tensor over
+    /// through DLPack transfers the right to read it, and a producer that keeps writing (an engine
+    /// reusing the buffer for the next step, say) must wait until the import is dropped, or hand
+    /// over a copy.
     pub fn from_dlpack(tensor: Dlpack) -> Result<Tensor, DlpackError> {
         import(tensor)
     }
 
-    /// Imports a legacy `DLManagedTensor` (strides may be null: compact row-major).
+    /// Imports a legacy `DLManagedTensor` (strides may be null: compact row-major). The producer
+    /// must not write the memory while sluice holds it, as for [`from_dlpack`](Tensor::from_dlpack).
     pub fn from_dlpack_legacy(tensor: LegacyDlpack) -> Result<Tensor, DlpackError> {
         import(tensor)
     }

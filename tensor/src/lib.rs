@@ -40,20 +40,29 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
+mod contract;
 mod device;
 pub mod dlpack;
 mod dtype;
 mod error;
+mod execution;
 mod layout;
 mod routing;
 mod storage;
 mod tensor;
+mod view;
 
-pub use backend::{Backend, BackendError, PreparedRouter, RoutingOutput};
+pub use backend::{Backend, BackendError, NonFiniteInput, PreparedRouter, RoutingOutput};
+pub use contract::{
+    ExpectedShape, RouteInputs, RouteOutputs, WORKSPACE_ALIGN, check_logits_into, check_route_into,
+    check_router_weight,
+};
 pub use device::Device;
+pub use dlpack::export_vec;
 pub use dlpack::{Dlpack, DlpackError, LegacyDlpack};
 pub use dtype::{DType, Element};
 pub use error::TensorError;
+pub use execution::{DeviceStream, Execution, StreamError};
 pub use layout::Layout;
 pub use routing::{
     NonFinitePolicy, RENORM_EPSILON, RoutingSpec, RoutingSpecBuilder, ScoringFunc, SpecError,
@@ -61,6 +70,7 @@ pub use routing::{
 };
 pub use storage::{DeviceAllocation, HOST_ALIGN, SharedBytes, Storage};
 pub use tensor::Tensor;
+pub use view::{DlpackView, DlpackViewMut, MAX_VIEW_RANK, ViewError};
 
 /// The thread-safety promised in the crate docs, checked at compile time.
 const fn assert_send_sync<T: Send + Sync + ?Sized>() {}

@@ -11,7 +11,9 @@ mod score;
 mod select_avx512;
 mod topk;
 
-use sluice_tensor::{BackendError, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod};
+use sluice_tensor::{
+    BackendError, ExpectedShape, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod,
+};
 
 use crate::CpuKernel;
 
@@ -68,22 +70,14 @@ impl<'a> RowRouter<'a> {
         spec.validate()?;
         if let Some(bias) = bias {
             if spec.method != TopkMethod::NoauxTc {
-                return Err(BackendError::Shape {
-                    op,
-                    arg: "bias",
-                    shape: vec![bias.len() as i64],
-                    expected: format!(
-                        "no correction bias: `topk_method` = \"{}\" does not use one",
-                        spec.method.name()
-                    ),
-                });
+                return Err(BackendError::UnexpectedBias { op, method: spec.method });
             }
             if bias.len() != spec.num_experts {
                 return Err(BackendError::Shape {
                     op,
                     arg: "bias",
-                    shape: vec![bias.len() as i64],
-                    expected: format!("[{}] (one value per expert)", spec.num_experts),
+                    shape: vec![bias.len()],
+                    expected: ExpectedShape::exact(&[spec.num_experts]),
                 });
             }
             if let Some((expert, value)) = bias.iter().enumerate().find(|(_, b)| !b.is_finite()) {
@@ -96,28 +90,6 @@ impl<'a> RowRouter<'a> {
     /// The spec this router follows.
     pub(crate) fn spec(&self) -> &RoutingSpec {
         self.spec
-    }
-
-    /// Routes consecutive rows of a row-major block of logits (`rows × E`, row stride `E`) into
-    /// `ids` and `weights` (`rows × K` each). Returns the index (within the block) of the first
-    /// non-finite row, if any; such rows are marked invalid.
-    pub(crate) fn route_block(
-        &self,
-        logits: &[f32],
-        ids: &mut [i32],
-        weights: &mut [f32],
-        scratch: &mut RouteScratch,
-    ) -> Option<usize> {
-        let experts = self.spec.num_experts;
-        let k = self.spec.top_k;
-        let mut first_bad = None;
-        let rows = logits.chunks_exact(experts).zip(ids.chunks_exact_mut(k));
-        for (row, ((logits, ids), weights)) in rows.zip(weights.chunks_exact_mut(k)).enumerate() {
-            if self.route_row(logits, scratch, ids, weights) == RowOutcome::NonFinite {
-                first_bad = first_bad.or(Some(row));
-            }
-        }
-        first_bad
     }
 
     /// Routes one row of `E` logits into `ids` and `weights` (`K` each), sorted by weight

@@ -117,13 +117,18 @@ fn renormalisation_survives_underflowed_weights() {
 fn non_finite_rows_are_marked_and_counted() {
     let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
     let router = RowRouter::new("test", &s, None, CpuKernel::Scalar).unwrap();
-    let mut logits = vec![0.0f32; 12];
+    let mut logits = [0.0f32; 12];
     logits[5] = f32::NAN;
     logits[8] = f32::INFINITY;
-    let mut ids = vec![7; 6];
-    let mut weights = vec![7.0; 6];
-    let first = router.route_block(&logits, &mut ids, &mut weights, &mut RouteScratch::default());
-    assert_eq!(first, Some(1));
+    let mut ids = [7; 6];
+    let mut weights = [7.0; 6];
+    let mut scratch = RouteScratch::default();
+    let outcomes: Vec<RowOutcome> = logits
+        .chunks_exact(4)
+        .zip(ids.chunks_exact_mut(2).zip(weights.chunks_exact_mut(2)))
+        .map(|(row, (ids, weights))| router.route_row(row, &mut scratch, ids, weights))
+        .collect();
+    assert_eq!(outcomes, [RowOutcome::Routed, RowOutcome::NonFinite, RowOutcome::NonFinite]);
     assert_eq!(&ids[2..], &[-1, -1, -1, -1]);
     assert_eq!(&weights[2..], &[0.0; 4]);
     assert_eq!(&ids[..2], &[0, 1]);

@@ -1,7 +1,8 @@
 //! A test-only backend that computes with the scalar reference router, and checkpoint writers.
 //!
-//! It reads its DLPack inputs the way any backend must (validated descriptors, host memory only)
-//! and records the data pointers it was handed, so tests can prove that detaching copied nothing.
+//! It reads its DLPack inputs the way a backend written outside this workspace would, through the
+//! bridge's validated views (no `unsafe`), and records the data pointers it was handed, so tests
+//! can prove that detaching copied nothing.
 
 #![allow(dead_code)] // Each test binary uses part of this module.
 
@@ -12,10 +13,9 @@ use half::{bf16, f16};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use sluice_models::reference;
-use sluice_tensor::dlpack::export_vec;
-use sluice_tensor::reexports::dlpark::ffi::DLDeviceType;
 use sluice_tensor::{
-    Backend, BackendError, DType, Device, Dlpack, PreparedRouter, RoutingOutput, RoutingSpec,
+    Backend, BackendError, DType, Device, Dlpack, DlpackView, NonFiniteInput, PreparedRouter,
+    RoutingOutput, RoutingSpec, export_vec,
 };
 
 /// Routes with [`reference`], on the host.
@@ -35,55 +35,35 @@ struct HostValues {
 }
 
 fn read(op: &'static str, arg: &'static str, dl: &Dlpack) -> Result<HostValues, BackendError> {
-    let view = dl.validate().map_err(|e| BackendError::Device {
-        backend: "reference",
-        message: format!("{op}: `{arg}` is not a valid DLPack tensor: {e}"),
-    })?;
-    let shape: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
-    if view.device().device_type != DLDeviceType::CPU {
+    let view =
+        DlpackView::from_dlpack(dl).map_err(|source| BackendError::Argument { op, arg, source })?;
+    if view.device() != Device::Cpu {
         return Err(BackendError::WrongDevice {
             op,
             arg,
-            actual: format!("{:?}", view.device()),
+            actual: view.device(),
             expected: Device::Cpu,
         });
     }
-    let layout_error = |_| BackendError::Layout {
-        op,
-        arg,
-        shape: view.shape().to_vec(),
-        strides: view.strides().unwrap_or_default().to_vec(),
-        requirement: "the reference backend needs compact row-major tensors",
-    };
-    let dtype = DType::from_dlpack(view.dtype()).ok_or(BackendError::UnknownDType {
-        op,
-        arg,
-        code: view.dtype().code.0,
-        bits: view.dtype().bits,
-    })?;
-    // SAFETY: the producer (the bridge) keeps the data alive and unchanged while `dl` is borrowed,
-    // the device is the host (checked above), and `cpu_slice` checks dtype, alignment and compact
-    // strides before forming the slice.
-    let values: Vec<f32> = unsafe {
-        match dtype {
-            DType::F32 => view.cpu_slice::<f32>().map_err(layout_error)?.to_vec(),
-            DType::BF16 => {
-                view.cpu_slice::<bf16>().map_err(layout_error)?.iter().map(|&v| v.into()).collect()
-            }
-            DType::F16 => {
-                view.cpu_slice::<f16>().map_err(layout_error)?.iter().map(|&v| v.into()).collect()
-            }
-            dtype => {
-                return Err(BackendError::UnsupportedDType {
-                    op,
-                    arg,
-                    dtype,
-                    supported: "f32, bf16, f16",
-                });
-            }
+    let access = |source| BackendError::View { op, arg, source };
+    let values: Vec<f32> = match view.dtype() {
+        DType::F32 => view.as_array_dyn::<f32>().map_err(access)?.iter().copied().collect(),
+        DType::BF16 => {
+            view.as_array_dyn::<bf16>().map_err(access)?.iter().map(|&v| v.into()).collect()
+        }
+        DType::F16 => {
+            view.as_array_dyn::<f16>().map_err(access)?.iter().map(|&v| v.into()).collect()
+        }
+        dtype => {
+            return Err(BackendError::UnsupportedDType {
+                op,
+                arg,
+                dtype,
+                supported: "f32, bf16, f16",
+            });
         }
     };
-    Ok(HostValues { shape, values })
+    Ok(HostValues { shape: view.shape().to_vec(), values })
 }
 
 fn backend_error(message: String) -> BackendError {
@@ -92,7 +72,9 @@ fn backend_error(message: String) -> BackendError {
 
 fn reference_error(e: reference::ReferenceError) -> BackendError {
     match e {
-        reference::ReferenceError::NonFinite { row } => BackendError::NonFinite { row },
+        reference::ReferenceError::NonFinite { row } => {
+            BackendError::NonFinite { op: "route", row, input: NonFiniteInput::Logits }
+        }
         other => backend_error(other.to_string()),
     }
 }
@@ -106,7 +88,11 @@ fn gemm(hidden: &HostValues, weight: &HostValues) -> Result<Dlpack, BackendError
     }
     let logits = reference::router_logits(&hidden.values, &weight.values, tokens, h, experts)
         .map_err(reference_error)?;
-    Ok(export_vec(logits, &[tokens, experts])?)
+    export_vec(logits, &[tokens, experts]).map_err(|source| BackendError::Argument {
+        op: "router_gemm",
+        arg: "logits",
+        source,
+    })
 }
 
 fn route_values(
@@ -125,16 +111,16 @@ fn route_values(
     } else {
         [tokens, top_k]
     };
+    let argument = |arg| move |source| BackendError::Argument { op: "route", arg, source };
     Ok(RoutingOutput {
-        topk_ids: export_vec(ids, &ids_shape)?,
-        topk_weights: export_vec(weights, &[tokens, top_k])?,
+        topk_ids: export_vec(ids, &ids_shape).map_err(argument("topk_ids"))?,
+        topk_weights: export_vec(weights, &[tokens, top_k]).map_err(argument("topk_weights"))?,
     })
 }
 
 fn record(received: &Mutex<Vec<usize>>, dl: &Dlpack) {
-    if let Ok(view) = dl.validate() {
-        let address = view.data_ptr() as usize + view.byte_offset() as usize;
-        received.lock().unwrap().push(address);
+    if let Ok(view) = DlpackView::from_dlpack(dl) {
+        received.lock().unwrap().push(view.data_ptr() as usize);
     }
 }
 
