@@ -107,3 +107,28 @@ pub fn noaux_gate(
     )
     .unwrap()
 }
+
+/// One gate per model family sluice knows, at a small hidden size: V2-Lite (softmax, greedy),
+/// V2 (softmax, group-limited greedy, scale 16), V3 (sigmoid, `noaux_tc`, 8 groups keep 4) and
+/// Kimi-K2 (sigmoid, `noaux_tc`, one group of 384), with random bf16 weights from `seed`.
+pub fn family_gates(hidden: usize, seed: u64) -> Vec<(&'static str, MoeGate)> {
+    let softmax = |experts, (groups, keep), top_k, method, scale| {
+        let spec = RoutingSpec::builder(experts, top_k)
+            .scoring(ScoringFunc::Softmax)
+            .method(method)
+            .groups(groups, keep)
+            .routed_scaling_factor(scale)
+            .build()
+            .unwrap();
+        let mut rng = Rng::new(seed);
+        let weight: Vec<bf16> =
+            rng.normals(experts * hidden, 0.3).into_iter().map(bf16::from_f32).collect();
+        MoeGate::new(1, spec, Tensor::from_vec(weight, &[experts, hidden]).unwrap(), None).unwrap()
+    };
+    vec![
+        ("v2-lite", softmax(64, (1, 1), 6, TopkMethod::Greedy, 1.0)),
+        ("v2", softmax(160, (8, 3), 6, TopkMethod::GroupLimitedGreedy, 16.0)),
+        ("v3", noaux_gate(256, hidden, (8, 4, 8), 0.3, seed)),
+        ("kimi-k2", noaux_gate(384, hidden, (1, 1, 8), 0.3, seed)),
+    ]
+}
