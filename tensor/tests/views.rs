@@ -24,7 +24,8 @@ fn corrupted(corrupt: impl FnOnce(&mut DLTensor)) -> Dlpack {
 
 #[test]
 fn views_refuse_exactly_what_the_import_refuses() {
-    let corruptions: [(&str, fn(&mut DLTensor)); 7] = [
+    type Corruption = (&'static str, fn(&mut DLTensor));
+    let corruptions: [Corruption; 7] = [
         ("null data", |t| t.data = std::ptr::null_mut()),
         ("negative ndim", |t| t.ndim = -1),
         // SAFETY: the shape array has two entries.
@@ -126,8 +127,8 @@ fn typed_access_checks_dtype_rank_and_device() {
     assert_eq!(view.device(), Device::Cuda(1));
     assert_eq!(view.strides(), &[4, 1], "null strides are row-major");
     assert_eq!(view.as_array2::<f32>().unwrap_err(), ViewError::NotHost(Device::Cuda(1)));
-    // SAFETY: null is refused before anything is read.
     assert_eq!(
+        // SAFETY: null is refused before anything is read.
         unsafe { DlpackView::from_raw(std::ptr::null()) }.unwrap_err(),
         DlpackError::NullTensor
     );
