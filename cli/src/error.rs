@@ -12,6 +12,14 @@ pub enum CliError {
     /// The model layer (checkpoint, config, gate).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Routing one decoder layer failed, and the error does not say which.
+    #[error("layer {layer}: {source}")]
+    InLayer {
+        /// The decoder layer.
+        layer: usize,
+        /// What failed.
+        source: ModelError,
+    },
     /// Opening a checkpoint.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -46,6 +54,14 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// An error of decoder layer `layer`, naming it unless the error already does.
+    pub fn in_layer(layer: usize, source: ModelError) -> Self {
+        match source.layer() {
+            Some(_) => CliError::Model(source),
+            None => CliError::InLayer { layer, source },
+        }
+    }
+
     /// The message on a single line (nested causes joined with `: `).
     pub fn one_line(&self) -> String {
         self.to_string().replace('\n', " ")

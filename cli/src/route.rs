@@ -57,7 +57,7 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
         let layer = gate.layer();
         let routing = gate
             .route(backend.as_ref(), &hidden)
-            .map_err(|e| CliError::Input(format!("layer {layer}: {e}")))?;
+            .map_err(|error| CliError::in_layer(layer, error))?;
         tracing::info!(layer, tokens = routing.tokens(), top_k = routing.top_k(), "routed");
         routings.push((layer, routing));
     }

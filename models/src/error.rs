@@ -172,6 +172,20 @@ pub enum ModelError {
     },
 }
 
+impl ModelError {
+    /// The decoder layer the message already names, if any; callers that add context name the
+    /// layer only when this is `None`.
+    pub fn layer(&self) -> Option<usize> {
+        match self {
+            ModelError::DenseLayer { layer, .. }
+            | ModelError::LayerOutOfRange { layer, .. }
+            | ModelError::MissingGate { layer, .. }
+            | ModelError::HiddenShape { layer, .. } => Some(*layer),
+            _ => None,
+        }
+    }
+}
+
 /// What is wrong with a row a backend returned.
 #[derive(Debug, Clone, Copy, PartialEq, Error)]
 #[non_exhaustive]

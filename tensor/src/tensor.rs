@@ -115,6 +115,12 @@ impl Tensor {
     }
 
     /// A tensor over an existing storage with the given layout (checked against the storage).
+    ///
+    /// The new tensor does not require grad, whatever other tensors share the storage: built from
+    /// `w.storage().clone()`, it is exactly [`detach`](Tensor::detach) with a new layout, and the
+    /// bridge exports it. That is deliberate (a view of a parameter's memory is how the gate hands
+    /// it to a backend); call [`with_requires_grad`](Tensor::with_requires_grad) to keep a
+    /// parameter a parameter.
     pub fn from_storage(
         storage: Arc<Storage>,
         layout: Layout,
