@@ -18,7 +18,7 @@ pub enum CliError {
         /// The decoder layer.
         layer: usize,
         /// What failed.
-        source: ModelError,
+        source: Box<ModelError>,
     },
     /// Opening a checkpoint.
     #[error(transparent)]
@@ -58,7 +58,7 @@ impl CliError {
     pub fn in_layer(layer: usize, source: ModelError) -> Self {
         match source.layer() {
             Some(_) => CliError::Model(source),
-            None => CliError::InLayer { layer, source },
+            None => CliError::InLayer { layer, source: Box::new(source) },
         }
     }
 

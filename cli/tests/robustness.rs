@@ -281,7 +281,7 @@ fn hidden_states_with_infinities_fail_by_default_and_can_be_marked_invalid() {
 #[test]
 fn hidden_states_of_the_wrong_size_name_the_layer_once() {
     let scratch = Scratch::new(2);
-    scratch.write_input(&vec![0.5; 2 * (HIDDEN + 1)], 2, HIDDEN + 1);
+    scratch.write_input(&[0.5; 2 * (HIDDEN + 1)], 2, HIDDEN + 1);
     let stderr = assert_refused("wrong H", &scratch.route(&[]), &["hidden states have shape"]);
     assert_eq!(stderr.matches("layer 1").count(), 1, "{stderr}");
     assert!(!scratch.path("out.safetensors").exists());
