@@ -370,3 +370,14 @@ fn routers_can_be_shared_between_threads() {
         }
     });
 }
+
+#[test]
+fn a_router_weight_of_hidden_size_zero_is_refused_like_a_gate_of_one() {
+    let spec = v3_like(16);
+    let err = backend().prepare_router(dl(Vec::<f32>::new(), &[16, 0]), None, &spec).unwrap_err();
+    assert!(matches!(err, BackendError::ZeroHiddenSize { arg: "weight", .. }), "{err}");
+    let weight = sluice_tensor::Tensor::from_vec(Vec::<f32>::new(), &[16, 0]).unwrap();
+    let bias = sluice_tensor::Tensor::from_vec(vec![0.0f32; 16], &[16]).unwrap();
+    let refused = sluice_models::MoeGate::new(0, spec, weight, Some(bias)).unwrap_err();
+    assert!(refused.to_string().contains("hidden size 0"), "{refused}");
+}

@@ -340,3 +340,24 @@ fn non_finite_rows_fill_the_status_or_fail_naming_the_input() {
         assert_eq!(status, [2, 3], "the status is written before the policy fails the call");
     }
 }
+
+#[test]
+fn router_gemm_into_writes_the_logits_window() {
+    let backend = CpuBackend::builder().threads(2).build().unwrap();
+    let gate = noaux_gate(64, HIDDEN, (8, 4, 8), 0.3, 4);
+    let prepared = gate.prepare(&backend).unwrap();
+    for tokens in [1, 300] {
+        let (values, _) = hidden(tokens, 6);
+        let expected = prepared
+            .router_gemm(&sluice_tensor::Tensor::from_slice(&values, &[tokens, HIDDEN]).unwrap())
+            .unwrap();
+        let mut logits = Poisoned::new(tokens, 64, 77.0f32);
+        let view = DlpackView::from_slice(&values, &[tokens, HIDDEN]).unwrap();
+        prepared.router_gemm_into(&view, &mut logits.window(tokens, 64), Execution::Host).unwrap();
+        assert_eq!(logits.written(tokens, 64), expected.to_vec::<f32>().unwrap(), "T={tokens}");
+        let wrong = DlpackView::from_slice(&values[..HIDDEN - 1], &[1, HIDDEN - 1]).unwrap();
+        let err =
+            prepared.router_gemm_into(&wrong, &mut logits.window(tokens, 64), Execution::Host);
+        assert!(matches!(err, Err(ModelError::HiddenShape { layer: 3, .. })), "{err:?}");
+    }
+}

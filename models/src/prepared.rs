@@ -5,8 +5,8 @@ use std::fmt;
 
 use sluice_tensor::reexports::ndarray::ArrayView2;
 use sluice_tensor::{
-    DType, Dlpack, DlpackView, Execution, NonFinitePolicy, PreparedRouter, RouteInputs,
-    RouteOutputs, RoutingSpec, Tensor,
+    DType, Dlpack, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, PreparedRouter,
+    RouteInputs, RouteOutputs, RoutingSpec, Tensor,
 };
 
 use crate::error::{ModelError, RoutingProblem};
@@ -114,22 +114,37 @@ impl PreparedGate {
         outputs: &mut RouteOutputs<'_>,
         execution: Execution,
     ) -> Result<(), ModelError> {
-        match *inputs.hidden.shape() {
-            [_, h] if h == self.hidden_size => {}
-            _ => {
-                return Err(ModelError::HiddenShape {
-                    layer: self.layer,
-                    shape: inputs.hidden.shape().to_vec(),
-                    hidden_size: self.hidden_size,
-                });
-            }
-        }
+        self.check_hidden_view(&inputs.hidden)?;
         self.router.route_into(inputs, outputs, execution)?;
         if execution == Execution::Host {
             let (ids, weights) = (outputs.topk_ids.as_view(), outputs.topk_weights.as_view());
             check_routing(&self.backend, self.spec(), &ids, &weights)?;
         }
         Ok(())
+    }
+
+    /// Router logits into a caller-owned f32 `[T, E]` output, on the host or the caller's stream,
+    /// allocating nothing (see [`route_into`](PreparedGate::route_into)).
+    pub fn router_gemm_into(
+        &self,
+        hidden: &DlpackView<'_>,
+        logits: &mut DlpackViewMut<'_>,
+        execution: Execution,
+    ) -> Result<(), ModelError> {
+        self.check_hidden_view(hidden)?;
+        Ok(self.router.router_gemm_into(hidden, logits, execution)?)
+    }
+
+    /// Refuses hidden states that are not `[T, H]`, naming the layer.
+    fn check_hidden_view(&self, hidden: &DlpackView<'_>) -> Result<(), ModelError> {
+        match *hidden.shape() {
+            [_, h] if h == self.hidden_size => Ok(()),
+            _ => Err(ModelError::HiddenShape {
+                layer: self.layer,
+                shape: hidden.shape().to_vec(),
+                hidden_size: self.hidden_size,
+            }),
+        }
     }
 
     /// Router logits `x · Wᵀ`, f32 `[T, E]`, from the prepared weight.
