@@ -10,6 +10,7 @@ use sluice_tensor::{
 };
 
 use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::prepared::{GateRouting, PreparedGate, check_hidden, export_detached, import_checked};
 
@@ -29,14 +30,45 @@ pub struct MoeGate {
     bias: Option<Tensor>,
 }
 
-/// Where a checkpoint keeps its text model's layers: `model.layers.` for text models; Kimi-K2.5's
-/// multimodal checkpoints prefix the language model, as released (`language_model.model.`) or as
-/// transformers saves it (`model.language_model.`).
-fn layer_prefixes(nested_text_config: bool) -> &'static [&'static str] {
-    if nested_text_config {
-        &["language_model.model.layers.", "model.language_model.layers."]
-    } else {
-        &["model.layers."]
+/// The names one MoE layer's gate tensors have in a checkpoint, under one naming convention.
+///
+/// [`candidates`](GateTensorNames::candidates) is the one place that knows how a checkpoint names
+/// a gate: [`MoeGate::load`], `sluice inspect` and `sluice extract-gates` all go through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateTensorNames {
+    /// The router weight `[E, H]`.
+    pub weight: String,
+    /// The correction bias `[E]`, stored exactly when the routing is `noaux_tc`.
+    pub correction_bias: String,
+}
+
+impl GateTensorNames {
+    /// The names layer `layer`'s gate may have, one per naming convention of the model, in the
+    /// order they are looked for: `model.layers.` for text models; Kimi-K2.5's multimodal
+    /// checkpoints prefix the language model, as released (`language_model.model.`) or as
+    /// transformers saves it (`model.language_model.`).
+    pub fn candidates(config: &ModelConfig, layer: usize) -> Vec<Self> {
+        let prefixes: &[&str] = if config.has_nested_text_config() {
+            &["language_model.model.layers.", "model.language_model.layers."]
+        } else {
+            &["model.layers."]
+        };
+        prefixes
+            .iter()
+            .map(|prefix| {
+                let gate = format!("{prefix}{layer}.mlp.gate");
+                GateTensorNames {
+                    weight: format!("{gate}.weight"),
+                    correction_bias: format!("{gate}.e_score_correction_bias"),
+                }
+            })
+            .collect()
+    }
+
+    /// Every tensor name of the gate, the weight first: what a copy of the gate carries (those
+    /// of them that the checkpoint holds).
+    pub fn all(&self) -> Vec<&str> {
+        vec![&self.weight, &self.correction_bias]
     }
 }
 
@@ -51,44 +83,10 @@ impl MoeGate {
         let config = checkpoint.config();
         let dir = checkpoint.dir();
         let _span = tracing::debug_span!("gate_load", layer).entered();
-        if layer >= config.num_layers() {
-            return Err(ModelError::LayerOutOfRange {
-                dir: dir.to_path_buf(),
-                layer,
-                num_layers: config.num_layers(),
-            });
-        }
-        if !config.is_moe_layer(layer) {
-            return Err(ModelError::DenseLayer {
-                dir: dir.to_path_buf(),
-                layer,
-                first_k_dense_replace: config.first_k_dense_replace(),
-                moe_layer_freq: config.moe_layer_freq(),
-            });
-        }
         let spec = *config.routing();
         let hidden_size = config.hidden_size();
-        let names: Vec<(String, String)> = layer_prefixes(config.has_nested_text_config())
-            .iter()
-            .map(|prefix| {
-                let gate = format!("{prefix}{layer}.mlp.gate");
-                (format!("{gate}.weight"), format!("{gate}.e_score_correction_bias"))
-            })
-            .collect();
-        let mut found = None;
-        for pair in &names {
-            if checkpoint.contains(&pair.0)? {
-                found = Some(pair);
-                break;
-            }
-        }
-        let Some((weight_name, bias_name)) = found else {
-            return Err(ModelError::MissingGate {
-                dir: dir.to_path_buf(),
-                layer,
-                tried: names.into_iter().map(|(weight, _)| weight).collect(),
-            });
-        };
+        let names = Self::find_tensor_names(checkpoint, layer)?;
+        let (weight_name, bias_name) = (&names.weight, &names.correction_bias);
 
         let weight = checkpoint.tensor(weight_name)?;
         check_shape(dir, weight_name, &weight, &[spec.num_experts, hidden_size])?;
@@ -129,6 +127,47 @@ impl MoeGate {
             "loaded gate"
         );
         Self::new(layer, spec, weight, bias)
+    }
+
+    /// The names of MoE layer `layer`'s gate tensors in `checkpoint`: the naming convention under
+    /// which the checkpoint holds the gate weight. Reads only the index (sharded) or the header
+    /// (single file), never the weights.
+    ///
+    /// A layer that is out of range or dense is an error, and so is one whose weight the
+    /// checkpoint does not hold under any name ([`ModelError::MissingGate`], listing the names
+    /// looked for): a partial checkpoint holds only some layers' gates.
+    pub fn find_tensor_names(
+        checkpoint: &Checkpoint,
+        layer: usize,
+    ) -> Result<GateTensorNames, ModelError> {
+        let config = checkpoint.config();
+        let dir = checkpoint.dir();
+        if layer >= config.num_layers() {
+            return Err(ModelError::LayerOutOfRange {
+                dir: dir.to_path_buf(),
+                layer,
+                num_layers: config.num_layers(),
+            });
+        }
+        if !config.is_moe_layer(layer) {
+            return Err(ModelError::DenseLayer {
+                dir: dir.to_path_buf(),
+                layer,
+                first_k_dense_replace: config.first_k_dense_replace(),
+                moe_layer_freq: config.moe_layer_freq(),
+            });
+        }
+        let candidates = GateTensorNames::candidates(config, layer);
+        for names in &candidates {
+            if checkpoint.contains(&names.weight)? {
+                return Ok(names.clone());
+            }
+        }
+        Err(ModelError::MissingGate {
+            dir: dir.to_path_buf(),
+            layer,
+            tried: candidates.into_iter().map(|names| names.weight).collect(),
+        })
     }
 
     /// A gate from tensors already in memory (synthetic weights, another loader).

@@ -55,7 +55,7 @@ mod safetensors_file;
 pub use checkpoint::{CONFIG_FILE, Checkpoint, CheckpointError, SHARD_INDEX, SINGLE_FILE};
 pub use config::{ConfigError, ModelConfig, ModelFamily};
 pub use error::{ModelError, RoutingProblem};
-pub use gate::MoeGate;
+pub use gate::{GateTensorNames, MoeGate};
 pub use prepared::{GateRouting, PreparedGate};
 pub use safetensors_bytes::SafetensorsBytes;
 

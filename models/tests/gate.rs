@@ -9,7 +9,7 @@ use common::{ReferenceBackend, bf16_bytes, f32_bytes, write_safetensors};
 use half::bf16;
 use safetensors::Dtype;
 use sluice_models::reference::{self, Routing};
-use sluice_models::{Checkpoint, ModelError, MoeGate};
+use sluice_models::{Checkpoint, GateTensorNames, ModelError, MoeGate};
 use sluice_tensor::{BackendError, DlpackError, NonFinitePolicy, Tensor};
 use tempfile::TempDir;
 
@@ -306,6 +306,37 @@ fn kimi_k2_5_checkpoints_prefix_the_language_model() {
     let dir = checkpoint_dir(kimi, &layer_entries("model.layers.", 1));
     let err = MoeGate::load(&Checkpoint::open(dir.path()).unwrap(), 1).unwrap_err();
     assert!(matches!(err, ModelError::MissingGate { .. }), "{err}");
+}
+
+#[test]
+fn the_gate_tensor_names_are_those_of_the_convention_the_checkpoint_uses() {
+    let kimi = r#"{"model_type": "kimi_k25", "text_config": {"model_type": "kimi_k2",
+        "hidden_size": 4, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1}}"#;
+    let dir = checkpoint_dir(kimi, &layer_entries("model.language_model.layers.", 1));
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let candidates = GateTensorNames::candidates(checkpoint.config(), 1);
+    assert_eq!(candidates.len(), 2, "both Kimi-K2.5 conventions are looked for");
+    let names = MoeGate::find_tensor_names(&checkpoint, 1).unwrap();
+    assert_eq!(names, candidates[1]);
+    assert_eq!(
+        names.all(),
+        [
+            "model.language_model.layers.1.mlp.gate.weight",
+            "model.language_model.layers.1.mlp.gate.e_score_correction_bias"
+        ]
+    );
+    for name in names.all() {
+        assert!(checkpoint.contains(name).unwrap(), "{name}");
+    }
+    let err = MoeGate::find_tensor_names(&checkpoint, 0).unwrap_err();
+    assert!(matches!(err, ModelError::DenseLayer { layer: 0, .. }), "{err}");
+
+    let text_model = checkpoint_dir(V3_CONFIG, &[]);
+    let text_model = Checkpoint::open(text_model.path()).unwrap();
+    let err = MoeGate::find_tensor_names(&text_model, 2).unwrap_err();
+    let ModelError::MissingGate { layer: 2, tried, .. } = err else { panic!("{err}") };
+    assert_eq!(tried, ["model.layers.2.mlp.gate.weight"]);
 }
 
 #[test]
