@@ -14,7 +14,7 @@ use sluice_tensor::{DType, Tensor, TensorError};
 use thiserror::Error;
 
 use crate::config::{ConfigError, ModelConfig};
-use crate::safetensors_file::SafetensorsFile;
+use crate::safetensors_file::{SafetensorsFile, TensorLocation};
 
 /// The single-file weights name.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -223,8 +223,25 @@ impl Checkpoint {
 
     /// The tensor of exactly this name, zero-copy over the mapped file (`requires_grad` false).
     pub fn tensor(&self, name: &str) -> Result<Tensor, CheckpointError> {
-        let (file, index) = match &self.weights {
-            Weights::Single(file) => (file, None),
+        let (file, index) = self.file_holding(name)?;
+        file.tensor(name)?.ok_or_else(|| not_in_file(name, file, index))
+    }
+
+    /// Where the tensor of exactly this name lies: its file, stored dtype, shape and byte range.
+    /// Reads the header of the file holding it (mapping that file, as [`tensor`](Self::tensor)
+    /// does), never the tensor's data; [`TensorLocation::map`] maps just those bytes.
+    pub fn tensor_location(&self, name: &str) -> Result<TensorLocation, CheckpointError> {
+        let (file, index) = self.file_holding(name)?;
+        file.location(name)?.ok_or_else(|| not_in_file(name, file, index))
+    }
+
+    /// The file that holds (or should hold) a tensor, and the shard index that says so.
+    fn file_holding(
+        &self,
+        name: &str,
+    ) -> Result<(&SafetensorsFile, Option<&PathBuf>), CheckpointError> {
+        match &self.weights {
+            Weights::Single(file) => Ok((file, None)),
             Weights::Sharded { index, weight_map, shards } => {
                 let shard = weight_map.get(name).and_then(|&i| shards.get(i)).ok_or_else(|| {
                     CheckpointError::TensorNotFound {
@@ -232,20 +249,9 @@ impl Checkpoint {
                         location: index.clone(),
                     }
                 })?;
-                (shard, Some(index))
+                Ok((shard, Some(index)))
             }
-        };
-        file.tensor(name)?.ok_or_else(|| match index {
-            Some(index) => CheckpointError::TensorNotInShard {
-                name: name.to_owned(),
-                shard: file.path().to_path_buf(),
-                index: index.clone(),
-            },
-            None => CheckpointError::TensorNotFound {
-                name: name.to_owned(),
-                location: file.path().to_path_buf(),
-            },
-        })
+        }
     }
 
     /// The weights files mapped so far, in the order their first tensor appears in the index.
@@ -263,6 +269,21 @@ impl Checkpoint {
             Weights::Single(file) => vec![file.path()],
             Weights::Sharded { shards, .. } => shards.iter().map(SafetensorsFile::path).collect(),
         }
+    }
+}
+
+/// The error for a tensor that the file chosen for it does not list.
+fn not_in_file(name: &str, file: &SafetensorsFile, index: Option<&PathBuf>) -> CheckpointError {
+    match index {
+        Some(index) => CheckpointError::TensorNotInShard {
+            name: name.to_owned(),
+            shard: file.path().to_path_buf(),
+            index: index.clone(),
+        },
+        None => CheckpointError::TensorNotFound {
+            name: name.to_owned(),
+            location: file.path().to_path_buf(),
+        },
     }
 }
 

@@ -58,6 +58,7 @@ pub use error::{ModelError, RoutingProblem};
 pub use gate::{GateTensorNames, MoeGate};
 pub use prepared::{GateRouting, PreparedGate};
 pub use safetensors_bytes::SafetensorsBytes;
+pub use safetensors_file::{MappedBytes, TensorLocation};
 
 /// The thread-safety promised in the crate docs, checked at compile time.
 const fn assert_send_sync<T: Send + Sync>() {}

@@ -10,6 +10,7 @@ use serde_json::Value;
 use sluice_tensor::{DType, SharedBytes, Tensor};
 
 use crate::checkpoint::CheckpointError;
+use crate::safetensors_file::TensorLocation;
 
 /// The bytes of one safetensors file (a memory mapping, or any buffer) and its validated header.
 ///
@@ -122,6 +123,19 @@ impl SafetensorsBytes {
     /// The header's `__metadata__` strings.
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
+    }
+
+    /// Where the tensor of exactly this name lies in the file, as the header says, or `None` if the
+    /// header does not list it. Touches no tensor data.
+    pub fn location(&self, name: &str) -> Option<TensorLocation> {
+        let entry = self.tensors.get(name)?;
+        Some(TensorLocation {
+            name: name.to_owned(),
+            path: self.path.clone(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            range: entry.start..entry.end,
+        })
     }
 
     /// The tensor of exactly this name, or `None` if the header does not list it.

@@ -250,6 +250,30 @@ fn sharded_checkpoints_map_only_the_shards_they_need() {
     assert_eq!(checkpoint.mapped_files().len(), 2, "a name the index lacks maps nothing");
 }
 
+#[test]
+fn a_tensor_location_maps_exactly_its_bytes_and_only_while_the_file_holds_them() {
+    let dir = sharded_checkpoint();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let name = "model.layers.1.mlp.gate.e_score_correction_bias";
+    let location = checkpoint.tensor_location(name).unwrap();
+    let shard = dir.path().join("model-00003-of-00003.safetensors");
+    assert_eq!((location.name.as_str(), location.path.as_path()), (name, shard.as_path()));
+    assert_eq!((location.dtype, location.shape.as_slice()), (safetensors::Dtype::F32, &[4][..]));
+    let file = fs::read(&shard).unwrap();
+    assert_eq!(location.range.end, file.len(), "the only tensor ends the file");
+    assert_eq!(&*location.map().unwrap(), &f32_bytes(&[2.0; 4])[..]);
+    assert_eq!(&*location.map().unwrap(), &file[location.range.clone()]);
+
+    let err = checkpoint.tensor_location("model.layers.7.mlp.gate.weight").unwrap_err();
+    assert!(matches!(err, CheckpointError::TensorNotFound { .. }), "{err}");
+
+    // A file cut short after its header was read must be an error, not a fatal signal.
+    fs::write(&shard, &file[..file.len() - 4]).unwrap();
+    let message = location.map().unwrap_err().to_string();
+    assert!(message.contains("model-00003-of-00003.safetensors"), "{message}");
+    assert!(message.contains(name), "{message}");
+}
+
 fn edit_index(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join(SHARD_INDEX);
     let mut index: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
