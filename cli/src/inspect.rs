@@ -7,6 +7,7 @@ use sluice_models::{Checkpoint, MoeGate};
 use sluice_tensor::Tensor;
 
 use crate::error::CliError;
+use crate::gates::ranges;
 
 /// Arguments of `sluice inspect`.
 #[derive(Debug, Args)]
@@ -49,31 +50,4 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
 
 fn describe(tensor: &Tensor) -> String {
     format!("{} {:?}", tensor.dtype(), tensor.shape())
-}
-
-/// `1, 2, 3, 5, 7, 8` as `1-3, 5, 7-8`.
-fn ranges(values: &[usize]) -> String {
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < values.len() {
-        let start = values[i];
-        let mut end = start;
-        while i + 1 < values.len() && values[i + 1] == end + 1 {
-            end += 1;
-            i += 1;
-        }
-        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
-        i += 1;
-    }
-    if parts.is_empty() { "none".to_owned() } else { parts.join(", ") }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn layer_ranges_are_compressed() {
-        assert_eq!(super::ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
-        assert_eq!(super::ranges(&[4]), "4");
-        assert_eq!(super::ranges(&[]), "none");
-    }
 }

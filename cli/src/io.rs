@@ -70,7 +70,8 @@ pub fn check_output_path(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
+/// The folder `path` is in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -98,10 +99,16 @@ pub fn write_safetensors(path: &Path, outputs: &[Output<'_>]) -> Result<(), CliE
     write_atomically(path, &serialized)
 }
 
+/// Where to build `path` (a file or a folder) before renaming it into place: a hidden sibling in
+/// the same folder, so that the rename stays on one file system, named after this process.
+pub fn temporary_sibling(path: &Path) -> PathBuf {
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_dir(path).join(format!(".{file_name}.{}.partial", std::process::id()))
+}
+
 /// Writes to a temporary sibling file, syncs it, and renames it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = parent_dir(path).join(format!(".{file_name}.{}.partial", std::process::id()));
+    let temp = temporary_sibling(path);
     let result = (|| {
         let mut file = File::create(&temp)?;
         file.write_all(bytes)?;

@@ -7,6 +7,8 @@ mod backend;
 mod bench;
 mod demo;
 mod error;
+mod extract;
+mod gates;
 mod inspect;
 mod io;
 mod logging;
@@ -42,6 +44,9 @@ enum Command {
     Route(route::RouteArgs),
     /// Time the full gate (router GEMM + routing) on synthetic weights of a real model's shape.
     Bench(bench::BenchArgs),
+    /// Copy a checkpoint's MoE gates (config.json and the gate tensors, nothing else) into a new
+    /// checkpoint folder.
+    ExtractGates(extract::ExtractArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Route(args) => route::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::ExtractGates(args) => extract::run(args),
     };
     logging::report_peak_memory();
     match result {

@@ -303,3 +303,173 @@ fn bench_writes_the_documented_json() {
         assert!(result["gflops"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// Every tensor of a checkpoint folder (single file or shards) as (dtype, shape, bytes), by name.
+fn checkpoint_tensors(
+    dir: &Path,
+) -> std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        let mut files: Vec<PathBuf> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|file| dir.join(file.as_str().unwrap()))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        for (name, view) in safetensors::SafeTensors::deserialize(&bytes).unwrap().tensors() {
+            let entry = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+            assert!(tensors.insert(name.clone(), entry).is_none(), "{name} twice");
+        }
+    }
+    tensors
+}
+
+/// Routes the fixture's golden f32 hidden states through every MoE layer of `checkpoint` and
+/// returns the output file's bytes.
+fn route_all_layers(
+    scratch: &Scratch,
+    fixture_name: &str,
+    checkpoint: &str,
+    extra: &[&str],
+) -> Output {
+    let (hidden, t, h) = golden_hidden(fixture_name);
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let mut args = vec![
+        "route",
+        "--checkpoint",
+        checkpoint,
+        "--all-layers",
+        "--input",
+        scratch.dir.path().join("in.safetensors").to_str().unwrap(),
+        "--output",
+        scratch.dir.path().join("out.safetensors").to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_sluice")).args(&args).output().unwrap()
+}
+
+fn extract(source: &str, output: &Path, extra: &[&str]) -> Output {
+    let mut args =
+        vec!["extract-gates", "--checkpoint", source, "--output", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    sluice(&args)
+}
+
+#[test]
+fn extracted_gates_are_the_source_gates_and_route_every_layer_bit_identically() {
+    // v3 is sharded (gate weight and bias in different shards, fp8 decoys beside them), the
+    // others are single files; saved-by-transformers keeps its gate weight in f32. Each is also
+    // extracted into shards, with a limit below the size of one gate weight.
+    let cases = [
+        ("v3", "1MB", 2),
+        ("kimi-k2", "300KB", 4),
+        ("v2", "100KB", 2),
+        ("v2-lite", "40KB", 2),
+        ("saved-by-transformers", "3KB", 4),
+    ];
+    for (name, shard_size, shards) in cases {
+        let scratch = Scratch::new();
+        let source = fixture(name);
+        let source_tensors = checkpoint_tensors(Path::new(&source));
+        let routed = route_all_layers(&scratch, name, &source, &[]);
+        assert!(routed.status.success(), "{name}: {}", stderr(&routed));
+        let expected_routing = std::fs::read(scratch.path("out.safetensors")).unwrap();
+
+        for (folder, extra) in
+            [("gates", vec![]), ("sharded", vec!["--max-shard-size", shard_size])]
+        {
+            let what = format!("{name} into {folder}");
+            let output = scratch.path(folder);
+            let out = extract(&source, &output, &extra);
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            assert!(stdout(&out).contains("MoE gates"), "{what}: {}", stdout(&out));
+            assert_eq!(
+                std::fs::read(output.join("config.json")).unwrap(),
+                std::fs::read(Path::new(&source).join("config.json")).unwrap(),
+                "{what}: config.json is copied unchanged"
+            );
+            let files = std::fs::read_dir(&output).unwrap().count();
+            if extra.is_empty() {
+                assert_eq!(files, 2, "{what}: config.json and model.safetensors");
+                assert!(output.join("model.safetensors").exists(), "{what}");
+            } else {
+                assert_eq!(files, shards + 2, "{what}: config, index and {shards} shards");
+            }
+
+            let extracted = checkpoint_tensors(&output);
+            let gate_names: Vec<&String> = source_tensors
+                .keys()
+                .filter(|n| {
+                    n.ends_with(".mlp.gate.weight") || n.ends_with(".e_score_correction_bias")
+                })
+                .collect();
+            assert_eq!(extracted.keys().collect::<Vec<_>>(), gate_names, "{what}: only the gates");
+            for (tensor, copy) in &extracted {
+                assert!(
+                    copy == &source_tensors[tensor],
+                    "{what}: {tensor} differs from the source"
+                );
+            }
+
+            let routed = route_all_layers(&scratch, name, output.to_str().unwrap(), &[]);
+            assert!(routed.status.success(), "{what}: {}", stderr(&routed));
+            assert!(
+                std::fs::read(scratch.path("out.safetensors")).unwrap() == expected_routing,
+                "{what}: the extracted gates route differently"
+            );
+        }
+    }
+}
+
+#[test]
+fn extraction_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
+    let scratch = Scratch::new();
+    std::fs::create_dir(scratch.path("taken")).unwrap();
+    let partial = scratch.path("partial");
+    assert!(extract(&fixture("kimi-k2"), &partial, &["--layers", "1"]).status.success());
+    let before = scratch.files();
+    let partial = partial.to_str().unwrap().to_owned();
+    let cases: [(&str, &str, &[&str], &str); 7] = [
+        ("an existing output", "taken", &[], "already exists"),
+        ("a dense layer", "new", &["--layers", "0"], "dense"),
+        ("a layer past the end", "new", &["--layers", "2,9"], "does not exist"),
+        ("a bad layer list", "new", &["--layers", "1,x"], "`x`"),
+        ("a bad shard size", "new", &["--max-shard-size", "1 parsec"], "size"),
+        ("an output folder inside a missing one", "no/such/new", &[], "does not exist"),
+        ("a checkpoint that is not one", "new", &[], "config.json"),
+    ];
+    for (what, output, extra, expected) in cases {
+        let source =
+            if what.starts_with("a checkpoint") { scratch.s("taken") } else { fixture("v2") };
+        let out = extract(&source, &scratch.path(output), extra);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{what}: succeeded");
+        assert!(err.contains(expected), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(scratch.files(), before, "{what}: left files behind");
+    }
+    for (layers, expected) in [(None, "choose the layers that are present"), (Some("2"), "layer 2")]
+    {
+        let extra: Vec<&str> = layers.iter().flat_map(|l| ["--layers", *l]).collect();
+        let out = extract(&partial, &scratch.path("new"), &extra);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{layers:?}: extracting a missing gate succeeded");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{layers:?}: {err}");
+        assert_eq!(scratch.files(), before, "{layers:?}: left files behind");
+    }
+}

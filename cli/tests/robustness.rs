@@ -317,6 +317,18 @@ fn more_tokens_than_max_tokens_are_refused() {
     assert_refused("zero bound", &sluice(&["demo", "--max-tokens", "0"]), &["max_tokens"]);
 }
 
+/// The peak memory that `-v` logged, in MiB.
+fn peak_memory_mib(what: &str, output: &Output) -> f64 {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr.lines().find(|l| l.contains("peak memory"));
+    let line = line.unwrap_or_else(|| panic!("{what}: no peak memory line in {stderr}"));
+    line.split("peak_rss_mib=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no number in {line}"))
+}
+
 #[test]
 fn verbose_demo_and_route_report_peak_memory() {
     let demo = sluice(&["-v", "demo", "--tokens", "4", "--show", "0"]);
@@ -325,17 +337,105 @@ fn verbose_demo_and_route_report_peak_memory() {
     let route = scratch.route(&["-v"]);
     assert!(route.status.success(), "{}", String::from_utf8_lossy(&route.stderr));
     for (what, output) in [("demo", &demo), ("route", &route)] {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let line = stderr.lines().find(|l| l.contains("peak memory"));
-        let line = line.unwrap_or_else(|| panic!("{what}: no peak memory line in {stderr}"));
-        let mib: f64 = line
-            .split("peak_rss_mib=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.trim_matches('"').parse().ok())
-            .unwrap_or_else(|| panic!("{what}: no number in {line}"));
+        let mib = peak_memory_mib(what, output);
         assert!(mib > 1.0 && mib < 4096.0, "{what}: {mib} MiB");
     }
     let quiet = scratch.route(&[]);
     assert!(quiet.stderr.is_empty(), "without -v nothing is logged");
+}
+
+/// Copies a fixture checkpoint into `dir`.
+fn copy_fixture(name: &str, dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/testdata").join(name);
+    std::fs::create_dir(dir).unwrap();
+    for entry in std::fs::read_dir(fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_source_shard_cut_in_half_fails_extraction_with_one_line_and_no_output() {
+    for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+        let scratch = Scratch::new(1);
+        let source = scratch.path("v3");
+        copy_fixture("v3", &source);
+        let bytes = std::fs::read(source.join(shard)).unwrap();
+        std::fs::write(source.join(shard), &bytes[..bytes.len() / 2]).unwrap();
+        let before = scratch.files();
+        let output = scratch.path("gates");
+        let out = sluice(&[
+            "extract-gates",
+            "--checkpoint",
+            source.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert_refused(shard, &out, &[shard, "malformed"]);
+        assert_eq!(scratch.files(), before, "{shard}: files left behind");
+        let names: Vec<_> = std::fs::read_dir(scratch.dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 3, "{shard}: ckpt, in.safetensors, v3 and no hidden folder");
+    }
+}
+
+/// A V3-routed single-file checkpoint with `layers` MoE layers whose gate weights are f32
+/// `[8, hidden]`, each beside an expert decoy of the same size that must not be read.
+fn wide_checkpoint(dir: &Path, layers: usize, hidden: usize) {
+    std::fs::create_dir(dir).unwrap();
+    let config = CONFIG
+        .replace("\"hidden_size\": 4", &format!("\"hidden_size\": {hidden}"))
+        .replace("\"num_hidden_layers\": 2", &format!("\"num_hidden_layers\": {}", layers + 1));
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let weight: Vec<f32> = (0..EXPERTS * hidden).map(|i| (i % 13) as f32 * 0.01).collect();
+    let names: Vec<(String, Vec<f32>, Vec<usize>)> = (1..=layers)
+        .flat_map(|layer| {
+            let gate = format!("model.layers.{layer}.mlp");
+            [
+                (format!("{gate}.gate.weight"), weight.clone(), vec![EXPERTS, hidden]),
+                (
+                    format!("{gate}.experts.0.gate_proj.weight"),
+                    weight.clone(),
+                    vec![EXPERTS, hidden],
+                ),
+                (
+                    format!("{gate}.gate.e_score_correction_bias"),
+                    vec![0.01; EXPERTS],
+                    vec![EXPERTS],
+                ),
+            ]
+        })
+        .collect();
+    let tensors: Vec<(&str, Vec<f32>, Vec<usize>)> =
+        names.iter().map(|(n, v, s)| (n.as_str(), v.clone(), s.clone())).collect();
+    std::fs::write(dir.join("model.safetensors"), serialize(&tensors)).unwrap();
+}
+
+#[test]
+fn extraction_needs_memory_for_the_largest_gate_tensor_not_for_all_of_them() {
+    const LAYERS: usize = 6;
+    const WIDE: usize = 256 * 1024; // an 8 MiB f32 gate weight per layer, 48 MiB in all
+    let scratch = Scratch::new(1);
+    let extract_peak = |name: &str| {
+        let out = sluice(&[
+            "-v",
+            "extract-gates",
+            "--checkpoint",
+            scratch.path(name).to_str().unwrap(),
+            "--output",
+            scratch.path(&format!("{name}-gates")).to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        peak_memory_mib(name, &out)
+    };
+    wide_checkpoint(&scratch.path("narrow"), LAYERS, HIDDEN);
+    wide_checkpoint(&scratch.path("wide"), LAYERS, WIDE);
+    let baseline = extract_peak("narrow");
+    let peak = extract_peak("wide");
+    let largest_tensor_mib = (EXPERTS * WIDE * 4) as f64 / (1 << 20) as f64;
+    let small_constant_mib = 4.0;
+    assert!(
+        peak - baseline < largest_tensor_mib + small_constant_mib,
+        "extracting {LAYERS} gates of {largest_tensor_mib} MiB took {peak} MiB at peak, the same \
+         command on tiny gates {baseline} MiB"
+    );
 }
