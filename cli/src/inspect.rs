@@ -1,26 +1,33 @@
-//! `sluice inspect <DIR>`: what a checkpoint holds, as far as routing is concerned.
+//! `sluice inspect <DIR>`: what a checkpoint holds, as far as routing is concerned, including
+//! partial checkpoints that hold the gates of some MoE layers only.
 
 use std::path::PathBuf;
 
 use clap::Args;
-use sluice_models::{Checkpoint, MoeGate};
+use serde_json::{Value, json};
+use sluice_models::Checkpoint;
 use sluice_tensor::Tensor;
 
 use crate::error::CliError;
-use crate::gates::ranges;
+use crate::gates::{Gates, ranges};
 
 /// Arguments of `sluice inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// A Hugging Face checkpoint folder (config.json + safetensors).
     pub dir: PathBuf,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Prints the family, the MoE layers, each gate's shapes and dtypes, and the routing config.
+/// Prints the family, the MoE layers, each gate's shapes and dtypes (or the names looked for where
+/// the gate is missing), the routing config, and how many gates are present. Missing gates are
+/// reported, not refused; broken files and gates are.
 pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     let checkpoint = Checkpoint::open(&args.dir)?;
     let config = checkpoint.config();
-    let gates = MoeGate::load_all(&checkpoint)?;
+    let gates = Gates::load_all(&checkpoint)?;
     let mut files: Vec<String> = checkpoint
         .files()
         .iter()
@@ -28,6 +35,50 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
         .collect();
     files.sort();
     let layers: Vec<usize> = config.moe_layers().collect();
+    let summary = format!("{} of {} MoE gates present", gates.present.len(), layers.len());
+
+    if args.json {
+        let mut entries: Vec<(usize, Value)> = gates
+            .present
+            .iter()
+            .map(|gate| {
+                let entry = json!({
+                    "layer": gate.layer(),
+                    "present": true,
+                    "weight": describe_json(gate.weight()),
+                    "bias": gate.bias().map(describe_json),
+                });
+                (gate.layer(), entry)
+            })
+            .chain(gates.missing.iter().map(|missing| {
+                let entry = json!({
+                    "layer": missing.layer,
+                    "present": false,
+                    "looked_for": missing.looked_for,
+                });
+                (missing.layer, entry)
+            }))
+            .collect();
+        entries.sort_by_key(|(layer, _)| *layer);
+        let document = json!({
+            "checkpoint": args.dir.display().to_string(),
+            "family": config.family().name(),
+            "model_type": config.model_type(),
+            "fields_under_text_config": config.has_nested_text_config(),
+            "files": files,
+            "hidden_size": config.hidden_size(),
+            "num_layers": config.num_layers(),
+            "moe_layers": layers,
+            "routing": config.routing().to_string(),
+            "gates": entries.into_iter().map(|(_, entry)| entry).collect::<Vec<_>>(),
+            "gates_present": gates.present.len(),
+            "summary": summary,
+        });
+        let text = serde_json::to_string_pretty(&document)
+            .map_err(|e| CliError::Input(format!("cannot encode the description: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
 
     println!("checkpoint  {}", args.dir.display());
     println!(
@@ -41,13 +92,29 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     println!("layers      {} ({} MoE: {})", config.num_layers(), layers.len(), ranges(&layers));
     println!("routing     {}", config.routing());
     println!("gates");
-    for gate in &gates {
-        let bias = gate.bias().map(describe).unwrap_or_else(|| "none".to_owned());
-        println!("  layer {:>3}  weight {}  bias {}", gate.layer(), describe(gate.weight()), bias);
+    let mut lines: Vec<(usize, String)> = gates
+        .present
+        .iter()
+        .map(|gate| {
+            let bias = gate.bias().map(describe).unwrap_or_else(|| "none".to_owned());
+            (gate.layer(), format!("weight {}  bias {bias}", describe(gate.weight())))
+        })
+        .chain(gates.missing.iter().map(|missing| {
+            (missing.layer, format!("missing (looked for {})", missing.looked_for.join(", ")))
+        }))
+        .collect();
+    lines.sort_by_key(|(layer, _)| *layer);
+    for (layer, line) in lines {
+        println!("  layer {layer:>3}  {line}");
     }
+    println!("{summary}");
     Ok(())
 }
 
 fn describe(tensor: &Tensor) -> String {
     format!("{} {:?}", tensor.dtype(), tensor.shape())
+}
+
+fn describe_json(tensor: &Tensor) -> Value {
+    json!({ "dtype": tensor.dtype().name(), "shape": tensor.shape() })
 }

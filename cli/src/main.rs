@@ -38,7 +38,8 @@ enum Command {
     /// Route a batch through a DeepSeek-V3-shaped gate, check it against the reference, and show
     /// where the tokens went.
     Demo(demo::DemoArgs),
-    /// Describe a checkpoint: model family, MoE layers, gate shapes and dtypes, routing config.
+    /// Describe a checkpoint: model family, MoE layers, gate shapes and dtypes (or missing),
+    /// routing config.
     Inspect(inspect::InspectArgs),
     /// Route hidden states from a safetensors file through a checkpoint's gate(s).
     Route(route::RouteArgs),

@@ -435,6 +435,45 @@ fn extracted_gates_are_the_source_gates_and_route_every_layer_bit_identically() 
     }
 }
 
+/// A scratch folder holding `layer-2/`: the gate of Kimi-K2 fixture's layer 2, not of layer 1.
+fn partial_kimi_k2() -> (Scratch, String) {
+    let scratch = Scratch::new();
+    let partial = scratch.path("layer-2");
+    let out = extract(&fixture("kimi-k2"), &partial, &["--layers", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let partial = partial.to_string_lossy().into_owned();
+    (scratch, partial)
+}
+
+#[test]
+fn inspect_lists_the_present_and_missing_gates_of_a_partial_checkpoint() {
+    let (_scratch, partial) = partial_kimi_k2();
+    let partial = partial.as_str();
+
+    let inspect = sluice(&["inspect", partial]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+    let text = stdout(&inspect);
+    assert!(
+        text.contains("layer   1  missing (looked for model.layers.1.mlp.gate.weight)"),
+        "{text}"
+    );
+    assert!(text.contains("layer   2  weight bf16 [384, 512]  bias f32 [384]"), "{text}");
+    assert!(text.trim_end().ends_with("1 of 2 MoE gates present"), "{text}");
+
+    let json = sluice(&["inspect", "--json", partial]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["gates_present"], 1);
+    assert_eq!(json["moe_layers"], serde_json::json!([1, 2]));
+    let gates = json["gates"].as_array().unwrap();
+    assert_eq!(gates[0]["layer"], 1);
+    assert_eq!(gates[0]["present"], false);
+    assert_eq!(gates[0]["looked_for"], serde_json::json!(["model.layers.1.mlp.gate.weight"]));
+    assert_eq!(gates[1]["present"], true);
+    assert_eq!(gates[1]["weight"], serde_json::json!({"dtype": "bf16", "shape": [384, 512]}));
+    assert_eq!(gates[1]["bias"], serde_json::json!({"dtype": "f32", "shape": [384]}));
+}
+
 #[test]
 fn extraction_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
     let scratch = Scratch::new();
