@@ -8,6 +8,7 @@ use sluice_tensor::NonFinitePolicy;
 
 use crate::backend::BackendArgs;
 use crate::error::CliError;
+use crate::gates::Gates;
 use crate::io::{self, Output};
 
 /// Arguments of `sluice route`.
@@ -20,9 +21,13 @@ pub struct RouteArgs {
     #[arg(long, required_unless_present = "all_layers", conflicts_with = "all_layers")]
     pub layer: Option<usize>,
     /// Route through every MoE layer's gate; outputs are named `layers.{L}.topk_ids` and
-    /// `layers.{L}.topk_weights`.
+    /// `layers.{L}.topk_weights`. A checkpoint that lacks some gates is refused, listing them.
     #[arg(long)]
     pub all_layers: bool,
+    /// With --all-layers, route the layers whose gates the checkpoint holds and skip the others
+    /// (named on stderr) instead of refusing a partial checkpoint.
+    #[arg(long, requires = "all_layers")]
+    pub skip_missing: bool,
     /// A safetensors file holding `hidden_states` [tokens, hidden] (f32, bf16 or f16).
     #[arg(long)]
     pub input: PathBuf,
@@ -47,7 +52,7 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
     let backend = args.backend.build()?;
     let gates = match args.layer {
         Some(layer) => vec![MoeGate::load(&checkpoint, layer)?],
-        None => MoeGate::load_all(&checkpoint)?,
+        None => all_gates(&checkpoint, args.skip_missing)?,
     };
     let policy =
         if args.mark_invalid { NonFinitePolicy::MarkInvalid } else { NonFinitePolicy::Error };
@@ -76,4 +81,33 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
     io::write_safetensors(&args.output, &outputs)?;
     tracing::info!(output = %args.output.display(), tensors = outputs.len(), "written");
     Ok(())
+}
+
+/// Every MoE layer's gate. A partial checkpoint is refused unless `skip_missing`: a caller who
+/// asks for all layers and gets fewer, without having said that is fine, would compare or feed
+/// forward an incomplete routing without noticing. With `skip_missing`, the skipped layers are
+/// named on stderr, and the output's tensor names say which layers it holds.
+fn all_gates(checkpoint: &Checkpoint, skip_missing: bool) -> Result<Vec<MoeGate>, CliError> {
+    let gates = Gates::load_all(checkpoint)?;
+    if !skip_missing {
+        return gates.require_all(
+            checkpoint.dir(),
+            "pass --skip-missing to route the layers that are present",
+        );
+    }
+    if gates.present.is_empty() {
+        return Err(CliError::Input(format!(
+            "{}: holds none of the {} MoE gates, nothing to route",
+            checkpoint.dir().display(),
+            gates.missing.len()
+        )));
+    }
+    if !gates.missing.is_empty() {
+        eprintln!(
+            "sluice: skipped MoE {} (no gate in {})",
+            gates.missing_layers(),
+            checkpoint.dir().display()
+        );
+    }
+    Ok(gates.present)
 }

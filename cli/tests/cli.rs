@@ -475,6 +475,40 @@ fn inspect_lists_the_present_and_missing_gates_of_a_partial_checkpoint() {
 }
 
 #[test]
+fn route_all_layers_refuses_a_partial_checkpoint_or_skips_its_missing_layers() {
+    let (scratch, partial) = partial_kimi_k2();
+    let partial = partial.as_str();
+    // --all-layers refuses a partial checkpoint by default, naming what is missing...
+    let refused = route_all_layers(&scratch, "kimi-k2", partial, &[]);
+    assert!(!refused.status.success());
+    let err = stderr(&refused);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("1 of 2 MoE gates are missing (layer 1;"), "{err}");
+    assert!(err.contains("--skip-missing"), "{err}");
+    assert!(!scratch.path("out.safetensors").exists());
+    // ...and routes the present layers, naming the skipped ones, when asked to.
+    let skipped = route_all_layers(&scratch, "kimi-k2", partial, &["--skip-missing"]);
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    assert!(stderr(&skipped).contains("skipped MoE layer 1 "), "{}", stderr(&skipped));
+    let routed = std::fs::read(scratch.path("out.safetensors")).unwrap();
+    let routed = safetensors::SafeTensors::deserialize(&routed).unwrap();
+    let mut names = routed.names();
+    names.sort();
+    assert_eq!(names, ["layers.2.topk_ids", "layers.2.topk_weights"]);
+    let full = route_all_layers(&scratch, "kimi-k2", &fixture("kimi-k2"), &[]);
+    assert!(full.status.success(), "{}", stderr(&full));
+    let full = std::fs::read(scratch.path("out.safetensors")).unwrap();
+    let full = safetensors::SafeTensors::deserialize(&full).unwrap();
+    for name in names {
+        assert_eq!(
+            routed.tensor(name).unwrap().data(),
+            full.tensor(name).unwrap().data(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn extraction_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
     let scratch = Scratch::new();
     std::fs::create_dir(scratch.path("taken")).unwrap();
