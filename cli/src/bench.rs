@@ -1,19 +1,21 @@
 //! `sluice bench`: the full gate (router GEMM + routing) timed on synthetic weights of a real
-//! model's shape.
+//! model's shape, or on a checkpoint's own gate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
+use sluice_models::{Checkpoint, MoeGate};
 
 use crate::backend::BackendArgs;
 use crate::error::CliError;
+use crate::gates::Gates;
 use crate::io;
 use crate::synthetic::{self, ModelShape};
 use crate::timing::{self, Budget};
 
-/// The hidden states' dtype (the weight is bf16, as in real checkpoints).
+/// The hidden states' dtype (the synthetic weight is bf16, as in real checkpoints).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InputDType {
     /// bf16 hidden states.
@@ -34,9 +36,15 @@ impl InputDType {
 /// Arguments of `sluice bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The model whose gate shape to time.
-    #[arg(long, value_enum, default_value_t = ModelShape::V3)]
+    /// The model whose gate shape to time, with synthetic weights.
+    #[arg(long, value_enum, default_value_t = ModelShape::V3, conflicts_with = "checkpoint")]
     pub model: ModelShape,
+    /// Time a checkpoint's own gate instead (a full checkpoint, or one made by extract-gates).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// The MoE layer of --checkpoint whose gate to time (default: the first one it holds).
+    #[arg(long, requires = "checkpoint")]
+    pub layer: Option<usize>,
     /// Token counts T to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 64, 512, 2048])]
     pub tokens: Vec<usize>,
@@ -80,12 +88,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     for &tokens in &args.tokens {
         args.backend.check_tokens("bench", tokens)?;
     }
-    let gate = args.model.gate(1)?;
+    let (model, gate) = match &args.checkpoint {
+        Some(dir) => checkpoint_gate(dir, args.layer)?,
+        None => (args.model.name().to_owned(), args.model.gate(1)?),
+    };
     let prepared = gate.prepare(backend.as_ref())?;
     let (h, e) = (gate.hidden_size(), gate.num_experts());
+    let weight_dtype = gate.weight().dtype().name();
     println!(
-        "sluice bench: {} gate ({h} -> {e}, {}), {} input, bf16 weight, {} backend",
-        args.model.name(),
+        "sluice bench: {model} gate ({h} -> {e}, {}), {} input, {weight_dtype} weight, {} backend",
         gate.spec(),
         args.dtype.name(),
         backend.name()
@@ -117,7 +128,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             .iter()
             .map(|r| {
                 json!({
-                    "model": args.model.name(),
+                    "model": model,
                     "tokens": r.tokens,
                     "dtype": args.dtype.name(),
                     "backend": backend.name(),
@@ -134,7 +145,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 "hidden_size": h,
                 "num_experts": e,
                 "routing": gate.spec().to_string(),
-                "weight_dtype": "bf16",
+                "weight_dtype": weight_dtype,
+                "checkpoint": args.checkpoint.as_ref().map(|dir| dir.display().to_string()),
+                "layer": args.checkpoint.as_ref().map(|_| gate.layer()),
                 "threads": args.backend.threads,
                 "min_seconds": args.min_seconds,
                 "min_calls": args.min_calls,
@@ -145,4 +158,18 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         io::write_atomically(path, text.as_bytes())?;
     }
     Ok(())
+}
+
+/// The gate of `layer` of a checkpoint, or of its first MoE layer that has one, and the name to
+/// report it under (`DeepSeek-V3 layer 3`).
+fn checkpoint_gate(dir: &Path, layer: Option<usize>) -> Result<(String, MoeGate), CliError> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let gate = match layer {
+        Some(layer) => MoeGate::load(&checkpoint, layer)?,
+        None => Gates::load_all(&checkpoint)?.present.into_iter().next().ok_or_else(|| {
+            CliError::Input(format!("{}: holds no MoE gate to time", dir.display()))
+        })?,
+    };
+    let name = format!("{} layer {}", checkpoint.config().family(), gate.layer());
+    Ok((name, gate))
 }

@@ -43,7 +43,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Route hidden states from a safetensors file through a checkpoint's gate(s).
     Route(route::RouteArgs),
-    /// Time the full gate (router GEMM + routing) on synthetic weights of a real model's shape.
+    /// Time the full gate (router GEMM + routing) on synthetic weights of a real model's shape,
+    /// or on a checkpoint's gate.
     Bench(bench::BenchArgs),
     /// Copy a checkpoint's MoE gates (config.json and the gate tensors, nothing else) into a new
     /// checkpoint folder.

@@ -509,6 +509,35 @@ fn route_all_layers_refuses_a_partial_checkpoint_or_skips_its_missing_layers() {
 }
 
 #[test]
+fn bench_times_the_gate_a_checkpoint_holds() {
+    let (scratch, partial) = partial_kimi_k2();
+    let partial = partial.as_str();
+    let bench = sluice(&[
+        "bench",
+        "--checkpoint",
+        partial,
+        "--tokens",
+        "2",
+        "--min-seconds",
+        "0",
+        "--min-calls",
+        "2",
+        "--json",
+        &scratch.s("bench.json"),
+    ]);
+    assert!(bench.status.success(), "{}", stderr(&bench));
+    assert!(stdout(&bench).contains("Kimi-K2 layer 2 gate (512 -> 384"), "{}", stdout(&bench));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scratch.path("bench.json")).unwrap()).unwrap();
+    assert_eq!(json["results"][0]["model"], "Kimi-K2 layer 2");
+    assert_eq!(json["meta"]["layer"], 2);
+    assert_eq!(json["meta"]["weight_dtype"], "bf16");
+    let missing = sluice(&["bench", "--checkpoint", partial, "--layer", "1", "--tokens", "1"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("model.layers.1.mlp.gate.weight"), "{}", stderr(&missing));
+}
+
+#[test]
 fn extraction_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
     let scratch = Scratch::new();
     std::fs::create_dir(scratch.path("taken")).unwrap();
