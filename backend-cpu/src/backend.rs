@@ -40,7 +40,7 @@ impl CpuBackend {
 
     /// The kernel family in use (never [`CpuKernel::Auto`]).
     pub fn kernel(&self) -> CpuKernel {
-        self.engine.kernel
+        self.engine.kernel.family()
     }
 
     /// Threads computing each call, the calling thread included.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::engine::Engine;
+use crate::kernel::Isa;
 use crate::{CpuBackend, CpuKernel};
 
 /// The default limit on tokens per call.
@@ -73,9 +74,10 @@ impl CpuBackendBuilder {
 
     /// Checks the settings, resolves the kernel family and starts the worker threads.
     pub fn build(self) -> Result<CpuBackend, CpuBuildError> {
-        if let Some(missing) = self.kernel.missing_features() {
+        let Some(kernel) = Isa::detect(self.kernel) else {
+            let missing = self.kernel.missing_features().unwrap_or_default();
             return Err(CpuBuildError::KernelUnavailable { kernel: self.kernel, missing });
-        }
+        };
         let threads = match self.threads {
             Some(0) => return Err(CpuBuildError::Zero { field: "threads" }),
             Some(threads) => threads,
@@ -84,7 +86,6 @@ impl CpuBackendBuilder {
         if self.max_tokens == 0 {
             return Err(CpuBuildError::Zero { field: "max_tokens" });
         }
-        let kernel = self.kernel.resolve();
         tracing::debug!(%kernel, threads, max_tokens = self.max_tokens, "cpu backend");
         let engine = Engine::new(kernel, threads, self.max_tokens)?;
         Ok(CpuBackend { engine: Arc::new(engine) })

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use crate::CpuKernel;
 use crate::gemm::{Gemm, GemmScratch, OutWindow};
+use crate::kernel::Isa;
 use crate::pack::{LANES, block_count};
 use crate::pool::Pool;
 use crate::routing::{RouteScratch, RowOutcome, RowRouter};
@@ -35,7 +35,7 @@ const MIN_ROWS_FOR_PARALLEL_ROUTING: usize = 16;
 /// The kernel family, the threads and the per-call token limit of a backend.
 #[derive(Debug)]
 pub(crate) struct Engine {
-    pub(crate) kernel: CpuKernel,
+    pub(crate) kernel: Isa,
     pub(crate) threads: usize,
     pub(crate) max_tokens: usize,
     /// `threads - 1` workers; `None` with one thread.
@@ -193,11 +193,7 @@ fn token_chunks(tokens: usize, threads: usize, mr: usize) -> (usize, usize) {
 }
 
 impl Engine {
-    pub(crate) fn new(
-        kernel: CpuKernel,
-        threads: usize,
-        max_tokens: usize,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn new(kernel: Isa, threads: usize, max_tokens: usize) -> std::io::Result<Self> {
         let pool = if threads > 1 { Some(Pool::new(threads - 1)?) } else { None };
         Ok(Engine { kernel, threads, max_tokens, pool })
     }

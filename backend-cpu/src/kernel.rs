@@ -39,40 +39,84 @@ impl CpuKernel {
     /// The CPU features this family needs that the running CPU lacks, or `None` if it can run
     /// here. `Auto` and `Scalar` can always run.
     pub fn missing_features(self) -> Option<&'static str> {
-        let supported = match self {
-            CpuKernel::Auto | CpuKernel::Scalar => true,
-            CpuKernel::Avx512Bf16 => has_avx512_bf16(),
-            CpuKernel::Avx2Fma => has_avx2_fma(),
-        };
-        if supported {
-            return None;
+        match self {
+            _ if self.is_supported() => None,
+            CpuKernel::Avx512Bf16 => Some("avx512f, avx512bf16"),
+            _ => Some("avx2, fma"),
         }
-        Some(match self {
-            CpuKernel::Avx512Bf16 => "avx512f, avx512bf16",
-            _ => "avx2, fma",
-        })
     }
 
     /// Whether this family can run on this CPU.
     pub fn is_supported(self) -> bool {
-        self.missing_features().is_none()
+        Isa::detect(self).is_some()
     }
 
     /// The concrete family `Auto` stands for on this CPU; a concrete family is returned unchanged.
     pub fn resolve(self) -> CpuKernel {
-        match self {
-            CpuKernel::Auto => CpuKernel::CONCRETE
-                .into_iter()
-                .find(|kernel| kernel.is_supported())
-                .unwrap_or(CpuKernel::Scalar),
-            concrete => concrete,
-        }
+        Isa::detect(self).map_or(self, Isa::family)
     }
 }
 
 impl fmt::Display for CpuKernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A concrete kernel family that run-time feature detection found on this CPU, carrying the proof.
+///
+/// This is what the code paths hold once the configured [`CpuKernel`] is resolved. The SIMD
+/// variants carry tokens that only [`Isa::detect`] can create, and every `#[target_feature]`
+/// entry point takes (or is only handed out for) its family's token: so the `SAFETY` comments
+/// that call AVX-512 or AVX2 code rest on a value that cannot exist on a CPU without those
+/// instructions, not on a convention about an enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512F and AVX-512 BF16.
+    Avx512Bf16(Avx512Bf16Token),
+    /// AVX2 and FMA.
+    Avx2Fma(Avx2FmaToken),
+    /// Portable code; needs nothing.
+    Scalar,
+}
+
+/// Proof that the running CPU supports AVX-512F and AVX-512 BF16. Zero-sized; the private field
+/// keeps its only constructor in [`Isa::detect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx512Bf16Token(());
+
+/// Proof that the running CPU supports AVX2 and FMA. Zero-sized; the private field keeps its only
+/// constructor in [`Isa::detect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx2FmaToken(());
+
+impl Isa {
+    /// The concrete family `kernel` stands for on this CPU (the fastest supported one for
+    /// [`CpuKernel::Auto`]), or `None` if the CPU lacks its instructions.
+    pub(crate) fn detect(kernel: CpuKernel) -> Option<Isa> {
+        match kernel {
+            CpuKernel::Auto => CpuKernel::CONCRETE.into_iter().find_map(Isa::detect),
+            CpuKernel::Avx512Bf16 => {
+                has_avx512_bf16().then_some(Isa::Avx512Bf16(Avx512Bf16Token(())))
+            }
+            CpuKernel::Avx2Fma => has_avx2_fma().then_some(Isa::Avx2Fma(Avx2FmaToken(()))),
+            CpuKernel::Scalar => Some(Isa::Scalar),
+        }
+    }
+
+    /// The configuration value naming this family.
+    pub(crate) const fn family(self) -> CpuKernel {
+        match self {
+            Isa::Avx512Bf16(_) => CpuKernel::Avx512Bf16,
+            Isa::Avx2Fma(_) => CpuKernel::Avx2Fma,
+            Isa::Scalar => CpuKernel::Scalar,
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.family().name())
     }
 }
 
@@ -97,9 +141,98 @@ fn has_avx2_fma() -> bool {
     false
 }
 
+/// What the unit tests of the SIMD paths use to run once per kernel family.
+///
+/// A test of a family the CPU lacks cannot run, and `#[ignore]` cannot say so: it is decided at
+/// compile time, and `cfg(target_feature = ...)` describes the build target, not the CPU running
+/// the tests (a default build would ignore the AVX-512 tests on every machine). So each family
+/// gets its own test, named after it ([`family_tests!`]), and one that cannot run writes a skip
+/// line straight to the process's stderr: the test harness captures `eprintln!` of passing tests,
+/// but not writes to the stream itself, so the line shows in plain `cargo test` output.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::RefCell;
+    use std::io::Write;
+
+    use super::{CpuKernel, Isa};
+
+    thread_local! {
+        /// The families reported skipped for the test running on this thread: the harness runs
+        /// each test on a thread of its own, and a test that asks many times (a property test)
+        /// is reported once.
+        static REPORTED: RefCell<Vec<CpuKernel>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The family's proof on this CPU, or `None` after telling the test run (once per test) that
+    /// the current test skips the family and why.
+    pub(crate) fn detect_or_report_skip(kernel: CpuKernel) -> Option<Isa> {
+        let isa = Isa::detect(kernel);
+        let first_time = || {
+            REPORTED.with_borrow_mut(|reported| {
+                let first = !reported.contains(&kernel);
+                if first {
+                    reported.push(kernel);
+                }
+                first
+            })
+        };
+        if isa.is_none() && first_time() {
+            let test = std::thread::current().name().unwrap_or("a test").to_owned();
+            let missing = kernel.missing_features().unwrap_or_default();
+            let line = format!(
+                "SKIPPED {test}: the {kernel} kernel needs {missing}, which this CPU lacks\n"
+            );
+            // One write, so that parallel tests do not interleave within the line. A failed
+            // write to stderr leaves nothing better to report it to.
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+        isa
+    }
+
+    /// Declares, for each named function `fn(Isa)`, one test per concrete kernel family, in
+    /// modules `avx512_bf16`, `avx2_fma` and `scalar`; a family the CPU lacks is reported as
+    /// skipped (see the module's doc).
+    macro_rules! family_tests {
+        ($($check:ident),+ $(,)?) => {
+            $crate::kernel::testing::family_tests!(@family avx512_bf16, Avx512Bf16, $($check),+);
+            $crate::kernel::testing::family_tests!(@family avx2_fma, Avx2Fma, $($check),+);
+            $crate::kernel::testing::family_tests!(@family scalar, Scalar, $($check),+);
+        };
+        (@family $module:ident, $kernel:ident, $($check:ident),+) => {
+            mod $module {
+                $(
+                    #[test]
+                    fn $check() {
+                        let kernel = $crate::CpuKernel::$kernel;
+                        if let Some(isa) = $crate::kernel::testing::detect_or_report_skip(kernel) {
+                            super::$check(isa);
+                        }
+                    }
+                )+
+            }
+        };
+    }
+    pub(crate) use family_tests;
+
+    // `family_tests!` names the families one by one: a new family must be added there too.
+    const _: () = assert!(CpuKernel::CONCRETE.len() == 3);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detection_hands_out_the_family_asked_for() {
+        for kernel in CpuKernel::CONCRETE {
+            if let Some(isa) = Isa::detect(kernel) {
+                assert_eq!(isa.family(), kernel);
+                assert_eq!(kernel.resolve(), kernel);
+            }
+        }
+        assert_eq!(Isa::detect(CpuKernel::Scalar), Some(Isa::Scalar));
+        assert_eq!(Isa::detect(CpuKernel::Auto).map(Isa::family), Some(CpuKernel::Auto.resolve()));
+    }
 
     #[test]
     fn auto_resolves_to_a_supported_concrete_family() {

@@ -2,13 +2,15 @@
 //! accumulators. bf16 weights are widened to f32 in registers (a shift or a mask per pair word).
 
 use super::{Geometry, Kind, TileFn};
+use crate::kernel::Avx2FmaToken;
 
 pub(super) const GEOMETRY: Geometry = Geometry { mr: 4, nr: 1 };
 
-/// The microkernel for `mr` tokens (`1..=GEOMETRY.mr`) and one block, full (`full`) or narrower.
-/// bf16 hidden states are staged as f32 for this family (see `Gemm::new`).
+/// The microkernel for `mr` tokens (`1..=GEOMETRY.mr`) and one block, full (`full`) or narrower,
+/// handed out only against the token that proves the CPU runs it. bf16 hidden states are staged
+/// as f32 for this family (see `Gemm::new`).
 #[cfg(target_arch = "x86_64")]
-pub(super) fn select(kind: Kind, mr: usize, full: bool) -> TileFn {
+pub(super) fn select(_: Avx2FmaToken, kind: Kind, mr: usize, full: bool) -> TileFn {
     use x86::*;
     macro_rules! by_mr {
         ($kernel:ident, $full:literal) => {
@@ -28,9 +30,10 @@ pub(super) fn select(kind: Kind, mr: usize, full: bool) -> TileFn {
     }
 }
 
-/// Without x86-64 the family cannot be built (the builder refuses it); fall back to scalar code.
+/// Without x86-64 detection never makes the token, so this is never called; it keeps the match in
+/// `Isa::tile_fn` the same on every target.
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) fn select(kind: Kind, mr: usize, _full: bool) -> TileFn {
+pub(super) fn select(_: Avx2FmaToken, kind: Kind, mr: usize, _full: bool) -> TileFn {
     super::scalar::select(kind, mr)
 }
 
@@ -126,7 +129,7 @@ mod x86 {
     /// # Safety
     ///
     /// The tile contract of [`Tile`] (f32 hidden states, bf16 pair panel, one block); the CPU
-    /// supports AVX2 and FMA.
+    /// supports AVX2 and FMA (what the token `select` takes proves).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn f32_bf16<const MR: usize, const FULL: bool>(tile: &Tile) {
         let masks = half_masks(tile.width);
@@ -181,7 +184,7 @@ mod x86 {
     /// # Safety
     ///
     /// The tile contract of [`Tile`] (f32 hidden states, f32 panel, one block); the CPU supports
-    /// AVX2 and FMA.
+    /// AVX2 and FMA (what the token `select` takes proves).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn f32_f32<const MR: usize, const FULL: bool>(tile: &Tile) {
         let masks = half_masks(tile.width);

@@ -5,6 +5,7 @@
 //! rounded to bf16.
 
 use super::{Geometry, Kind, TileFn};
+use crate::kernel::Avx512Bf16Token;
 
 pub(super) const GEOMETRY: Geometry = Geometry { mr: 6, nr: 4 };
 
@@ -17,9 +18,10 @@ pub(super) const fn geometry(kind: Kind) -> Geometry {
     }
 }
 
-/// The microkernel for `mr` tokens (`1..=6`) × `nr` blocks (`1..=4`).
+/// The microkernel for `mr` tokens (`1..=6`) × `nr` blocks (`1..=4`), handed out only against the
+/// token that proves the CPU runs it.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn select(kind: Kind, mr: usize, nr: usize) -> TileFn {
+pub(super) fn select(_: Avx512Bf16Token, kind: Kind, mr: usize, nr: usize) -> TileFn {
     use x86::*;
     macro_rules! by_mr_nr {
         ($kernel:ident) => {
@@ -58,9 +60,10 @@ pub(super) fn select(kind: Kind, mr: usize, nr: usize) -> TileFn {
     }
 }
 
-/// Without x86-64 the family cannot be built (the builder refuses it); fall back to scalar code.
+/// Without x86-64 detection never makes the token, so this is never called; it keeps the match in
+/// `Isa::tile_fn` the same on every target.
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) fn select(kind: Kind, mr: usize, _nr: usize) -> TileFn {
+pub(super) fn select(_: Avx512Bf16Token, kind: Kind, mr: usize, _nr: usize) -> TileFn {
     super::scalar::select(kind, mr.min(super::scalar::GEOMETRY.mr))
 }
 
@@ -130,7 +133,7 @@ mod x86 {
     /// # Safety
     ///
     /// The tile contract of [`Tile`] (bf16 hidden states, bf16 pair panel); the CPU supports
-    /// AVX-512F and AVX-512 BF16.
+    /// AVX-512F and AVX-512 BF16 (what the token `select` takes proves).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn bf16_bf16<const MR: usize, const NR: usize>(tile: &Tile) {
         let mask = last_mask(tile);
@@ -169,7 +172,7 @@ mod x86 {
     /// # Safety
     ///
     /// The tile contract of [`Tile`] (f32 hidden states, bf16 pair panel); the CPU supports
-    /// AVX-512F.
+    /// AVX-512F (what the token `select` takes proves).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn f32_bf16<const MR: usize, const NR: usize>(tile: &Tile) {
         let mask = last_mask(tile);
@@ -206,7 +209,8 @@ mod x86 {
     ///
     /// # Safety
     ///
-    /// The tile contract of [`Tile`] (f32 hidden states, f32 panel); the CPU supports AVX-512F.
+    /// The tile contract of [`Tile`] (f32 hidden states, f32 panel); the CPU supports AVX-512F
+    /// (what the token `select` takes proves).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn f32_f32<const MR: usize, const NR: usize>(tile: &Tile) {
         let mask = last_mask(tile);

@@ -17,8 +17,8 @@ use std::ops::Range;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use ndarray::ArrayView2;
 
-use crate::CpuKernel;
 use crate::input::Hidden;
+use crate::kernel::Isa;
 use crate::pack::{
     AlignedWords, LANES, PackedWeight, Panel, WeightFormat, WeightView, block_width, panel_words,
 };
@@ -51,7 +51,8 @@ impl Kind {
 /// least `steps * positions_per_step` readable elements of the kind's x type; `panel` addresses
 /// `NR` blocks of `steps` readable rows (the last block `width` lanes wide, the others 16);
 /// `c` points at `MR` rows (`c_stride` apart) of `16 * (NR - 1) + width` f32s that nobody else
-/// accesses during the call.
+/// accesses during the call. A SIMD microkernel also needs its instructions, which the token its
+/// family's `select` takes proves.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tile {
     pub(crate) x: *const u8,
@@ -75,31 +76,32 @@ pub(crate) struct Geometry {
     pub(crate) nr: usize,
 }
 
-impl CpuKernel {
+impl Isa {
     /// The largest register blocking of this family (the work split rounds to it).
     pub(crate) fn geometry(self) -> Geometry {
         match self {
-            CpuKernel::Avx512Bf16 => avx512::GEOMETRY,
-            CpuKernel::Avx2Fma => avx2::GEOMETRY,
-            CpuKernel::Auto | CpuKernel::Scalar => scalar::GEOMETRY,
+            Isa::Avx512Bf16(_) => avx512::GEOMETRY,
+            Isa::Avx2Fma(_) => avx2::GEOMETRY,
+            Isa::Scalar => scalar::GEOMETRY,
         }
     }
 
     /// The register blocking of this family's microkernel for `kind`.
     fn tile_geometry(self, kind: Kind) -> Geometry {
         match self {
-            CpuKernel::Avx512Bf16 => avx512::geometry(kind),
+            Isa::Avx512Bf16(_) => avx512::geometry(kind),
             _ => self.geometry(),
         }
     }
 
     /// The microkernel for a tile of `mr` tokens × `nr` blocks whose last block has `width`
-    /// lanes (`mr`, `nr` within the geometry).
+    /// lanes (`mr`, `nr` within the geometry). A SIMD family's microkernels are handed out only
+    /// against its token, so the one returned runs on this CPU.
     fn tile_fn(self, kind: Kind, mr: usize, nr: usize, width: usize) -> TileFn {
         match self {
-            CpuKernel::Avx512Bf16 => avx512::select(kind, mr, nr),
-            CpuKernel::Avx2Fma => avx2::select(kind, mr, width == LANES),
-            CpuKernel::Auto | CpuKernel::Scalar => scalar::select(kind, mr),
+            Isa::Avx512Bf16(token) => avx512::select(token, kind, mr, nr),
+            Isa::Avx2Fma(token) => avx2::select(token, kind, mr, width == LANES),
+            Isa::Scalar => scalar::select(kind, mr),
         }
     }
 }
@@ -134,7 +136,7 @@ pub(crate) struct OutWindow {
 /// One router GEMM: hidden states, a weight, and the kernel family to run.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gemm<'a> {
-    kernel: CpuKernel,
+    isa: Isa,
     kind: Kind,
     hidden: Hidden<'a>,
     weights: Weights<'a>,
@@ -144,19 +146,19 @@ pub(crate) struct Gemm<'a> {
 
 impl<'a> Gemm<'a> {
     /// Plans the GEMM; the shapes must agree (`H` of both).
-    pub(crate) fn new(kernel: CpuKernel, hidden: Hidden<'a>, weights: Weights<'a>) -> Self {
+    pub(crate) fn new(isa: Isa, hidden: Hidden<'a>, weights: Weights<'a>) -> Self {
         let ((experts, _), format) = match weights {
             Weights::Packed(packed) => (packed.dims(), packed.format()),
             Weights::Raw(view) => (view.dims(), view.format()),
         };
         let kind = match (format, hidden) {
             (WeightFormat::F32, _) => Kind::F32F32,
-            (WeightFormat::Bf16Pairs, Hidden::Bf16(_)) if kernel == CpuKernel::Avx512Bf16 => {
+            (WeightFormat::Bf16Pairs, Hidden::Bf16(_)) if matches!(isa, Isa::Avx512Bf16(_)) => {
                 Kind::Bf16Bf16
             }
             (WeightFormat::Bf16Pairs, _) => Kind::F32Bf16,
         };
-        Gemm { kernel: kernel.resolve(), kind, hidden, weights, experts, format }
+        Gemm { isa, kind, hidden, weights, experts, format }
     }
 
     /// `(T, H)`.
@@ -185,7 +187,7 @@ impl<'a> Gemm<'a> {
     ) {
         let (_, hidden) = self.hidden.dims();
         let depth = self.format.steps(hidden);
-        let geometry = self.kernel.tile_geometry(self.kind);
+        let geometry = self.isa.tile_geometry(self.kind);
         let k_blocks = depth.div_ceil(K_BLOCK).max(1);
         for k_block in 0..k_blocks {
             let steps = k_block * K_BLOCK..((k_block + 1) * K_BLOCK).min(depth);
@@ -223,10 +225,12 @@ impl<'a> Gemm<'a> {
                         c_stride: out.stride,
                         accumulate: k_block > 0,
                     };
-                    let kernel = self.kernel.tile_fn(self.kind, mr, nr, width);
-                    // SAFETY: `staged` holds rows `tokens` of the hidden states over `steps` (in
-                    // place or copied), `panel` holds blocks `first..first + nr` over `steps`, and
-                    // the caller owns `out` for these tokens and blocks; see `Tile`.
+                    let kernel = self.isa.tile_fn(self.kind, mr, nr, width);
+                    // SAFETY: the microkernel is of `self.isa`'s family, whose token proves that
+                    // the CPU has its instructions. `staged` holds rows `tokens` of the hidden
+                    // states over `steps` (in place or copied), `panel` holds blocks
+                    // `first..first + nr` over `steps`, and the caller owns `out` for these
+                    // tokens and blocks; see `Tile`.
                     unsafe { kernel(&tile) };
                 }
             }

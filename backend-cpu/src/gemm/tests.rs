@@ -2,6 +2,7 @@ use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
 
 use super::*;
+use crate::kernel::testing::family_tests;
 use crate::pack::block_count;
 
 /// Deterministic pseudo-random values in [-1, 1) with varied magnitudes.
@@ -100,81 +101,75 @@ fn check(got: &Array2<f32>, exact: &Array2<f64>, bound: &Array2<f64>, what: &str
     }
 }
 
-fn kernels() -> Vec<CpuKernel> {
-    CpuKernel::CONCRETE.into_iter().filter(|k| k.is_supported()).collect()
-}
+family_tests!(
+    every_dtype_matches_exact_dot_products,
+    f32_inputs_are_not_rounded_to_bf16,
+    sub_rectangles_write_only_their_window,
+    strided_hidden_states_are_staged,
+    empty_hidden_size_gives_zero_logits,
+);
 
-#[test]
-fn every_kernel_and_dtype_matches_exact_dot_products() {
+fn every_dtype_matches_exact_dot_products(isa: Isa) {
     // Odd sizes: H not a multiple of 32 (and odd), E not a multiple of 16 or of the tile, T odd
     // and larger than one register tile, K longer than one cache block.
     let shapes = [(1, 16, 64), (7, 40, 33), (13, 70, 300), (3, 5, 1), (6, 64, 2 * K_BLOCK + 6)];
-    for kernel in kernels() {
-        for &(t, e, h) in &shapes {
-            let case = Case::new(t, e, h, (t * 1000 + e * 10 + h) as u64);
-            for xt in [XType::F32, XType::Bf16, XType::F16] {
-                let x = case.x_f64(xt);
-                for w_bf16 in [true, false] {
-                    let (weights, w64) = if w_bf16 {
-                        (
-                            WeightView::Bf16(case.w_bf16.view()),
-                            case.w_bf16.mapv(|v| f64::from(v.to_f32())),
-                        )
-                    } else {
-                        (WeightView::F32(case.w_f32.view()), case.w_f32.mapv(f64::from))
-                    };
-                    let (exact, bound) = reference(&x, w64.view());
-                    let packed = PackedWeight::pack(weights).unwrap();
-                    let what = format!("{kernel} x={xt:?} w_bf16={w_bf16} T={t} E={e} H={h}");
-                    let gemm = Gemm::new(kernel, case.hidden(xt), Weights::Packed(&packed));
-                    check(&run_full(&gemm, t, e), &exact, &bound, &format!("{what} packed"));
-                    let gemm = Gemm::new(kernel, case.hidden(xt), Weights::Raw(weights));
-                    check(&run_full(&gemm, t, e), &exact, &bound, &format!("{what} raw"));
-                }
+    for &(t, e, h) in &shapes {
+        let case = Case::new(t, e, h, (t * 1000 + e * 10 + h) as u64);
+        for xt in [XType::F32, XType::Bf16, XType::F16] {
+            let x = case.x_f64(xt);
+            for w_bf16 in [true, false] {
+                let (weights, w64) = if w_bf16 {
+                    (
+                        WeightView::Bf16(case.w_bf16.view()),
+                        case.w_bf16.mapv(|v| f64::from(v.to_f32())),
+                    )
+                } else {
+                    (WeightView::F32(case.w_f32.view()), case.w_f32.mapv(f64::from))
+                };
+                let (exact, bound) = reference(&x, w64.view());
+                let packed = PackedWeight::pack(weights).unwrap();
+                let what = format!("{isa} x={xt:?} w_bf16={w_bf16} T={t} E={e} H={h}");
+                let gemm = Gemm::new(isa, case.hidden(xt), Weights::Packed(&packed));
+                check(&run_full(&gemm, t, e), &exact, &bound, &format!("{what} packed"));
+                let gemm = Gemm::new(isa, case.hidden(xt), Weights::Raw(weights));
+                check(&run_full(&gemm, t, e), &exact, &bound, &format!("{what} raw"));
             }
         }
     }
 }
 
-#[test]
-fn f32_inputs_are_not_rounded_to_bf16() {
+fn f32_inputs_are_not_rounded_to_bf16(isa: Isa) {
     // x = 1 + 2^-20 is not a bf16 value; with a bf16 weight of 1 the logit must keep the low bits.
     let x = Array2::from_elem((1, 2), 1.0f32 + 2f32.powi(-20));
     let w = Array2::from_elem((1, 2), bf16::ONE);
     let packed = PackedWeight::pack(WeightView::Bf16(w.view())).unwrap();
-    for kernel in kernels() {
-        let gemm = Gemm::new(kernel, Hidden::F32(x.view()), Weights::Packed(&packed));
-        let out = run_full(&gemm, 1, 1);
-        assert_eq!(out[[0, 0]], 2.0 + 2f32.powi(-19), "{kernel}");
-    }
+    let gemm = Gemm::new(isa, Hidden::F32(x.view()), Weights::Packed(&packed));
+    let out = run_full(&gemm, 1, 1);
+    assert_eq!(out[[0, 0]], 2.0 + 2f32.powi(-19), "{isa}");
 }
 
-#[test]
-fn sub_rectangles_write_only_their_window() {
+fn sub_rectangles_write_only_their_window(isa: Isa) {
     let (t, e, h) = (11, 70, 45);
     let case = Case::new(t, e, h, 7);
     let w64 = case.w_bf16.mapv(|v| f64::from(v.to_f32()));
     let (exact, bound) = reference(&case.x_f64(XType::Bf16), w64.view());
     let packed = PackedWeight::pack(WeightView::Bf16(case.w_bf16.view())).unwrap();
-    for kernel in kernels() {
-        let gemm = Gemm::new(kernel, case.hidden(XType::Bf16), Weights::Packed(&packed));
-        let mut out = Array2::from_elem((t, e), f32::NAN);
-        let blocks = block_count(e);
-        // Four rectangles: token halves x block halves.
-        for tokens in [0..5, 5..t] {
-            for part in [0..2, 2..blocks] {
-                let offset = tokens.start * e + part.start * LANES;
-                let window = OutWindow { ptr: out.as_mut_ptr().wrapping_add(offset), stride: e };
-                // SAFETY: the rectangles are disjoint and inside `out`.
-                unsafe { gemm.run(tokens.clone(), part, window, &mut GemmScratch::default()) };
-            }
+    let gemm = Gemm::new(isa, case.hidden(XType::Bf16), Weights::Packed(&packed));
+    let mut out = Array2::from_elem((t, e), f32::NAN);
+    let blocks = block_count(e);
+    // Four rectangles: token halves x block halves.
+    for tokens in [0..5, 5..t] {
+        for part in [0..2, 2..blocks] {
+            let offset = tokens.start * e + part.start * LANES;
+            let window = OutWindow { ptr: out.as_mut_ptr().wrapping_add(offset), stride: e };
+            // SAFETY: the rectangles are disjoint and inside `out`.
+            unsafe { gemm.run(tokens.clone(), part, window, &mut GemmScratch::default()) };
         }
-        check(&out, &exact, &bound, &format!("{kernel} rectangles"));
     }
+    check(&out, &exact, &bound, &format!("{isa} rectangles"));
 }
 
-#[test]
-fn strided_hidden_states_are_staged() {
+fn strided_hidden_states_are_staged(isa: Isa) {
     let (t, e, h) = (5, 20, 31);
     let case = Case::new(t, e, h, 3);
     let w64 = case.w_f32.mapv(f64::from);
@@ -184,21 +179,16 @@ fn strided_hidden_states_are_staged() {
     let x_strided = x_t.t();
     assert_eq!(x_strided.strides(), &[1, t as isize]);
     let (exact, bound) = reference(&case.x_f64(XType::F32), w64.view());
-    for kernel in kernels() {
-        let gemm = Gemm::new(kernel, Hidden::F32(x_strided), Weights::Packed(&packed));
-        check(&run_full(&gemm, t, e), &exact, &bound, &format!("{kernel} strided"));
-    }
+    let gemm = Gemm::new(isa, Hidden::F32(x_strided), Weights::Packed(&packed));
+    check(&run_full(&gemm, t, e), &exact, &bound, &format!("{isa} strided"));
 }
 
-#[test]
-fn empty_hidden_size_gives_zero_logits() {
+fn empty_hidden_size_gives_zero_logits(isa: Isa) {
     let x = Array2::<f32>::zeros((3, 0));
     let w = Array2::from_elem((20, 0), bf16::ZERO);
     let packed = PackedWeight::pack(WeightView::Bf16(w.view())).unwrap();
-    for kernel in kernels() {
-        let gemm = Gemm::new(kernel, Hidden::F32(x.view()), Weights::Packed(&packed));
-        assert!(run_full(&gemm, 3, 20).iter().all(|&v| v == 0.0), "{kernel}");
-    }
+    let gemm = Gemm::new(isa, Hidden::F32(x.view()), Weights::Packed(&packed));
+    assert!(run_full(&gemm, 3, 20).iter().all(|&v| v == 0.0), "{isa}");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use sluice_tensor::{
     BackendError, ExpectedShape, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod,
 };
 
-use crate::CpuKernel;
+use crate::kernel::Isa;
 
 use self::topk::TopK;
 
@@ -53,7 +53,7 @@ pub(crate) struct RowRouter<'a> {
     spec: &'a RoutingSpec,
     bias: Option<&'a [f32]>,
     /// The instruction set the scores are computed with.
-    kernel: CpuKernel,
+    kernel: Isa,
 }
 
 impl<'a> RowRouter<'a> {
@@ -65,7 +65,7 @@ impl<'a> RowRouter<'a> {
         op: &'static str,
         spec: &'a RoutingSpec,
         bias: Option<&'a [f32]>,
-        kernel: CpuKernel,
+        kernel: Isa,
     ) -> Result<Self, BackendError> {
         spec.validate()?;
         if let Some(bias) = bias {
@@ -84,7 +84,7 @@ impl<'a> RowRouter<'a> {
                 return Err(BackendError::NonFiniteBias { op, expert, value: *value });
             }
         }
-        Ok(RowRouter { spec, bias, kernel: kernel.resolve() })
+        Ok(RowRouter { spec, bias, kernel })
     }
 
     /// The spec this router follows.
@@ -153,12 +153,14 @@ impl<'a> RowRouter<'a> {
         });
         picked.clear();
         #[cfg(target_arch = "x86_64")]
-        if self.kernel == CpuKernel::Avx512Bf16 && k <= select_avx512::MAX_K {
+        if let Isa::Avx512Bf16(token) = self.kernel
+            && k <= select_avx512::MAX_K
+        {
             picked.resize(k, 0);
-            // SAFETY: the backend uses this family only on CPUs with AVX-512F; keys are finite
-            // (finite logits, finite bias) and the kept groups hold at least `top_k` experts
-            // (validated spec).
-            unsafe { select_avx512::select(runs, k, picked) };
+            // Keys are finite (finite logits, finite bias) and the kept groups hold at least
+            // `top_k` experts (validated spec), as the selection requires.
+            // SAFETY: `token` proves that the CPU supports AVX-512F.
+            unsafe { select_avx512::select(token, runs, k, picked) };
             return;
         }
         experts.reset(k);

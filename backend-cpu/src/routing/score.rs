@@ -6,7 +6,7 @@
 //! the exact value lies within about 1e-15 (relative) of an f32 rounding boundary; the portable
 //! path calls the same `f64::exp` as the reference.
 
-use crate::CpuKernel;
+use crate::kernel::Isa;
 
 /// The logistic function, computed in f64 and rounded once.
 pub(super) fn sigmoid(x: f32) -> f32 {
@@ -14,33 +14,33 @@ pub(super) fn sigmoid(x: f32) -> f32 {
 }
 
 /// `out = sigmoid(logits)`.
-pub(super) fn sigmoids(kernel: CpuKernel, logits: &[f32], out: &mut Vec<f32>) {
+pub(super) fn sigmoids(isa: Isa, logits: &[f32], out: &mut Vec<f32>) {
     out.clear();
     out.resize(logits.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
-    match kernel {
-        // SAFETY: the backend was built with this family only if the CPU supports it.
-        CpuKernel::Avx512Bf16 => return unsafe { x86::sigmoids_avx512(logits, out) },
-        // SAFETY: as above.
-        CpuKernel::Avx2Fma => return unsafe { x86::sigmoids_avx2(logits, out) },
-        CpuKernel::Auto | CpuKernel::Scalar => {}
+    match isa {
+        // SAFETY: `token` proves that the CPU supports AVX-512F.
+        Isa::Avx512Bf16(token) => return unsafe { x86::sigmoids_avx512(token, logits, out) },
+        // SAFETY: `token` proves that the CPU supports AVX2 and FMA.
+        Isa::Avx2Fma(token) => return unsafe { x86::sigmoids_avx2(token, logits, out) },
+        Isa::Scalar => {}
     }
-    let _ = kernel;
+    let _ = isa;
     out.iter_mut().zip(logits).for_each(|(s, &l)| *s = sigmoid(l));
 }
 
 /// `out = softmax(logits)`, with `exps` as f64 scratch.
-pub(super) fn softmax(kernel: CpuKernel, logits: &[f32], exps: &mut Vec<f64>, out: &mut Vec<f32>) {
+pub(super) fn softmax(isa: Isa, logits: &[f32], exps: &mut Vec<f64>, out: &mut Vec<f32>) {
     let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
     exps.clear();
     exps.resize(logits.len(), 0.0);
-    let simd = match kernel {
+    let simd = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the backend was built with this family only if the CPU supports it.
-        CpuKernel::Avx512Bf16 => unsafe { x86::shifted_exps_avx512(logits, max, exps) },
+        // SAFETY: `token` proves that the CPU supports AVX-512F.
+        Isa::Avx512Bf16(token) => unsafe { x86::shifted_exps_avx512(token, logits, max, exps) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        CpuKernel::Avx2Fma => unsafe { x86::shifted_exps_avx2(logits, max, exps) },
+        // SAFETY: `token` proves that the CPU supports AVX2 and FMA.
+        Isa::Avx2Fma(token) => unsafe { x86::shifted_exps_avx2(token, logits, max, exps) },
         _ => 0,
     };
     for (e, &l) in exps[simd..].iter_mut().zip(&logits[simd..]) {
@@ -56,6 +56,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::sigmoid;
+    use crate::kernel::{Avx2FmaToken, Avx512Bf16Token};
 
     /// `ln 2` split so that `n * LN2_HI` is exact for `|n| < 2^11` (the fdlibm constants).
     const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
@@ -114,13 +115,9 @@ mod x86 {
         _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(ptr) })
     }
 
-    /// Sigmoids of `logits` into `out` (same length).
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX-512F.
+    /// Sigmoids of `logits` into `out` (same length), on a CPU the token proves has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn sigmoids_avx512(logits: &[f32], out: &mut [f32]) {
+    pub(super) fn sigmoids_avx512(_: Avx512Bf16Token, logits: &[f32], out: &mut [f32]) {
         let one = _mm512_set1_pd(1.0);
         let (lo, hi) = (_mm512_set1_pd(-CLAMP), _mm512_set1_pd(CLAMP));
         let mut chunks = logits.chunks_exact(8).zip(out.chunks_exact_mut(8));
@@ -141,13 +138,15 @@ mod x86 {
         }
     }
 
-    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 8 entries; returns how many.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX-512F.
+    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 8 entries; returns how many. On a
+    /// CPU the token proves has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn shifted_exps_avx512(logits: &[f32], max: f64, exps: &mut [f64]) -> usize {
+    pub(super) fn shifted_exps_avx512(
+        _: Avx512Bf16Token,
+        logits: &[f32],
+        max: f64,
+        exps: &mut [f64],
+    ) -> usize {
         let (max, floor) = (_mm512_set1_pd(max), _mm512_set1_pd(SOFTMAX_FLOOR));
         for (l, e) in logits.chunks_exact(8).zip(exps.chunks_exact_mut(8)) {
             // SAFETY: the chunk holds 8 f32s.
@@ -182,13 +181,9 @@ mod x86 {
         _mm256_mul_pd(p, _mm256_castsi256_pd(scale))
     }
 
-    /// Sigmoids of `logits` into `out` (same length).
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX2 and FMA.
+    /// Sigmoids of `logits` into `out` (same length), on a CPU the token proves has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn sigmoids_avx2(logits: &[f32], out: &mut [f32]) {
+    pub(super) fn sigmoids_avx2(_: Avx2FmaToken, logits: &[f32], out: &mut [f32]) {
         let one = _mm256_set1_pd(1.0);
         let (lo, hi) = (_mm256_set1_pd(SOFTMAX_FLOOR), _mm256_set1_pd(709.0));
         for (l, s) in logits.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
@@ -206,13 +201,15 @@ mod x86 {
         }
     }
 
-    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 4 entries; returns how many.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX2 and FMA.
+    /// `exps[i] = e^(logits[i] - max)` for the first multiple of 4 entries; returns how many. On a
+    /// CPU the token proves has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn shifted_exps_avx2(logits: &[f32], max: f64, exps: &mut [f64]) -> usize {
+    pub(super) fn shifted_exps_avx2(
+        _: Avx2FmaToken,
+        logits: &[f32],
+        max: f64,
+        exps: &mut [f64],
+    ) -> usize {
         let (max, floor) = (_mm256_set1_pd(max), _mm256_set1_pd(SOFTMAX_FLOOR));
         for (l, e) in logits.chunks_exact(4).zip(exps.chunks_exact_mut(4)) {
             // SAFETY: the chunk holds 4 f32s.
@@ -228,10 +225,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn kernels() -> Vec<CpuKernel> {
-        CpuKernel::CONCRETE.into_iter().filter(|k| k.is_supported()).collect()
-    }
+    use crate::kernel::testing::family_tests;
 
     /// Logits from every range: tiny, ordinary, where sigmoid saturates in f32, huge.
     fn logits() -> Vec<f32> {
@@ -248,31 +242,27 @@ mod tests {
         v
     }
 
-    #[test]
-    fn simd_sigmoids_round_like_the_f64_reference() {
+    fn sigmoids_round_like_the_f64_reference(isa: Isa) {
         let logits = logits();
-        for kernel in kernels() {
-            let mut out = Vec::new();
-            sigmoids(kernel, &logits, &mut out);
-            for (&l, &s) in logits.iter().zip(&out) {
-                assert_eq!(s.to_bits(), sigmoid(l).to_bits(), "{kernel}: sigmoid({l}) = {s}");
-            }
+        let mut out = Vec::new();
+        sigmoids(isa, &logits, &mut out);
+        for (&l, &s) in logits.iter().zip(&out) {
+            assert_eq!(s.to_bits(), sigmoid(l).to_bits(), "{isa}: sigmoid({l}) = {s}");
         }
     }
 
-    #[test]
-    fn simd_softmax_rounds_like_the_f64_reference() {
+    fn softmax_rounds_like_the_f64_reference(isa: Isa) {
         let logits = logits();
         for row in logits.chunks(37) {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
             let exps: Vec<f64> = row.iter().map(|&l| (f64::from(l) - max).exp()).collect();
             let sum: f64 = exps.iter().sum();
             let expected: Vec<f32> = exps.iter().map(|&e| (e / sum) as f32).collect();
-            for kernel in kernels() {
-                let mut out = Vec::new();
-                softmax(kernel, row, &mut Vec::new(), &mut out);
-                assert_eq!(out, expected, "{kernel}");
-            }
+            let mut out = Vec::new();
+            softmax(isa, row, &mut Vec::new(), &mut out);
+            assert_eq!(out, expected, "{isa}");
         }
     }
+
+    family_tests!(sigmoids_round_like_the_f64_reference, softmax_rounds_like_the_f64_reference);
 }

@@ -10,6 +10,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::kernel::Avx512Bf16Token;
+
 /// Lanes per vector (and the most experts this path selects).
 pub(super) const MAX_K: usize = 8;
 
@@ -78,22 +80,26 @@ fn pack(values: __m256, first_index: u32, valid: u8) -> __m512i {
 }
 
 /// The best `k` (`1..=8`) experts among candidate runs `(selection values, index of the first)`,
-/// written best first into `ids`.
+/// written best first into `ids`, on a CPU the token proves has AVX-512F.
 ///
-/// # Safety
-///
-/// The CPU supports AVX-512F. Values must not be NaN; runs must hold at least `k` candidates in
-/// all.
+/// The values must not be NaN and the runs must hold at least `k` candidates in all; otherwise the
+/// experts chosen are unspecified (NaN has no place in the order; missing candidates come out as
+/// id `u32::MAX`), though memory stays safe. Debug builds check both.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn select<'a>(
+pub(super) fn select<'a>(
+    _: Avx512Bf16Token,
     runs: impl Iterator<Item = (&'a [f32], u32)>,
     k: usize,
     ids: &mut [u32],
 ) {
+    debug_assert!((1..=MAX_K).contains(&k), "k = {k} is outside 1..={MAX_K}");
+    let mut candidates = 0;
     let kth = _mm512_set1_epi64(k as i64 - 1);
     let reverse = _mm512_setr_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     let mut best = _mm512_setzero_si512();
     for (values, first) in runs {
+        debug_assert!(!values.iter().any(|v| v.is_nan()), "NaN selection value");
+        candidates += values.len();
         let chunks = values.chunks_exact(MAX_K);
         let tail = chunks.remainder();
         let mut index = first;
@@ -118,6 +124,7 @@ pub(super) unsafe fn select<'a>(
             offer(pack(values, index, ((1u16 << tail.len()) - 1) as u8));
         }
     }
+    debug_assert!(candidates >= k, "{candidates} candidates for k = {k}");
     let mut packed = [0u64; MAX_K];
     // SAFETY: `packed` holds 8 u64s.
     unsafe { _mm512_storeu_si512(packed.as_mut_ptr().cast(), best) };
@@ -129,9 +136,16 @@ pub(super) unsafe fn select<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CpuKernel;
+    use crate::kernel::Isa;
+    use crate::kernel::testing::detect_or_report_skip;
 
-    fn supported() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+    /// The AVX-512 token, or `None` (reported as a skip) on a CPU without AVX-512.
+    fn token() -> Option<Avx512Bf16Token> {
+        match detect_or_report_skip(CpuKernel::Avx512Bf16)? {
+            Isa::Avx512Bf16(token) => Some(token),
+            other => unreachable!("detection of avx512-bf16 gave {other}"),
+        }
     }
 
     fn reference(runs: &[(&[f32], u32)], k: usize) -> Vec<u32> {
@@ -143,18 +157,16 @@ mod tests {
         all.iter().take(k).map(|&(_, i)| i).collect()
     }
 
-    fn run(runs: &[(&[f32], u32)], k: usize) -> Vec<u32> {
+    fn run(token: Avx512Bf16Token, runs: &[(&[f32], u32)], k: usize) -> Vec<u32> {
         let mut ids = vec![0; k];
-        // SAFETY: AVX-512F was detected by the caller; values are finite.
-        unsafe { select(runs.iter().copied(), k, &mut ids) };
+        // SAFETY: `token` proves that the CPU supports AVX-512F.
+        unsafe { select(token, runs.iter().copied(), k, &mut ids) };
         ids
     }
 
     #[test]
     fn networks_sort_every_permutation_of_distinct_keys() {
-        if !supported() {
-            return;
-        }
+        let Some(token) = token() else { return };
         // All 8! orders would be slow to list; rotations and reversals of several patterns cover
         // every lane position for every rank.
         let base: Vec<f32> = vec![0.5, -3.0, 7.25, 0.0, 1e-30, -1e30, 2.0, 3.0];
@@ -166,7 +178,7 @@ mod tests {
                     v.reverse();
                 }
                 for k in 1..=8 {
-                    assert_eq!(run(&[(&v, 0)], k), reference(&[(&v, 0)], k), "{v:?} k={k}");
+                    assert_eq!(run(token, &[(&v, 0)], k), reference(&[(&v, 0)], k), "{v:?} k={k}");
                 }
             }
         }
@@ -174,23 +186,19 @@ mod tests {
 
     #[test]
     fn ties_negative_values_and_several_runs_follow_the_routing_order() {
-        if !supported() {
-            return;
-        }
+        let Some(token) = token() else { return };
         let a: Vec<f32> = (0..37).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
         let b: Vec<f32> = (0..20).map(|i| ((i * 3) % 4) as f32 * 0.5).collect();
         let c = [-0.0f32, 0.0, -1e-38, 1e-38, 2.0];
         let runs = [(&a[..], 0), (&b[..], 100), (&c[..], 300)];
         for k in 1..=8 {
-            assert_eq!(run(&runs, k), reference(&runs, k), "k={k}");
+            assert_eq!(run(token, &runs, k), reference(&runs, k), "k={k}");
         }
     }
 
     #[test]
     fn random_rows_match_a_full_sort() {
-        if !supported() {
-            return;
-        }
+        let Some(token) = token() else { return };
         let mut state = 0x2545_f491_u32;
         for n in [8, 9, 15, 64, 130, 384] {
             let values: Vec<f32> = (0..n)
@@ -203,7 +211,7 @@ mod tests {
                 .collect();
             for k in [1, 6, 8] {
                 let runs = [(&values[..n / 2], 0u32), (&values[n / 2..], (n / 2) as u32)];
-                assert_eq!(run(&runs, k), reference(&runs, k), "n={n} k={k}");
+                assert_eq!(run(token, &runs, k), reference(&runs, k), "n={n} k={k}");
             }
         }
     }

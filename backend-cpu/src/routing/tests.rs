@@ -2,6 +2,8 @@ use proptest::prelude::*;
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
 use super::*;
+use crate::CpuKernel;
+use crate::kernel::testing::detect_or_report_skip;
 
 fn spec(
     e: usize,
@@ -23,20 +25,22 @@ fn spec(
         .unwrap()
 }
 
-/// Routes one row on every kernel family this CPU supports; they must agree bit for bit.
+/// Routes one row on every kernel family this CPU supports (the others are reported skipped); they
+/// must agree bit for bit.
 fn route(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>, Vec<f32>) {
-    let mut results = CpuKernel::CONCRETE.into_iter().filter(|k| k.is_supported()).map(|kernel| {
-        let router = RowRouter::new("test", spec, bias, kernel).unwrap();
-        let mut ids = vec![0; spec.top_k];
-        let mut weights = vec![0.0; spec.top_k];
-        let outcome =
-            router.route_row(logits, &mut RouteScratch::default(), &mut ids, &mut weights);
-        assert_eq!(outcome, RowOutcome::Routed);
-        (kernel, ids, weights)
-    });
+    let mut results =
+        CpuKernel::CONCRETE.into_iter().filter_map(detect_or_report_skip).map(|isa| {
+            let router = RowRouter::new("test", spec, bias, isa).unwrap();
+            let mut ids = vec![0; spec.top_k];
+            let mut weights = vec![0.0; spec.top_k];
+            let outcome =
+                router.route_row(logits, &mut RouteScratch::default(), &mut ids, &mut weights);
+            assert_eq!(outcome, RowOutcome::Routed);
+            (isa, ids, weights)
+        });
     let (_, ids, weights) = results.next().unwrap();
-    for (kernel, other_ids, other_weights) in results {
-        assert_eq!((&other_ids, &other_weights), (&ids, &weights), "{kernel}");
+    for (isa, other_ids, other_weights) in results {
+        assert_eq!((&other_ids, &other_weights), (&ids, &weights), "{isa}");
     }
     (ids, weights)
 }
@@ -116,7 +120,7 @@ fn renormalisation_survives_underflowed_weights() {
 #[test]
 fn non_finite_rows_are_marked_and_counted() {
     let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
-    let router = RowRouter::new("test", &s, None, CpuKernel::Scalar).unwrap();
+    let router = RowRouter::new("test", &s, None, Isa::Scalar).unwrap();
     let mut logits = [0.0f32; 12];
     logits[5] = f32::NAN;
     logits[8] = f32::INFINITY;
@@ -138,24 +142,21 @@ fn non_finite_rows_are_marked_and_counted() {
 fn a_non_finite_bias_is_refused_with_the_expert_named() {
     let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
     let bias = [0.0, 0.0, f32::NEG_INFINITY, 0.0];
-    let err = RowRouter::new("route", &s, Some(&bias), CpuKernel::Scalar).unwrap_err();
+    let err = RowRouter::new("route", &s, Some(&bias), Isa::Scalar).unwrap_err();
     assert!(err.to_string().contains("expert 2"), "{err}");
 }
 
 #[test]
 fn bias_shape_and_method_are_checked() {
     let s = spec(4, TopkMethod::NoauxTc, (1, 1), 2, true, 1.0);
-    let err = RowRouter::new("route", &s, Some(&[0.0; 3]), CpuKernel::Scalar).unwrap_err();
+    let err = RowRouter::new("route", &s, Some(&[0.0; 3]), Isa::Scalar).unwrap_err();
     assert!(err.to_string().contains("[4]"), "{err}");
     let s = spec(4, TopkMethod::Greedy, (1, 1), 2, false, 1.0);
-    let err = RowRouter::new("route", &s, Some(&[0.0; 4]), CpuKernel::Scalar).unwrap_err();
+    let err = RowRouter::new("route", &s, Some(&[0.0; 4]), Isa::Scalar).unwrap_err();
     assert!(err.to_string().contains("greedy"), "{err}");
     let mut bad = s;
     bad.top_k = 9;
-    assert!(matches!(
-        RowRouter::new("route", &bad, None, CpuKernel::Scalar),
-        Err(BackendError::Spec(_))
-    ));
+    assert!(matches!(RowRouter::new("route", &bad, None, Isa::Scalar), Err(BackendError::Spec(_))));
 }
 
 /// An independent, deliberately plain routing: full sorts and -inf masks.
