@@ -70,7 +70,7 @@ impl fmt::Display for CpuKernel {
 /// entry point takes (or is only handed out for) its family's token: so the `SAFETY` comments
 /// that call AVX-512 or AVX2 code rest on a value that cannot exist on a CPU without those
 /// instructions, not on a convention about an enum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
     /// AVX-512F and AVX-512 BF16.
     Avx512Bf16(Avx512Bf16Token),
@@ -117,6 +117,13 @@ impl Isa {
 impl fmt::Display for Isa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.family().name())
+    }
+}
+
+/// As the family it proves (`Avx512Bf16`), so that a backend prints as it did with the enum.
+impl fmt::Debug for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.family(), f)
     }
 }
 

@@ -12,10 +12,12 @@
 //! full block) and the kernels stream them with sequential loads. The same layout serves panels
 //! packed once for a prepared router and panel pieces packed on the fly for a one-off GEMM.
 
+use std::fmt;
 use std::ops::Range;
 
 use half::bf16;
 use ndarray::ArrayView2;
+use sluice_tensor::DType;
 
 /// Experts per block: one 512-bit vector of f32 lanes.
 pub(crate) const LANES: usize = 16;
@@ -50,6 +52,14 @@ impl WeightFormat {
     /// K steps covering `hidden` positions.
     pub(crate) const fn steps(self, hidden: usize) -> usize {
         hidden.div_ceil(self.positions_per_step())
+    }
+
+    /// The dtype of the weight values packed in this format.
+    const fn dtype(self) -> DType {
+        match self {
+            WeightFormat::Bf16Pairs => DType::BF16,
+            WeightFormat::F32 => DType::F32,
+        }
     }
 }
 
@@ -145,7 +155,7 @@ struct Line([u32; LANES]);
 
 /// A buffer of 32-bit words that starts on a cache line, so every full block row is one aligned
 /// 64-byte load.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct AlignedWords {
     lines: Vec<Line>,
     len: usize,
@@ -197,6 +207,16 @@ impl AlignedWords {
     }
 }
 
+/// A summary, not the words: a packed weight holds about a million of them.
+impl fmt::Debug for AlignedWords {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedWords")
+            .field("words", &self.len)
+            .field("bytes", &self.allocated_bytes())
+            .finish()
+    }
+}
+
 /// Where the kernels find a tile of consecutive expert blocks over a range of K steps.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Panel {
@@ -209,7 +229,6 @@ pub(crate) struct Panel {
 }
 
 /// A router weight packed once into panels; the form a prepared router keeps.
-#[derive(Debug)]
 pub(crate) struct PackedWeight {
     experts: usize,
     hidden: usize,
@@ -254,6 +273,17 @@ impl PackedWeight {
         let words = self.words.as_slice();
         debug_assert!(offset <= words.len());
         Panel { base: words.as_ptr().wrapping_add(offset), block_stride, row }
+    }
+}
+
+/// Shape, dtype and size, not the packed words (about 917k words for one DeepSeek-V3 layer).
+impl fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("shape", &[self.experts, self.hidden])
+            .field("dtype", &format_args!("{}", self.format.dtype()))
+            .field("bytes", &self.allocated_bytes())
+            .finish()
     }
 }
 

@@ -1,5 +1,6 @@
 //! [`CpuPreparedRouter`]: a router weight packed once, with its bias and spec.
 
+use std::fmt;
 use std::sync::Arc;
 
 use sluice_tensor::{
@@ -21,12 +22,23 @@ use crate::routing::RowRouter;
 /// `route_into` on the host allocates nothing in steady state: the per-thread buffers grow on the
 /// first calls (or in [`warm_up`](PreparedRouter::warm_up)) and are reused, and no workspace is
 /// needed.
-#[derive(Debug)]
 pub struct CpuPreparedRouter {
     engine: Arc<Engine>,
     spec: RoutingSpec,
     weight: PackedWeight,
     bias: Option<Vec<f32>>,
+}
+
+/// Summaries of the buffers: the packed weight's shape and size, the bias's length.
+impl fmt::Debug for CpuPreparedRouter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuPreparedRouter")
+            .field("engine", &self.engine)
+            .field("spec", &self.spec)
+            .field("weight", &self.weight)
+            .field("bias_len", &self.bias.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl CpuPreparedRouter {

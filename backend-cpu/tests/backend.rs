@@ -353,6 +353,20 @@ fn the_prepared_weight_is_no_larger_than_the_checkpoint_tensor() {
 }
 
 #[test]
+fn debug_output_of_a_prepared_gate_summarises_its_buffers() {
+    // One DeepSeek-V3 layer: 256 experts x 7168, bf16, with a correction bias. Its packed weight
+    // alone is 917,504 words.
+    let (e, h) = (256, 7168);
+    let prepared = common::noaux_gate(e, h, (8, 4, 8), 0.02, 5).prepare(&backend()).unwrap();
+    let debug = format!("{prepared:?}");
+    let head = &debug[..debug.len().min(2000)];
+    assert!(debug.len() < 1000, "{} characters, starting {head}", debug.len());
+    assert!(debug.contains("shape: [256, 7168], dtype: bf16"), "{debug}");
+    assert!(debug.contains(&format!("bytes: {}", 2 * e * h)), "{debug}");
+    assert!(debug.contains("bias_len: Some(256)"), "{debug}");
+}
+
+#[test]
 fn routers_can_be_shared_between_threads() {
     let (t, e, h) = (130, 64, 32);
     let mut rng = Rng::new(11);
