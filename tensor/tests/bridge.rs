@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use half::{bf16, f16};
 use sluice_tensor::dlpack::export_vec;
 use sluice_tensor::reexports::dlpark::ffi::{
-    DLDataType, DLDataTypeCode, DLDevice, DLDeviceType, DLManagedTensorVersioned,
+    DLDataType, DLDataTypeCode, DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned,
+    DLTensor,
 };
 use sluice_tensor::reexports::dlpark::metadata::Dynamic;
-use sluice_tensor::reexports::dlpark::{DlpackFlags, Managed};
+use sluice_tensor::reexports::dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use sluice_tensor::{
-    DType, Device, DeviceAllocation, Dlpack, DlpackError, Layout, Storage, Tensor,
+    DType, Device, DeviceAllocation, DlpackError, Layout, LegacyDlpack, Storage, Tensor,
 };
 
 fn matrix() -> Tensor {
@@ -31,12 +32,12 @@ impl Drop for DropCounter {
     }
 }
 
-/// A foreign producer's versioned `[2, 3]` f32 tensor whose deleter is counted.
-fn counted_producer(drops: &Arc<AtomicUsize>) -> Dlpack {
+/// A foreign producer's `[2, 3]` f32 tensor, versioned or legacy (`M`), whose deleter is counted.
+fn counted_producer<M: ManagedTensorBase>(drops: &Arc<AtomicUsize>) -> Managed<M> {
     let data: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
     let ptr = data.as_ptr();
     let ctx = Box::new(DropCounter { drops: Arc::clone(drops), _data: data });
-    let mut init = Dynamic::new(vec![2i64, 3], vec![3i64, 1]).initialize(ctx).unwrap();
+    let mut init = Dynamic::new(vec![2i64, 3], vec![3i64, 1]).initialize_as::<M>(ctx).unwrap();
     init.set_data(ptr.cast_mut().cast())
         .set_dtype(DType::F32.to_dlpack())
         .set_device(DLDevice::CPU);
@@ -48,7 +49,7 @@ fn counted_producer(drops: &Arc<AtomicUsize>) -> Dlpack {
 /// fails and that the deleter ran exactly once.
 fn import_corrupted(corrupt: impl FnOnce(&mut DLManagedTensorVersioned)) -> DlpackError {
     let drops = Arc::new(AtomicUsize::new(0));
-    let raw = counted_producer(&drops).into_raw();
+    let raw = counted_producer::<DLManagedTensorVersioned>(&drops).into_raw();
     // SAFETY: `raw` is the live, exclusively owned managed tensor just produced.
     corrupt(unsafe { &mut *raw });
     // SAFETY: ownership of `raw` moves to the import; shape/strides arrays were only edited in place.
@@ -155,7 +156,8 @@ fn legacy_export_and_import() {
 
 #[test]
 fn legacy_and_pre_1_2_imports_may_omit_strides() {
-    let raw = counted_producer(&Arc::new(AtomicUsize::new(0))).into_raw();
+    let raw =
+        counted_producer::<DLManagedTensorVersioned>(&Arc::new(AtomicUsize::new(0))).into_raw();
     // SAFETY: exclusively owned live tensor; DLPack 1.1 allows null strides (compact).
     unsafe {
         (*raw).version.minor = 1;
@@ -165,6 +167,20 @@ fn legacy_and_pre_1_2_imports_may_omit_strides() {
     let t = unsafe { Tensor::from_raw_dlpack(raw) }.unwrap();
     assert_eq!(t.strides(), &[3, 1]);
     assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+
+    let drops = Arc::new(AtomicUsize::new(0));
+    let raw = counted_producer::<DLManagedTensor>(&drops).into_raw();
+    // SAFETY: exclusively owned live tensor; legacy DLPack allows null strides (compact).
+    unsafe { (*raw).dl_tensor.strides = std::ptr::null_mut() };
+    // SAFETY: `raw` came from `into_raw` and is handed back once; a legacy header has no version
+    // that could be refused.
+    let legacy = unsafe { LegacyDlpack::from_raw(raw) }.unwrap();
+    let t = Tensor::from_dlpack_legacy(legacy).unwrap();
+    assert_eq!(t.strides(), &[3, 1]);
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(drops.load(Ordering::SeqCst), 0, "the import keeps the producer's memory");
+    drop(t);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
 }
 
 #[test]
@@ -228,6 +244,10 @@ fn every_invalid_import_is_its_own_typed_error() {
         DlpackError::MissingStrides { major: 1, minor: 3, ndim: 2 }
     );
     assert_eq!(
+        import_corrupted(|m| m.dl_tensor.data = std::ptr::without_provenance_mut(usize::MAX - 7)),
+        DlpackError::ExtentOverflow("address space")
+    );
+    assert_eq!(
         import_corrupted(|m| m.version.major = 2),
         DlpackError::IncompatibleVersion { major: 2, minor: 3 }
     );
@@ -236,6 +256,66 @@ fn every_invalid_import_is_its_own_typed_error() {
         unsafe { Tensor::from_raw_dlpack(std::ptr::null_mut()) }.err(),
         Some(DlpackError::NullManagedTensor)
     );
+}
+
+/// Applies `corrupt` to a counted legacy producer's descriptor, imports it with
+/// `from_dlpack_legacy`, and checks that the import fails and that the deleter ran exactly once.
+fn import_corrupted_legacy(corrupt: impl FnOnce(&mut DLTensor)) -> DlpackError {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let raw = counted_producer::<DLManagedTensor>(&drops).into_raw();
+    // SAFETY: `raw` is the live, exclusively owned managed tensor just produced.
+    corrupt(unsafe { &mut (*raw).dl_tensor });
+    // SAFETY: `raw` came from `into_raw` and is handed back once; shape/strides arrays were only
+    // edited in place.
+    let legacy = unsafe { LegacyDlpack::from_raw(raw) }.expect("a legacy header has no version");
+    let error =
+        Tensor::from_dlpack_legacy(legacy).expect_err("corrupted descriptor must be refused");
+    assert_eq!(drops.load(Ordering::SeqCst), 1, "deleter must run exactly once for {error}");
+    error
+}
+
+/// Every fault a legacy descriptor can carry: those of the versioned test above except the ones
+/// tied to a version (a legacy tensor has none, and null strides are compact there).
+const DESCRIPTOR_FAULTS: [fn(&mut DLTensor); 14] = [
+    |t| t.data = std::ptr::null_mut(),
+    |t| t.ndim = -1,
+    |t| t.shape = std::ptr::null_mut(),
+    // SAFETY: the shape array has two entries.
+    |t| unsafe { *t.shape.add(1) = -3 },
+    // SAFETY: the strides array has two entries.
+    |t| unsafe { *t.strides = -3 },
+    |t| t.dtype.lanes = 4,
+    |t| t.dtype = DLDataType::new(DLDataTypeCode::COMPLEX, 64, 1),
+    |t| t.device = DLDevice { device_type: DLDeviceType::METAL, device_id: 0 },
+    |t| t.device = DLDevice { device_type: DLDeviceType::CUDA, device_id: -2 },
+    |t| t.byte_offset = 2,
+    // SAFETY: the shape array has two entries.
+    |t| unsafe { *t.shape = i64::MAX },
+    // SAFETY: the strides array has two entries.
+    |t| unsafe { *t.strides = i64::MAX },
+    |t| t.byte_offset = u64::MAX - 3,
+    |t| t.data = std::ptr::without_provenance_mut(usize::MAX - 7),
+];
+
+/// The error with the address of misaligned data zeroed: each producer has its own buffer.
+fn without_address(error: DlpackError) -> DlpackError {
+    match error {
+        DlpackError::Misaligned { align, dtype, .. } => {
+            DlpackError::Misaligned { address: 0, align, dtype }
+        }
+        other => other,
+    }
+}
+
+#[test]
+fn every_refused_legacy_import_releases_the_producer_once() {
+    for (fault, corrupt) in DESCRIPTOR_FAULTS.into_iter().enumerate() {
+        let legacy = import_corrupted_legacy(corrupt);
+        // One validation serves both ABIs: the versioned import, whose errors the test above
+        // checks one by one, refuses the same descriptor with the same error.
+        let versioned = import_corrupted(|m| corrupt(&mut m.dl_tensor));
+        assert_eq!(without_address(legacy), without_address(versioned), "fault {fault}");
+    }
 }
 
 #[test]
