@@ -24,6 +24,7 @@ use std::fmt;
 use thiserror::Error;
 
 use crate::contract::{ExpectedShape, with_borrowed_dlpack, write_status};
+use crate::dispatch::{DispatchInputs, DispatchOutputs, check_dispatch_into};
 use crate::dlpack::{Dlpack, DlpackError, export_vec};
 use crate::{
     DType, Device, DlpackView, DlpackViewMut, Element, Execution, RouteInputs, RouteOutputs,
@@ -104,6 +105,24 @@ impl fmt::Debug for RoutingOutput {
 ///
 /// The allocating [`PreparedRouter::route`] stays as a convenience; on the host it is the same
 /// computation (a backend builds it on `route_into`).
+///
+/// # After the gate: `dispatch_into`
+///
+/// [`PreparedRouter::dispatch_into`] turns `topk_ids` into the layout expert kernels and an
+/// expert-parallel all-to-all consume: counts and offsets per expert, the pairs sorted by expert
+/// (stable), the inverse index, optionally padded to a grouped GEMM's block size, optionally per
+/// destination rank ([`crate::dispatch`] describes every output). Rules 1 to 5 hold as written
+/// above, with [`check_dispatch_into`] as the shared checks. Its own rules:
+///
+/// 7. **Skipped, never dispatched.** A pair whose id is `-1` appears in no count, offset, sorted
+///    or padded position; its inverse entry is `-1`, and the `invalid` output counts its row.
+/// 8. **Every position is written.** Positions past the valid pairs hold the sentinel `T * K`
+///    (unused blocks: expert `-1`), so a kernel that iterates over a whole output reads no stale
+///    value from an earlier call.
+/// 9. **Ids are data.** On the host, an id outside `-1` and `[0, E)` or a rank outside `[0, R)`
+///    is refused ([`check_dispatch_values`](crate::check_dispatch_values)) before anything is
+///    written. A call enqueued on a device stream cannot look at them first: there such a pair is
+///    skipped and counted like a `-1`, never written out of bounds.
 pub trait PreparedRouter: Send + Sync + fmt::Debug {
     /// The routing spec this router was prepared for.
     fn spec(&self) -> &RoutingSpec;
@@ -171,6 +190,23 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
             write_status(OP, status, (0..tokens).filter(|&row| ids[[row, 0]] < 0))?;
         }
         Ok(())
+    }
+
+    /// The dispatch layout of `topk_ids` into caller-owned outputs, on the host or the caller's
+    /// stream, under the same rules as `route_into` (see [`crate::dispatch`] for what each output
+    /// holds, and the trait docs for the rules).
+    ///
+    /// The default body checks the arguments and refuses with [`BackendError::NotSupported`]:
+    /// a backend that computes the layout overrides it.
+    fn dispatch_into(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "dispatch_into";
+        check_dispatch_into(OP, self, inputs, outputs, execution)?;
+        Err(BackendError::NotSupported { op: OP })
     }
 
     /// Router logits into a caller-owned f32 `[T, E]` output, on the host or the caller's stream.
@@ -457,6 +493,66 @@ pub enum BackendError {
          stream use the mark-invalid policy and a status output"
     )]
     PolicyNeedsHost {
+        /// The op.
+        op: &'static str,
+    },
+    /// An expert id that is neither `-1` (skip) nor in `[0, E)`.
+    #[error(
+        "{op}: `topk_ids` row {row} slot {slot} holds {id}; ids are -1 (skip) or in [0, {experts})"
+    )]
+    ExpertIdOutOfRange {
+        /// The op.
+        op: &'static str,
+        /// The row (token).
+        row: usize,
+        /// The slot within the row.
+        slot: usize,
+        /// The id found.
+        id: i32,
+        /// The number of experts `E`.
+        experts: usize,
+    },
+    /// An expert-to-rank table that names a rank outside `[0, R)`.
+    #[error("{op}: `expert_ranks` puts expert {expert} on rank {rank}; ranks are in [0, {ranks})")]
+    RankOutOfRange {
+        /// The op.
+        op: &'static str,
+        /// The expert.
+        expert: usize,
+        /// The rank found.
+        rank: i32,
+        /// The number of ranks `R`.
+        ranks: usize,
+    },
+    /// A padded layout with block size 0.
+    #[error("{op}: the block size of a padded layout must be at least 1")]
+    ZeroBlockSize {
+        /// The op.
+        op: &'static str,
+    },
+    /// An output whose positions would not fit the i32 indices it holds.
+    #[error("{op}: `{arg}` would need {entries} entries, more than i32 indices reach")]
+    IndexOverflow {
+        /// The op.
+        op: &'static str,
+        /// The output.
+        arg: &'static str,
+        /// The entries it would need (`usize::MAX`: beyond counting).
+        entries: usize,
+    },
+    /// An argument that another argument needs was not given.
+    #[error("{op}: `{needed_by}` needs `{arg}`, which was not given")]
+    MissingArgument {
+        /// The op.
+        op: &'static str,
+        /// What is missing.
+        arg: &'static str,
+        /// What needs it.
+        needed_by: &'static str,
+    },
+    /// The backend does not implement this op.
+    #[error("{op}: this backend does not implement it")]
+    NotSupported {
         /// The op.
         op: &'static str,
     },

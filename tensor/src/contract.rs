@@ -202,7 +202,7 @@ pub fn check_logits_into<R: PreparedRouter + ?Sized>(
     Ok(tokens)
 }
 
-fn check_execution(
+pub(crate) fn check_execution(
     op: &'static str,
     device: Device,
     execution: Execution,
@@ -217,7 +217,7 @@ fn check_execution(
     Ok(())
 }
 
-fn check_on(
+pub(crate) fn check_on(
     op: &'static str,
     arg: &'static str,
     device: Device,
@@ -229,7 +229,7 @@ fn check_on(
     Ok(())
 }
 
-fn check_shape(
+pub(crate) fn check_shape(
     op: &'static str,
     arg: &'static str,
     shape: &[usize],
@@ -266,7 +266,7 @@ fn check_hidden(
 }
 
 /// An output of `dtype` and `shape` on the device, each row contiguous (rows may be further apart).
-fn check_output(
+pub(crate) fn check_output(
     op: &'static str,
     arg: &'static str,
     device: Device,
@@ -274,8 +274,19 @@ fn check_output(
     dtype: DType,
     shape: &[usize],
 ) -> Result<(), BackendError> {
-    let view = output.as_view();
-    check_on(op, arg, device, &view)?;
+    check_rows(op, arg, device, &output.as_view(), dtype, shape)
+}
+
+/// A tensor of `dtype` and `shape` on the device, each row contiguous (rows may be further apart).
+pub(crate) fn check_rows(
+    op: &'static str,
+    arg: &'static str,
+    device: Device,
+    view: &DlpackView<'_>,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<(), BackendError> {
+    check_on(op, arg, device, view)?;
     if view.dtype() != dtype {
         return Err(BackendError::UnsupportedDType {
             op,
@@ -330,10 +341,10 @@ fn check_workspace(
     Ok(())
 }
 
-type Named<'v> = Option<(&'static str, DlpackView<'v>)>;
+pub(crate) type Named<'v> = Option<(&'static str, DlpackView<'v>)>;
 
 /// Refuses an output that shares memory with another output or with an input.
-fn check_disjoint(
+pub(crate) fn check_disjoint(
     op: &'static str,
     written: &[Named<'_>],
     read: &[Named<'_>],

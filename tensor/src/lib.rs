@@ -42,6 +42,7 @@
 mod backend;
 mod contract;
 mod device;
+pub mod dispatch;
 pub mod dlpack;
 mod dtype;
 mod error;
@@ -58,6 +59,10 @@ pub use contract::{
     check_router_weight,
 };
 pub use device::Device;
+pub use dispatch::{
+    DispatchInputs, DispatchOutputs, DispatchShape, PaddedOutputs, RankOutputs,
+    check_dispatch_into, check_dispatch_values, contiguous_ranks,
+};
 pub use dlpack::export_vec;
 pub use dlpack::{Dlpack, DlpackError, LegacyDlpack};
 pub use dtype::{DType, Element};
