@@ -37,12 +37,14 @@
 //! within a [`Tolerance`].
 
 mod compare;
+mod dispatch;
 mod gemm;
 mod ranking;
 mod router;
 mod ties;
 
 pub use compare::{ComparisonSummary, RoutingMismatch, Tolerance, check_sorted, compare_routings};
+pub use dispatch::{DispatchLayout, LayoutViolation, PaddedLayout, RankLayout, RankMap, dispatch};
 pub use gemm::router_logits;
 pub use router::{ReferenceError, Routing, route};
 pub use ties::near_tie_rows;

@@ -55,6 +55,31 @@ pub enum ReferenceError {
     /// `top_k` of a routing is zero.
     #[error("a routing needs top_k >= 1")]
     ZeroTopK,
+    /// A dispatch id that is neither `-1` nor in `[0, E)`.
+    #[error("`topk_ids` row {row} slot {slot} holds {id}; ids are -1 (skip) or in [0, {experts})")]
+    ExpertId {
+        /// The row.
+        row: usize,
+        /// The slot.
+        slot: usize,
+        /// The id.
+        id: i32,
+        /// `E`.
+        experts: usize,
+    },
+    /// A rank table entry outside `[0, R)`.
+    #[error("expert {expert} is on rank {rank}; ranks are in [0, {ranks})")]
+    Rank {
+        /// The expert.
+        expert: usize,
+        /// Its rank.
+        rank: i32,
+        /// `R`.
+        ranks: usize,
+    },
+    /// A padded dispatch layout with block size 0.
+    #[error("the block size of a padded layout must be at least 1")]
+    ZeroBlockSize,
 }
 
 /// A routing result: expert ids and weights, both `[T, K]` row-major.
