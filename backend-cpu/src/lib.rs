@@ -18,6 +18,7 @@
 
 mod backend;
 mod builder;
+mod dispatch;
 mod engine;
 mod gemm;
 mod input;

@@ -4,10 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use sluice_tensor::{
-    BackendError, Dlpack, DlpackView, DlpackViewMut, Execution, PreparedRouter, RouteInputs,
-    RouteOutputs, RoutingOutput, RoutingSpec, check_logits_into, check_route_into,
+    BackendError, DispatchInputs, DispatchOutputs, Dlpack, DlpackView, DlpackViewMut, Execution,
+    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, check_dispatch_into,
+    check_logits_into, check_route_into,
 };
 
+use crate::dispatch;
 use crate::engine::Engine;
 use crate::gemm::Weights;
 use crate::input;
@@ -114,6 +116,19 @@ impl PreparedRouter for CpuPreparedRouter {
         let hidden = input::hidden(OP, &inputs.hidden)?;
         let weights = Weights::Packed(&self.weight);
         ops::route_into(&self.engine, OP, hidden, weights, &self.router(OP)?, outputs)
+    }
+
+    fn dispatch_into(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "dispatch_into";
+        let (shape, ranks) = check_dispatch_into(OP, self, inputs, outputs, execution)?;
+        ops::check_tokens(&self.engine, OP, shape.tokens)?;
+        let _span = tracing::debug_span!("cpu_dispatch", tokens = shape.tokens, ranks).entered();
+        dispatch::dispatch_into(OP, inputs, outputs, shape, ranks)
     }
 
     fn router_gemm_into(

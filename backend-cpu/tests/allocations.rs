@@ -1,4 +1,5 @@
-//! A steady-state `route_into` allocates nothing, through the router and through the gate.
+//! A steady-state `route_into` allocates nothing, through the router and through the gate, and
+//! neither does `dispatch_into`.
 //!
 //! One test in its own binary: the counting allocator sees every thread of the process (the
 //! backend's workers included), so no other test may run beside it.
@@ -11,7 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::{Rng, family_gates};
 use half::bf16;
 use sluice_backend_cpu::CpuBackend;
-use sluice_tensor::{DlpackView, DlpackViewMut, Execution, RouteInputs, RouteOutputs};
+use sluice_models::reference::DispatchLayout;
+use sluice_tensor::{
+    DispatchInputs, DispatchShape, DlpackView, DlpackViewMut, Execution, RouteInputs, RouteOutputs,
+    contiguous_ranks,
+};
 
 /// The system allocator, counting allocations.
 struct Counting;
@@ -104,6 +109,25 @@ fn steady_state_route_into_allocates_nothing() {
                         );
                     }
                 }
+                // The routed ids, laid out per expert, padded and split over four ranks.
+                let shape = DispatchShape { tokens, top_k: k, experts: e };
+                let mut layout = DispatchLayout::zeroed(shape, Some(16), Some(4)).unwrap();
+                let mut table = vec![0i32; e];
+                contiguous_ranks(&mut table, 4);
+                let before = ALLOCATIONS.load(Ordering::SeqCst);
+                for _ in 0..5 {
+                    let inputs =
+                        DispatchInputs::new(DlpackView::from_slice(&ids, &[tokens, k]).unwrap())
+                            .with_expert_ranks(DlpackView::from_slice(&table, &[e]).unwrap());
+                    let mut outputs = layout.outputs(k).unwrap();
+                    prepared
+                        .router()
+                        .dispatch_into(&inputs, &mut outputs, Execution::Host)
+                        .unwrap();
+                }
+                let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+                assert_eq!(allocations, 0, "{family} T={tokens}: dispatch_into allocated");
+                assert_eq!(layout.expert_offsets[e] as usize, tokens * k, "every pair dispatched");
             }
         }
     }
