@@ -44,6 +44,7 @@
 
 mod checkpoint;
 mod config;
+mod dispatch;
 mod error;
 mod gate;
 pub mod golden;

@@ -342,7 +342,7 @@ impl PaddedLayout {
         let fail = |message: String| Err(LayoutViolation(message));
         let block = self.block_size;
         let total = self.padded_total as usize;
-        if total % block != 0 {
+        if !total.is_multiple_of(block) {
             return fail(format!("padded total {total} is not a multiple of {block}"));
         }
         let mut start = 0;
