@@ -11,6 +11,8 @@ mod extract;
 mod gates;
 mod inspect;
 mod io;
+mod layout;
+mod load_plot;
 mod logging;
 mod route;
 mod synthetic;

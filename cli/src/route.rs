@@ -1,18 +1,23 @@
-//! `sluice route`: hidden states in, `topk_ids` and `topk_weights` out.
+//! `sluice route`: hidden states in, `topk_ids` and `topk_weights` out (and, when asked, the
+//! dispatch layout and a load heatmap).
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{ArgGroup, Args};
+use sluice_models::reference::DispatchLayout;
 use sluice_models::{Checkpoint, GateRouting, MoeGate};
-use sluice_tensor::NonFinitePolicy;
+use sluice_tensor::{NonFinitePolicy, Tensor};
 
 use crate::backend::BackendArgs;
 use crate::error::CliError;
 use crate::gates::Gates;
 use crate::io::{self, Output};
+use crate::layout::{self, ContiguousRanks};
+use crate::load_plot::{self, LayerLoad, PlotInfo};
 
 /// Arguments of `sluice route`.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("layout").multiple(true).args(["dispatch", "load_plot"])))]
 pub struct RouteArgs {
     /// The checkpoint folder (config.json + safetensors).
     #[arg(long)]
@@ -40,13 +45,33 @@ pub struct RouteArgs {
     /// Route tokens with non-finite values as invalid (ids -1, weights 0) instead of failing.
     #[arg(long)]
     pub mark_invalid: bool,
+    /// Also write the dispatch layout of each routing: `expert_counts`, `expert_offsets`,
+    /// `sorted_pairs`, `inverse` and `invalid` (prefixed `layers.{L}.` with --all-layers).
+    #[arg(long)]
+    pub dispatch: bool,
+    /// With --dispatch, also write the layout padded to blocks of N rows for a grouped GEMM:
+    /// `padded_pairs`, `block_experts`, `padded_total`.
+    #[arg(long, requires = "dispatch", value_parser = clap::value_parser!(u32).range(1..))]
+    pub block_size: Option<u32>,
+    /// Spread the experts over R ranks in contiguous ranges: --dispatch also writes
+    /// `rank_counts`, `rank_offsets`, `rank_pairs`, `rank_tokens`; --load-plot shows each layer's
+    /// rank imbalance.
+    #[arg(long, requires = "layout", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ranks: Option<u32>,
+    /// Draw the tokens routed to each expert of each layer as an SVG heatmap at this path.
+    #[arg(long)]
+    pub load_plot: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
 }
 
-/// Loads the gate(s), routes, and writes the output file atomically.
+/// Loads the gate(s), routes (and lays out), and writes the output file (and the plot)
+/// atomically, each only once everything is computed.
 pub fn run(args: &RouteArgs) -> Result<(), CliError> {
     io::check_output_path(&args.output)?;
+    if let Some(plot) = &args.load_plot {
+        io::check_output_path(plot)?;
+    }
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
     let hidden = io::read_hidden_states(&args.input)?;
     let backend = args.backend.build()?;
@@ -56,31 +81,77 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
     };
     let policy =
         if args.mark_invalid { NonFinitePolicy::MarkInvalid } else { NonFinitePolicy::Error };
-    let mut routings: Vec<(usize, GateRouting)> = Vec::with_capacity(gates.len());
+    let experts = checkpoint.config().routing().num_experts;
+    let ranks = args.ranks.map(|ranks| ContiguousRanks::new(experts, ranks as usize));
+    let lays_out = args.dispatch || args.load_plot.is_some();
+    let mut routed = Vec::with_capacity(gates.len());
     for gate in gates {
         let gate = gate.with_apply_scaling(!args.no_scale).with_non_finite(policy);
         let layer = gate.layer();
-        let routing = gate
-            .route(backend.as_ref(), &hidden)
-            .map_err(|error| CliError::in_layer(layer, error))?;
+        let in_layer = |error| CliError::in_layer(layer, error);
+        let prepared = gate.prepare(backend.as_ref()).map_err(in_layer)?;
+        let routing = prepared.route(&hidden).map_err(in_layer)?;
         tracing::info!(layer, tokens = routing.tokens(), top_k = routing.top_k(), "routed");
-        routings.push((layer, routing));
+        let block_size = args.block_size.map(|block| block as usize);
+        let layout = lays_out
+            .then(|| layout::dispatch(&prepared, &routing, block_size, ranks.as_ref()))
+            .transpose()?;
+        routed.push(Routed { layer, routing, layout });
     }
     let name = |layer: usize, what: &str| {
         if args.all_layers { format!("layers.{layer}.{what}") } else { what.to_owned() }
     };
-    let outputs: Vec<Output<'_>> = routings
-        .iter()
-        .flat_map(|(layer, routing)| {
-            [
-                Output { name: name(*layer, "topk_ids"), tensor: routing.ids() },
-                Output { name: name(*layer, "topk_weights"), tensor: routing.weights() },
-            ]
-        })
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for Routed { layer, routing, layout } in &routed {
+        tensors.push((name(*layer, "topk_ids"), routing.ids().clone()));
+        tensors.push((name(*layer, "topk_weights"), routing.weights().clone()));
+        if let (true, Some(layout)) = (args.dispatch, layout) {
+            for (what, tensor) in layout::named_tensors(layout, routing.top_k())? {
+                tensors.push((name(*layer, what), tensor));
+            }
+        }
+    }
+    let outputs: Vec<Output<'_>> =
+        tensors.iter().map(|(name, tensor)| Output { name: name.clone(), tensor }).collect();
+    let plot = args.load_plot.as_ref().map(|path| (path, plot(args, &routed, ranks.as_ref())));
     io::write_safetensors(&args.output, &outputs)?;
     tracing::info!(output = %args.output.display(), tensors = outputs.len(), "written");
+    if let Some((path, svg)) = plot {
+        io::write_atomically(path, svg.as_bytes())?;
+        tracing::info!(plot = %path.display(), "written");
+    }
     Ok(())
+}
+
+/// One layer's routing and, when asked for, its layout.
+struct Routed {
+    layer: usize,
+    routing: GateRouting,
+    layout: Option<DispatchLayout>,
+}
+
+/// The load heatmap of every routed layer.
+fn plot(args: &RouteArgs, routed: &[Routed], ranks: Option<&ContiguousRanks>) -> String {
+    let loads: Vec<LayerLoad> = routed
+        .iter()
+        .filter_map(|Routed { layer, layout, .. }| {
+            let layout = layout.as_ref()?;
+            Some(LayerLoad {
+                layer: *layer,
+                counts: layout.expert_counts.clone(),
+                rank_counts: layout.ranks.as_ref().map(|r| r.rank_counts.clone()),
+            })
+        })
+        .collect();
+    let first = routed.first().map(|r| &r.routing);
+    let name = args.checkpoint.file_name().unwrap_or(args.checkpoint.as_os_str());
+    let info = PlotInfo {
+        checkpoint: &name.to_string_lossy(),
+        tokens: first.map_or(0, GateRouting::tokens),
+        top_k: first.map_or(0, GateRouting::top_k),
+        expert_ranks: ranks.map(|r| r.map().expert_ranks),
+    };
+    load_plot::render(&info, &loads)
 }
 
 /// Every MoE layer's gate. A partial checkpoint is refused unless `skip_missing`: a caller who

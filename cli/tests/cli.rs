@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use safetensors::tensor::{Dtype, TensorView};
+use sluice_models::reference::{self, DispatchLayout, PaddedLayout, RankLayout, RankMap};
+use sluice_tensor::{DispatchShape, contiguous_ranks};
 
 fn sluice(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().expect("sluice runs")
@@ -574,4 +576,165 @@ fn extraction_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
         assert!(err.contains(expected), "{layers:?}: {err}");
         assert_eq!(scratch.files(), before, "{layers:?}: left files behind");
     }
+}
+
+/// The layout tensors of `route --dispatch` in `path` (with `prefix`), as the reference's type.
+fn read_layout(path: &Path, prefix: &str, block: bool, ranks: bool) -> DispatchLayout {
+    let get = |name: &str| read_i32(path, &format!("{prefix}{name}")).0;
+    let invalid = get("invalid");
+    DispatchLayout {
+        expert_counts: get("expert_counts"),
+        expert_offsets: get("expert_offsets"),
+        sorted_pairs: get("sorted_pairs"),
+        inverse: get("inverse"),
+        invalid: [invalid[0], invalid[1]],
+        padded: block.then(|| PaddedLayout {
+            block_size: 16,
+            padded_pairs: get("padded_pairs"),
+            block_experts: get("block_experts"),
+            padded_total: get("padded_total")[0],
+        }),
+        ranks: ranks.then(|| RankLayout {
+            rank_counts: get("rank_counts"),
+            rank_offsets: get("rank_offsets"),
+            rank_pairs: get("rank_pairs"),
+            rank_tokens: get("rank_tokens"),
+        }),
+    }
+}
+
+#[test]
+fn route_dispatch_writes_the_reference_layout_beside_the_routing() {
+    let scratch = Scratch::new();
+    let (mut hidden, t, h) = golden_hidden("v3");
+    hidden[h + 3] = f32::INFINITY;
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let out = scratch.s("out.safetensors");
+    let input = scratch.s("in.safetensors");
+    let args = ["route", "--checkpoint", &fixture("v3"), "--layer", "3", "--input", &input];
+    let routed = sluice(&[&args[..], &["--output", &out, "--mark-invalid", "--dispatch"]].concat());
+    assert!(routed.status.success(), "{}", stderr(&routed));
+    let path = scratch.path("out.safetensors");
+    let (ids, shape) = read_i32(&path, "topk_ids");
+    let layout_shape = DispatchShape { tokens: t, top_k: 8, experts: 256 };
+    let expected = reference::dispatch(&ids, layout_shape, None, None).unwrap();
+    assert_eq!(read_layout(&path, "", false, false), expected);
+    assert_eq!(expected.invalid, [1, 1], "the row with an infinity is counted, not dispatched");
+    assert_eq!(read_i32(&path, "inverse").1, shape);
+
+    let padded = sluice(
+        &[
+            &args[..],
+            &[
+                "--output",
+                &out,
+                "--mark-invalid",
+                "--dispatch",
+                "--block-size",
+                "16",
+                "--ranks",
+                "4",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(padded.status.success(), "{}", stderr(&padded));
+    let mut table = vec![0; 256];
+    contiguous_ranks(&mut table, 4);
+    let map = RankMap { expert_ranks: &table, ranks: 4 };
+    let expected = reference::dispatch(&ids, layout_shape, Some(16), Some(map)).unwrap();
+    assert_eq!(read_layout(&path, "", true, true), expected);
+}
+
+#[test]
+fn the_load_plot_is_well_formed_svg_whose_numbers_are_the_counts() {
+    let scratch = Scratch::new();
+    let (hidden, t, h) = golden_hidden("v2");
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let out = sluice(&[
+        "route",
+        "--checkpoint",
+        &fixture("v2"),
+        "--all-layers",
+        "--input",
+        &scratch.s("in.safetensors"),
+        "--output",
+        &scratch.s("out.safetensors"),
+        "--ranks",
+        "4",
+        "--load-plot",
+        &scratch.s("load.svg"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(scratch.path("load.svg")).unwrap();
+    let document = roxmltree::Document::parse(&svg).expect("well-formed XML");
+    assert_eq!(document.root_element().tag_name().name(), "svg");
+    let mut table = vec![0; 160];
+    contiguous_ranks(&mut table, 4);
+    let map = RankMap { expert_ranks: &table, ranks: 4 };
+    let mut cells = 0;
+    for layer in [2, 4] {
+        let (ids, _) =
+            read_i32(&scratch.path("out.safetensors"), &format!("layers.{layer}.topk_ids"));
+        let shape = DispatchShape { tokens: t, top_k: 6, experts: 160 };
+        let expected = reference::dispatch(&ids, shape, None, Some(map)).unwrap();
+        for node in
+            document.descendants().filter(|n| n.attribute("data-layer") == Some(&layer.to_string()))
+        {
+            if let Some(count) = node.attribute("data-count") {
+                let expert: usize = node.attribute("data-expert").unwrap().parse().unwrap();
+                assert_eq!(count.parse::<i32>().unwrap(), expected.expert_counts[expert]);
+                cells += 1;
+            }
+            if let Some(imbalance) = node.attribute("data-imbalance") {
+                let rank_counts = &expected.ranks.as_ref().unwrap().rank_counts;
+                let mean = rank_counts.iter().sum::<i32>() as f64 / 4.0;
+                let busiest = *rank_counts.iter().max().unwrap() as f64;
+                assert!((imbalance.parse::<f64>().unwrap() - busiest / mean).abs() < 1e-3);
+            }
+        }
+    }
+    assert_eq!(cells, 2 * 160);
+    // The plot alone does not add layout tensors to the output.
+    let bytes = std::fs::read(scratch.path("out.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(file.len(), 4, "{:?}", file.names());
+}
+
+#[test]
+fn bad_layout_options_fail_and_leave_no_output() {
+    let scratch = Scratch::new();
+    let (hidden, t, h) = golden_hidden("v3");
+    write_input(&scratch.path("in.safetensors"), &hidden, t, h);
+    let input = scratch.s("in.safetensors");
+    let out = scratch.s("out.safetensors");
+    let base = [
+        "route",
+        "--checkpoint",
+        &fixture("v3"),
+        "--layer",
+        "3",
+        "--input",
+        &input,
+        "--output",
+        &out,
+    ];
+    let missing_folder = scratch.s("missing/load.svg");
+    for extra in [
+        &["--dispatch", "--block-size", "0"][..],
+        &["--ranks", "4"],
+        &["--block-size", "16"],
+        &["--dispatch", "--ranks", "0"],
+        &["--load-plot", &missing_folder],
+    ] {
+        let failed = sluice(&[&base[..], extra].concat());
+        assert!(!failed.status.success(), "{extra:?}");
+        assert!(!stderr(&failed).trim().is_empty(), "{extra:?}");
+        assert_eq!(scratch.files(), ["in.safetensors"], "{extra:?}");
+    }
+    // Past argument parsing, a failure is one line naming the problem.
+    let failed = sluice(&[&base[..], &["--load-plot", &missing_folder]].concat());
+    let message = stderr(&failed);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.starts_with("sluice: ") && message.contains("does not exist"), "{message}");
 }
