@@ -5,7 +5,8 @@ use std::time::Duration;
 use clap::Args;
 use half::bf16;
 use sluice_models::MoeGate;
-use sluice_models::reference::{self, Routing, Tolerance};
+use sluice_models::reference::{self, DispatchLayout, Routing, Tolerance};
+use sluice_tensor::DispatchShape;
 
 use crate::backend::BackendArgs;
 use crate::error::CliError;
@@ -45,8 +46,11 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         .with_requires_grad(true);
 
     let prepared = gate.prepare(backend.as_ref())?;
-    let routing = prepared.route(&hidden)?.to_routing()?;
+    let routed = prepared.route(&hidden)?;
+    let routing = routed.to_routing()?;
     let (checked, skipped) = self_check(&gate, &hidden, &routing)?;
+    let layout = prepared.dispatch(&routed, Some(GEMM_BLOCK), None)?;
+    check_layout(&layout, &routing, e)?;
     let budget = Budget {
         warmup_calls: 3,
         min_calls: 20,
@@ -76,7 +80,8 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         ),
     ];
     report_tokens(&mut report, &routing, args.show);
-    report_load(&mut report, &routing, e, spec.n_group);
+    report_load(&mut report, &layout.expert_counts, spec.n_group);
+    report_layout(&mut report, &layout);
     report.push(format!(
         "\ntime per call: {:.3} ms (median of {} calls; router GEMM + routing, {} tokens)",
         samples.median().as_secs_f64() * 1e3,
@@ -112,6 +117,41 @@ fn self_check(
     Ok((summary.rows_compared, summary.rows_skipped))
 }
 
+/// The block size of the grouped GEMM the demo's dispatch layout is padded for.
+const GEMM_BLOCK: usize = 64;
+
+/// Compares the backend's dispatch layout with the reference's, entry for entry.
+fn check_layout(
+    layout: &DispatchLayout,
+    routing: &Routing,
+    experts: usize,
+) -> Result<(), CliError> {
+    let shape = DispatchShape { tokens: routing.tokens(), top_k: routing.top_k(), experts };
+    let expected = reference::dispatch(routing.ids(), shape, Some(GEMM_BLOCK), None)
+        .map_err(|e| CliError::SelfCheck(e.to_string()))?;
+    if *layout != expected {
+        return Err(CliError::SelfCheck("the dispatch layout differs from the reference".into()));
+    }
+    Ok(())
+}
+
+/// What the expert kernels would iterate over next.
+fn report_layout(report: &mut Vec<String>, layout: &DispatchLayout) {
+    let valid = layout.expert_offsets.last().copied().unwrap_or(0);
+    let busy = layout.expert_counts.iter().filter(|&&c| c > 0).count();
+    if let Some(padded) = &layout.padded {
+        report.push(format!(
+            "
+dispatch layout (matches the reference): {valid} (token, slot) pairs sorted by \
+             expert over {busy} busy experts; padded to {}-row blocks for a grouped GEMM: {} rows \
+             in {} blocks",
+            padded.block_size,
+            padded.padded_total,
+            padded.padded_total as usize / padded.block_size
+        ));
+    }
+}
+
 fn report_tokens(report: &mut Vec<String>, routing: &Routing, show: usize) {
     if show == 0 || routing.tokens() == 0 {
         return;
@@ -128,15 +168,11 @@ fn report_tokens(report: &mut Vec<String>, routing: &Routing, show: usize) {
 }
 
 /// One character per expert (its load relative to the busiest expert), one row per group, then the
-/// selections per group as bars.
-fn report_load(report: &mut Vec<String>, routing: &Routing, num_experts: usize, n_group: usize) {
+/// selections per group as bars. The load is the dispatch layout's per-expert count.
+fn report_load(report: &mut Vec<String>, counts: &[i32], n_group: usize) {
     const LEVELS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let mut load = vec![0usize; num_experts];
-    for &id in routing.ids() {
-        if let Some(slot) = usize::try_from(id).ok().and_then(|i| load.get_mut(i)) {
-            *slot += 1;
-        }
-    }
+    let load: Vec<usize> = counts.iter().map(|&c| usize::try_from(c).unwrap_or(0)).collect();
+    let num_experts = load.len();
     let busiest = load.iter().copied().max().unwrap_or(0).max(1);
     let per_group = num_experts / n_group.max(1);
     report.push(format!(
