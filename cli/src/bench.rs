@@ -9,6 +9,7 @@ use serde_json::json;
 use sluice_models::{Checkpoint, MoeGate};
 
 use crate::backend::BackendArgs;
+use crate::bench_layout::{self, LayoutTimes};
 use crate::error::CliError;
 use crate::gates::Gates;
 use crate::io;
@@ -57,6 +58,13 @@ pub struct BenchArgs {
     /// Minimum timed calls per T.
     #[arg(long, default_value_t = 20)]
     pub min_calls: usize,
+    /// Also time the dispatch layout of each routing (`dispatch_into` into buffers allocated
+    /// once), alone and after the gate, and report what it adds to the gate.
+    #[arg(long)]
+    pub dispatch: bool,
+    /// With --dispatch, pad the layout to blocks of N rows.
+    #[arg(long, requires = "dispatch", value_parser = clap::value_parser!(u32).range(1..))]
+    pub block_size: Option<u32>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -71,6 +79,7 @@ struct Row {
     min: Duration,
     calls: usize,
     gflops: f64,
+    layout: Option<LayoutTimes>,
 }
 
 /// Times the gate at every T and prints (and optionally writes) the results.
@@ -101,7 +110,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         args.dtype.name(),
         backend.name()
     );
-    println!("{:>6}  {:>10}  {:>10}  {:>9}  {:>6}", "T", "median ms", "min ms", "GFLOP/s", "calls");
+    print!("{:>6}  {:>10}  {:>10}  {:>9}  {:>6}", "T", "median ms", "min ms", "GFLOP/s", "calls");
+    if args.dispatch {
+        print!("  {:>12}  {:>15}  {:>8}", "layout ms", "gate+layout ms", "added");
+    }
+    println!();
     let mut rows = Vec::with_capacity(args.tokens.len());
     for &tokens in &args.tokens {
         let hidden = synthetic::hidden_states(tokens, h, args.dtype == InputDType::Bf16, 2)?;
@@ -115,13 +128,27 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         let median = samples.median();
         let flops = 2.0 * tokens as f64 * h as f64 * e as f64;
         let gflops = if median.is_zero() { 0.0 } else { flops / median.as_secs_f64() / 1e9 };
-        println!(
+        print!(
             "{tokens:>6}  {:>10.4}  {:>10.4}  {gflops:>9.1}  {:>6}",
             median.as_secs_f64() * 1e3,
             samples.min().as_secs_f64() * 1e3,
             samples.len()
         );
-        rows.push(Row { tokens, median, min: samples.min(), calls: samples.len(), gflops });
+        let block_size = args.block_size.map(|block| block as usize);
+        let layout = args
+            .dispatch
+            .then(|| bench_layout::time_layout(&prepared, &hidden, block_size, budget))
+            .transpose()?;
+        if let Some(layout) = &layout {
+            print!(
+                "  {:>12.4}  {:>15.4}  {:>7.2}%",
+                layout.alone.median().as_secs_f64() * 1e3,
+                layout.with_gate.median().as_secs_f64() * 1e3,
+                added_percent(layout, median)
+            );
+        }
+        println!();
+        rows.push(Row { tokens, median, min: samples.min(), calls: samples.len(), gflops, layout });
     }
     if let Some(path) = &args.json {
         let results: Vec<_> = rows
@@ -136,6 +163,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     "min_ms": r.min.as_secs_f64() * 1e3,
                     "calls": r.calls,
                     "gflops": r.gflops,
+                    "layout_median_ms": r.layout.as_ref().map(|l| l.alone.median().as_secs_f64() * 1e3),
+                    "gate_and_layout_median_ms":
+                        r.layout.as_ref().map(|l| l.with_gate.median().as_secs_f64() * 1e3),
+                    "layout_added_percent": r.layout.as_ref().map(|l| added_percent(l, r.median)),
                 })
             })
             .collect();
@@ -151,6 +182,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 "threads": args.backend.threads,
                 "min_seconds": args.min_seconds,
                 "min_calls": args.min_calls,
+                "layout_block_size": args.block_size,
             },
         });
         let text = serde_json::to_string_pretty(&document)
@@ -158,6 +190,16 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         io::write_atomically(path, text.as_bytes())?;
     }
     Ok(())
+}
+
+/// What the layout adds to the gate: its own median over the gate's, in percent (the difference
+/// of the two medians, gate alone and gate + layout, is the same quantity with the noise of two
+/// separate measurements of the gate in it; both are printed).
+fn added_percent(layout: &LayoutTimes, gate: Duration) -> f64 {
+    if gate.is_zero() {
+        return 0.0;
+    }
+    layout.alone.median().as_secs_f64() / gate.as_secs_f64() * 100.0
 }
 
 /// The gate of `layer` of a checkpoint, or of its first MoE layer that has one, and the name to

@@ -5,6 +5,7 @@
 
 mod backend;
 mod bench;
+mod bench_layout;
 mod demo;
 mod error;
 mod extract;
