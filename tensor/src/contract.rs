@@ -9,6 +9,7 @@ use std::fmt;
 use dlpark::ffi::DLManagedTensorVersioned;
 
 use crate::dlpack::build;
+use crate::view::Extent;
 use crate::{
     BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, NonFinitePolicy,
     PreparedRouter, RoutingSpec,
@@ -154,13 +155,16 @@ pub fn check_route_into<R: PreparedRouter + ?Sized>(
         None => {}
     }
     let written = [
-        Some(("topk_ids", outputs.topk_ids.as_view())),
-        Some(("topk_weights", outputs.topk_weights.as_view())),
-        outputs.logits.as_ref().map(|v| ("logits", v.as_view())),
-        outputs.status.as_ref().map(|v| ("status", v.as_view())),
-        outputs.workspace.as_ref().map(|v| ("workspace", v.as_view())),
+        Some(("topk_ids", outputs.topk_ids.extent())),
+        Some(("topk_weights", outputs.topk_weights.extent())),
+        outputs.logits.as_ref().map(|v| ("logits", v.extent())),
+        outputs.status.as_ref().map(|v| ("status", v.extent())),
+        outputs.workspace.as_ref().map(|v| ("workspace", v.extent())),
     ];
-    let read = [Some(("hidden", inputs.hidden)), inputs.token_ids.map(|v| ("token_ids", v))];
+    let read = [
+        Some(("hidden", inputs.hidden.extent())),
+        inputs.token_ids.map(|v| ("token_ids", v.extent())),
+    ];
     check_disjoint(op, &written, &read)?;
     Ok(tokens)
 }
@@ -198,7 +202,7 @@ pub fn check_logits_into<R: PreparedRouter + ?Sized>(
     check_execution(op, device, execution)?;
     let tokens = check_hidden(op, hidden_size, device, hidden)?;
     check_output(op, "logits", device, logits, DType::F32, &[tokens, spec.num_experts])?;
-    check_disjoint(op, &[Some(("logits", logits.as_view()))], &[Some(("hidden", *hidden))])?;
+    check_disjoint(op, &[Some(("logits", logits.extent()))], &[Some(("hidden", hidden.extent()))])?;
     Ok(tokens)
 }
 
@@ -341,18 +345,19 @@ fn check_workspace(
     Ok(())
 }
 
-pub(crate) type Named<'v> = Option<(&'static str, DlpackView<'v>)>;
+/// An argument's name and where its bytes lie, if it was given.
+pub(crate) type Named = Option<(&'static str, Extent)>;
 
 /// Refuses an output that shares memory with another output or with an input.
 pub(crate) fn check_disjoint(
     op: &'static str,
-    written: &[Named<'_>],
-    read: &[Named<'_>],
+    written: &[Named],
+    read: &[Named],
 ) -> Result<(), BackendError> {
     for (index, entry) in written.iter().enumerate() {
-        let Some((name, view)) = entry else { continue };
+        let Some((name, extent)) = entry else { continue };
         let mut others = written[..index].iter().flatten().chain(read.iter().flatten());
-        if let Some((other, _)) = others.find(|(_, other)| view.overlaps(other)) {
+        if let Some((other, _)) = others.find(|(_, other)| extent.overlaps(other)) {
             return Err(BackendError::Overlap { op, first: other, second: name });
         }
     }

@@ -257,22 +257,24 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
     };
     let padded = outputs.padded.as_ref();
     let rank_outputs = outputs.ranks.as_ref();
-    let written: [Named<'_>; 12] = [
-        named("expert_counts", &outputs.expert_counts),
-        named("expert_offsets", &outputs.expert_offsets),
-        named("sorted_pairs", &outputs.sorted_pairs),
-        named("inverse", &outputs.inverse),
-        outputs.invalid.as_ref().and_then(|v| named("invalid", v)),
-        padded.and_then(|p| named("padded_pairs", &p.padded_pairs)),
-        padded.and_then(|p| named("block_experts", &p.block_experts)),
-        padded.and_then(|p| named("padded_total", &p.padded_total)),
-        rank_outputs.and_then(|r| named("rank_counts", &r.rank_counts)),
-        rank_outputs.and_then(|r| named("rank_offsets", &r.rank_offsets)),
-        rank_outputs.and_then(|r| named("rank_pairs", &r.rank_pairs)),
-        rank_outputs.and_then(|r| named("rank_tokens", &r.rank_tokens)),
+    let written: [Named; 12] = [
+        named_mut("expert_counts", &outputs.expert_counts),
+        named_mut("expert_offsets", &outputs.expert_offsets),
+        named_mut("sorted_pairs", &outputs.sorted_pairs),
+        named_mut("inverse", &outputs.inverse),
+        outputs.invalid.as_ref().and_then(|v| named_mut("invalid", v)),
+        padded.and_then(|p| named_mut("padded_pairs", &p.padded_pairs)),
+        padded.and_then(|p| named_mut("block_experts", &p.block_experts)),
+        padded.and_then(|p| named_mut("padded_total", &p.padded_total)),
+        rank_outputs.and_then(|r| named_mut("rank_counts", &r.rank_counts)),
+        rank_outputs.and_then(|r| named_mut("rank_offsets", &r.rank_offsets)),
+        rank_outputs.and_then(|r| named_mut("rank_pairs", &r.rank_pairs)),
+        rank_outputs.and_then(|r| named_mut("rank_tokens", &r.rank_tokens)),
     ];
-    let read =
-        [Some(("topk_ids", inputs.topk_ids)), inputs.expert_ranks.map(|v| ("expert_ranks", v))];
+    let read = [
+        named("topk_ids", &inputs.topk_ids),
+        inputs.expert_ranks.and_then(|v| named("expert_ranks", &v)),
+    ];
     check_disjoint(op, &written, &read)?;
     Ok((shape, ranks))
 }
@@ -309,8 +311,12 @@ pub fn check_dispatch_values(
     Ok(())
 }
 
-fn named<'v>(name: &'static str, view: &'v DlpackViewMut<'_>) -> Named<'v> {
-    Some((name, view.as_view()))
+fn named(name: &'static str, view: &DlpackView<'_>) -> Named {
+    Some((name, view.extent()))
+}
+
+fn named_mut(name: &'static str, view: &DlpackViewMut<'_>) -> Named {
+    Some((name, view.extent()))
 }
 
 /// `count` if it is known and fits an i32 index, else [`BackendError::IndexOverflow`].

@@ -226,13 +226,28 @@ impl RawView {
         }
     }
 
-    fn overlaps(&self, other: &RawView) -> bool {
-        let (a, b) = (self.base as usize, other.base as usize);
+    fn extent(&self) -> Extent {
+        Extent { device: self.device, start: self.base as usize, len: self.len }
+    }
+}
+
+/// Where a view's bytes lie: all it takes to tell whether two views share memory, small enough
+/// to gather for every argument of a call (a whole view carries its shape and strides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extent {
+    device: Device,
+    start: usize,
+    len: usize,
+}
+
+impl Extent {
+    /// Whether the two share any byte on the same device.
+    pub(crate) fn overlaps(&self, other: &Extent) -> bool {
         self.device == other.device
             && self.len > 0
             && other.len > 0
-            && a < b.saturating_add(other.len)
-            && b < a.saturating_add(self.len)
+            && self.start < other.start.saturating_add(other.len)
+            && other.start < self.start.saturating_add(self.len)
     }
 }
 
@@ -401,7 +416,12 @@ impl<'a> DlpackView<'a> {
 
     /// Whether the two views share any byte on the same device.
     pub fn overlaps(&self, other: &DlpackView<'_>) -> bool {
-        self.raw.overlaps(&other.raw)
+        self.raw.extent().overlaps(&other.raw.extent())
+    }
+
+    /// Where the view's bytes lie.
+    pub(crate) fn extent(&self) -> Extent {
+        self.raw.extent()
     }
 
     /// The host data as a typed one-dimensional array.
@@ -526,6 +546,11 @@ impl<'a> DlpackViewMut<'a> {
     /// A read-only view of the same memory, for as long as this borrow lasts.
     pub fn as_view(&self) -> DlpackView<'_> {
         DlpackView::new(self.raw)
+    }
+
+    /// Where the view's bytes lie.
+    pub(crate) fn extent(&self) -> Extent {
+        self.raw.extent()
     }
 
     /// A shorter-lived writable view of the same memory.
