@@ -173,7 +173,8 @@ fn pad(
     let pairs = slice(op, "padded_pairs", &mut padded.padded_pairs)?;
     let blocks = slice(op, "block_experts", &mut padded.block_experts)?;
     let mut end = 0;
-    for expert in 0..runs.counts.len() {
+    // Only experts that received a pair take space; at small T that is a few of hundreds.
+    for expert in (0..runs.counts.len()).filter(|&expert| runs.counts[expert] > 0) {
         let run = runs.run(expert);
         let padded_len = run.len().div_ceil(block) * block;
         pairs[end..end + run.len()].copy_from_slice(run);
@@ -208,7 +209,7 @@ fn pack_ranks(
     prefix_sums(rank_counts, rank_offsets);
     // The rank counts are the cursor now, as the expert counts were in `scatter`.
     rank_counts.fill(0);
-    for expert in 0..runs.counts.len() {
+    for expert in (0..runs.counts.len()).filter(|&expert| runs.counts[expert] > 0) {
         let rank = rank_of(expert);
         let run = runs.run(expert);
         let start = (rank_offsets[rank] + rank_counts[rank]) as usize;
