@@ -1,5 +1,5 @@
 //! `sluice bench --dispatch`: what the dispatch layout adds to the gate, timed the way an engine
-//! calls it (`dispatch_into` on the gate's fresh ids, into buffers allocated once).
+//! calls it (`dispatch_into` on the gate's fresh ids, into buffers allocated and viewed once).
 
 use sluice_models::PreparedGate;
 use sluice_models::reference::DispatchLayout;
@@ -29,9 +29,10 @@ pub fn time_layout(
     let mut layout = DispatchLayout::zeroed(shape, block_size, None).ok_or_else(|| {
         CliError::Input(format!("--block-size {block_size:?} is too large for {tokens} tokens"))
     })?;
+    // Made once, as an engine makes the views of its buffers once (and captures them in a graph).
+    let mut outputs = layout.outputs(spec.top_k).map_err(tensor_view)?;
     let mut lay_out = |ids: &Tensor| -> Result<(), CliError> {
         let inputs = DispatchInputs::new(DlpackView::from_tensor(ids).map_err(tensor_view)?);
-        let mut outputs = layout.outputs(spec.top_k).map_err(tensor_view)?;
         prepared.router().dispatch_into(&inputs, &mut outputs, Execution::Host)?;
         Ok(())
     };

@@ -48,32 +48,36 @@ impl DispatchLayout {
     }
 
     /// The buffers as the caller-owned outputs of `dispatch_into`, for `top_k` picks per token.
+    /// Built in one go: the outputs hold a dozen views, which are worth not moving twice.
     pub fn outputs(&mut self, top_k: usize) -> Result<DispatchOutputs<'_>, DlpackError> {
         let tokens = self.inverse.len().checked_div(top_k).unwrap_or(0);
-        let mut outputs = DispatchOutputs::new(
-            one_dim(&mut self.expert_counts)?,
-            one_dim(&mut self.expert_offsets)?,
-            one_dim(&mut self.sorted_pairs)?,
-            DlpackViewMut::from_slice(&mut self.inverse, &[tokens, top_k])?,
-        )
-        .with_invalid(one_dim(&mut self.invalid)?);
-        if let Some(padded) = &mut self.padded {
-            outputs = outputs.with_padding(PaddedOutputs {
+        let padded = match &mut self.padded {
+            Some(padded) => Some(PaddedOutputs {
                 block_size: padded.block_size,
                 padded_pairs: one_dim(&mut padded.padded_pairs)?,
                 block_experts: one_dim(&mut padded.block_experts)?,
                 padded_total: one_dim(std::slice::from_mut(&mut padded.padded_total))?,
-            });
-        }
-        if let Some(ranks) = &mut self.ranks {
-            outputs = outputs.with_ranks(RankOutputs {
+            }),
+            None => None,
+        };
+        let ranks = match &mut self.ranks {
+            Some(ranks) => Some(RankOutputs {
                 rank_counts: one_dim(&mut ranks.rank_counts)?,
                 rank_offsets: one_dim(&mut ranks.rank_offsets)?,
                 rank_pairs: one_dim(&mut ranks.rank_pairs)?,
                 rank_tokens: one_dim(&mut ranks.rank_tokens)?,
-            });
-        }
-        Ok(outputs)
+            }),
+            None => None,
+        };
+        Ok(DispatchOutputs {
+            expert_counts: one_dim(&mut self.expert_counts)?,
+            expert_offsets: one_dim(&mut self.expert_offsets)?,
+            sorted_pairs: one_dim(&mut self.sorted_pairs)?,
+            inverse: DlpackViewMut::from_slice(&mut self.inverse, &[tokens, top_k])?,
+            invalid: Some(one_dim(&mut self.invalid)?),
+            padded,
+            ranks,
+        })
     }
 }
 
