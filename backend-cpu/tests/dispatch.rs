@@ -292,6 +292,16 @@ fn every_refused_argument_is_refused_before_any_output_byte_changes() {
         BackendError::RankOutOfRange { expert: 7, rank: 2, ranks: 2, .. }
     );
     refused!(
+        "ids of another top_k",
+        layout,
+        {
+            let mut outputs = layout.outputs(2).unwrap();
+            let inputs = DispatchInputs::new(DlpackView::from_slice(&ids, &[2, 5]).unwrap());
+            router.dispatch_into(&inputs, &mut outputs, host)
+        },
+        BackendError::Shape { arg: "topk_ids", .. }
+    );
+    refused!(
         "rank outputs without a table",
         layout,
         {

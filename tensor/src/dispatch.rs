@@ -193,8 +193,15 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
     check_execution(op, device, execution)?;
     let ids = &inputs.topk_ids;
     let tokens = match *ids.shape() {
-        [tokens, _] => tokens,
-        _ => 0,
+        [tokens, top_k] if top_k == spec.top_k => tokens,
+        _ => {
+            return Err(BackendError::Shape {
+                op,
+                arg: "topk_ids",
+                shape: ids.shape().to_vec(),
+                expected: ExpectedShape(vec![None, Some(spec.top_k)]),
+            });
+        }
     };
     check_rows(op, "topk_ids", device, ids, DType::I32, &[tokens, spec.top_k])?;
     let shape = DispatchShape { tokens, top_k: spec.top_k, experts: spec.num_experts };
