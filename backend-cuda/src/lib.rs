@@ -1,6 +1,35 @@
 //! NVIDIA backend for sluice.
 //!
-//! This crate will implement `sluice_tensor::Backend` on NVIDIA GPUs through cudarc with dynamic
-//! loading (driver, NVRTC, cuBLASLt), specialise the routing kernels from `sluice-kernels` per
-//! routing config, and keep every launch capturable in a CUDA graph. It is empty until the GPU work
-//! lands.
+//! [`CudaBackend`] implements `sluice_tensor::Backend` on one NVIDIA GPU through cudarc, with the
+//! driver and NVRTC loaded at run time: a binary built on a machine without CUDA runs wherever a
+//! driver is, and reports [`CudaError::NoDriver`] elsewhere. The kernels come from
+//! `sluice-kernels` and are compiled by NVRTC once per routing config, at prepare time.
+//!
+//! Layers, bottom up:
+//! - `enqueue`: enqueue the GEMM and the routing on a given stream into given device addresses
+//!   (with row strides), using given scratch: no allocation, compilation or synchronisation, so it
+//!   can be captured in a CUDA graph;
+//! - `gate`: the synchronous convenience calls on the backend's own stream (allocating outputs,
+//!   copying host inputs up and outputs back when the caller passed host tensors);
+//! - [`CudaBackend`] and [`CudaPreparedRouter`]: the trait implementations.
+//!
+//! cudarc's per-buffer event tracking is turned off right after the context is created, so that
+//! nothing the backend does records events on streams outside a capture.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod backend;
+mod buffer;
+mod enqueue;
+mod error;
+mod gate;
+mod gpu;
+mod input;
+mod memory;
+mod module;
+mod prepared;
+pub mod timing;
+
+pub use backend::CudaBackend;
+pub use buffer::DeviceBuffer;
+pub use error::CudaError;
+pub use prepared::CudaPreparedRouter;

@@ -1,5 +1,75 @@
-//! GPU device source for the sluice router kernels, written once for CUDA and HIP.
+//! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the launch
+//! geometry both GPU backends share.
 //!
-//! This crate will hold the router GEMM and routing kernels as portable C++ source behind a small
-//! compatibility header of our own (wave width, shuffles, lane masks, launch bounds), plus the
-//! launch-geometry rules that both GPU backends share. It is empty until the GPU work lands.
+//! The source lives in `gpu/` beside this crate as plain C++ behind a small compatibility header
+//! of our own (`compat.h`: wave width, shuffles, lane masks, launch bounds, programmatic dependent
+//! launch). [`SOURCE`] is that text in one piece, for run-time compilers (NVRTC), with the routing
+//! config supplied as defines by [`RoutingConfig::defines`]. `cargo xtask ci` compiles the same
+//! files with clang for NVPTX and AMDGPU, so a kernel that does not compile fails CI, not a GPU run.
+//!
+//! Kernels:
+//!
+//! | kernel | what |
+//! | --- | --- |
+//! | `sluice_gemm_mma_{bf16,f16,f32}_{1,2,4,8}` | router GEMM on tensor cores (bf16 weight), split over the hidden size, partial sums `[S, T, E]` |
+//! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
+//! | `sluice_sum_partials` | logits from the partial sums |
+//! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token |
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod config;
+mod geometry;
+
+pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
+pub use geometry::{
+    GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
+    WeightKind, plan_gemm, route_launch, sum_partials_launch,
+};
+
+/// The complete device source, in the order `gpu/sluice_router.cu` includes it.
+pub const SOURCE: &str = concat!(
+    include_str!("../gpu/compat.h"),
+    "\n",
+    include_str!("../gpu/router_gemm.cuh"),
+    "\n",
+    include_str!("../gpu/routing.cuh"),
+);
+
+/// Name of the routing kernel.
+pub const ROUTE_KERNEL: &str = "sluice_route";
+
+/// Name of the kernel that adds the split partial sums into logits.
+pub const SUM_PARTIALS_KERNEL: &str = "sluice_sum_partials";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_defines_every_kernel_the_geometry_names() {
+        let mut names = vec![ROUTE_KERNEL.to_owned(), SUM_PARTIALS_KERNEL.to_owned()];
+        for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
+            for weight in [WeightKind::Bf16, WeightKind::F32] {
+                names.push(GemmKernel::Simt { hidden, weight }.name());
+            }
+            for tiles in [1, 2, 4, 8] {
+                names.push(GemmKernel::Mma { hidden, tiles }.name());
+            }
+        }
+        for name in names {
+            // Kernels are either spelled out or built by an instantiation macro from a prefix.
+            let (prefix, _) = name.rsplit_once('_').unwrap();
+            assert!(
+                [format!(" {name}("), format!("({name},"), format!("({prefix},")]
+                    .iter()
+                    .any(|pattern| SOURCE.contains(pattern.as_str())),
+                "{name} is not in the source"
+            );
+        }
+    }
+
+    #[test]
+    fn source_is_self_contained() {
+        assert!(!SOURCE.contains("#include"), "NVRTC gets no headers");
+    }
+}

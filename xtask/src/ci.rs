@@ -26,9 +26,30 @@ const STEPS: &[Step] = &[
     },
 ];
 
+/// Says up front whether the test step will compile the GPU kernels with clang (the test in
+/// `kernels/tests/clang.rs` skips where no clang is found, unless `SLUICE_REQUIRE_CLANG` is set).
+fn report_kernel_compiler() {
+    let found = std::env::var_os("SLUICE_CLANG")
+        .map(|c| c.to_string_lossy().into_owned())
+        .into_iter()
+        .chain((16..=19).rev().map(|v| format!("clang++-{v}")))
+        .find(|name| {
+            Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success())
+        });
+    match found {
+        Some(clang) => {
+            println!("ci: kernels: {clang} compiles the device source for NVPTX and AMDGPU")
+        }
+        None => {
+            println!("ci: kernels: SKIPPED, no clang++ (16 to 19) found; .ci/run installs clang-19")
+        }
+    }
+}
+
 /// Runs every step in `root`, printing one summary line per step; stops at the first failure.
 pub fn run(root: &Path) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    report_kernel_compiler();
     for step in STEPS {
         let started = Instant::now();
         let status = Command::new(&cargo)

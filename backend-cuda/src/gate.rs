@@ -1,0 +1,269 @@
+//! The synchronous convenience calls, built on the enqueue layer: stage inputs on the device,
+//! allocate outputs and scratch, enqueue on the backend's stream, wait, check the status.
+//!
+//! Outputs live where the hidden states (or logits) live: device inputs give device outputs, host
+//! inputs are copied up and the outputs copied back, so host-side callers (the models crate, the
+//! CLI) can use this backend unchanged.
+
+use cudarc::driver::CudaSlice;
+use sluice_kernels::{GemmPlan, GemmShape, HiddenKind, WeightKind, plan_gemm};
+use sluice_tensor::{
+    BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
+    RoutingOutput, RoutingSpec, TopkMethod,
+};
+
+use crate::enqueue::{self, Partials, RoutingTargets, Weight};
+use crate::error::CudaError;
+use crate::gpu::Gpu;
+use crate::input::{self, DeviceMatrix};
+use crate::memory;
+use crate::module::RouterModule;
+use crate::prepared::CudaPreparedRouter;
+
+pub(crate) const HIDDEN_DTYPES: &[DType] = &[DType::F32, DType::BF16, DType::F16];
+pub(crate) const WEIGHT_DTYPES: &[DType] = &[DType::BF16, DType::F32];
+
+/// A device input, and the device copy that backs it when it came from the host.
+pub(crate) struct Staged {
+    pub(crate) matrix: DeviceMatrix,
+    pub(crate) from_host: bool,
+    copy: Option<Dlpack>,
+}
+
+impl Staged {
+    /// The device copy made from a host argument, if any.
+    pub(crate) fn into_copy(self) -> Option<Dlpack> {
+        self.copy
+    }
+}
+
+/// Validates a matrix argument on this device, or copies a host one to it first.
+pub(crate) fn stage_matrix(
+    gpu: &Gpu,
+    op: &'static str,
+    arg: &'static str,
+    dl: &Dlpack,
+    dtypes: &[DType],
+    expected: ExpectedShape,
+) -> Result<Staged, BackendError> {
+    let device = Device::Cuda(gpu.ordinal);
+    let view = input::view(op, arg, dl)?;
+    if view.device() != Device::Cpu {
+        let matrix = input::matrix(op, arg, &view, device, dtypes, expected)?;
+        return Ok(Staged { matrix, from_host: false, copy: None });
+    }
+    input::check_dtype(op, arg, view.dtype(), dtypes)?;
+    let copy = memory::upload(gpu, dl)?;
+    let matrix = input::matrix(op, arg, &input::view(op, arg, &copy)?, device, dtypes, expected)?;
+    Ok(Staged { matrix, from_host: true, copy: Some(copy) })
+}
+
+/// A private contiguous device copy of a device matrix (through the host: preparation only).
+pub(crate) fn copy_matrix(
+    gpu: &Gpu,
+    op: &'static str,
+    dl: &Dlpack,
+    expected: ExpectedShape,
+) -> Result<Staged, BackendError> {
+    let host = memory::download(gpu, dl)?;
+    stage_matrix(gpu, op, "weight", &host, WEIGHT_DTYPES, expected)
+}
+
+/// The f32 correction bias `[E]` (host or device) as host values, refused if not finite or if
+/// the spec's method takes no bias.
+pub(crate) fn bias_values(
+    gpu: &Gpu,
+    op: &'static str,
+    dl: &Dlpack,
+    spec: &RoutingSpec,
+) -> Result<Vec<f32>, BackendError> {
+    if spec.method != TopkMethod::NoauxTc {
+        return Err(BackendError::UnexpectedBias { op, method: spec.method });
+    }
+    let on_device = input::view(op, "bias", dl)?.device() != Device::Cpu;
+    let downloaded = if on_device { Some(memory::download(gpu, dl)?) } else { None };
+    let view = input::view(op, "bias", downloaded.as_ref().unwrap_or(dl))?;
+    input::check_dtype(op, "bias", view.dtype(), &[DType::F32])?;
+    if view.shape() != [spec.num_experts] {
+        return Err(BackendError::Shape {
+            op,
+            arg: "bias",
+            shape: view.shape().to_vec(),
+            expected: ExpectedShape::exact(&[spec.num_experts]),
+        });
+    }
+    let values: Vec<f32> = memory::host_bytes(op, "bias", &view)?
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if let Some((expert, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(BackendError::NonFiniteBias { op, expert, value });
+    }
+    Ok(values)
+}
+
+pub(crate) fn hidden_kind(dtype: DType) -> HiddenKind {
+    match dtype {
+        DType::BF16 => HiddenKind::Bf16,
+        DType::F16 => HiddenKind::F16,
+        _ => HiddenKind::F32,
+    }
+}
+
+pub(crate) fn weight_kind(dtype: DType) -> WeightKind {
+    if dtype == DType::BF16 { WeightKind::Bf16 } else { WeightKind::F32 }
+}
+
+/// The GEMM plan for these operands on this device, with at most `max_splits` partial sums.
+pub(crate) fn plan(
+    gpu: &Gpu,
+    hidden: &DeviceMatrix,
+    weight: &Weight,
+    max_splits: usize,
+) -> Result<GemmPlan, CudaError> {
+    let w = &weight.matrix;
+    let tensor_cores = gpu.has_tensor_cores()
+        && w.dtype == DType::BF16
+        && hidden.rows_are_16_byte_aligned()
+        && w.rows_are_16_byte_aligned();
+    let shape = GemmShape { tokens: hidden.rows, hidden: hidden.cols, experts: w.rows };
+    let (x, w) = (hidden_kind(hidden.dtype), weight_kind(w.dtype));
+    Ok(plan_gemm(shape, x, w, tensor_cores, gpu.multiprocessors, max_splits)?)
+}
+
+fn sync(gpu: &Gpu) -> Result<(), CudaError> {
+    gpu.stream.synchronize().map_err(CudaError::driver("waiting for the router kernels"))
+}
+
+/// Logits `[T, E]` f32 of `hidden` and `weight`.
+pub(crate) fn logits(
+    gpu: &Gpu,
+    module: &RouterModule,
+    hidden: &Staged,
+    weight: &Weight,
+) -> Result<Dlpack, BackendError> {
+    let (tokens, experts) = (hidden.matrix.rows, weight.matrix.rows);
+    let out = memory::zeroed(gpu, tokens * experts * 4)?;
+    if tokens > 0 {
+        let plan = plan(gpu, &hidden.matrix, weight, usize::MAX)?;
+        let shape = GemmShape { tokens, hidden: hidden.matrix.cols, experts };
+        let scratch = memory::zeroed(gpu, plan.partials_bytes(shape))?;
+        let partials = Partials {
+            ptr: memory::address(gpu, &scratch),
+            splits: plan.splits,
+            split_stride: tokens * experts,
+            row_stride: experts,
+        };
+        gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
+        let stream = gpu.stream.cu_stream();
+        enqueue::gemm(stream, module, &plan, &hidden.matrix, weight, &partials, None, false)?;
+        enqueue::sum_partials(
+            stream,
+            module,
+            &partials,
+            tokens,
+            experts,
+            memory::address(gpu, &out),
+            experts,
+            false,
+        )?;
+        sync(gpu)?;
+    }
+    finish(gpu, out, &[tokens, experts], DType::F32, hidden.from_host)
+}
+
+/// What to route from: hidden states through a prepared router, or caller logits.
+pub(crate) enum Source<'a> {
+    Gemm { hidden: &'a Staged, router: &'a CudaPreparedRouter },
+    Logits(&'a Staged),
+}
+
+/// Routes on the backend's stream, waits, and checks the status against the spec's policy.
+pub(crate) fn route(
+    op: &'static str,
+    gpu: &Gpu,
+    module: &RouterModule,
+    spec: &RoutingSpec,
+    bias: Option<u64>,
+    source: Source<'_>,
+) -> Result<RoutingOutput, BackendError> {
+    let (tokens, from_host) = match &source {
+        Source::Gemm { hidden, .. } => (hidden.matrix.rows, hidden.from_host),
+        Source::Logits(logits) => (logits.matrix.rows, logits.from_host),
+    };
+    let k = spec.top_k;
+    let ids = memory::zeroed(gpu, tokens * k * 4)?;
+    let weights = memory::zeroed(gpu, tokens * k * 4)?;
+    let status = memory::zeroed(gpu, 8)?;
+    if tokens > 0 {
+        let stream = gpu.stream.cu_stream();
+        let targets = RoutingTargets {
+            ids: memory::address(gpu, &ids),
+            ids_row_stride: k,
+            weights: memory::address(gpu, &weights),
+            weights_row_stride: k,
+            logits: None,
+            status: Some(memory::address(gpu, &status)),
+        };
+        let _workspace = match source {
+            Source::Gemm { hidden, router } => {
+                let workspace = memory::zeroed(gpu, router.partials_bytes(&hidden.matrix)?)?;
+                let address = memory::address(gpu, &workspace);
+                router.enqueue(stream, &hidden.matrix, address, &targets, false)?;
+                Some(workspace)
+            }
+            Source::Logits(logits) => {
+                let m = logits.matrix;
+                if m.cols > 1 && m.col_stride != 1 {
+                    return Err(BackendError::Layout {
+                        op,
+                        arg: "logits",
+                        shape: vec![m.rows, m.cols],
+                        strides: vec![m.row_stride, m.col_stride],
+                        requirement: "logit rows must be contiguous",
+                    });
+                }
+                // The routing kernel counts into a status that starts at [0, -1].
+                memory::copy_to_device(gpu, memory::address(gpu, &status), &[0i32, -1])?;
+                let partials =
+                    Partials { ptr: m.ptr, splits: 1, split_stride: 0, row_stride: m.row_stride };
+                gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
+                enqueue::route(
+                    stream,
+                    module,
+                    &partials,
+                    bias,
+                    tokens,
+                    spec.output_scale(),
+                    &targets,
+                    false,
+                )?;
+                None
+            }
+        };
+        sync(gpu)?;
+        let mut host_status = [0i32; 2];
+        memory::copy_to_host(gpu, memory::address(gpu, &status), &mut host_status)?;
+        if host_status[0] > 0 && spec.non_finite == NonFinitePolicy::Error {
+            let row = usize::try_from(host_status[1]).unwrap_or(0);
+            // The kernels look at logits only; a NaN in the hidden states shows there too.
+            return Err(BackendError::NonFinite { op, row, input: NonFiniteInput::Logits });
+        }
+    }
+    Ok(RoutingOutput {
+        topk_ids: finish(gpu, ids, &[tokens, k], DType::I32, from_host)?,
+        topk_weights: finish(gpu, weights, &[tokens, k], DType::F32, from_host)?,
+    })
+}
+
+/// Exports a device result, or copies it to the host when the inputs came from there.
+fn finish(
+    gpu: &Gpu,
+    buffer: CudaSlice<u8>,
+    shape: &[usize],
+    dtype: DType,
+    to_host: bool,
+) -> Result<Dlpack, BackendError> {
+    let device = memory::export(gpu, buffer, shape, dtype)?;
+    if to_host { memory::download(gpu, &device) } else { Ok(device) }
+}

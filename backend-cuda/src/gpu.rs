@@ -1,0 +1,89 @@
+//! One CUDA device: its context, the backend's own stream, and the compiled modules per routing
+//! config.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaStream};
+use sluice_kernels::RoutingConfig;
+use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+
+use crate::error::CudaError;
+use crate::module::RouterModule;
+
+#[derive(Debug)]
+pub(crate) struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    /// The stream of the synchronous convenience calls (`route`, `upload`, ...).
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) ordinal: usize,
+    pub(crate) multiprocessors: usize,
+    pub(crate) compute_capability: (i32, i32),
+    modules: Mutex<HashMap<RoutingConfig, Arc<RouterModule>>>,
+}
+
+impl Gpu {
+    pub(crate) fn open(ordinal: usize) -> Result<Self, CudaError> {
+        // SAFETY: only tries to dlopen the driver library by its usual names; nothing is called.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        // SAFETY: as above, for NVRTC.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::NoNvrtc);
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|source| CudaError::NoDevice { ordinal, source })?;
+        // SAFETY: called right after creating the context, before this backend allocates anything
+        // or creates a stream, so no slice exists whose events tracking would have to cover. The
+        // backend orders its own work by stream order and explicit synchronisation instead, which
+        // keeps every launch capturable (tracking events would be recorded on other streams).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(CudaError::driver("reading the multiprocessor count"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(CudaError::driver("reading the compute capability"))?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            ordinal,
+            multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
+            compute_capability,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether the tensor-core GEMM kernels exist on this device.
+    pub(crate) fn has_tensor_cores(&self) -> bool {
+        self.compute_capability.0 >= 8
+    }
+
+    /// The module for `config`, compiled on first use and cached.
+    pub(crate) fn module(&self, config: &RoutingConfig) -> Result<Arc<RouterModule>, CudaError> {
+        let mut modules = self.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(module) = modules.get(config) {
+            return Ok(Arc::clone(module));
+        }
+        let module = Arc::new(RouterModule::compile(&self.ctx, config, self.compute_capability)?);
+        modules.insert(config.clone(), Arc::clone(&module));
+        Ok(module)
+    }
+
+    /// The module used for the router GEMM alone. The GEMM kernels do not depend on the routing
+    /// config, but the source's routing kernel needs one to compile: the smallest greedy config.
+    pub(crate) fn gemm_module(&self) -> Result<Arc<RouterModule>, CudaError> {
+        let spec = RoutingSpec::builder(1, 1)
+            .scoring(ScoringFunc::Softmax)
+            .method(TopkMethod::Greedy)
+            .groups(1, 1)
+            .norm_topk_prob(false)
+            .routed_scaling_factor(1.0)
+            .build()
+            .map_err(sluice_kernels::KernelError::from)?;
+        self.module(&RoutingConfig::new(&spec)?)
+    }
+}

@@ -1,0 +1,77 @@
+//! The kernels of one routing config, compiled by NVRTC for the device and loaded once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
+use sluice_kernels::{
+    GemmKernel, HiddenKind, ROUTE_KERNEL, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+};
+
+use crate::error::CudaError;
+
+/// The loaded module and its kernels.
+#[derive(Debug)]
+pub(crate) struct RouterModule {
+    _module: Arc<CudaModule>,
+    pub(crate) route: CudaFunction,
+    pub(crate) sum_partials: CudaFunction,
+    gemm: HashMap<GemmKernel, CudaFunction>,
+}
+
+impl RouterModule {
+    /// Compiles the source with `config`'s defines for a device of compute capability
+    /// `(major, minor)` and loads every kernel.
+    pub(crate) fn compile(
+        ctx: &Arc<CudaContext>,
+        config: &RoutingConfig,
+        (major, minor): (i32, i32),
+    ) -> Result<Self, CudaError> {
+        let mut options =
+            vec![format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++17".into()];
+        options.extend(config.compiler_options());
+        let _span = tracing::debug_span!("nvrtc_compile", ?options).entered();
+        let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { options, ..Default::default() })
+            .map_err(|error| CudaError::Compile {
+            config: format!("{config:?}"),
+            log: match error {
+                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                other => other.to_string(),
+            },
+        })?;
+        let module =
+            ctx.load_module(ptx).map_err(CudaError::driver("loading the router kernels"))?;
+        let load = |name: &str| {
+            module.load_function(name).map_err(CudaError::driver("looking up a router kernel"))
+        };
+        let mut gemm = HashMap::new();
+        for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
+            for weight in [WeightKind::Bf16, WeightKind::F32] {
+                let kernel = GemmKernel::Simt { hidden, weight };
+                gemm.insert(kernel, load(&kernel.name())?);
+            }
+            // The tensor-core kernels exist from compute capability 8.0 on (`mma.sync` bf16).
+            if major >= 8 {
+                for tiles in [1, 2, 4, 8] {
+                    let kernel = GemmKernel::Mma { hidden, tiles };
+                    gemm.insert(kernel, load(&kernel.name())?);
+                }
+            }
+        }
+        Ok(RouterModule {
+            route: load(ROUTE_KERNEL)?,
+            sum_partials: load(SUM_PARTIALS_KERNEL)?,
+            gemm,
+            _module: module,
+        })
+    }
+
+    /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).
+    pub(crate) fn gemm(&self, kernel: GemmKernel) -> Result<&CudaFunction, CudaError> {
+        self.gemm.get(&kernel).ok_or_else(|| CudaError::Compile {
+            config: kernel.name(),
+            log: "kernel not built for this device".into(),
+        })
+    }
+}

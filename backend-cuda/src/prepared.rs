@@ -1,0 +1,295 @@
+//! [`CudaPreparedRouter`]: a router weight and bias on the device, with the routing kernels
+//! compiled for its spec; `route_into` and `router_gemm_into` enqueue on the caller's stream.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUstream;
+use sluice_kernels::{GemmShape, RoutingConfig};
+use sluice_tensor::{
+    BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, ExpectedShape,
+    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, check_logits_into,
+    check_route_into, check_router_weight,
+};
+
+use crate::enqueue::{self, Partials, RoutingTargets, Weight};
+use crate::error::CudaError;
+use crate::gate::{self, Source};
+use crate::gpu::Gpu;
+use crate::input::{self, DeviceMatrix};
+use crate::memory;
+use crate::module::RouterModule;
+
+/// A router prepared by a [`CudaBackend`](crate::CudaBackend): the weight (bf16 or f32) and the
+/// f32 bias copied to the device once, and the router kernels compiled for the spec by NVRTC.
+///
+/// `route_into` and `router_gemm_into` take [`Execution::Stream`] on this device and only enqueue
+/// kernels (programmatic dependent launch where the device has it): no allocation, compilation
+/// or synchronisation, so engines capture them in their graphs. `route` and `router_gemm` are
+/// synchronous conveniences on the backend's own stream.
+pub struct CudaPreparedRouter {
+    gpu: Arc<Gpu>,
+    spec: RoutingSpec,
+    module: Arc<RouterModule>,
+    weight: Weight,
+    bias: Option<u64>,
+    dependent_launch: bool,
+    _weight_buffer: Option<Dlpack>,
+    _bias_buffer: Option<CudaSlice<u8>>,
+}
+
+impl std::fmt::Debug for CudaPreparedRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = &self.weight.matrix;
+        f.debug_struct("CudaPreparedRouter")
+            .field("device", &self.gpu.ordinal)
+            .field("spec", &self.spec)
+            .field("weight", &format_args!("[{}, {}] {}", w.rows, w.cols, w.dtype))
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}
+
+// SAFETY: the DLPack tensor owns device memory that this router only reads through kernels; it is
+// never mutated after preparation and its deleter may run on any thread (the DLPack contract).
+unsafe impl Send for CudaPreparedRouter {}
+// SAFETY: see `Send`: shared access only enqueues kernels that read the weight and the bias.
+unsafe impl Sync for CudaPreparedRouter {}
+
+impl CudaPreparedRouter {
+    pub(crate) fn new(
+        gpu: Arc<Gpu>,
+        weight: &Dlpack,
+        bias: Option<&Dlpack>,
+        spec: &RoutingSpec,
+        dependent_launch: bool,
+    ) -> Result<Self, BackendError> {
+        const OP: &str = "prepare_router";
+        let config = RoutingConfig::new(spec).map_err(CudaError::from)?;
+        let expected = ExpectedShape(vec![Some(spec.num_experts), None]);
+        let view = input::view(OP, "weight", weight)?;
+        check_router_weight(OP, view.shape(), spec)?;
+        // A private contiguous copy on the device, whatever the caller's layout and location.
+        let staged = if view.device() == Device::Cpu {
+            gate::stage_matrix(&gpu, OP, "weight", weight, gate::WEIGHT_DTYPES, expected)?
+        } else {
+            input::check_dtype(OP, "weight", view.dtype(), gate::WEIGHT_DTYPES)?;
+            gate::copy_matrix(&gpu, OP, weight, expected)?
+        };
+        let bias_values = bias.map(|b| gate::bias_values(&gpu, OP, b, spec)).transpose()?;
+        let bias_buffer =
+            bias_values.as_deref().map(|b| memory::upload_f32(&gpu, b)).transpose()?;
+        let _span = tracing::debug_span!("cuda_prepare_router", %spec).entered();
+        let module = gpu.module(&config)?;
+        Ok(CudaPreparedRouter {
+            bias: bias_buffer.as_ref().map(|b| memory::address(&gpu, b)),
+            gpu,
+            spec: *spec,
+            module,
+            weight: Weight { matrix: staged.matrix },
+            dependent_launch,
+            _weight_buffer: staged.into_copy(),
+            _bias_buffer: bias_buffer,
+        })
+    }
+
+    /// Bytes of partial sums a gate call on `hidden` needs.
+    pub(crate) fn partials_bytes(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
+        let plan = gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?;
+        let shape = GemmShape { tokens: hidden.rows, hidden: hidden.cols, experts: self.experts() };
+        Ok(plan.partials_bytes(shape))
+    }
+
+    fn experts(&self) -> usize {
+        self.spec.num_experts
+    }
+
+    /// Enqueues the whole gate on `stream`: GEMM into `workspace` (at least
+    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets`. Only enqueues:
+    /// the module is loaded and the weight is resident, so this can be captured in a graph.
+    pub(crate) fn enqueue(
+        &self,
+        stream: CUstream,
+        hidden: &DeviceMatrix,
+        workspace: u64,
+        targets: &RoutingTargets,
+        dependent_launch: bool,
+    ) -> Result<(), CudaError> {
+        if hidden.rows == 0 {
+            return Ok(());
+        }
+        let plan = gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?;
+        let partials = Partials {
+            ptr: workspace,
+            splits: plan.splits,
+            split_stride: hidden.rows * self.experts(),
+            row_stride: self.experts(),
+        };
+        self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
+        let status = targets.status;
+        let weight = &self.weight;
+        enqueue::gemm(
+            stream,
+            &self.module,
+            &plan,
+            hidden,
+            weight,
+            &partials,
+            status,
+            dependent_launch,
+        )?;
+        let scale = self.spec.output_scale();
+        let (bias, tokens) = (self.bias, hidden.rows);
+        enqueue::route(
+            stream,
+            &self.module,
+            &partials,
+            bias,
+            tokens,
+            scale,
+            targets,
+            dependent_launch,
+        )
+    }
+
+    fn stream(execution: Execution) -> CUstream {
+        match execution {
+            // The DLPack number is the driver's handle (1 legacy, 2 per-thread, else a CUstream).
+            Execution::Stream(stream) => stream.raw() as CUstream,
+            // `check_route_into` / `check_logits_into` refuse the host for a device router.
+            Execution::Host => std::ptr::null_mut(),
+        }
+    }
+}
+
+impl PreparedRouter for CudaPreparedRouter {
+    fn spec(&self) -> &RoutingSpec {
+        &self.spec
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.weight.matrix.cols
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.gpu.ordinal)
+    }
+
+    fn router_gemm(&self, hidden: &Dlpack) -> Result<Dlpack, BackendError> {
+        const OP: &str = "router_gemm";
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden =
+            gate::stage_matrix(&self.gpu, OP, "hidden", hidden, gate::HIDDEN_DTYPES, expected)?;
+        gate::logits(&self.gpu, &self.module, &hidden, &self.weight)
+    }
+
+    fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
+        const OP: &str = "route";
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden =
+            gate::stage_matrix(&self.gpu, OP, "hidden", hidden, gate::HIDDEN_DTYPES, expected)?;
+        let source = Source::Gemm { hidden: &hidden, router: self };
+        gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
+    }
+
+    /// The partial sums of the split router GEMM: `S * T * E * 4` bytes, `S` (the split count)
+    /// falling as `T` grows.
+    fn workspace_bytes(&self, tokens: usize) -> usize {
+        // The tensor-core plan of bf16 hidden states has the most splits of any plan for `T`.
+        let hidden = DeviceMatrix {
+            ptr: 0,
+            rows: tokens,
+            cols: self.hidden_size(),
+            row_stride: self.hidden_size(),
+            col_stride: 1,
+            dtype: DType::BF16,
+        };
+        self.partials_bytes(&hidden).unwrap_or(0)
+    }
+
+    /// The kernels were compiled and loaded by `prepare_router`; this only checks that `tokens`
+    /// fit the kernels' launch limits, so that later calls fail for no other reason.
+    fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
+        let hidden = DeviceMatrix {
+            ptr: 0,
+            rows: tokens,
+            cols: self.hidden_size(),
+            row_stride: self.hidden_size(),
+            col_stride: 1,
+            dtype: DType::F32,
+        };
+        gate::plan(&self.gpu, &hidden, &self.weight, usize::MAX)?;
+        sluice_kernels::route_launch(tokens).map_err(CudaError::from)?;
+        Ok(())
+    }
+
+    fn route_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "route_into";
+        let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
+        let needed = self.workspace_bytes(tokens);
+        check_route_into(OP, self, inputs, outputs, execution, needed)?;
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden = input::matrix(
+            OP,
+            "hidden",
+            &inputs.hidden,
+            self.device(),
+            gate::HIDDEN_DTYPES,
+            expected,
+        )?;
+        let (ids, ids_row_stride) = input::output_rows(&mut outputs.topk_ids);
+        let (weights, weights_row_stride) = input::output_rows(&mut outputs.topk_weights);
+        let targets = RoutingTargets {
+            ids,
+            ids_row_stride,
+            weights,
+            weights_row_stride,
+            logits: outputs.logits.as_mut().map(input::output_rows),
+            status: outputs.status.as_mut().map(|s| input::output_rows(s).0),
+        };
+        let workspace = outputs.workspace.as_mut().map_or(0, |w| input::output_rows(w).0);
+        self.enqueue(Self::stream(execution), &hidden, workspace, &targets, self.dependent_launch)?;
+        Ok(())
+    }
+
+    fn router_gemm_into(
+        &self,
+        hidden: &DlpackView<'_>,
+        logits: &mut DlpackViewMut<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "router_gemm_into";
+        let tokens = check_logits_into(OP, self, hidden, logits, execution)?;
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden =
+            input::matrix(OP, "hidden", hidden, self.device(), gate::HIDDEN_DTYPES, expected)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        // No workspace in this call: one split, written straight into the caller's window.
+        let plan = gate::plan(&self.gpu, &hidden, &self.weight, 1).map_err(BackendError::from)?;
+        let (ptr, row_stride) = input::output_rows(logits);
+        let out = Partials { ptr, splits: 1, split_stride: 0, row_stride };
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::from(CudaError::driver("binding the context")(e)))?;
+        let stream = Self::stream(execution);
+        enqueue::gemm(
+            stream,
+            &self.module,
+            &plan,
+            &hidden,
+            &self.weight,
+            &out,
+            None,
+            self.dependent_launch,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+// Router GEMM: partial logits x[T, H] . W[E, H]^T, f32, split over the hidden dimension.
+//
+// Every kernel here writes `partials[split * split_stride + t * row_stride + e]` (f32): S partial
+// sums of each logit, which the routing kernel (or `sluice_sum_partials`) adds in a fixed order, so
+// results do not depend on scheduling. With S = 1 the output is the logits themselves, written
+// straight into a caller's window. Element kinds: hidden states bf16, f16 or f32; weight bf16 (tensor cores)
+// or f32 (the scalar path). f32 inputs are never rounded to bf16: an f32 (or f16) value is split
+// exactly into a sum of bf16 terms, each multiplied on the tensor cores with f32 accumulation.
+
+#define SLUICE_X_BF16 0
+#define SLUICE_X_F16 1
+#define SLUICE_X_F32 2
+#define SLUICE_W_BF16 0
+#define SLUICE_W_F32 1
+
+// Warps per block of the scalar GEMM kernel.
+#define SLUICE_GEMM_WARPS 4
+// Warps per block of the tensor-core kernel, by token tiles: the warps of a block split the
+// hidden range and add their sums in shared memory, so more warps per block means fewer partial
+// sums for the routing kernel to add; the shared memory (warps x tiles x 1 KiB) bounds them.
+#define SLUICE_MMA_WARPS(TILES) ((TILES) <= 2 ? 16 : ((TILES) == 4 ? 8 : 4))
+
+GPU_INLINE float sluice_bf16_to_f32(unsigned short v) { return gpu_bits_float(((unsigned)v) << 16); }
+
+template <int XKIND>
+GPU_INLINE float sluice_load_x(const void *x, long long index) {
+  if (XKIND == SLUICE_X_F32) return ((const float *)x)[index];
+  if (XKIND == SLUICE_X_F16) return gpu_f16_to_f32(((const unsigned short *)x)[index]);
+  return sluice_bf16_to_f32(((const unsigned short *)x)[index]);
+}
+
+template <int WKIND>
+GPU_INLINE float sluice_load_w(const void *w, long long index) {
+  if (WKIND == SLUICE_W_F32) return ((const float *)w)[index];
+  return sluice_bf16_to_f32(((const unsigned short *)w)[index]);
+}
+
+// The scalar path: any strides, any element kinds, no split (S = 1). One warp per (expert, token):
+// block (E-index, token block of SLUICE_GEMM_WARPS tokens). It serves f32 weights and hidden states
+// whose rows are not 16-byte aligned.
+template <int XKIND, int WKIND>
+GPU_INLINE void sluice_gemm_simt(const void *x, long long x_row_stride, long long x_col_stride,
+                                 const void *w, long long w_row_stride, long long w_col_stride,
+                                 int tokens, int hidden, int experts, float *partials,
+                                 long long row_stride, int *status) {
+  gpu_allow_dependents();
+  gpu_wait_for_previous_grid();
+  const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  const int e = GPU_BID_X, t = GPU_BID_Y * SLUICE_GEMM_WARPS + warp;
+  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
+  }
+  if (t >= tokens) return;
+  float acc = 0.f;
+  for (int k = lane; k < hidden; k += GPU_WARP)
+    acc += sluice_load_x<XKIND>(x, t * x_row_stride + k * x_col_stride) *
+           sluice_load_w<WKIND>(w, e * w_row_stride + k * w_col_stride);
+  for (int off = GPU_WARP / 2; off > 0; off >>= 1) acc += gpu_shfl_xor_f(acc, off);
+  if (lane == 0) partials[t * row_stride + e] = acc;
+}
+
+#define SLUICE_INSTANTIATE_SIMT(name, XKIND, WKIND)                                                \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_GEMM_WARPS *GPU_WARP) void name(                             \
+      const void *x, long long x_row_stride, long long x_col_stride, const void *w,                \
+      long long w_row_stride, long long w_col_stride, int tokens, int hidden, int experts,         \
+      float *partials, long long row_stride, int *status) {                                        \
+    sluice_gemm_simt<XKIND, WKIND>(x, x_row_stride, x_col_stride, w, w_row_stride, w_col_stride,  \
+                                   tokens, hidden, experts, partials, row_stride, status);         \
+  }
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_bf16_bf16, SLUICE_X_BF16, SLUICE_W_BF16)
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_f16_bf16, SLUICE_X_F16, SLUICE_W_BF16)
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_f32_bf16, SLUICE_X_F32, SLUICE_W_BF16)
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_bf16_f32, SLUICE_X_BF16, SLUICE_W_F32)
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_f16_f32, SLUICE_X_F16, SLUICE_W_F32)
+SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_f32_f32, SLUICE_X_F32, SLUICE_W_F32)
+
+// Adds the S partial sums of every logit in order: logits[t][e] (any row stride).
+GPU_KERNEL GPU_LAUNCH_BOUNDS(256) void sluice_sum_partials(const float *partials, int splits, int tokens,
+                                                           int experts, float *logits,
+                                                           long long logits_row_stride) {
+  gpu_allow_dependents();
+  gpu_wait_for_previous_grid();
+  const long long i = (long long)GPU_BID_X * 256 + GPU_TID;
+  const long long per_split = (long long)tokens * experts;
+  if (i >= per_split) return;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum += partials[s * per_split + i];
+  logits[(i / experts) * logits_row_stride + i % experts] = sum;
+}
+
+#if defined(GPU_HAS_MMA_SYNC)
+// ---- tensor-core path -------------------------------------------------------------------------
+//
+// mma.sync m16n8k16 (bf16 in, f32 accumulate) with the experts as M and the tokens as N, so both
+// operands are read straight from their row-major tensors: W[E, H] is A in "row" layout and x[T, H]
+// is B in "col" layout. A dot product does not care in which order its terms are added, so the k
+// index of the fragments is permuted to make every lane's loads 16 bytes wide: lane (g, q) (g =
+// lane / 4, q = lane % 4) reads 8 consecutive values at k = 8q of a 32-wide chunk, for its expert
+// rows and for its token, and feeds them to two MMAs (values 0-3 to the first, 4-7 to the second).
+//
+// Block: SLUICE_MMA_WARPS(TILES) warps; each warp owns 32 experts (two M tiles, so every token
+// fragment feeds two MMAs) and a k range of `k_per_warp`; the warps of a block take consecutive k
+// ranges and their sums are added in shared memory. Grid: (ceil(E / 32), S, ceil(T / (8 TILES))).
+
+struct alignas(16) sluice_u32x4 {
+  unsigned x, y, z, w;
+};
+
+// 16 bytes of the weight, which nothing writes while the kernel runs: read-only path, no L1 fill.
+// Not volatile, and without a memory clobber, so the compiler may issue it as early as it likes,
+// before the grid-dependency wait too (the weight does not depend on the previous kernel).
+GPU_INLINE sluice_u32x4 sluice_load_weight16(const unsigned short *p) {
+  sluice_u32x4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// 16 bytes of the hidden states: an ordinary load, which stays after the grid-dependency wait.
+GPU_INLINE sluice_u32x4 sluice_load16(const void *p) { return *(const sluice_u32x4 *)p; }
+
+GPU_INLINE void sluice_mma_bf16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// How many bf16 terms a hidden-state value is split into, exactly: bf16 is itself, an f16 value
+// has 11 significant bits (8 + 3), an f32 value 24 (8 + 8 + 8).
+template <int XKIND>
+struct sluice_x_terms {
+  static const int value = XKIND == SLUICE_X_BF16 ? 1 : (XKIND == SLUICE_X_F16 ? 2 : 3);
+};
+
+// Splits 8 f32 values into TERMS bf16 vectors (pairs packed low element first): each term keeps the
+// top 8 significant bits of what is left by truncation, so the remainder stays exact in f32 and the
+// terms add up to the value exactly (TERMS = 3 for any f32, 2 for any f16).
+template <int TERMS>
+GPU_INLINE void sluice_split8(const float (&v)[8], sluice_u32x4 (&out)[TERMS]) {
+  float rest[8];
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) rest[i] = v[i];
+  #pragma unroll
+  for (int term = 0; term < TERMS; ++term) {
+    unsigned hi[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      hi[i] = gpu_float_bits(rest[i]) & 0xffff0000u;
+      rest[i] -= gpu_bits_float(hi[i]);
+    }
+    out[term].x = (hi[0] >> 16) | hi[1];
+    out[term].y = (hi[2] >> 16) | hi[3];
+    out[term].z = (hi[4] >> 16) | hi[5];
+    out[term].w = (hi[6] >> 16) | hi[7];
+  }
+}
+
+// The 8 hidden-state values of token row `row` at k, as bf16 terms; zeros outside the matrix.
+template <int XKIND>
+GPU_INLINE void sluice_load_x8(const void *x, long long offset, bool inside,
+                               sluice_u32x4 (&out)[sluice_x_terms<XKIND>::value]) {
+  const int TERMS = sluice_x_terms<XKIND>::value;
+  if (!inside) {
+    #pragma unroll
+    for (int term = 0; term < TERMS; ++term) out[term] = sluice_u32x4{0u, 0u, 0u, 0u};
+    return;
+  }
+  if (XKIND == SLUICE_X_BF16) {
+    out[0] = sluice_load16((const unsigned short *)x + offset);
+    return;
+  }
+  float v[8];
+  if (XKIND == SLUICE_X_F32) {
+    const sluice_u32x4 lo = sluice_load16((const float *)x + offset);
+    const sluice_u32x4 hi = sluice_load16((const float *)x + offset + 4);
+    const unsigned bits[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = gpu_bits_float(bits[i]);
+  } else {
+    const sluice_u32x4 h = sluice_load16((const unsigned short *)x + offset);
+    const unsigned pairs[4] = {h.x, h.y, h.z, h.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = gpu_f16_to_f32((unsigned short)(pairs[i] & 0xffffu));
+      v[2 * i + 1] = gpu_f16_to_f32((unsigned short)(pairs[i] >> 16));
+    }
+  }
+  sluice_split8<sluice_x_terms<XKIND>::value>(v, out);
+}
+
+// Chunks of 32 k values whose weight loads a warp issues before it uses the first.
+#define SLUICE_CHUNKS_IN_FLIGHT 4
+
+template <int XKIND, int TILES, int WARPS>
+GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const unsigned short *w,
+                                long long w_row_stride, int tokens, int hidden, int experts,
+                                int k_per_warp, float *partials, long long split_stride,
+                                long long row_stride, int *status) {
+  const int TERMS = sluice_x_terms<XKIND>::value;
+  __shared__ float sums[WARPS][TILES * 8][GPU_WARP];
+  const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  const int g = lane >> 2, q = lane & 3;
+  const int e0 = GPU_BID_X * 32;
+  const int t0 = GPU_BID_Z * 8 * TILES;
+  const int k_begin = (GPU_BID_Y * WARPS + warp) * k_per_warp;
+  const int k_end = k_begin + k_per_warp < hidden ? k_begin + k_per_warp : hidden;
+  // This lane's expert rows: g and g + 8 of each of the two M tiles.
+  int rows[4];
+  #pragma unroll
+  for (int r = 0; r < 4; ++r) rows[r] = e0 + (r >> 1) * 16 + g + (r & 1) * 8;
+
+  float acc[TILES][2][4];
+  #pragma unroll
+  for (int n = 0; n < TILES; ++n)
+    #pragma unroll
+    for (int m = 0; m < 2; ++m)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][m][i] = 0.f;
+
+  gpu_allow_dependents();
+  bool waited = false;
+  for (int k0 = k_begin; k0 < k_end; k0 += 32 * SLUICE_CHUNKS_IN_FLIGHT) {
+    // The weight does not depend on the previous kernel: its loads go out before the wait.
+    sluice_u32x4 wv[SLUICE_CHUNKS_IN_FLIGHT][4];
+    #pragma unroll
+    for (int c = 0; c < SLUICE_CHUNKS_IN_FLIGHT; ++c) {
+      const int k = k0 + 32 * c + 8 * q;
+      #pragma unroll
+      for (int r = 0; r < 4; ++r)
+        wv[c][r] = (k < k_end && rows[r] < experts)
+                       ? sluice_load_weight16(w + rows[r] * w_row_stride + k)
+                       : sluice_u32x4{0u, 0u, 0u, 0u};
+    }
+    if (!waited) {
+      gpu_wait_for_previous_grid();
+      waited = true;
+    }
+    #pragma unroll
+    for (int c = 0; c < SLUICE_CHUNKS_IN_FLIGHT; ++c) {
+      const int k = k0 + 32 * c + 8 * q;
+      #pragma unroll
+      for (int n = 0; n < TILES; ++n) {
+        const int t = t0 + n * 8 + g;
+        sluice_u32x4 xv[TERMS];
+        sluice_load_x8<XKIND>(x, t * x_row_stride + k, t < tokens && k < k_end, xv);
+        #pragma unroll
+        for (int term = 0; term < TERMS; ++term)
+          #pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            const sluice_u32x4 &top = wv[c][2 * m], &bottom = wv[c][2 * m + 1];
+            sluice_mma_bf16(acc[n][m], top.x, bottom.x, top.y, bottom.y, xv[term].x, xv[term].y);
+            sluice_mma_bf16(acc[n][m], top.z, bottom.z, top.w, bottom.w, xv[term].z, xv[term].w);
+          }
+      }
+    }
+  }
+  gpu_wait_for_previous_grid();  // for warps with an empty k range; returns at once otherwise
+  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
+  }
+
+  #pragma unroll
+  for (int n = 0; n < TILES; ++n)
+    #pragma unroll
+    for (int m = 0; m < 2; ++m)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) sums[warp][n * 8 + m * 4 + i][lane] = acc[n][m][i];
+  gpu_syncthreads();
+  // Accumulator i of lane l in tile (n, m): token 2 (l % 4) + i % 2 of the N tile, expert
+  // l / 4 + 8 (i / 2) of the M tile.
+  for (int idx = GPU_TID; idx < TILES * 8 * GPU_WARP; idx += WARPS * GPU_WARP) {
+    const int slot = idx / GPU_WARP, l = idx % GPU_WARP;
+    const int n = slot / 8, m = (slot / 4) % 2, i = slot % 4;
+    const int t = t0 + n * 8 + (l & 3) * 2 + (i & 1);
+    const int e = e0 + m * 16 + (l >> 2) + (i >> 1) * 8;
+    if (t < tokens && e < experts) {
+      float sum = 0.f;
+      #pragma unroll
+      for (int wi = 0; wi < WARPS; ++wi) sum += sums[wi][slot][l];
+      partials[GPU_BID_Y * split_stride + t * row_stride + e] = sum;
+    }
+  }
+}
+
+#define SLUICE_INSTANTIATE_MMA(name, XKIND, TILES)                                                 \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_MMA_WARPS(TILES) * GPU_WARP) void name(                     \
+      const void *x, long long x_row_stride, const unsigned short *w, long long w_row_stride,      \
+      int tokens, int hidden, int experts, int k_per_warp, float *partials,                        \
+      long long split_stride, long long row_stride, int *status) {                                 \
+    sluice_gemm_mma<XKIND, TILES, SLUICE_MMA_WARPS(TILES)>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts,       \
+                                  k_per_warp, partials, split_stride, row_stride, status);         \
+  }
+#define SLUICE_INSTANTIATE_MMA_TILES(prefix, XKIND)                                                \
+  SLUICE_INSTANTIATE_MMA(prefix##_1, XKIND, 1)                                                     \
+  SLUICE_INSTANTIATE_MMA(prefix##_2, XKIND, 2)                                                     \
+  SLUICE_INSTANTIATE_MMA(prefix##_4, XKIND, 4)                                                     \
+  SLUICE_INSTANTIATE_MMA(prefix##_8, XKIND, 8)
+SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_bf16, SLUICE_X_BF16)
+SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_f16, SLUICE_X_F16)
+SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_f32, SLUICE_X_F32)
+#endif  // GPU_HAS_MMA_SYNC

@@ -1,0 +1,318 @@
+// Routing: scores, group selection, top-k, renormalisation and scaling, one warp per token.
+//
+// The routing config is fixed at compile time (NVRTC defines, one module per config), so every
+// loop below has constant bounds and the per-lane arrays stay in registers:
+//   SLUICE_E        experts E (at most 32 * GPU_WARP)
+//   SLUICE_G        groups G (E % G == 0; experts g*E/G .. (g+1)*E/G form group g)
+//   SLUICE_KG       groups kept
+//   SLUICE_K        experts per token K (at most GPU_WARP)
+//   SLUICE_SCORING  SLUICE_SOFTMAX or SLUICE_SIGMOID
+//   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY or SLUICE_NOAUX_TC
+//   SLUICE_NORM     1: divide the weights by their sum + 1e-20
+// Scoring is one switch (`sluice_score`) and the group score another (`sluice_group_score`), so a
+// new scoring function or selection rule is one more case in each.
+//
+// Semantics are those of the scalar reference router: f32 scores; the bias (noaux_tc) is added for
+// selection only and the unbiased scores are carried alongside; groups and experts are ranked by
+// larger value, then lower index; rows are written sorted by weight, then id; a row with a
+// non-finite logit gets ids -1 and weights 0 and is counted in `status` ([count, first row]).
+
+#define SLUICE_SOFTMAX 0
+#define SLUICE_SIGMOID 1
+#define SLUICE_GREEDY 0
+#define SLUICE_GROUP_LIMITED_GREEDY 1
+#define SLUICE_NOAUX_TC 2
+
+#if !defined(SLUICE_E) || !defined(SLUICE_G) || !defined(SLUICE_KG) || !defined(SLUICE_K) || \
+    !defined(SLUICE_SCORING) || !defined(SLUICE_METHOD) || !defined(SLUICE_NORM)
+#error "the routing config must be defined: SLUICE_E, _G, _KG, _K, _SCORING, _METHOD, _NORM"
+#endif
+#if SLUICE_E % SLUICE_G != 0 || SLUICE_K > GPU_WARP || SLUICE_E > 32 * GPU_WARP
+#error "routing config out of range"
+#endif
+
+#define SLUICE_ROUTE_WARPS 4
+// The most partial sums per logit the GEMM writes (`MAX_PARTIALS` in the launch geometry).
+#define SLUICE_MAX_PARTIALS 16
+#define SLUICE_PER_LANE ((SLUICE_E + GPU_WARP - 1) / GPU_WARP)
+#define SLUICE_PER_GROUP (SLUICE_E / SLUICE_G)
+#define SLUICE_GROUPED (SLUICE_METHOD != SLUICE_GREEDY && SLUICE_KG < SLUICE_G)
+#define SLUICE_RENORM_EPSILON 1e-20f
+
+// The total order of groups and experts: larger value first, then lower index.
+GPU_INLINE bool sluice_ranks_before(float value, int index, float other_value, int other_index) {
+  return value > other_value || (value == other_value && index < other_index);
+}
+
+// A u32 whose unsigned order is the order of the f32 values (-0 and +0 equal, as they compare).
+GPU_INLINE unsigned sluice_order_key(float value) {
+  const unsigned bits = gpu_float_bits(value + 0.0f);  // + 0.0f turns -0 into +0
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The index of the best (larger value, then lower index) of the lanes' candidates, each given as
+// (order key, index); key 0 means no candidate. Every lane gets it.
+GPU_INLINE int sluice_warp_best_index(unsigned key, int index) {
+  const unsigned top = gpu_wave_max_u32(key);
+  return (int)gpu_wave_min_u32(key == top ? (unsigned)index : 0xffffffffu);
+}
+
+GPU_INLINE float sluice_warp_max(float v) {
+  for (int off = GPU_WARP / 2; off > 0; off >>= 1) {
+    const float o = gpu_shfl_xor_f(v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+GPU_INLINE float sluice_warp_sum(float v) {
+  for (int off = GPU_WARP / 2; off > 0; off >>= 1) v += gpu_shfl_xor_f(v, off);
+  return v;
+}
+
+// Scores s from logits l, for this lane's experts (-inf logits for the padding lanes).
+GPU_INLINE void sluice_score(const float (&l)[SLUICE_PER_LANE], float (&s)[SLUICE_PER_LANE]) {
+#if SLUICE_SCORING == SLUICE_SOFTMAX
+  float m = -GPU_INFINITY;
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) m = l[j] > m ? l[j] : m;
+  m = sluice_warp_max(m);
+  float sum = 0.f;
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    s[j] = gpu_expf(l[j] - m);
+    sum += s[j];
+  }
+  sum = sluice_warp_sum(sum);
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = s[j] / sum;
+#elif SLUICE_SCORING == SLUICE_SIGMOID
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = 1.f / (1.f + gpu_expf(-l[j]));
+#else
+#error "unknown SLUICE_SCORING"
+#endif
+}
+
+#if SLUICE_GROUPED
+// Merges the top two of another lane into (a >= b).
+GPU_INLINE void sluice_merge_top2(float &a, float &b, float oa, float ob) {
+  const float lo = a < oa ? a : oa;
+  const float hb = b > ob ? b : ob;
+  a = a > oa ? a : oa;
+  b = lo > hb ? lo : hb;
+}
+
+// The group score from the top two selection values of the group.
+GPU_INLINE float sluice_group_score(float first, float second) {
+#if SLUICE_METHOD == SLUICE_NOAUX_TC
+  return first + second;
+#elif SLUICE_METHOD == SLUICE_GROUP_LIMITED_GREEDY
+  (void)second;
+  return first;
+#else
+#error "unknown grouped SLUICE_METHOD"
+#endif
+}
+
+// Marks the SLUICE_KG best groups in `kept`, from the selection values in `c_shared`.
+// Lanes work in segments of SLUICE_LANES_PER_GROUP (a power of two) per group.
+#define SLUICE_LANES_PER_GROUP                                                                     \
+  (SLUICE_G >= GPU_WARP ? 1                                                                        \
+                        : (GPU_WARP / SLUICE_G >= 32 ? 32                                          \
+                                                     : (GPU_WARP / SLUICE_G >= 16 ? 16             \
+                                                     : (GPU_WARP / SLUICE_G >= 8 ? 8               \
+                                                     : (GPU_WARP / SLUICE_G >= 4 ? 4               \
+                                                     : (GPU_WARP / SLUICE_G >= 2 ? 2 : 1))))))
+#define SLUICE_GROUPS_PER_PASS (GPU_WARP / SLUICE_LANES_PER_GROUP)
+GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
+                                     unsigned char *kept, int lane) {
+  for (int pass = 0; pass < (SLUICE_G + SLUICE_GROUPS_PER_PASS - 1) / SLUICE_GROUPS_PER_PASS; ++pass) {
+    const int group = pass * SLUICE_GROUPS_PER_PASS + lane / SLUICE_LANES_PER_GROUP;
+    const int sub = lane % SLUICE_LANES_PER_GROUP;
+    float a = -GPU_INFINITY, b = -GPU_INFINITY;
+    if (group < SLUICE_G)
+      for (int i = sub; i < SLUICE_PER_GROUP; i += SLUICE_LANES_PER_GROUP) {
+        const float v = c_shared[group * SLUICE_PER_GROUP + i];
+        if (v > a) {
+          b = a;
+          a = v;
+        } else if (v > b) {
+          b = v;
+        }
+      }
+    for (int off = SLUICE_LANES_PER_GROUP / 2; off > 0; off >>= 1)
+      sluice_merge_top2(a, b, gpu_shfl_xor_f(a, off), gpu_shfl_xor_f(b, off));
+    if (sub == 0 && group < SLUICE_G) group_score[group] = sluice_group_score(a, b);
+  }
+  gpu_syncwarp();
+#if SLUICE_G <= GPU_WARP
+  // One group per lane: its rank among the groups decides, all groups at once.
+  const float mine = lane < SLUICE_G ? group_score[lane] : -GPU_INFINITY;
+  int rank = 0;
+#pragma unroll
+  for (int g = 0; g < SLUICE_G; ++g)
+    if (sluice_ranks_before(gpu_shfl_f(mine, g), g, mine, lane)) ++rank;
+  const gpu_lanemask_t mask = gpu_ballot(lane < SLUICE_G && rank < SLUICE_KG);
+  for (int g = lane; g < SLUICE_G; g += GPU_WARP) kept[g] = (unsigned char)((mask >> g) & 1u);
+#else
+  for (int g = lane; g < SLUICE_G; g += GPU_WARP) kept[g] = 0;
+  gpu_syncwarp();
+  for (int round = 0; round < SLUICE_KG; ++round) {
+    unsigned best = 0;
+    int best_group = GPU_INT_MAX;
+    for (int g = lane; g < SLUICE_G; g += GPU_WARP) {
+      const unsigned key = sluice_order_key(group_score[g]);
+      if (!kept[g] && key > best) {
+        best = key;
+        best_group = g;
+      }
+    }
+    best_group = sluice_warp_best_index(best, best_group);
+    gpu_syncwarp();  // every lane has read `kept` before it changes
+    if (lane == 0) kept[best_group] = 1;
+    gpu_syncwarp();
+  }
+#endif
+  gpu_syncwarp();
+}
+#endif
+
+GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
+    const float *partials, int splits, long long split_stride, long long row_stride,
+    const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
+    long long weights_row_stride, float *logits, long long logits_row_stride, int *status) {
+#if SLUICE_GROUPED
+  __shared__ float c_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
+  __shared__ float group_score[SLUICE_ROUTE_WARPS][SLUICE_G];
+  __shared__ unsigned char kept[SLUICE_ROUTE_WARPS][SLUICE_G];
+#endif
+  const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  // The bias was written at preparation, not by the previous kernel: read it before the wait.
+  float b[SLUICE_PER_LANE];
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    b[j] = (SLUICE_METHOD == SLUICE_NOAUX_TC && bias != 0 && e < SLUICE_E) ? bias[e] : 0.f;
+  }
+  gpu_allow_dependents();
+  gpu_wait_for_previous_grid();
+  const int t = GPU_BID_X * SLUICE_ROUTE_WARPS + warp;
+  if (t >= tokens) return;  // the whole warp leaves; no block-wide barrier follows
+
+  // Logits: the sum of the split partials, in split order. The split loop has a constant bound
+  // (the planner never makes more than SLUICE_MAX_PARTIALS), so every load of this lane's experts
+  // for every split can be in flight at once.
+  float l[SLUICE_PER_LANE];
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) l[j] = 0.f;
+  const float *row = partials + t * row_stride;
+#pragma unroll
+  for (int s = 0; s < SLUICE_MAX_PARTIALS; ++s) {
+    if (s < splits) {
+#pragma unroll
+      for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+        const int e = j * GPU_WARP + lane;
+        if (e < SLUICE_E) l[j] += row[s * split_stride + e];
+      }
+    }
+  }
+  bool finite = true;
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    if (e < SLUICE_E) {
+      finite = finite && gpu_is_finite(l[j]);
+      if (logits != 0) logits[t * logits_row_stride + e] = l[j];
+    } else {
+      l[j] = -GPU_INFINITY;
+    }
+  }
+  if (gpu_any(!finite)) {
+    if (lane < SLUICE_K) {
+      ids[t * ids_row_stride + lane] = -1;
+      weights[t * weights_row_stride + lane] = 0.f;
+    }
+    if (lane == 0 && status != 0) {
+      gpu_atomic_add_i32(status, 1);
+      gpu_atomic_min_u32((unsigned *)status + 1, (unsigned)t);
+    }
+    return;
+  }
+
+  // Scores s (carried to the weights) and selection values c (s + bias for noaux_tc).
+  float s[SLUICE_PER_LANE], c[SLUICE_PER_LANE];
+  sluice_score(l, s);
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) c[j] = s[j] + b[j];
+
+  // Which of this lane's experts may be chosen (bit j: expert j * GPU_WARP + lane).
+  unsigned allowed = 0;
+#if SLUICE_GROUPED
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    if (e < SLUICE_E) c_shared[warp][e] = c[j];
+  }
+  gpu_syncwarp();
+  sluice_select_groups(c_shared[warp], group_score[warp], kept[warp], lane);
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    if (e < SLUICE_E && kept[warp][e / SLUICE_PER_GROUP]) allowed |= 1u << j;
+  }
+#else
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    if (j * GPU_WARP + lane < SLUICE_E) allowed |= 1u << j;
+#endif
+
+  // Top K by c; lane r keeps the r-th choice and its unbiased score.
+  int my_id = -1;
+  float my_score = 0.f, sum = 0.f;
+  // Rounds stay a loop: unrolled, K of them would multiply the code, and a kernel that runs once
+  // per layer fetches its instructions from L2 (or memory) every time.
+#pragma unroll 1
+  for (int round = 0; round < SLUICE_K; ++round) {
+    unsigned best = 0;  // below every value's key: no candidate
+    int best_id = GPU_INT_MAX;
+    float best_score = 0.f;
+#pragma unroll
+    for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+      const unsigned key = sluice_order_key(c[j]);
+      // j ascending and a strict >: among equal values this lane keeps its lowest index.
+      if (((allowed >> j) & 1u) && key > best) {
+        best = key;
+        best_id = j * GPU_WARP + lane;
+        best_score = s[j];
+      }
+    }
+    const int winner = sluice_warp_best_index(best, best_id);
+    const float winner_score = gpu_shfl_f(best_score, winner % GPU_WARP);
+    if (winner % GPU_WARP == lane) allowed &= ~(1u << (winner / GPU_WARP));
+    if (lane == round) {
+      my_id = winner;
+      my_score = winner_score;
+    }
+    sum += winner_score;
+  }
+
+  float weight = my_score;
+#if SLUICE_NORM
+  weight = weight / (sum + SLUICE_RENORM_EPSILON);
+#endif
+  weight = weight * scale;
+
+  // Sort the row: the rank of each entry among the K by (weight descending, id ascending).
+  int rank = 0;
+#pragma unroll 8
+  for (int r = 0; r < SLUICE_K; ++r) {
+    const float w = gpu_shfl_f(weight, r);
+    const int id = gpu_shfl_i(my_id, r);
+    if (sluice_ranks_before(w, id, weight, my_id)) ++rank;
+  }
+  if (lane < SLUICE_K) {
+    ids[t * ids_row_stride + rank] = my_id;
+    weights[t * weights_row_stride + rank] = weight;
+  }
+}

@@ -1,0 +1,329 @@
+//! Launch geometry: which GEMM kernel, how many blocks, how the hidden size is split.
+//!
+//! The small-T router GEMM is memory-bound: it must stream the weight once with enough loads in
+//! flight to cover DRAM latency on every multiprocessor. So the hidden dimension is split until
+//! there are about [`WARPS_PER_MULTIPROCESSOR`] warps per multiprocessor, each warp streaming a
+//! contiguous range of at least one 32-wide chunk; the warps of a block add their sums in shared
+//! memory, and the routing kernel adds the blocks' partial sums.
+
+use crate::KernelError;
+
+/// Threads per block of the scalar GEMM kernel (4 warps of 32).
+pub const GEMM_THREADS: u32 = 128;
+const GEMM_WARPS: usize = 4;
+
+/// Warps per block of the tensor-core kernel with `tiles` token tiles (`SLUICE_MMA_WARPS`).
+const fn mma_warps(tiles: usize) -> usize {
+    match tiles {
+        1 | 2 => 16,
+        4 => 8,
+        _ => 4,
+    }
+}
+/// Experts per GEMM block on tensor cores (two 16-row M tiles per warp).
+const MMA_EXPERTS_PER_BLOCK: usize = 32;
+/// Hidden values per chunk of the tensor-core kernel.
+const MMA_CHUNK: usize = 32;
+/// Warps per multiprocessor the split aims at: enough loads in flight to cover DRAM latency.
+pub const WARPS_PER_MULTIPROCESSOR: usize = 16;
+/// The most partial sums per logit: the routing kernel reads each of them, all at once, up to
+/// its `SLUICE_MAX_PARTIALS`.
+pub const MAX_PARTIALS: usize = 16;
+/// Tokens per block of the routing kernel (one warp each).
+pub const ROUTE_TOKENS_PER_BLOCK: usize = 4;
+const SUM_THREADS: usize = 256;
+/// Grid limit of the y and z dimensions.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// Element type of the hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HiddenKind {
+    /// bf16.
+    Bf16,
+    /// f16.
+    F16,
+    /// f32.
+    F32,
+}
+
+impl HiddenKind {
+    fn name(self) -> &'static str {
+        match self {
+            HiddenKind::Bf16 => "bf16",
+            HiddenKind::F16 => "f16",
+            HiddenKind::F32 => "f32",
+        }
+    }
+}
+
+/// Element type of the router weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightKind {
+    /// bf16 (tensor cores).
+    Bf16,
+    /// f32 (scalar path).
+    F32,
+}
+
+/// Which GEMM kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmKernel {
+    /// Tensor cores, bf16 weight, `tiles` N tiles of 8 tokens per block.
+    Mma {
+        /// Hidden-state element type.
+        hidden: HiddenKind,
+        /// Token tiles of 8 per block: 1, 2, 4 or 8.
+        tiles: usize,
+    },
+    /// The scalar path, any strides.
+    Simt {
+        /// Hidden-state element type.
+        hidden: HiddenKind,
+        /// Weight element type.
+        weight: WeightKind,
+    },
+}
+
+impl GemmKernel {
+    /// The kernel's symbol in the device source.
+    pub fn name(&self) -> String {
+        match *self {
+            GemmKernel::Mma { hidden, tiles } => {
+                format!("sluice_gemm_mma_{}_{tiles}", hidden.name())
+            }
+            GemmKernel::Simt { hidden, weight } => {
+                let weight = match weight {
+                    WeightKind::Bf16 => "bf16",
+                    WeightKind::F32 => "f32",
+                };
+                format!("sluice_gemm_simt_{}_{weight}", hidden.name())
+            }
+        }
+    }
+}
+
+/// Grid and block dimensions of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// Blocks in x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block in x, y, z.
+    pub block: [u32; 3],
+}
+
+/// The router GEMM's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    /// Tokens `T` (at least 1).
+    pub tokens: usize,
+    /// Hidden size `H`.
+    pub hidden: usize,
+    /// Experts `E`.
+    pub experts: usize,
+}
+
+/// How one router GEMM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmPlan {
+    /// The kernel.
+    pub kernel: GemmKernel,
+    /// Its launch.
+    pub launch: Launch,
+    /// Hidden values per warp (tensor-core kernel; the whole row for the scalar one).
+    pub k_per_warp: usize,
+    /// Partial sums per logit `S`.
+    pub splits: usize,
+}
+
+impl GemmPlan {
+    /// Bytes of the partial sums `[S, T, E]` f32.
+    pub fn partials_bytes(&self, shape: GemmShape) -> usize {
+        self.splits * shape.tokens * shape.experts * size_of::<f32>()
+    }
+}
+
+/// Plans the router GEMM. `tensor_cores` says whether the tensor-core kernel may run: a bf16
+/// weight, rows of both operands 16-byte aligned with unit column stride, and a device that has
+/// `mma.sync` (compute capability 8.0 or later); otherwise the scalar kernel runs. At most
+/// `max_splits` partial sums are planned (1: the GEMM writes the logits themselves).
+pub fn plan_gemm(
+    shape: GemmShape,
+    hidden: HiddenKind,
+    weight: WeightKind,
+    tensor_cores: bool,
+    multiprocessors: usize,
+    max_splits: usize,
+) -> Result<GemmPlan, KernelError> {
+    check_i32("tokens", shape.tokens)?;
+    check_i32("hidden size", shape.hidden)?;
+    check_i32("experts", shape.experts)?;
+    let tokens = shape.tokens.max(1);
+    if !tensor_cores || weight == WeightKind::F32 {
+        let token_blocks = tokens.div_ceil(GEMM_WARPS);
+        check_grid("tokens", token_blocks, tokens)?;
+        return Ok(GemmPlan {
+            kernel: GemmKernel::Simt { hidden, weight },
+            launch: Launch {
+                grid: [shape.experts as u32, token_blocks as u32, 1],
+                block: [GEMM_THREADS, 1, 1],
+            },
+            k_per_warp: shape.hidden,
+            splits: 1,
+        });
+    }
+    let tiles = match tokens {
+        1..=8 => 1,
+        9..=16 => 2,
+        17..=32 => 4,
+        _ => 8,
+    };
+    let token_blocks = tokens.div_ceil(8 * tiles);
+    check_grid("tokens", token_blocks, tokens)?;
+    let expert_blocks = shape.experts.div_ceil(MMA_EXPERTS_PER_BLOCK);
+    let warps = mma_warps(tiles);
+    let target = (WARPS_PER_MULTIPROCESSOR * multiprocessors.max(1))
+        .div_ceil(expert_blocks * token_blocks * warps);
+    let most = shape.hidden.div_ceil(warps * MMA_CHUNK).max(1);
+    let wanted = target.clamp(1, most.min(max_splits.clamp(1, MAX_PARTIALS)));
+    let k_per_warp =
+        shape.hidden.div_ceil(wanted * warps).next_multiple_of(MMA_CHUNK).max(MMA_CHUNK);
+    let splits = shape.hidden.div_ceil(warps * k_per_warp).max(1);
+    Ok(GemmPlan {
+        kernel: GemmKernel::Mma { hidden, tiles },
+        launch: Launch {
+            grid: [expert_blocks as u32, splits as u32, token_blocks as u32],
+            block: [(warps * 32) as u32, 1, 1],
+        },
+        k_per_warp,
+        splits,
+    })
+}
+
+/// The routing kernel's launch for `tokens` tokens (at least 1).
+pub fn route_launch(tokens: usize) -> Result<Launch, KernelError> {
+    check_i32("tokens", tokens)?;
+    let blocks = tokens.div_ceil(ROUTE_TOKENS_PER_BLOCK) as u32;
+    Ok(Launch { grid: [blocks, 1, 1], block: [(ROUTE_TOKENS_PER_BLOCK * 32) as u32, 1, 1] })
+}
+
+/// The launch of `sluice_sum_partials` for a `[T, E]` output.
+pub fn sum_partials_launch(tokens: usize, experts: usize) -> Result<Launch, KernelError> {
+    let elements = tokens.checked_mul(experts).ok_or(KernelError::TooLarge {
+        what: "tokens x experts",
+        value: usize::MAX,
+        limit: i32::MAX as usize,
+    })?;
+    check_i32("tokens x experts", elements)?;
+    Ok(Launch {
+        grid: [elements.div_ceil(SUM_THREADS) as u32, 1, 1],
+        block: [SUM_THREADS as u32, 1, 1],
+    })
+}
+
+fn check_i32(what: &'static str, value: usize) -> Result<(), KernelError> {
+    if value > i32::MAX as usize {
+        return Err(KernelError::TooLarge { what, value, limit: i32::MAX as usize });
+    }
+    Ok(())
+}
+
+fn check_grid(what: &'static str, blocks: usize, value: usize) -> Result<(), KernelError> {
+    if blocks > MAX_GRID_YZ {
+        return Err(KernelError::TooLarge { what, value, limit: value / blocks * MAX_GRID_YZ });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V3: GemmShape = GemmShape { tokens: 1, hidden: 7168, experts: 256 };
+
+    #[test]
+    fn v3_at_one_token_fills_an_h200_and_covers_the_hidden_size() {
+        let plan =
+            plan_gemm(V3, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX).unwrap();
+        assert_eq!(plan.kernel, GemmKernel::Mma { hidden: HiddenKind::Bf16, tiles: 1 });
+        let warps = plan.launch.grid.iter().product::<u32>() * plan.launch.block[0] / 32;
+        assert!(warps >= 132 * 8, "{warps} warps");
+        assert!(plan.splits <= 16, "{} partial sums to add", plan.splits);
+        assert_eq!(plan.k_per_warp % 32, 0);
+        let per_block = plan.launch.block[0] as usize / 32 * plan.k_per_warp;
+        assert!(plan.splits * per_block >= V3.hidden);
+        assert!((plan.splits - 1) * per_block < V3.hidden, "no empty split");
+        assert_eq!(plan.launch.grid[1] as usize, plan.splits);
+    }
+
+    #[test]
+    fn token_tiles_grow_with_tokens_and_splits_shrink() {
+        let tiles = |tokens| {
+            let shape = GemmShape { tokens, ..V3 };
+            let plan =
+                plan_gemm(shape, HiddenKind::F32, WeightKind::Bf16, true, 132, usize::MAX).unwrap();
+            match plan.kernel {
+                GemmKernel::Mma { tiles, .. } => (tiles, plan.splits, plan.launch.grid[2]),
+                GemmKernel::Simt { .. } => panic!("tensor cores expected"),
+            }
+        };
+        assert_eq!(tiles(8), (1, tiles(8).1, 1));
+        assert_eq!(tiles(16).0, 2);
+        assert_eq!(tiles(64).0, 8);
+        assert_eq!(tiles(65).2, 2);
+        assert!(tiles(4096).1 < tiles(1).1);
+        assert_eq!(tiles(16384).1, 1);
+    }
+
+    #[test]
+    fn the_routing_kernel_reads_as_many_partials_as_the_plan_writes() {
+        let define = format!("#define SLUICE_MAX_PARTIALS {MAX_PARTIALS}\n");
+        assert!(crate::SOURCE.contains(&define));
+        for tokens in [1, 2, 8, 9, 64, 65, 1000, 16384] {
+            let shape = GemmShape { tokens, ..V3 };
+            let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX)
+                .unwrap();
+            assert!(plan.splits <= MAX_PARTIALS, "T = {tokens}: {} splits", plan.splits);
+        }
+    }
+
+    #[test]
+    fn one_split_writes_the_logits_directly() {
+        let shape = GemmShape { tokens: 3, ..V3 };
+        let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, 1).unwrap();
+        assert_eq!((plan.splits, plan.launch.grid[1]), (1, 1));
+        assert!(plan.launch.block[0] as usize / 32 * plan.k_per_warp >= V3.hidden);
+    }
+
+    #[test]
+    fn f32_weights_and_unaligned_rows_take_the_scalar_path() {
+        let plan = plan_gemm(V3, HiddenKind::Bf16, WeightKind::F32, true, 132, usize::MAX).unwrap();
+        assert!(matches!(plan.kernel, GemmKernel::Simt { weight: WeightKind::F32, .. }));
+        assert_eq!(plan.splits, 1);
+        let plan =
+            plan_gemm(V3, HiddenKind::Bf16, WeightKind::Bf16, false, 132, usize::MAX).unwrap();
+        assert_eq!(plan.kernel.name(), "sluice_gemm_simt_bf16_bf16");
+    }
+
+    #[test]
+    fn tiny_and_odd_shapes_plan_without_empty_splits() {
+        for (tokens, hidden, experts) in [(1, 8, 1), (3, 40, 72), (100, 1000, 160), (7, 32, 1024)] {
+            let shape = GemmShape { tokens, hidden, experts };
+            let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX)
+                .unwrap();
+            let per_block = plan.launch.block[0] as usize / 32 * plan.k_per_warp;
+            assert!((plan.splits - 1) * per_block < hidden, "{shape:?}");
+            assert_eq!(plan.partials_bytes(shape), plan.splits * tokens * experts * 4);
+        }
+    }
+
+    #[test]
+    fn oversized_shapes_are_errors() {
+        let shape = GemmShape { tokens: usize::MAX, ..V3 };
+        assert!(
+            plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX).is_err()
+        );
+        assert!(route_launch(1 << 40).is_err());
+        assert!(sum_partials_launch(1 << 40, 1 << 40).is_err());
+        assert_eq!(route_launch(5).unwrap().grid, [2, 1, 1]);
+    }
+}
