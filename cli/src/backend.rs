@@ -2,6 +2,7 @@
 
 use clap::{Args, ValueEnum};
 use sluice_backend_cpu::{CpuBackend, DEFAULT_MAX_TOKENS};
+use sluice_backend_cuda::CudaBackend;
 use sluice_tensor::{Backend, BackendError};
 
 use crate::error::CliError;
@@ -11,6 +12,8 @@ use crate::error::CliError;
 pub enum BackendKind {
     /// All cores of this machine.
     Cpu,
+    /// An NVIDIA GPU (`--device` picks which); needs the driver and NVRTC, loaded at run time.
+    Cuda,
 }
 
 /// `--backend`, `--threads` and `--max-tokens`, shared by every command that computes.
@@ -25,6 +28,9 @@ pub struct BackendArgs {
     /// The most tokens one call may route; more are refused before anything is allocated.
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     pub max_tokens: usize,
+    /// The GPU ordinal (`--backend cuda`).
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
 }
 
 impl BackendArgs {
@@ -45,7 +51,20 @@ impl BackendArgs {
                 );
                 Ok(Box::new(backend))
             }
+            BackendKind::Cuda => Ok(Box::new(self.cuda()?)),
         }
+    }
+
+    /// The CUDA backend on `--device`.
+    pub fn cuda(&self) -> Result<CudaBackend, CliError> {
+        let backend = CudaBackend::new(self.device).map_err(BackendError::from)?;
+        tracing::info!(
+            device = self.device,
+            compute_capability = ?backend.compute_capability(),
+            multiprocessors = backend.multiprocessors(),
+            "cuda backend"
+        );
+        Ok(backend)
     }
 
     /// Refuses a token count above `--max-tokens` the way the backend would, for commands that

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use sluice_models::{Checkpoint, MoeGate};
 
-use crate::backend::BackendArgs;
+use crate::backend::{BackendArgs, BackendKind};
 use crate::bench_layout::{self, LayoutTimes};
 use crate::error::CliError;
 use crate::gates::Gates;
@@ -26,13 +26,15 @@ pub enum InputDType {
 }
 
 impl InputDType {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             InputDType::Bf16 => "bf16",
             InputDType::F32 => "f32",
         }
     }
 }
+
+mod device;
 
 /// Arguments of `sluice bench`.
 #[derive(Debug, Args)]
@@ -93,10 +95,13 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             args.min_seconds
         )));
     }
-    let backend = args.backend.build()?;
     for &tokens in &args.tokens {
         args.backend.check_tokens("bench", tokens)?;
     }
+    if args.backend.backend == BackendKind::Cuda {
+        return device::run(args);
+    }
+    let backend = args.backend.build()?;
     let (model, gate) = match &args.checkpoint {
         Some(dir) => checkpoint_gate(dir, args.layer)?,
         None => (args.model.name().to_owned(), args.model.gate(1)?),

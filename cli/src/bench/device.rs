@@ -1,0 +1,103 @@
+//! `sluice bench --backend cuda`: the gate as an engine runs it, `route_into` on a stream,
+//! replayed from a CUDA graph and enqueued eagerly, beside the memory floor of each cell.
+
+use serde_json::json;
+use sluice_backend_cuda::timing::GateBench;
+use sluice_tensor::DType;
+
+use super::{BenchArgs, InputDType};
+use crate::error::CliError;
+use crate::io;
+
+/// Times every T on the GPU and prints (and optionally writes) the results.
+pub fn run(args: &BenchArgs) -> Result<(), CliError> {
+    if args.checkpoint.is_some() || args.dispatch {
+        return Err(CliError::Input(
+            "--backend cuda times the gate on synthetic weights of a --model shape; \
+             --checkpoint and --dispatch are not supported there yet"
+                .into(),
+        ));
+    }
+    let backend = args.backend.cuda()?;
+    let spec = args.model.spec();
+    let (h, e, k) = (args.model.hidden_size(), spec.num_experts, spec.top_k);
+    let bandwidth = backend.copy_bandwidth()?;
+    println!(
+        "sluice bench: {} gate ({h} -> {e}, {spec}), {} input, bf16 weight, cuda backend \
+         (device {}, {} SMs), copy bandwidth {:.2} TB/s",
+        args.model.name(),
+        args.dtype.name(),
+        args.backend.device,
+        backend.multiprocessors(),
+        bandwidth / 1e12
+    );
+    println!(
+        "{:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  {:>4}",
+        "T", "graph us", "graph min", "eager us", "floor us", "x floor", "sets"
+    );
+    let hidden_bytes = match args.dtype {
+        InputDType::Bf16 => 2,
+        InputDType::F32 => 4,
+    };
+    let mut results = Vec::with_capacity(args.tokens.len());
+    for &tokens in &args.tokens {
+        let bench = GateBench {
+            spec,
+            hidden_size: h,
+            tokens,
+            hidden_dtype: match args.dtype {
+                InputDType::Bf16 => DType::BF16,
+                InputDType::F32 => DType::F32,
+            },
+            target_seconds: args.min_seconds,
+        };
+        let times = backend.time_gate(&bench)?;
+        // The fewest bytes the gate moves: hidden states, weight, bias, ids and weights out.
+        let bytes = tokens * h * hidden_bytes + e * h * 2 + e * 4 + tokens * k * 8;
+        let floor_us = bytes as f64 / bandwidth * 1e6;
+        println!(
+            "{tokens:>6}  {:>10.2}  {:>10.2}  {:>10.2}  {floor_us:>10.2}  {:>8.2}  {:>4}",
+            times.graph.median_us,
+            times.graph.min_us,
+            times.eager.median_us,
+            times.graph.median_us / floor_us,
+            times.sets
+        );
+        results.push(json!({
+            "model": args.model.name(),
+            "tokens": tokens,
+            "dtype": args.dtype.name(),
+            "backend": "cuda",
+            "graph_us": times.graph.median_us,
+            "graph_min_us": times.graph.min_us,
+            "eager_us": times.eager.median_us,
+            "eager_min_us": times.eager.min_us,
+            "floor_mem_us": floor_us,
+            "sets": times.sets,
+            "repetitions": times.graph.repetitions,
+        }));
+    }
+    if let Some(path) = &args.json {
+        let document = json!({
+            "unit": "us",
+            "results": results,
+            "meta": {
+                "hidden_size": h,
+                "num_experts": e,
+                "routing": spec.to_string(),
+                "weight_dtype": "bf16",
+                "device": args.backend.device,
+                "multiprocessors": backend.multiprocessors(),
+                "copy_bandwidth_bytes_per_s": bandwidth,
+                "target_seconds": args.min_seconds,
+                "method": "route_into on a stream; S distinct (hidden, weight, bias) sets totalling \
+                           3x L2; a pass routes each once; graph = one pass captured and replayed; \
+                           median over repetitions of a pass, device events, divided by S",
+            },
+        });
+        let text = serde_json::to_string_pretty(&document)
+            .map_err(|e| CliError::Input(format!("cannot encode the results: {e}")))?;
+        io::write_atomically(path, text.as_bytes())?;
+    }
+    Ok(())
+}
