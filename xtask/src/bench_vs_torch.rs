@@ -15,7 +15,7 @@ mod report;
 mod test_file;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use measurements::Measurements;
 pub use options::USAGE;
@@ -170,17 +170,7 @@ impl Round<'_> {
 fn build_sluice(root: &Path, commands: &mut Vec<String>) -> Result<PathBuf, String> {
     commands.push(format!("cargo {}", BUILD_ARGS.join(" ")));
     println!("bench-vs-torch: building sluice (release)");
-    let output = Command::new(crate::cargo::program())
-        .args(BUILD_ARGS)
-        .current_dir(root)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("could not start cargo: {e}"))?;
-    if !output.status.success() {
-        return Err(format!("cargo build --release -p sluice-cli failed ({})", output.status));
-    }
-    let built = crate::cargo::executables(&String::from_utf8_lossy(&output.stdout))?;
-    built
+    crate::cargo::build(root, BUILD_ARGS)?
         .into_iter()
         .find(|e| e.target_name == "sluice" && !e.test)
         .map(|e| e.path)

@@ -1,12 +1,28 @@
 //! Asking cargo what it built: the executables in its `--message-format=json` messages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use crate::json::{self, Value};
 
 /// The cargo that runs xtask (`$CARGO`), else the one on the `PATH`.
 pub fn program() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Runs `cargo ARGS` (which must ask for `--message-format=json...`) in `root`, showing cargo's
+/// progress on stderr, and returns the executables it reports.
+pub fn build(root: &Path, args: &[&str]) -> Result<Vec<Executable>, String> {
+    let output = Command::new(program())
+        .args(args)
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("cargo {} failed ({})", args.join(" "), output.status));
+    }
+    executables(&String::from_utf8_lossy(&output.stdout))
 }
 
 /// One executable cargo reported building.

@@ -8,6 +8,7 @@ mod cargo;
 mod ci;
 mod fixtures;
 mod fuzz;
+mod gpu_bundle;
 mod json;
 mod process;
 mod python;
@@ -27,6 +28,9 @@ tasks:
             run the cargo-fuzz targets under fuzz/ (all by default) for that long each
             (needs nightly and `cargo install cargo-fuzz`)
   valgrind  run the tensor and CPU backend test suites under valgrind memcheck
+  gpu-bundle [--out DIR]
+            release builds of the GPU tests and sluice, the fixtures, the PyTorch anchor and a
+            run.sh, in gpu-bundle/ (git-ignored), for a GPU machine without a Rust toolchain
 ";
 
 fn main() -> ExitCode {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Some("fixtures") => fixtures::run(&project_root(), &args[1..]),
         Some("fuzz") => fuzz::run(&project_root(), &args[1..]),
         Some("valgrind") => valgrind::run(&project_root()),
+        Some("gpu-bundle") => gpu_bundle::run(&project_root(), &args[1..]),
         Some("bench-vs-torch") => bench_vs_torch::run(&project_root(), &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}{}", bench_vs_torch::USAGE);

@@ -51,20 +51,11 @@ pub fn run(root: &Path) -> Result<(), String> {
 
 /// Builds the packages' tests and returns the test executables cargo reports.
 fn test_binaries(root: &Path) -> Result<Vec<PathBuf>, String> {
-    let mut command = Command::new(crate::cargo::program());
-    command.args(["test", "--no-run", "--message-format=json"]);
+    let mut args = vec!["test", "--no-run", "--message-format=json"];
     for package in PACKAGES {
-        command.args(["-p", package]);
+        args.extend(["-p", package]);
     }
-    let output = command
-        .current_dir(root)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("could not start cargo: {e}"))?;
-    if !output.status.success() {
-        return Err("building the test binaries failed".to_owned());
-    }
-    let built = crate::cargo::executables(&String::from_utf8_lossy(&output.stdout))?;
+    let built = crate::cargo::build(root, &args)?;
     let binaries: Vec<PathBuf> =
         built.into_iter().filter(|executable| executable.test).map(|e| e.path).collect();
     if binaries.is_empty() {

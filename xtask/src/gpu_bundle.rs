@@ -1,0 +1,111 @@
+//! `cargo xtask gpu-bundle`: everything a GPU machine without a Rust toolchain needs to run the
+//! CUDA backend's tests, compute-sanitizer on them, `sluice bench --backend cuda` and the PyTorch
+//! anchor side by side, in one git-ignored folder with a `run.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The folder the bundle is written to, under the workspace root (git-ignored).
+pub const FOLDER: &str = "gpu-bundle";
+
+/// The packages whose test binaries need a GPU.
+const GPU_TEST_PACKAGES: &[&str] = &["sluice-backend-cuda"];
+
+const RUN_SH: &str = include_str!("gpu_bundle/run.sh");
+const SIDE_BY_SIDE: &str = include_str!("gpu_bundle/side_by_side.py");
+
+/// Builds the bundle in `root/gpu-bundle` (or the folder given after `--out`).
+pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
+    let out = match args {
+        [] => root.join(FOLDER),
+        [flag, dir] if flag == "--out" => PathBuf::from(dir),
+        _ => return Err(format!("usage: cargo xtask gpu-bundle [--out DIR]; got {args:?}")),
+    };
+    let mut test_args = vec!["test", "--release", "--no-run", "--message-format=json"];
+    for package in GPU_TEST_PACKAGES {
+        test_args.extend(["-p", package]);
+    }
+    println!("gpu-bundle: building the GPU test binaries (release)");
+    let tests: Vec<_> =
+        crate::cargo::build(root, &test_args)?.into_iter().filter(|e| e.test).collect();
+    println!("gpu-bundle: building sluice (release)");
+    let sluice = crate::cargo::build(
+        root,
+        &["build", "--release", "-p", "sluice-cli", "--message-format=json-render-diagnostics"],
+    )?
+    .into_iter()
+    .find(|e| e.target_name == "sluice" && !e.test)
+    .ok_or("cargo built sluice-cli but reported no `sluice` binary")?;
+
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    for dir in ["bin", "tests", "anchors"] {
+        create_dir(&out.join(dir))?;
+    }
+    for test in &tests {
+        // Test binaries are named `<target>-<hash>`; the target name is enough here.
+        copy_stripped(&test.path, &out.join("tests").join(&test.target_name))?;
+    }
+    copy_stripped(&sluice.path, &out.join("bin/sluice"))?;
+    copy_tree(&root.join("models/testdata"), &out.join("testdata"))?;
+    copy(&root.join("xtask/anchors/torch_gate_gpu.py"), &out.join("anchors/torch_gate_gpu.py"))?;
+    write(&out.join("side_by_side.py"), SIDE_BY_SIDE)?;
+    write(&out.join("run.sh"), RUN_SH)?;
+    make_executable(&out.join("run.sh"))?;
+    println!(
+        "gpu-bundle: {} test binaries, sluice, fixtures and the anchor in {}; run `bash {}/run.sh` \
+         on the GPU machine",
+        tests.len(),
+        out.display(),
+        out.file_name().map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into()),
+    );
+    Ok(())
+}
+
+/// Copies an executable without its debug sections (the line tables the release profile keeps
+/// would make the bundle several times larger), or as it is where `strip` is missing.
+fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
+    let stripped = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        println!("gpu-bundle: `strip` failed or is missing; copying {} as it is", from.display());
+        copy(from, to)?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    create_dir(to)?;
+    let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", from.display()))?;
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() { copy_tree(&path, &target)? } else { copy(&path, &target)? }
+    }
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to).map(drop).map_err(|e| format!("copying {}: {e}", from.display()))
+}
+
+fn create_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn make_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}

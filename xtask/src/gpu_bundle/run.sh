@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The GPU bundle's entry point, for a machine with an NVIDIA driver, the CUDA tools
+# (compute-sanitizer) and Python with torch, but no Rust toolchain. Written by
+# `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
+#
+#   run.sh [tests] [sanitizer] [bench] [anchor] [profile]
+#   (default: the first four, in this order; profile runs Nsight Compute on the bench's kernels)
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer bench anchor)
+export SLUICE_REQUIRE_GPU=1 SLUICE_TESTDATA="$here/testdata"
+tokens="${SLUICE_BENCH_TOKENS:-1,64,1024,16384}"
+failed=0
+summary=()
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+    | tee "$out/device.txt"
+
+for step in "${steps[@]}"; do
+    case "$step" in
+    tests)
+        for test in "$here"/tests/*; do
+            name="$(basename "$test")"
+            if "$test" --test-threads=1 >"$out/test-$name.log" 2>&1; then
+                summary+=("tests $name: ok ($(grep -h '^test result' "$out/test-$name.log" | tail -1))")
+            else
+                failed=1
+                summary+=("tests $name: FAILED (see test-$name.log)")
+                tail -30 "$out/test-$name.log"
+            fi
+        done
+        ;;
+    sanitizer)
+        for tool in memcheck racecheck initcheck; do
+            for test in "$here"/tests/*; do
+                name="$(basename "$test")"
+                # A binary without tests makes no CUDA call, which the sanitizer reports as an error.
+                "$test" --list 2>/dev/null | grep -q ': test$' || continue
+                # The random-config sweep compiles a dozen kernel modules; under the slower tools
+                # the other tests cover the same kernels.
+                skip=()
+                [ "$tool" != memcheck ] && skip=(--skip random_configs)
+                log="$out/sanitizer-$tool.log"
+                echo "== $tool $name" >>"$log"
+                if compute-sanitizer --tool "$tool" --error-exitcode 9 \
+                    "$test" --test-threads=1 "${skip[@]}" >>"$log" 2>&1; then
+                    summary+=("$tool $name: $(grep -h 'SUMMARY' "$log" | tail -1)")
+                else
+                    failed=1
+                    summary+=("$tool $name: FAILED (see sanitizer-$tool.log)")
+                fi
+            done
+        done
+        ;;
+    bench)
+        for model in v3 kimi-k2; do
+            if ! "$here/bin/sluice" bench --backend cuda --model "$model" --tokens "$tokens" \
+                --min-seconds 0.05 --json "$out/sluice-$model.json"; then
+                failed=1
+                summary+=("bench $model: FAILED")
+            fi
+        done
+        ;;
+    anchor)
+        if python3 "$here/anchors/torch_gate_gpu.py" --shapes v3,k2 --tokens "$tokens" \
+            --deadline1 150 --deadline2 230 --json "$out/torch.json" >"$out/torch.log" 2>&1; then
+            tail -20 "$out/torch.log"
+        else
+            failed=1
+            summary+=("anchor: FAILED (see torch.log)")
+            tail -30 "$out/torch.log"
+        fi
+        ;;
+    profile)
+        for t in ${tokens//,/ }; do
+            ncu --clock-control none -k regex:sluice_ -c 20 --print-summary per-kernel \
+                "$here/bin/sluice" bench --backend cuda --model v3 --tokens "$t" --min-seconds 0.001 \
+                >"$out/ncu-v3-$t.log" 2>&1 || summary+=("profile T=$t: ncu FAILED")
+            grep -E "sluice_|Duration|Memory Throughput|DRAM Throughput" "$out/ncu-v3-$t.log" | head -24
+        done
+        ;;
+    *)
+        echo "unknown step $step (tests, sanitizer, bench, anchor, profile)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+if [ -f "$out/torch.json" ] && ls "$out"/sluice-*.json >/dev/null 2>&1; then
+    python3 "$here/side_by_side.py" "$out" | tee "$out/side_by_side.md"
+fi
+printf '%s\n' "${summary[@]}"
+exit $failed
