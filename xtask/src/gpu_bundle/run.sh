@@ -3,14 +3,14 @@
 # (compute-sanitizer) and Python with torch, but no Rust toolchain. Written by
 # `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
 #
-#   run.sh [tests] [sanitizer] [bench] [anchor] [profile]
-#   (default: the first four, in this order; profile runs Nsight Compute on the bench's kernels)
+#   run.sh [tests] [sanitizer] [cli] [bench] [anchor] [profile]
+#   (default: the first five, in this order; profile runs Nsight Compute on the bench's kernels)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer bench anchor)
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer cli bench anchor)
 export SLUICE_REQUIRE_GPU=1 SLUICE_TESTDATA="$here/testdata"
 tokens="${SLUICE_BENCH_TOKENS:-1,64,1024,16384}"
 failed=0
@@ -55,6 +55,18 @@ for step in "${steps[@]}"; do
             done
         done
         ;;
+    cli)
+        # The demo routes a V3-shaped gate and checks it against the scalar reference.
+        for t in 1 64 1000; do
+            if "$here/bin/sluice" demo --backend cuda --tokens "$t" >"$out/demo-$t.log" 2>&1; then
+                summary+=("demo --backend cuda --tokens $t: ok")
+            else
+                failed=1
+                summary+=("demo --backend cuda --tokens $t: FAILED (see demo-$t.log)")
+                tail -20 "$out/demo-$t.log"
+            fi
+        done
+        ;;
     bench)
         for model in v3 kimi-k2; do
             if ! "$here/bin/sluice" bench --backend cuda --model "$model" --tokens "$tokens" \
@@ -83,7 +95,7 @@ for step in "${steps[@]}"; do
         done
         ;;
     *)
-        echo "unknown step $step (tests, sanitizer, bench, anchor, profile)" >&2
+        echo "unknown step $step (tests, sanitizer, cli, bench, anchor, profile)" >&2
         exit 2
         ;;
     esac
