@@ -1,5 +1,5 @@
-//! [`DeviceBuffer`]: device memory for callers that have no framework of their own to allocate
-//! it (the CLI's benchmark, tests), handed to `*_into` calls as borrowed views.
+//! `DeviceBuffer`: device memory of the backend's own, handed to `*_into` calls as borrowed views
+//! (the timing of [`crate::timing`] routes through the engine's call, as an engine would).
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use crate::gpu::Gpu;
 use crate::memory;
 
 /// A buffer on the backend's device with a shape and row-major strides (rows may be padded).
-pub struct DeviceBuffer {
+pub(crate) struct DeviceBuffer {
     gpu: Arc<Gpu>,
     memory: CudaSlice<u8>,
     shape: Vec<usize>,
@@ -78,7 +78,7 @@ impl DeviceBuffer {
     }
 
     /// A read-only view, for an input.
-    pub fn view(&self) -> Result<DlpackView<'_>, DlpackError> {
+    pub(crate) fn view(&self) -> Result<DlpackView<'_>, DlpackError> {
         let (mut shape, mut strides) = ([0i64; 8], [0i64; 8]);
         let descriptor = self.descriptor(&mut shape, &mut strides);
         // SAFETY: the descriptor describes this buffer's own memory with its shape and strides
@@ -88,15 +88,15 @@ impl DeviceBuffer {
     }
 
     /// A writable view, for an output or a workspace.
-    pub fn view_mut(&mut self) -> Result<DlpackViewMut<'_>, DlpackError> {
+    pub(crate) fn view_mut(&mut self) -> Result<DlpackViewMut<'_>, DlpackError> {
         let (mut shape, mut strides) = ([0i64; 8], [0i64; 8]);
         let mut descriptor = self.descriptor(&mut shape, &mut strides);
         // SAFETY: as in `view`; the exclusive borrow of `self` keeps every other access away.
         unsafe { DlpackViewMut::from_raw(&mut descriptor) }
     }
 
-    /// Copies `values` (the whole span, row padding included) into the buffer and waits.
-    pub fn write<T: Element>(&mut self, values: &[T]) -> Result<(), CudaError> {
+    /// Copies `values` into the start of the buffer (at most its size) and waits.
+    pub(crate) fn write<T: Element>(&mut self, values: &[T]) -> Result<(), CudaError> {
         let bytes: &[u8] = bytes_of(values);
         let len = bytes.len().min(self.memory.len());
         self.gpu
@@ -104,23 +104,6 @@ impl DeviceBuffer {
             .memcpy_htod(&bytes[..len], &mut self.memory.slice_mut(..len))
             .map_err(CudaError::driver("copying to the device"))?;
         self.gpu.stream.synchronize().map_err(CudaError::driver("copying to the device"))
-    }
-
-    /// The whole span of the buffer as `T`s, after the work queued so far on every stream.
-    pub fn read<T: Element>(&self) -> Result<Vec<T>, CudaError> {
-        self.gpu.ctx.synchronize().map_err(CudaError::driver("waiting for the device"))?;
-        let bytes = self
-            .gpu
-            .stream
-            .clone_dtoh(&self.memory)
-            .map_err(CudaError::driver("copying to the host"))?;
-        self.gpu.stream.synchronize().map_err(CudaError::driver("copying to the host"))?;
-        Ok(bytes
-            .chunks_exact(size_of::<T>())
-            // SAFETY: each chunk holds `size_of::<T>()` bytes, and every bit pattern of that size
-            // is a valid `T` (the `Element` contract); the read does not need alignment.
-            .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) })
-            .collect())
     }
 }
 

@@ -42,6 +42,16 @@ pub enum CudaError {
         /// The compiler's log.
         log: String,
     },
+    /// A kernel the plan names was not built for this device (the tensor-core kernels need
+    /// compute capability 8.0).
+    #[error("the kernel {0} is not built for this device")]
+    MissingKernel(String),
+    /// A stream handle was refused.
+    #[error(transparent)]
+    Stream(#[from] sluice_tensor::StreamError),
+    /// A graph capture recorded no work.
+    #[error("the CUDA graph capture recorded no work")]
+    EmptyCapture,
     /// The routing config or a shape is outside what the kernels take.
     #[error(transparent)]
     Kernel(#[from] KernelError),

@@ -30,6 +30,5 @@ mod prepared;
 pub mod timing;
 
 pub use backend::CudaBackend;
-pub use buffer::DeviceBuffer;
 pub use error::CudaError;
 pub use prepared::CudaPreparedRouter;

@@ -69,9 +69,6 @@ impl RouterModule {
 
     /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).
     pub(crate) fn gemm(&self, kernel: GemmKernel) -> Result<&CudaFunction, CudaError> {
-        self.gemm.get(&kernel).ok_or_else(|| CudaError::Compile {
-            config: kernel.name(),
-            log: "kernel not built for this device".into(),
-        })
+        self.gemm.get(&kernel).ok_or_else(|| CudaError::MissingKernel(kernel.name()))
     }
 }

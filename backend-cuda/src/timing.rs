@@ -141,7 +141,7 @@ impl CudaBackend {
         // every buffer handed to the calls outlives it and is only read after synchronising.
         let execution = Execution::Stream(
             unsafe { DeviceStream::new(Device::Cuda(gpu.ordinal), stream.cu_stream() as usize) }
-                .map_err(|e| CudaError::Compile { config: "stream".into(), log: e.to_string() })?,
+                .map_err(CudaError::from)?,
         );
         let mut pass = || -> Result<(), BackendError> {
             for (router, hidden) in routers.iter().zip(&hiddens) {
@@ -178,10 +178,7 @@ impl CudaBackend {
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .map_err(CudaError::driver("ending a capture"))?;
         captured?;
-        let graph = graph.ok_or_else(|| CudaError::Compile {
-            config: "graph".into(),
-            log: "the capture recorded nothing".into(),
-        })?;
+        let graph = graph.ok_or(CudaError::EmptyCapture)?;
         graph.upload().map_err(CudaError::driver("uploading the graph"))?;
         let mut replay = || graph.launch().map_err(CudaError::driver("replaying the graph"));
         let (median, min) = time_repetitions(&stream, 3, repetitions, &mut replay)?;
