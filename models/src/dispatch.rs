@@ -2,7 +2,7 @@
 //! allocating [`PreparedGate::dispatch`] built on them.
 
 use sluice_tensor::{
-    BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
+    BackendError, Device, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
     DlpackViewMut, Execution, PaddedOutputs, RankOutputs,
 };
 
@@ -91,6 +91,9 @@ impl PreparedGate {
     /// kernels and all-to-all consume next (see [`sluice_tensor::dispatch`]). Engines that own
     /// their buffers call [`PreparedRouter::dispatch_into`](sluice_tensor::PreparedRouter) on
     /// [`router`](PreparedGate::router) instead.
+    ///
+    /// A router on a device computes on that device only, so for one the host layout of a routing
+    /// whose ids are on the host comes from the scalar reference.
     pub fn dispatch(
         &self,
         routing: &GateRouting,
@@ -103,11 +106,15 @@ impl PreparedGate {
             top_k: spec.top_k,
             experts: spec.num_experts,
         };
-        let ranks = rank_map.map(|map| map.ranks);
         const OP: &str = "dispatch";
         if block_size == Some(0) {
             return Err(BackendError::ZeroBlockSize { op: OP }.into());
         }
+        if self.router().device() != Device::Cpu {
+            let ids = routing.ids().to_vec::<i32>()?;
+            return Ok(crate::reference::dispatch(&ids, shape, block_size, rank_map)?);
+        }
+        let ranks = rank_map.map(|map| map.ranks);
         let mut layout = DispatchLayout::zeroed(shape, block_size, ranks).ok_or(
             BackendError::IndexOverflow { op: OP, arg: "padded_pairs", entries: usize::MAX },
         )?;
