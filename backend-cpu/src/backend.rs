@@ -53,6 +53,11 @@ impl CpuBackend {
         self.engine.max_tokens
     }
 
+    /// How long the worker threads spin between calls before they park.
+    pub fn idle_spin(&self) -> std::time::Duration {
+        self.engine.idle_spin
+    }
+
     /// Packs a router weight (and keeps an f32 bias) for repeated routing; the typed form of
     /// [`Backend::prepare_router`].
     pub fn prepare(

@@ -7,7 +7,7 @@
 //!   into its own buffer and routes the chunk right away, while the logits are still in cache.
 //!
 //! The calling thread always takes a share; the pool holds the other `threads - 1` workers, which
-//! stay hot between calls (see [`crate::pool`]).
+//! may spin between calls (see [`crate::pool`]).
 //! Buffers live in thread-locals that grow once and are then reused, so in steady state a call
 //! allocates nothing: it writes the caller's outputs.
 
@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
@@ -38,6 +39,8 @@ pub(crate) struct Engine {
     pub(crate) kernel: Isa,
     pub(crate) threads: usize,
     pub(crate) max_tokens: usize,
+    /// How long the workers spin between calls before they park.
+    pub(crate) idle_spin: Duration,
     /// `threads - 1` workers; `None` with one thread.
     pool: Option<Pool>,
 }
@@ -193,9 +196,14 @@ fn token_chunks(tokens: usize, threads: usize, mr: usize) -> (usize, usize) {
 }
 
 impl Engine {
-    pub(crate) fn new(kernel: Isa, threads: usize, max_tokens: usize) -> std::io::Result<Self> {
-        let pool = if threads > 1 { Some(Pool::new(threads - 1)?) } else { None };
-        Ok(Engine { kernel, threads, max_tokens, pool })
+    pub(crate) fn new(
+        kernel: Isa,
+        threads: usize,
+        max_tokens: usize,
+        idle_spin: Duration,
+    ) -> std::io::Result<Self> {
+        let pool = if threads > 1 { Some(Pool::new(threads - 1, idle_spin)?) } else { None };
+        Ok(Engine { kernel, threads, max_tokens, idle_spin, pool })
     }
 
     /// Runs `work(share)` for every share `0..shares`, share 0 on the calling thread.

@@ -31,7 +31,7 @@ mod prepared;
 mod routing;
 
 pub use backend::CpuBackend;
-pub use builder::{CpuBackendBuilder, CpuBuildError, DEFAULT_MAX_TOKENS};
+pub use builder::{CpuBackendBuilder, CpuBuildError, DEFAULT_IDLE_SPIN, DEFAULT_MAX_TOKENS};
 pub use kernel::CpuKernel;
 pub use prepared::CpuPreparedRouter;
 

@@ -3,7 +3,9 @@
 //! An engine calls the gate once per MoE layer per decoding step: many short calls back to back. A
 //! worker that parks after every call has to be woken by the next one, and on a virtual machine that
 //! wake-up costs tens of microseconds, as much as a whole one-token gate. So, like OpenMP runtimes,
-//! the workers here spin for a short while after their last job before they park.
+//! the workers can spin for a while after their last job before they park. Spinning takes cores
+//! from whatever the caller does between two gates (the experts, its own thread pool), so how long
+//! is the caller's choice: [`CpuBackendBuilder::idle_spin`](crate::CpuBackendBuilder::idle_spin).
 //!
 //! One call dispatches at a time. A caller that finds the workers busy (another thread is routing
 //! through the same backend) runs all its shares itself instead of waiting.
@@ -13,9 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// How long an idle worker spins before it parks.
-const SPIN: Duration = Duration::from_millis(2);
 
 /// A job: `work(share)` for every share `0..shares`; thread `i` of `threads` (the caller is
 /// thread 0) runs shares `i, i + threads, ...`.
@@ -49,17 +48,21 @@ pub(crate) struct Pool {
     workers: Vec<JoinHandle<()>>,
     /// Held while a job is out, so that concurrent callers do not wait on each other.
     dispatch: Mutex<()>,
+    idle_spin: Duration,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("workers", &self.workers.len()).finish()
+        f.debug_struct("Pool")
+            .field("workers", &self.workers.len())
+            .field("idle_spin", &self.idle_spin)
+            .finish()
     }
 }
 
 impl Pool {
-    /// Starts `workers` threads.
-    pub(crate) fn new(workers: usize) -> std::io::Result<Self> {
+    /// Starts `workers` threads, which spin for `idle_spin` after each job before they park.
+    pub(crate) fn new(workers: usize, idle_spin: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: Mutex::new(None),
@@ -70,13 +73,17 @@ impl Pool {
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let mut pool =
-            Pool { shared, workers: Vec::with_capacity(workers), dispatch: Mutex::new(()) };
+        let mut pool = Pool {
+            shared,
+            workers: Vec::with_capacity(workers),
+            dispatch: Mutex::new(()),
+            idle_spin,
+        };
         for index in 0..workers {
             let shared = Arc::clone(&pool.shared);
             let handle = std::thread::Builder::new()
                 .name(format!("sluice-cpu-{index}"))
-                .spawn(move || worker(&shared, index + 1, workers + 1))?;
+                .spawn(move || worker(&shared, index + 1, workers + 1, idle_spin))?;
             pool.workers.push(handle);
         }
         Ok(pool)
@@ -137,10 +144,10 @@ impl Drop for Pool {
 }
 
 /// A worker's life: wait for a new epoch (spinning, then parked), run its shares, report back.
-fn worker(shared: &Shared, thread: usize, threads: usize) {
+fn worker(shared: &Shared, thread: usize, threads: usize, idle_spin: Duration) {
     let mut seen = 0u64;
     loop {
-        let Some(epoch) = wait_for_job(shared, seen) else { return };
+        let Some(epoch) = wait_for_job(shared, seen, idle_spin) else { return };
         seen = epoch;
         let job = *shared.job.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(job) = job
@@ -155,8 +162,8 @@ fn worker(shared: &Shared, thread: usize, threads: usize) {
     }
 }
 
-/// The next epoch after `seen`, or `None` at shutdown.
-fn wait_for_job(shared: &Shared, seen: u64) -> Option<u64> {
+/// The next epoch after `seen`, or `None` at shutdown; spins for `idle_spin`, then parks.
+fn wait_for_job(shared: &Shared, seen: u64, idle_spin: Duration) -> Option<u64> {
     let started = Instant::now();
     let mut spins = 0u32;
     loop {
@@ -168,7 +175,7 @@ fn wait_for_job(shared: &Shared, seen: u64) -> Option<u64> {
             return Some(epoch);
         }
         spins = spins.wrapping_add(1);
-        if !spins.is_multiple_of(64) || started.elapsed() < SPIN {
+        if !spins.is_multiple_of(64) || started.elapsed() < idle_spin {
             std::hint::spin_loop();
             continue;
         }
@@ -188,7 +195,7 @@ mod tests {
 
     #[test]
     fn every_share_runs_exactly_once() {
-        let pool = Pool::new(3).unwrap();
+        let pool = Pool::new(3, Duration::ZERO).unwrap();
         for shares in [0, 1, 2, 4, 6, 9] {
             let counts: Vec<AtomicUsize> = (0..shares).map(|_| AtomicUsize::new(0)).collect();
             pool.run(shares, &|share| {
@@ -202,8 +209,9 @@ mod tests {
 
     #[test]
     fn parked_workers_wake_up_for_the_next_job() {
-        let pool = Pool::new(1).unwrap();
-        std::thread::sleep(SPIN * 3);
+        let idle_spin = Duration::from_millis(2);
+        let pool = Pool::new(1, idle_spin).unwrap();
+        std::thread::sleep(idle_spin * 3);
         let ran = AtomicUsize::new(0);
         pool.run(2, &|_| {
             ran.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +221,7 @@ mod tests {
 
     #[test]
     fn concurrent_callers_do_not_wait_for_each_other() {
-        let pool = Pool::new(1).unwrap();
+        let pool = Pool::new(1, Duration::from_millis(1)).unwrap();
         let total = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..4 {
@@ -231,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_panicking_share_is_reraised_on_the_caller_and_the_pool_survives() {
-        let pool = Pool::new(1).unwrap();
+        let pool = Pool::new(1, Duration::from_millis(1)).unwrap();
         let result = panic::catch_unwind(AssertUnwindSafe(|| {
             pool.run(2, &|share| assert_ne!(share, 1, "worker share fails"));
         }));

@@ -80,6 +80,38 @@ fn builder_refuses_what_it_cannot_do() {
 }
 
 #[test]
+fn workers_that_park_at_once_route_like_workers_that_spin() {
+    use std::time::Duration;
+    let (tokens, experts, hidden) = (24, 64, 96);
+    let mut rng = Rng::new(11);
+    let x = rng.normals(tokens * hidden, 1.0);
+    let w: Vec<bf16> = rng.normals(experts * hidden, 0.1).into_iter().map(bf16::from_f32).collect();
+    let bias = rng.normals(experts, 0.01);
+    let spec = v3_like(experts);
+    let route = |idle_spin: Duration| {
+        let b = CpuBackend::builder().threads(2).idle_spin(idle_spin).build().unwrap();
+        assert_eq!(b.idle_spin(), idle_spin);
+        let router = b
+            .prepare_router(
+                dl(w.clone(), &[experts, hidden]),
+                Some(dl(bias.clone(), &[experts])),
+                &spec,
+            )
+            .unwrap();
+        // Calls far enough apart that a worker which parks at once has parked before each one.
+        (0..3)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(3));
+                read_routing(router.route(&dl(x.clone(), &[tokens, hidden])).unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let parked = route(Duration::ZERO);
+    assert_eq!(parked, route(Duration::from_millis(20)));
+    assert!(parked.iter().all(|(shape, _, _)| shape == &[tokens, 8]));
+}
+
+#[test]
 fn wrong_dtypes_name_op_argument_and_dtype() {
     let b = backend();
     let w = dl(vec![bf16::ZERO; 16 * 4], &[16, 4]);
