@@ -1,0 +1,176 @@
+//! Tensors across the Python door: [`import`] for what sluice reads, [`import_output`] for what it
+//! writes, and [`PyTensor`], a sluice tensor that Python consumers import through `__dlpack__`.
+
+use dlpark::ffi::{DLDevice, DLManagedTensor, DLManagedTensorVersioned};
+use dlpark::python::{DlpackExporter, ExportRequest, ImportedDlpack, export_dlpack, from_dlpack};
+use dlpark::{DlpackFlags, Managed};
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::prelude::*;
+use sluice_tensor::{Dlpack, DlpackError, Tensor};
+
+use crate::errors;
+
+/// Whether the producer says its tensor requires grad (`requires_grad`, as torch names it;
+/// producers without autograd have no such attribute).
+fn producer_requires_grad(object: &Bound<'_, PyAny>) -> PyResult<bool> {
+    match object.getattr_opt("requires_grad")? {
+        Some(flag) => flag.is_truthy(),
+        None => Ok(false),
+    }
+}
+
+/// Imports any DLPack producer (an object with `__dlpack__`, or a capsule) as a sluice tensor,
+/// zero-copy, with the producer's `requires_grad`.
+///
+/// The flag is read from the object because no DLPack path can be counted on to refuse a tensor
+/// that requires grad: torch's `__dlpack__` raises `BufferError` for one, but its C exchange API,
+/// which is tried first, hands it over without a word. Such a tensor's memory is taken from the
+/// producer's own `detach()` (storage-sharing in torch, so still zero-copy) and the sluice tensor
+/// gets the flag: sluice's bridge then refuses to re-export it, and only a gate, which detaches at
+/// the door, routes it.
+pub(crate) fn import(object: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let requires_grad = producer_requires_grad(object)?;
+    let source = match object.getattr_opt("detach")? {
+        Some(detach) if requires_grad => detach.call0()?,
+        _ => object.clone(),
+    };
+    let tensor = match from_dlpack(source.as_borrowed(), None, None)? {
+        ImportedDlpack::Versioned(managed) => Tensor::from_dlpack(managed),
+        ImportedDlpack::Legacy(managed) => Tensor::from_dlpack_legacy(managed),
+    }
+    .map_err(errors::dlpack)?;
+    Ok(tensor.with_requires_grad(requires_grad))
+}
+
+/// Imports a tensor that sluice will write into, zero-copy.
+///
+/// It must come as versioned DLPack (1.x): only its flags say whether the producer allows writes
+/// (the writable view refuses `READ_ONLY`). A tensor that requires grad is refused like an export,
+/// since writing into it would bypass the producer's autograd.
+pub(crate) fn import_output(object: &Bound<'_, PyAny>, name: &str) -> PyResult<Dlpack> {
+    if producer_requires_grad(object)? {
+        return Err(PyBufferError::new_err(format!("`{name}`: {}", DlpackError::RequiresGrad)));
+    }
+    match from_dlpack(object.as_borrowed(), None, None)? {
+        ImportedDlpack::Versioned(managed) => Ok(managed),
+        ImportedDlpack::Legacy(_) => Err(PyValueError::new_err(format!(
+            "`{name}` came as a legacy DLPack tensor; outputs need versioned DLPack (1.x), whose \
+             flags say whether the memory may be written"
+        ))),
+    }
+}
+
+/// A sluice tensor, handed to Python consumers through DLPack (`torch.from_dlpack(t)`).
+///
+/// Exports go through sluice's bridge: a tensor that requires grad is refused with `BufferError`
+/// and sluice's message; [`detach`](PyTensor::detach) shares the storage and is exportable.
+#[pyclass(frozen, module = "sluice._sluice", name = "Tensor")]
+pub(crate) struct PyTensor {
+    pub(crate) inner: Tensor,
+}
+
+impl From<Tensor> for PyTensor {
+    fn from(inner: Tensor) -> Self {
+        PyTensor { inner }
+    }
+}
+
+#[pymethods]
+impl PyTensor {
+    /// Imports any DLPack producer, zero-copy, keeping its `requires_grad`.
+    #[staticmethod]
+    fn from_dlpack(object: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(import(object)?.into())
+    }
+
+    /// Whether the tensor requires grad (exports are refused while it does).
+    #[getter]
+    fn requires_grad(&self) -> bool {
+        self.inner.requires_grad()
+    }
+
+    /// The same storage without `requires_grad` (O(1), no copy).
+    fn detach(&self) -> Self {
+        self.inner.detach().into()
+    }
+
+    /// The extents.
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.inner.shape().to_vec()
+    }
+
+    /// The strides, in elements.
+    #[getter]
+    fn strides(&self) -> Vec<usize> {
+        self.inner.strides().to_vec()
+    }
+
+    /// The element type's name (`f32`, `bf16`, `i32`, ...).
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype().name()
+    }
+
+    /// The address of the first element, to compare with a producer's (`tensor.data_ptr()`).
+    #[getter]
+    fn data_ptr(&self) -> usize {
+        self.inner.data_ptr() as usize
+    }
+
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(u32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let request = ExportRequest::parse(stream.as_ref(), max_version, dl_device, copy)?;
+        export_dlpack(self, py, request)
+    }
+
+    fn __dlpack_device__(&self) -> PyResult<(u32, i32)> {
+        Ok(DlpackExporter::device(self).into())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "sluice.Tensor(shape={:?}, dtype={}, device={}, requires_grad={})",
+            self.inner.shape(),
+            self.inner.dtype(),
+            self.inner.device(),
+            if self.inner.requires_grad() { "True" } else { "False" }
+        )
+    }
+}
+
+impl DlpackExporter for PyTensor {
+    fn device(&self) -> DLDevice {
+        // A tensor's device came through DLPack or is the host, so it has a DLPack device; the
+        // host stands in for an ordinal too large for DLPack, which the export itself refuses.
+        self.inner.device().to_dlpack().unwrap_or(DLDevice::CPU)
+    }
+
+    fn flags(&self) -> DlpackFlags {
+        // The bridge marks every export read-only: the storage stays shared with sluice.
+        DlpackFlags::READ_ONLY
+    }
+
+    fn prepare_export(&self, _py: Python<'_>, _request: &ExportRequest<'_>) -> PyResult<()> {
+        // Host memory, or device memory whose producing work the importer already waited for:
+        // there is nothing to order on the consumer's stream.
+        Ok(())
+    }
+
+    /// Not reached through `__dlpack__`: dlpark refuses a legacy request for a read-only tensor
+    /// before asking, since legacy DLPack cannot carry the flag. A correct export all the same.
+    fn export_legacy(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensor>> {
+        self.inner.to_dlpack_legacy().map_err(errors::dlpack)
+    }
+
+    fn export_versioned(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensorVersioned>> {
+        self.inner.to_dlpack().map_err(errors::dlpack)
+    }
+}

@@ -1,0 +1,105 @@
+"""Shared helpers: the golden fixtures of models/testdata, read without sluice, and small gates."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import sluice
+
+TESTDATA = Path(__file__).resolve().parents[2] / "models" / "testdata"
+# Every fixture checkpoint, nested ones included, as the Rust golden tests find them.
+FAMILIES = sorted(
+    str(path.parent.relative_to(TESTDATA)) for path in TESTDATA.rglob("golden.safetensors")
+)
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (copied into torch) and its metadata: an independent
+    reader, so that the fixtures do not go through the code under test."""
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.pop("__metadata__", {})
+    body = data[8 + header_len :]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw = bytearray(body[start:end])
+        tensors[name] = torch.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors, metadata
+
+
+class Golden:
+    """transformers' own router outputs for one fixture checkpoint."""
+
+    def __init__(self, family: str) -> None:
+        self.dir = TESTDATA / family
+        self.tensors, metadata = read_safetensors(self.dir / "golden.safetensors")
+        self.moe_layers: list[int] = json.loads(metadata["moe_layers"])
+        self.near_ties: dict[str, list[int]] = json.loads(metadata["near_ties"])
+        self.config = json.loads((self.dir / "config.json").read_text())
+
+    def hidden(self, kind: str) -> torch.Tensor:
+        return self.tensors[f"hidden_states.{kind}"]
+
+    def expected(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        key = f"layers.{layer}.{kind}"
+        ids = self.tensors[f"{key}.topk_ids"]
+        weights = self.tensors[f"{key}.topk_weights"]
+        return ids, weights, self.near_ties[key]
+
+
+def assert_matches_golden(ids, weights, golden_ids, golden_weights, near_ties):
+    """Expert sets exactly (transformers does not sort its rows), weights matched by id within
+    1e-5 absolute plus 1e-5 relative, as the Rust golden tests; near-tie rows skipped."""
+    assert ids.shape == golden_ids.shape and weights.shape == golden_weights.shape
+    for row in range(ids.shape[0]):
+        if row in near_ties:
+            continue
+        got = dict(zip(ids[row].tolist(), weights[row].tolist()))
+        want = dict(zip(golden_ids[row].tolist(), golden_weights[row].tolist()))
+        assert set(got) == set(want), f"row {row}: experts {sorted(got)} != {sorted(want)}"
+        for expert, expected in want.items():
+            actual = got[expert]
+            assert abs(actual - expected) <= 1e-5 + 1e-5 * abs(expected), (row, expert, actual)
+
+
+def tiny_config(**overrides) -> dict:
+    """A DeepSeek-V3-shaped config of 16 experts and hidden size 32, in config.json form."""
+    config = {
+        "model_type": "deepseek_v3",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 0,
+        "moe_layer_freq": 1,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_gate(**options) -> tuple[sluice.Gate, torch.nn.Parameter, torch.Tensor]:
+    """A seeded gate from tensors: the weight is an `nn.Parameter`, as in a loaded model."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
+    bias = torch.randn(16, generator=generator) * 0.1
+    return sluice.Gate.from_tensors(weight, bias, tiny_config(), **options), weight, bias
+
+
+@pytest.fixture
+def gate():
+    return tiny_gate()[0]

@@ -1,0 +1,256 @@
+"""The DLPack door with torch as the client: zero-copy both ways, outputs freed exactly once,
+single-use capsules, and `requires_grad` carried through every path torch offers."""
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sluice
+from conftest import tiny_config, tiny_gate
+
+
+class VersionedProducer:
+    """Offers only the standard protocol (`__dlpack_device__`, `__dlpack__(max_version=...)`),
+    as producers without the C exchange API do; records what it was asked."""
+
+    def __init__(self, tensor, *, tell_requires_grad=True, offer_detach=True):
+        self._tensor = tensor
+        self.calls = []
+        if tell_requires_grad:
+            self.requires_grad = tensor.requires_grad
+        if offer_detach:
+            self.detach = lambda: VersionedProducer(
+                tensor.detach(), tell_requires_grad=tell_requires_grad
+            )
+
+    def __dlpack_device__(self):
+        return self._tensor.__dlpack_device__()
+
+    def __dlpack__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self._tensor.__dlpack__(**kwargs)
+
+
+class LegacyProducer(VersionedProducer):
+    """A pre-1.0 producer: `__dlpack__()` without arguments, no `__dlpack_device__`."""
+
+    __dlpack_device__ = None
+
+    def __init__(self, tensor, **options):
+        super().__init__(tensor, **options)
+        if hasattr(self, "detach"):
+            self.detach = lambda: LegacyProducer(tensor.detach())
+
+    def __getattribute__(self, name):
+        if name == "__dlpack_device__":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    def __dlpack__(self):
+        self.calls.append({})
+        return self._tensor.__dlpack__()
+
+
+class GradHandingProducer:
+    """Hands over the memory of a tensor that requires grad without refusing, as torch's C
+    exchange API does, and says that it requires grad."""
+
+    requires_grad = True
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __dlpack_device__(self):
+        return self._tensor.__dlpack_device__()
+
+    def __dlpack__(self, **kwargs):
+        return self._tensor.detach().__dlpack__(**kwargs)
+
+
+PATHS = {
+    "c-exchange-api": lambda t: t,
+    "dlpack-max-version": VersionedProducer,
+    "dlpack-legacy": LegacyProducer,
+    "hands-over-grad": GradHandingProducer,
+}
+
+
+def test_torch_offers_the_c_exchange_api():
+    """The `c-exchange-api` path below is torch itself, which dlpark asks through this API
+    first; torch's `__dlpack__` refuses a tensor that requires grad, the API does not."""
+    assert hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    with pytest.raises(BufferError):
+        torch.nn.Parameter(torch.ones(2)).__dlpack__()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_requires_grad_is_carried_and_a_plain_reexport_refused(path):
+    parameter = torch.nn.Parameter(torch.randn(4, 32))
+    imported = sluice.Tensor.from_dlpack(PATHS[path](parameter))
+    assert imported.requires_grad
+    assert imported.data_ptr == parameter.data_ptr()
+    with pytest.raises(BufferError, match="cannot export a tensor that requires grad"):
+        torch.from_dlpack(imported)
+    with pytest.raises(BufferError, match="call `.detach\\(\\)` first"):
+        imported.__dlpack__(max_version=(1, 0))
+    detached = torch.from_dlpack(imported.detach())
+    assert detached.data_ptr() == parameter.data_ptr()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_original_bug_a_parameter_weight_and_grad_hidden_states_route(path):
+    """The crash sluice exists for: a gate weight that is an `nn.Parameter`, and hidden states
+    that require grad. The gate detaches both at sluice's bridge; routing matches the detached
+    inputs' exactly."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
+    bias = torch.randn(16, generator=generator) * 0.1
+    hidden = torch.randn(6, 32, generator=generator).requires_grad_()
+    gate = sluice.Gate.from_tensors(PATHS[path](weight), bias, tiny_config())
+    assert gate.weight.requires_grad and gate.weight.data_ptr == weight.data_ptr()
+    reference = sluice.Gate.from_tensors(weight.detach(), bias, tiny_config())
+    for got, want in zip(gate.route(PATHS[path](hidden)), reference.route(hidden.detach())):
+        assert torch.equal(got, want)
+    ids_out = torch.empty(6, 4, dtype=torch.int32)
+    weights_out = torch.empty(6, 4)
+    gate.route_into(PATHS[path](hidden), ids_out, weights_out)
+    assert torch.equal(ids_out, reference.route(hidden.detach())[0])
+    assert hidden.requires_grad and weight.requires_grad
+
+
+def test_the_paths_are_the_ones_named():
+    tensor = torch.randn(2, 32)
+    versioned, legacy = VersionedProducer(tensor), LegacyProducer(tensor)
+    sluice.Tensor.from_dlpack(versioned)
+    sluice.Tensor.from_dlpack(legacy)
+    assert versioned.calls and versioned.calls[0].get("max_version", (0, 0))[0] >= 1
+    assert legacy.calls == [{}]
+
+
+def test_a_producer_that_refuses_a_grad_tensor_is_a_buffer_error():
+    """Without `requires_grad` or `detach` sluice cannot know; torch's own refusal comes
+    through as the `BufferError` it is, not a crash."""
+    hidden = VersionedProducer(
+        torch.randn(2, 32).requires_grad_(), tell_requires_grad=False, offer_detach=False
+    )
+    with pytest.raises(BufferError, match="require gradient"):
+        tiny_gate()[0].route(hidden)
+
+
+def test_zero_copy_both_ways(gate):
+    hidden = torch.randn(5, 32)
+    assert sluice.Tensor.from_dlpack(hidden).data_ptr == hidden.data_ptr()
+    ids, weights = gate._gate.route(hidden)
+    for native in (ids, weights):
+        assert torch.from_dlpack(native).data_ptr() == native.data_ptr
+    ids_buffer = torch.zeros(8, 4, dtype=torch.int32)
+    weights_buffer = torch.zeros(8, 4)
+    pointers = (ids_buffer.data_ptr(), weights_buffer.data_ptr())
+    gate.route_into(hidden, ids_buffer[:5], weights_buffer[:5])
+    assert (ids_buffer.data_ptr(), weights_buffer.data_ptr()) == pointers
+    assert torch.equal(ids_buffer[:5], torch.from_dlpack(ids))
+    assert torch.count_nonzero(ids_buffer[5:]) == 0
+
+
+def test_outputs_may_be_windows_with_rows_further_apart(gate):
+    hidden = torch.randn(5, 32)
+    ids, weights = gate.route(hidden)
+    wide_ids = torch.full((5, 10), -3, dtype=torch.int32)
+    wide_weights = torch.full((5, 10), -3.0)
+    gate.route_into(hidden, wide_ids[:, 2:6], wide_weights[:, 2:6])
+    assert torch.equal(wide_ids[:, 2:6], ids) and torch.equal(wide_weights[:, 2:6], weights)
+    assert bool((wide_ids[:, :2] == -3).all() and (wide_ids[:, 6:] == -3).all())
+
+
+def test_any_dlpack_producer_numpy(gate):
+    hidden = torch.randn(3, 32)
+    ids, _ = gate.route(hidden.numpy())
+    assert torch.equal(ids, gate.route(hidden)[0])
+
+
+def test_a_consumed_capsule_is_refused(gate):
+    capsule = torch.utils.dlpack.to_dlpack(torch.randn(3, 32))
+    gate.route(capsule)
+    with pytest.raises(ValueError, match="already been consumed"):
+        gate.route(capsule)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def _rss_growth(step, calls=100_000, warmup=2_000):
+    for _ in range(warmup):
+        step()
+    before = _rss_bytes()
+    for _ in range(calls):
+        step()
+    return _rss_bytes() - before
+
+
+LEAK_LIMIT = 4 << 20  # 100k leaked [2, 4] outputs would be at least 6 MB
+
+
+def test_route_outputs_are_freed_exactly_once(gate):
+    hidden = torch.randn(2, 32)
+    assert _rss_growth(lambda: gate.route(hidden)) < LEAK_LIMIT
+
+
+def test_capsules_are_freed_whether_consumed_or_not(gate):
+    ids, _ = gate._gate.route(torch.randn(2, 32))
+    assert _rss_growth(lambda: ids.__dlpack__(max_version=(1, 0))) < LEAK_LIMIT
+    assert _rss_growth(lambda: torch.from_dlpack(ids)) < LEAK_LIMIT
+
+
+def test_exports_are_versioned_because_they_are_read_only(gate):
+    """sluice keeps sharing what it exports, so every export is marked read-only, which only
+    versioned DLPack can say: a legacy request is refused rather than handed writable memory."""
+    ids, _ = gate._gate.route(torch.randn(2, 32))
+    with pytest.raises(BufferError, match="legacy"):
+        ids.__dlpack__()
+
+
+def test_route_into_leaks_nothing(gate):
+    hidden = torch.randn(2, 32)
+    ids, weights = torch.empty(2, 4, dtype=torch.int32), torch.empty(2, 4)
+    assert _rss_growth(lambda: gate.route_into(hidden, ids, weights)) < LEAK_LIMIT
+
+
+def test_the_gil_is_released_while_routing():
+    """A Python thread keeps running while another routes a large batch."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(256, 7168, generator=generator).to(torch.bfloat16)
+    gate = sluice.Gate.from_tensors(
+        weight,
+        torch.zeros(256),
+        {
+            **tiny_config(),
+            "hidden_size": 7168,
+            "n_routed_experts": 256,
+            "num_experts_per_tok": 8,
+            "n_group": 8,
+            "topk_group": 4,
+        },
+        backend=sluice.CpuBackend(threads=1),
+    )
+    hidden = torch.randn(2048, 7168, generator=generator)
+    started = time.perf_counter()
+    gate.route(hidden)
+    alone = time.perf_counter() - started
+    routing = threading.Thread(target=lambda: [gate.route(hidden) for _ in range(3)])
+    ticks = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    try:
+        routing.start()
+        while routing.is_alive():
+            ticks.append(time.perf_counter())
+    finally:
+        sys.setswitchinterval(interval)
+    gaps = np.diff(np.array(ticks)) if len(ticks) > 1 else np.array([float("inf")])
+    assert gaps.max() < alone / 2, f"longest pause {gaps.max():.4f} s, one route {alone:.4f} s"
