@@ -21,7 +21,9 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci        fmt --check, clippy -D warnings, test, doc (warnings denied); stops at the first failure
+  ci        fmt --check, clippy -D warnings, test, doc (warnings denied), then the Python module:
+            its fmt and clippy, the wheel (maturin), pytest with torch (installed into .venv from
+            $SLUICE_WHEELHOUSE, else ~/.cache/sluice/wheels); stops at the first failure
   fixtures  regenerate models/testdata: golden router outputs from Hugging Face transformers
             (Python: $SLUICE_PYTHON, else .venv, created from xtask/fixtures/requirements.txt)
   fuzz [--seconds 60] [TARGET...]

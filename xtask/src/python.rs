@@ -1,8 +1,15 @@
-//! Finding or creating the Python that the developer tasks (`fixtures`, `bench-vs-torch`) run.
+//! Finding or creating the Python that `ci` (the Python tests) and the developer tasks
+//! (`fixtures`, `bench-vs-torch`) run.
 //!
 //! `$SLUICE_PYTHON` wins when set, and must already have the packages. Otherwise the project's
 //! `.venv` is used, created with `python3 -m venv` when missing and filled from the task's
 //! requirements file when it cannot import what the task needs.
+//!
+//! Packages are installed from a wheelhouse that outlives the clone (`$SLUICE_WHEELHOUSE`, else
+//! `~/.cache/sluice/wheels`): `pip download` fills it with what is missing, then `pip install
+//! --no-index` installs from it. torch's default wheel and its CUDA libraries are gigabytes, and
+//! pip's own HTTP cache keeps nothing from an index that answers `no-store`, so without the
+//! wheelhouse every fresh clone downloads them again.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +18,8 @@ use crate::process::run_to_success;
 
 /// Names a Python to use instead of the project's `.venv`.
 const PYTHON_ENV: &str = "SLUICE_PYTHON";
+/// Names the wheelhouse packages are downloaded into and installed from.
+const WHEELHOUSE_ENV: &str = "SLUICE_WHEELHOUSE";
 /// The project's virtual environment, relative to the root.
 const VENV: &str = ".venv";
 
@@ -53,12 +62,31 @@ pub fn interpreter(root: &Path, needs: &Requirements, task: &str) -> Result<Path
         }
     }
     if !imports_ok(&python, needs)? {
-        println!("{task}: installing {} into {VENV}", needs.file);
+        let wheelhouse = wheelhouse()?;
+        println!("{task}: installing {} into {VENV} from {}", needs.file, wheelhouse.display());
+        let mut download = Command::new(&python);
+        download.args(["-m", "pip", "download", "-q", "-r", needs.file, "-d"]);
+        run_to_success(download.arg(&wheelhouse).current_dir(root), "pip download")?;
         let mut install = Command::new(&python);
-        install.args(["-m", "pip", "install", "-r", needs.file]).current_dir(root);
-        run_to_success(&mut install, "pip install")?;
+        install.args(["-m", "pip", "install", "--no-index", "-r", needs.file, "--find-links"]);
+        run_to_success(install.arg(&wheelhouse).current_dir(root), "pip install")?;
     }
     Ok(python)
+}
+
+/// Where downloaded wheels are kept between clones.
+fn wheelhouse() -> Result<PathBuf, String> {
+    if let Some(chosen) = std::env::var_os(WHEELHOUSE_ENV) {
+        return Ok(PathBuf::from(chosen));
+    }
+    let cache = match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(cache), _) => PathBuf::from(cache),
+        (None, Some(home)) => PathBuf::from(home).join(".cache"),
+        (None, None) => {
+            return Err(format!("neither HOME nor XDG_CACHE_HOME is set; set {WHEELHOUSE_ENV}"));
+        }
+    };
+    Ok(cache.join("sluice").join("wheels"))
 }
 
 fn venv_python(venv: &Path) -> PathBuf {
