@@ -13,8 +13,12 @@ use crate::{CpuBackend, CpuKernel};
 /// The default limit on tokens per call.
 pub const DEFAULT_MAX_TOKENS: usize = 1 << 20;
 
-/// How long idle worker threads spin for the next call before they park, by default.
-pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_millis(2);
+/// How long idle worker threads spin for the next call before they park, by default: long enough
+/// that calls made back to back (a benchmark, layer after layer) find them awake, short enough
+/// that a caller who computes between two calls (an engine's experts) loses at most this much of
+/// one core per call. Measured in BENCHMARKS.md: a 2 ms spin made a gate-then-matmul loop slower
+/// than the two alone.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(50);
 
 /// Builds a [`CpuBackend`]. Defaults: one thread per available core, [`CpuKernel::Auto`], at most
 /// [`DEFAULT_MAX_TOKENS`] tokens per call, workers that spin [`DEFAULT_IDLE_SPIN`] between calls.
