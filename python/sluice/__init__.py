@@ -94,9 +94,12 @@ class Gate:
         mark_invalid: bool = False,
     ) -> "Gate":
         """A gate from a router weight ``[E, H]`` (bf16 or f32, e.g. the ``nn.Parameter`` of a
-        loaded model; its memory is shared, not copied), the f32 correction bias ``[E]`` (for
-        ``noaux_tc`` routing, else ``None``) and the model config: a ``config.json`` dict, its
-        text, or a transformers config (anything with ``to_dict()``)."""
+        loaded model), the f32 correction bias ``[E]`` (for ``noaux_tc`` routing, else ``None``)
+        and the model config: a ``config.json`` dict, its text, or a transformers config
+        (anything with ``to_dict()``).
+
+        ``gate.weight`` shares the parameter's memory (no copy); the CPU backend packs the weight
+        once, here, so later in-place changes to the parameter do not reach routing."""
         if hasattr(config, "to_dict"):
             config = config.to_dict()
         config_json = config if isinstance(config, str) else json.dumps(config)

@@ -68,8 +68,9 @@ pub fn interpreter(root: &Path, needs: &Requirements, task: &str) -> Result<Path
         download.args(["-m", "pip", "download", "-q", "-r", needs.file, "-d"]);
         run_to_success(download.arg(&wheelhouse).current_dir(root), "pip download")?;
         let mut install = Command::new(&python);
-        install.args(["-m", "pip", "install", "--no-index", "-r", needs.file, "--find-links"]);
-        run_to_success(install.arg(&wheelhouse).current_dir(root), "pip install")?;
+        install.args(["-m", "pip", "install", "-q", "--no-index", "--find-links"]);
+        install.arg(&wheelhouse).args(["-r", needs.file]).current_dir(root);
+        run_to_success(&mut install, "pip install")?;
     }
     Ok(python)
 }
