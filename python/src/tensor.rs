@@ -4,7 +4,7 @@
 use dlpark::ffi::{DLDevice, DLManagedTensor, DLManagedTensorVersioned};
 use dlpark::python::{DlpackExporter, ExportRequest, ImportedDlpack, export_dlpack, from_dlpack};
 use dlpark::{DlpackFlags, Managed};
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use sluice_tensor::{Dlpack, DlpackError, Tensor};
 
@@ -34,12 +34,30 @@ pub(crate) fn import(object: &Bound<'_, PyAny>) -> PyResult<Tensor> {
         Some(detach) if requires_grad => detach.call0()?,
         _ => object.clone(),
     };
-    let tensor = match from_dlpack(source.as_borrowed(), None, None)? {
+    let tensor = match imported(&source)? {
         ImportedDlpack::Versioned(managed) => Tensor::from_dlpack(managed),
         ImportedDlpack::Legacy(managed) => Tensor::from_dlpack_legacy(managed),
     }
     .map_err(errors::dlpack)?;
     Ok(tensor.with_requires_grad(requires_grad))
+}
+
+/// The producer's tensor through the first DLPack path it offers (dlpark's order: the C exchange
+/// API, `__dlpack__(max_version=...)`, a bare `__dlpack__()` when there is no
+/// `__dlpack_device__`). A producer that has `__dlpack_device__` but predates DLPack 1.0 rejects
+/// the `max_version` keyword with a `TypeError`; as the array API asks of consumers, it is asked
+/// again without it, for the legacy capsule it can make.
+fn imported(object: &Bound<'_, PyAny>) -> PyResult<ImportedDlpack> {
+    match from_dlpack(object.as_borrowed(), None, None) {
+        Err(error)
+            if error.is_instance_of::<PyTypeError>(object.py())
+                && object.hasattr("__dlpack_device__")? =>
+        {
+            let capsule = object.call_method0("__dlpack__")?;
+            from_dlpack(capsule.as_borrowed(), None, None)
+        }
+        result => result,
+    }
 }
 
 /// Imports a tensor that sluice will write into, zero-copy.

@@ -55,6 +55,20 @@ class LegacyProducer(VersionedProducer):
         return self._tensor.__dlpack__()
 
 
+class PreVersionedProducer(VersionedProducer):
+    """Offers `__dlpack_device__` and a `__dlpack__(stream=None)` from before DLPack 1.0, which
+    rejects `max_version` and makes a legacy capsule."""
+
+    def __init__(self, tensor, **options):
+        super().__init__(tensor, **options)
+        if hasattr(self, "detach"):
+            self.detach = lambda: PreVersionedProducer(tensor.detach())
+
+    def __dlpack__(self, stream=None):
+        self.calls.append({"stream": stream})
+        return self._tensor.__dlpack__(stream=stream)
+
+
 class GradHandingProducer:
     """Hands over the memory of a tensor that requires grad without refusing, as torch's C
     exchange API does, and says that it requires grad."""
@@ -74,6 +88,7 @@ class GradHandingProducer:
 PATHS = {
     "c-exchange-api": lambda t: t,
     "dlpack-max-version": VersionedProducer,
+    "dlpack-without-max-version": PreVersionedProducer,
     "dlpack-legacy": LegacyProducer,
     "hands-over-grad": GradHandingProducer,
 }
@@ -125,10 +140,12 @@ def test_the_original_bug_a_parameter_weight_and_grad_hidden_states_route(path):
 def test_the_paths_are_the_ones_named():
     tensor = torch.randn(2, 32)
     versioned, legacy = VersionedProducer(tensor), LegacyProducer(tensor)
-    sluice.Tensor.from_dlpack(versioned)
-    sluice.Tensor.from_dlpack(legacy)
+    pre_versioned = PreVersionedProducer(tensor)
+    for producer in (versioned, legacy, pre_versioned):
+        assert sluice.Tensor.from_dlpack(producer).data_ptr == tensor.data_ptr()
     assert versioned.calls and versioned.calls[0].get("max_version", (0, 0))[0] >= 1
     assert legacy.calls == [{}]
+    assert pre_versioned.calls == [{"stream": None}]
 
 
 def test_a_producer_that_refuses_a_grad_tensor_is_a_buffer_error():
