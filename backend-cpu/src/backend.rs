@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sluice_tensor::{
     Backend, BackendError, Device, Dlpack, DlpackViewMut, Element, ExpectedShape, PreparedRouter,
-    RoutingOutput, RoutingSpec, check_router_weight,
+    RoutingOutput, RoutingSpec, TopkMethod, check_hash_table, check_router_weight,
 };
 
 use crate::builder::{CpuBackendBuilder, CpuBuildError};
@@ -14,7 +14,7 @@ use crate::input::{self, AnyView};
 use crate::ops;
 use crate::output::export;
 use crate::pack::{PackedWeight, WeightView};
-use crate::prepared::CpuPreparedRouter;
+use crate::prepared::{CpuPreparedRouter, Selector};
 use crate::routing::RowRouter;
 use crate::{CpuKernel, output};
 
@@ -68,20 +68,53 @@ impl CpuBackend {
     ) -> Result<CpuPreparedRouter, BackendError> {
         const OP: &str = "prepare_router";
         spec.validate()?;
-        let weight_view = input::view(OP, "weight", weight)?;
-        check_router_weight(OP, weight_view.shape(), spec)?;
-        let view = input::weight(OP, &weight_view)?;
-        let (experts, hidden) = view.dims();
         let bias = match bias {
             Some(bias) => Some(input::bias(OP, &input::view(OP, "bias", bias)?)?.to_vec()),
             None => None,
         };
         RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
+        self.pack(OP, weight, spec, Selector::TopK { bias })
+    }
+
+    /// Packs a router weight and keeps a checked hash table (i32 `[vocab, K]`) for a
+    /// hash-routed layer; the typed form of [`Backend::prepare_hash_router`].
+    pub fn prepare_hashed(
+        &self,
+        weight: &Dlpack,
+        table: &Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<CpuPreparedRouter, BackendError> {
+        const OP: &str = "prepare_hash_router";
+        spec.validate()?;
+        if spec.method != TopkMethod::Hash {
+            return Err(BackendError::Unsupported {
+                op: OP,
+                backend: format!("cpu (a hash table with `{}` routing)", spec.method.name()),
+            });
+        }
+        let (table, shape) = input::hash_table(OP, &input::view(OP, "table", table)?)?;
+        check_hash_table(&table, &shape, spec.top_k, spec.num_experts)
+            .map_err(|source| BackendError::HashTable { op: OP, source })?;
+        self.pack(OP, weight, spec, Selector::Hash { table })
+    }
+
+    /// Packs the weight of a router whose spec and selector are checked.
+    fn pack(
+        &self,
+        op: &'static str,
+        weight: &Dlpack,
+        spec: &RoutingSpec,
+        selector: Selector,
+    ) -> Result<CpuPreparedRouter, BackendError> {
+        let weight_view = input::view(op, "weight", weight)?;
+        check_router_weight(op, weight_view.shape(), spec)?;
+        let view = input::weight(op, &weight_view)?;
+        let (experts, hidden) = view.dims();
         let _span = tracing::debug_span!("cpu_prepare_router", experts, hidden, %spec).entered();
         let packed = PackedWeight::pack(view).map_err(|_| {
-            output::out_of_memory(OP, experts * hidden * WeightView::bytes_per_value(&view))
+            output::out_of_memory(op, experts * hidden * WeightView::bytes_per_value(&view))
         })?;
-        Ok(CpuPreparedRouter::new(Arc::clone(&self.engine), *spec, packed, bias))
+        Ok(CpuPreparedRouter::new(Arc::clone(&self.engine), *spec, packed, selector))
     }
 }
 
@@ -170,5 +203,14 @@ impl Backend for CpuBackend {
         spec: &RoutingSpec,
     ) -> Result<Box<dyn PreparedRouter>, BackendError> {
         Ok(Box::new(self.prepare(&weight, bias.as_ref(), spec)?))
+    }
+
+    fn prepare_hash_router(
+        &self,
+        weight: Dlpack,
+        table: Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Box<dyn PreparedRouter>, BackendError> {
+        Ok(Box::new(self.prepare_hashed(&weight, &table, spec)?))
     }
 }

@@ -329,7 +329,7 @@ impl Engine {
                 // SAFETY: the chunk is claimed by this thread alone, so its output rows are not
                 // touched by anyone else.
                 let (ids, weights) = unsafe { out.row(token) };
-                if router.route_row(row, route, ids, weights) == RowOutcome::NonFinite {
+                if router.route_row(token, row, route, ids, weights) == RowOutcome::NonFinite {
                     bad.record(token);
                 }
             }
@@ -356,7 +356,7 @@ impl Engine {
                     let row = logits.row(token, copy);
                     // SAFETY: the shares' row ranges are disjoint.
                     let (ids, weights) = unsafe { out.row(token) };
-                    if router.route_row(row, route, ids, weights) == RowOutcome::NonFinite {
+                    if router.route_row(token, row, route, ids, weights) == RowOutcome::NonFinite {
                         bad.record(token);
                     }
                 }

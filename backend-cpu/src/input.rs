@@ -10,6 +10,7 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewD};
 use sluice_tensor::{BackendError, DType, Device, Dlpack, DlpackView, Element};
 
 use crate::pack::WeightView;
+use crate::routing::TokenIds;
 
 /// Hidden states `[T, H]` in one of the accepted dtypes.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +116,30 @@ pub(crate) fn bias<'a>(
         });
     }
     view.as_array1().map_err(|source| BackendError::View { op, arg: ARG, source })
+}
+
+/// Reads token ids `[T]`, i32 or i64.
+pub(crate) fn token_ids<'a>(
+    op: &'static str,
+    view: &DlpackView<'a>,
+) -> Result<TokenIds<'a>, BackendError> {
+    let refused = |source| BackendError::View { op, arg: "token_ids", source };
+    match view.dtype() {
+        DType::I32 => Ok(TokenIds::I32(view.as_array1::<i32>().map_err(refused)?)),
+        DType::I64 => Ok(TokenIds::I64(view.as_array1::<i64>().map_err(refused)?)),
+        other => Err(unsupported(op, "token_ids", other, "i32, i64")),
+    }
+}
+
+/// Reads a hash table `tid2eid` `[vocab, K]` of i32 expert ids into a row-major copy.
+pub(crate) fn hash_table(
+    op: &'static str,
+    view: &DlpackView<'_>,
+) -> Result<(Vec<i32>, Vec<usize>), BackendError> {
+    match any(op, "table", view)? {
+        AnyView::I32(table) => Ok((table.iter().copied().collect(), table.shape().to_vec())),
+        _ => Err(unsupported(op, "table", view.dtype(), "i32")),
+    }
 }
 
 /// A host tensor of any rank and dtype, for copies.

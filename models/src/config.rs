@@ -17,15 +17,18 @@
 //! `moe_layer_freq`. A missing field (or a JSON `null`, which is how `None` is saved) is read the
 //! way transformers 5.24 reads it:
 //!
-//! | field | `deepseek_v2` | `deepseek_v3`, `kimi_k2` |
-//! | --- | --- | --- |
-//! | `scoring_func` | `softmax` | `sigmoid` |
-//! | `topk_method` | `greedy` when `n_group` is absent or 1; refused otherwise | `noaux_tc` |
-//! | `n_group`, `topk_group` | 1 for `greedy`; required for a grouped method | 8 and 4 |
-//! | `norm_topk_prob` | false | true |
-//! | `routed_scaling_factor` | 1.0 | 2.5 |
-//! | `first_k_dense_replace` | 0 | 3 |
-//! | `moe_layer_freq` | 1 | 1 |
+//! | field | `deepseek_v2` | `deepseek_v3`, `deepseek_v32`, `kimi_k2` | `deepseek_v4` |
+//! | --- | --- | --- | --- |
+//! | `scoring_func` | `softmax` | `sigmoid` (nothing else accepted) | `sqrtsoftplus` (`sigmoid`, `softmax` accepted) |
+//! | `topk_method` | `greedy` when `n_group` is absent or 1; refused otherwise | `noaux_tc` | `noaux_tc` (nothing else accepted) |
+//! | `n_group`, `topk_group` | 1 for `greedy`; required for a grouped method | 8 and 4 | 1 and 1 (more groups refused) |
+//! | `norm_topk_prob` | false | true | true (`false` refused: both transformers and DeepSeek's code renormalise regardless) |
+//! | `routed_scaling_factor` | 1.0 | 2.5 | 1.5 |
+//! | `first_k_dense_replace` | 0 | 3 | not read: every layer is MoE |
+//! | `moe_layer_freq` | 1 | 1 | not read |
+//! | `mlp_layer_types` | not read | `deepseek_v32` only: `"dense"` / `"sparse"` per layer, overrides the two above | `"hash_moe"` / `"moe"` per layer |
+//! | `num_hash_layers` | - | - | 3, when `mlp_layer_types` is absent: the first layers are hash-routed |
+//! | `vocab_size` | not read | not read | 129280: the rows of the hash table |
 //!
 //! transformers' `DeepseekV2Config` defaults `topk_method` to `greedy` even when `n_group` > 1,
 //! which silently ignores the groups; every released grouped V2 checkpoint says
@@ -48,6 +51,12 @@ pub enum ModelFamily {
     /// `deepseek_v3`: DeepSeek-V3, R1 (sigmoid scoring with a correction bias). Kimi checkpoints
     /// whose config says `deepseek_v3` are reported as this family too.
     DeepseekV3,
+    /// `deepseek_v32`: DeepSeek-V3.2; the V3 router, with the MoE layers optionally listed in
+    /// `mlp_layer_types` (`"dense"` / `"sparse"`).
+    DeepseekV32,
+    /// `deepseek_v4`: DeepSeek-V4; sqrt-softplus scores with a correction bias and no groups, and
+    /// hash-routed first layers (`mlp_layer_types` `"hash_moe"`, or `num_hash_layers`).
+    DeepseekV4,
     /// `kimi_k2`: Kimi-K2, and Kimi-K2.5 (`kimi_k25` with a `text_config`). The V3 architecture.
     KimiK2,
 }
@@ -58,6 +67,8 @@ impl ModelFamily {
         match model_type {
             "deepseek_v2" => Some(ModelFamily::DeepseekV2),
             "deepseek_v3" => Some(ModelFamily::DeepseekV3),
+            "deepseek_v32" => Some(ModelFamily::DeepseekV32),
+            "deepseek_v4" => Some(ModelFamily::DeepseekV4),
             "kimi_k2" => Some(ModelFamily::KimiK2),
             _ => None,
         }
@@ -68,6 +79,8 @@ impl ModelFamily {
         match self {
             ModelFamily::DeepseekV2 => "DeepSeek-V2",
             ModelFamily::DeepseekV3 => "DeepSeek-V3",
+            ModelFamily::DeepseekV32 => "DeepSeek-V3.2",
+            ModelFamily::DeepseekV4 => "DeepSeek-V4",
             ModelFamily::KimiK2 => "Kimi-K2",
         }
     }
@@ -75,6 +88,37 @@ impl ModelFamily {
     /// Whether the family uses the V2 routing (softmax scores, no correction bias).
     const fn is_v2(self) -> bool {
         matches!(self, ModelFamily::DeepseekV2)
+    }
+
+    /// Whether the family uses the V4 routing (no groups, hash layers).
+    const fn is_v4(self) -> bool {
+        matches!(self, ModelFamily::DeepseekV4)
+    }
+
+    /// The `mlp_layer_types` values the family writes: (dense or the MoE one, MoE, hash MoE).
+    const fn layer_type_names(self) -> &'static [(&'static str, MlpKind)] {
+        match self {
+            ModelFamily::DeepseekV4 => &[("moe", MlpKind::Moe), ("hash_moe", MlpKind::HashMoe)],
+            _ => &[("dense", MlpKind::Dense), ("sparse", MlpKind::Moe)],
+        }
+    }
+}
+
+/// What a decoder layer's MLP is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MlpKind {
+    /// A dense MLP: no gate.
+    Dense,
+    /// An MoE block whose gate ranks expert scores.
+    Moe,
+    /// An MoE block whose gate takes its experts from a frozen per-token table (DeepSeek-V4).
+    HashMoe,
+}
+
+impl MlpKind {
+    /// Whether the layer has a gate.
+    pub const fn is_moe(self) -> bool {
+        !matches!(self, MlpKind::Dense)
     }
 }
 
@@ -158,6 +202,12 @@ pub struct ModelConfig {
     num_layers: usize,
     first_k_dense_replace: usize,
     moe_layer_freq: usize,
+    /// Per layer, from `mlp_layer_types`; overrides the rule of the two fields above.
+    listed: Option<Vec<MlpKind>>,
+    /// DeepSeek-V4 without `mlp_layer_types`: how many leading MoE layers are hash-routed.
+    leading_hash_layers: usize,
+    /// DeepSeek-V4: the rows of the hash tables.
+    vocab_size: Option<usize>,
     routing: RoutingSpec,
 }
 
@@ -218,7 +268,7 @@ impl ModelConfig {
                 "not a model sluice knows (expected deepseek_v2, deepseek_v3 or kimi_k2)",
             )
         })?;
-        let v2 = family.is_v2();
+        let (v2, v4) = (family.is_v2(), family.is_v4());
 
         let hidden_size = fields.required_usize("hidden_size")?;
         let num_layers = fields.required_usize("num_hidden_layers")?;
@@ -229,13 +279,26 @@ impl ModelConfig {
 
         let scoring = match fields.str("scoring_func")? {
             None if v2 => ScoringFunc::Softmax,
+            None if v4 => ScoringFunc::SqrtSoftplus,
             None => ScoringFunc::Sigmoid,
             Some("softmax") => ScoringFunc::Softmax,
             Some("sigmoid") => ScoringFunc::Sigmoid,
+            Some("sqrtsoftplus") if v4 => ScoringFunc::SqrtSoftplus,
             Some(_) => {
-                return Err(fields.bad_value("scoring_func", "expected \"softmax\" or \"sigmoid\""));
+                let expected = if v4 {
+                    "expected \"sqrtsoftplus\", \"sigmoid\" or \"softmax\""
+                } else {
+                    "expected \"softmax\" or \"sigmoid\""
+                };
+                return Err(fields.bad_value("scoring_func", expected));
             }
         };
+        if !v2 && !v4 && scoring != ScoringFunc::Sigmoid {
+            return Err(fields.bad_value(
+                "scoring_func",
+                "the DeepSeek-V3 router (also V3.2 and Kimi-K2) scores with sigmoid only",
+            ));
+        }
         let n_group = fields.usize("n_group")?;
         let method = match fields.str("topk_method")? {
             None if !v2 => TopkMethod::NoauxTc,
@@ -248,9 +311,12 @@ impl ModelConfig {
                      set it explicitly",
                 ));
             }
+            Some("noaux_tc") => TopkMethod::NoauxTc,
+            Some(_) if v4 => {
+                return Err(fields.bad_value("topk_method", "DeepSeek-V4 routes with noaux_tc"));
+            }
             Some("greedy") => TopkMethod::Greedy,
             Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
-            Some("noaux_tc") => TopkMethod::NoauxTc,
             Some(_) => {
                 return Err(fields.bad_value(
                     "topk_method",
@@ -260,6 +326,16 @@ impl ModelConfig {
         };
         let topk_group = fields.usize("topk_group")?;
         let (n_group, topk_group) = match (method, n_group, topk_group) {
+            _ if v4 => match n_group.unwrap_or(1) {
+                1 => (1, 1),
+                _ => {
+                    return Err(fields.bad_value(
+                        "n_group",
+                        "DeepSeek-V4 routers have no expert groups (transformers and DeepSeek's \
+                         code ignore them); expected 1",
+                    ));
+                }
+            },
             (_, Some(groups), Some(kept)) => (groups, kept),
             _ if !v2 => (n_group.unwrap_or(8), topk_group.unwrap_or(4)),
             (TopkMethod::Greedy, groups, kept) => {
@@ -274,17 +350,51 @@ impl ModelConfig {
             }
         };
         let norm_topk_prob = fields.bool("norm_topk_prob")?.unwrap_or(!v2);
-        let routed_scaling_factor =
-            fields.f32("routed_scaling_factor")?.unwrap_or(if v2 { 1.0 } else { 2.5 });
-        let first_k_dense_replace =
-            fields.usize("first_k_dense_replace")?.unwrap_or(if v2 { 0 } else { 3 });
-        let moe_layer_freq = fields.usize("moe_layer_freq")?.unwrap_or(1);
+        if v4 && !norm_topk_prob {
+            return Err(fields.bad_value(
+                "norm_topk_prob",
+                "DeepSeek-V4 routers always renormalise (transformers and DeepSeek's code ignore \
+                 this field); expected true",
+            ));
+        }
+        let default_scale = match family {
+            ModelFamily::DeepseekV2 => 1.0,
+            ModelFamily::DeepseekV4 => 1.5,
+            _ => 2.5,
+        };
+        let routed_scaling_factor = fields.f32("routed_scaling_factor")?.unwrap_or(default_scale);
+        let (mut first_k_dense_replace, mut moe_layer_freq) = (0, 1);
+        if !v4 {
+            first_k_dense_replace =
+                fields.usize("first_k_dense_replace")?.unwrap_or(if v2 { 0 } else { 3 });
+            moe_layer_freq = fields.usize("moe_layer_freq")?.unwrap_or(1);
+        }
         if moe_layer_freq == 0 {
             return Err(fields.bad_value("moe_layer_freq", "must be at least 1"));
         }
         if hidden_size == 0 {
             return Err(fields.bad_value("hidden_size", "must be at least 1"));
         }
+        let listed = match family {
+            ModelFamily::DeepseekV32 | ModelFamily::DeepseekV4 => {
+                fields.layer_kinds("mlp_layer_types", family.layer_type_names(), num_layers)?
+            }
+            _ => None,
+        };
+        if let Some(kinds) = &listed {
+            // The leading dense layers, so that every MoE layer is at or past them.
+            first_k_dense_replace = kinds.iter().take_while(|kind| !kind.is_moe()).count();
+        }
+        let (leading_hash_layers, vocab_size) = if v4 {
+            let hash_layers = fields.usize("num_hash_layers")?.unwrap_or(3);
+            let vocab_size = fields.usize("vocab_size")?.unwrap_or(129_280);
+            if vocab_size == 0 {
+                return Err(fields.bad_value("vocab_size", "must be at least 1"));
+            }
+            (hash_layers, Some(vocab_size))
+        } else {
+            (0, None)
+        };
 
         let routing = RoutingSpec::builder(num_experts, top_k)
             .scoring(scoring)
@@ -294,6 +404,11 @@ impl ModelConfig {
             .routed_scaling_factor(routed_scaling_factor)
             .build()
             .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
+        if v4 {
+            hash_routing(&routing)
+                .validate()
+                .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
+        }
 
         Ok(ModelConfig {
             family,
@@ -303,6 +418,9 @@ impl ModelConfig {
             num_layers,
             first_k_dense_replace,
             moe_layer_freq,
+            listed,
+            leading_hash_layers,
+            vocab_size,
             routing,
         })
     }
@@ -333,41 +451,87 @@ impl ModelConfig {
         self.num_layers
     }
 
-    /// The number of leading dense layers.
+    /// The number of leading dense layers (counted from `mlp_layer_types` where it is given).
     pub fn first_k_dense_replace(&self) -> usize {
         self.first_k_dense_replace
     }
 
-    /// Every `moe_layer_freq`-th layer is an MoE layer.
+    /// Every `moe_layer_freq`-th layer is an MoE layer (1 where `mlp_layer_types` lists them).
     pub fn moe_layer_freq(&self) -> usize {
         self.moe_layer_freq
     }
 
-    /// The routing spec every MoE layer of this model uses (scaling applied in the gate, non-finite
-    /// logits an error).
+    /// Whether `mlp_layer_types` lists each layer's kind (then the two rules above do not apply).
+    pub fn lists_layer_types(&self) -> bool {
+        self.listed.is_some()
+    }
+
+    /// The routing spec of the model's top-k MoE layers (scaling applied in the gate, non-finite
+    /// logits an error). Hash-routed layers use [`layer_routing`](Self::layer_routing).
     pub fn routing(&self) -> &RoutingSpec {
         &self.routing
     }
 
-    /// Whether decoder layer `layer` has an MoE block: it exists, it is past the dense layers and it
-    /// falls on the MoE frequency.
+    /// The routing spec of decoder layer `layer`: [`routing`](Self::routing), with the hash
+    /// method for a hash-routed layer.
+    pub fn layer_routing(&self, layer: usize) -> RoutingSpec {
+        match self.mlp_kind(layer) {
+            Some(MlpKind::HashMoe) => hash_routing(&self.routing),
+            _ => self.routing,
+        }
+    }
+
+    /// The rows of the hash tables (`vocab_size`), for a family with hash-routed layers.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.vocab_size
+    }
+
+    /// What decoder layer `layer`'s MLP is, or `None` past the last layer.
+    pub fn mlp_kind(&self, layer: usize) -> Option<MlpKind> {
+        if layer >= self.num_layers {
+            return None;
+        }
+        if let Some(kinds) = &self.listed {
+            return kinds.get(layer).copied();
+        }
+        let moe = layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq);
+        Some(match moe {
+            false => MlpKind::Dense,
+            true if layer < self.leading_hash_layers => MlpKind::HashMoe,
+            true => MlpKind::Moe,
+        })
+    }
+
+    /// Whether decoder layer `layer` has an MoE block: it exists and its MLP is MoE (by
+    /// `mlp_layer_types`, or past the dense layers and on the MoE frequency).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer < self.num_layers
-            && layer >= self.first_k_dense_replace
-            && layer.is_multiple_of(self.moe_layer_freq)
+        self.mlp_kind(layer).is_some_and(MlpKind::is_moe)
+    }
+
+    /// Whether decoder layer `layer` is hash-routed (DeepSeek-V4's first MoE layers).
+    pub fn is_hash_layer(&self, layer: usize) -> bool {
+        self.mlp_kind(layer) == Some(MlpKind::HashMoe)
     }
 
     /// The MoE layers in increasing order.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        // The first multiple of the frequency at or past the dense layers, then every
+        // By rule: the first multiple of the frequency at or past the dense layers, then every
         // `moe_layer_freq`-th layer: as many steps as there are MoE layers, however large the
         // numbers in the file.
         let first = self.first_k_dense_replace.checked_next_multiple_of(self.moe_layer_freq);
-        first
+        let by_rule = first
+            .filter(|_| self.listed.is_none())
             .into_iter()
-            .flat_map(|first| (first..self.num_layers).step_by(self.moe_layer_freq))
-            .filter(|&layer| self.is_moe_layer(layer))
+            .flat_map(|first| (first..self.num_layers).step_by(self.moe_layer_freq));
+        let listed = self.listed.iter().flat_map(|kinds| kinds.iter().enumerate());
+        let listed = listed.filter(|(_, kind)| kind.is_moe()).map(|(layer, _)| layer);
+        by_rule.chain(listed).filter(|&layer| self.is_moe_layer(layer))
     }
+}
+
+/// The spec of a hash-routed layer: the model's top-k spec with the hash method.
+fn hash_routing(top_k: &RoutingSpec) -> RoutingSpec {
+    RoutingSpec { method: TopkMethod::Hash, ..*top_k }
 }
 
 /// The fields of one JSON object, with the prefix and file to name in errors.
@@ -433,6 +597,39 @@ impl<'a> Fields<'a> {
 
     fn required_usize(&self, field: &str) -> Result<usize, ConfigError> {
         self.usize(field)?.ok_or_else(|| self.missing(field, ""))
+    }
+
+    /// A per-layer list of kinds (`mlp_layer_types`): one known name per decoder layer.
+    fn layer_kinds(
+        &self,
+        field: &str,
+        names: &[(&str, MlpKind)],
+        num_layers: usize,
+    ) -> Result<Option<Vec<MlpKind>>, ConfigError> {
+        let Some(value) = self.get(field) else { return Ok(None) };
+        let Value::Array(entries) = value else {
+            return Err(self.wrong_type(field, value, "a list of layer types"));
+        };
+        if entries.len() != num_layers {
+            let reason =
+                format!("lists {} layers, `num_hidden_layers` is {num_layers}", entries.len());
+            return Err(self.bad_value(field, &reason));
+        }
+        let kind_of = |entry: &Value| {
+            let name = entry.as_str()?;
+            names.iter().find(|(known, _)| *known == name).map(|&(_, kind)| kind)
+        };
+        entries
+            .iter()
+            .map(|entry| {
+                kind_of(entry).ok_or_else(|| {
+                    let known: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+                    let reason = format!("holds {entry}; expected one of {known:?} per layer");
+                    self.bad_value(field, &reason)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     fn bool(&self, field: &str) -> Result<Option<bool>, ConfigError> {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use sluice_tensor::{BackendError, DType, DlpackError, TensorError, TopkMethod};
+use sluice_tensor::{BackendError, DType, DlpackError, HashTableError, TensorError, TopkMethod};
 use thiserror::Error;
 
 use crate::checkpoint::CheckpointError;
@@ -87,6 +87,59 @@ pub enum ModelError {
         tensor: String,
         /// The method the config names.
         method: TopkMethod,
+    },
+    /// A hash-routed layer whose table `tid2eid` is not in the checkpoint.
+    #[error("{}: layer {layer} is hash-routed, but `{tensor}` is missing", dir.display())]
+    MissingHashTable {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The layer.
+        layer: usize,
+        /// The tensor name looked for.
+        tensor: String,
+    },
+    /// A hash table that would index out of range or route a token twice to one expert.
+    #[error("{}: `{tensor}` {source}", dir.display())]
+    HashTable {
+        /// The checkpoint folder (empty for a gate built in memory).
+        dir: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong with it.
+        source: HashTableError,
+    },
+    /// A hash-routed layer was routed without token ids.
+    #[error(
+        "layer {layer} is hash-routed: it chooses experts by token id, so it needs the token ids \
+         (`input_ids`) of the hidden states"
+    )]
+    MissingTokenIds {
+        /// The layer.
+        layer: usize,
+    },
+    /// Token ids of the wrong dtype or shape.
+    #[error("layer {layer}: token ids are {dtype} {shape:?}, expected i32 or i64 [{tokens}]")]
+    TokenIds {
+        /// The layer.
+        layer: usize,
+        /// Their dtype.
+        dtype: DType,
+        /// Their shape.
+        shape: Vec<usize>,
+        /// The number of hidden-state rows.
+        tokens: usize,
+    },
+    /// A token id that names no row of the layer's hash table.
+    #[error("layer {layer}: token id {id} (row {row}) is outside the hash table's {vocab} rows")]
+    TokenIdOutsideTable {
+        /// The layer.
+        layer: usize,
+        /// The row of the batch.
+        row: usize,
+        /// The id.
+        id: i64,
+        /// Rows of the table.
+        vocab: usize,
     },
     /// A gate tensor has the wrong shape.
     #[error("{}: `{tensor}` has shape {shape:?}, expected {expected:?}", dir.display())]

@@ -10,12 +10,14 @@ use sluice_tensor::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ModelFamily};
 use crate::error::ModelError;
+use crate::hash_table::{hash_table_tensor, load_hash_table};
 use crate::prepared::{GateRouting, PreparedGate, check_hidden, export_detached, import_checked};
 
 /// One MoE layer's gate: the router weight `[E, H]`, the f32 correction bias `[E]` (`noaux_tc`
-/// only) and the routing spec.
+/// only) or the hash table `tid2eid` (i32 `[vocab, K]`, hash-routed layers only), and the routing
+/// spec.
 ///
 /// The weight is held as a **parameter** (`requires_grad = true`), the way a training framework
 /// holds it; that is what made the original DLPack export fail. The gate never exports it as is:
@@ -28,6 +30,7 @@ pub struct MoeGate {
     hidden_size: usize,
     weight: Tensor,
     bias: Option<Tensor>,
+    hash_table: Option<Tensor>,
 }
 
 /// The names one MoE layer's gate tensors have in a checkpoint, under one naming convention.
@@ -38,8 +41,10 @@ pub struct MoeGate {
 pub struct GateTensorNames {
     /// The router weight `[E, H]`.
     pub weight: String,
-    /// The correction bias `[E]`, stored exactly when the routing is `noaux_tc`.
+    /// The correction bias `[E]`, stored exactly when the routing is `noaux_tc` (top-k layers).
     pub correction_bias: String,
+    /// The hash table `tid2eid` `[vocab, K]`, stored exactly for hash-routed layers (DeepSeek-V4).
+    pub hash_table: String,
 }
 
 impl GateTensorNames {
@@ -47,19 +52,36 @@ impl GateTensorNames {
     /// order they are looked for: `model.layers.` for text models; Kimi-K2.5's multimodal
     /// checkpoints prefix the language model, as released (`language_model.model.`) or as
     /// transformers saves it (`model.language_model.`).
+    ///
+    /// | checkpoints | weight | bias | hash table |
+    /// | --- | --- | --- | --- |
+    /// | text models (V2, V3, V3.2, Kimi-K2) | `model.layers.{L}.mlp.gate.weight` | `….e_score_correction_bias` | - |
+    /// | Kimi-K2.5 as released / as transformers saves it | `language_model.model.layers.{L}.mlp.gate.weight` / `model.language_model.layers.{L}…` | as above | - |
+    /// | DeepSeek-V4 as released | `layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
+    /// | DeepSeek-V4 as transformers 5.24 saves it (it maps the names back, keeping its `model.` prefix) | `model.layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
+    /// | DeepSeek-V4 under transformers' module names | `model.layers.{L}.mlp.gate.weight` | `….e_score_correction_bias` | `….tid2eid` |
     pub fn candidates(config: &ModelConfig, layer: usize) -> Vec<Self> {
-        let prefixes: &[&str] = if config.has_nested_text_config() {
-            &["language_model.model.layers.", "model.language_model.layers."]
-        } else {
-            &["model.layers."]
-        };
-        prefixes
+        let conventions: &[(&str, &str, &str)] =
+            match (config.family(), config.has_nested_text_config()) {
+                (ModelFamily::DeepseekV4, _) => &[
+                    ("layers.", "ffn.gate", "bias"),
+                    ("model.layers.", "ffn.gate", "bias"),
+                    ("model.layers.", "mlp.gate", "e_score_correction_bias"),
+                ],
+                (_, true) => &[
+                    ("language_model.model.layers.", "mlp.gate", "e_score_correction_bias"),
+                    ("model.language_model.layers.", "mlp.gate", "e_score_correction_bias"),
+                ],
+                (_, false) => &[("model.layers.", "mlp.gate", "e_score_correction_bias")],
+            };
+        conventions
             .iter()
-            .map(|prefix| {
-                let gate = format!("{prefix}{layer}.mlp.gate");
+            .map(|(prefix, gate, bias)| {
+                let gate = format!("{prefix}{layer}.{gate}");
                 GateTensorNames {
                     weight: format!("{gate}.weight"),
-                    correction_bias: format!("{gate}.e_score_correction_bias"),
+                    correction_bias: format!("{gate}.{bias}"),
+                    hash_table: format!("{gate}.tid2eid"),
                 }
             })
             .collect()
@@ -68,7 +90,7 @@ impl GateTensorNames {
     /// Every tensor name of the gate, the weight first: what a copy of the gate carries (those
     /// of them that the checkpoint holds).
     pub fn all(&self) -> Vec<&str> {
-        vec![&self.weight, &self.correction_bias]
+        vec![&self.weight, &self.correction_bias, &self.hash_table]
     }
 }
 
@@ -76,14 +98,15 @@ impl MoeGate {
     /// Loads the gate of MoE layer `layer`.
     ///
     /// The weight must be bf16 or f32 `[E, H]`, the bias (present exactly when the method is
-    /// `noaux_tc`) `[E]`. An f32 bias is used as stored, zero-copy; an f64 one is rounded once to
+    /// `noaux_tc`) `[E]`. A hash-routed layer has no bias but a table `tid2eid` (i32 or i64
+    /// `[vocab_size, K]`), refused when a row names an expert outside `[0, E)` or one twice. An f32 bias is used as stored, zero-copy; an f64 one is rounded once to
     /// f32, a bf16 or f16 one widened exactly. It is never narrowed to bf16: rounding the bias
     /// changes which experts are selected.
     pub fn load(checkpoint: &Checkpoint, layer: usize) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         let dir = checkpoint.dir();
         let _span = tracing::debug_span!("gate_load", layer).entered();
-        let spec = *config.routing();
+        let spec = config.layer_routing(layer);
         let hidden_size = config.hidden_size();
         let names = Self::find_tensor_names(checkpoint, layer)?;
         let (weight_name, bias_name) = (&names.weight, &names.correction_bias);
@@ -126,7 +149,33 @@ impl MoeGate {
             bias = bias.is_some(),
             "loaded gate"
         );
-        Self::new(layer, spec, weight, bias)
+        if spec.method != TopkMethod::Hash {
+            return Self::new(layer, spec, weight, bias);
+        }
+        // Every family with hash layers has a vocabulary size (defaulted when absent).
+        let vocab = config.vocab_size().unwrap_or_default();
+        let table = load_hash_table(checkpoint, layer, &names.hash_table, vocab, &spec)?;
+        Self::hashed(layer, spec, weight, table)
+    }
+
+    /// A hash-routed gate from tensors in memory: the weight as for [`new`](MoeGate::new) and the
+    /// table `tid2eid` (i32 or i64 `[vocab, K]`), whose rows must name `K` distinct experts of
+    /// `[0, E)`. The spec's method must be [`TopkMethod::Hash`].
+    pub fn hashed(
+        layer: usize,
+        spec: RoutingSpec,
+        weight: Tensor,
+        table: Tensor,
+    ) -> Result<Self, ModelError> {
+        if spec.method != TopkMethod::Hash {
+            return Err(ModelError::GatePart {
+                part: "hash table",
+                problem: format!("is not used by {} routing", spec.method.name()),
+            });
+        }
+        let table = hash_table_tensor(Path::new(""), "tid2eid", &table, &spec)?;
+        let gate = Self::checked(layer, spec, weight, None)?;
+        Ok(MoeGate { hash_table: Some(table), ..gate })
     }
 
     /// The names of MoE layer `layer`'s gate tensors in `checkpoint`: the naming convention under
@@ -174,8 +223,25 @@ impl MoeGate {
     ///
     /// The weight must be bf16 or f32 `[E, H]` with `E = spec.num_experts`; the bias, present
     /// exactly when the method is `noaux_tc`, f32 `[E]`. The spec is validated. The weight is held
-    /// as a parameter (`requires_grad = true`), like a loaded one.
+    /// as a parameter (`requires_grad = true`), like a loaded one. Hash-routed gates are made by
+    /// [`hashed`](MoeGate::hashed).
     pub fn new(
+        layer: usize,
+        spec: RoutingSpec,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<Self, ModelError> {
+        if spec.method == TopkMethod::Hash {
+            return Err(ModelError::GatePart {
+                part: "hash table",
+                problem: "is missing; hash routing needs one (MoeGate::hashed)".to_owned(),
+            });
+        }
+        Self::checked(layer, spec, weight, bias)
+    }
+
+    /// Validates the spec, the weight and the bias.
+    fn checked(
         layer: usize,
         spec: RoutingSpec,
         weight: Tensor,
@@ -209,7 +275,8 @@ impl MoeGate {
             }
             (None, _) => {}
         }
-        Ok(MoeGate { layer, spec, hidden_size, weight: weight.with_requires_grad(true), bias })
+        let weight = weight.with_requires_grad(true);
+        Ok(MoeGate { layer, spec, hidden_size, weight, bias, hash_table: None })
     }
 
     /// Loads the gate of every MoE layer, in layer order.
@@ -261,21 +328,46 @@ impl MoeGate {
         self.bias.as_ref()
     }
 
-    /// Hands the detached weight and bias to `backend` to prepare for repeated routing.
+    /// The hash table `tid2eid`, i32 `[vocab, K]` (hash-routed layers only).
+    pub fn hash_table(&self) -> Option<&Tensor> {
+        self.hash_table.as_ref()
+    }
+
+    /// Hands the detached weight and bias (or hash table) to `backend` to prepare for repeated
+    /// routing.
     pub fn prepare(&self, backend: &dyn Backend) -> Result<PreparedGate, ModelError> {
         let _span =
             tracing::debug_span!("gate_prepare", layer = self.layer, backend = backend.name())
                 .entered();
         let weight = export_detached(&self.weight)?;
-        let bias = self.bias.as_ref().map(export_detached).transpose()?;
-        let router = backend.prepare_router(weight, bias, &self.spec)?;
-        Ok(PreparedGate::new(self.layer, self.hidden_size, backend.name(), router))
+        let (router, vocab) = match &self.hash_table {
+            Some(table) => {
+                let vocab = table.shape()[0];
+                let table = export_detached(table)?;
+                (backend.prepare_hash_router(weight, table, &self.spec)?, Some(vocab))
+            }
+            None => {
+                let bias = self.bias.as_ref().map(export_detached).transpose()?;
+                (backend.prepare_router(weight, bias, &self.spec)?, None)
+            }
+        };
+        Ok(PreparedGate::new(self.layer, self.hidden_size, vocab, backend.name(), router))
     }
 
     /// Routes hidden states `[T, H]` once: [`prepare`](MoeGate::prepare), then
     /// [`PreparedGate::route`]. Keep the [`PreparedGate`] to route more than once.
     pub fn route(&self, backend: &dyn Backend, hidden: &Tensor) -> Result<GateRouting, ModelError> {
         self.prepare(backend)?.route(hidden)
+    }
+
+    /// [`route`](MoeGate::route) with the token ids `[T]` that a hash-routed layer needs.
+    pub fn route_with_token_ids(
+        &self,
+        backend: &dyn Backend,
+        hidden: &Tensor,
+        token_ids: Option<&Tensor>,
+    ) -> Result<GateRouting, ModelError> {
+        self.prepare(backend)?.route_with_token_ids(hidden, token_ids)
     }
 
     /// Router logits `x · Wᵀ`, f32 `[T, E]`, computed by `backend` without preparing a router.

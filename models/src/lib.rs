@@ -48,13 +48,14 @@ mod dispatch;
 mod error;
 mod gate;
 pub mod golden;
+mod hash_table;
 mod prepared;
 pub mod reference;
 mod safetensors_bytes;
 mod safetensors_file;
 
 pub use checkpoint::{CONFIG_FILE, Checkpoint, CheckpointError, SHARD_INDEX, SINGLE_FILE};
-pub use config::{ConfigError, ModelConfig, ModelFamily};
+pub use config::{ConfigError, MlpKind, ModelConfig, ModelFamily};
 pub use error::{ModelError, RoutingProblem};
 pub use gate::{GateTensorNames, MoeGate};
 pub use prepared::{GateRouting, PreparedGate};

@@ -6,10 +6,11 @@ use std::fmt;
 use sluice_tensor::reexports::ndarray::ArrayView2;
 use sluice_tensor::{
     DType, Dlpack, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, PreparedRouter,
-    RouteInputs, RouteOutputs, RoutingSpec, Tensor,
+    RouteInputs, RouteOutputs, RoutingSpec, Tensor, TopkMethod,
 };
 
 use crate::error::{ModelError, RoutingProblem};
+use crate::hash_table::check_token_ids;
 use crate::reference::Routing;
 
 /// A gate prepared by a backend (weight packed, uploaded or kept), for repeated routing.
@@ -27,6 +28,8 @@ use crate::reference::Routing;
 pub struct PreparedGate {
     layer: usize,
     hidden_size: usize,
+    /// The rows of the hash table of a hash-routed layer, where the gate knows its table.
+    hash_vocab: Option<usize>,
     backend: String,
     router: Box<dyn PreparedRouter>,
 }
@@ -45,10 +48,11 @@ impl PreparedGate {
     pub(crate) fn new(
         layer: usize,
         hidden_size: usize,
+        hash_vocab: Option<usize>,
         backend: &str,
         router: Box<dyn PreparedRouter>,
     ) -> Self {
-        PreparedGate { layer, hidden_size, backend: backend.to_owned(), router }
+        PreparedGate { layer, hidden_size, hash_vocab, backend: backend.to_owned(), router }
     }
 
     /// A gate around a router that an engine prepared itself, through any [`PreparedRouter`]
@@ -58,7 +62,9 @@ impl PreparedGate {
         backend: impl Into<String>,
         router: Box<dyn PreparedRouter>,
     ) -> Self {
-        PreparedGate { layer, hidden_size: router.hidden_size(), backend: backend.into(), router }
+        let hidden_size = router.hidden_size();
+        // The table stays with the router: its token ids are checked by the backend alone.
+        PreparedGate { layer, hidden_size, hash_vocab: None, backend: backend.into(), router }
     }
 
     /// The decoder layer.
@@ -81,21 +87,69 @@ impl PreparedGate {
         self.router.spec()
     }
 
+    /// Whether the layer is hash-routed: it needs the token ids of the hidden states.
+    pub fn is_hashed(&self) -> bool {
+        self.spec().method == TopkMethod::Hash
+    }
+
     /// Routes hidden states `[T, H]` (f32, bf16 or f16, as the backend supports) to `top_k` experts
     /// per token.
     ///
     /// The hidden states are detached before they cross the bridge (O(1), same storage), so
-    /// activations that require grad route fine; the caller's tensor is left as it was.
+    /// activations that require grad route fine; the caller's tensor is left as it was. A
+    /// hash-routed layer refuses this call with [`ModelError::MissingTokenIds`]; route it with
+    /// [`route_with_token_ids`](PreparedGate::route_with_token_ids) or
+    /// [`route_into`](PreparedGate::route_into) with the token ids in its inputs.
     pub fn route(&self, hidden: &Tensor) -> Result<GateRouting, ModelError> {
+        self.route_with_token_ids(hidden, None)
+    }
+
+    /// Routes hidden states `[T, H]` whose token ids (i32 or i64 `[T]`) are `token_ids`. A
+    /// hash-routed layer chooses its experts by them and refuses a call without them or with an
+    /// id outside its table; other layers ignore them.
+    pub fn route_with_token_ids(
+        &self,
+        hidden: &Tensor,
+        token_ids: Option<&Tensor>,
+    ) -> Result<GateRouting, ModelError> {
         let tokens = check_hidden(self.layer, self.hidden_size, hidden)?;
         let _span =
             tracing::debug_span!("gate_route", layer = self.layer, tokens, backend = %self.backend)
                 .entered();
-        let output = self.router.route(&export_detached(hidden)?)?;
         let shape = [tokens, self.spec().top_k];
-        let ids = import_checked(&self.backend, "topk_ids", output.topk_ids, DType::I32, &shape)?;
-        let weights =
-            import_checked(&self.backend, "topk_weights", output.topk_weights, DType::F32, &shape)?;
+        let (ids, weights) = match (self.is_hashed(), token_ids) {
+            (false, _) => {
+                let output = self.router.route(&export_detached(hidden)?)?;
+                let ids =
+                    import_checked(&self.backend, "topk_ids", output.topk_ids, DType::I32, &shape)?;
+                let weights = import_checked(
+                    &self.backend,
+                    "topk_weights",
+                    output.topk_weights,
+                    DType::F32,
+                    &shape,
+                )?;
+                (ids, weights)
+            }
+            (true, None) => return Err(ModelError::MissingTokenIds { layer: self.layer }),
+            (true, Some(token_ids)) => {
+                check_token_ids(self.layer, tokens, self.hash_vocab, token_ids)?;
+                // The token ids travel in the contract's inputs, so this goes through
+                // `route_into`, into buffers made here.
+                let (hidden, token_ids) = (hidden.detach(), token_ids.detach());
+                let inputs = RouteInputs::new(DlpackView::from_tensor(&hidden)?)
+                    .with_token_ids(DlpackView::from_tensor(&token_ids)?);
+                let len = tokens * shape[1];
+                let (mut ids, mut weights) = (vec![0i32; len], vec![0.0f32; len]);
+                let mut outputs = RouteOutputs::new(
+                    DlpackViewMut::from_slice(&mut ids, &shape)?,
+                    DlpackViewMut::from_slice(&mut weights, &shape)?,
+                );
+                self.router.route_into(&inputs, &mut outputs, Execution::Host)?;
+                drop(outputs);
+                (Tensor::from_vec(ids, &shape)?, Tensor::from_vec(weights, &shape)?)
+            }
+        };
         let (ids_view, weights_view) =
             (DlpackView::from_tensor(&ids)?, DlpackView::from_tensor(&weights)?);
         check_routing(&self.backend, self.spec(), &ids_view, &weights_view)?;
@@ -115,6 +169,9 @@ impl PreparedGate {
         execution: Execution,
     ) -> Result<(), ModelError> {
         self.check_hidden_view(&inputs.hidden)?;
+        if self.is_hashed() && inputs.token_ids.is_none() {
+            return Err(ModelError::MissingTokenIds { layer: self.layer });
+        }
         self.router.route_into(inputs, outputs, execution)?;
         if execution == Execution::Host {
             let (ids, weights) = (outputs.topk_ids.as_view(), outputs.topk_weights.as_view());

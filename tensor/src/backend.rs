@@ -14,6 +14,8 @@
 //! | hidden states `x` | `[T, H]` | f32, bf16, f16 |
 //! | router weight `W` | `[E, H]` | bf16, f32 |
 //! | correction bias | `[E]` | f32 |
+//! | hash table `tid2eid` (hash layers) | `[vocab, K]` | i32 |
+//! | token ids (hash layers) | `[T]` | i32, i64 |
 //! | logits | `[T, E]` | f32 |
 //! | `topk_ids` | `[T, K]` | i32 (`-1` marks an invalid row) |
 //! | `topk_weights` | `[T, K]` | f32 |
@@ -27,8 +29,9 @@ use crate::contract::{ExpectedShape, with_borrowed_dlpack, write_status};
 use crate::dispatch::{DispatchInputs, DispatchOutputs, check_dispatch_into};
 use crate::dlpack::{Dlpack, DlpackError, export_vec};
 use crate::{
-    DType, Device, DlpackView, DlpackViewMut, Element, Execution, RouteInputs, RouteOutputs,
-    RoutingSpec, SpecError, TopkMethod, ViewError, check_logits_into, check_route_into,
+    DType, Device, DlpackView, DlpackViewMut, Element, Execution, HashTableError, RouteInputs,
+    RouteOutputs, RoutingSpec, SpecError, TopkMethod, ViewError, check_logits_into,
+    check_route_into,
 };
 
 /// The two outputs of routing, as DLPack tensors owned by the backend until imported.
@@ -138,7 +141,9 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
     /// Router logits `x · Wᵀ`, f32 `[T, E]`.
     fn router_gemm(&self, hidden: &Dlpack) -> Result<Dlpack, BackendError>;
 
-    /// The fused route: router GEMM and routing in one call.
+    /// The fused route: router GEMM and routing in one call. A hash-routed router refuses it
+    /// with [`BackendError::MissingTokenIds`]: it needs the token ids of
+    /// [`route_into`](Self::route_into)'s inputs.
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError>;
 
     /// The bytes of caller workspace a `route_into` of `tokens` tokens needs (0: none).
@@ -295,6 +300,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
         bias: Option<Dlpack>,
         spec: &RoutingSpec,
     ) -> Result<Box<dyn PreparedRouter>, BackendError>;
+
+    /// Prepares a hash-routed router ([`TopkMethod::Hash`](crate::TopkMethod::Hash)): the weight
+    /// that scores the experts and the table `tid2eid` (i32 `[vocab, K]`, checked with
+    /// [`check_hash_table`](crate::check_hash_table)) that chooses them. Backends without hash
+    /// routing refuse it.
+    fn prepare_hash_router(
+        &self,
+        weight: Dlpack,
+        table: Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Box<dyn PreparedRouter>, BackendError> {
+        let _ = (weight, table, spec);
+        Err(BackendError::Unsupported {
+            op: "prepare_hash_router",
+            backend: self.name().to_owned(),
+        })
+    }
 
     /// The fused route for a single call: prepares the router, then routes. Callers that route more
     /// than once should keep the [`PreparedRouter`] instead.
@@ -563,6 +585,42 @@ pub enum BackendError {
         op: &'static str,
         /// The size asked for.
         bytes: usize,
+    },
+    /// A hash-routed layer was called without the token ids it selects experts by.
+    #[error(
+        "{op}: this layer routes by token id (hash routing); pass the token ids of the hidden states"
+    )]
+    MissingTokenIds {
+        /// The op.
+        op: &'static str,
+    },
+    /// A token id names no row of the hash table.
+    #[error("{op}: token id {id} of row {row} is outside the hash table's {vocab} rows")]
+    TokenIdOutsideTable {
+        /// The op.
+        op: &'static str,
+        /// The row of the batch.
+        row: usize,
+        /// The id.
+        id: i64,
+        /// Rows of the table.
+        vocab: usize,
+    },
+    /// A hash table that would index out of range or route a token twice to one expert.
+    #[error("{op}: hash table `tid2eid` {source}")]
+    HashTable {
+        /// The op.
+        op: &'static str,
+        /// What is wrong with it.
+        source: HashTableError,
+    },
+    /// An op this backend does not implement.
+    #[error("{op} is not supported by the {backend} backend")]
+    Unsupported {
+        /// The op.
+        op: &'static str,
+        /// The backend's name.
+        backend: String,
     },
     /// The routing spec is invalid.
     #[error("invalid routing spec: {0}")]

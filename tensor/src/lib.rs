@@ -47,6 +47,7 @@ pub mod dlpack;
 mod dtype;
 mod error;
 mod execution;
+mod hash_table;
 mod layout;
 mod routing;
 mod storage;
@@ -68,6 +69,7 @@ pub use dlpack::{Dlpack, DlpackError, LegacyDlpack};
 pub use dtype::{DType, Element};
 pub use error::TensorError;
 pub use execution::{DeviceStream, Execution, StreamError};
+pub use hash_table::{HashTableError, check_hash_table, first_token_outside_table};
 pub use layout::Layout;
 pub use routing::{
     NonFinitePolicy, RENORM_EPSILON, RoutingSpec, RoutingSpecBuilder, ScoringFunc, SpecError,

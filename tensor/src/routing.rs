@@ -3,12 +3,14 @@
 //! The semantics are decided once, in the design document, and implemented once as the scalar
 //! reference router in `sluice-models`; every backend is tested against it. In short:
 //!
-//! - scores are f32: `softmax(logits)` or `sigmoid(logits)`;
+//! - scores are f32: `softmax(logits)`, `sigmoid(logits)` or `sqrt(softplus(logits))`;
 //! - the f32 correction bias (`noaux_tc` only) is added to the sigmoid scores for *selection only*;
 //!   weights are the unbiased scores, carried alongside;
 //! - group scores: the largest softmax probability (`group_limited_greedy`) or the sum of the two
 //!   largest biased scores (`noaux_tc`); the best `topk_group` groups are kept, the others masked
 //!   with `-inf`;
+//! - hash layers (`TopkMethod::Hash`) take their experts from a frozen per-token table instead of
+//!   ranking scores (see [`check_hash_table`]); their weights are still the scores of those experts;
 //! - ties: larger score first, then lower index (for experts and for groups alike);
 //! - output rows hold `top_k` experts sorted by weight descending, then by expert id;
 //! - `norm_topk_prob` divides by `sum + 1e-20` in f32; `routed_scaling_factor` is applied once,
@@ -27,8 +29,10 @@ pub const RENORM_EPSILON: f32 = 1e-20;
 pub enum ScoringFunc {
     /// `softmax` over all experts of a token (DeepSeek-V2, V2-Lite, V2.5).
     Softmax,
-    /// Element-wise `sigmoid` (DeepSeek-V3, R1, Kimi-K2).
+    /// Element-wise `sigmoid` (DeepSeek-V3, V3.2, R1, Kimi-K2).
     Sigmoid,
+    /// Element-wise `sqrt(softplus(x))` with `softplus(x) = ln(1 + e^x)` (DeepSeek-V4).
+    SqrtSoftplus,
 }
 
 impl ScoringFunc {
@@ -37,6 +41,7 @@ impl ScoringFunc {
         match self {
             ScoringFunc::Softmax => "softmax",
             ScoringFunc::Sigmoid => "sigmoid",
+            ScoringFunc::SqrtSoftplus => "sqrtsoftplus",
         }
     }
 }
@@ -48,10 +53,14 @@ pub enum TopkMethod {
     Greedy,
     /// Keep the `topk_group` groups with the largest maximum score, then top-k (V2, V2.5).
     GroupLimitedGreedy,
-    /// Sigmoid scores plus the correction bias; keep the `topk_group` groups with the largest sum of
-    /// their two best biased scores, then top-k on biased scores; weights from unbiased scores
-    /// (V3, R1, Kimi-K2).
+    /// Sigmoid (or sqrt-softplus, or softmax) scores plus the correction bias; keep the `topk_group`
+    /// groups with the largest sum of their two best biased scores, then top-k on biased scores;
+    /// weights from unbiased scores (V3, V3.2, R1, Kimi-K2; V4 without groups).
     NoauxTc,
+    /// The experts come from a frozen table, row `token_id` of `tid2eid` `[vocab, top_k]`; the
+    /// weights are the scores of those experts (DeepSeek-V4's first MoE layers). Needs the token
+    /// ids of the hidden states; has no correction bias and no groups.
+    Hash,
 }
 
 impl TopkMethod {
@@ -61,12 +70,24 @@ impl TopkMethod {
             TopkMethod::Greedy => "greedy",
             TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
             TopkMethod::NoauxTc => "noaux_tc",
+            TopkMethod::Hash => "hash",
         }
     }
 
     /// Whether the method restricts the choice to the best groups.
     pub const fn uses_groups(self) -> bool {
-        !matches!(self, TopkMethod::Greedy)
+        matches!(self, TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc)
+    }
+
+    /// The scoring functions the method is defined with: the V2 methods rank softmax
+    /// probabilities; the bias-corrected and hashed selections take any of them.
+    const fn accepts(self, scoring: ScoringFunc) -> bool {
+        match self {
+            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
+                matches!(scoring, ScoringFunc::Softmax)
+            }
+            TopkMethod::NoauxTc | TopkMethod::Hash => true,
+        }
     }
 }
 
@@ -181,6 +202,12 @@ pub enum SpecError {
         /// The scoring function.
         scoring: ScoringFunc,
     },
+    /// Hash routing takes its experts from a table; expert groups would be ignored.
+    #[error("hash routing has no expert groups, got `n_group` = {n_group}")]
+    HashWithGroups {
+        /// Groups asked for.
+        n_group: usize,
+    },
     /// The scaling factor is not a positive finite number.
     #[error("`routed_scaling_factor` must be positive and finite, got {0}")]
     BadScalingFactor(f32),
@@ -220,12 +247,11 @@ impl RoutingSpec {
                 return Err(SpecError::Zero { field });
             }
         }
-        let expected_scoring = match self.method {
-            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => ScoringFunc::Softmax,
-            TopkMethod::NoauxTc => ScoringFunc::Sigmoid,
-        };
-        if self.scoring != expected_scoring {
+        if !self.method.accepts(self.scoring) {
             return Err(SpecError::ScoringMismatch { method: self.method, scoring: self.scoring });
+        }
+        if self.method == TopkMethod::Hash && self.n_group != 1 {
+            return Err(SpecError::HashWithGroups { n_group: self.n_group });
         }
         if !self.num_experts.is_multiple_of(self.n_group) {
             return Err(SpecError::UnevenGroups {
@@ -412,8 +438,11 @@ mod tests {
         s.top_k = 0;
         assert_eq!(s.validate(), Err(SpecError::Zero { field: "num_experts_per_tok" }));
         let mut s = v3();
-        s.scoring = ScoringFunc::Softmax;
+        s.method = TopkMethod::GroupLimitedGreedy;
         assert!(matches!(s.validate(), Err(SpecError::ScoringMismatch { .. })));
+        let mut s = v3();
+        s.method = TopkMethod::Hash;
+        assert_eq!(s.validate(), Err(SpecError::HashWithGroups { n_group: 8 }));
         let mut s = v3();
         s.routed_scaling_factor = f32::NAN;
         assert!(matches!(s.validate(), Err(SpecError::BadScalingFactor(_))));
@@ -421,6 +450,20 @@ mod tests {
         s.n_group = 256;
         s.topk_group = 8;
         assert_eq!(s.validate(), Err(SpecError::GroupTooSmall { per_group: 1 }));
+    }
+
+    #[test]
+    fn v4_top_k_and_hash_layers_are_valid() {
+        for method in [TopkMethod::NoauxTc, TopkMethod::Hash] {
+            let spec = RoutingSpec::builder(256, 6)
+                .scoring(ScoringFunc::SqrtSoftplus)
+                .method(method)
+                .norm_topk_prob(true)
+                .routed_scaling_factor(1.5)
+                .build()
+                .unwrap();
+            assert!(!spec.groups_restrict());
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! before the epsilon is added. This is an independent implementation that reuses its buffers, so
 //! routing a row never allocates.
 
+mod hash;
 mod score;
 #[cfg(target_arch = "x86_64")]
 mod select_avx512;
@@ -18,6 +19,8 @@ use sluice_tensor::{
 use crate::kernel::Isa;
 
 use self::topk::TopK;
+
+pub(crate) use self::hash::{HashSelection, TokenIds};
 
 /// Buffers for routing rows one after another without allocating.
 #[derive(Debug, Default)]
@@ -52,6 +55,8 @@ pub(crate) enum RowOutcome {
 pub(crate) struct RowRouter<'a> {
     spec: &'a RoutingSpec,
     bias: Option<&'a [f32]>,
+    /// The table and token ids of a hash-routed call.
+    hash: Option<HashSelection<'a>>,
     /// The instruction set the scores are computed with.
     kernel: Isa,
 }
@@ -68,6 +73,12 @@ impl<'a> RowRouter<'a> {
         kernel: Isa,
     ) -> Result<Self, BackendError> {
         spec.validate()?;
+        if spec.method == TopkMethod::Hash {
+            return Err(BackendError::Unsupported {
+                op,
+                backend: "cpu (hash routing without its table)".to_owned(),
+            });
+        }
         if let Some(bias) = bias {
             if spec.method != TopkMethod::NoauxTc {
                 return Err(BackendError::UnexpectedBias { op, method: spec.method });
@@ -84,7 +95,24 @@ impl<'a> RowRouter<'a> {
                 return Err(BackendError::NonFiniteBias { op, expert, value: *value });
             }
         }
-        Ok(RowRouter { spec, bias, kernel })
+        Ok(RowRouter { spec, bias, hash: None, kernel })
+    }
+
+    /// A router for a hash-routed spec, choosing experts by `hash`.
+    pub(crate) fn hashed(
+        op: &'static str,
+        spec: &'a RoutingSpec,
+        hash: HashSelection<'a>,
+        kernel: Isa,
+    ) -> Result<Self, BackendError> {
+        spec.validate()?;
+        if spec.method != TopkMethod::Hash {
+            return Err(BackendError::Unsupported {
+                op,
+                backend: format!("cpu (a hash table with `{}` routing)", spec.method.name()),
+            });
+        }
+        Ok(RowRouter { spec, bias: None, hash: Some(hash), kernel })
     }
 
     /// The spec this router follows.
@@ -92,10 +120,11 @@ impl<'a> RowRouter<'a> {
         self.spec
     }
 
-    /// Routes one row of `E` logits into `ids` and `weights` (`K` each), sorted by weight
-    /// descending, then by id.
+    /// Routes row `row` of the call, `E` logits, into `ids` and `weights` (`K` each), sorted by
+    /// weight descending, then by id.
     pub(crate) fn route_row(
         &self,
+        row: usize,
         logits: &[f32],
         scratch: &mut RouteScratch,
         ids: &mut [i32],
@@ -108,15 +137,20 @@ impl<'a> RowRouter<'a> {
             weights.fill(0.0);
             return RowOutcome::NonFinite;
         }
-        self.score(logits, scratch);
-        self.select_groups(scratch);
-        self.select_experts(scratch);
-        let mut sum = 0.0f64;
-        for ((&expert, id), weight) in scratch.picked.iter().zip(&mut *ids).zip(&mut *weights) {
-            *id = expert as i32;
-            *weight = scratch.scores[expert as usize];
-            sum += f64::from(*weight);
+        match &self.hash {
+            Some(hash) => hash.pick(row, spec.scoring, self.kernel, logits, scratch, ids, weights),
+            None => {
+                self.score(logits, scratch);
+                self.select_groups(scratch);
+                self.select_experts(scratch);
+                let picked = scratch.picked.iter().zip(&mut *ids).zip(&mut *weights);
+                for ((&expert, id), weight) in picked {
+                    *id = expert as i32;
+                    *weight = scratch.scores[expert as usize];
+                }
+            }
         }
+        let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
         let denominator = sum as f32 + RENORM_EPSILON;
         let scale = spec.output_scale();
         for weight in weights.iter_mut() {
@@ -135,6 +169,7 @@ impl<'a> RowRouter<'a> {
         keys.clear();
         match self.spec.scoring {
             ScoringFunc::Sigmoid => score::sigmoids(self.kernel, logits, scores),
+            ScoringFunc::SqrtSoftplus => score::sqrt_softpluses(self.kernel, logits, scores),
             ScoringFunc::Softmax => score::softmax(self.kernel, logits, exps, scores),
         }
         match self.bias {
@@ -184,7 +219,7 @@ impl<'a> RowRouter<'a> {
         group_keys.extend(keys.chunks_exact(spec.experts_per_group()).map(
             |group| match spec.method {
                 TopkMethod::NoauxTc => sum_of_two_largest(group),
-                TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
+                TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy | TopkMethod::Hash => {
                     group.iter().copied().fold(f32::NEG_INFINITY, f32::max)
                 }
             },

@@ -1,10 +1,12 @@
-//! Scores of a row of logits: sigmoid or softmax, computed in f64 and rounded once to f32, as the
-//! reference does.
+//! Scores of a row of logits: sigmoid, sqrt-softplus or softmax, computed in f64 and rounded once
+//! to f32, as the reference does.
 //!
 //! The SIMD paths evaluate `exp` in f64 with a degree-13 polynomial after Cody-Waite range
-//! reduction (error a few f64 ulps), so the rounded f32 scores equal the reference's except when
-//! the exact value lies within about 1e-15 (relative) of an f32 rounding boundary; the portable
-//! path calls the same `f64::exp` as the reference.
+//! reduction (error a few f64 ulps), and `ln(1 + e)` for `e` in `[0, 1]` as `2 atanh(e / (2 + e))`
+//! with an odd series of 18 terms (argument at most 1/3, truncation below 1e-18), so the rounded
+//! f32 scores equal the reference's except when the exact value lies within about 1e-15
+//! (relative) of an f32 rounding boundary; the portable path calls the same `f64::exp` and
+//! `f64::ln_1p` as the reference.
 
 use crate::kernel::Isa;
 
@@ -27,6 +29,31 @@ pub(super) fn sigmoids(isa: Isa, logits: &[f32], out: &mut Vec<f32>) {
     }
     let _ = isa;
     out.iter_mut().zip(logits).for_each(|(s, &l)| *s = sigmoid(l));
+}
+
+/// `sqrt(ln(1 + e^x))`, computed in f64 as `sqrt(max(x, 0) + ln_1p(e^-|x|))` (no overflow for
+/// large `x`, full precision for very negative `x`) and rounded once.
+pub(super) fn sqrt_softplus(x: f32) -> f32 {
+    let x = f64::from(x);
+    (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt() as f32
+}
+
+/// `out = sqrt(softplus(logits))`.
+pub(super) fn sqrt_softpluses(isa: Isa, logits: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(logits.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `token` proves that the CPU supports AVX-512F.
+        Isa::Avx512Bf16(token) => {
+            return unsafe { x86::sqrt_softpluses_avx512(token, logits, out) };
+        }
+        // SAFETY: `token` proves that the CPU supports AVX2 and FMA.
+        Isa::Avx2Fma(token) => return unsafe { x86::sqrt_softpluses_avx2(token, logits, out) },
+        Isa::Scalar => {}
+    }
+    let _ = isa;
+    out.iter_mut().zip(logits).for_each(|(s, &l)| *s = sqrt_softplus(l));
 }
 
 /// `out = softmax(logits)`, with `exps` as f64 scratch.
@@ -55,7 +82,7 @@ pub(super) fn softmax(isa: Isa, logits: &[f32], exps: &mut Vec<f64>, out: &mut V
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::sigmoid;
+    use super::{sigmoid, sqrt_softplus};
     use crate::kernel::{Avx2FmaToken, Avx512Bf16Token};
 
     /// `ln 2` split so that `n * LN2_HI` is exact for `|n| < 2^11` (the fdlibm constants).
@@ -78,6 +105,16 @@ mod x86 {
             c[j] = c[j - 1] * k as f64;
             k -= 1;
             j += 1;
+        }
+        c
+    };
+    /// `1/1, 1/3, ..., 1/35`, highest degree first: `atanh(s)/s` as a series in `s^2`.
+    const ATANH_SERIES: [f64; 18] = {
+        let mut c = [0.0; 18];
+        let mut i = 0;
+        while i < 18 {
+            c[i] = 1.0 / (2 * (17 - i) + 1) as f64;
+            i += 1;
         }
         c
     };
@@ -135,6 +172,39 @@ mod x86 {
         let done = logits.len() / 8 * 8;
         for (s, &l) in out[done..].iter_mut().zip(&logits[done..]) {
             *s = sigmoid(l);
+        }
+    }
+
+    /// `ln(1 + e)` for `e` in `[0, 1]` (f64 lanes): `2 atanh(s)` with `s = e / (2 + e) <= 1/3`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn ln_1p_unit_avx512(e: __m512d) -> __m512d {
+        let s = _mm512_div_pd(e, _mm512_add_pd(_mm512_set1_pd(2.0), e));
+        let s2 = _mm512_mul_pd(s, s);
+        let mut p = _mm512_set1_pd(ATANH_SERIES[0]);
+        for &c in &ATANH_SERIES[1..] {
+            p = _mm512_fmadd_pd(p, s2, _mm512_set1_pd(c));
+        }
+        _mm512_mul_pd(_mm512_add_pd(s, s), p)
+    }
+
+    /// Sqrt-softpluses of `logits` into `out` (same length), on a CPU the token proves has
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sqrt_softpluses_avx512(_: Avx512Bf16Token, logits: &[f32], out: &mut [f32]) {
+        let (zero, lo) = (_mm512_setzero_pd(), _mm512_set1_pd(-CLAMP));
+        for (l, s) in logits.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: the chunk holds 8 f32s.
+            let x = unsafe { load8_avx512(l.as_ptr()) };
+            let e = exp_avx512(_mm512_max_pd(_mm512_sub_pd(zero, _mm512_abs_pd(x)), lo));
+            let softplus = _mm512_add_pd(_mm512_max_pd(x, zero), ln_1p_unit_avx512(e));
+            let v = _mm512_cvtpd_ps(_mm512_sqrt_pd(softplus));
+            // SAFETY: the output chunk holds 8 f32s.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) };
+        }
+        let done = logits.len() / 8 * 8;
+        for (s, &l) in out[done..].iter_mut().zip(&logits[done..]) {
+            *s = sqrt_softplus(l);
         }
     }
 
@@ -201,6 +271,35 @@ mod x86 {
         }
     }
 
+    /// Sqrt-softpluses of `logits` into `out` (same length), on a CPU the token proves has AVX2
+    /// and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sqrt_softpluses_avx2(_: Avx2FmaToken, logits: &[f32], out: &mut [f32]) {
+        let (zero, lo) = (_mm256_setzero_pd(), _mm256_set1_pd(SOFTMAX_FLOOR));
+        let (two, sign) = (_mm256_set1_pd(2.0), _mm256_set1_pd(-0.0));
+        for (l, s) in logits.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            // SAFETY: the chunk holds 4 f32s.
+            let x = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(l.as_ptr()) });
+            // -|x|, floored where e^x is far below anything f32 keeps after the square root.
+            let e = exp_avx2(_mm256_max_pd(_mm256_or_pd(x, sign), lo));
+            let t = _mm256_div_pd(e, _mm256_add_pd(two, e));
+            let t2 = _mm256_mul_pd(t, t);
+            let mut p = _mm256_set1_pd(ATANH_SERIES[0]);
+            for &c in &ATANH_SERIES[1..] {
+                p = _mm256_fmadd_pd(p, t2, _mm256_set1_pd(c));
+            }
+            let ln_1p = _mm256_mul_pd(_mm256_add_pd(t, t), p);
+            let softplus = _mm256_add_pd(_mm256_max_pd(x, zero), ln_1p);
+            let v = _mm256_cvtpd_ps(_mm256_sqrt_pd(softplus));
+            // SAFETY: the output chunk holds 4 f32s.
+            unsafe { _mm_storeu_ps(s.as_mut_ptr(), v) };
+        }
+        let done = logits.len() / 4 * 4;
+        for (s, &l) in out[done..].iter_mut().zip(&logits[done..]) {
+            *s = sqrt_softplus(l);
+        }
+    }
+
     /// `exps[i] = e^(logits[i] - max)` for the first multiple of 4 entries; returns how many. On a
     /// CPU the token proves has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -251,6 +350,32 @@ mod tests {
         }
     }
 
+    fn sqrt_softpluses_round_like_the_f64_reference(isa: Isa) {
+        let logits = logits();
+        let mut out = Vec::new();
+        sqrt_softpluses(isa, &logits, &mut out);
+        for (&l, &s) in logits.iter().zip(&out) {
+            let expected = sqrt_softplus(l);
+            assert_eq!(s.to_bits(), expected.to_bits(), "{isa}: sqrtsoftplus({l}) = {s}");
+        }
+    }
+
+    #[test]
+    fn sqrt_softplus_keeps_precision_at_both_ends() {
+        // Large logits: softplus(x) = x, no overflow through e^x.
+        assert_eq!(sqrt_softplus(1e30), 1e15);
+        assert_eq!(sqrt_softplus(f32::MAX), (f64::from(f32::MAX)).sqrt() as f32);
+        // Very negative logits: softplus(x) = e^x to f64 precision, so the score is e^(x/2), a
+        // normal f32 down to x = -174, where an f32 ln(1 + e^x) would already be zero.
+        for x in [-30.0f32, -90.0, -120.0, -170.0] {
+            let expected = (f64::from(x) / 2.0).exp();
+            let got = f64::from(sqrt_softplus(x));
+            assert!((got - expected).abs() <= 1e-7 * expected, "{x}: {got} vs {expected}");
+        }
+        assert_eq!(sqrt_softplus(-1000.0), 0.0);
+        assert_eq!(sqrt_softplus(0.0), (2f64.ln().sqrt()) as f32);
+    }
+
     fn softmax_rounds_like_the_f64_reference(isa: Isa) {
         let logits = logits();
         for row in logits.chunks(37) {
@@ -264,5 +389,9 @@ mod tests {
         }
     }
 
-    family_tests!(sigmoids_round_like_the_f64_reference, softmax_rounds_like_the_f64_reference);
+    family_tests!(
+        sigmoids_round_like_the_f64_reference,
+        sqrt_softpluses_round_like_the_f64_reference,
+        softmax_rounds_like_the_f64_reference
+    );
 }

@@ -34,7 +34,7 @@ fn route(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>,
             let mut ids = vec![0; spec.top_k];
             let mut weights = vec![0.0; spec.top_k];
             let outcome =
-                router.route_row(logits, &mut RouteScratch::default(), &mut ids, &mut weights);
+                router.route_row(0, logits, &mut RouteScratch::default(), &mut ids, &mut weights);
             assert_eq!(outcome, RowOutcome::Routed);
             (isa, ids, weights)
         });
@@ -130,12 +130,58 @@ fn non_finite_rows_are_marked_and_counted() {
     let outcomes: Vec<RowOutcome> = logits
         .chunks_exact(4)
         .zip(ids.chunks_exact_mut(2).zip(weights.chunks_exact_mut(2)))
-        .map(|(row, (ids, weights))| router.route_row(row, &mut scratch, ids, weights))
+        .enumerate()
+        .map(|(index, (row, (ids, weights)))| {
+            router.route_row(index, row, &mut scratch, ids, weights)
+        })
         .collect();
     assert_eq!(outcomes, [RowOutcome::Routed, RowOutcome::NonFinite, RowOutcome::NonFinite]);
     assert_eq!(&ids[2..], &[-1, -1, -1, -1]);
     assert_eq!(&weights[2..], &[0.0; 4]);
     assert_eq!(&ids[..2], &[0, 1]);
+}
+
+#[test]
+fn a_hashed_row_takes_the_experts_of_its_token_and_weighs_them_by_score() {
+    let mut s = spec(8, TopkMethod::NoauxTc, (1, 1), 3, true, 1.5);
+    s.method = TopkMethod::Hash;
+    s.scoring = ScoringFunc::SqrtSoftplus;
+    // Token id 1 -> experts 6, 0, 3; token id 0 -> experts 0, 1, 2.
+    let table = [0, 1, 2, 6, 0, 3];
+    let ids = ndarray::arr1(&[1i64, 0]);
+    let logits = [1.0f32, 9.0, 9.0, -2.0, 9.0, 9.0, 0.5, 9.0];
+    for isa in CpuKernel::CONCRETE.into_iter().filter_map(detect_or_report_skip) {
+        let hash = HashSelection::new("t", &table, 3, TokenIds::I64(ids.view()), 2).unwrap();
+        let router = RowRouter::hashed("t", &s, hash, isa).unwrap();
+        let (mut out_ids, mut out_weights) = (vec![0; 3], vec![0.0; 3]);
+        let mut scratch = RouteScratch::default();
+        assert_eq!(
+            router.route_row(0, &logits, &mut scratch, &mut out_ids, &mut out_weights),
+            RowOutcome::Routed
+        );
+        // The experts with the largest logits (1, 2, 4, 5, 7) are not in the row: hash layers do
+        // not rank.
+        let score = |x: f64| x.exp().ln_1p().sqrt();
+        let (s0, s3, s6) = (score(1.0), score(-2.0), score(0.5));
+        let sum = s0 + s3 + s6;
+        assert_eq!(out_ids, vec![0, 6, 3], "{isa}");
+        for (w, s) in out_weights.iter().zip([s0, s6, s3]) {
+            assert!((f64::from(*w) - 1.5 * s / sum).abs() < 1e-6, "{isa}: {out_weights:?}");
+        }
+    }
+}
+
+#[test]
+fn hashed_calls_refuse_token_ids_outside_the_table_or_of_the_wrong_length() {
+    let table = [0, 1, 2, 3];
+    let ids = ndarray::arr1(&[0i32, 2]);
+    let err = HashSelection::new("route", &table, 2, TokenIds::I32(ids.view()), 2).unwrap_err();
+    assert!(
+        matches!(err, BackendError::TokenIdOutsideTable { row: 1, id: 2, vocab: 2, .. }),
+        "{err}"
+    );
+    let err = HashSelection::new("route", &table, 2, TokenIds::I32(ids.view()), 3).unwrap_err();
+    assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
 }
 
 #[test]
@@ -165,6 +211,9 @@ fn naive(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>,
     let scores: Vec<f32> = match spec.scoring {
         ScoringFunc::Sigmoid => {
             logits.iter().map(|&l| (1.0 / (1.0 + (-f64::from(l)).exp())) as f32).collect()
+        }
+        ScoringFunc::SqrtSoftplus => {
+            logits.iter().map(|&l| (f64::from(l).exp().ln_1p()).sqrt() as f32).collect()
         }
         ScoringFunc::Softmax => {
             let max = logits.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
@@ -213,14 +262,17 @@ fn naive(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>,
 }
 
 fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
-    (1usize..5, 1usize..9, prop::bool::ANY, prop::sample::select(vec![0u8, 1, 2]))
+    (1usize..5, 1usize..9, prop::bool::ANY, prop::sample::select(vec![0u8, 1, 2, 3]))
         .prop_flat_map(|(n_group, per_group, norm, method)| {
+            // 3: noaux_tc scoring with sqrt(softplus) instead of sigmoid.
+            let sqrt_softplus = method == 3;
+            let method = method.min(2);
             let method = [TopkMethod::Greedy, TopkMethod::GroupLimitedGreedy, TopkMethod::NoauxTc]
                 [method as usize];
             let per_group =
                 if method == TopkMethod::NoauxTc { per_group.max(2) } else { per_group };
             let n_group = if method == TopkMethod::Greedy { 1 } else { n_group };
-            (Just((n_group, per_group, norm, method)), 1..=n_group)
+            (Just((n_group, per_group, (norm, sqrt_softplus), method)), 1..=n_group)
         })
         .prop_flat_map(|((n_group, per_group, norm, method), topk_group)| {
             let allowed = if method == TopkMethod::Greedy {
@@ -230,8 +282,12 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
             };
             (Just((n_group, per_group, norm, method, topk_group)), 1..=allowed)
         })
-        .prop_map(|((n_group, per_group, norm, method, topk_group), k)| {
-            spec(n_group * per_group, method, (n_group, topk_group), k, norm, 2.5)
+        .prop_map(|((n_group, per_group, (norm, sqrt_softplus), method, topk_group), k)| {
+            let mut s = spec(n_group * per_group, method, (n_group, topk_group), k, norm, 2.5);
+            if sqrt_softplus {
+                s.scoring = ScoringFunc::SqrtSoftplus;
+            }
+            s
         })
 }
 

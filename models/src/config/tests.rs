@@ -285,6 +285,12 @@ fn inconsistent_groups_are_refused_by_spec_validation() {
     assert!(err.to_string().contains("topk_group") && err.to_string().contains("config.json"));
     let err = parse(&V3.replace(r#""scoring_func": "sigmoid""#, r#""scoring_func": "softmax""#))
         .unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::BadValue { field, .. } if field == "scoring_func"),
+        "the V3 router scores with sigmoid only: {err}"
+    );
+    let err = parse(&V2.replace(r#""scoring_func": "softmax""#, r#""scoring_func": "sigmoid""#))
+        .unwrap_err();
     assert!(matches!(err, ConfigError::Spec { source: SpecError::ScoringMismatch { .. }, .. }));
 }
 
@@ -304,4 +310,87 @@ fn reading_a_missing_file_names_it() {
     let err = ModelConfig::from_file("no/such/dir/config.json").unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
     assert!(err.to_string().contains("no/such/dir/config.json"), "{err}");
+}
+
+/// The routing fields of a released DeepSeek-V4 config: no `mlp_layer_types`, the older
+/// `num_hash_layers`.
+const V4: &str = r#"{
+  "model_type": "deepseek_v4", "hidden_size": 4096, "num_hidden_layers": 43,
+  "n_routed_experts": 256, "num_experts_per_tok": 6, "scoring_func": "sqrtsoftplus",
+  "norm_topk_prob": true, "routed_scaling_factor": 1.5, "num_hash_layers": 3, "vocab_size": 129280
+}"#;
+
+#[test]
+fn deepseek_v4_hash_layers_come_first_and_the_rest_rank_sqrt_softplus_scores() {
+    let c = parse(V4).unwrap();
+    assert_eq!(c.family(), ModelFamily::DeepseekV4);
+    expect_spec(&c, ScoringFunc::SqrtSoftplus, TopkMethod::NoauxTc, (1, 1), 6, true, 1.5);
+    assert_eq!(c.moe_layers().count(), 43, "every V4 layer is MoE");
+    assert_eq!((0..43).filter(|&l| c.is_hash_layer(l)).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(c.layer_routing(2).method, TopkMethod::Hash);
+    assert_eq!(c.layer_routing(3).method, TopkMethod::NoauxTc);
+    assert_eq!(c.mlp_kind(43), None);
+    assert_eq!(c.vocab_size(), Some(129_280));
+}
+
+#[test]
+fn deepseek_v4_defaults_by_model_type() {
+    let minimal = r#"{"model_type": "deepseek_v4", "hidden_size": 64, "num_hidden_layers": 5,
+        "n_routed_experts": 16, "num_experts_per_tok": 4}"#;
+    let c = parse(minimal).unwrap();
+    expect_spec(&c, ScoringFunc::SqrtSoftplus, TopkMethod::NoauxTc, (1, 1), 4, true, 1.5);
+    assert_eq!(c.moe_layers().filter(|&l| c.is_hash_layer(l)).count(), 3);
+    assert_eq!(c.vocab_size(), Some(129_280));
+    let sigmoid = minimal
+        .replace("\"n_routed_experts\"", "\"scoring_func\": \"sigmoid\", \"n_routed_experts\"");
+    assert_eq!(parse(&sigmoid).unwrap().routing().scoring, ScoringFunc::Sigmoid);
+}
+
+#[test]
+fn deepseek_v4_saved_by_transformers_lists_layer_types() {
+    let saved = r#"{"model_type": "deepseek_v4", "hidden_size": 64, "num_hidden_layers": 4,
+        "n_routed_experts": 16, "num_experts_per_tok": 4, "num_hash_layers": null,
+        "mlp_layer_types": ["hash_moe", "moe", "hash_moe", "moe"], "vocab_size": 64,
+        "topk_method": null, "n_group": null}"#;
+    let c = parse(saved).unwrap();
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert!(c.is_hash_layer(0) && !c.is_hash_layer(1) && c.is_hash_layer(2));
+    assert!(c.lists_layer_types());
+}
+
+#[test]
+fn deepseek_v4_refuses_what_its_routers_would_ignore() {
+    for (from, to, field) in [
+        (r#""norm_topk_prob": true"#, r#""norm_topk_prob": false"#, "norm_topk_prob"),
+        (r#""num_hash_layers": 3"#, r#""n_group": 8, "topk_group": 4"#, "n_group"),
+        (r#""num_hash_layers": 3"#, r#""topk_method": "greedy""#, "topk_method"),
+        (r#""sqrtsoftplus""#, r#""tanh""#, "scoring_func"),
+        (r#""num_hash_layers": 3"#, r#""mlp_layer_types": ["moe"]"#, "mlp_layer_types"),
+    ] {
+        let err = parse(&V4.replace(from, to)).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { field: f, .. } if f == field),
+            "{to}: {err}"
+        );
+    }
+    let err = parse(&V4.replace(r#""num_hash_layers": 3"#, r#""mlp_layer_types": 3"#)).unwrap_err();
+    assert!(matches!(err, ConfigError::WrongType { .. }), "{err}");
+}
+
+#[test]
+fn deepseek_v3_2_is_the_v3_router_with_listed_dense_layers() {
+    let released = V3.replace("\"deepseek_v3\"", "\"deepseek_v32\"");
+    let c = parse(&released).unwrap();
+    assert_eq!(c.family(), ModelFamily::DeepseekV32);
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (8, 4), 8, true, 2.5);
+    assert_eq!(c.moe_layers().count(), 58);
+    assert!(!c.is_hash_layer(3));
+    let saved = r#"{"model_type": "deepseek_v32", "hidden_size": 64, "num_hidden_layers": 4,
+        "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "first_k_dense_replace": 3, "mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}"#;
+    let c = parse(saved).unwrap();
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![1, 3], "the list wins over the rule");
+    assert_eq!(c.first_k_dense_replace(), 1);
+    let hash = saved.replace("\"sparse\", \"dense\"", "\"hash_moe\", \"dense\"");
+    assert!(matches!(parse(&hash).unwrap_err(), ConfigError::BadValue { .. }));
 }

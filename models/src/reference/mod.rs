@@ -11,11 +11,11 @@
 //!
 //! | step | rule |
 //! | --- | --- |
-//! | scores `s` | `softmax(l)` or `sigmoid(l)`, computed in f64 and rounded once to f32 |
+//! | scores `s` | `softmax(l)`, `sigmoid(l)` or `sqrt(softplus(l))`, computed in f64 and rounded once to f32 (softplus as `max(l, 0) + ln_1p(e^-abs(l))`) |
 //! | selection values `c` | `s + b` added in f32 for `noaux_tc`, `s` otherwise; `s` itself is carried alongside, never recovered by subtracting `b` |
 //! | group score | `group_limited_greedy`: the largest `c` of the group; `noaux_tc`: the sum (f32) of the two largest `c` of the group |
 //! | kept groups | the `topk_group` best groups; experts of the other groups are masked with `-inf` |
-//! | experts | the `top_k` best unmasked experts by `c` |
+//! | experts | the `top_k` best unmasked experts by `c`; for a hash-routed layer ([`route_hashed`]) instead row `token_id` of the table `tid2eid`, whatever the scores |
 //! | order | larger value first, then lower index, for groups and experts alike |
 //! | weights | `s` of the chosen experts; if `norm_topk_prob`, divided by `sum + 1e-20` (sum rounded to f32, then the epsilon added in f32); then multiplied once by [`output_scale`](sluice_tensor::RoutingSpec::output_scale) |
 //! | output row | sorted by weight descending, then by expert id |
@@ -39,6 +39,7 @@
 mod compare;
 mod dispatch;
 mod gemm;
+mod hash;
 mod ranking;
 mod router;
 mod ties;
@@ -46,6 +47,7 @@ mod ties;
 pub use compare::{ComparisonSummary, RoutingMismatch, Tolerance, check_sorted, compare_routings};
 pub use dispatch::{DispatchLayout, LayoutViolation, PaddedLayout, RankLayout, RankMap, dispatch};
 pub use gemm::router_logits;
+pub use hash::route_hashed;
 pub use router::{ReferenceError, Routing, route};
 pub use ties::near_tie_rows;
 

@@ -20,10 +20,7 @@ pub(crate) struct RankedRow {
 /// Scores and ranks one token's finite logits. `bias`, if any, has `spec.num_experts` finite
 /// entries; the caller has checked both.
 pub(crate) fn rank_row(logits: &[f32], bias: Option<&[f32]>, spec: &RoutingSpec) -> RankedRow {
-    let scores = match spec.scoring {
-        ScoringFunc::Softmax => softmax(logits),
-        ScoringFunc::Sigmoid => logits.iter().map(|&x| sigmoid(x)).collect(),
-    };
+    let scores = scores(logits, spec.scoring);
     let selection: Vec<f32> = match bias {
         Some(bias) => scores.iter().zip(bias).map(|(&s, &b)| s + b).collect(),
         None => scores.clone(),
@@ -72,8 +69,27 @@ fn group_score(members: &[f32], method: TopkMethod) -> f32 {
     }
     match method {
         TopkMethod::NoauxTc => best + second,
-        TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => best,
+        TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy | TopkMethod::Hash => best,
     }
+}
+
+/// One token's scores, each computed in f64 and rounded once to f32.
+pub(crate) fn scores(logits: &[f32], scoring: ScoringFunc) -> Vec<f32> {
+    match scoring {
+        ScoringFunc::Softmax => softmax(logits),
+        ScoringFunc::Sigmoid => logits.iter().map(|&x| sigmoid(x)).collect(),
+        ScoringFunc::SqrtSoftplus => logits.iter().map(|&x| sqrt_softplus(x)).collect(),
+    }
+}
+
+/// `sqrt(ln(1 + e^x))` computed in f64 and rounded once to f32.
+///
+/// Written as `max(x, 0) + ln(1 + e^-|x|)`: `e^-|x|` never overflows, and `ln_1p` keeps full
+/// precision where `e^x` is tiny, so very negative logits keep their (tiny, positive) score
+/// instead of flushing to zero the way an f32 `ln(1 + e^x)` does below about -88.
+fn sqrt_softplus(x: f32) -> f32 {
+    let x = f64::from(x);
+    (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt() as f32
 }
 
 /// Correctly rounded f32 sigmoid (computed in f64).

@@ -1,6 +1,8 @@
 //! The reference routing of f32 logits.
 
-use sluice_tensor::{NonFinitePolicy, RENORM_EPSILON, RoutingSpec, SpecError, TopkMethod};
+use sluice_tensor::{
+    HashTableError, NonFinitePolicy, RENORM_EPSILON, RoutingSpec, SpecError, TopkMethod,
+};
 use thiserror::Error;
 
 use super::ranking::{best_first, rank_row};
@@ -52,6 +54,26 @@ pub enum ReferenceError {
     /// More experts than an i32 id can name.
     #[error("{0} experts do not fit i32 expert ids")]
     TooManyExperts(usize),
+    /// A hash-routed spec given to [`route`]: it needs the table and the token ids, through
+    /// [`route_hashed`](super::route_hashed).
+    #[error("hash routing needs the table and the token ids (route_hashed)")]
+    HashNeedsTable,
+    /// A top-k spec given to [`route_hashed`](super::route_hashed).
+    #[error("route_hashed takes a hash-routed spec, got `{}`", .0.name())]
+    NotHashed(TopkMethod),
+    /// The hash table or the token ids are unusable.
+    #[error("hash table: {0}")]
+    HashTable(#[from] HashTableError),
+    /// A token id names no row of the hash table.
+    #[error("token id {id} of row {row} is outside the hash table's {vocab} rows")]
+    TokenIdOutsideTable {
+        /// The row.
+        row: usize,
+        /// The id.
+        id: i64,
+        /// Rows of the table.
+        vocab: usize,
+    },
     /// `top_k` of a routing is zero.
     #[error("a routing needs top_k >= 1")]
     ZeroTopK,
@@ -167,6 +189,24 @@ pub fn route(
 ) -> Result<Routing, ReferenceError> {
     let _span = tracing::debug_span!("reference_route", tokens, %spec).entered();
     check_inputs(logits, tokens, bias, spec)?;
+    if spec.method == TopkMethod::Hash {
+        return Err(ReferenceError::HashNeedsTable);
+    }
+    route_rows(logits, tokens, spec, |_, row_logits| {
+        let ranked = rank_row(row_logits, bias, spec);
+        let chosen = ranked.ranked_experts.iter().take(spec.top_k).copied();
+        weigh(&ranked.scores, chosen, spec)
+    })
+}
+
+/// Routes every row with `route_row` (which gets the row index and its finite logits), applying
+/// the non-finite policy first.
+pub(crate) fn route_rows(
+    logits: &[f32],
+    tokens: usize,
+    spec: &RoutingSpec,
+    mut route_row: impl FnMut(usize, &[f32]) -> (Vec<i32>, Vec<f32>),
+) -> Result<Routing, ReferenceError> {
     let top_k = spec.top_k;
     let mut ids = Vec::with_capacity(tokens * top_k);
     let mut weights = Vec::with_capacity(tokens * top_k);
@@ -183,7 +223,7 @@ pub fn route(
                 }
             }
         }
-        let (row_ids, row_weights) = route_row(row_logits, bias, spec);
+        let (row_ids, row_weights) = route_row(row, row_logits);
         ids.extend(row_ids);
         weights.extend(row_weights);
     }
@@ -193,11 +233,14 @@ pub fn route(
     Routing::new(tokens, top_k, ids, weights)
 }
 
-/// One finite row: `top_k` ids (sorted by weight descending, then id) and their weights.
-fn route_row(logits: &[f32], bias: Option<&[f32]>, spec: &RoutingSpec) -> (Vec<i32>, Vec<f32>) {
-    let ranked = rank_row(logits, bias, spec);
-    let chosen = ranked.ranked_experts.iter().take(spec.top_k);
-    let mut picked: Vec<(f32, usize)> = chosen.map(|&e| (ranked.scores[e], e)).collect();
+/// The weights of the `chosen` experts of one row, given its scores: renormalised, scaled, and
+/// sorted by weight descending, then by id.
+pub(crate) fn weigh(
+    scores: &[f32],
+    chosen: impl Iterator<Item = usize>,
+    spec: &RoutingSpec,
+) -> (Vec<i32>, Vec<f32>) {
+    let mut picked: Vec<(f32, usize)> = chosen.map(|e| (scores[e], e)).collect();
     if spec.norm_topk_prob {
         let sum = picked.iter().map(|&(w, _)| f64::from(w)).sum::<f64>() as f32;
         let denominator = sum + RENORM_EPSILON;
