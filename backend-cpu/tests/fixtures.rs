@@ -79,6 +79,18 @@ impl Golden {
         }
     }
 
+    /// The token ids of the hash-routed layers, if the fixture has any.
+    fn input_ids(&self) -> Option<Tensor> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let view = st.tensor("input_ids").ok()?;
+        let ids: Vec<i64> = view
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Some(Tensor::from_vec(ids, view.shape()).unwrap())
+    }
+
     fn routing(&self, key: &str) -> Routing {
         let (_, shape, ids) = self.tensor(&format!("{key}.topk_ids"));
         let ids: Vec<i32> =
@@ -98,6 +110,7 @@ fn golden_fixtures_route_identically_on_every_kernel() {
         let golden = Golden::open(&dir);
         let gates = MoeGate::load_all(&checkpoint).unwrap();
         assert!(!gates.is_empty(), "{}", dir.display());
+        let input_ids = golden.input_ids();
         for gate in &gates {
             for kind in ["f32", "bf16"] {
                 let key = format!("layers.{}.{kind}", gate.layer());
@@ -106,7 +119,9 @@ fn golden_fixtures_route_identically_on_every_kernel() {
                 let hidden = golden.hidden(kind);
                 for backend in &backends {
                     let what = format!("{} {key} on {}", dir.display(), label(backend));
-                    let routing = gate.prepare(backend).unwrap().route(&hidden).unwrap();
+                    let prepared = gate.prepare(backend).unwrap();
+                    let routing = prepared.route_with_token_ids(&hidden, input_ids.as_ref());
+                    let routing = routing.unwrap_or_else(|e| panic!("{what}: {e}"));
                     let actual = routing.to_routing().unwrap();
                     reference::check_sorted(&actual).unwrap_or_else(|m| panic!("{what}: {m}"));
                     let summary = reference::compare_routings(

@@ -6,6 +6,8 @@
 //! `hidden_states.bf16`) and, for every MoE layer `L` and input kind, the logits
 //! (`layers.{L}.{kind}.logits`) and transformers' top-k ids (i64, unsorted) and weights. Its
 //! metadata lists the MoE layers, the token count and the near-tie rows per layer and kind.
+//! Fixtures with hash-routed layers also hold the token ids those layers were called with
+//! (`input_ids`, i64 `[T]`).
 //!
 //! Every routing test in the workspace (the reference router here, each backend in its own crate)
 //! reads the fixtures through this one reader.
@@ -150,6 +152,16 @@ impl GoldenFixture {
                 fixture_error(&self.file, &format!("{prefix}.topk_ids"), "an id does not fit i32")
             })?;
         Ok(Routing::new(tokens, top_k, ids, weights.to_vec::<f32>()?)?)
+    }
+
+    /// The token ids `[T]` the hash-routed layers were called with (`input_ids`), if the fixture
+    /// has such layers.
+    pub fn input_ids(&self) -> Result<Option<Tensor>, ModelError> {
+        let Some(ids) = self.file.tensor("input_ids")? else { return Ok(None) };
+        if ids.dtype() != DType::I64 || ids.shape() != [self.tokens] {
+            return Err(self.shape_error("input_ids", ids.shape(), "i64 [tokens]"));
+        }
+        Ok(Some(ids))
     }
 
     /// The rows the fixture generator found to be near ties for this layer and input kind.
