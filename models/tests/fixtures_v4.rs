@@ -183,18 +183,19 @@ impl sluice_tensor::Backend for ReferenceOnly {
         &self,
         _: sluice_tensor::Dlpack,
         _: sluice_tensor::Dlpack,
-        _: &sluice_tensor::RoutingSpec,
+        spec: &sluice_tensor::RoutingSpec,
     ) -> Result<Box<dyn sluice_tensor::PreparedRouter>, sluice_tensor::BackendError> {
-        Ok(Box::new(Unreachable))
+        Ok(Box::new(Unreachable(*spec)))
     }
 }
 
+/// A prepared router that only knows its spec.
 #[derive(Debug)]
-struct Unreachable;
+struct Unreachable(sluice_tensor::RoutingSpec);
 
 impl sluice_tensor::PreparedRouter for Unreachable {
     fn spec(&self) -> &sluice_tensor::RoutingSpec {
-        unreachable!("spec")
+        &self.0
     }
     fn hidden_size(&self) -> usize {
         unreachable!("hidden_size")
