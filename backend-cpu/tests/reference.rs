@@ -7,7 +7,10 @@ use common::{Rng, backends, dl, label, read, read_routing};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use sluice_models::reference::{self, Routing, Tolerance};
-use sluice_tensor::{Backend, BackendError, NonFinitePolicy, RoutingSpec, ScoringFunc, TopkMethod};
+use sluice_tensor::{
+    Backend, BackendError, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, RouteInputs,
+    RouteOutputs, RoutingSpec, ScoringFunc, TopkMethod,
+};
 
 /// Relative closeness under which two selection values count as a near tie: well above the
 /// rounding differences of an f32 GEMM, far below the gaps of random data.
@@ -33,6 +36,7 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
     ]);
     (method, 1usize..=8, 1usize..=20, any::<bool>(), any::<bool>())
         .prop_flat_map(|(method, n_group, per_group, norm, apply_scaling)| {
+            // noaux_tc scores with sigmoid (V3) or sqrt-softplus (V4), chosen by a coin below.
             let per_group =
                 if method == TopkMethod::NoauxTc { per_group.max(2) } else { per_group };
             let n_group = if method == TopkMethod::Greedy { 1 } else { n_group };
@@ -44,11 +48,12 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
             let k = 1..=allowed.min(12);
             (Just((method, n_group, per_group, norm, apply_scaling, topk_group)), k)
         })
-        .prop_map(|((method, n_group, per_group, norm, apply_scaling, topk_group), k)| {
-            let scoring = if method == TopkMethod::NoauxTc {
-                ScoringFunc::Sigmoid
-            } else {
-                ScoringFunc::Softmax
+        .prop_flat_map(|(parts, k)| (Just(parts), Just(k), any::<bool>()))
+        .prop_map(|((method, n_group, per_group, norm, apply_scaling, topk_group), k, v4)| {
+            let scoring = match (method, v4) {
+                (TopkMethod::NoauxTc, false) => ScoringFunc::Sigmoid,
+                (TopkMethod::NoauxTc, true) => ScoringFunc::SqrtSoftplus,
+                _ => ScoringFunc::Softmax,
             };
             let mut spec = RoutingSpec::builder(n_group * per_group, k)
                 .scoring(scoring)
@@ -205,6 +210,141 @@ proptest! {
             reference::compare_routings(&expected, &actual, e, &near, WEIGHTS)
                 .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
         }
+    }
+}
+
+/// A hash-routed case: the spec, the table `[vocab, K]` and one token id per row.
+#[derive(Debug, Clone)]
+struct HashCase {
+    case: Case,
+    table: Vec<i32>,
+    token_ids: Vec<i64>,
+    ids_i32: bool,
+}
+
+fn arb_hash_case() -> impl Strategy<Value = HashCase> {
+    let scoring = prop::sample::select(vec![
+        ScoringFunc::SqrtSoftplus,
+        ScoringFunc::Sigmoid,
+        ScoringFunc::Softmax,
+    ]);
+    (2usize..=64, scoring, 1usize..=40, 0usize..=300, any::<u64>(), any::<bool>(), any::<bool>())
+        .prop_flat_map(|(e, scoring, vocab, tokens, seed, x_bf16, ids_i32)| {
+            (Just((e, scoring, vocab, tokens, seed, x_bf16, ids_i32)), 1..=e.min(8))
+        })
+        .prop_map(|((e, scoring, vocab, tokens, seed, x_bf16, ids_i32), k)| {
+            let spec = RoutingSpec::builder(e, k)
+                .scoring(scoring)
+                .method(TopkMethod::Hash)
+                .norm_topk_prob(true)
+                .routed_scaling_factor(1.5)
+                .build()
+                .unwrap();
+            let mut rng = Rng::new(seed ^ 0x5eed);
+            // Each row: the first K of a shuffle of the experts, so K distinct ids.
+            let mut table = Vec::with_capacity(vocab * k);
+            for _ in 0..vocab {
+                let mut experts: Vec<i32> = (0..e as i32).collect();
+                for i in (1..e).rev() {
+                    let j = (rng.unit() * (i + 1) as f32) as usize % (i + 1);
+                    experts.swap(i, j);
+                }
+                table.extend_from_slice(&experts[..k]);
+            }
+            let token_ids =
+                (0..tokens).map(|_| (rng.unit() * vocab as f32) as i64 % vocab as i64).collect();
+            let hidden = [7usize, 33, 100][seed as usize % 3];
+            let case = Case { spec, tokens, hidden, x_type: u8::from(x_bf16), w_bf16: true, seed };
+            HashCase { case, table, token_ids, ids_i32 }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hash_layers_match_the_reference_on_every_path(hash in arb_hash_case()) {
+        let case = &hash.case;
+        let inputs = Inputs::new(case);
+        let (t, e, h, k) = (case.tokens, case.spec.num_experts, case.hidden, case.spec.top_k);
+        let exact = reference::router_logits(&inputs.x, &inputs.w, t, h, e).unwrap();
+        let expected =
+            reference::route_hashed(&exact, t, &hash.table, &hash.token_ids, &case.spec).unwrap();
+        let vocab = hash.table.len() / k;
+        for backend in backends() {
+            let what = format!("{} {hash:?}", label(&backend));
+            let table = dl(hash.table.clone(), &[vocab, k]);
+            let prepared = backend.prepare_hash_router(inputs.w_dl(case), table, &case.spec).unwrap();
+            let x = inputs.x_dl(case);
+            let hidden = DlpackView::from_dlpack(&x).unwrap();
+            let ids32: Vec<i32> = hash.token_ids.iter().map(|&id| id as i32).collect();
+            let token_ids = if hash.ids_i32 {
+                DlpackView::from_slice(&ids32, &[t]).unwrap()
+            } else {
+                DlpackView::from_slice(&hash.token_ids, &[t]).unwrap()
+            };
+            let (mut ids, mut weights) = (vec![0i32; t * k], vec![0.0f32; t * k]);
+            let mut outputs = RouteOutputs::new(
+                DlpackViewMut::from_slice(&mut ids, &[t, k]).unwrap(),
+                DlpackViewMut::from_slice(&mut weights, &[t, k]).unwrap(),
+            );
+            let inputs_with_ids = RouteInputs::new(hidden).with_token_ids(token_ids);
+            prepared.route_into(&inputs_with_ids, &mut outputs, Execution::Host).unwrap();
+            drop(outputs);
+            let actual = as_routing(case, ids, weights);
+            reference::check_sorted(&actual)
+                .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
+            // The table fixes the experts, so every row is compared: no near ties.
+            let summary = reference::compare_routings(&expected, &actual, e, &[], WEIGHTS)
+                .map_err(|m| TestCaseError::fail(format!("{what}: {m}")))?;
+            prop_assert_eq!(summary.rows_compared, t);
+            // Without the token ids the hash router refuses, naming what is missing.
+            let missing = prepared.route(&x);
+            prop_assert!(matches!(missing, Err(BackendError::MissingTokenIds { .. })), "{}", what);
+        }
+    }
+}
+
+#[test]
+fn hash_tables_with_bad_rows_are_refused_naming_the_row() {
+    let spec = RoutingSpec::builder(8, 2)
+        .scoring(ScoringFunc::SqrtSoftplus)
+        .method(TopkMethod::Hash)
+        .norm_topk_prob(true)
+        .build()
+        .unwrap();
+    let weight = || dl(vec![0.5f32; 8 * 4], &[8, 4]);
+    for backend in backends() {
+        for (table, row) in [(vec![0, 1, 2, 8], 1), (vec![3, 3, 0, 1], 0), (vec![0, 1, -2, 1], 1)] {
+            let err = backend.prepare_hash_router(weight(), dl(table, &[2, 2]), &spec).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, BackendError::HashTable { .. })
+                    && message.contains(&format!("row {row}")),
+                "{message}"
+            );
+        }
+        let err = backend.prepare_hash_router(weight(), dl(vec![0i64, 1], &[1, 2]), &spec);
+        assert!(matches!(err, Err(BackendError::UnsupportedDType { .. })), "{err:?}");
+        let prepared = backend.prepare_hash_router(weight(), dl(vec![0, 1, 2, 3], &[2, 2]), &spec);
+        let prepared = prepared.unwrap();
+        let x = dl(vec![0.1f32; 3 * 4], &[3, 4]);
+        let hidden = DlpackView::from_dlpack(&x).unwrap();
+        let ids = [0i64, 2, 1];
+        let token_ids = DlpackView::from_slice(&ids, &[3]).unwrap();
+        let (mut out_ids, mut out_weights) = (vec![7i32; 6], vec![7.0f32; 6]);
+        let mut outputs = RouteOutputs::new(
+            DlpackViewMut::from_slice(&mut out_ids, &[3, 2]).unwrap(),
+            DlpackViewMut::from_slice(&mut out_weights, &[3, 2]).unwrap(),
+        );
+        let inputs = RouteInputs::new(hidden).with_token_ids(token_ids);
+        let err = prepared.route_into(&inputs, &mut outputs, Execution::Host).unwrap_err();
+        assert!(
+            matches!(err, BackendError::TokenIdOutsideTable { row: 1, id: 2, vocab: 2, .. }),
+            "{err}"
+        );
+        drop(outputs);
+        assert_eq!(out_ids, vec![7; 6], "refused before any output was written");
     }
 }
 
