@@ -123,13 +123,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let mut rows = Vec::with_capacity(args.tokens.len());
     for &tokens in &args.tokens {
         let hidden = synthetic::hidden_states(tokens, h, args.dtype == InputDType::Bf16, 2)?;
+        let token_ids = args.model.token_ids(tokens, 3)?;
         let budget = Budget {
             warmup_calls: 3,
             min_calls: args.min_calls,
             min_time: Duration::from_secs_f64(args.min_seconds),
             max_calls: 1_000_000,
         };
-        let samples = timing::measure(budget, || prepared.route(&hidden).map(drop))?;
+        let route = || prepared.route_with_token_ids(&hidden, token_ids.as_ref()).map(drop);
+        let samples = timing::measure(budget, route)?;
         let median = samples.median();
         let flops = 2.0 * tokens as f64 * h as f64 * e as f64;
         let gflops = if median.is_zero() { 0.0 } else { flops / median.as_secs_f64() / 1e9 };

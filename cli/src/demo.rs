@@ -1,4 +1,5 @@
-//! `sluice demo`: the whole mission in a few seconds, on a DeepSeek-V3-shaped gate.
+//! `sluice demo`: the whole mission in a few seconds, on a gate of a real model's shape
+//! (DeepSeek-V3 unless `--model` says otherwise).
 
 use std::time::Duration;
 
@@ -16,6 +17,10 @@ use crate::timing::{self, Budget};
 /// Arguments of `sluice demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// The model whose gate shape to build (`v4-hash`: a DeepSeek-V4 hash-routed layer, routed
+    /// with random token ids).
+    #[arg(long, value_enum, default_value_t = ModelShape::V3)]
+    pub model: ModelShape,
     /// Tokens in the batch.
     #[arg(long, default_value_t = 64)]
     pub tokens: usize,
@@ -38,17 +43,19 @@ const NEAR_TIE: f32 = 1e-5;
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let backend = args.backend.build()?;
     args.backend.check_tokens("demo", args.tokens)?;
-    let shape = ModelShape::V3;
+    let shape = args.model;
     let gate = shape.gate(args.seed)?;
     let spec = *gate.spec();
     let (h, e) = (gate.hidden_size(), gate.num_experts());
     let hidden = synthetic::hidden_states(args.tokens, h, true, args.seed.wrapping_add(1))?
         .with_requires_grad(true);
+    let token_ids = shape.token_ids(args.tokens, args.seed.wrapping_add(2))?;
+    let token_ids = token_ids.as_ref();
 
     let prepared = gate.prepare(backend.as_ref())?;
-    let routed = prepared.route(&hidden)?;
+    let routed = prepared.route_with_token_ids(&hidden, token_ids)?;
     let routing = routed.to_routing()?;
-    let (checked, skipped) = self_check(&gate, &hidden, &routing)?;
+    let (checked, skipped) = self_check(&gate, &hidden, token_ids, &routing)?;
     let layout = prepared.dispatch(&routed, Some(GEMM_BLOCK), None)?;
     check_layout(&layout, &routing, e)?;
     let budget = Budget {
@@ -57,10 +64,11 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         min_time: Duration::from_millis(300),
         max_calls: 100_000,
     };
-    let samples = timing::measure(budget, || prepared.route(&hidden).map(drop))?;
+    let samples =
+        timing::measure(budget, || prepared.route_with_token_ids(&hidden, token_ids).map(drop))?;
 
     let mut report = vec![
-        format!("sluice demo: a DeepSeek-V3-shaped gate ({h} -> {e} experts; {spec})"),
+        format!("sluice demo: {} ({h} -> {e} experts; {spec})", shape.description()),
         format!(
             "  weight {} {:?} from seed {}, held as a parameter (requires_grad = {})",
             gate.weight().dtype(),
@@ -97,6 +105,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
 fn self_check(
     gate: &MoeGate,
     hidden: &sluice_tensor::Tensor,
+    token_ids: Option<&sluice_tensor::Tensor>,
     actual: &Routing,
 ) -> Result<(usize, usize), CliError> {
     let spec = gate.spec();
@@ -107,7 +116,14 @@ fn self_check(
     let check = |e: reference::ReferenceError| CliError::SelfCheck(e.to_string());
     let logits = reference::router_logits(&x, &w, tokens, gate.hidden_size(), spec.num_experts)
         .map_err(check)?;
-    let expected = reference::route(&logits, tokens, bias.as_deref(), spec).map_err(check)?;
+    let expected = match (gate.hash_table(), token_ids) {
+        (Some(table), Some(ids)) => {
+            let (table, ids) = (table.to_vec::<i32>()?, ids.to_vec::<i64>()?);
+            reference::route_hashed(&logits, tokens, &table, &ids, spec)
+        }
+        _ => reference::route(&logits, tokens, bias.as_deref(), spec),
+    }
+    .map_err(check)?;
     let near = reference::near_tie_rows(&logits, tokens, bias.as_deref(), spec, NEAR_TIE)
         .map_err(check)?;
     let tolerance = Tolerance { abs: 1e-5, rel: 1e-4 };

@@ -35,6 +35,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
         .collect();
     files.sort();
     let layers: Vec<usize> = config.moe_layers().collect();
+    let hashed: Vec<usize> = layers.iter().copied().filter(|&l| config.is_hash_layer(l)).collect();
     let summary = format!("{} of {} MoE gates present", gates.present.len(), layers.len());
 
     if args.json {
@@ -47,6 +48,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
                     "present": true,
                     "weight": describe_json(gate.weight()),
                     "bias": gate.bias().map(describe_json),
+                    "hash_table": gate.hash_table().map(describe_json),
                 });
                 (gate.layer(), entry)
             })
@@ -69,6 +71,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
             "hidden_size": config.hidden_size(),
             "num_layers": config.num_layers(),
             "moe_layers": layers,
+            "hash_layers": hashed,
             "routing": config.routing().to_string(),
             "gates": entries.into_iter().map(|(_, entry)| entry).collect::<Vec<_>>(),
             "gates_present": gates.present.len(),
@@ -90,14 +93,26 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     println!("files       {}", files.join(", "));
     println!("hidden      {}", config.hidden_size());
     println!("layers      {} ({} MoE: {})", config.num_layers(), layers.len(), ranges(&layers));
+    if !hashed.is_empty() {
+        println!(
+            "hash        {} layers route by token id: {} (tables of {} token ids)",
+            hashed.len(),
+            ranges(&hashed),
+            config.vocab_size().unwrap_or_default()
+        );
+    }
     println!("routing     {}", config.routing());
     println!("gates");
     let mut lines: Vec<(usize, String)> = gates
         .present
         .iter()
         .map(|gate| {
-            let bias = gate.bias().map(describe).unwrap_or_else(|| "none".to_owned());
-            (gate.layer(), format!("weight {}  bias {bias}", describe(gate.weight())))
+            let (selection, tensor) = match (gate.hash_table(), gate.bias()) {
+                (Some(table), _) => ("hash table", describe(table)),
+                (None, Some(bias)) => ("bias", describe(bias)),
+                (None, None) => ("bias", "none".to_owned()),
+            };
+            (gate.layer(), format!("weight {}  {selection} {tensor}", describe(gate.weight())))
         })
         .chain(gates.missing.iter().map(|missing| {
             (missing.layer, format!("missing (looked for {})", missing.looked_for.join(", ")))

@@ -16,6 +16,8 @@ use crate::error::CliError;
 
 /// The tensor `route` reads from its input file.
 pub const HIDDEN_STATES: &str = "hidden_states";
+/// The optional tensor of token ids beside it, which hash-routed layers need.
+pub const INPUT_IDS: &str = "input_ids";
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io { path: path.to_path_buf(), source }
@@ -23,9 +25,12 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
 
 /// Reads `hidden_states` `[T, H]` (f32, bf16 or f16) from a safetensors file: parsed and
 /// validated like a checkpoint file, and used in place (no second copy of the data).
-pub fn read_hidden_states(path: &Path) -> Result<Tensor, CliError> {
+///
+/// Also returns `input_ids` `[T]` (int32 or int64) when the file holds it.
+pub fn read_hidden_states(path: &Path) -> Result<(Tensor, Option<Tensor>), CliError> {
     let bytes = fs::read(path).map_err(io_error(path))?;
     let file = SafetensorsBytes::parse(Arc::new(bytes), path)?;
+    let input_ids = file.tensor(INPUT_IDS)?;
     let hidden = file.tensor(HIDDEN_STATES)?.ok_or_else(|| {
         CliError::Input(format!("{}: has no tensor named `{HIDDEN_STATES}`", path.display()))
     })?;
@@ -43,7 +48,19 @@ pub fn read_hidden_states(path: &Path) -> Result<Tensor, CliError> {
             hidden.shape()
         )));
     }
-    Ok(hidden)
+    if let Some(ids) = &input_ids {
+        let tokens = hidden.shape()[0];
+        if !matches!(ids.dtype(), DType::I32 | DType::I64) || ids.shape() != [tokens] {
+            return Err(CliError::Input(format!(
+                "{}: `{INPUT_IDS}` is {} {:?}; expected int32 or int64 [{tokens}] (one token id \
+                 per row of `{HIDDEN_STATES}`)",
+                path.display(),
+                ids.dtype(),
+                ids.shape()
+            )));
+        }
+    }
+    Ok((hidden, input_ids))
 }
 
 /// One named tensor to write.

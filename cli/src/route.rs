@@ -33,7 +33,8 @@ pub struct RouteArgs {
     /// (named on stderr) instead of refusing a partial checkpoint.
     #[arg(long, requires = "all_layers")]
     pub skip_missing: bool,
-    /// A safetensors file holding `hidden_states` [tokens, hidden] (f32, bf16 or f16).
+    /// A safetensors file holding `hidden_states` [tokens, hidden] (f32, bf16 or f16) and, for
+    /// hash-routed layers (DeepSeek-V4), `input_ids` [tokens] (int32 or int64).
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write `topk_ids` (int32 [tokens, top_k]) and `topk_weights` (float32).
@@ -73,7 +74,7 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
         io::check_output_path(plot)?;
     }
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
-    let hidden = io::read_hidden_states(&args.input)?;
+    let (hidden, input_ids) = io::read_hidden_states(&args.input)?;
     let backend = args.backend.build()?;
     let gates = match args.layer {
         Some(layer) => vec![MoeGate::load(&checkpoint, layer)?],
@@ -90,7 +91,8 @@ pub fn run(args: &RouteArgs) -> Result<(), CliError> {
         let layer = gate.layer();
         let in_layer = |error| CliError::in_layer(layer, error);
         let prepared = gate.prepare(backend.as_ref()).map_err(in_layer)?;
-        let routing = prepared.route(&hidden).map_err(in_layer)?;
+        let routing =
+            prepared.route_with_token_ids(&hidden, input_ids.as_ref()).map_err(in_layer)?;
         tracing::info!(layer, tokens = routing.tokens(), top_k = routing.top_k(), "routed");
         let block_size = args.block_size.map(|block| block as usize);
         let layout = lays_out

@@ -20,7 +20,16 @@ pub enum ModelShape {
     /// DeepSeek-V2-Lite: 2048 -> 64 experts, top-6, softmax greedy, scale 1.
     #[value(name = "v2-lite")]
     V2Lite,
+    /// DeepSeek-V4 (Flash), a top-k layer: 4096 -> 256 experts, no groups, top-6,
+    /// sqrt-softplus + bias, scale 1.5.
+    V4,
+    /// DeepSeek-V4, a hash-routed layer: as `v4`, the experts from a table of 129280 token ids.
+    #[value(name = "v4-hash")]
+    V4Hash,
 }
+
+/// The rows of DeepSeek-V4's hash tables (its `vocab_size`).
+const V4_VOCAB: usize = 129_280;
 
 impl ModelShape {
     /// The name used on the command line and in JSON.
@@ -30,6 +39,20 @@ impl ModelShape {
             ModelShape::KimiK2 => "kimi-k2",
             ModelShape::V2 => "v2",
             ModelShape::V2Lite => "v2-lite",
+            ModelShape::V4 => "v4",
+            ModelShape::V4Hash => "v4-hash",
+        }
+    }
+
+    /// The gate, in words, for titles.
+    pub fn description(self) -> &'static str {
+        match self {
+            ModelShape::V3 => "a DeepSeek-V3-shaped gate",
+            ModelShape::KimiK2 => "a Kimi-K2-shaped gate",
+            ModelShape::V2 => "a DeepSeek-V2-shaped gate",
+            ModelShape::V2Lite => "a DeepSeek-V2-Lite-shaped gate",
+            ModelShape::V4 => "a DeepSeek-V4-shaped top-k gate",
+            ModelShape::V4Hash => "a DeepSeek-V4-shaped hash-routed gate (random token ids)",
         }
     }
 
@@ -39,6 +62,7 @@ impl ModelShape {
             ModelShape::V3 | ModelShape::KimiK2 => 7168,
             ModelShape::V2 => 5120,
             ModelShape::V2Lite => 2048,
+            ModelShape::V4 | ModelShape::V4Hash => 4096,
         }
     }
 
@@ -54,6 +78,12 @@ impl ModelShape {
             }
             ModelShape::V2Lite => {
                 (64, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0)
+            }
+            ModelShape::V4 => {
+                (256, ScoringFunc::SqrtSoftplus, TopkMethod::NoauxTc, 1, 1, 6, true, 1.5)
+            }
+            ModelShape::V4Hash => {
+                (256, ScoringFunc::SqrtSoftplus, TopkMethod::Hash, 1, 1, 6, true, 1.5)
             }
         };
         RoutingSpec {
@@ -71,7 +101,8 @@ impl ModelShape {
     }
 
     /// A gate with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, for `noaux_tc`, an f32 bias
-    /// `0.05 * N(0, 1)`, drawn from `seed`.
+    /// `0.05 * N(0, 1)`, or for a hash-routed layer a table whose rows hold `top_k` distinct
+    /// experts, drawn from `seed`.
     pub fn gate(self, seed: u64) -> Result<MoeGate, CliError> {
         let spec = self.spec();
         let (e, h) = (spec.num_experts, self.hidden_size());
@@ -84,10 +115,45 @@ impl ModelShape {
                 let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.sample()).collect();
                 Some(Tensor::from_vec(bias, &[e])?)
             }
+            TopkMethod::Hash => {
+                let table = hash_table(&mut rng, V4_VOCAB, e, spec.top_k);
+                return Ok(MoeGate::hashed(
+                    0,
+                    spec,
+                    weight,
+                    Tensor::from_vec(table, &[V4_VOCAB, spec.top_k])?,
+                )?);
+            }
             _ => None,
         };
         Ok(MoeGate::new(0, spec, weight, bias)?)
     }
+
+    /// Token ids `[tokens]` uniform over the hash table, for a hash-routed shape; `None` for the
+    /// others, which do not need them.
+    pub fn token_ids(self, tokens: usize, seed: u64) -> Result<Option<Tensor>, CliError> {
+        if self.spec().method != TopkMethod::Hash {
+            return Ok(None);
+        }
+        let mut rng = Normal::new(seed);
+        let ids: Vec<i64> = (0..tokens).map(|_| rng.below(V4_VOCAB) as i64).collect();
+        Ok(Some(Tensor::from_vec(ids, &[tokens])?))
+    }
+}
+
+/// `vocab` rows of `top_k` distinct experts of `[0, experts)` (a partial Fisher-Yates shuffle per
+/// row), row-major.
+fn hash_table(rng: &mut Normal, vocab: usize, experts: usize, top_k: usize) -> Vec<i32> {
+    let mut order: Vec<i32> = (0..experts as i32).collect();
+    let mut table = Vec::with_capacity(vocab * top_k);
+    for _ in 0..vocab {
+        for i in 0..top_k {
+            let j = i + rng.below(experts - i);
+            order.swap(i, j);
+        }
+        table.extend_from_slice(&order[..top_k]);
+    }
+    table
 }
 
 /// Hidden states `[tokens, hidden]` drawn from `N(0, 1)`, as f32 or rounded to bf16.
@@ -134,6 +200,11 @@ impl Normal {
         z ^ (z >> 31)
     }
 
+    /// Uniform in `[0, n)` (`n > 0`; the modulo bias is negligible for the small `n` used here).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
     /// Uniform in (0, 1].
     fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
@@ -159,6 +230,16 @@ mod tests {
         for shape in ModelShape::value_variants() {
             shape.spec().validate().unwrap();
         }
+    }
+
+    #[test]
+    fn hash_tables_hold_distinct_experts_per_row() {
+        let mut rng = Normal::new(5);
+        let table = hash_table(&mut rng, 500, 16, 6);
+        sluice_tensor::check_hash_table(&table, &[500, 6], 6, 16).unwrap();
+        let mut used = [0usize; 16];
+        table.iter().for_each(|&e| used[e as usize] += 1);
+        assert!(used.iter().all(|&n| n > 100), "every expert is used: {used:?}");
     }
 
     #[test]

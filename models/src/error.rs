@@ -233,6 +233,10 @@ impl ModelError {
             ModelError::DenseLayer { layer, .. }
             | ModelError::LayerOutOfRange { layer, .. }
             | ModelError::MissingGate { layer, .. }
+            | ModelError::MissingHashTable { layer, .. }
+            | ModelError::MissingTokenIds { layer }
+            | ModelError::TokenIds { layer, .. }
+            | ModelError::TokenIdOutsideTable { layer, .. }
             | ModelError::HiddenShape { layer, .. } => Some(*layer),
             _ => None,
         }
