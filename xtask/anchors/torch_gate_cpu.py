@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 # The PyTorch CPU anchor sluice compares against: run by `cargo xtask bench-vs-torch`.
-"""CPU anchor for the DeepSeek-V3 / Kimi-K2 / DeepSeek-V2-Lite MoE gate: PyTorch and numpy.
+"""CPU anchor for the DeepSeek-V3 / Kimi-K2 / DeepSeek-V2-Lite / DeepSeek-V4 MoE gate: PyTorch and numpy.
 
 Columns (each cell: median milliseconds per call; the markdown also shows GEMM GFLOP/s):
   lin_f32    F.linear(x f32, W f32)                      router GEMM only, f32
   lin_bf16   F.linear(x bf16, W bf16)                    router GEMM only, bf16 in/out (f32 accumulation)
   gate_best  "torch best gate": F.linear(x bf16, W bf16).float() + the HF router's routing written
              directly in torch (see route() below; no transformers import)
-  gate_hf    HF DeepseekV3TopkRouter.forward / DeepseekV2TopkRouter.forward (x f32; f32 GEMM + routing);
-             only when transformers is importable
+  gate_hf    HF DeepseekV3TopkRouter / DeepseekV2TopkRouter / DeepseekV4TopKRouter .forward (x f32; f32
+             GEMM + routing); only when transformers is importable
   np_f32     numpy x @ W.T in f32 (numpy's BLAS)
 
 Routing (V3 / Kimi-K2, as DeepseekV3TopkRouter): s = sigmoid(logits); c = s + bias; group score = sum of
@@ -17,6 +17,8 @@ top-k experts over c; weights = s (unbiased) gathered at those experts; divided 
 (norm_topk_prob); * routed_scaling_factor.
 Routing (V2-Lite, as DeepseekV2TopkRouter with topk_method "greedy"): s = softmax(logits, f32); top-k;
 weights = s at those experts * routed_scaling_factor (no renormalisation).
+Routing (V4 top-k layers, as DeepseekV4TopKRouter): s = sqrt(softplus(logits)); top-k experts over s + bias
+(no groups); weights = s gathered at those experts, divided by (sum + 1e-20), * routed_scaling_factor.
 
 Method: waits for a quiet machine (other processes using < 5% of the CPUs); every cell is the median
 of >= 20 timed calls after warm-up (>= 0.25 s of calls for fast kernels), repeated if other processes
@@ -48,6 +50,8 @@ try:
     from transformers import DeepseekV2Config, DeepseekV3Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4TopKRouter
 except Exception:  # noqa: BLE001  (optional: only the HF gate column needs it)
     transformers = None
 
@@ -64,9 +68,11 @@ SHAPES = {
                  scoring="sigmoid", renorm=True, scale=2.827),
     "v2lite": dict(name="DeepSeek-V2-Lite", H=2048, E=64, n_group=1, topk_group=1, k=6,
                    scoring="softmax", renorm=False, scale=1.0),
+    "v4": dict(name="DeepSeek-V4", H=4096, E=256, n_group=1, topk_group=1, k=6,
+               scoring="sqrtsoftplus", renorm=True, scale=1.5),
 }
 SHAPE_ALIASES = {"v3": "v3", "kimi": "kimi", "k2": "kimi", "kimi-k2": "kimi",
-                 "v2lite": "v2lite", "v2l": "v2lite", "v2-lite": "v2lite"}
+                 "v2lite": "v2lite", "v2l": "v2lite", "v2-lite": "v2lite", "v4": "v4"}
 DEFAULT_TOKENS = "1,8,64,512,2048"
 DEFAULT_THREADS = 2
 LABELS = {
@@ -93,6 +99,11 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: dict):
     if cfg["scoring"] == "softmax":  # DeepseekV2TopkRouter, topk_method "greedy"
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         w, ids = torch.topk(scores, k=k, dim=-1, sorted=False)
+    elif cfg["scoring"] == "sqrtsoftplus":  # DeepseekV4TopKRouter: no groups, always renormalised
+        scores = F.softplus(logits).sqrt()
+        ids = torch.topk(scores + bias, k, dim=-1, sorted=False).indices
+        w = scores.gather(1, ids)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
     else:  # DeepseekV3TopkRouter (noaux_tc)
         G, TG = cfg["n_group"], cfg["topk_group"]
         scores = logits.sigmoid()
@@ -125,6 +136,12 @@ def ref_route_np(logits, bias, cfg):
         scores = z / z.sum(axis=1, keepdims=True)
         ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         w = np.take_along_axis(scores, ids, axis=1)
+    elif cfg["scoring"] == "sqrtsoftplus":
+        scores = np.sqrt(np.logaddexp(0.0, x))
+        biased = scores + np.asarray(bias, dtype=np.float64)[None, :]
+        ids = np.argsort(-biased, axis=1, kind="stable")[:, :k]
+        w = np.take_along_axis(scores, ids, axis=1)
+        w = w / (w.sum(axis=1, keepdims=True) + 1e-20)
     else:
         G, TG = cfg["n_group"], cfg["topk_group"]
         scores = 1.0 / (1.0 + np.exp(-x))
@@ -162,6 +179,11 @@ def hf_router(cfg, w32, bias):
                               topk_method="greedy", n_group=cfg["n_group"], topk_group=cfg["topk_group"],
                               routed_scaling_factor=cfg["scale"])
         router = DeepseekV2TopkRouter(hc).eval()
+    elif cfg["scoring"] == "sqrtsoftplus":
+        hc = DeepseekV4Config(hidden_size=cfg["H"], n_routed_experts=cfg["E"], num_experts_per_tok=cfg["k"],
+                              routed_scaling_factor=cfg["scale"])
+        router = DeepseekV4TopKRouter(hc).eval()
+        router.e_score_correction_bias.copy_(bias)
     else:
         hc = DeepseekV3Config(hidden_size=cfg["H"], n_routed_experts=cfg["E"], n_group=cfg["n_group"],
                               topk_group=cfg["topk_group"], num_experts_per_tok=cfg["k"],
@@ -280,8 +302,8 @@ def loadavg():
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="CPU anchor for the DeepSeek/Kimi MoE gate (PyTorch, numpy).")
-    ap.add_argument("--shapes", default="v3,kimi,v2lite",
-                    help="comma list of v3, kimi, v2lite (default: all three)")
+    ap.add_argument("--shapes", default="v3,kimi,v2lite,v4",
+                    help="comma list of v3, kimi, v2lite, v4 (default: all four)")
     ap.add_argument("--tokens", default=DEFAULT_TOKENS, help=f"comma list of T (default {DEFAULT_TOKENS})")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                     help=f"torch and numpy-BLAS threads (default {DEFAULT_THREADS})")
@@ -295,7 +317,7 @@ def parse_args(argv=None):
     shapes = []
     for s in (x.strip().lower() for x in args.shapes.split(",") if x.strip()):
         if s not in SHAPE_ALIASES:
-            ap.error(f"unknown shape {s!r}; choose from v3, kimi, v2lite")
+            ap.error(f"unknown shape {s!r}; choose from v3, kimi, v2lite, v4")
         if SHAPE_ALIASES[s] not in shapes:
             shapes.append(SHAPE_ALIASES[s])
     try:
@@ -333,7 +355,7 @@ def main(argv=None):
             cfg = SHAPES[sk]
             H, E = cfg["H"], cfg["E"]
             w32 = torch.randn(E, H) * (2.0 / H**0.5)
-            bias = torch.randn(E) * 0.05 if cfg["scoring"] == "sigmoid" else None
+            bias = torch.randn(E) * 0.05 if cfg["scoring"] != "softmax" else None
             wbf = w32.to(torch.bfloat16)
             w_np = w32.numpy()
             router = hf_router(cfg, w32, bias)

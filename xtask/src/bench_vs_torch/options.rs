@@ -61,6 +61,14 @@ pub const MODELS: &[Model] = &[
         experts: 64,
         has_targets: false,
     },
+    Model {
+        name: "v4",
+        title: "DeepSeek-V4",
+        anchor_shape: Some("v4"),
+        hidden: 4096,
+        experts: 256,
+        has_targets: false,
+    },
 ];
 
 /// The input dtype of a gate call (the weight is bf16 either way, as in real checkpoints).
@@ -126,7 +134,7 @@ pub const USAGE: &str =
             time `sluice bench` and the PyTorch CPU anchor (xtask/anchors/torch_gate_cpu.py) in
             interleaved rounds on this machine; print per model and T both times, the ratio and
             the target; write target/bench/bench-vs-torch.md and the raw JSON files
-            (models: v3 kimi-k2 v2 v2-lite; threads default: nproc; max-wait in seconds, 0 = none;
+            (models: v3 kimi-k2 v2 v2-lite v4; threads default: nproc; max-wait in seconds, 0 = none;
             paths relative to the project root; --sluice-bin skips the release build; Python as
             for fixtures, packages from xtask/anchors/requirements.txt)
 ";
@@ -171,7 +179,7 @@ impl Options {
                         list(&value()?, |m| MODELS.iter().find(|model| model.name == m)).map_err(
                             |bad| {
                                 format!(
-                                    "--models: unknown model `{bad}` (v3, kimi-k2, v2, v2-lite)"
+                                    "--models: unknown model `{bad}` (v3, kimi-k2, v2, v2-lite, v4)"
                                 )
                             },
                         )?;
@@ -290,7 +298,7 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--tokens", "1,0"], "--tokens: not a token count >= 1: `0`"),
             (&["--tokens", ""], "--tokens: not a token count >= 1: ``"),
-            (&["--models", "v4"], "--models: unknown model `v4`"),
+            (&["--models", "v5"], "--models: unknown model `v5`"),
             (&["--dtypes", "f16"], "--dtypes: unknown dtype `f16`"),
             (&["--threads", "0"], "--threads: not a whole number >= 1: `0`"),
             (&["--rounds", "x"], "--rounds: not a whole number >= 1: `x`"),
