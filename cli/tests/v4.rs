@@ -30,8 +30,11 @@ fn golden(name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
     (view.dtype(), view.shape().to_vec(), view.data().to_vec())
 }
 
-/// Writes `hidden_states` and, if given, `input_ids` as `dtype` (I32 or I64).
-fn write_input(path: &Path, ids: Option<(Dtype, &[i64])>) {
+/// Token ids to write and the dtype to write them as (I32 or I64).
+type InputIds<'a> = Option<(Dtype, &'a [i64])>;
+
+/// Writes `hidden_states` and, if given, `input_ids`.
+fn write_input(path: &Path, ids: InputIds<'_>) {
     let (dtype, shape, hidden) = golden("hidden_states.f32");
     let ids_bytes: Option<(Dtype, Vec<u8>, usize)> = ids.map(|(dtype, ids)| {
         let bytes = match dtype {
@@ -113,7 +116,7 @@ fn missing_or_bad_input_ids_are_one_line_naming_the_layer_and_write_nothing() {
     let tokens = golden_ids().len();
     let mut outside = vec![0i64; tokens];
     outside[3] = 1024;
-    let cases: [(Option<(Dtype, &[i64])>, &str); 3] = [
+    let cases: [(InputIds<'_>, &str); 3] = [
         (None, "layer 0 is hash-routed"),
         (Some((Dtype::I64, &outside)), "token id 1024 (row 3) is outside"),
         (Some((Dtype::I64, &outside[..tokens - 1])), "input_ids"),

@@ -141,12 +141,13 @@ impl PreparedGate {
                     .with_token_ids(DlpackView::from_tensor(&token_ids)?);
                 let len = tokens * shape[1];
                 let (mut ids, mut weights) = (vec![0i32; len], vec![0.0f32; len]);
-                let mut outputs = RouteOutputs::new(
-                    DlpackViewMut::from_slice(&mut ids, &shape)?,
-                    DlpackViewMut::from_slice(&mut weights, &shape)?,
-                );
-                self.router.route_into(&inputs, &mut outputs, Execution::Host)?;
-                drop(outputs);
+                {
+                    let mut outputs = RouteOutputs::new(
+                        DlpackViewMut::from_slice(&mut ids, &shape)?,
+                        DlpackViewMut::from_slice(&mut weights, &shape)?,
+                    );
+                    self.router.route_into(&inputs, &mut outputs, Execution::Host)?;
+                }
                 (Tensor::from_vec(ids, &shape)?, Tensor::from_vec(weights, &shape)?)
             }
         };

@@ -71,41 +71,41 @@ impl<'a> HashSelection<'a> {
         Ok(HashSelection { table, top_k, token_ids })
     }
 
-    /// Writes the experts of row `row` of the call into `ids` and their unnormalised scores into
-    /// `weights`.
-    pub(super) fn pick(
-        &self,
-        row: usize,
-        scoring: ScoringFunc,
-        kernel: Isa,
-        logits: &[f32],
-        scratch: &mut RouteScratch,
-        ids: &mut [i32],
-        weights: &mut [f32],
-    ) {
+    /// The experts of row `row` of the call: the table row of its token id.
+    pub(super) fn experts_of(&self, row: usize) -> &'a [i32] {
         // In range: `new` checked every id of the call.
         let table_row = self.token_ids.get(row) as usize;
-        let experts = &self.table[table_row * self.top_k..(table_row + 1) * self.top_k];
-        ids.copy_from_slice(experts);
-        // Experts are in [0, E): the table was checked against the spec.
-        let logit = |expert: i32| logits[expert as usize];
-        match scoring {
-            ScoringFunc::Sigmoid => {
-                for (w, &e) in weights.iter_mut().zip(experts) {
-                    *w = score::sigmoid(logit(e));
-                }
+        &self.table[table_row * self.top_k..(table_row + 1) * self.top_k]
+    }
+}
+
+/// The unnormalised weights of the chosen `experts` of one row: their scores.
+pub(super) fn score_chosen(
+    scoring: ScoringFunc,
+    kernel: Isa,
+    logits: &[f32],
+    experts: &[i32],
+    scratch: &mut RouteScratch,
+    weights: &mut [f32],
+) {
+    // Experts are in [0, E): the table was checked against the spec.
+    let logit = |expert: i32| logits[expert as usize];
+    match scoring {
+        ScoringFunc::Sigmoid => {
+            for (w, &e) in weights.iter_mut().zip(experts) {
+                *w = score::sigmoid(logit(e));
             }
-            ScoringFunc::SqrtSoftplus => {
-                for (w, &e) in weights.iter_mut().zip(experts) {
-                    *w = score::sqrt_softplus(logit(e));
-                }
+        }
+        ScoringFunc::SqrtSoftplus => {
+            for (w, &e) in weights.iter_mut().zip(experts) {
+                *w = score::sqrt_softplus(logit(e));
             }
-            ScoringFunc::Softmax => {
-                let RouteScratch { scores, exps, .. } = scratch;
-                score::softmax(kernel, logits, exps, scores);
-                for (w, &e) in weights.iter_mut().zip(experts) {
-                    *w = scores[e as usize];
-                }
+        }
+        ScoringFunc::Softmax => {
+            let RouteScratch { scores, exps, .. } = scratch;
+            score::softmax(kernel, logits, exps, scores);
+            for (w, &e) in weights.iter_mut().zip(experts) {
+                *w = scores[e as usize];
             }
         }
     }

@@ -138,7 +138,11 @@ impl<'a> RowRouter<'a> {
             return RowOutcome::NonFinite;
         }
         match &self.hash {
-            Some(hash) => hash.pick(row, spec.scoring, self.kernel, logits, scratch, ids, weights),
+            Some(hash) => {
+                let experts = hash.experts_of(row);
+                ids.copy_from_slice(experts);
+                hash::score_chosen(spec.scoring, self.kernel, logits, experts, scratch, weights);
+            }
             None => {
                 self.score(logits, scratch);
                 self.select_groups(scratch);
