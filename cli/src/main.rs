@@ -1,4 +1,4 @@
-//! `sluice`: MoE gating for DeepSeek V2/V3 and Kimi-K2 checkpoints, from the command line.
+//! `sluice`: MoE gating for DeepSeek V2/V3/V3.2/V4 and Kimi-K2 checkpoints, from the command line.
 //!
 //! Every failure ends the same way: one line on stderr naming the problem, a non-zero exit code, and
 //! nothing written at the output path.
@@ -23,8 +23,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// MoE gating for DeepSeek V2/V3 and Kimi-K2: router GEMM, grouped top-k, bias correction,
-/// renormalisation and scaling, from real Hugging Face checkpoints.
+/// MoE gating for DeepSeek V2/V3/V3.2/V4 and Kimi-K2: router GEMM, grouped top-k, bias correction,
+/// hash-routed layers, renormalisation and scaling, from real Hugging Face checkpoints.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, propagate_version = true)]
 struct Cli {

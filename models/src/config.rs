@@ -1,4 +1,5 @@
-//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 and Kimi-K2 / K2.5 checkpoints.
+//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4 and Kimi-K2 / K2.5
+//! checkpoints.
 //!
 //! Only what the MoE gate needs is read: the family, the hidden size, the layer count, the MoE layer
 //! rule and the routing fields, which become a validated [`RoutingSpec`].

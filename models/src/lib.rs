@@ -1,10 +1,10 @@
-//! DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 and Kimi-K2 / K2.5 MoE gates from Hugging Face
-//! checkpoints, and the scalar reference router every backend is tested against.
+//! DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4 and Kimi-K2 / K2.5 MoE gates from Hugging
+//! Face checkpoints, and the scalar reference router every backend is tested against.
 //!
 //! - [`Checkpoint`] opens a checkpoint folder: [`ModelConfig`] from `config.json` (as the model
 //!   authors or transformers' `save_pretrained` wrote it), and safetensors weights, single-file or
 //!   sharded, memory-mapped lazily and read zero-copy.
-//! - [`MoeGate`] is one MoE layer's router: weight, correction bias and validated
+//! - [`MoeGate`] is one MoE layer's router: weight, correction bias (or hash table) and validated
 //!   [`RoutingSpec`](sluice_tensor::RoutingSpec). It programs against any
 //!   [`Backend`](sluice_tensor::Backend) and hands it only detached DLPack tensors, so parameters
 //!   and activations that require grad route fine.
