@@ -87,10 +87,7 @@ impl CpuBackend {
         const OP: &str = "prepare_hash_router";
         spec.validate()?;
         if spec.method != TopkMethod::Hash {
-            return Err(BackendError::Unsupported {
-                op: OP,
-                backend: format!("cpu (a hash table with `{}` routing)", spec.method.name()),
-            });
+            return Err(BackendError::UnexpectedHashTable { op: OP, method: spec.method });
         }
         let (table, shape) = input::hash_table(OP, &input::view(OP, "table", table)?)?;
         check_hash_table(&table, &shape, spec.top_k, spec.num_experts)

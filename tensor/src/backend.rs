@@ -614,6 +614,20 @@ pub enum BackendError {
         /// What is wrong with it.
         source: HashTableError,
     },
+    /// A hash-routed spec without its table: such a router is made by `prepare_hash_router`.
+    #[error("{op}: hash routing needs its table `tid2eid`; prepare the router with prepare_hash_router")]
+    MissingHashTable {
+        /// The op.
+        op: &'static str,
+    },
+    /// A hash table for a method that ranks scores instead.
+    #[error("{op}: a hash table was given, but `topk_method` = \"{}\" does not use one", method.name())]
+    UnexpectedHashTable {
+        /// The op.
+        op: &'static str,
+        /// The spec's method.
+        method: TopkMethod,
+    },
     /// An op this backend does not implement.
     #[error("{op} is not supported by the {backend} backend")]
     Unsupported {

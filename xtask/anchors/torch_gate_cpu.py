@@ -256,9 +256,10 @@ def _bench_once(fn, min_runs, min_time, max_runs, warmup):
 def bench(fn, min_runs=20, min_time=0.25, max_runs=2000, warmup=3, retries=4, thresh=QUIET_THRESH,
           requiet_s=120.0):
     """Median of >= min_runs timed calls after warm-up.  If other processes used more than `thresh`
-    of the CPUs meanwhile, wait for quiet and measure again (keeping the least disturbed attempt)."""
+    of the CPUs meanwhile, wait for quiet and measure again (keeping the least disturbed attempt);
+    with requiet_s <= 0 (`--max-wait 0`: do not wait) one attempt is kept as it is."""
     best = None
-    for _ in range(retries):
+    for _ in range(retries if requiet_s > 0 else 1):
         r = _bench_once(fn, min_runs, min_time, max_runs, warmup)
         if best is None or r[2] < best[2]:
             best = r
@@ -404,7 +405,7 @@ def main(argv=None):
         for rd in range(args.rounds):
             for row, fns in setups:
                 for k in keys:
-                    med, n, fl = bench(fns[k], min_runs)
+                    med, n, fl = bench(fns[k], min_runs, requiet_s=min(args.max_wait, 120.0))
                     row["all_" + k].append(med)
                     row["n_" + k] = min(row["n_" + k], n)
                     row["fl_" + k] = max(row["fl_" + k], fl)

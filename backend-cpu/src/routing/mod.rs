@@ -74,10 +74,7 @@ impl<'a> RowRouter<'a> {
     ) -> Result<Self, BackendError> {
         spec.validate()?;
         if spec.method == TopkMethod::Hash {
-            return Err(BackendError::Unsupported {
-                op,
-                backend: "cpu (hash routing without its table)".to_owned(),
-            });
+            return Err(BackendError::MissingHashTable { op });
         }
         if let Some(bias) = bias {
             if spec.method != TopkMethod::NoauxTc {
@@ -107,10 +104,7 @@ impl<'a> RowRouter<'a> {
     ) -> Result<Self, BackendError> {
         spec.validate()?;
         if spec.method != TopkMethod::Hash {
-            return Err(BackendError::Unsupported {
-                op,
-                backend: format!("cpu (a hash table with `{}` routing)", spec.method.name()),
-            });
+            return Err(BackendError::UnexpectedHashTable { op, method: spec.method });
         }
         Ok(RowRouter { spec, bias: None, hash: Some(hash), kernel })
     }
