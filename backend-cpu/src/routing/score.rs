@@ -44,8 +44,8 @@ pub(super) fn sqrt_softpluses(isa: Isa, logits: &[f32], out: &mut Vec<f32>) {
     out.resize(logits.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: `token` proves that the CPU supports AVX-512F.
         Isa::Avx512Bf16(token) => {
+            // SAFETY: `token` proves that the CPU supports AVX-512F.
             return unsafe { x86::sqrt_softpluses_avx512(token, logits, out) };
         }
         // SAFETY: `token` proves that the CPU supports AVX2 and FMA.
