@@ -615,7 +615,9 @@ pub enum BackendError {
         source: HashTableError,
     },
     /// A hash-routed spec without its table: such a router is made by `prepare_hash_router`.
-    #[error("{op}: hash routing needs its table `tid2eid`; prepare the router with prepare_hash_router")]
+    #[error(
+        "{op}: hash routing needs its table `tid2eid`; prepare the router with prepare_hash_router"
+    )]
     MissingHashTable {
         /// The op.
         op: &'static str,
