@@ -155,3 +155,26 @@ fn demo_and_bench_take_the_v4_shapes() {
         assert!(text(&out.stdout).contains("4096 -> 256"), "{}", text(&out.stdout));
     }
 }
+
+#[test]
+fn extract_gates_keeps_the_hash_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let gates = dir.path().join("v4-gates");
+    let out = sluice(&[
+        "extract-gates",
+        "--checkpoint",
+        &fixture("v4"),
+        "--output",
+        gates.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sluice(&["inspect", gates.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("layer   0  weight bf16 [64, 192]  hash table i32 [1024, 6]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("layer   2  weight bf16 [64, 192]  bias f32 [64]"), "{stdout}");
+    assert!(stdout.contains("4 of 4 MoE gates present"), "{stdout}");
+}

@@ -43,8 +43,9 @@ pub struct GateTensorNames {
     pub weight: String,
     /// The correction bias `[E]`, stored exactly when the routing is `noaux_tc` (top-k layers).
     pub correction_bias: String,
-    /// The hash table `tid2eid` `[vocab, K]`, stored exactly for hash-routed layers (DeepSeek-V4).
-    pub hash_table: String,
+    /// The hash table `tid2eid` `[vocab, K]`, stored exactly for hash-routed layers; only
+    /// DeepSeek-V4's conventions have one.
+    pub hash_table: Option<String>,
 }
 
 impl GateTensorNames {
@@ -74,6 +75,7 @@ impl GateTensorNames {
                 ],
                 (_, false) => &[("model.layers.", "mlp.gate", "e_score_correction_bias")],
             };
+        let hashes = config.family() == ModelFamily::DeepseekV4;
         conventions
             .iter()
             .map(|(prefix, gate, bias)| {
@@ -81,7 +83,7 @@ impl GateTensorNames {
                 GateTensorNames {
                     weight: format!("{gate}.weight"),
                     correction_bias: format!("{gate}.{bias}"),
-                    hash_table: format!("{gate}.tid2eid"),
+                    hash_table: hashes.then(|| format!("{gate}.tid2eid")),
                 }
             })
             .collect()
@@ -90,7 +92,9 @@ impl GateTensorNames {
     /// Every tensor name of the gate, the weight first: what a copy of the gate carries (those
     /// of them that the checkpoint holds).
     pub fn all(&self) -> Vec<&str> {
-        vec![&self.weight, &self.correction_bias, &self.hash_table]
+        let mut names = vec![self.weight.as_str(), &self.correction_bias];
+        names.extend(self.hash_table.as_deref());
+        names
     }
 }
 
@@ -154,7 +158,9 @@ impl MoeGate {
         }
         // Every family with hash layers has a vocabulary size (defaulted when absent).
         let vocab = config.vocab_size().unwrap_or_default();
-        let table = load_hash_table(checkpoint, layer, &names.hash_table, vocab, &spec)?;
+        // Only V4 has hash layers, and its conventions all name a table.
+        let table_name = names.hash_table.as_deref().unwrap_or("tid2eid");
+        let table = load_hash_table(checkpoint, layer, table_name, vocab, &spec)?;
         Self::hashed(layer, spec, weight, table)
     }
 
