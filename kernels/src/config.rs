@@ -22,6 +22,12 @@ pub enum KernelError {
     /// More experts per token than lanes in a warp.
     #[error("the GPU routing kernel takes at most {MAX_TOP_K} experts per token, got {0}")]
     TopKTooLarge(usize),
+    /// A scoring function the routing kernel does not compute yet (DeepSeek-V4's sqrt-softplus).
+    #[error("the GPU routing kernel does not compute `{}` scores yet", .0.name())]
+    UnsupportedScoring(ScoringFunc),
+    /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
+    #[error("the GPU routing kernel does not do hash routing yet")]
+    HashRouting,
     /// A size does not fit the kernels' 32-bit arguments or the launch limits.
     #[error("{what} = {value} is larger than the GPU kernels take (at most {limit})")]
     TooLarge {
@@ -59,6 +65,8 @@ impl RoutingConfig {
         if spec.top_k > MAX_TOP_K {
             return Err(KernelError::TopKTooLarge(spec.top_k));
         }
+        scoring_define(spec.scoring)?;
+        method_define(spec.method)?;
         // Greedy ignores the groups: compile it as one group so no group code is generated.
         let (groups, kept_groups) =
             if spec.method.uses_groups() { (spec.n_group, spec.topk_group) } else { (1, 1) };
@@ -85,15 +93,9 @@ impl RoutingConfig {
 
     /// The preprocessor definitions, as `NAME=value` pairs.
     pub fn defines(&self) -> Vec<(&'static str, usize)> {
-        let scoring = match self.scoring {
-            ScoringFunc::Softmax => 0,
-            ScoringFunc::Sigmoid => 1,
-        };
-        let method = match self.method {
-            TopkMethod::Greedy => 0,
-            TopkMethod::GroupLimitedGreedy => 1,
-            TopkMethod::NoauxTc => 2,
-        };
+        // Both were accepted by `new`.
+        let scoring = scoring_define(self.scoring).unwrap_or_default();
+        let method = method_define(self.method).unwrap_or_default();
         vec![
             ("SLUICE_E", self.experts),
             ("SLUICE_G", self.groups),
@@ -108,6 +110,25 @@ impl RoutingConfig {
     /// The defines as compiler options (`-DNAME=value`).
     pub fn compiler_options(&self) -> Vec<String> {
         self.defines().into_iter().map(|(name, value)| format!("-D{name}={value}")).collect()
+    }
+}
+
+/// `SLUICE_SCORING` for a scoring function the kernel computes.
+fn scoring_define(scoring: ScoringFunc) -> Result<usize, KernelError> {
+    match scoring {
+        ScoringFunc::Softmax => Ok(0),
+        ScoringFunc::Sigmoid => Ok(1),
+        ScoringFunc::SqrtSoftplus => Err(KernelError::UnsupportedScoring(scoring)),
+    }
+}
+
+/// `SLUICE_METHOD` for a selection the kernel does.
+fn method_define(method: TopkMethod) -> Result<usize, KernelError> {
+    match method {
+        TopkMethod::Greedy => Ok(0),
+        TopkMethod::GroupLimitedGreedy => Ok(1),
+        TopkMethod::NoauxTc => Ok(2),
+        TopkMethod::Hash => Err(KernelError::HashRouting),
     }
 }
 
@@ -159,5 +180,22 @@ mod tests {
         let mut bad = spec(256, 8, 4, 8, TopkMethod::NoauxTc);
         bad.n_group = 7;
         assert!(matches!(RoutingConfig::new(&bad), Err(KernelError::Spec(_))));
+    }
+
+    #[test]
+    fn v4_routing_is_refused_until_the_kernel_computes_it() {
+        let mut v4 = RoutingSpec::builder(256, 6)
+            .scoring(ScoringFunc::SqrtSoftplus)
+            .method(TopkMethod::NoauxTc)
+            .norm_topk_prob(true)
+            .routed_scaling_factor(1.5)
+            .build()
+            .unwrap();
+        let err = RoutingConfig::new(&v4).unwrap_err();
+        assert_eq!(err, KernelError::UnsupportedScoring(ScoringFunc::SqrtSoftplus));
+        assert!(err.to_string().contains("sqrtsoftplus"), "{err}");
+        v4.scoring = ScoringFunc::Sigmoid;
+        v4.method = TopkMethod::Hash;
+        assert_eq!(RoutingConfig::new(&v4).unwrap_err(), KernelError::HashRouting);
     }
 }
