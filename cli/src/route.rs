@@ -34,7 +34,7 @@ pub struct RouteArgs {
     #[arg(long, requires = "all_layers")]
     pub skip_missing: bool,
     /// A safetensors file holding `hidden_states` [tokens, hidden] (f32, bf16 or f16) and, for
-    /// hash-routed layers (DeepSeek-V4), `input_ids` [tokens] (int32 or int64).
+    /// hash-routed layers (DeepSeek-V4), `input_ids` of one id per token (int32 or int64).
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write `topk_ids` (int32 [tokens, top_k]) and `topk_weights` (float32).
