@@ -123,7 +123,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let mut rows = Vec::with_capacity(args.tokens.len());
     for &tokens in &args.tokens {
         let hidden = synthetic::hidden_states(tokens, h, args.dtype == InputDType::Bf16, 2)?;
-        let token_ids = args.model.token_ids(tokens, 3)?;
+        let token_ids = synthetic::token_ids(&gate, tokens, 3)?;
         let budget = Budget {
             warmup_calls: 3,
             min_calls: args.min_calls,

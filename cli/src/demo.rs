@@ -49,7 +49,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let (h, e) = (gate.hidden_size(), gate.num_experts());
     let hidden = synthetic::hidden_states(args.tokens, h, true, args.seed.wrapping_add(1))?
         .with_requires_grad(true);
-    let token_ids = shape.token_ids(args.tokens, args.seed.wrapping_add(2))?;
+    let token_ids = synthetic::token_ids(&gate, args.tokens, args.seed.wrapping_add(2))?;
     let token_ids = token_ids.as_ref();
 
     let prepared = gate.prepare(backend.as_ref())?;

@@ -128,17 +128,17 @@ impl ModelShape {
         };
         Ok(MoeGate::new(0, spec, weight, bias)?)
     }
+}
 
-    /// Token ids `[tokens]` uniform over the hash table, for a hash-routed shape; `None` for the
-    /// others, which do not need them.
-    pub fn token_ids(self, tokens: usize, seed: u64) -> Result<Option<Tensor>, CliError> {
-        if self.spec().method != TopkMethod::Hash {
-            return Ok(None);
-        }
-        let mut rng = Normal::new(seed);
-        let ids: Vec<i64> = (0..tokens).map(|_| rng.below(V4_VOCAB) as i64).collect();
-        Ok(Some(Tensor::from_vec(ids, &[tokens])?))
-    }
+/// Token ids `[tokens]` uniform over a hash-routed gate's table (a synthetic one or a checkpoint's);
+/// `None` for a gate that ranks scores and needs none.
+pub fn token_ids(gate: &MoeGate, tokens: usize, seed: u64) -> Result<Option<Tensor>, CliError> {
+    let Some(&vocab) = gate.hash_table().and_then(|table| table.shape().first()) else {
+        return Ok(None);
+    };
+    let mut rng = Normal::new(seed);
+    let ids: Vec<i64> = (0..tokens).map(|_| rng.below(vocab) as i64).collect();
+    Ok(Some(Tensor::from_vec(ids, &[tokens])?))
 }
 
 /// `vocab` rows of `top_k` distinct experts of `[0, experts)` (a partial Fisher-Yates shuffle per

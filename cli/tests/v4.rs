@@ -154,6 +154,20 @@ fn demo_and_bench_take_the_v4_shapes() {
         assert!(out.status.success(), "{model}: {}", text(&out.stderr));
         assert!(text(&out.stdout).contains("4096 -> 256"), "{}", text(&out.stdout));
     }
+    // A checkpoint's hash-routed layer is timed with token ids drawn over its own table.
+    let out = sluice(&[
+        "bench",
+        "--checkpoint",
+        &fixture("v4"),
+        "--layer",
+        "0",
+        "--tokens",
+        "1,8",
+        "--min-seconds",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("sqrtsoftplus + hash"), "{}", text(&out.stdout));
 }
 
 #[test]

@@ -45,6 +45,8 @@ class Golden:
         self.moe_layers: list[int] = json.loads(metadata["moe_layers"])
         self.near_ties: dict[str, list[int]] = json.loads(metadata["near_ties"])
         self.config = json.loads((self.dir / "config.json").read_text())
+        # The token ids DeepSeek-V4's hash-routed layers were called with; None elsewhere.
+        self.input_ids: torch.Tensor | None = self.tensors.get("input_ids")
 
     def hidden(self, kind: str) -> torch.Tensor:
         return self.tensors[f"hidden_states.{kind}"]

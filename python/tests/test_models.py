@@ -15,7 +15,7 @@ def test_route_matches_the_golden_outputs(family, kind):
     hidden = golden.hidden(kind)
     for layer in golden.moe_layers:
         gate = sluice.Gate.from_pretrained(golden.dir, layer)
-        ids, weights = gate.route(hidden)
+        ids, weights = gate.route(hidden, golden.input_ids)
         assert ids.dtype == torch.int32 and weights.dtype == torch.float32
         assert_matches_golden(ids, weights, *golden.expected(layer, kind))
 
@@ -26,11 +26,18 @@ def test_route_into_writes_what_route_returns(family):
     hidden = golden.hidden("f32")
     for layer in golden.moe_layers:
         gate = sluice.Gate.from_pretrained(golden.dir, layer)
-        ids, weights = gate.route(hidden)
+        ids, weights = gate.route(hidden, golden.input_ids)
         ids_out = torch.full_like(ids, -7)
         weights_out = torch.full_like(weights, -7.0)
-        gate.route_into(hidden, ids_out, weights_out)
+        gate.route_into(hidden, ids_out, weights_out, input_ids=golden.input_ids)
         assert torch.equal(ids_out, ids) and torch.equal(weights_out, weights)
+
+
+def test_a_hash_routed_layer_needs_the_token_ids():
+    golden = Golden("v4")
+    gate = sluice.Gate.from_pretrained(golden.dir, 0)
+    with pytest.raises(ValueError, match="layer 0 is hash-routed"):
+        gate.route(golden.hidden("f32"))
 
 
 def test_a_gate_from_a_models_parameters_routes_like_the_checkpoint():
