@@ -1,0 +1,80 @@
+//! The routing configs whose kernels are compiled ahead of time, for vendors without a run-time
+//! compiler (AMD). The list is `gpu/offline_configs.txt`, read by `backend-rocm`'s build script as
+//! text and here as data, so the build and the run-time lookup cannot disagree.
+
+use crate::RoutingConfig;
+
+/// The list as the build script reads it.
+pub const OFFLINE_CONFIGS_TEXT: &str = include_str!("../gpu/offline_configs.txt");
+
+/// One routing config compiled ahead of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineConfig {
+    /// The model family it serves (`deepseek_v3`, ...); also the code objects' file stem.
+    pub name: &'static str,
+    /// The defines, separated by spaces, as [`RoutingConfig::compiler_options`] writes them.
+    pub defines: &'static str,
+}
+
+/// Every config of the list, in order.
+pub fn offline_configs() -> impl Iterator<Item = OfflineConfig> {
+    OFFLINE_CONFIGS_TEXT
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, defines)| OfflineConfig { name, defines: defines.trim() })
+}
+
+/// The offline config that `config` was compiled as, if any.
+pub fn offline_config_for(config: &RoutingConfig) -> Option<OfflineConfig> {
+    let wanted = config.compiler_options().join(" ");
+    offline_configs().find(|offline| offline.defines == wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+
+    fn spec(
+        e: usize,
+        scoring: ScoringFunc,
+        method: TopkMethod,
+        g: (usize, usize),
+        k: usize,
+        norm: bool,
+    ) -> RoutingSpec {
+        RoutingSpec::builder(e, k)
+            .scoring(scoring)
+            .method(method)
+            .groups(g.0, g.1)
+            .norm_topk_prob(norm)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_line_is_the_config_of_its_model() {
+        use ScoringFunc::*;
+        use TopkMethod::*;
+        let models = [
+            ("deepseek_v3", spec(256, Sigmoid, NoauxTc, (8, 4), 8, true)),
+            ("kimi_k2", spec(384, Sigmoid, NoauxTc, (1, 1), 8, true)),
+            ("deepseek_v2", spec(160, Softmax, GroupLimitedGreedy, (8, 3), 6, false)),
+            ("deepseek_v2_lite", spec(64, Softmax, Greedy, (1, 1), 6, false)),
+        ];
+        let listed: Vec<_> = offline_configs().map(|c| c.name).collect();
+        assert_eq!(listed, models.iter().map(|(name, _)| *name).collect::<Vec<_>>());
+        for (name, spec) in models {
+            let config = RoutingConfig::new(&spec).unwrap();
+            assert_eq!(offline_config_for(&config).map(|c| c.name), Some(name));
+        }
+    }
+
+    #[test]
+    fn a_config_outside_the_list_has_no_offline_kernel() {
+        let other = spec(128, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (4, 2), 4, true);
+        assert_eq!(offline_config_for(&RoutingConfig::new(&other).unwrap()), None);
+    }
+}
