@@ -1,5 +1,30 @@
 //! AMD ROCm backend for sluice.
 //!
-//! This crate will implement `sluice_tensor::Backend` on AMD Instinct GPUs: the HIP runtime is loaded
-//! at run time (opening it never panics), and the kernels from `sluice-kernels` are compiled offline
-//! into code objects for gfx90a and gfx942. It is empty until the GPU work lands.
+//! The HIP runtime is loaded at run time (`libamdhip64.so.7`, `.6`, `.5`; `$ROCM_PATH/lib` first)
+//! through a small table of our own ([`HipApi`]): no ROCm is needed to build, and a missing library,
+//! symbol or device is a [`RocmError`], never a panic or an abort. The kernels are the shared source
+//! of `sluice-kernels`, compiled by clang at build time into AMD code objects for gfx90a and gfx942
+//! (gfx950 where the compiler accepts it) and embedded ([`CODE_OBJECTS`]). AMD has no run-time
+//! compiler this crate can rely on (hiprtc aborts inside comgr for gfx942 on some installs), so the
+//! routing configs are the fixed list `kernels/gpu/offline_configs.txt`.
+//!
+//! Layers, bottom up:
+//! - `api`: the resolved HIP functions;
+//! - `runtime`: finding and loading the library, version and device checks, return codes as errors;
+//! - `elf`, `code_objects`: the embedded code objects and what their ELF says;
+//! - `info`: the summary `sluice info` prints.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod api;
+mod code_objects;
+mod elf;
+mod error;
+mod info;
+mod runtime;
+
+pub use api::{Handle, HipApi, HipStatus};
+pub use code_objects::{CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels};
+pub use elf::{CodeObjectInfo, inspect};
+pub use error::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipError, HipVersion, RocmError};
+pub use info::{RocmInfo, probe};
+pub use runtime::HipRuntime;
