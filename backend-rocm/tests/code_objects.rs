@@ -1,0 +1,176 @@
+//! The embedded AMD code objects, checked without an AMD GPU: every config for every required
+//! architecture, AMDGPU ELF of the stated architecture, the kernels present (and no NVIDIA-only
+//! ones), and from the AMDGPU metadata note: wave64, no scratch, no spills, registers and LDS
+//! within budget.
+//!
+//! The metadata is read with llvm-readelf (19 or newer). Where the build embeds nothing or no
+//! llvm-readelf is found the tests say so and pass, unless `SLUICE_REQUIRE_CLANG` is set (CI).
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
+use sluice_kernels::{GemmKernel, HiddenKind, WeightKind, offline_configs};
+
+const REQUIRED_ARCHS: [&str; 2] = ["gfx90a", "gfx942"];
+/// VGPRs per lane: at most 128 keeps at least 4 waves per SIMD on CDNA2/CDNA3 (512 per SIMD lane).
+const MAX_VGPRS: u64 = 128;
+/// SGPRs per wave addressable by a kernel on CDNA.
+const MAX_SGPRS: u64 = 102;
+/// LDS per workgroup on CDNA.
+const MAX_LDS_BYTES: u64 = 64 * 1024;
+
+fn required() -> bool {
+    std::env::var_os("SLUICE_REQUIRE_CLANG").is_some()
+}
+
+/// False (after saying why) when this build embeds no code objects and that is allowed.
+fn have_objects(test: &str) -> bool {
+    if built_with_kernels() {
+        return true;
+    }
+    assert!(!required(), "SLUICE_REQUIRE_CLANG is set but the build embeds no AMD code objects");
+    eprintln!("SKIPPED {test}: built without AMD kernels (no clang++ 19 or newer at build time)");
+    false
+}
+
+fn expected_kernels() -> Vec<String> {
+    let mut names = vec!["sluice_route".to_owned(), "sluice_sum_partials".to_owned()];
+    for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
+        for weight in [WeightKind::Bf16, WeightKind::F32] {
+            names.push(GemmKernel::Simt { hidden, weight }.name());
+        }
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn every_offline_config_is_embedded_for_every_required_architecture() {
+    if !have_objects("every_offline_config_is_embedded_for_every_required_architecture") {
+        return;
+    }
+    for arch in REQUIRED_ARCHS {
+        assert!(architectures().contains(&arch), "{arch} missing from {:?}", architectures());
+    }
+    for config in offline_configs() {
+        for arch in architectures() {
+            let count =
+                CODE_OBJECTS.iter().filter(|o| o.config == config.name && o.arch == arch).count();
+            assert_eq!(count, 1, "{} for {arch}", config.name);
+        }
+    }
+}
+
+#[test]
+fn every_code_object_is_an_amdgpu_elf_of_its_architecture_with_the_router_kernels() {
+    if !have_objects(
+        "every_code_object_is_an_amdgpu_elf_of_its_architecture_with_the_router_kernels",
+    ) {
+        return;
+    }
+    for object in CODE_OBJECTS {
+        let info = object
+            .inspect()
+            .unwrap_or_else(|| panic!("{}.{} is not an AMDGPU ELF", object.config, object.arch));
+        assert_eq!(info.arch, Some(object.arch), "{}", object.config);
+        // AMD has no mma.sync: the tensor-core GEMM must not be built there.
+        assert_eq!(info.kernels, expected_kernels(), "{}.{}", object.config, object.arch);
+    }
+}
+
+/// llvm-readelf, newest first.
+fn readelf() -> Option<String> {
+    (19..=22)
+        .rev()
+        .map(|v| format!("llvm-readelf-{v}"))
+        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success()))
+}
+
+/// The kernel-level fields of the AMDGPU metadata note, one map per kernel, by `.name`.
+fn kernel_metadata(readelf: &str, object: &CodeObject) -> HashMap<String, HashMap<String, String>> {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.{}.co", object.config, object.arch));
+    std::fs::write(&path, object.elf).unwrap();
+    let output = Command::new(readelf).arg("--notes").arg(&path).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    // In the YAML llvm-readelf prints, a kernel starts with "  - ." and its own fields are
+    // indented by four; arguments are nested deeper.
+    let mut kernels = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("amdhsa.kernels:") {
+            inside = true;
+            continue;
+        }
+        if inside && !line.starts_with(' ') {
+            inside = false;
+        }
+        if !inside {
+            continue;
+        }
+        let field = if let Some(rest) = line.strip_prefix("  - ") {
+            kernels.push(HashMap::new());
+            rest
+        } else if let Some(rest) = line.strip_prefix("    ").filter(|rest| rest.starts_with('.')) {
+            rest
+        } else {
+            continue;
+        };
+        if let (Some(kernel), Some((key, value))) = (kernels.last_mut(), field.split_once(':')) {
+            kernel.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+    }
+    kernels.into_iter().map(|kernel| (kernel[".name"].clone(), kernel)).collect()
+}
+
+#[test]
+fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_budgets() {
+    let test =
+        "every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_budgets";
+    if !have_objects(test) {
+        return;
+    }
+    let Some(readelf) = readelf() else {
+        assert!(
+            !required(),
+            "SLUICE_REQUIRE_CLANG is set but no llvm-readelf (19 to 22) was found"
+        );
+        eprintln!("SKIPPED {test}: no llvm-readelf found (install llvm-19 or clang-tools-19)");
+        return;
+    };
+    let number = |kernel: &HashMap<String, String>, key: &str| -> u64 {
+        kernel.get(key).unwrap_or_else(|| panic!("no {key}")).parse().unwrap()
+    };
+    for object in CODE_OBJECTS {
+        let kernels = kernel_metadata(&readelf, object);
+        let mut names: Vec<_> = kernels.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, expected_kernels(), "{}.{}", object.config, object.arch);
+        for (name, kernel) in &kernels {
+            let at = format!("{name} in {}.{}", object.config, object.arch);
+            assert_eq!(number(kernel, ".wavefront_size"), 64, "{at}");
+            assert_eq!(number(kernel, ".private_segment_fixed_size"), 0, "scratch in {at}");
+            assert_eq!(number(kernel, ".vgpr_spill_count"), 0, "VGPR spills in {at}");
+            assert_eq!(number(kernel, ".sgpr_spill_count"), 0, "SGPR spills in {at}");
+            assert!(number(kernel, ".vgpr_count") <= MAX_VGPRS, "{at}: {kernel:?}");
+            assert!(number(kernel, ".sgpr_count") <= MAX_SGPRS, "{at}: {kernel:?}");
+            assert!(
+                number(kernel, ".group_segment_fixed_size") <= MAX_LDS_BYTES,
+                "{at}: {kernel:?}"
+            );
+        }
+        // The grouped configs keep their per-warp scores in LDS; the others need none.
+        let route_lds = number(&kernels["sluice_route"], ".group_segment_fixed_size");
+        let grouped = ["deepseek_v3", "deepseek_v2"].contains(&object.config);
+        assert_eq!(
+            route_lds > 0,
+            grouped,
+            "{}.{}: sluice_route uses {route_lds} bytes of LDS",
+            object.config,
+            object.arch
+        );
+    }
+}
