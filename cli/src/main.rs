@@ -10,6 +10,7 @@ mod demo;
 mod error;
 mod extract;
 mod gates;
+mod info;
 mod inspect;
 mod io;
 mod layout;
@@ -52,6 +53,9 @@ enum Command {
     /// Copy a checkpoint's MoE gates (config.json and the gate tensors, nothing else) into a new
     /// checkpoint folder.
     ExtractGates(extract::ExtractArgs),
+    /// Which backends this build has, whether each can run on this machine or why not, and for
+    /// ROCm the embedded AMD architectures and kernels and the HIP runtime found.
+    Info(info::InfoArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Route(args) => route::run(args),
         Command::Bench(args) => bench::run(args),
         Command::ExtractGates(args) => extract::run(args),
+        Command::Info(args) => info::run(args),
     };
     logging::report_peak_memory();
     match result {
