@@ -12,11 +12,16 @@
 //! - `api`: the resolved HIP functions;
 //! - `runtime`: finding and loading the library, version and device checks, return codes as errors;
 //! - `elf`, `code_objects`: the embedded code objects and what their ELF says;
+//! - `device`: opening one GPU (kernels embedded, runtime loaded, device present);
 //! - `info`: the summary `sluice info` prints.
+//!
+//! Not built yet: the enqueue layer and `sluice_tensor::Backend` (routing on an AMD GPU). Until
+//! then `sluice selftest --backend rocm` opens the device and says that routing is missing.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod api;
 mod code_objects;
+mod device;
 mod elf;
 mod error;
 mod info;
@@ -24,6 +29,7 @@ mod runtime;
 
 pub use api::{Handle, HipApi, HipStatus};
 pub use code_objects::{CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels};
+pub use device::RocmDevice;
 pub use elf::{CodeObjectInfo, inspect};
 pub use error::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipError, HipVersion, RocmError};
 pub use info::{RocmInfo, probe};

@@ -3,6 +3,7 @@
 use clap::{Args, ValueEnum};
 use sluice_backend_cpu::{CpuBackend, DEFAULT_MAX_TOKENS};
 use sluice_backend_cuda::CudaBackend;
+use sluice_backend_rocm::RocmDevice;
 use sluice_tensor::{Backend, BackendError};
 
 use crate::error::CliError;
@@ -14,6 +15,9 @@ pub enum BackendKind {
     Cpu,
     /// An NVIDIA GPU (`--device` picks which); needs the driver and NVRTC, loaded at run time.
     Cuda,
+    /// An AMD Instinct GPU (`--device` picks which); needs the HIP runtime, loaded at run time.
+    /// Routing on it is not implemented yet: the device is opened and the reason printed.
+    Rocm,
 }
 
 /// `--backend`, `--threads` and `--max-tokens`, shared by every command that computes.
@@ -52,7 +56,23 @@ impl BackendArgs {
                 Ok(Box::new(backend))
             }
             BackendKind::Cuda => Ok(Box::new(self.cuda()?)),
+            BackendKind::Rocm => Err(self.rocm_unavailable()),
         }
+    }
+
+    /// Why the ROCm backend cannot route on `--device`: the first missing piece (kernels, runtime,
+    /// device), else that routing on AMD GPUs is not implemented yet.
+    fn rocm_unavailable(&self) -> CliError {
+        let message = match RocmDevice::open(self.device) {
+            Ok(device) => format!(
+                "{} (device {}, HIP {}) opened, but routing on AMD GPUs is not implemented yet",
+                device.name(),
+                device.ordinal(),
+                device.runtime().version()
+            ),
+            Err(error) => error.to_string(),
+        };
+        BackendError::Device { backend: "rocm", message }.into()
     }
 
     /// The CUDA backend on `--device`.

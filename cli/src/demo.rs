@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use clap::Args;
-use half::bf16;
-use sluice_models::MoeGate;
-use sluice_models::reference::{self, DispatchLayout, Routing, Tolerance};
+use sluice_models::reference::{self, DispatchLayout, Routing};
 use sluice_tensor::DispatchShape;
 
 use crate::backend::BackendArgs;
+use crate::check;
 use crate::error::CliError;
 use crate::synthetic::{self, ModelShape};
 use crate::timing::{self, Budget};
@@ -34,10 +33,6 @@ pub struct DemoArgs {
     pub backend: BackendArgs,
 }
 
-/// Where within relative distance this small two selections count as a near tie, which the check
-/// skips (fast paths and the reference round differently).
-const NEAR_TIE: f32 = 1e-5;
-
 /// Builds the gate, routes, checks against the reference, times it, and only then prints what
 /// happened and how fast: a failure at any step prints nothing on stdout.
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
@@ -55,7 +50,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let prepared = gate.prepare(backend.as_ref())?;
     let routed = prepared.route_with_token_ids(&hidden, token_ids)?;
     let routing = routed.to_routing()?;
-    let (checked, skipped) = self_check(&gate, &hidden, token_ids, &routing)?;
+    let (checked, skipped) = check::against_reference(&gate, &hidden, token_ids, &routing)?;
     let layout = prepared.dispatch(&routed, Some(GEMM_BLOCK), None)?;
     check_layout(&layout, &routing, e)?;
     let budget = Budget {
@@ -98,39 +93,6 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     ));
     println!("{}", report.join("\n"));
     Ok(())
-}
-
-/// Routes the same input with the scalar reference and compares; returns (rows compared, near
-/// ties skipped).
-fn self_check(
-    gate: &MoeGate,
-    hidden: &sluice_tensor::Tensor,
-    token_ids: Option<&sluice_tensor::Tensor>,
-    actual: &Routing,
-) -> Result<(usize, usize), CliError> {
-    let spec = gate.spec();
-    let tokens = hidden.shape()[0];
-    let x = hidden.to_vec::<bf16>()?;
-    let w = gate.weight().to_vec::<bf16>()?;
-    let bias = gate.bias().map(|b| b.to_vec::<f32>()).transpose()?;
-    let check = |e: reference::ReferenceError| CliError::SelfCheck(e.to_string());
-    let logits = reference::router_logits(&x, &w, tokens, gate.hidden_size(), spec.num_experts)
-        .map_err(check)?;
-    let expected = match (gate.hash_table(), token_ids) {
-        (Some(table), Some(ids)) => {
-            let (table, ids) = (table.to_vec::<i32>()?, ids.to_vec::<i64>()?);
-            reference::route_hashed(&logits, tokens, &table, &ids, spec)
-        }
-        _ => reference::route(&logits, tokens, bias.as_deref(), spec),
-    }
-    .map_err(check)?;
-    let near = reference::near_tie_rows(&logits, tokens, bias.as_deref(), spec, NEAR_TIE)
-        .map_err(check)?;
-    let tolerance = Tolerance { abs: 1e-5, rel: 1e-4 };
-    let summary =
-        reference::compare_routings(&expected, actual, spec.num_experts, &near, tolerance)
-            .map_err(|m| CliError::SelfCheck(m.to_string()))?;
-    Ok((summary.rows_compared, summary.rows_skipped))
 }
 
 /// The block size of the grouped GEMM the demo's dispatch layout is padded for.

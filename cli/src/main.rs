@@ -6,6 +6,7 @@
 mod backend;
 mod bench;
 mod bench_layout;
+mod check;
 mod demo;
 mod error;
 mod extract;
@@ -17,6 +18,7 @@ mod layout;
 mod load_plot;
 mod logging;
 mod route;
+mod selftest;
 mod synthetic;
 mod timing;
 
@@ -56,6 +58,9 @@ enum Command {
     /// Which backends this build has, whether each can run on this machine or why not, and for
     /// ROCm the embedded AMD architectures and kernels and the HIP runtime found.
     Info(info::InfoArgs),
+    /// Route random inputs of every model family and of generic configs on one backend, compare
+    /// with the reference router, and print a verdict and what to send back.
+    Selftest(selftest::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::ExtractGates(args) => extract::run(args),
         Command::Info(args) => info::run(args),
+        Command::Selftest(args) => selftest::run(args),
     };
     logging::report_peak_memory();
     match result {

@@ -100,34 +100,34 @@ impl ModelShape {
         }
     }
 
-    /// A gate with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, for `noaux_tc`, an f32 bias
-    /// `0.05 * N(0, 1)`, or for a hash-routed layer a table whose rows hold `top_k` distinct
-    /// experts, drawn from `seed`.
+    /// A gate of this shape with random weights drawn from `seed` (see [`gate`]).
     pub fn gate(self, seed: u64) -> Result<MoeGate, CliError> {
-        let spec = self.spec();
-        let (e, h) = (spec.num_experts, self.hidden_size());
-        let mut rng = Normal::new(seed);
-        let scale = 2.0 / (h as f32).sqrt();
-        let weight: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.sample() * scale)).collect();
-        let weight = Tensor::from_vec(weight, &[e, h])?;
-        let bias = match spec.method {
-            TopkMethod::NoauxTc => {
-                let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.sample()).collect();
-                Some(Tensor::from_vec(bias, &[e])?)
-            }
-            TopkMethod::Hash => {
-                let table = hash_table(&mut rng, V4_VOCAB, e, spec.top_k);
-                return Ok(MoeGate::hashed(
-                    0,
-                    spec,
-                    weight,
-                    Tensor::from_vec(table, &[V4_VOCAB, spec.top_k])?,
-                )?);
-            }
-            _ => None,
-        };
-        Ok(MoeGate::new(0, spec, weight, bias)?)
+        gate(self.spec(), self.hidden_size(), seed)
     }
+}
+
+/// A gate for `spec` with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, for `noaux_tc`, an f32 bias
+/// `0.05 * N(0, 1)`, or for a hash-routed layer a table whose rows hold `top_k` distinct experts,
+/// drawn from `seed`.
+pub fn gate(spec: RoutingSpec, h: usize, seed: u64) -> Result<MoeGate, CliError> {
+    let e = spec.num_experts;
+    let mut rng = Normal::new(seed);
+    let scale = 2.0 / (h as f32).sqrt();
+    let weight: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.sample() * scale)).collect();
+    let weight = Tensor::from_vec(weight, &[e, h])?;
+    let bias = match spec.method {
+        TopkMethod::NoauxTc => {
+            let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.sample()).collect();
+            Some(Tensor::from_vec(bias, &[e])?)
+        }
+        TopkMethod::Hash => {
+            let table = hash_table(&mut rng, V4_VOCAB, e, spec.top_k);
+            let table = Tensor::from_vec(table, &[V4_VOCAB, spec.top_k])?;
+            return Ok(MoeGate::hashed(0, spec, weight, table)?);
+        }
+        _ => None,
+    };
+    Ok(MoeGate::new(0, spec, weight, bias)?)
 }
 
 /// Token ids `[tokens]` uniform over a hash-routed gate's table (a synthetic one or a checkpoint's);
