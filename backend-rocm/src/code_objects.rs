@@ -38,3 +38,10 @@ pub fn architectures() -> Vec<&'static str> {
     }
     archs
 }
+
+/// The routing configs embedded, in build order, each once.
+pub fn configs() -> Vec<&'static str> {
+    let mut configs: Vec<&'static str> = CODE_OBJECTS.iter().map(|object| object.config).collect();
+    configs.dedup();
+    configs
+}

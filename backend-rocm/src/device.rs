@@ -1,6 +1,10 @@
-//! Opening one AMD GPU: everything that must hold before anything is enqueued on it.
+//! Opening one AMD GPU (everything that must hold before anything is enqueued on it) and loading
+//! the embedded code objects on it.
 
-use crate::code_objects::built_with_kernels;
+use std::ffi::{CString, c_int};
+
+use crate::api::Handle;
+use crate::code_objects::{CODE_OBJECTS, built_with_kernels};
 use crate::error::RocmError;
 use crate::runtime::HipRuntime;
 
@@ -37,5 +41,127 @@ impl RocmDevice {
     /// Its name as the runtime reports it.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// The code objects of one routing config, loaded on a device, with every kernel resolved.
+#[derive(Debug)]
+pub struct LoadedModule<'device> {
+    device: &'device RocmDevice,
+    module: Handle,
+    arch: &'static str,
+    kernels: Vec<(String, Handle)>,
+}
+
+impl RocmDevice {
+    /// Loads the embedded code objects of offline config `config` (a name from
+    /// `kernels/gpu/offline_configs.txt`), trying each architecture until the runtime accepts one,
+    /// and resolves every kernel the object exports.
+    pub fn load(&self, config: &str) -> Result<LoadedModule<'_>, RocmError> {
+        let objects: Vec<_> =
+            CODE_OBJECTS.iter().filter(|object| object.config == config).collect();
+        if objects.is_empty() {
+            return Err(RocmError::ConfigNotEmbedded(config.to_owned()));
+        }
+        let api = self.runtime.api();
+        // SAFETY: `hipSetDevice` takes any int and fails for one that is not a device; `ordinal`
+        // was checked against the device count in `open`, so it also fits an int.
+        let status = unsafe { (api.hipSetDevice)(self.ordinal as c_int) };
+        self.runtime.check("hipSetDevice", status)?;
+        let mut refused = Vec::new();
+        for object in objects {
+            // The runtime parses the image in place; an 8-byte-aligned copy keeps its ELF reads
+            // aligned whatever the alignment of the embedded bytes.
+            let mut image = vec![0u64; object.elf.len().div_ceil(8)];
+            copy_into_words(&mut image, object.elf);
+            let mut module: Handle = std::ptr::null_mut();
+            // SAFETY: `hipModuleLoadData` reads a complete code object from `image` (the whole ELF,
+            // copied above, alive for the call) and writes one handle into `module`.
+            let status = unsafe { (api.hipModuleLoadData)(&mut module, image.as_ptr().cast()) };
+            match self.runtime.check("hipModuleLoadData", status) {
+                Ok(()) => {
+                    let mut loaded = LoadedModule {
+                        device: self,
+                        module,
+                        arch: object.arch,
+                        kernels: Vec::new(),
+                    };
+                    let names = object.inspect().map(|info| info.kernels).unwrap_or_default();
+                    for name in names {
+                        let function = loaded.function(&name)?;
+                        loaded.kernels.push((name, function));
+                    }
+                    return Ok(loaded);
+                }
+                Err(error) => refused.push(format!("{}: {}", object.arch, error.name)),
+            }
+        }
+        Err(RocmError::NoCodeObjectForDevice {
+            config: config.to_owned(),
+            archs: refused.join(", "),
+        })
+    }
+}
+
+impl LoadedModule<'_> {
+    fn function(&self, name: &str) -> Result<Handle, RocmError> {
+        // Names come from the object's string table, read up to the first NUL, so they hold none;
+        // were one to, the empty name would make the runtime answer "not found", not a panic.
+        let name_c = CString::new(name).unwrap_or_default();
+        let mut function: Handle = std::ptr::null_mut();
+        // SAFETY: `module` is a loaded module (unloaded only on drop); `name_c` is NUL-terminated
+        // and alive for the call; one handle is written into `function`.
+        let status = unsafe {
+            (self.device.runtime.api().hipModuleGetFunction)(
+                &mut function,
+                self.module,
+                name_c.as_ptr(),
+            )
+        };
+        self.device.runtime.check("hipModuleGetFunction", status)?;
+        Ok(function)
+    }
+
+    /// The architecture whose code object the runtime accepted.
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+
+    /// The kernels resolved, by name.
+    pub fn kernels(&self) -> impl Iterator<Item = &str> {
+        self.kernels.iter().map(|(name, _)| name.as_str())
+    }
+}
+
+impl Drop for LoadedModule<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `module` came from `hipModuleLoadData`, is unloaded exactly once (here), and no
+        // function handle of it outlives `self`. A failure cannot be reported from drop and
+        // leaves nothing unsafe behind, so it is ignored.
+        let _ = unsafe { (self.device.runtime.api().hipModuleUnload)(self.module) };
+    }
+}
+
+/// Copies `bytes` into the front of `words`, which holds at least `bytes.len()` bytes.
+fn copy_into_words(words: &mut [u64], bytes: &[u8]) {
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+        let mut padded = [0u8; 8];
+        padded[..chunk.len()].copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(padded);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_aligned_copy_holds_every_byte_and_zero_padding() {
+        let bytes: Vec<u8> = (1..=11).collect();
+        let mut words = vec![u64::MAX; bytes.len().div_ceil(8)];
+        copy_into_words(&mut words, &bytes);
+        let copied: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(&copied[..11], &bytes[..]);
+        assert_eq!(&copied[11..], &[0, 0, 0, 0, 0]);
     }
 }

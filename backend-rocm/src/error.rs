@@ -49,11 +49,11 @@ pub enum RocmError {
     #[error("built without AMD kernels (no clang++ 19 or newer when sluice was compiled)")]
     BuiltWithoutKernels,
     /// No embedded code object loads on this device.
-    #[error("no embedded code object for {config} loads on this GPU (embedded: {archs})")]
+    #[error("no embedded code object for {config} loads on this GPU (refused: {archs})")]
     NoCodeObjectForDevice {
         /// The routing config.
         config: String,
-        /// The architectures embedded for it.
+        /// Each architecture tried, with the runtime's answer.
         archs: String,
     },
     /// The routing config was not compiled ahead of time (AMD has no run-time compiler here).

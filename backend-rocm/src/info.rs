@@ -38,8 +38,6 @@ impl RocmInfo {
 
 /// Looks at the build and the machine; never fails, every problem is a field.
 pub fn probe() -> RocmInfo {
-    let mut configs: Vec<&'static str> = CODE_OBJECTS.iter().map(|object| object.config).collect();
-    configs.dedup();
     let kernels = CODE_OBJECTS.first().and_then(|object| object.inspect()).map(|info| info.kernels);
     let runtime = HipRuntime::load();
     let devices = runtime.as_ref().ok().map(|runtime| {
@@ -50,7 +48,7 @@ pub fn probe() -> RocmInfo {
     RocmInfo {
         compiler: (!COMPILER.is_empty()).then_some(COMPILER),
         architectures: code_objects::architectures(),
-        configs,
+        configs: code_objects::configs(),
         kernels: kernels.unwrap_or_default(),
         runtime: runtime.map(|runtime| (runtime.path().to_owned(), runtime.version().to_string())),
         devices,

@@ -12,7 +12,8 @@
 //! - `api`: the resolved HIP functions;
 //! - `runtime`: finding and loading the library, version and device checks, return codes as errors;
 //! - `elf`, `code_objects`: the embedded code objects and what their ELF says;
-//! - `device`: opening one GPU (kernels embedded, runtime loaded, device present);
+//! - `device`: opening one GPU (kernels embedded, runtime loaded, device present) and loading the
+//!   code objects of a routing config on it;
 //! - `info`: the summary `sluice info` prints.
 //!
 //! Not built yet: the enqueue layer and `sluice_tensor::Backend` (routing on an AMD GPU). Until
@@ -28,8 +29,10 @@ mod info;
 mod runtime;
 
 pub use api::{Handle, HipApi, HipStatus};
-pub use code_objects::{CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels};
-pub use device::RocmDevice;
+pub use code_objects::{
+    CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels, configs,
+};
+pub use device::{LoadedModule, RocmDevice};
 pub use elf::{CodeObjectInfo, inspect};
 pub use error::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipError, HipVersion, RocmError};
 pub use info::{RocmInfo, probe};

@@ -3,7 +3,10 @@
 //! CI installs Debian's `libamdhip64-5` on a machine without an AMD GPU and sets
 //! `SLUICE_REQUIRE_HIP_RUNTIME`, so there the real library is loaded and must report "no device".
 
-use sluice_backend_rocm::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipRuntime, RocmError};
+use sluice_backend_rocm::{
+    HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipRuntime, RocmDevice, RocmError,
+    built_with_kernels,
+};
 
 #[test]
 fn a_missing_library_is_no_library() {
@@ -59,6 +62,13 @@ fn the_installed_runtime_loads_and_reports_its_devices() {
             );
             assert!(error.name.starts_with("hipError"), "{error}");
             assert!(matches!(runtime.device_name(0), Err(RocmError::NoDevice(_))));
+            // Opening a device checks the kernels first, then the runtime, then the device.
+            let opened = RocmDevice::open(0);
+            if built_with_kernels() {
+                assert!(matches!(opened, Err(RocmError::NoDevice(_))), "{opened:?}");
+            } else {
+                assert!(matches!(opened, Err(RocmError::BuiltWithoutKernels)), "{opened:?}");
+            }
         }
         Err(other) => panic!("expected a device count or NoDevice, got {other}"),
     }

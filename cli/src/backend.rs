@@ -3,7 +3,7 @@
 use clap::{Args, ValueEnum};
 use sluice_backend_cpu::{CpuBackend, DEFAULT_MAX_TOKENS};
 use sluice_backend_cuda::CudaBackend;
-use sluice_backend_rocm::RocmDevice;
+use sluice_backend_rocm::{RocmDevice, RocmError};
 use sluice_tensor::{Backend, BackendError};
 
 use crate::error::CliError;
@@ -61,15 +61,20 @@ impl BackendArgs {
     }
 
     /// Why the ROCm backend cannot route on `--device`: the first missing piece (kernels, runtime,
-    /// device), else that routing on AMD GPUs is not implemented yet.
+    /// device, a code object the device accepts), else that routing on AMD GPUs is not
+    /// implemented yet, after what was checked on the device.
     fn rocm_unavailable(&self) -> CliError {
         let message = match RocmDevice::open(self.device) {
-            Ok(device) => format!(
-                "{} (device {}, HIP {}) opened, but routing on AMD GPUs is not implemented yet",
-                device.name(),
-                device.ordinal(),
-                device.runtime().version()
-            ),
+            Ok(device) => match load_every_config(&device) {
+                Ok(loaded) => format!(
+                    "{} (device {}, HIP {}) opened and loaded {loaded}, but routing on AMD GPUs \
+                     is not implemented yet",
+                    device.name(),
+                    device.ordinal(),
+                    device.runtime().version()
+                ),
+                Err(error) => error.to_string(),
+            },
             Err(error) => error.to_string(),
         };
         BackendError::Device { backend: "rocm", message }.into()
@@ -100,4 +105,19 @@ impl BackendArgs {
         }
         Ok(())
     }
+}
+
+/// Loads the code objects of every embedded config on `device`; says which architecture and how
+/// many kernels, e.g. `deepseek_v3 as gfx942 with 8 kernels, ...`.
+fn load_every_config(device: &RocmDevice) -> Result<String, RocmError> {
+    let mut loaded = Vec::new();
+    for config in sluice_backend_rocm::configs() {
+        let module = device.load(config)?;
+        loaded.push(format!(
+            "{config} as {} with {} kernels",
+            module.arch(),
+            module.kernels().count()
+        ));
+    }
+    Ok(loaded.join(", "))
 }
