@@ -7,6 +7,7 @@
 //! llvm-readelf is found the tests say so and pass, unless `SLUICE_REQUIRE_CLANG` is set (CI).
 
 use std::collections::HashMap;
+use std::io::Write as _; // skips are written past the test harness's capture, to show in every run
 use std::process::Command;
 
 use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
@@ -30,7 +31,10 @@ fn have_objects(test: &str) -> bool {
         return true;
     }
     assert!(!required(), "SLUICE_REQUIRE_CLANG is set but the build embeds no AMD code objects");
-    eprintln!("SKIPPED {test}: built without AMD kernels (no clang++ 19 or newer at build time)");
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: built without AMD kernels (no clang++ 19 or newer at build time)"
+    );
     false
 }
 
@@ -138,7 +142,8 @@ fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_
             !required(),
             "SLUICE_REQUIRE_CLANG is set but no llvm-readelf (19 to 22) was found"
         );
-        eprintln!("SKIPPED {test}: no llvm-readelf found (install llvm-19 or clang-tools-19)");
+        let _ =
+            writeln!(std::io::stderr(), "SKIPPED {test}: no llvm-readelf found (install llvm-19)");
         return;
     };
     let number = |kernel: &HashMap<String, String>, key: &str| -> u64 {

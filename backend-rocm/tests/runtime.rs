@@ -7,6 +7,7 @@ use sluice_backend_rocm::{
     HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipRuntime, RocmDevice, RocmError,
     built_with_kernels,
 };
+use std::io::Write as _; // skips are written past the test harness's capture, to show in every run
 
 #[test]
 fn a_missing_library_is_no_library() {
@@ -39,7 +40,10 @@ fn the_installed_runtime_loads_and_reports_its_devices() {
                 "SLUICE_REQUIRE_HIP_RUNTIME is set but the HIP runtime did not load: {error}"
             );
             assert!(matches!(error, RocmError::NoLibrary { .. }), "{error}");
-            eprintln!("SKIPPED the_installed_runtime_loads_and_reports_its_devices: {error}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the_installed_runtime_loads_and_reports_its_devices: {error}"
+            );
             return;
         }
     };
