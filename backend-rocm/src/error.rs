@@ -1,6 +1,5 @@
 //! Why the ROCm backend could not start or run.
 
-use sluice_kernels::KernelError;
 use thiserror::Error;
 
 /// HIP's `hipErrorNoDevice`: the runtime found no AMD GPU.
@@ -59,9 +58,6 @@ pub enum RocmError {
     /// The routing config was not compiled ahead of time (AMD has no run-time compiler here).
     #[error("no AMD kernels were compiled for the routing config {0}")]
     ConfigNotEmbedded(String),
-    /// The routing config or a shape is outside what the kernels take.
-    #[error(transparent)]
-    Kernel(#[from] KernelError),
 }
 
 /// A HIP return code other than `hipSuccess`, with the call that returned it.

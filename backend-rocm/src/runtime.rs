@@ -35,10 +35,10 @@ impl HipRuntime {
     pub fn load_from(candidates: &[String]) -> Result<Self, RocmError> {
         let mut last = String::from("no candidates");
         for candidate in candidates {
-            // SAFETY: loading a shared library runs its initialisers. libamdhip64's only register
-            // the runtime's internal state (checked on machines with and without an AMD GPU: no
-            // device access, no output, no abort happens at load time), and the library stays
-            // loaded for as long as the `HipApi` that owns it.
+            // SAFETY: loading a shared library runs its initialisers. libamdhip64's only set up
+            // the runtime's own state: on Debian's ROCm 5.2 without an AMD GPU loading it prints
+            // nothing and touches no device (CI loads it every run), and loading it is what every
+            // HIP program does at start. The library stays loaded as long as the `HipApi` owning it.
             match unsafe { Library::new(candidate) } {
                 Ok(library) => {
                     return Self::from_library(HipApi::resolve(library, candidate)?, candidate);

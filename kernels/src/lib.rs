@@ -26,7 +26,7 @@ pub use geometry::{
     GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
     WeightKind, plan_gemm, route_launch, sum_partials_launch,
 };
-pub use offline::{OFFLINE_CONFIGS_TEXT, OfflineConfig, offline_config_for, offline_configs};
+pub use offline::{OfflineConfig, offline_configs};
 
 /// The complete device source, in the order `gpu/sluice_router.cu` includes it.
 pub const SOURCE: &str = concat!(
