@@ -55,6 +55,10 @@ pub enum RocmError {
         /// Each architecture tried, with the runtime's answer.
         archs: String,
     },
+    /// Everything this build checks is in place, but routing on AMD GPUs (the enqueue layer and
+    /// the `Backend` implementation) is not built yet.
+    #[error("routing on AMD GPUs is not implemented yet")]
+    RoutingNotImplemented,
     /// The routing config was not compiled ahead of time (AMD has no run-time compiler here).
     #[error("no AMD kernels were compiled for the routing config {0}")]
     ConfigNotEmbedded(String),

@@ -22,16 +22,20 @@ pub struct RocmInfo {
 }
 
 impl RocmInfo {
-    /// Whether the backend can route here: kernels embedded and at least one device.
-    pub fn available(&self) -> Result<(), &RocmError> {
+    /// Why the backend cannot route here (`None`: it can). Until routing is built that is the
+    /// first missing piece (kernels, runtime, device), else [`RocmError::RoutingNotImplemented`].
+    pub fn why_unavailable(&self) -> Option<&RocmError> {
         const NO_KERNELS: RocmError = RocmError::BuiltWithoutKernels;
+        const NOT_IMPLEMENTED: RocmError = RocmError::RoutingNotImplemented;
         if self.compiler.is_none() {
-            return Err(&NO_KERNELS);
+            return Some(&NO_KERNELS);
         }
-        self.runtime.as_ref()?;
+        if let Err(error) = &self.runtime {
+            return Some(error);
+        }
         match &self.devices {
-            Some(Err(error)) => Err(error),
-            _ => Ok(()),
+            Some(Err(error)) => Some(error),
+            _ => Some(&NOT_IMPLEMENTED),
         }
     }
 }

@@ -67,11 +67,11 @@ impl BackendArgs {
         let message = match RocmDevice::open(self.device) {
             Ok(device) => match load_every_config(&device) {
                 Ok(loaded) => format!(
-                    "{} (device {}, HIP {}) opened and loaded {loaded}, but routing on AMD GPUs \
-                     is not implemented yet",
+                    "{} (device {}, HIP {}) opened and loaded {loaded}, but {}",
                     device.name(),
                     device.ordinal(),
-                    device.runtime().version()
+                    device.runtime().version(),
+                    RocmError::RoutingNotImplemented
                 ),
                 Err(error) => error.to_string(),
             },

@@ -57,13 +57,13 @@ fn cuda() -> Value {
 fn rocm(info: &RocmInfo) -> Value {
     let mut report = json!({
         "name": "rocm",
-        "available": info.available().is_ok(),
+        "available": info.why_unavailable().is_none(),
         "compiler": info.compiler,
         "architectures": info.architectures,
         "routing_configs": info.configs,
         "kernels": info.kernels,
     });
-    if let Err(error) = info.available() {
+    if let Some(error) = info.why_unavailable() {
         report["why_not"] = json!(error.to_string());
     }
     match &info.runtime {
