@@ -12,8 +12,13 @@ fn the_cpu_backend_passes_every_config() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     let ok = stdout.lines().filter(|line| line.trim_start().starts_with("ok ")).count();
-    assert_eq!(ok, 8, "{stdout}");
-    assert!(stdout.contains("selftest: PASS, 8 configs on the cpu backend"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("selftest: PASS, {ok} configs on the cpu backend")),
+        "{stdout}"
+    );
+    for family in ["v3", "kimi-k2", "v2", "v2-lite", "v4", "v4-hash", "generic E=1024"] {
+        assert!(stdout.contains(&format!("ok    {family}")), "{family} missing: {stdout}");
+    }
 }
 
 #[test]
