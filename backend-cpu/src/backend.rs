@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use sluice_tensor::argument_view;
 use sluice_tensor::{
     Backend, BackendError, Device, Dlpack, DlpackViewMut, Element, ExpectedShape, PreparedRouter,
     RoutingOutput, RoutingSpec, TopkMethod, check_hash_table, check_router_weight,
@@ -69,7 +70,7 @@ impl CpuBackend {
         const OP: &str = "prepare_router";
         spec.validate()?;
         let bias = match bias {
-            Some(bias) => Some(input::bias(OP, &input::view(OP, "bias", bias)?)?.to_vec()),
+            Some(bias) => Some(input::bias(OP, &argument_view(OP, "bias", bias)?)?.to_vec()),
             None => None,
         };
         RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;
@@ -89,7 +90,7 @@ impl CpuBackend {
         if spec.method != TopkMethod::Hash {
             return Err(BackendError::UnexpectedHashTable { op: OP, method: spec.method });
         }
-        let (table, shape) = input::hash_table(OP, &input::view(OP, "table", table)?)?;
+        let (table, shape) = input::hash_table(OP, &argument_view(OP, "table", table)?)?;
         check_hash_table(&table, &shape, spec.top_k, spec.num_experts)
             .map_err(|source| BackendError::HashTable { op: OP, source })?;
         self.pack(OP, weight, spec, Selector::Hash { table })
@@ -103,7 +104,7 @@ impl CpuBackend {
         spec: &RoutingSpec,
         selector: Selector,
     ) -> Result<CpuPreparedRouter, BackendError> {
-        let weight_view = input::view(op, "weight", weight)?;
+        let weight_view = argument_view(op, "weight", weight)?;
         check_router_weight(op, weight_view.shape(), spec)?;
         let view = input::weight(op, &weight_view)?;
         let (experts, hidden) = view.dims();
@@ -121,7 +122,7 @@ fn copy_to_host(op: &'static str, tensor: &Dlpack) -> Result<Dlpack, BackendErro
         let shape = view.shape().to_vec();
         export("tensor", view.iter().copied().collect(), &shape)
     }
-    match input::any(op, "tensor", &input::view(op, "tensor", tensor)?)? {
+    match input::any(op, "tensor", &argument_view(op, "tensor", tensor)?)? {
         AnyView::F32(v) => copy(v),
         AnyView::F16(v) => copy(v),
         AnyView::Bf16(v) => copy(v),
@@ -151,8 +152,8 @@ impl Backend for CpuBackend {
 
     fn router_gemm(&self, hidden: &Dlpack, weight: &Dlpack) -> Result<Dlpack, BackendError> {
         const OP: &str = "router_gemm";
-        let hidden_view = input::view(OP, "hidden", hidden)?;
-        let weight_view = input::view(OP, "weight", weight)?;
+        let hidden_view = argument_view(OP, "hidden", hidden)?;
+        let weight_view = argument_view(OP, "weight", weight)?;
         let hidden = input::hidden(OP, &hidden_view)?;
         let weight = input::weight(OP, &weight_view)?;
         let (experts, hidden_size) = weight.dims();
@@ -174,7 +175,7 @@ impl Backend for CpuBackend {
     ) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route_logits";
         spec.validate()?;
-        let logits_view = input::view(OP, "logits", logits)?;
+        let logits_view = argument_view(OP, "logits", logits)?;
         let logits = input::logits(OP, &logits_view)?;
         let (tokens, experts) = logits.dim();
         if experts != spec.num_experts {
@@ -186,7 +187,7 @@ impl Backend for CpuBackend {
             });
         }
         let bias = match bias {
-            Some(bias) => Some(input::bias(OP, &input::view(OP, "bias", bias)?)?.to_vec()),
+            Some(bias) => Some(input::bias(OP, &argument_view(OP, "bias", bias)?)?.to_vec()),
             None => None,
         };
         let router = RowRouter::new(OP, spec, bias.as_deref(), self.engine.kernel)?;

@@ -7,7 +7,7 @@
 
 use half::{bf16, f16};
 use ndarray::{ArrayView1, ArrayView2, ArrayViewD};
-use sluice_tensor::{BackendError, DType, Device, Dlpack, DlpackView, Element};
+use sluice_tensor::{BackendError, DType, Device, DlpackView, Element};
 
 use crate::pack::WeightView;
 use crate::routing::TokenIds;
@@ -45,15 +45,6 @@ impl Hidden<'_> {
 
 const HIDDEN_DTYPES: &str = "f32, bf16, f16";
 const WEIGHT_DTYPES: &str = "bf16, f32";
-
-/// Validates an owned DLPack argument into a view.
-pub(crate) fn view<'a>(
-    op: &'static str,
-    arg: &'static str,
-    dl: &'a Dlpack,
-) -> Result<DlpackView<'a>, BackendError> {
-    DlpackView::from_dlpack(dl).map_err(|source| BackendError::Argument { op, arg, source })
-}
 
 /// Reads hidden states `[T, H]`.
 pub(crate) fn hidden<'a>(

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DispatchInputs, DispatchOutputs, Dlpack, DlpackView, DlpackViewMut, Execution,
     PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, check_dispatch_into,
@@ -111,7 +112,7 @@ impl PreparedRouter for CpuPreparedRouter {
 
     fn router_gemm(&self, hidden: &Dlpack) -> Result<Dlpack, BackendError> {
         const OP: &str = "router_gemm";
-        let view = input::view(OP, "hidden", hidden)?;
+        let view = argument_view(OP, "hidden", hidden)?;
         let tokens = input::hidden(OP, &view)?.dims().0;
         ops::check_tokens(&self.engine, OP, tokens)?;
         let experts = self.spec.num_experts;
@@ -124,7 +125,7 @@ impl PreparedRouter for CpuPreparedRouter {
 
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route";
-        let view = input::view(OP, "hidden", hidden)?;
+        let view = argument_view(OP, "hidden", hidden)?;
         let tokens = input::hidden(OP, &view)?.dims().0;
         ops::check_tokens(&self.engine, OP, tokens)?;
         let mut outputs = HostOutputs::new(OP, tokens, self.spec.top_k)?;

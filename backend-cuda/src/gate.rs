@@ -7,6 +7,7 @@
 
 use cudarc::driver::CudaSlice;
 use sluice_kernels::{GemmPlan, GemmShape, HiddenKind, WeightKind, plan_gemm};
+use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
     RoutingOutput, RoutingSpec, TopkMethod,
@@ -47,14 +48,14 @@ pub(crate) fn stage_matrix(
     expected: ExpectedShape,
 ) -> Result<Staged, BackendError> {
     let device = Device::Cuda(gpu.ordinal);
-    let view = input::view(op, arg, dl)?;
+    let view = argument_view(op, arg, dl)?;
     if view.device() != Device::Cpu {
         let matrix = input::matrix(op, arg, &view, device, dtypes, expected)?;
         return Ok(Staged { matrix, from_host: false, copy: None });
     }
     input::check_dtype(op, arg, view.dtype(), dtypes)?;
     let copy = memory::upload(gpu, dl)?;
-    let matrix = input::matrix(op, arg, &input::view(op, arg, &copy)?, device, dtypes, expected)?;
+    let matrix = input::matrix(op, arg, &argument_view(op, arg, &copy)?, device, dtypes, expected)?;
     Ok(Staged { matrix, from_host: true, copy: Some(copy) })
 }
 
@@ -80,9 +81,9 @@ pub(crate) fn bias_values(
     if spec.method != TopkMethod::NoauxTc {
         return Err(BackendError::UnexpectedBias { op, method: spec.method });
     }
-    let on_device = input::view(op, "bias", dl)?.device() != Device::Cpu;
+    let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;
     let downloaded = if on_device { Some(memory::download(gpu, dl)?) } else { None };
-    let view = input::view(op, "bias", downloaded.as_ref().unwrap_or(dl))?;
+    let view = argument_view(op, "bias", downloaded.as_ref().unwrap_or(dl))?;
     input::check_dtype(op, "bias", view.dtype(), &[DType::F32])?;
     if view.shape() != [spec.num_experts] {
         return Err(BackendError::Shape {

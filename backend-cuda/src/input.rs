@@ -1,9 +1,7 @@
 //! Arguments that live on this backend's device, as validated views: addresses, shapes and
 //! strides, with errors that name the op and the argument. No device memory is touched.
 
-use sluice_tensor::{
-    BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, ExpectedShape,
-};
+use sluice_tensor::{BackendError, DType, Device, DlpackView, DlpackViewMut, ExpectedShape};
 
 /// A rank-2 device tensor: address of element `[0, 0]`, `[rows, cols]`, strides in elements.
 #[derive(Debug, Clone, Copy)]
@@ -46,15 +44,6 @@ impl DeviceMatrix {
 pub(crate) fn output_rows(output: &mut DlpackViewMut<'_>) -> (u64, usize) {
     let row_stride = output.strides().first().copied().unwrap_or(0);
     (output.data_ptr_mut() as u64, row_stride)
-}
-
-/// A validated view of `dl`.
-pub(crate) fn view<'a>(
-    op: &'static str,
-    arg: &'static str,
-    dl: &'a Dlpack,
-) -> Result<DlpackView<'a>, BackendError> {
-    DlpackView::from_dlpack(dl).map_err(|source| BackendError::Argument { op, arg, source })
 }
 
 /// Checks that `view` is on `device`.

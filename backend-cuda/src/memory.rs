@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
+use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, DeviceAllocation, Dlpack, DlpackView, Layout, Storage, Tensor,
 };
@@ -85,7 +86,7 @@ pub(crate) fn host_bytes<'a>(
 /// Copies a contiguous host tensor to a new device tensor.
 pub(crate) fn upload(gpu: &Gpu, host: &Dlpack) -> Result<Dlpack, BackendError> {
     const OP: &str = "upload";
-    let view = input::view(OP, "host", host)?;
+    let view = argument_view(OP, "host", host)?;
     let bytes = host_bytes(OP, "host", &view)?;
     let mut buffer = zeroed(gpu, bytes.len())?;
     if !bytes.is_empty() {
@@ -111,7 +112,7 @@ pub(crate) fn upload_f32(gpu: &Gpu, values: &[f32]) -> Result<CudaSlice<u8>, Cud
 /// Copies a contiguous device tensor of this backend to a new host tensor.
 pub(crate) fn download(gpu: &Gpu, tensor: &Dlpack) -> Result<Dlpack, BackendError> {
     const OP: &str = "download";
-    let view = input::view(OP, "tensor", tensor)?;
+    let view = argument_view(OP, "tensor", tensor)?;
     input::check_device(OP, "tensor", &view, Device::Cuda(gpu.ordinal))?;
     let contiguous = Layout::contiguous(view.shape()).is_ok_and(|l| l.strides() == view.strides());
     if !contiguous {

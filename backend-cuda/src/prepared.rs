@@ -6,6 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUstream;
 use sluice_kernels::{GemmShape, RoutingConfig};
+use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, ExpectedShape,
     PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, check_logits_into,
@@ -67,7 +68,7 @@ impl CudaPreparedRouter {
         const OP: &str = "prepare_router";
         let config = RoutingConfig::new(spec).map_err(CudaError::from)?;
         let expected = ExpectedShape(vec![Some(spec.num_experts), None]);
-        let view = input::view(OP, "weight", weight)?;
+        let view = argument_view(OP, "weight", weight)?;
         check_router_weight(OP, view.shape(), spec)?;
         // A private contiguous copy on the device, whatever the caller's layout and location.
         let staged = if view.device() == Device::Cpu {

@@ -25,7 +25,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::contract::{ExpectedShape, with_borrowed_dlpack, write_status};
+use crate::contract::{ExpectedShape, argument_view, with_borrowed_dlpack, write_status};
 use crate::dispatch::{DispatchInputs, DispatchOutputs, check_dispatch_into};
 use crate::dlpack::{Dlpack, DlpackError, export_vec};
 use crate::{
@@ -242,11 +242,7 @@ fn copy_rows<T: Element>(
     from: &Dlpack,
     to: &mut DlpackViewMut<'_>,
 ) -> Result<(), BackendError> {
-    let from = DlpackView::from_dlpack(from).map_err(|source| BackendError::Argument {
-        op,
-        arg,
-        source,
-    })?;
+    let from = argument_view(op, arg, from)?;
     let from = from.as_array2::<T>().map_err(|source| BackendError::View { op, arg, source })?;
     let mut to =
         to.as_array2_mut::<T>().map_err(|source| BackendError::View { op, arg, source })?;

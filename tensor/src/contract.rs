@@ -15,6 +15,15 @@ use crate::{
     PreparedRouter, RoutingSpec,
 };
 
+/// Validates an owned DLPack argument of `op` into a view; a refusal names the op and the argument.
+pub fn argument_view<'a>(
+    op: &'static str,
+    arg: &'static str,
+    tensor: &'a Dlpack,
+) -> Result<DlpackView<'a>, BackendError> {
+    DlpackView::from_dlpack(tensor).map_err(|source| BackendError::Argument { op, arg, source })
+}
+
 /// The inputs of one routing call.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteInputs<'a> {

@@ -56,8 +56,8 @@ mod view;
 
 pub use backend::{Backend, BackendError, NonFiniteInput, PreparedRouter, RoutingOutput};
 pub use contract::{
-    ExpectedShape, RouteInputs, RouteOutputs, WORKSPACE_ALIGN, check_logits_into, check_route_into,
-    check_router_weight,
+    ExpectedShape, RouteInputs, RouteOutputs, WORKSPACE_ALIGN, argument_view, check_logits_into,
+    check_route_into, check_router_weight,
 };
 pub use device::Device;
 pub use dispatch::{

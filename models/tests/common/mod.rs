@@ -15,7 +15,7 @@ use safetensors::tensor::TensorView;
 use sluice_models::reference;
 use sluice_tensor::{
     Backend, BackendError, DType, Device, Dlpack, DlpackView, NonFiniteInput, PreparedRouter,
-    RoutingOutput, RoutingSpec, export_vec,
+    RoutingOutput, RoutingSpec, argument_view, export_vec,
 };
 
 /// Routes with [`reference`], on the host.
@@ -35,8 +35,7 @@ struct HostValues {
 }
 
 fn read(op: &'static str, arg: &'static str, dl: &Dlpack) -> Result<HostValues, BackendError> {
-    let view =
-        DlpackView::from_dlpack(dl).map_err(|source| BackendError::Argument { op, arg, source })?;
+    let view = argument_view(op, arg, dl)?;
     if view.device() != Device::Cpu {
         return Err(BackendError::WrongDevice {
             op,
