@@ -27,7 +27,7 @@ pub const RENORM_EPSILON: f32 = 1e-20;
 /// How logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ScoringFunc {
-    /// `softmax` over all experts of a token (DeepSeek-V2, V2-Lite, V2.5).
+    /// `softmax` over all experts of a token (DeepSeek-V2, V2-Lite, V2.5, Qwen3-MoE, Mixtral).
     Softmax,
     /// Element-wise `sigmoid` (DeepSeek-V3, V3.2, R1, Kimi-K2).
     Sigmoid,
@@ -49,7 +49,14 @@ impl ScoringFunc {
 /// How experts are selected from the scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopkMethod {
-    /// Plain top-k over all experts (V2-Lite).
+    /// Plain top-k over all experts (V2-Lite; Qwen3-MoE and Mixtral).
+    ///
+    /// Qwen3-MoE and Mixtral score before the top-k (softmax over all experts, then top-k of the
+    /// probabilities) and renormalise (Mixtral always, Qwen3-MoE when `norm_topk_prob`): that is
+    /// softmax scoring, this method and [`RoutingSpec::norm_topk_prob`]. Routers that score after
+    /// the top-k (softmax over the selected logits) select the same experts, as softmax preserves
+    /// order, and their weights equal the renormalised probabilities, so they need no decision of
+    /// their own.
     Greedy,
     /// Keep the `topk_group` groups with the largest maximum score, then top-k (V2, V2.5).
     GroupLimitedGreedy,
@@ -420,6 +427,11 @@ mod tests {
             .routed_scaling_factor(1.0)
             .build()
             .unwrap();
+        // Qwen3-30B-A3B and Mixtral-8x7B: softmax + greedy, renormalised.
+        for (experts, top_k) in [(128, 8), (8, 2)] {
+            let spec = RoutingSpec::builder(experts, top_k).norm_topk_prob(true).build().unwrap();
+            assert!(!spec.groups_restrict());
+        }
     }
 
     #[test]

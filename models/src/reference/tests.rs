@@ -72,6 +72,26 @@ fn softmax_ties_go_to_the_lower_index() {
     assert_close(r.weights(), &[p, p], 1e-6);
 }
 
+/// Qwen3-MoE and Mixtral: softmax over all experts, top-k of the probabilities, renormalised
+/// (Mixtral always, Qwen3-MoE when `norm_topk_prob`), which equals softmax over the selected
+/// logits; without renormalisation the probabilities are kept as they are.
+#[test]
+fn softmax_top_k_renormalised_equals_softmax_over_the_selected_logits() {
+    let logits = [0.5f32, -1.0, 2.0, 1.5, 0.0, 2.25];
+    let exp: Vec<f64> = logits.iter().map(|&x| f64::from(x).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    // The two largest logits: 2.25 (expert 5), then 2.0 (expert 2).
+    let renormalised = spec(6, TopkMethod::Greedy, (1, 1), 2, true, 1.0);
+    let r = route(&logits, 1, None, &renormalised).unwrap();
+    assert_eq!(r.ids(), &[5, 2]);
+    let selected = exp[5] + exp[2];
+    assert_close(r.weights(), &[exp[5] / selected, exp[2] / selected], 1e-6);
+    let kept = spec(6, TopkMethod::Greedy, (1, 1), 2, false, 1.0);
+    let r = route(&logits, 1, None, &kept).unwrap();
+    assert_eq!(r.ids(), &[5, 2]);
+    assert_close(r.weights(), &[exp[5] / total, exp[2] / total], 1e-6);
+}
+
 #[test]
 fn group_ties_go_to_the_lower_group() {
     // All scores 0.5: every group scores 1.0; groups 0 and 1 are kept, then experts 0 and 1.
