@@ -1,5 +1,5 @@
-//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4 and Kimi-K2 / K2.5
-//! checkpoints.
+//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4, Kimi-K2 / K2.5, Qwen3-MoE
+//! and Mixtral checkpoints.
 //!
 //! Only what the MoE gate needs is read: the family, the hidden size, the layer count, the MoE layer
 //! rule and the routing fields, which become a validated [`RoutingSpec`].
@@ -36,6 +36,20 @@
 //! `group_limited_greedy`. That combination is ambiguous, so it is refused with an error that asks
 //! for an explicit `topk_method`. The sizes (`hidden_size`, `num_hidden_layers`,
 //! `n_routed_experts`, `num_experts_per_tok`) are always required.
+//!
+//! # Qwen3-MoE and Mixtral
+//!
+//! Both route with softmax over all experts, then a plain top-k of the probabilities (softmax +
+//! greedy): no groups, no correction bias, no scaling factor (`routed_scaling_factor` is not read).
+//! The sizes (`hidden_size`, `num_hidden_layers`, the expert count, `num_experts_per_tok`) are
+//! required; the other fields default as transformers 5.24 reads them:
+//!
+//! | field | `qwen3_moe` | `mixtral` |
+//! | --- | --- | --- |
+//! | expert count | `num_experts` | `num_local_experts` |
+//! | `norm_topk_prob` | false | not a field: always renormalised (`false` refused) |
+//! | `decoder_sparse_step` | 1: layer `L` is MoE when `(L + 1) % step == 0` | not read: every layer is MoE |
+//! | `mlp_only_layers` | empty: the layers listed are dense (a layer past the last refused) | not read |
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,6 +74,12 @@ pub enum ModelFamily {
     DeepseekV4,
     /// `kimi_k2`: Kimi-K2, and Kimi-K2.5 (`kimi_k25` with a `text_config`). The V3 architecture.
     KimiK2,
+    /// `qwen3_moe`: Qwen3-MoE (softmax over all experts, top-k, renormalised when
+    /// `norm_topk_prob`); the MoE layers follow `decoder_sparse_step` and `mlp_only_layers`.
+    Qwen3Moe,
+    /// `mixtral`: Mixtral (softmax over all experts, top-k, always renormalised); every layer is
+    /// an MoE layer.
+    Mixtral,
 }
 
 impl ModelFamily {
@@ -71,6 +91,8 @@ impl ModelFamily {
             "deepseek_v32" => Some(ModelFamily::DeepseekV32),
             "deepseek_v4" => Some(ModelFamily::DeepseekV4),
             "kimi_k2" => Some(ModelFamily::KimiK2),
+            "qwen3_moe" => Some(ModelFamily::Qwen3Moe),
+            "mixtral" => Some(ModelFamily::Mixtral),
             _ => None,
         }
     }
@@ -83,6 +105,8 @@ impl ModelFamily {
             ModelFamily::DeepseekV32 => "DeepSeek-V3.2",
             ModelFamily::DeepseekV4 => "DeepSeek-V4",
             ModelFamily::KimiK2 => "Kimi-K2",
+            ModelFamily::Qwen3Moe => "Qwen3-MoE",
+            ModelFamily::Mixtral => "Mixtral",
         }
     }
 
@@ -266,9 +290,13 @@ impl ModelConfig {
         let family = ModelFamily::from_model_type(model_type).ok_or_else(|| {
             fields.bad_value(
                 "model_type",
-                "not a model sluice knows (expected deepseek_v2, deepseek_v3 or kimi_k2)",
+                "not a model sluice knows (expected deepseek_v2, deepseek_v3, deepseek_v32, \
+                 deepseek_v4, kimi_k2, qwen3_moe or mixtral)",
             )
         })?;
+        if matches!(family, ModelFamily::Qwen3Moe | ModelFamily::Mixtral) {
+            return Self::parse_softmax_top_k(fields, family, model_type, nested_text_config);
+        }
         let (v2, v4) = (family.is_v2(), family.is_v4());
 
         let hidden_size = fields.required_usize("hidden_size")?;
@@ -426,6 +454,60 @@ impl ModelConfig {
         })
     }
 
+    /// Qwen3-MoE and Mixtral: softmax over all experts, then a plain top-k of the probabilities
+    /// (softmax + greedy); no groups, no correction bias, no scaling factor. They differ in the
+    /// renormalisation (Qwen3-MoE: `norm_topk_prob`, false when absent; Mixtral: always) and in
+    /// which layers are MoE (Qwen3-MoE: layer `L` unless listed in `mlp_only_layers`, when
+    /// `(L + 1) % decoder_sparse_step == 0`; Mixtral: every layer).
+    fn parse_softmax_top_k(
+        fields: Fields<'_>,
+        family: ModelFamily,
+        model_type: &str,
+        nested_text_config: bool,
+    ) -> Result<Self, ConfigError> {
+        let hidden_size = fields.required_usize("hidden_size")?;
+        if hidden_size == 0 {
+            return Err(fields.bad_value("hidden_size", "must be at least 1"));
+        }
+        let num_layers = fields.required_usize("num_hidden_layers")?;
+        let experts_field =
+            if family == ModelFamily::Qwen3Moe { "num_experts" } else { "num_local_experts" };
+        let num_experts = fields.required_usize(experts_field)?;
+        let top_k = fields.required_usize("num_experts_per_tok")?;
+        let (norm_topk_prob, kinds) = if family == ModelFamily::Qwen3Moe {
+            let norm_topk_prob = fields.bool("norm_topk_prob")?.unwrap_or(false);
+            (norm_topk_prob, qwen3_moe_layer_kinds(fields, num_layers)?)
+        } else {
+            if fields.bool("norm_topk_prob")? == Some(false) {
+                return Err(fields.bad_value(
+                    "norm_topk_prob",
+                    "Mixtral routers always renormalise (transformers ignores this field); \
+                     expected true",
+                ));
+            }
+            (true, vec![MlpKind::Moe; num_layers])
+        };
+        let routing = RoutingSpec::builder(num_experts, top_k)
+            .scoring(ScoringFunc::Softmax)
+            .method(TopkMethod::Greedy)
+            .norm_topk_prob(norm_topk_prob)
+            .build()
+            .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
+        Ok(ModelConfig {
+            family,
+            model_type: model_type.to_owned(),
+            nested_text_config,
+            hidden_size,
+            num_layers,
+            first_k_dense_replace: kinds.iter().take_while(|kind| !kind.is_moe()).count(),
+            moe_layer_freq: 1,
+            listed: Some(kinds),
+            leading_hash_layers: 0,
+            vocab_size: None,
+            routing,
+        })
+    }
+
     /// The model family.
     pub fn family(&self) -> ModelFamily {
         self.family
@@ -462,7 +544,8 @@ impl ModelConfig {
         self.moe_layer_freq
     }
 
-    /// Whether `mlp_layer_types` lists each layer's kind (then the two rules above do not apply).
+    /// Whether each layer's kind is listed, by `mlp_layer_types` or from Qwen3-MoE's and
+    /// Mixtral's layer rules (then the two rules above do not apply).
     pub fn lists_layer_types(&self) -> bool {
         self.listed.is_some()
     }
@@ -528,6 +611,30 @@ impl ModelConfig {
         let listed = listed.filter(|(_, kind)| kind.is_moe()).map(|(layer, _)| layer);
         by_rule.chain(listed).filter(|&layer| self.is_moe_layer(layer))
     }
+}
+
+/// Qwen3-MoE's layer kinds, as `Qwen3MoeDecoderLayer` decides them: MoE unless the layer is in
+/// `mlp_only_layers` (empty when absent), and only every `decoder_sparse_step`-th layer (1 when
+/// absent), counting from 1.
+fn qwen3_moe_layer_kinds(
+    fields: Fields<'_>,
+    num_layers: usize,
+) -> Result<Vec<MlpKind>, ConfigError> {
+    let sparse_step = fields.usize("decoder_sparse_step")?.unwrap_or(1);
+    if sparse_step == 0 {
+        return Err(fields.bad_value("decoder_sparse_step", "must be at least 1"));
+    }
+    let dense_layers = fields.usize_list("mlp_only_layers")?.unwrap_or_default();
+    if let Some(&layer) = dense_layers.iter().find(|&&layer| layer >= num_layers) {
+        let reason = format!("names layer {layer}, `num_hidden_layers` is {num_layers}");
+        return Err(fields.bad_value("mlp_only_layers", &reason));
+    }
+    Ok((0..num_layers)
+        .map(|layer| {
+            let sparse = (layer + 1).is_multiple_of(sparse_step) && !dense_layers.contains(&layer);
+            if sparse { MlpKind::Moe } else { MlpKind::Dense }
+        })
+        .collect())
 }
 
 /// The spec of a hash-routed layer: the model's top-k spec with the hash method.
@@ -598,6 +705,21 @@ impl<'a> Fields<'a> {
 
     fn required_usize(&self, field: &str) -> Result<usize, ConfigError> {
         self.usize(field)?.ok_or_else(|| self.missing(field, ""))
+    }
+
+    /// A list of non-negative integers.
+    fn usize_list(&self, field: &str) -> Result<Option<Vec<usize>>, ConfigError> {
+        let Some(value) = self.get(field) else { return Ok(None) };
+        let expected = "a list of non-negative integers";
+        let Value::Array(entries) = value else {
+            return Err(self.wrong_type(field, value, expected));
+        };
+        entries
+            .iter()
+            .map(|entry| entry.as_u64().and_then(|n| usize::try_from(n).ok()))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| self.wrong_type(field, value, expected))
     }
 
     /// A per-layer list of kinds (`mlp_layer_types`): one known name per decoder layer.

@@ -61,9 +61,14 @@ impl GateTensorNames {
     /// | DeepSeek-V4 as released | `layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
     /// | DeepSeek-V4 as transformers 5.24 saves it (it maps the names back, keeping its `model.` prefix) | `model.layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
     /// | DeepSeek-V4 under transformers' module names | `model.layers.{L}.mlp.gate.weight` | `….e_score_correction_bias` | `….tid2eid` |
+    /// | Qwen3-MoE | `model.layers.{L}.mlp.gate.weight` | none (looked for as `….e_score_correction_bias` and refused if present) | - |
+    /// | Mixtral | `model.layers.{L}.block_sparse_moe.gate.weight` | none (as above) | - |
     pub fn candidates(config: &ModelConfig, layer: usize) -> Vec<Self> {
         let conventions: &[(&str, &str, &str)] =
             match (config.family(), config.has_nested_text_config()) {
+                (ModelFamily::Mixtral, _) => {
+                    &[("model.layers.", "block_sparse_moe.gate", "e_score_correction_bias")]
+                }
                 (ModelFamily::DeepseekV4, _) => &[
                     ("layers.", "ffn.gate", "bias"),
                     ("model.layers.", "ffn.gate", "bias"),

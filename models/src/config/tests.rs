@@ -394,3 +394,81 @@ fn deepseek_v3_2_is_the_v3_router_with_listed_dense_layers() {
     let hash = saved.replace("\"sparse\", \"dense\"", "\"hash_moe\", \"dense\"");
     assert!(matches!(parse(&hash).unwrap_err(), ConfigError::BadValue { .. }));
 }
+
+/// Qwen3-30B-A3B as its authors wrote it (routing-relevant fields plus some others).
+const QWEN3_30B_A3B: &str = r#"{
+  "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+  "num_hidden_layers": 48, "decoder_sparse_step": 1, "mlp_only_layers": [],
+  "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+  "moe_intermediate_size": 768, "output_router_logits": false, "router_aux_loss_coef": 0.001,
+  "torch_dtype": "bfloat16", "transformers_version": "4.51.0"
+}"#;
+
+/// Mixtral-8x7B-v0.1 as its authors wrote it.
+const MIXTRAL_8X7B: &str = r#"{
+  "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+  "num_hidden_layers": 32, "num_local_experts": 8, "num_experts_per_tok": 2,
+  "router_aux_loss_coef": 0.02, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0"
+}"#;
+
+#[test]
+fn qwen3_moe_is_softmax_greedy_renormalised_as_its_config_says() {
+    let c = parse(QWEN3_30B_A3B).unwrap();
+    assert_eq!(c.family(), ModelFamily::Qwen3Moe);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (2048, 48, 128));
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 8, true, 1.0);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), (0..48).collect::<Vec<_>>());
+    let without_renorm = parse(&QWEN3_30B_A3B.replace(r#""norm_topk_prob": true,"#, "")).unwrap();
+    assert!(!without_renorm.routing().norm_topk_prob, "transformers defaults it to false");
+}
+
+#[test]
+fn qwen3_moe_layers_follow_sparse_step_and_mlp_only_layers() {
+    let json = QWEN3_30B_A3B
+        .replace(r#""decoder_sparse_step": 1"#, r#""decoder_sparse_step": 2"#)
+        .replace(r#""mlp_only_layers": []"#, r#""mlp_only_layers": [3, 4, 47]"#);
+    let c = parse(&json).unwrap();
+    let expected: Vec<usize> = (0..48).filter(|l| l % 2 == 1 && ![3, 47].contains(l)).collect();
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), expected);
+    assert_eq!(c.first_k_dense_replace(), 1);
+    assert!(!c.is_moe_layer(0) && c.is_moe_layer(1) && !c.is_moe_layer(3) && !c.is_moe_layer(4));
+    let absent = QWEN3_30B_A3B.replace(r#""decoder_sparse_step": 1, "mlp_only_layers": [],"#, "");
+    assert_eq!(parse(&absent).unwrap().moe_layers().count(), 48, "every layer by default");
+}
+
+#[test]
+fn qwen3_moe_refuses_layer_rules_that_name_no_layer() {
+    let zero_step =
+        QWEN3_30B_A3B.replace(r#""decoder_sparse_step": 1"#, r#""decoder_sparse_step": 0"#);
+    let message = parse(&zero_step).unwrap_err().to_string();
+    assert!(message.contains("decoder_sparse_step") && message.contains('0'), "{message}");
+    let past_the_end =
+        QWEN3_30B_A3B.replace(r#""mlp_only_layers": []"#, r#""mlp_only_layers": [48]"#);
+    let message = parse(&past_the_end).unwrap_err().to_string();
+    assert!(message.contains("mlp_only_layers") && message.contains("48"), "{message}");
+    let not_numbers =
+        QWEN3_30B_A3B.replace(r#""mlp_only_layers": []"#, r#""mlp_only_layers": ["1"]"#);
+    assert!(
+        matches!(parse(&not_numbers), Err(ConfigError::WrongType { field, .. }) if field == "mlp_only_layers")
+    );
+    let no_experts = QWEN3_30B_A3B.replace(r#""num_experts": 128, "#, "");
+    assert!(
+        matches!(parse(&no_experts), Err(ConfigError::Missing { field, .. }) if field == "num_experts")
+    );
+}
+
+#[test]
+fn mixtral_always_renormalises_on_every_layer() {
+    let c = parse(MIXTRAL_8X7B).unwrap();
+    assert_eq!(c.family(), ModelFamily::Mixtral);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (4096, 32, 8));
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 2, true, 1.0);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), (0..32).collect::<Vec<_>>());
+    let stray_false = MIXTRAL_8X7B
+        .replace(r#""num_local_experts""#, r#""norm_topk_prob": false, "num_local_experts""#);
+    let message = parse(&stray_false).unwrap_err().to_string();
+    assert!(message.contains("norm_topk_prob") && message.contains("false"), "{message}");
+    let too_many =
+        MIXTRAL_8X7B.replace(r#""num_experts_per_tok": 2"#, r#""num_experts_per_tok": 9"#);
+    assert!(matches!(parse(&too_many), Err(ConfigError::Spec { .. })));
+}
