@@ -11,7 +11,16 @@ use sluice_models::golden::{GoldenFixture, InputKind};
 use sluice_models::reference::{self, Tolerance};
 use sluice_models::{Checkpoint, MoeGate};
 
-const FIXTURES: [&str; 5] = ["v2-lite", "v2", "v3", "kimi-k2", "saved-by-transformers"];
+const FIXTURES: [&str; 8] = [
+    "v2-lite",
+    "v2",
+    "v3",
+    "kimi-k2",
+    "saved-by-transformers",
+    "qwen3-moe",
+    "qwen3-moe-sparse-step",
+    "mixtral",
+];
 
 /// Relative gap under which the reference and transformers may legitimately choose differently:
 /// far above the f32 rounding of the logits (about 1e-7 relative here), far below the smallest
