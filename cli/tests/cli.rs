@@ -106,10 +106,24 @@ fn inspect_describes_every_fixture() {
     let v2 = stdout(&sluice(&["inspect", &fixture("v2")]));
     assert!(v2.contains("2 MoE: 2, 4"), "{v2}");
     assert!(v2.contains("group_limited_greedy"), "{v2}");
-    for name in ["v2-lite", "kimi-k2", "saved-by-transformers"] {
+    for name in ["v2-lite", "kimi-k2", "saved-by-transformers", "qwen3-moe-sparse-step"] {
         let out = sluice(&["inspect", &fixture(name)]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn inspect_names_the_qwen3_moe_and_mixtral_families_and_their_moe_layers() {
+    let qwen3 = stdout(&sluice(&["inspect", &fixture("qwen3-moe")]));
+    assert!(qwen3.contains("Qwen3-MoE (model_type \"qwen3_moe\")"), "{qwen3}");
+    assert!(qwen3.contains("3 MoE: 0, 2-3"), "layer 1 is in mlp_only_layers: {qwen3}");
+    assert!(qwen3.contains("softmax + greedy") && qwen3.contains("renorm=true"), "{qwen3}");
+    let mixtral = sluice(&["inspect", &fixture("mixtral"), "--json"]);
+    assert!(mixtral.status.success(), "{}", stderr(&mixtral));
+    let document: serde_json::Value = serde_json::from_str(&stdout(&mixtral)).unwrap();
+    assert_eq!(document["family"], "Mixtral");
+    assert_eq!(document["moe_layers"], serde_json::json!([0, 1]));
+    assert_eq!(document["gates_present"], 2);
 }
 
 #[test]
