@@ -473,6 +473,11 @@ impl ModelConfig {
         let experts_field =
             if family == ModelFamily::Qwen3Moe { "num_experts" } else { "num_local_experts" };
         let num_experts = fields.required_usize(experts_field)?;
+        if num_experts == 0 {
+            // Named here: the spec's own error would name DeepSeek's `n_routed_experts`.
+            let reason = "must be at least 1; a model without routed experts has no MoE gate";
+            return Err(fields.bad_value(experts_field, reason));
+        }
         let top_k = fields.required_usize("num_experts_per_tok")?;
         let (norm_topk_prob, kinds) = if family == ModelFamily::Qwen3Moe {
             let norm_topk_prob = fields.bool("norm_topk_prob")?.unwrap_or(false);

@@ -451,6 +451,9 @@ fn qwen3_moe_refuses_layer_rules_that_name_no_layer() {
     assert!(
         matches!(parse(&not_numbers), Err(ConfigError::WrongType { field, .. }) if field == "mlp_only_layers")
     );
+    let zero_experts = QWEN3_30B_A3B.replace(r#""num_experts": 128"#, r#""num_experts": 0"#);
+    assert!(matches!(parse(&zero_experts), Err(ConfigError::BadValue { field, value, .. })
+        if field == "num_experts" && value == "0"));
     let no_experts = QWEN3_30B_A3B.replace(r#""num_experts": 128, "#, "");
     assert!(
         matches!(parse(&no_experts), Err(ConfigError::Missing { field, .. }) if field == "num_experts")
