@@ -168,6 +168,35 @@ GPU_INLINE unsigned gpu_wave_min_u32(unsigned v) {
 }
 #endif
 
+// Lanes of the wave holding the same `key` as this one (every lane must take part; keys >= 0).
+// One `match.any` on NVIDIA sm_70 and later; elsewhere one ballot per bit of the largest key.
+#if defined(GPU_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700 && defined(SLUICE_NO_VENDOR_HEADERS)
+GPU_INLINE gpu_lanemask_t gpu_match_any_i(int key) { return __nvvm_match_any_sync_i32(GPU_FULL_MASK, key); }
+#elif defined(GPU_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+GPU_INLINE gpu_lanemask_t gpu_match_any_i(int key) { return __match_any_sync(GPU_FULL_MASK, key); }
+#else
+GPU_INLINE gpu_lanemask_t gpu_match_any_i(int key) {
+  gpu_lanemask_t peers = GPU_FULL_MASK;
+  const unsigned highest = gpu_wave_max_u32((unsigned)key);
+  for (int bit = 0; bit < 32 && (highest >> bit) != 0u; ++bit) {
+    const bool set = (((unsigned)key >> bit) & 1u) != 0u;
+    const gpu_lanemask_t same = gpu_ballot(set);
+    peers &= set ? same : ~same;
+  }
+  return peers;
+}
+#endif
+// Set bits of a lane mask.
+#if defined(GPU_AMD)
+GPU_INLINE int gpu_popc_mask(gpu_lanemask_t m) { return __builtin_popcountll(m); }
+#elif defined(SLUICE_NO_VENDOR_HEADERS)
+GPU_INLINE int gpu_popc_mask(gpu_lanemask_t m) { return __builtin_popcount(m); }
+#else
+GPU_INLINE int gpu_popc_mask(gpu_lanemask_t m) { return __popc(m); }
+#endif
+// The lanes below `lane`.
+GPU_INLINE gpu_lanemask_t gpu_lanes_below(int lane) { return ((gpu_lanemask_t)1 << lane) - 1; }
+
 GPU_INLINE float gpu_shfl_f(float v, int src) { return gpu_bits_float_i(gpu_shfl_i(gpu_float_bits_i(v), src)); }
 GPU_INLINE float gpu_shfl_xor_f(float v, int m) { return gpu_bits_float_i(gpu_shfl_xor_i(gpu_float_bits_i(v), m)); }
 

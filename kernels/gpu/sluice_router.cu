@@ -3,3 +3,4 @@
 #include "compat.h"
 #include "router_gemm.cuh"
 #include "routing.cuh"
+#include "dispatch.cuh"

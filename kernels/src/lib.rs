@@ -15,13 +15,19 @@
 //! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
 //! | `sluice_sum_partials` | logits from the partial sums |
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token |
+//! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
+//! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod config;
+mod dispatch;
 mod geometry;
 mod offline;
 
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
+pub use dispatch::{
+    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs, DispatchPlan, plan_dispatch,
+};
 pub use geometry::{
     GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
     WeightKind, plan_gemm, route_launch, sum_partials_launch,
@@ -35,6 +41,8 @@ pub const SOURCE: &str = concat!(
     include_str!("../gpu/router_gemm.cuh"),
     "\n",
     include_str!("../gpu/routing.cuh"),
+    "\n",
+    include_str!("../gpu/dispatch.cuh"),
 );
 
 /// Name of the routing kernel.
@@ -49,7 +57,12 @@ mod tests {
 
     #[test]
     fn source_defines_every_kernel_the_geometry_names() {
-        let mut names = vec![ROUTE_KERNEL.to_owned(), SUM_PARTIALS_KERNEL.to_owned()];
+        let mut names = vec![
+            ROUTE_KERNEL.to_owned(),
+            SUM_PARTIALS_KERNEL.to_owned(),
+            DISPATCH_COUNT_KERNEL.to_owned(),
+            DISPATCH_SCATTER_KERNEL.to_owned(),
+        ];
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 names.push(GemmKernel::Simt { hidden, weight }.name());

@@ -8,7 +8,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sluice_kernels::{GemmKernel, HiddenKind, RoutingConfig, WeightKind};
+use sluice_kernels::{
+    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs, GemmKernel, HiddenKind,
+    RoutingConfig, WeightKind,
+};
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
 /// The clang this machine has: `$SLUICE_CLANG`, else the newest of clang++-19 .. clang++-16.
@@ -99,7 +102,12 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         let defines = RoutingConfig::new(&spec).unwrap().compiler_options();
         let ptx = compile(&clang, &nvptx, &defines, &dir.join("router.ptx"));
         let amd = compile(&clang, &amdgpu, &defines, &dir.join("router.s"));
-        let mut nvidia_kernels = vec!["sluice_route".to_owned(), "sluice_sum_partials".to_owned()];
+        let mut nvidia_kernels = vec![
+            "sluice_route".to_owned(),
+            "sluice_sum_partials".to_owned(),
+            DISPATCH_COUNT_KERNEL.to_owned(),
+            DISPATCH_SCATTER_KERNEL.to_owned(),
+        ];
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 nvidia_kernels.push(GemmKernel::Simt { hidden, weight }.name());
@@ -116,6 +124,17 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         }
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         assert!(ptx.contains("griddepcontrol.wait"));
+        // The dispatch kernels take `DispatchArgs` by value: the device struct has its size, and
+        // the warps of one expert are ranked with `match.any`.
+        let args = format!(
+            ".param .align 8 .b8 {DISPATCH_SCATTER_KERNEL}_param_0[{}]",
+            size_of::<DispatchArgs>()
+        );
+        assert!(ptx.contains(&args), "{spec}: {args} missing from the PTX");
+        assert!(ptx.contains("match.any.sync.b32"), "{spec}");
+        for kernel in [DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL] {
+            assert!(amd.contains(&format!(".amdhsa_kernel {kernel}")), "{spec}: {kernel}");
+        }
         // AMD has no mma.sync: the scalar GEMM and the routing kernel only, in wave64.
         assert!(amd.contains(".amdhsa_kernel sluice_route"), "{spec}");
         assert!(amd.contains(".amdhsa_kernel sluice_gemm_simt_f32_bf16"), "{spec}");

@@ -1,0 +1,219 @@
+//! Launch geometry of the dispatch layout (`gpu/dispatch.cuh`): one block up to
+//! [`ONE_BLOCK_MAX_PAIRS`] pairs, else tiles of rows over many blocks with a workspace of
+//! per-block counts; and the kernels' argument, [`DispatchArgs`].
+
+use crate::geometry::Launch;
+use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
+
+/// Name of the many-block path's counting kernel.
+pub const DISPATCH_COUNT_KERNEL: &str = "sluice_dispatch_count";
+/// Name of the kernel that writes the layout.
+pub const DISPATCH_SCATTER_KERNEL: &str = "sluice_dispatch_scatter";
+
+/// Shared slots of the per-warp counts, `[warps][E]` (`SLUICE_DISPATCH_HIST_SLOTS`).
+const HIST_SLOTS: usize = 6144;
+/// The most threads a dispatch block has (`SLUICE_DISPATCH_MAX_THREADS`).
+const MAX_THREADS: usize = 1024;
+/// The warp width of the NVIDIA device source.
+const WARP: usize = 32;
+/// Pairs per warp that a block is sized for: enough to pay for a warp's share of the per-expert
+/// work (its counts are zeroed, scanned and read by every block).
+const PAIRS_PER_WARP: usize = 4 * WARP;
+/// Fewest warps a block gets, so that the per-expert loops over `E` are spread.
+const MIN_WARPS: usize = 4;
+/// Up to this many pairs the whole layout is one block: one launch and no workspace, against a
+/// many-block path that launches twice and reads every block's counts in every block.
+pub const ONE_BLOCK_MAX_PAIRS: usize = 8192;
+/// Pairs per block on the many-block path.
+pub const PAIRS_PER_BLOCK: usize = 4096;
+
+/// The kernels' argument, passed by value: the layout of `struct sluice_dispatch_args` (addresses
+/// as u64, 0 for an output not asked for).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchArgs {
+    /// i32 `[T, K]`, rows `ids_row_stride` apart.
+    pub ids: u64,
+    /// i32 `[E]`, or 0 without rank outputs.
+    pub expert_ranks: u64,
+    /// i32 `[E]`.
+    pub expert_counts: u64,
+    /// i32 `[E + 1]`.
+    pub expert_offsets: u64,
+    /// i32 `[T * K]`.
+    pub sorted_pairs: u64,
+    /// i32 `[T, K]`, rows `inverse_row_stride` apart.
+    pub inverse: u64,
+    /// i32 `[2]`, or 0.
+    pub invalid: u64,
+    /// i32 `[capacity]`, or 0 without padding.
+    pub padded_pairs: u64,
+    /// i32 `[capacity / block_size]`.
+    pub block_experts: u64,
+    /// i32 `[1]`.
+    pub padded_total: u64,
+    /// i32 `[R]`, or 0 without rank outputs.
+    pub rank_counts: u64,
+    /// i32 `[R + 1]`.
+    pub rank_offsets: u64,
+    /// i32 `[T * K]`.
+    pub rank_pairs: u64,
+    /// i32 `[R]`.
+    pub rank_tokens: u64,
+    /// The workspace of the many-block path ([`DispatchPlan::workspace_bytes`]), or 0.
+    pub block_counts: u64,
+    /// Elements between rows of `ids`.
+    pub ids_row_stride: i64,
+    /// Elements between rows of `inverse`.
+    pub inverse_row_stride: i64,
+    /// `T`.
+    pub tokens: i32,
+    /// Rows per padded block, 0 without padding.
+    pub block_size: i32,
+    /// Length of `padded_pairs`.
+    pub capacity: i32,
+    /// `R`, 0 without rank outputs.
+    pub ranks: i32,
+    /// Set by [`DispatchPlan::fill`].
+    pub rows_per_block: i32,
+    /// Set by [`DispatchPlan::fill`].
+    pub blocks: i32,
+    /// Set by [`DispatchPlan::fill`].
+    pub threads: i32,
+}
+
+/// How one dispatch of `T` tokens runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchPlan {
+    /// The counting kernel's launch, on the many-block path only.
+    pub count: Option<Launch>,
+    /// The scatter kernel's launch (the same grid as `count`).
+    pub scatter: Launch,
+    /// Rows of `topk_ids` per block.
+    pub rows_per_block: usize,
+    /// Bytes of caller workspace: per-block counts, `blocks * (E + 2)` i32 on the many-block
+    /// path, 0 on the one-block path.
+    pub workspace_bytes: usize,
+}
+
+impl DispatchPlan {
+    /// Writes the plan's share of the kernels' argument.
+    pub fn fill(&self, args: &mut DispatchArgs) {
+        args.rows_per_block = i32::try_from(self.rows_per_block).unwrap_or(i32::MAX);
+        args.blocks = self.scatter.grid[0] as i32;
+        args.threads = self.scatter.block[0] as i32;
+    }
+}
+
+/// The most warps a block of a layout over `experts` experts takes (its counts are `[warps][E]`
+/// in shared memory).
+fn max_warps(experts: usize) -> usize {
+    (HIST_SLOTS / experts.max(1)).min(MAX_THREADS / WARP)
+}
+
+/// The launches of one dispatch of `tokens` tokens of `top_k` picks among `experts` experts.
+pub fn plan_dispatch(
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+) -> Result<DispatchPlan, KernelError> {
+    if experts > MAX_EXPERTS {
+        return Err(KernelError::TooManyExperts(experts));
+    }
+    if top_k > MAX_TOP_K {
+        return Err(KernelError::TopKTooLarge(top_k));
+    }
+    let too_large = KernelError::TooLarge {
+        what: "tokens x top_k",
+        value: usize::MAX,
+        limit: i32::MAX as usize,
+    };
+    let pairs = tokens.checked_mul(top_k).ok_or(too_large.clone())?;
+    if pairs > i32::MAX as usize {
+        return Err(KernelError::TooLarge {
+            what: "tokens x top_k",
+            value: pairs,
+            limit: i32::MAX as usize,
+        });
+    }
+    let one_block = pairs <= ONE_BLOCK_MAX_PAIRS;
+    let rows_per_block =
+        if one_block { tokens.max(1) } else { (PAIRS_PER_BLOCK / top_k.max(1)).max(1) };
+    let blocks = if one_block { 1 } else { tokens.div_ceil(rows_per_block) };
+    let tile_pairs = rows_per_block.min(tokens.max(1)) * top_k;
+    let warps = tile_pairs.div_ceil(PAIRS_PER_WARP).clamp(MIN_WARPS, 32).min(max_warps(experts));
+    let launch = Launch { grid: [blocks as u32, 1, 1], block: [(warps * WARP) as u32, 1, 1] };
+    let workspace_bytes = if one_block { 0 } else { blocks * (experts + 2) * 4 };
+    Ok(DispatchPlan {
+        count: (!one_block).then_some(launch),
+        scatter: launch,
+        rows_per_block,
+        workspace_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn few_pairs_take_one_block_and_no_workspace() {
+        for tokens in [0, 1, 7, 64, 1024] {
+            let plan = plan_dispatch(tokens, 8, 256).unwrap();
+            assert_eq!(plan.count, None, "T = {tokens}");
+            assert_eq!(plan.scatter.grid, [1, 1, 1]);
+            assert_eq!(plan.workspace_bytes, 0);
+            assert!(plan.rows_per_block >= tokens);
+        }
+        // Small tiles get the fewest warps; a full one-block tile gets as many as fit.
+        assert_eq!(plan_dispatch(1, 8, 256).unwrap().scatter.block, [128, 1, 1]);
+        assert_eq!(plan_dispatch(1024, 8, 256).unwrap().scatter.block, [768, 1, 1]);
+    }
+
+    #[test]
+    fn many_pairs_are_tiled_by_rows_with_a_workspace_of_block_counts() {
+        let plan = plan_dispatch(16_384, 8, 256).unwrap();
+        assert_eq!(plan.rows_per_block, PAIRS_PER_BLOCK / 8);
+        assert_eq!(plan.scatter.grid[0] as usize, 16_384usize.div_ceil(512));
+        assert_eq!(plan.count, Some(plan.scatter));
+        assert_eq!(plan.workspace_bytes, 32 * 258 * 4);
+        // A last tile shorter than the others still gets its block.
+        let uneven = plan_dispatch(4097, 8, 256).unwrap();
+        assert_eq!(uneven.scatter.grid[0], 9);
+        assert!(uneven.rows_per_block * 8 < 4097 * 8);
+    }
+
+    #[test]
+    fn warps_never_outgrow_the_shared_counts() {
+        for experts in [1, 8, 64, 256, 384, 1000, 1024] {
+            for tokens in [0, 1, 300, 4096, 100_000] {
+                for top_k in [1, 2, 8, 32] {
+                    let plan = plan_dispatch(tokens, top_k, experts).unwrap();
+                    let threads = plan.scatter.block[0] as usize;
+                    assert!(threads.is_multiple_of(WARP) && threads <= MAX_THREADS);
+                    assert!(threads / WARP * experts <= HIST_SLOTS, "E = {experts}");
+                    let blocks = plan.scatter.grid[0] as usize;
+                    assert!(blocks * plan.rows_per_block >= tokens, "every row has a block");
+                    assert!(blocks == 1 || (blocks - 1) * plan.rows_per_block < tokens);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_beyond_the_kernels_are_refused() {
+        assert!(matches!(plan_dispatch(1, 8, 2048), Err(KernelError::TooManyExperts(2048))));
+        assert!(matches!(plan_dispatch(1, 33, 256), Err(KernelError::TopKTooLarge(33))));
+        assert!(matches!(plan_dispatch(1 << 29, 8, 256), Err(KernelError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn the_argument_has_the_device_struct_layout() {
+        // 15 addresses, 2 strides, 7 ints, padded to the 8-byte alignment.
+        assert_eq!(size_of::<DispatchArgs>(), 15 * 8 + 2 * 8 + 7 * 4 + 4);
+        assert_eq!(align_of::<DispatchArgs>(), 8);
+        let mut args = DispatchArgs::default();
+        plan_dispatch(16_384, 8, 256).unwrap().fill(&mut args);
+        assert_eq!((args.rows_per_block, args.blocks), (512, 32));
+    }
+}
