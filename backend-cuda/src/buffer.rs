@@ -107,6 +107,17 @@ impl DeviceBuffer {
     }
 }
 
+impl DeviceBuffer {
+    /// The buffer's first `len` i32 values (its whole shape), after the stream's work.
+    pub(crate) fn read_i32(&self) -> Result<Vec<i32>, CudaError> {
+        let mut values = vec![0i32; self.shape.iter().product()];
+        if !values.is_empty() {
+            memory::copy_to_host(&self.gpu, self.address(), &mut values)?;
+        }
+        Ok(values)
+    }
+}
+
 fn bytes_of<T: Element>(values: &[T]) -> &[u8] {
     // SAFETY: `Element` types are plain numbers without padding, so all their bytes are
     // initialised; the byte slice covers exactly the values' memory, borrowed as long as they are.

@@ -207,7 +207,7 @@ pub(crate) fn sum_partials(
 /// call; the kernel must only touch memory its arguments entitle it to; the function's context
 /// must be the one current on this thread (cudarc binds it when the module is loaded and the
 /// backend binds it before every call).
-unsafe fn launch(
+pub(crate) unsafe fn launch(
     function: &CudaFunction,
     geometry: Launch,
     stream: CUstream,

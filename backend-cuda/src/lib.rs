@@ -19,6 +19,7 @@
 
 mod backend;
 mod buffer;
+mod dispatch;
 mod enqueue;
 mod error;
 mod gate;

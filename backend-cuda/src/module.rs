@@ -6,7 +6,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
-    GemmKernel, HiddenKind, ROUTE_KERNEL, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel, HiddenKind, ROUTE_KERNEL,
+    RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -17,6 +18,10 @@ pub(crate) struct RouterModule {
     _module: Arc<CudaModule>,
     pub(crate) route: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
+    /// The dispatch layout's many-block counting kernel.
+    pub(crate) dispatch_count: CudaFunction,
+    /// The dispatch layout's scatter kernel.
+    pub(crate) dispatch_scatter: CudaFunction,
     gemm: HashMap<GemmKernel, CudaFunction>,
 }
 
@@ -62,6 +67,8 @@ impl RouterModule {
         Ok(RouterModule {
             route: load(ROUTE_KERNEL)?,
             sum_partials: load(SUM_PARTIALS_KERNEL)?,
+            dispatch_count: load(DISPATCH_COUNT_KERNEL)?,
+            dispatch_scatter: load(DISPATCH_SCATTER_KERNEL)?,
             gemm,
             _module: module,
         })

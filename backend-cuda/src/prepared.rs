@@ -8,11 +8,12 @@ use cudarc::driver::sys::CUstream;
 use sluice_kernels::{GemmShape, RoutingConfig};
 use sluice_tensor::argument_view;
 use sluice_tensor::{
-    BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, ExpectedShape,
-    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, check_logits_into,
-    check_route_into, check_router_weight,
+    BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
+    DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
+    RoutingOutput, RoutingSpec, check_logits_into, check_route_into, check_router_weight,
 };
 
+use crate::dispatch::{self, Dispatcher};
 use crate::enqueue::{self, Partials, RoutingTargets, Weight};
 use crate::error::CudaError;
 use crate::gate::{self, Source};
@@ -101,6 +102,15 @@ impl CudaPreparedRouter {
         Ok(plan.partials_bytes(shape))
     }
 
+    fn dispatcher(&self) -> Dispatcher<'_> {
+        Dispatcher {
+            router: self,
+            gpu: &self.gpu,
+            module: &self.module,
+            dependent_launch: self.dependent_launch,
+        }
+    }
+
     fn experts(&self) -> usize {
         self.spec.num_experts
     }
@@ -153,7 +163,7 @@ impl CudaPreparedRouter {
         )
     }
 
-    fn stream(execution: Execution) -> CUstream {
+    pub(crate) fn stream(execution: Execution) -> CUstream {
         match execution {
             // The DLPack number is the driver's handle (1 legacy, 2 per-thread, else a CUstream).
             Execution::Stream(stream) => stream.raw() as CUstream,
@@ -256,6 +266,28 @@ impl PreparedRouter for CudaPreparedRouter {
         let workspace = outputs.workspace.as_mut().map_or(0, |w| input::output_rows(w).0);
         self.enqueue(Self::stream(execution), &hidden, workspace, &targets, self.dependent_launch)?;
         Ok(())
+    }
+
+    fn dispatch_into(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        self.dispatcher().dispatch_into(inputs, outputs, execution)
+    }
+
+    /// Per-block counts at large `T` (see `sluice_kernels::plan_dispatch`), none at small `T`.
+    fn dispatch_workspace_bytes(&self, tokens: usize) -> usize {
+        dispatch::workspace_bytes(self, tokens)
+    }
+
+    fn dispatch(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+    ) -> Result<(), BackendError> {
+        self.dispatcher().dispatch(inputs, outputs)
     }
 
     fn router_gemm_into(

@@ -2,8 +2,8 @@
 //! allocating [`PreparedGate::dispatch`] built on them.
 
 use sluice_tensor::{
-    BackendError, Device, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
-    DlpackViewMut, Execution, PaddedOutputs, RankOutputs,
+    BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
+    DlpackViewMut, PaddedOutputs, RankOutputs,
 };
 
 use crate::error::ModelError;
@@ -77,6 +77,7 @@ impl DispatchLayout {
             invalid: Some(one_dim(&mut self.invalid)?),
             padded,
             ranks,
+            workspace: None,
         })
     }
 }
@@ -92,8 +93,8 @@ impl PreparedGate {
     /// their buffers call [`PreparedRouter::dispatch_into`](sluice_tensor::PreparedRouter) on
     /// [`router`](PreparedGate::router) instead.
     ///
-    /// A router on a device computes on that device only, so for one the host layout of a routing
-    /// whose ids are on the host comes from the scalar reference.
+    /// A router on a device computes the layout there: its
+    /// [`dispatch`](sluice_tensor::PreparedRouter::dispatch) copies the ids up and the layout back.
     pub fn dispatch(
         &self,
         routing: &GateRouting,
@@ -110,10 +111,6 @@ impl PreparedGate {
         if block_size == Some(0) {
             return Err(BackendError::ZeroBlockSize { op: OP }.into());
         }
-        if self.router().device() != Device::Cpu {
-            let ids = routing.ids().to_vec::<i32>()?;
-            return Ok(crate::reference::dispatch(&ids, shape, block_size, rank_map)?);
-        }
         let ranks = rank_map.map(|map| map.ranks);
         let mut layout = DispatchLayout::zeroed(shape, block_size, ranks).ok_or(
             BackendError::IndexOverflow { op: OP, arg: "padded_pairs", entries: usize::MAX },
@@ -125,7 +122,7 @@ impl PreparedGate {
                 &[map.expert_ranks.len()],
             )?);
         }
-        self.router().dispatch_into(&inputs, &mut layout.outputs(spec.top_k)?, Execution::Host)?;
+        self.router().dispatch(&inputs, &mut layout.outputs(spec.top_k)?)?;
         Ok(layout)
     }
 }

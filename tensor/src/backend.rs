@@ -214,6 +214,29 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
         Err(BackendError::NotSupported { op: OP })
     }
 
+    /// The bytes of caller workspace (`DispatchOutputs::workspace`) a `dispatch_into` of `tokens`
+    /// tokens needs (0: none).
+    fn dispatch_workspace_bytes(&self, tokens: usize) -> usize {
+        let _ = tokens;
+        0
+    }
+
+    /// The dispatch layout of host ids into host outputs, synchronously: the convenience beside
+    /// [`dispatch_into`](Self::dispatch_into), as [`route`](Self::route) is beside `route_into`.
+    /// Arguments are checked as `dispatch_into` checks them, on the host; the outputs' workspace
+    /// is not used.
+    ///
+    /// The default body is `dispatch_into` on the host. A router on a device copies the ids (and
+    /// the rank table) to it, computes there with scratch of its own, waits, and copies the
+    /// outputs back, so that the host sees what its device computes.
+    fn dispatch(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+    ) -> Result<(), BackendError> {
+        self.dispatch_into(inputs, outputs, Execution::Host)
+    }
+
     /// Router logits into a caller-owned f32 `[T, E]` output, on the host or the caller's stream.
     ///
     /// The default body computes them with [`router_gemm`](Self::router_gemm) and copies them,

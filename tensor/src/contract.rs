@@ -322,7 +322,7 @@ pub(crate) fn check_rows(
     Ok(())
 }
 
-fn check_workspace(
+pub(crate) fn check_workspace(
     op: &'static str,
     device: Device,
     workspace: &DlpackViewMut<'_>,

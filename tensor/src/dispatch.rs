@@ -22,6 +22,7 @@
 //! | `rank_offsets` | `[R + 1]` | prefix sums of `rank_counts` |
 //! | `rank_pairs` | `[T * K]` | the valid pairs in packing order: by rank, then expert, then pair; sentinels after |
 //! | `rank_tokens` | `[R]` | distinct tokens per rank (what a dispatch that sends a token once per rank, like DeepEP's, moves) |
+//! | `workspace` (u8, when needed) | `[N]` | scratch of at least [`PreparedRouter::dispatch_workspace_bytes`] bytes, 16-byte aligned (a GPU's per-block counts at large `T`; 0 bytes on the host) |
 //!
 //! A pair whose id is `-1` (a row marked invalid under
 //! [`NonFinitePolicy::MarkInvalid`](crate::NonFinitePolicy)) is skipped: counted in `invalid`,
@@ -30,6 +31,7 @@
 
 use crate::contract::{
     ExpectedShape, Named, check_disjoint, check_execution, check_output, check_rows,
+    check_workspace,
 };
 use crate::{BackendError, DType, DlpackView, DlpackViewMut, Execution, PreparedRouter};
 
@@ -72,6 +74,8 @@ pub struct DispatchOutputs<'a> {
     pub padded: Option<PaddedOutputs<'a>>,
     /// Rows per destination rank of an expert-parallel all-to-all.
     pub ranks: Option<RankOutputs<'a>>,
+    /// u8 `[N]` scratch of at least `dispatch_workspace_bytes(T)` bytes, 16-byte aligned.
+    pub workspace: Option<DlpackViewMut<'a>>,
 }
 
 impl<'a> DispatchOutputs<'a> {
@@ -90,6 +94,7 @@ impl<'a> DispatchOutputs<'a> {
             invalid: None,
             padded: None,
             ranks: None,
+            workspace: None,
         }
     }
 
@@ -108,6 +113,12 @@ impl<'a> DispatchOutputs<'a> {
     /// Also write the per-rank layout (the inputs must carry `expert_ranks`).
     pub fn with_ranks(mut self, ranks: RankOutputs<'a>) -> Self {
         self.ranks = Some(ranks);
+        self
+    }
+
+    /// Use this workspace.
+    pub fn with_workspace(mut self, workspace: DlpackViewMut<'a>) -> Self {
+        self.workspace = Some(workspace);
         self
     }
 }
@@ -180,8 +191,9 @@ pub fn contiguous_ranks(table: &mut [i32], ranks: usize) {
 
 /// Checks everything about a `dispatch_into` call of `router` that needs no look at the data:
 /// where it runs, devices, dtypes, shapes and layouts, the block size, that the indices fit i32,
-/// that ranks come with their table, and that no output aliases another argument. Returns the
-/// shape and the number of ranks (0 without rank outputs).
+/// that ranks come with their table, the workspace against
+/// [`PreparedRouter::dispatch_workspace_bytes`], and that no output aliases another argument.
+/// Returns the shape and the number of ranks (0 without rank outputs).
 pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
     op: &'static str,
     router: &R,
@@ -262,9 +274,17 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
             ranks
         }
     };
+    let workspace_needed = router.dispatch_workspace_bytes(tokens);
+    match &outputs.workspace {
+        Some(workspace) => check_workspace(op, device, workspace, workspace_needed)?,
+        None if workspace_needed > 0 => {
+            return Err(BackendError::WorkspaceTooSmall { op, bytes: 0, needed: workspace_needed });
+        }
+        None => {}
+    }
     let padded = outputs.padded.as_ref();
     let rank_outputs = outputs.ranks.as_ref();
-    let written: [Named; 12] = [
+    let written: [Named; 13] = [
         named_mut("expert_counts", &outputs.expert_counts),
         named_mut("expert_offsets", &outputs.expert_offsets),
         named_mut("sorted_pairs", &outputs.sorted_pairs),
@@ -277,6 +297,7 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
         rank_outputs.and_then(|r| named_mut("rank_offsets", &r.rank_offsets)),
         rank_outputs.and_then(|r| named_mut("rank_pairs", &r.rank_pairs)),
         rank_outputs.and_then(|r| named_mut("rank_tokens", &r.rank_tokens)),
+        outputs.workspace.as_ref().and_then(|v| named_mut("workspace", v)),
     ];
     let read = [
         named("topk_ids", &inputs.topk_ids),

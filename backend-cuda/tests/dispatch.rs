@@ -1,0 +1,600 @@
+//! The dispatch layout on the GPU against the scalar reference: `dispatch_into` on a stream into
+//! device windows, on random configs, every T of the issue and beyond (one-block and many-block
+//! paths), invalid rows and stray ids, block sizes 1 to 128, contiguous and explicit rank maps;
+//! every output checked entry for entry and against the layout's invariants. Then the host
+//! convenience through `PreparedGate::dispatch`, and a CUDA graph of `route_into` followed by
+//! `dispatch_into`, replayed, against the same calls made eagerly.
+//!
+//! Skips with a message where no CUDA device is found, unless `SLUICE_REQUIRE_GPU` is set.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
+use half::bf16;
+use sluice_backend_cuda::{CudaBackend, CudaPreparedRouter};
+use sluice_models::PreparedGate;
+use sluice_models::reference::{self, DispatchLayout, PaddedLayout, RankLayout, RankMap};
+use sluice_tensor::{
+    BackendError, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape, DlpackView,
+    DlpackViewMut, Execution, NonFinitePolicy, PaddedOutputs, PreparedRouter, RankOutputs,
+    RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, Tensor, TopkMethod, contiguous_ranks,
+};
+
+fn backend(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(backend) => Some(backend),
+        Err(error) if std::env::var_os("SLUICE_REQUIRE_GPU").is_some() => {
+            panic!("{test}: SLUICE_REQUIRE_GPU is set but the CUDA backend failed: {error}")
+        }
+        Err(error) => {
+            // Written past the test harness's capture, so the skip is visible in every run.
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({error})");
+            None
+        }
+    }
+}
+
+/// xorshift64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn greedy_spec(experts: usize, top_k: usize) -> RoutingSpec {
+    RoutingSpec::builder(experts, top_k)
+        .scoring(ScoringFunc::Softmax)
+        .method(TopkMethod::Greedy)
+        .groups(1, 1)
+        .norm_topk_prob(false)
+        .routed_scaling_factor(1.0)
+        .non_finite(NonFinitePolicy::MarkInvalid)
+        .build()
+        .unwrap()
+}
+
+/// A router of `spec` (the weight does not matter to the layout).
+fn router(backend: &CudaBackend, spec: &RoutingSpec) -> CudaPreparedRouter {
+    let h = 64;
+    let weight =
+        Tensor::from_vec(vec![bf16::ZERO; spec.num_experts * h], &[spec.num_experts, h]).unwrap();
+    backend.prepare(&weight.to_dlpack().unwrap(), None, spec).unwrap()
+}
+
+/// A test stream on device 0's primary context, with event tracking off.
+fn stream() -> Arc<CudaStream> {
+    let ctx = CudaContext::new(0).unwrap();
+    // SAFETY: before this test allocates anything on the context; the test orders its work by
+    // stream order and synchronisation.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().unwrap()
+}
+
+fn execution(stream: &CudaStream) -> Execution {
+    // SAFETY: the stream lives to the end of the test and belongs to device 0's primary context;
+    // every buffer handed to a call outlives the stream's use and is read after synchronising.
+    Execution::Stream(
+        unsafe { DeviceStream::new(Device::Cuda(0), stream.cu_stream() as usize) }.unwrap(),
+    )
+}
+
+/// An i32 (or u8) device buffer of the test, `[rows, cols]` with rows `row_stride` apart or
+/// one-dimensional, filled with a marker so that a position the call fails to write shows.
+struct Buffer {
+    memory: CudaSlice<u8>,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    dtype: DLDataType,
+}
+
+const MARKER: i32 = -123_456;
+
+impl Buffer {
+    fn i32(stream: &Arc<CudaStream>, shape: &[usize], row_stride: usize) -> Self {
+        let elements = match shape {
+            [rows, _] => rows * row_stride,
+            _ => shape.iter().product(),
+        };
+        let bytes: Vec<u8> =
+            std::iter::repeat_n(MARKER.to_le_bytes(), elements.max(1)).flatten().collect();
+        let strides = match shape {
+            [_, _] => vec![row_stride as i64, 1],
+            _ => vec![1],
+        };
+        Buffer {
+            memory: stream.clone_htod(&bytes).unwrap(),
+            shape: shape.iter().map(|&d| d as i64).collect(),
+            strides,
+            dtype: DLDataType::I32,
+        }
+    }
+
+    fn workspace(stream: &Arc<CudaStream>, bytes: usize) -> Self {
+        Buffer {
+            memory: stream.alloc_zeros::<u8>(bytes.max(16)).unwrap(),
+            shape: vec![bytes.max(16) as i64],
+            strides: vec![1],
+            dtype: DLDataType::U8,
+        }
+    }
+
+    fn write(&mut self, stream: &Arc<CudaStream>, values: &[i32]) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        stream.memcpy_htod(&bytes, &mut self.memory.slice_mut(..bytes.len())).unwrap();
+    }
+
+    fn descriptor(&mut self, stream: &CudaStream) -> DLTensor {
+        DLTensor {
+            data: self.memory.device_ptr(stream).0 as *mut std::ffi::c_void,
+            device: DLDevice { device_type: DLDeviceType::CUDA, device_id: 0 },
+            ndim: self.shape.len() as i32,
+            dtype: self.dtype,
+            shape: self.shape.as_mut_ptr(),
+            strides: self.strides.as_mut_ptr(),
+            byte_offset: 0,
+        }
+    }
+
+    /// The logical elements (rows without their padding), after the stream's work.
+    fn read(&self, stream: &Arc<CudaStream>) -> Vec<i32> {
+        let bytes = stream.clone_dtoh(&self.memory).unwrap();
+        stream.synchronize().unwrap();
+        let all: Vec<i32> =
+            bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        match self.shape[..] {
+            [rows, cols] => (0..rows as usize)
+                .flat_map(|r| {
+                    let start = r * self.strides[0] as usize;
+                    all[start..start + cols as usize].to_vec()
+                })
+                .collect(),
+            [len] => all[..len as usize].to_vec(),
+            _ => unreachable!(),
+        }
+    }
+}
+
+/// The device buffers of one dispatch and its descriptors.
+struct DeviceLayout {
+    ids: Buffer,
+    table: Option<Buffer>,
+    counts: Buffer,
+    offsets: Buffer,
+    sorted: Buffer,
+    inverse: Buffer,
+    invalid: Buffer,
+    padded: Option<(usize, [Buffer; 3])>,
+    ranks: Option<[Buffer; 4]>,
+    workspace: Buffer,
+}
+
+/// Extra columns of the `[T, K]` windows: an engine's buffers are often wider than `K`.
+const EXTRA_COLUMNS: usize = 3;
+
+impl DeviceLayout {
+    fn new(
+        stream: &Arc<CudaStream>,
+        router: &CudaPreparedRouter,
+        shape: DispatchShape,
+        block_size: Option<usize>,
+        ranks: Option<usize>,
+    ) -> Self {
+        let (t, k, e) = (shape.tokens, shape.top_k, shape.experts);
+        let row = k + EXTRA_COLUMNS;
+        DeviceLayout {
+            ids: Buffer::i32(stream, &[t, k], row),
+            table: ranks.map(|_| Buffer::i32(stream, &[e], 1)),
+            counts: Buffer::i32(stream, &[e], 1),
+            offsets: Buffer::i32(stream, &[e + 1], 1),
+            sorted: Buffer::i32(stream, &[t * k], 1),
+            inverse: Buffer::i32(stream, &[t, k], row),
+            invalid: Buffer::i32(stream, &[2], 1),
+            padded: block_size.map(|block| {
+                let capacity = shape.padded_capacity(block).unwrap();
+                (
+                    block,
+                    [
+                        Buffer::i32(stream, &[capacity], 1),
+                        Buffer::i32(stream, &[capacity / block], 1),
+                        Buffer::i32(stream, &[1], 1),
+                    ],
+                )
+            }),
+            ranks: ranks.map(|r| {
+                [
+                    Buffer::i32(stream, &[r], 1),
+                    Buffer::i32(stream, &[r + 1], 1),
+                    Buffer::i32(stream, &[t * k], 1),
+                    Buffer::i32(stream, &[r], 1),
+                ]
+            }),
+            workspace: Buffer::workspace(stream, router.dispatch_workspace_bytes(t)),
+        }
+    }
+
+    /// Enqueues `dispatch_into` of the ids buffer on `stream`.
+    fn enqueue(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        router: &CudaPreparedRouter,
+    ) -> Result<(), BackendError> {
+        let ids = self.ids.descriptor(stream);
+        let table = self.table.as_mut().map(|t| t.descriptor(stream));
+        let mut mine = [
+            self.counts.descriptor(stream),
+            self.offsets.descriptor(stream),
+            self.sorted.descriptor(stream),
+            self.inverse.descriptor(stream),
+            self.invalid.descriptor(stream),
+            self.workspace.descriptor(stream),
+        ];
+        let mut padded = self.padded.as_mut().map(|(block, b)| {
+            (*block, [b[0].descriptor(stream), b[1].descriptor(stream), b[2].descriptor(stream)])
+        });
+        let mut ranks = self.ranks.as_mut().map(|b| {
+            [
+                b[0].descriptor(stream),
+                b[1].descriptor(stream),
+                b[2].descriptor(stream),
+                b[3].descriptor(stream),
+            ]
+        });
+        // SAFETY: every descriptor points at a live device buffer of this test with its shape
+        // and strides; the views end with this call and nothing else touches the buffers.
+        unsafe {
+            let view = |d: &DLTensor| DlpackView::from_raw(d).unwrap();
+            let view_mut = |d: &mut DLTensor| DlpackViewMut::from_raw(d).unwrap();
+            let mut inputs = DispatchInputs::new(view(&ids));
+            if let Some(table) = &table {
+                inputs = inputs.with_expert_ranks(view(table));
+            }
+            let [counts, offsets, sorted, inverse, invalid, workspace] = &mut mine;
+            let mut outputs = DispatchOutputs::new(
+                view_mut(counts),
+                view_mut(offsets),
+                view_mut(sorted),
+                view_mut(inverse),
+            )
+            .with_invalid(view_mut(invalid))
+            .with_workspace(view_mut(workspace));
+            if let Some((block_size, [pairs, blocks, total])) = &mut padded {
+                outputs = outputs.with_padding(PaddedOutputs {
+                    block_size: *block_size,
+                    padded_pairs: view_mut(pairs),
+                    block_experts: view_mut(blocks),
+                    padded_total: view_mut(total),
+                });
+            }
+            if let Some([counts, offsets, pairs, tokens]) = &mut ranks {
+                outputs = outputs.with_ranks(RankOutputs {
+                    rank_counts: view_mut(counts),
+                    rank_offsets: view_mut(offsets),
+                    rank_pairs: view_mut(pairs),
+                    rank_tokens: view_mut(tokens),
+                });
+            }
+            router.dispatch_into(&inputs, &mut outputs, execution(stream))
+        }
+    }
+
+    /// Every output, read back.
+    fn read(&self, stream: &Arc<CudaStream>) -> DispatchLayout {
+        let invalid = self.invalid.read(stream);
+        DispatchLayout {
+            expert_counts: self.counts.read(stream),
+            expert_offsets: self.offsets.read(stream),
+            sorted_pairs: self.sorted.read(stream),
+            inverse: self.inverse.read(stream),
+            invalid: [invalid[0], invalid[1]],
+            padded: self.padded.as_ref().map(|(block, [pairs, blocks, total])| PaddedLayout {
+                block_size: *block,
+                padded_pairs: pairs.read(stream),
+                block_experts: blocks.read(stream),
+                padded_total: total.read(stream)[0],
+            }),
+            ranks: self.ranks.as_ref().map(|[counts, offsets, pairs, tokens]| RankLayout {
+                rank_counts: counts.read(stream),
+                rank_offsets: offsets.read(stream),
+                rank_pairs: pairs.read(stream),
+                rank_tokens: tokens.read(stream),
+            }),
+        }
+    }
+}
+
+/// Rows of `K` distinct experts as routing writes them, some rows marked invalid (`-1`) and a
+/// few stray ids outside `[-1, E)` in others.
+fn random_ids(rng: &mut Rng, shape: DispatchShape, stray: bool) -> Vec<i32> {
+    let (t, k, e) = (shape.tokens, shape.top_k, shape.experts);
+    let mut ids = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        // Skewed: half the picks come from the first eighth of the experts, as real loads are.
+        while row.len() < k {
+            let pool = if rng.below(2) == 0 { e.div_ceil(8).max(k) } else { e };
+            let id = rng.below(pool.min(e)) as i32;
+            if !row.contains(&id) {
+                row.push(id);
+            }
+        }
+        match rng.below(40) {
+            0 => row.fill(-1),
+            1 if stray => row[rng.below(k)] = if rng.below(2) == 0 { e as i32 + 5 } else { -9 },
+            _ => {}
+        }
+        ids.extend(row);
+    }
+    ids
+}
+
+/// What the device computes for ids with stray values: the reference of the same ids with every
+/// skipped pair as `-1`, and the table with the entries of skipped experts made valid.
+fn device_meaning(
+    ids: &[i32],
+    table: Option<&[i32]>,
+    shape: DispatchShape,
+    ranks: usize,
+) -> Vec<i32> {
+    ids.iter()
+        .map(|&id| {
+            let usable = usize::try_from(id).is_ok_and(|e| {
+                e < shape.experts
+                    && table.is_none_or(|t| usize::try_from(t[e]).is_ok_and(|r| r < ranks))
+            });
+            if usable { id } else { -1 }
+        })
+        .collect()
+}
+
+#[test]
+fn dispatch_into_equals_the_reference_on_random_configs() {
+    let Some(backend) = backend("dispatch_into_equals_the_reference_on_random_configs") else {
+        return;
+    };
+    let stream = stream();
+    let mut rng = Rng(0x5eed_d15a_7c11_0001);
+    // (E, K): DeepSeek-V3, Kimi-K2, Mixtral, Qwen3-MoE, V2-Lite, odd and extreme ones.
+    let configs = [(256, 8), (384, 8), (8, 2), (128, 8), (64, 6), (7, 3), (1024, 32), (1, 1)];
+    for (case, &(experts, top_k)) in configs.iter().enumerate() {
+        let spec = greedy_spec(experts, top_k);
+        let router = router(&backend, &spec);
+        for tokens in [0, 1, 7, 64, 300, 4096, 20_000] {
+            let shape = DispatchShape { tokens, top_k, experts };
+            let block_size = [None, Some(1), Some(16), Some(64), Some(128)][rng.below(5)];
+            let ranks = match rng.below(3) {
+                0 => None,
+                _ => Some(1 + rng.below(8)),
+            };
+            let mut table = vec![0i32; experts];
+            if let Some(r) = ranks {
+                if rng.below(2) == 0 {
+                    contiguous_ranks(&mut table, r);
+                } else {
+                    table.iter_mut().for_each(|rank| *rank = rng.below(r) as i32);
+                    // A stray entry: its expert's pairs are skipped on the device.
+                    if experts > 1 && rng.below(3) == 0 {
+                        table[rng.below(experts)] = r as i32 + 2;
+                    }
+                }
+            }
+            let ids = random_ids(&mut rng, shape, true);
+            let context = format!(
+                "case {case}: E={experts} K={top_k} T={tokens} block={block_size:?} ranks={ranks:?}"
+            );
+
+            let mut device = DeviceLayout::new(&stream, &router, shape, block_size, ranks);
+            let row = top_k + EXTRA_COLUMNS;
+            let windowed: Vec<i32> = ids
+                .chunks(top_k.max(1))
+                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(77, EXTRA_COLUMNS)))
+                .collect();
+            if tokens > 0 {
+                device.ids.write(&stream, &windowed);
+            }
+            if let (Some(buffer), Some(_)) = (device.table.as_mut(), ranks) {
+                buffer.write(&stream, &table);
+            }
+            device.enqueue(&stream, &router).unwrap_or_else(|e| panic!("{context}: {e}"));
+            stream.synchronize().unwrap();
+            let got = device.read(&stream);
+
+            let r = ranks.unwrap_or(0);
+            let meaning = device_meaning(&ids, ranks.map(|_| &table[..]), shape, r);
+            let valid_table: Vec<i32> = table
+                .iter()
+                .map(|&rank| if (0..r as i32).contains(&rank) { rank } else { 0 })
+                .collect();
+            let map = ranks.map(|ranks| RankMap { expert_ranks: &valid_table, ranks });
+            let expected = reference::dispatch(&meaning, shape, block_size, map).unwrap();
+            assert_eq!(got, expected, "{context}");
+            got.check_invariants(&meaning, shape, map).unwrap_or_else(|e| panic!("{context}: {e}"));
+            // The columns past K of each window row are not the call's to write.
+            let inverse_all = stream.clone_dtoh(&device.inverse.memory).unwrap();
+            stream.synchronize().unwrap();
+            for (position, bytes) in inverse_all.chunks_exact(4).enumerate() {
+                if position % row >= top_k && position / row < tokens {
+                    assert_eq!(i32::from_le_bytes(bytes.try_into().unwrap()), MARKER, "{context}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_refused_dispatch_writes_nothing() {
+    let Some(backend) = backend("a_refused_dispatch_writes_nothing") else { return };
+    let stream = stream();
+    let spec = greedy_spec(256, 8);
+    let router = router(&backend, &spec);
+    let shape = DispatchShape { tokens: 2048, top_k: 8, experts: 256 };
+    assert!(router.dispatch_workspace_bytes(2048) > 0, "the many-block path needs a workspace");
+    let mut device = DeviceLayout::new(&stream, &router, shape, None, None);
+    device.workspace = Buffer::workspace(&stream, 16);
+    let refused = device.enqueue(&stream, &router);
+    assert!(matches!(refused, Err(BackendError::WorkspaceTooSmall { .. })), "{refused:?}");
+    stream.synchronize().unwrap();
+    assert!(device.counts.read(&stream).iter().all(|&v| v == MARKER));
+}
+
+#[test]
+fn the_gate_dispatches_host_routings_on_the_device() {
+    let Some(backend) = backend("the_gate_dispatches_host_routings_on_the_device") else {
+        return;
+    };
+    let (h, e, k) = (64, 64, 6);
+    let spec = greedy_spec(e, k);
+    let mut rng = Rng(42);
+    let weight: Vec<bf16> =
+        (0..e * h).map(|_| bf16::from_f32(rng.below(1000) as f32 / 500.0 - 1.0)).collect();
+    let weight = Tensor::from_vec(weight, &[e, h]).unwrap();
+    let router = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
+    let gate = PreparedGate::from_router(0, "cuda", Box::new(router));
+    let mut table = vec![0i32; e];
+    contiguous_ranks(&mut table, 4);
+    let map = RankMap { expert_ranks: &table, ranks: 4 };
+    // 3000 tokens of 6 picks take the many-block path, with the workspace `dispatch` makes.
+    for tokens in [1, 5, 3000] {
+        let hidden: Vec<f32> =
+            (0..tokens * h).map(|_| rng.below(1000) as f32 / 250.0 - 2.0).collect();
+        let routing = gate.route(&Tensor::from_vec(hidden, &[tokens, h]).unwrap()).unwrap();
+        let ids = routing.ids().to_vec::<i32>().unwrap();
+        let shape = DispatchShape { tokens, top_k: k, experts: e };
+        let got = gate.dispatch(&routing, Some(16), Some(map)).unwrap();
+        let expected = reference::dispatch(&ids, shape, Some(16), Some(map)).unwrap();
+        assert_eq!(got, expected, "T={tokens}");
+
+        // On the host, a stray id is refused before anything runs, as on every backend.
+        let mut stray = ids.clone();
+        stray[tokens * k - 1] = e as i32;
+        let mut layout = DispatchLayout::zeroed(shape, None, None).unwrap();
+        let inputs = DispatchInputs::new(DlpackView::from_slice(&stray, &[tokens, k]).unwrap());
+        let refused = gate.router().dispatch(&inputs, &mut layout.outputs(k).unwrap());
+        assert!(matches!(refused, Err(BackendError::ExpertIdOutOfRange { .. })), "{refused:?}");
+    }
+}
+
+/// Enqueues the gate (`route_into` into the layout's ids window) and the layout of its ids.
+fn enqueue_gate(
+    router: &CudaPreparedRouter,
+    stream: &Arc<CudaStream>,
+    hidden: &mut Buffer,
+    weights: &mut Buffer,
+    route_workspace: &mut Buffer,
+    layout: &mut DeviceLayout,
+) -> Result<(), BackendError> {
+    let (hidden_dl, mut ids_dl, mut weights_dl, mut workspace_dl) = (
+        hidden.descriptor(stream),
+        layout.ids.descriptor(stream),
+        weights.descriptor(stream),
+        route_workspace.descriptor(stream),
+    );
+    // SAFETY: the descriptors point at live device buffers of this test with their shapes and
+    // strides; the views end with the call.
+    let (inputs, mut outputs) = unsafe {
+        (
+            RouteInputs::new(DlpackView::from_raw(&hidden_dl).unwrap()),
+            RouteOutputs::new(
+                DlpackViewMut::from_raw(&mut ids_dl).unwrap(),
+                DlpackViewMut::from_raw(&mut weights_dl).unwrap(),
+            )
+            .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
+        )
+    };
+    router.route_into(&inputs, &mut outputs, execution(stream))?;
+    layout.enqueue(stream, router)
+}
+
+#[test]
+fn a_graph_of_route_into_and_dispatch_into_replays_like_eager_calls() {
+    let Some(backend) = backend("a_graph_of_route_into_and_dispatch_into_replays_like_eager_calls")
+    else {
+        return;
+    };
+    // 2048 tokens of 8 picks: the many-block path, both dispatch kernels in the graph.
+    let (t, h, e, k) = (2048, 256, 256, 8);
+    let spec = RoutingSpec::builder(e, k)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(8, 4)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .non_finite(NonFinitePolicy::MarkInvalid)
+        .build()
+        .unwrap();
+    let mut rng = Rng(7);
+    let mut normal = |n: usize| -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32((rng.below(2001) as f32 - 1000.0) / 500.0)).collect()
+    };
+    let weight = Tensor::from_vec(normal(e * h), &[e, h]).unwrap();
+    let router = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
+    let stream = stream();
+    let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+
+    let mut hidden = Buffer::i32(&stream, &[t, h / 2], h / 2);
+    hidden.shape = vec![t as i64, h as i64];
+    hidden.strides = vec![h as i64, 1];
+    hidden.dtype = DLDataType::BF16;
+    let mut weights = Buffer::i32(&stream, &[t, k], k);
+    weights.dtype = DLDataType::F32;
+    let mut route_workspace = Buffer::workspace(&stream, router.workspace_bytes(t));
+    let mut layout = DeviceLayout::new(&stream, &router, shape, Some(64), Some(8));
+    let mut table = vec![0i32; e];
+    contiguous_ranks(&mut table, 8);
+    layout.table.as_mut().unwrap().write(&stream, &table);
+
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = enqueue_gate(
+        &router,
+        &stream,
+        &mut hidden,
+        &mut weights,
+        &mut route_workspace,
+        &mut layout,
+    );
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .unwrap()
+        .expect("a captured graph");
+    captured.unwrap();
+    let map = RankMap { expert_ranks: &table, ranks: 8 };
+    for replay in 0..3 {
+        // New hidden states in the same buffer, through the eager calls and then the graph.
+        let bytes: Vec<u8> = normal(t * h).iter().flat_map(|v| v.to_le_bytes()).collect();
+        stream.memcpy_htod(&bytes, &mut hidden.memory).unwrap();
+        enqueue_gate(
+            &router,
+            &stream,
+            &mut hidden,
+            &mut weights,
+            &mut route_workspace,
+            &mut layout,
+        )
+        .unwrap();
+        stream.synchronize().unwrap();
+        let eager = layout.read(&stream);
+        let ids = layout.ids.read(&stream);
+        // Spoil the outputs, then replay: the graph must write them all again.
+        let spoiled = DeviceLayout::new(&stream, &router, shape, Some(64), Some(8));
+        stream.memcpy_dtod(&spoiled.counts.memory, &mut layout.counts.memory).unwrap();
+        stream.memcpy_dtod(&spoiled.sorted.memory, &mut layout.sorted.memory).unwrap();
+        stream.memcpy_dtod(&spoiled.inverse.memory, &mut layout.inverse.memory).unwrap();
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        let replayed = layout.read(&stream);
+        assert_eq!(replayed, eager, "replay {replay}");
+        let expected = reference::dispatch(&ids, shape, Some(64), Some(map)).unwrap();
+        assert_eq!(replayed, expected, "replay {replay}");
+    }
+}
