@@ -200,9 +200,9 @@ fn upload(
     Ok(buffer)
 }
 
-/// Device buffers of the shapes and dtypes of a call's host outputs (so that `dispatch_into`
-/// checks them as it would check the host ones).
-struct DeviceOutputs {
+/// Device buffers for the outputs of a dispatch: of the shapes and dtypes of a call's host outputs
+/// (so that `dispatch_into` checks them as it would check the host ones), or of a shape.
+pub(crate) struct DeviceOutputs {
     expert_counts: DeviceBuffer,
     expert_offsets: DeviceBuffer,
     sorted_pairs: DeviceBuffer,
@@ -213,6 +213,36 @@ struct DeviceOutputs {
 }
 
 impl DeviceOutputs {
+    /// Zeroed i32 outputs of `shape`, padded to `block_size` when given (no rank outputs).
+    pub(crate) fn of_shape(
+        gpu: &Arc<Gpu>,
+        shape: DispatchShape,
+        block_size: Option<usize>,
+    ) -> Result<Self, BackendError> {
+        let (t, k, e) = (shape.tokens, shape.top_k, shape.experts);
+        let buffer = |dims: &[usize]| DeviceBuffer::zeroed(Arc::clone(gpu), DType::I32, dims, None);
+        let padded = match block_size {
+            Some(block) => {
+                let capacity = shape.padded_capacity(block).ok_or(BackendError::IndexOverflow {
+                    op: "dispatch",
+                    arg: "padded_pairs",
+                    entries: usize::MAX,
+                })?;
+                Some((block, [buffer(&[capacity])?, buffer(&[capacity / block])?, buffer(&[1])?]))
+            }
+            None => None,
+        };
+        Ok(DeviceOutputs {
+            expert_counts: buffer(&[e])?,
+            expert_offsets: buffer(&[e + 1])?,
+            sorted_pairs: buffer(&[t * k])?,
+            inverse: buffer(&[t, k])?,
+            invalid: Some(buffer(&[2])?),
+            padded,
+            ranks: None,
+        })
+    }
+
     fn like(gpu: &Arc<Gpu>, host: &DispatchOutputs<'_>) -> Result<Self, BackendError> {
         let like = |view: &DlpackViewMut<'_>| -> Result<DeviceBuffer, BackendError> {
             input::check_device("dispatch", "outputs", &view.as_view(), Device::Cpu)?;
@@ -243,7 +273,8 @@ impl DeviceOutputs {
         })
     }
 
-    fn views(&mut self, op: &'static str) -> Result<DispatchOutputs<'_>, BackendError> {
+    /// The buffers as the outputs of `dispatch_into`.
+    pub(crate) fn views(&mut self, op: &'static str) -> Result<DispatchOutputs<'_>, BackendError> {
         let view = |buffer| device_view(op, buffer);
         let mut outputs = DispatchOutputs::new(
             view(&mut self.expert_counts)?,

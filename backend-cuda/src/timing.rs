@@ -6,6 +6,10 @@
 //! 2, at most [`MAX_SETS`]), one pass calls the gate once per set, the graph captures one pass,
 //! and each measurement is the median over repetitions of a pass, timed with device events,
 //! divided by `S`.
+//!
+//! With [`GateBench::layout`], every gate call is followed by `dispatch_into` of its ids (the gate
+//! with the layout, as an engine runs the two), and the layout alone is timed too: a graph of
+//! [`LAYOUT_CALLS`] `dispatch_into` calls on one routing's ids, replayed.
 
 use std::sync::Arc;
 
@@ -15,17 +19,29 @@ use cudarc::driver::sys::{
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::bf16;
 use sluice_tensor::{
-    BackendError, DType, Device, DeviceStream, Dlpack, Execution, NonFinitePolicy, PreparedRouter,
-    RouteInputs, RouteOutputs, RoutingSpec, TopkMethod,
+    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchShape, Dlpack, Execution,
+    NonFinitePolicy, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec, TopkMethod,
 };
 
 use crate::CudaBackend;
 use crate::buffer::DeviceBuffer;
+use crate::dispatch::DeviceOutputs;
 use crate::error::CudaError;
 use crate::prepared::CudaPreparedRouter;
 
 /// The most input sets one measurement cycles through (the anchor's limit).
 pub const MAX_SETS: usize = 64;
+
+/// `dispatch_into` calls per replay when the layout is timed alone (the sort-based anchor's
+/// count, `torch_dispatch_gpu.py`).
+pub const LAYOUT_CALLS: usize = 20;
+
+/// The dispatch layout timed with the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayoutBench {
+    /// Pad each expert's rows to a multiple of this block size.
+    pub block_size: Option<usize>,
+}
 
 /// What to time.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +56,8 @@ pub struct GateBench {
     pub hidden_dtype: DType,
     /// About how many seconds of device time each measurement takes.
     pub target_seconds: f64,
+    /// Also lay out each routing for dispatch (`None`: the gate alone).
+    pub layout: Option<LayoutBench>,
 }
 
 /// Microseconds per gate call.
@@ -62,6 +80,9 @@ pub struct GateTimes {
     pub eager: Times,
     /// The same calls captured once in a CUDA graph and replayed: what an engine sees.
     pub graph: Times,
+    /// With [`GateBench::layout`]: `dispatch_into` alone, replayed from a graph of
+    /// [`LAYOUT_CALLS`] calls.
+    pub layout: Option<Times>,
 }
 
 impl CudaBackend {
@@ -136,6 +157,16 @@ impl CudaBackend {
         let mut workspace =
             DeviceBuffer::zeroed(Arc::clone(gpu), DType::U8, &[workspace_bytes], None)?;
 
+        let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+        let mut layout = match bench.layout {
+            Some(layout) => {
+                let outputs = DeviceOutputs::of_shape(gpu, shape, layout.block_size)?;
+                let bytes = routers[0].dispatch_workspace_bytes(t).max(1);
+                let workspace = DeviceBuffer::zeroed(Arc::clone(gpu), DType::U8, &[bytes], None)?;
+                Some((outputs, workspace))
+            }
+            None => None,
+        };
         let stream = gpu.ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
         // SAFETY: the stream lives until this function returns, after its last synchronisation;
         // every buffer handed to the calls outlives it and is only read after synchronising.
@@ -153,6 +184,9 @@ impl CudaBackend {
                 .with_status(status.view_mut().map_err(argument("status"))?)
                 .with_workspace(workspace.view_mut().map_err(argument("workspace"))?);
                 router.route_into(&inputs, &mut outputs, execution)?;
+                if let Some((layout, workspace)) = layout.as_mut() {
+                    lay_out(router, &ids, layout, workspace, execution)?;
+                }
             }
             Ok(())
         };
@@ -184,8 +218,51 @@ impl CudaBackend {
         let (median, min) = time_repetitions(&stream, 3, repetitions, &mut replay)?;
         let graph =
             Times { median_us: median / sets as f64, min_us: min / sets as f64, repetitions };
-        Ok(GateTimes { sets, eager, graph })
+        let layout = match layout.as_mut() {
+            Some((outputs, workspace)) => {
+                let router = &routers[0];
+                let mut calls = || -> Result<(), BackendError> {
+                    for _ in 0..LAYOUT_CALLS {
+                        lay_out(router, &ids, outputs, workspace, execution)?;
+                    }
+                    Ok(())
+                };
+                stream
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(CudaError::driver("starting a capture"))?;
+                let captured = calls();
+                let graph = stream
+                    .end_capture(
+                        CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+                    )
+                    .map_err(CudaError::driver("ending a capture"))?;
+                captured?;
+                let graph = graph.ok_or(CudaError::EmptyCapture)?;
+                graph.upload().map_err(CudaError::driver("uploading the graph"))?;
+                let mut replay =
+                    || graph.launch().map_err(CudaError::driver("replaying the graph"));
+                let (median, min) = time_repetitions(&stream, 3, repetitions, &mut replay)?;
+                let per_call = LAYOUT_CALLS as f64;
+                Some(Times { median_us: median / per_call, min_us: min / per_call, repetitions })
+            }
+            None => None,
+        };
+        Ok(GateTimes { sets, eager, graph, layout })
     }
+}
+
+/// `dispatch_into` of the routing in `ids` into `outputs`.
+fn lay_out(
+    router: &CudaPreparedRouter,
+    ids: &DeviceBuffer,
+    outputs: &mut DeviceOutputs,
+    workspace: &mut DeviceBuffer,
+    execution: Execution,
+) -> Result<(), BackendError> {
+    let inputs = DispatchInputs::new(ids.view().map_err(argument("topk_ids"))?);
+    let mut outputs = outputs.views("time_gate")?;
+    outputs.workspace = Some(workspace.view_mut().map_err(argument("workspace"))?);
+    router.dispatch_into(&inputs, &mut outputs, execution)
 }
 
 fn host<T: sluice_tensor::Element>(

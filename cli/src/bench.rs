@@ -61,7 +61,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub min_calls: usize,
     /// Also time the dispatch layout of each routing (`dispatch_into` into buffers allocated
-    /// once), alone and after the gate, and report what it adds to the gate.
+    /// once), alone and after the gate, and report what it adds to the gate (with
+    /// `--backend cuda`: both replayed from CUDA graphs).
     #[arg(long)]
     pub dispatch: bool,
     /// With --dispatch, pad the layout to blocks of N rows.

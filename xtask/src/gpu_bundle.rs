@@ -1,6 +1,6 @@
 //! `cargo xtask gpu-bundle`: everything a GPU machine without a Rust toolchain needs to run the
 //! CUDA backend's tests, compute-sanitizer on them, `sluice bench --backend cuda` and the PyTorch
-//! anchor side by side, in one git-ignored folder with a `run.sh`.
+//! anchors (the gate, and the sort-based dispatch layout) side by side, in one git-ignored folder with a `run.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,7 +49,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
     }
     copy_stripped(&sluice.path, &out.join("bin/sluice"))?;
     copy_tree(&root.join("models/testdata"), &out.join("testdata"))?;
-    copy(&root.join("xtask/anchors/torch_gate_gpu.py"), &out.join("anchors/torch_gate_gpu.py"))?;
+    for anchor in ["torch_gate_gpu.py", "torch_dispatch_gpu.py"] {
+        copy(&root.join("xtask/anchors").join(anchor), &out.join("anchors").join(anchor))?;
+    }
     write(&out.join("side_by_side.py"), SIDE_BY_SIDE)?;
     write(&out.join("run.sh"), RUN_SH)?;
     make_executable(&out.join("run.sh"))?;

@@ -1,8 +1,10 @@
 //! `sluice bench --backend cuda`: the gate as an engine runs it, `route_into` on a stream,
-//! replayed from a CUDA graph and enqueued eagerly, beside the memory floor of each cell.
+//! replayed from a CUDA graph and enqueued eagerly, beside the memory floor of each cell. With
+//! `--dispatch`, the gate again with `dispatch_into` after every call: what the layout adds to the
+//! graph-replayed gate, and the layout alone.
 
 use serde_json::json;
-use sluice_backend_cuda::timing::GateBench;
+use sluice_backend_cuda::timing::{GateBench, LayoutBench};
 use sluice_tensor::DType;
 
 use super::{BenchArgs, InputDType};
@@ -11,13 +13,16 @@ use crate::io;
 
 /// Times every T on the GPU and prints (and optionally writes) the results.
 pub fn run(args: &BenchArgs) -> Result<(), CliError> {
-    if args.checkpoint.is_some() || args.dispatch {
+    if args.checkpoint.is_some() {
         return Err(CliError::Input(
             "--backend cuda times the gate on synthetic weights of a --model shape; \
-             --checkpoint and --dispatch are not supported there yet"
+             --checkpoint is not supported there yet"
                 .into(),
         ));
     }
+    let layout = args
+        .dispatch
+        .then_some(LayoutBench { block_size: args.block_size.map(|block| block as usize) });
     let backend = args.backend.cuda()?;
     let spec = args.model.spec();
     let (h, e, k) = (args.model.hidden_size(), spec.num_experts, spec.top_k);
@@ -31,10 +36,14 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         backend.multiprocessors(),
         bandwidth / 1e12
     );
-    println!(
+    print!(
         "{:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  {:>4}",
         "T", "graph us", "graph min", "eager us", "floor us", "x floor", "sets"
     );
+    if layout.is_some() {
+        print!("  {:>14}  {:>9}  {:>10}", "+layout us", "added us", "layout us");
+    }
+    println!();
     let hidden_bytes = match args.dtype {
         InputDType::Bf16 => 2,
         InputDType::F32 => 4,
@@ -50,12 +59,16 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 InputDType::F32 => DType::F32,
             },
             target_seconds: args.min_seconds,
+            layout: None,
         };
         let times = backend.time_gate(&bench)?;
+        let with_layout =
+            layout.map(|layout| backend.time_gate(&GateBench { layout: Some(layout), ..bench }));
+        let with_layout = with_layout.transpose()?;
         // The fewest bytes the gate moves: hidden states, weight, bias, ids and weights out.
         let bytes = tokens * h * hidden_bytes + e * h * 2 + e * 4 + tokens * k * 8;
         let floor_us = bytes as f64 / bandwidth * 1e6;
-        println!(
+        print!(
             "{tokens:>6}  {:>10.2}  {:>10.2}  {:>10.2}  {floor_us:>10.2}  {:>8.2}  {:>4}",
             times.graph.median_us,
             times.graph.min_us,
@@ -63,6 +76,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             times.graph.median_us / floor_us,
             times.sets
         );
+        // What the layout adds: the two graph-replayed medians, gate + layout minus gate alone.
+        let added_us = with_layout.map(|w| w.graph.median_us - times.graph.median_us);
+        let layout_us = with_layout.and_then(|w| w.layout).map(|l| l.median_us);
+        if let (Some(with_layout), Some(added_us), Some(layout_us)) =
+            (with_layout, added_us, layout_us)
+        {
+            print!("  {:>14.2}  {added_us:>9.2}  {layout_us:>10.2}", with_layout.graph.median_us);
+        }
+        println!();
         results.push(json!({
             "model": args.model.name(),
             "tokens": tokens,
@@ -75,6 +97,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             "floor_mem_us": floor_us,
             "sets": times.sets,
             "repetitions": times.graph.repetitions,
+            "graph_with_layout_us": with_layout.map(|w| w.graph.median_us),
+            "eager_with_layout_us": with_layout.map(|w| w.eager.median_us),
+            "layout_added_us": added_us,
+            "layout_graph_us": layout_us,
         }));
     }
     if let Some(path) = &args.json {
@@ -90,9 +116,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 "multiprocessors": backend.multiprocessors(),
                 "copy_bandwidth_bytes_per_s": bandwidth,
                 "target_seconds": args.min_seconds,
+                "layout_block_size": args.block_size,
+                "layout_calls_per_replay": sluice_backend_cuda::timing::LAYOUT_CALLS,
                 "method": "route_into on a stream; S distinct (hidden, weight, bias) sets totalling \
                            3x L2; a pass routes each once; graph = one pass captured and replayed; \
-                           median over repetitions of a pass, device events, divided by S",
+                           median over repetitions of a pass, device events, divided by S; \
+                           with --dispatch, each route_into followed by dispatch_into of its ids \
+                           (graph_with_layout_us; layout_added_us is its difference to graph_us), \
+                           and layout_graph_us: a graph of layout_calls_per_replay dispatch_into \
+                           calls on one routing's ids, replayed, divided by that count",
             },
         });
         let text = serde_json::to_string_pretty(&document)

@@ -3,14 +3,14 @@
 # (compute-sanitizer) and Python with torch, but no Rust toolchain. Written by
 # `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
 #
-#   run.sh [tests] [sanitizer] [cli] [bench] [anchor] [profile]
-#   (default: the first five, in this order; profile runs Nsight Compute on the bench's kernels)
+#   run.sh [tests] [sanitizer] [cli] [bench] [anchor] [dispatch] [profile]
+#   (default: the first six, in this order; profile runs Nsight Compute on the bench's kernels)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer cli bench anchor)
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer cli bench anchor dispatch)
 export SLUICE_REQUIRE_GPU=1 SLUICE_TESTDATA="$here/testdata"
 tokens="${SLUICE_BENCH_TOKENS:-1,64,1024,16384}"
 failed=0
@@ -86,6 +86,23 @@ for step in "${steps[@]}"; do
             tail -30 "$out/torch.log"
         fi
         ;;
+    dispatch)
+        # The layout after the graph-replayed gate at every T, and against the sort-based PyTorch
+        # version at T = 16384 (V3: K = 8, E = 256), in one run; dispatch.md is the side by side.
+        if "$here/bin/sluice" bench --backend cuda --model v3 --dispatch --tokens "$tokens" \
+            --min-seconds 0.05 --json "$out/sluice-dispatch.json" >"$out/sluice-dispatch.log" 2>&1 \
+            && python3 "$here/anchors/torch_dispatch_gpu.py" --tokens 16384 --experts 256 \
+                --top-k 8 --json "$out/torch-dispatch.json" \
+                --sluice-json "$out/sluice-dispatch.json" --markdown "$out/dispatch.md" \
+                >"$out/torch-dispatch.log" 2>&1; then
+            cat "$out/sluice-dispatch.log" "$out/dispatch.md"
+            summary+=("dispatch: ok (see dispatch.md)")
+        else
+            failed=1
+            summary+=("dispatch: FAILED (see sluice-dispatch.log, torch-dispatch.log)")
+            tail -30 "$out/sluice-dispatch.log" "$out/torch-dispatch.log" 2>/dev/null
+        fi
+        ;;
     profile)
         for t in ${tokens//,/ }; do
             ncu --clock-control none -k regex:sluice_ -c 20 --print-summary per-kernel \
@@ -95,7 +112,7 @@ for step in "${steps[@]}"; do
         done
         ;;
     *)
-        echo "unknown step $step (tests, sanitizer, cli, bench, anchor, profile)" >&2
+        echo "unknown step $step (tests, sanitizer, cli, bench, anchor, dispatch, profile)" >&2
         exit 2
         ;;
     esac
