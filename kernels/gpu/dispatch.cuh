@@ -26,6 +26,9 @@
 #define SLUICE_DISPATCH_HIST_SLOTS 6144
 #define SLUICE_DISPATCH_MAX_THREADS 1024
 #define SLUICE_DISPATCH_MAX_WARPS (SLUICE_DISPATCH_MAX_THREADS / GPU_WARP)
+// Ids a lane loads at once, into registers: all in flight together, then counted or placed, so a
+// pass pays the load latency once per batch rather than once per 32 pairs.
+#define SLUICE_DISPATCH_BATCH 16
 #if SLUICE_DISPATCH_HIST_SLOTS / SLUICE_E < 1
 #error "too many experts for the dispatch kernels' shared counts"
 #endif
@@ -78,8 +81,9 @@ GPU_INLINE void sluice_dispatch_invalid_rows(const sluice_dispatch_args &a, cons
                                              int row0, int row1, int *rows, unsigned *first) {
   for (int row = row0 + GPU_TID; row < row1; row += a.threads) {
     bool skipped = false;
+    // `|`, not `||`: every load of the row is issued at once.
     for (int slot = 0; slot < SLUICE_K; ++slot)
-      skipped = skipped || sluice_dispatch_expert(a, rank_of, row * SLUICE_K + slot) < 0;
+      skipped = skipped | (sluice_dispatch_expert(a, rank_of, row * SLUICE_K + slot) < 0);
     if (skipped) {
       gpu_atomic_add_i32(rows, 1);
       gpu_atomic_min_u32(first, (unsigned)row);
@@ -152,9 +156,17 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_c
   gpu_syncthreads();
   const int row0 = block * a.rows_per_block;
   const int row1 = row0 + a.rows_per_block < a.tokens ? row0 + a.rows_per_block : a.tokens;
-  for (int pair = row0 * SLUICE_K + tid; pair < row1 * SLUICE_K; pair += a.threads) {
-    const int e = sluice_dispatch_expert(a, rank_of, pair);
-    if (e >= 0) gpu_atomic_add_i32(&counts[e], 1);
+  const int batch = SLUICE_DISPATCH_BATCH * a.threads;
+  for (int first = row0 * SLUICE_K + tid; first < row1 * SLUICE_K; first += batch) {
+    int experts[SLUICE_DISPATCH_BATCH];
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i) {
+      const int pair = first + i * a.threads;
+      experts[i] = pair < row1 * SLUICE_K ? sluice_dispatch_expert(a, rank_of, pair) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i)
+      if (experts[i] >= 0) gpu_atomic_add_i32(&counts[experts[i]], 1);
   }
   sluice_dispatch_invalid_rows(a, rank_of, row0, row1, &invalid_rows, &first_invalid);
   if (block == 0 && a.ranks > 0)
@@ -207,10 +219,21 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
   const int seg1 = first_pair + ((warp + 1) * segment < tile ? (warp + 1) * segment : tile);
   int *my_cursor = cursor + warp * SLUICE_E;
 
+  // The experts of a batch of this warp's pairs: lane `lane` of chunk i holds pair
+  // `batch_start + i * GPU_WARP + lane` (-1: skipped, or past the segment).
+  int experts[SLUICE_DISPATCH_BATCH];
+  const int batch = SLUICE_DISPATCH_BATCH * GPU_WARP;
+
   // 1. Counts per warp.
-  for (int pair = seg0 + lane; pair < seg1; pair += GPU_WARP) {
-    const int e = sluice_dispatch_expert(a, rank_of, pair);
-    if (e >= 0) gpu_atomic_add_i32(&my_cursor[e], 1);
+  for (int batch_start = seg0; batch_start < seg1; batch_start += batch) {
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i) {
+      const int pair = batch_start + i * GPU_WARP + lane;
+      experts[i] = pair < seg1 ? sluice_dispatch_expert(a, rank_of, pair) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i)
+      if (experts[i] >= 0) gpu_atomic_add_i32(&my_cursor[experts[i]], 1);
   }
   if (one_block) sluice_dispatch_invalid_rows(a, rank_of, row0, row1, &invalid_rows, &first_invalid);
   gpu_syncthreads();
@@ -222,6 +245,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     if (one_block) {
       for (int w = 0; w < warps; ++w) total += cursor[w * SLUICE_E + e];
     } else {
+#pragma unroll 8
       for (int b = 0; b < a.blocks; ++b) {
         const int c = a.block_counts[(long long)b * (SLUICE_E + 2) + e];
         before += b < block ? c : 0;
@@ -232,6 +256,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     start[e] = total;
     if (a.block_size > 0) padded_start[e] = (total + a.block_size - 1) / a.block_size * a.block_size;
     int running = before;
+#pragma unroll 4
     for (int w = 0; w < warps; ++w) {
       const int c = cursor[w * SLUICE_E + e];
       cursor[w * SLUICE_E + e] = running;
@@ -258,29 +283,37 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     gpu_syncthreads();
   }
 
-  // 4. Every warp places its segment's pairs, in pair order.
-  for (int base = seg0; base < seg1; base += GPU_WARP) {
-    const int pair = base + lane;
-    const bool active = pair < seg1;
-    const int e = active ? sluice_dispatch_expert(a, rank_of, pair) : -1;
-    const gpu_lanemask_t peers = gpu_match_any_i(e >= 0 ? e : SLUICE_E);
-    const gpu_lanemask_t peers_below = peers & gpu_lanes_below(lane);
-    const int in_run = e >= 0 ? my_cursor[e] + gpu_popc_mask(peers_below) : -1;
-    gpu_syncwarp();  // every lane has read its cursor before the lowest peer moves it
-    if (e >= 0 && peers_below == 0) my_cursor[e] += gpu_popc_mask(peers);
-    gpu_syncwarp();
-    if (!active) continue;
-    const int row = pair / SLUICE_K, slot = pair - row * SLUICE_K;
-    int *inverse = a.inverse + row * a.inverse_row_stride + slot;
-    if (e < 0) {
-      *inverse = -1;
-      continue;
+  // 4. Every warp places its segment's pairs, in pair order, a batch at a time.
+  for (int batch_start = seg0; batch_start < seg1; batch_start += batch) {
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i) {
+      const int pair = batch_start + i * GPU_WARP + lane;
+      experts[i] = pair < seg1 ? sluice_dispatch_expert(a, rank_of, pair) : -1;
     }
-    const int position = start[e] + in_run;
-    a.sorted_pairs[position] = pair;
-    *inverse = position;
-    if (a.block_size > 0) a.padded_pairs[padded_start[e] + in_run] = pair;
-    if (a.ranks > 0) a.rank_pairs[rank_start[e] + in_run] = pair;
+#pragma unroll
+    for (int i = 0; i < SLUICE_DISPATCH_BATCH; ++i) {
+      const int base = batch_start + i * GPU_WARP;
+      if (base >= seg1) break;  // the same for the whole warp
+      const int pair = base + lane, e = experts[i];
+      const gpu_lanemask_t peers = gpu_match_any_i(e >= 0 ? e : SLUICE_E);
+      const gpu_lanemask_t peers_below = peers & gpu_lanes_below(lane);
+      const int in_run = e >= 0 ? my_cursor[e] + gpu_popc_mask(peers_below) : -1;
+      gpu_syncwarp();  // every lane has read its cursor before the lowest peer moves it
+      if (e >= 0 && peers_below == 0) my_cursor[e] += gpu_popc_mask(peers);
+      gpu_syncwarp();
+      if (pair >= seg1) continue;
+      const int row = pair / SLUICE_K, slot = pair - row * SLUICE_K;
+      int *inverse = a.inverse + row * a.inverse_row_stride + slot;
+      if (e < 0) {
+        *inverse = -1;
+        continue;
+      }
+      const int position = start[e] + in_run;
+      a.sorted_pairs[position] = pair;
+      *inverse = position;
+      if (a.block_size > 0) a.padded_pairs[padded_start[e] + in_run] = pair;
+      if (a.ranks > 0) a.rank_pairs[rank_start[e] + in_run] = pair;
+    }
   }
 
   // 5. Distinct tokens per rank: a token counts once for every rank one of its experts is on.
