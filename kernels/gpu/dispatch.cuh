@@ -324,16 +324,18 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
       for (int r = tid; r < a.ranks; r += threads) cursor[r] = 0;
     gpu_syncthreads();
     for (int row = row0 + tid; row < row1; row += threads) {
+      int rank[SLUICE_K];  // the rank of each slot's expert, -1 for a skipped pair
+#pragma unroll
       for (int slot = 0; slot < SLUICE_K; ++slot) {
         const int e = sluice_dispatch_expert(a, rank_of, row * SLUICE_K + slot);
-        if (e < 0) continue;
-        const int r = rank_of[e];
-        bool seen = false;
-        for (int earlier = 0; earlier < slot; ++earlier) {
-          const int other = sluice_dispatch_expert(a, rank_of, row * SLUICE_K + earlier);
-          seen = seen || (other >= 0 && rank_of[other] == r);
-        }
-        if (!seen) gpu_atomic_add_i32(in_shared ? &cursor[r] : &a.rank_tokens[r], 1);
+        rank[slot] = e >= 0 ? rank_of[e] : -1;
+      }
+#pragma unroll
+      for (int slot = 0; slot < SLUICE_K; ++slot) {
+        bool seen = rank[slot] < 0;
+#pragma unroll
+        for (int earlier = 0; earlier < slot; ++earlier) seen = seen | (rank[earlier] == rank[slot]);
+        if (!seen) gpu_atomic_add_i32(in_shared ? &cursor[rank[slot]] : &a.rank_tokens[rank[slot]], 1);
       }
     }
     gpu_syncthreads();
