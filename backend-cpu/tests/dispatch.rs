@@ -457,3 +457,85 @@ fn a_router_without_a_layout_refuses_it_after_the_same_checks() {
         BackendError::NotSupported { op: "dispatch_into" }
     );
 }
+
+#[test]
+fn a_router_that_needs_a_workspace_gets_one_that_fits_or_refuses_first() {
+    /// A router whose layout needs scratch, as a GPU's does at large T; it checks and returns.
+    #[derive(Debug)]
+    struct NeedsScratch(RoutingSpec);
+    const NEEDED: usize = 64;
+    impl sluice_tensor::PreparedRouter for NeedsScratch {
+        fn spec(&self) -> &RoutingSpec {
+            &self.0
+        }
+        fn hidden_size(&self) -> usize {
+            2
+        }
+        fn router_gemm(
+            &self,
+            _: &sluice_tensor::Dlpack,
+        ) -> Result<sluice_tensor::Dlpack, BackendError> {
+            Err(BackendError::NotSupported { op: "router_gemm" })
+        }
+        fn route(
+            &self,
+            _: &sluice_tensor::Dlpack,
+        ) -> Result<sluice_tensor::RoutingOutput, BackendError> {
+            Err(BackendError::NotSupported { op: "route" })
+        }
+        fn dispatch_workspace_bytes(&self, _: usize) -> usize {
+            NEEDED
+        }
+        fn dispatch_into(
+            &self,
+            inputs: &DispatchInputs<'_>,
+            outputs: &mut sluice_tensor::DispatchOutputs<'_>,
+            execution: Execution,
+        ) -> Result<(), BackendError> {
+            sluice_tensor::check_dispatch_into("dispatch_into", self, inputs, outputs, execution)
+                .map(drop)
+        }
+    }
+    #[repr(align(16))]
+    struct Aligned([u8; 2 * NEEDED]);
+    let shape = DispatchShape { tokens: 3, top_k: 2, experts: 4 };
+    let router = NeedsScratch(RoutingSpec::builder(4, 2).build().unwrap());
+    let ids = [0, 1, 2, 3, -1, -1];
+    let mut layout = stale_buffers(shape, None, None);
+    let mut scratch = Aligned([0; 2 * NEEDED]);
+    let call = |layout: &mut DispatchLayout, workspace: Option<DlpackViewMut<'_>>| {
+        let mut outputs = layout.outputs(2).unwrap();
+        outputs.workspace = workspace;
+        router.dispatch_into(&inputs(&ids, shape, None), &mut outputs, Execution::Host)
+    };
+    refused!(
+        "no workspace",
+        layout,
+        call(&mut layout, None),
+        BackendError::WorkspaceTooSmall { bytes: 0, needed: NEEDED, .. }
+    );
+    refused!(
+        "a small workspace",
+        layout,
+        call(&mut layout, Some(DlpackViewMut::from_slice(&mut scratch.0[..16], &[16]).unwrap())),
+        BackendError::WorkspaceTooSmall { bytes: 16, needed: NEEDED, .. }
+    );
+    refused!(
+        "a misaligned workspace",
+        layout,
+        call(
+            &mut layout,
+            Some(DlpackViewMut::from_slice(&mut scratch.0[1..=NEEDED], &[NEEDED]).unwrap())
+        ),
+        BackendError::Layout { arg: "workspace", .. }
+    );
+    let mut words = [0i32; NEEDED];
+    refused!(
+        "a workspace of i32",
+        layout,
+        call(&mut layout, Some(DlpackViewMut::from_slice(&mut words, &[NEEDED]).unwrap())),
+        BackendError::UnsupportedDType { arg: "workspace", .. }
+    );
+    call(&mut layout, Some(DlpackViewMut::from_slice(&mut scratch.0, &[2 * NEEDED]).unwrap()))
+        .unwrap();
+}
