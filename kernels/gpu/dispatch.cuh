@@ -245,7 +245,8 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     if (one_block) {
       for (int w = 0; w < warps; ++w) total += cursor[w * SLUICE_E + e];
     } else {
-#pragma unroll 8
+      // Unrolled so that the loads of up to 16 blocks' counts are in flight together.
+#pragma unroll 16
       for (int b = 0; b < a.blocks; ++b) {
         const int c = a.block_counts[(long long)b * (SLUICE_E + 2) + e];
         before += b < block ? c : 0;
