@@ -2,14 +2,15 @@
 //! `dispatch.cuh` on the caller's stream, into the caller's outputs and workspace; `dispatch` is
 //! the synchronous convenience for host ids and host outputs.
 //!
-//! Like `route_into`: every check first, then only enqueues (no allocation, no synchronisation),
-//! so a capture records the call. On a stream the ids cannot be looked at before the kernels run:
+//! Like `route_into`: every check first, then only enqueues kernels (and, with rank outputs, a
+//! memset) with no allocation and no synchronisation, so a capture records the call. On a stream the ids cannot be looked at before the kernels run:
 //! an id outside `[0, E)` other than `-1`, or an expert whose rank-table entry is outside
 //! `[0, R)`, is skipped and counted in `invalid` like a `-1`, never written out of bounds.
 
 use std::ffi::c_void;
 use std::sync::Arc;
 
+use cudarc::driver::sys::cuMemsetD32Async;
 use sluice_kernels::{DispatchArgs, DispatchPlan, plan_dispatch};
 use sluice_tensor::{
     BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape,
@@ -87,6 +88,24 @@ impl Dispatcher<'_> {
                 &mut params,
             )
         }?;
+        if ranks > 0 {
+            // The rank-tokens kernel adds into zeros. SAFETY: `rank_tokens` holds `ranks` i32
+            // (checked by `check_dispatch_into`); the memset is ordered on the caller's stream.
+            let zeroed = unsafe { cuMemsetD32Async(args.rank_tokens, 0, ranks, stream).result() };
+            zeroed.map_err(CudaError::driver("zeroing the tokens per rank"))?;
+        }
+        if ranks > 0 && shape.tokens > 0 {
+            // SAFETY: as above, for the rank-tokens kernel of the same argument.
+            unsafe {
+                enqueue::launch(
+                    &self.module.dispatch_rank_tokens,
+                    plan.rank_tokens,
+                    stream,
+                    self.dependent_launch,
+                    &mut params,
+                )
+            }?;
+        }
         Ok(())
     }
 

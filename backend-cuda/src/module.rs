@@ -6,8 +6,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel, HiddenKind, ROUTE_KERNEL,
-    RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
+    HiddenKind, ROUTE_KERNEL, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -22,6 +22,8 @@ pub(crate) struct RouterModule {
     pub(crate) dispatch_count: CudaFunction,
     /// The dispatch layout's scatter kernel.
     pub(crate) dispatch_scatter: CudaFunction,
+    /// The dispatch layout's distinct tokens per rank.
+    pub(crate) dispatch_rank_tokens: CudaFunction,
     gemm: HashMap<GemmKernel, CudaFunction>,
 }
 
@@ -69,6 +71,7 @@ impl RouterModule {
             sum_partials: load(SUM_PARTIALS_KERNEL)?,
             dispatch_count: load(DISPATCH_COUNT_KERNEL)?,
             dispatch_scatter: load(DISPATCH_SCATTER_KERNEL)?,
+            dispatch_rank_tokens: load(DISPATCH_RANK_TOKENS_KERNEL)?,
             gemm,
             _module: module,
         })

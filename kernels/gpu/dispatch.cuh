@@ -13,10 +13,17 @@
 //     workspace, then `sluice_dispatch_scatter` (same tiles) adds the counts of the blocks before
 //     its own to every warp's start, in block order, and places its pairs the same way.
 // Shared-memory atomics only count (integer sums, the same in any order); global ones only add
-// each block's distinct-token counts per rank, likewise.
+// each block's distinct-token counts per rank (`sluice_dispatch_rank_tokens`, with rank outputs
+// only), likewise.
 //
 // An id outside [0, E) (the -1 of a row marked invalid, or any other value), or an expert whose
 // rank-table entry is outside [0, R), is skipped: never dispatched, counted in `invalid` like a -1.
+
+// The ROCm backend does not launch these kernels yet, and on AMD the scatter kernel still needs
+// more scalar registers than the code objects' budget allows: AMD builds leave them out unless
+// SLUICE_DISPATCH_ON_AMD is defined (CI's clang test defines it, so the source keeps compiling for
+// wave64).
+#if !defined(GPU_AMD) || defined(SLUICE_DISPATCH_ON_AMD)
 
 #if !defined(SLUICE_E) || !defined(SLUICE_K)
 #error "the dispatch kernels need SLUICE_E and SLUICE_K"
@@ -28,7 +35,25 @@
 #define SLUICE_DISPATCH_MAX_WARPS (SLUICE_DISPATCH_MAX_THREADS / GPU_WARP)
 // Ids a lane loads at once, into registers: all in flight together, then counted or placed, so a
 // pass pays the load latency once per batch rather than once per 32 pairs.
+// AMD's wave64 holds twice the pairs per chunk, and its scalar registers (the chunks' uniform
+// bounds) run out sooner: a quarter of the chunks there.
+// The per-expert loops over blocks and warps are unrolled there too, for their loads; on AMD
+// that would spill scalar registers, so they stay loops.
+#if defined(GPU_AMD)
+#define SLUICE_DISPATCH_BATCH 4
+#define SLUICE_DISPATCH_UNROLL_BLOCKS 1
+#define SLUICE_DISPATCH_UNROLL_WARPS 1
+#else
 #define SLUICE_DISPATCH_BATCH 16
+#define SLUICE_DISPATCH_UNROLL_BLOCKS 16
+#define SLUICE_DISPATCH_UNROLL_WARPS 4
+#endif
+// Threads per block of `sluice_dispatch_rank_tokens`, one row each (the geometry's
+// `RANK_TOKENS_THREADS`).
+#define SLUICE_DISPATCH_RANK_THREADS 256
+// `#pragma unroll N` with N a macro: the argument is expanded before it is made a string.
+#define SLUICE_PRAGMA(x) _Pragma(#x)
+#define SLUICE_UNROLL(n) SLUICE_PRAGMA(unroll n)
 #if SLUICE_DISPATCH_HIST_SLOTS / SLUICE_E < 1
 #error "too many experts for the dispatch kernels' shared counts"
 #endif
@@ -135,8 +160,7 @@ GPU_INLINE void sluice_block_exclusive_scan(int *data, int n, int *warp_sums, in
 }
 
 // Many-block path, first kernel: the per-expert counts of this block's rows, then the number of
-// its rows holding a skipped pair and the first of them, into `block_counts[block]`. Block 0 also
-// zeroes `rank_tokens`, which the scatter's blocks add into.
+// its rows holding a skipped pair and the first of them, into `block_counts[block]`.
 GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_count(
     sluice_dispatch_args a) {
   __shared__ int counts[SLUICE_E];
@@ -169,8 +193,6 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_c
       if (experts[i] >= 0) gpu_atomic_add_i32(&counts[experts[i]], 1);
   }
   sluice_dispatch_invalid_rows(a, rank_of, row0, row1, &invalid_rows, &first_invalid);
-  if (block == 0 && a.ranks > 0)
-    for (int r = tid; r < a.ranks; r += a.threads) a.rank_tokens[r] = 0;
   gpu_syncthreads();
   int *out = a.block_counts + (long long)block * (SLUICE_E + 2);
   for (int e = tid; e < SLUICE_E; e += a.threads) out[e] = counts[e];
@@ -206,8 +228,6 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
   // Everything below reads what earlier kernels wrote, or writes what they may read.
   gpu_wait_for_previous_grid();
   sluice_dispatch_load_ranks(a, rank_of);
-  if (one_block && a.ranks > 0)
-    for (int r = tid; r < a.ranks; r += threads) a.rank_tokens[r] = 0;
   gpu_syncthreads();
 
   // This block's rows, and this warp's contiguous segment of their pairs.
@@ -245,8 +265,8 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     if (one_block) {
       for (int w = 0; w < warps; ++w) total += cursor[w * SLUICE_E + e];
     } else {
-      // Unrolled so that the loads of up to 16 blocks' counts are in flight together.
-#pragma unroll 16
+      // Unrolled so that the loads of many blocks' counts are in flight together.
+      SLUICE_UNROLL(SLUICE_DISPATCH_UNROLL_BLOCKS)
       for (int b = 0; b < a.blocks; ++b) {
         const int c = a.block_counts[(long long)b * (SLUICE_E + 2) + e];
         before += b < block ? c : 0;
@@ -257,7 +277,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     start[e] = total;
     if (a.block_size > 0) padded_start[e] = (total + a.block_size - 1) / a.block_size * a.block_size;
     int running = before;
-#pragma unroll 4
+    SLUICE_UNROLL(SLUICE_DISPATCH_UNROLL_WARPS)
     for (int w = 0; w < warps; ++w) {
       const int c = cursor[w * SLUICE_E + e];
       cursor[w * SLUICE_E + e] = running;
@@ -317,35 +337,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     }
   }
 
-  // 5. Distinct tokens per rank: a token counts once for every rank one of its experts is on.
-  if (a.ranks > 0) {
-    gpu_syncthreads();  // the cursors are free again: per-rank counts of this block
-    const bool in_shared = a.ranks <= SLUICE_DISPATCH_HIST_SLOTS;
-    if (in_shared)
-      for (int r = tid; r < a.ranks; r += threads) cursor[r] = 0;
-    gpu_syncthreads();
-    for (int row = row0 + tid; row < row1; row += threads) {
-      int rank[SLUICE_K];  // the rank of each slot's expert, -1 for a skipped pair
-#pragma unroll
-      for (int slot = 0; slot < SLUICE_K; ++slot) {
-        const int e = sluice_dispatch_expert(a, rank_of, row * SLUICE_K + slot);
-        rank[slot] = e >= 0 ? rank_of[e] : -1;
-      }
-#pragma unroll
-      for (int slot = 0; slot < SLUICE_K; ++slot) {
-        bool seen = rank[slot] < 0;
-#pragma unroll
-        for (int earlier = 0; earlier < slot; ++earlier) seen = seen | (rank[earlier] == rank[slot]);
-        if (!seen) gpu_atomic_add_i32(in_shared ? &cursor[rank[slot]] : &a.rank_tokens[rank[slot]], 1);
-      }
-    }
-    gpu_syncthreads();
-    if (in_shared)
-      for (int r = tid; r < a.ranks; r += threads)
-        if (cursor[r] != 0) gpu_atomic_add_i32(&a.rank_tokens[r], cursor[r]);
-  }
-
-  // 6. Every other position, spread over all blocks: sentinels after the valid pairs, padding.
+  // 5. Every other position, spread over all blocks: sentinels after the valid pairs, padding.
   const int global = block * threads + tid, stride = a.blocks * threads;
   const int valid = start[SLUICE_E];
   for (int i = valid + global; i < pairs; i += stride) {
@@ -363,7 +355,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
   }
   if (block != 0) return;
 
-  // 7. Block 0 writes what is one for the whole layout.
+  // 6. Block 0 writes what is one for the whole layout.
   for (int e = tid; e < SLUICE_E; e += threads) {
     a.expert_counts[e] = count[e];
     a.expert_offsets[e] = start[e];
@@ -403,3 +395,43 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
     }
   }
 }
+
+// With rank outputs, after the scatter and a memset of `rank_tokens` to 0 (the launcher's): distinct
+// tokens per rank, a token counting once for every rank one of its experts is on. One row per
+// thread; each block adds its counts per rank.
+GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_RANK_THREADS) void sluice_dispatch_rank_tokens(
+    sluice_dispatch_args a) {
+  __shared__ int per_rank[SLUICE_DISPATCH_HIST_SLOTS];
+  __shared__ int rank_of[SLUICE_E];
+  const int tid = GPU_TID;
+  const bool in_shared = a.ranks <= SLUICE_DISPATCH_HIST_SLOTS;
+  if (in_shared)
+    for (int r = tid; r < a.ranks; r += SLUICE_DISPATCH_RANK_THREADS) per_rank[r] = 0;
+  gpu_allow_dependents();
+  // Everything below adds to the zeroed `rank_tokens`, or reads what earlier kernels wrote.
+  gpu_wait_for_previous_grid();
+  for (int e = tid; e < SLUICE_E; e += SLUICE_DISPATCH_RANK_THREADS) rank_of[e] = a.expert_ranks[e];
+  gpu_syncthreads();
+  const int row = GPU_BID_X * SLUICE_DISPATCH_RANK_THREADS + tid;
+  if (row < a.tokens) {
+    int rank[SLUICE_K];  // the rank of each slot's expert, -1 for a skipped pair
+#pragma unroll
+    for (int slot = 0; slot < SLUICE_K; ++slot) {
+      const int e = sluice_dispatch_expert(a, rank_of, row * SLUICE_K + slot);
+      rank[slot] = e >= 0 ? rank_of[e] : -1;
+    }
+#pragma unroll
+    for (int slot = 0; slot < SLUICE_K; ++slot) {
+      bool seen = rank[slot] < 0;
+#pragma unroll
+      for (int earlier = 0; earlier < slot; ++earlier) seen = seen | (rank[earlier] == rank[slot]);
+      if (!seen) gpu_atomic_add_i32(in_shared ? &per_rank[rank[slot]] : &a.rank_tokens[rank[slot]], 1);
+    }
+  }
+  gpu_syncthreads();
+  if (in_shared)
+    for (int r = tid; r < a.ranks; r += SLUICE_DISPATCH_RANK_THREADS)
+      if (per_rank[r] != 0) gpu_atomic_add_i32(&a.rank_tokens[r], per_rank[r]);
+}
+
+#endif  // !GPU_AMD || SLUICE_DISPATCH_ON_AMD

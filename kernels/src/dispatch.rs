@@ -9,6 +9,11 @@ use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
 pub const DISPATCH_COUNT_KERNEL: &str = "sluice_dispatch_count";
 /// Name of the kernel that writes the layout.
 pub const DISPATCH_SCATTER_KERNEL: &str = "sluice_dispatch_scatter";
+/// Name of the kernel that counts distinct tokens per rank, after the scatter (rank outputs only).
+pub const DISPATCH_RANK_TOKENS_KERNEL: &str = "sluice_dispatch_rank_tokens";
+
+/// Threads per block of the rank-tokens kernel, one row each (`SLUICE_DISPATCH_RANK_THREADS`).
+pub const RANK_TOKENS_THREADS: usize = 256;
 
 /// Shared slots of the per-warp counts, `[warps][E]` (`SLUICE_DISPATCH_HIST_SLOTS`).
 const HIST_SLOTS: usize = 6144;
@@ -89,6 +94,8 @@ pub struct DispatchPlan {
     pub count: Option<Launch>,
     /// The scatter kernel's launch (the same grid as `count`).
     pub scatter: Launch,
+    /// The rank-tokens kernel's launch, when there are rank outputs and rows.
+    pub rank_tokens: Launch,
     /// Rows of `topk_ids` per block.
     pub rows_per_block: usize,
     /// Bytes of caller workspace: per-block counts, `blocks * (E + 2)` i32 on the many-block
@@ -144,9 +151,14 @@ pub fn plan_dispatch(
     let warps = tile_pairs.div_ceil(PAIRS_PER_WARP).clamp(MIN_WARPS, 32).min(max_warps(experts));
     let launch = Launch { grid: [blocks as u32, 1, 1], block: [(warps * WARP) as u32, 1, 1] };
     let workspace_bytes = if one_block { 0 } else { blocks * (experts + 2) * 4 };
+    let rank_blocks = tokens.div_ceil(RANK_TOKENS_THREADS).max(1) as u32;
     Ok(DispatchPlan {
         count: (!one_block).then_some(launch),
         scatter: launch,
+        rank_tokens: Launch {
+            grid: [rank_blocks, 1, 1],
+            block: [RANK_TOKENS_THREADS as u32, 1, 1],
+        },
         rows_per_block,
         workspace_bytes,
     })
@@ -203,6 +215,9 @@ mod tests {
     #[test]
     fn sizes_beyond_the_kernels_are_refused() {
         assert!(matches!(plan_dispatch(1, 8, 2048), Err(KernelError::TooManyExperts(2048))));
+        // One thread per row for the tokens per rank.
+        let plan = plan_dispatch(1000, 8, 256).unwrap();
+        assert_eq!(plan.rank_tokens.grid[0] as usize * RANK_TOKENS_THREADS, 1024);
         assert!(matches!(plan_dispatch(1, 33, 256), Err(KernelError::TopKTooLarge(33))));
         assert!(matches!(plan_dispatch(1 << 29, 8, 256), Err(KernelError::TooLarge { .. })));
     }

@@ -17,6 +17,7 @@
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
+//! | `sluice_dispatch_rank_tokens` | with rank outputs, after the scatter: distinct tokens per rank, one row per thread |
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod config;
@@ -26,7 +27,8 @@ mod offline;
 
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
 pub use dispatch::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs, DispatchPlan, plan_dispatch,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
+    DispatchPlan, RANK_TOKENS_THREADS, plan_dispatch,
 };
 pub use geometry::{
     GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
@@ -62,6 +64,7 @@ mod tests {
             SUM_PARTIALS_KERNEL.to_owned(),
             DISPATCH_COUNT_KERNEL.to_owned(),
             DISPATCH_SCATTER_KERNEL.to_owned(),
+            DISPATCH_RANK_TOKENS_KERNEL.to_owned(),
         ];
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {

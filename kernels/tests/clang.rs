@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs, GemmKernel, HiddenKind,
-    RoutingConfig, WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
+    GemmKernel, HiddenKind, RANK_TOKENS_THREADS, RoutingConfig, WeightKind,
 };
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
@@ -97,7 +97,16 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         "-Xclang",
         "+ptx78",
     ];
-    let amdgpu = ["-x", "hip", "--offload-arch=gfx942", "-nogpuinc", "-nogpulib"];
+    // The dispatch kernels are left out of AMD builds until the ROCm backend launches them; the
+    // define keeps them compiling for wave64.
+    let amdgpu = [
+        "-x",
+        "hip",
+        "--offload-arch=gfx942",
+        "-nogpuinc",
+        "-nogpulib",
+        "-DSLUICE_DISPATCH_ON_AMD",
+    ];
     for spec in configs() {
         let defines = RoutingConfig::new(&spec).unwrap().compiler_options();
         let ptx = compile(&clang, &nvptx, &defines, &dir.join("router.ptx"));
@@ -107,6 +116,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
             "sluice_sum_partials".to_owned(),
             DISPATCH_COUNT_KERNEL.to_owned(),
             DISPATCH_SCATTER_KERNEL.to_owned(),
+            DISPATCH_RANK_TOKENS_KERNEL.to_owned(),
         ];
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
@@ -132,7 +142,12 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         );
         assert!(ptx.contains(&args), "{spec}: {args} missing from the PTX");
         assert!(ptx.contains("match.any.sync.b32"), "{spec}");
-        for kernel in [DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL] {
+        // The rank-tokens kernel is launched with the block size its launch bounds name.
+        let rank_tokens = ptx.split(&format!(".entry {DISPATCH_RANK_TOKENS_KERNEL}(")).nth(1);
+        let bounds = format!(".maxntid {RANK_TOKENS_THREADS}, 1, 1");
+        assert!(rank_tokens.is_some_and(|body| body.split('{').next().unwrap().contains(&bounds)));
+        for kernel in [DISPATCH_COUNT_KERNEL, DISPATCH_SCATTER_KERNEL, DISPATCH_RANK_TOKENS_KERNEL]
+        {
             assert!(amd.contains(&format!(".amdhsa_kernel {kernel}")), "{spec}: {kernel}");
         }
         // AMD has no mma.sync: the scalar GEMM and the routing kernel only, in wave64.
