@@ -3,9 +3,10 @@
 //! the synchronous convenience for host ids and host outputs.
 //!
 //! Like `route_into`: every check first, then only enqueues kernels (and, with rank outputs, a
-//! memset) with no allocation and no synchronisation, so a capture records the call. On a stream the ids cannot be looked at before the kernels run:
-//! an id outside `[0, E)` other than `-1`, or an expert whose rank-table entry is outside
-//! `[0, R)`, is skipped and counted in `invalid` like a `-1`, never written out of bounds.
+//! memset) with no allocation and no synchronisation, so a capture records the call. On a stream
+//! the ids cannot be looked at before the kernels run: an id outside `[0, E)` other than `-1`, or
+//! an expert whose rank-table entry is outside `[0, R)`, is skipped and counted in `invalid` like
+//! a `-1`, never written out of bounds.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -124,7 +125,10 @@ impl Dispatcher<'_> {
         let shape = DispatchShape { tokens, top_k: spec.top_k, experts: spec.num_experts };
         let ranks = outputs.ranks.as_ref().map_or(0, |r| r.rank_counts.shape().iter().product());
         input::check_device(OP, "topk_ids", &inputs.topk_ids, Device::Cpu)?;
-        check_dispatch_values(OP, inputs, shape, ranks)?;
+        // A table without rank outputs (or the reverse) is refused by `dispatch_into`'s checks.
+        if inputs.expert_ranks.is_some() == outputs.ranks.is_some() {
+            check_dispatch_values(OP, inputs, shape, ranks)?;
+        }
         let ids = upload(gpu, OP, "topk_ids", &inputs.topk_ids)?;
         let table =
             inputs.expert_ranks.map(|table| upload(gpu, OP, "expert_ranks", &table)).transpose()?;
