@@ -1,6 +1,6 @@
 //! The routing config as compile-time defines of the routing kernel.
 
-use sluice_tensor::{RoutingSpec, ScoringFunc, SpecError, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, SpecError, TopkMethod};
 use thiserror::Error;
 
 /// The most experts the routing kernel takes: 32 per lane of a 32-wide warp.
@@ -28,6 +28,20 @@ pub enum KernelError {
     /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
     #[error("the GPU routing kernel does not do hash routing yet")]
     HashRouting,
+    /// Scoring after the top-k (gpt-oss, Llama 4), which the routing kernel does not do yet: it
+    /// would score every expert and weigh with those scores, a different result.
+    #[error(
+        "the GPU routing kernel does not score after the top-k yet (softmax or sigmoid of the \
+         selected logits)"
+    )]
+    ScoringAfterTopk,
+    /// A bias added to the logits (gpt-oss), which the routing kernel does not add yet: it would
+    /// take the bias for a correction bias or drop it.
+    #[error("the GPU routing kernel does not add a router bias to the logits yet")]
+    LogitBias,
+    /// Plain top-k of non-softmax scores, which no kernel config was written or tested for.
+    #[error("the GPU routing kernel does plain top-k of softmax scores only, got `{}`", .0.name())]
+    GreedyScoring(ScoringFunc),
     /// A size does not fit the kernels' 32-bit arguments or the launch limits.
     #[error("{what} = {value} is larger than the GPU kernels take (at most {limit})")]
     TooLarge {
@@ -67,6 +81,15 @@ impl RoutingConfig {
         }
         scoring_define(spec.scoring)?;
         method_define(spec.method)?;
+        if spec.scoring_order == ScoringOrder::AfterTopk {
+            return Err(KernelError::ScoringAfterTopk);
+        }
+        if spec.bias_role == BiasRole::Logits {
+            return Err(KernelError::LogitBias);
+        }
+        if spec.method == TopkMethod::Greedy && spec.scoring != ScoringFunc::Softmax {
+            return Err(KernelError::GreedyScoring(spec.scoring));
+        }
         // Greedy ignores the groups: compile it as one group so no group code is generated.
         let (groups, kept_groups) =
             if spec.method.uses_groups() { (spec.n_group, spec.topk_group) } else { (1, 1) };
@@ -197,5 +220,34 @@ mod tests {
         v4.scoring = ScoringFunc::Sigmoid;
         v4.method = TopkMethod::Hash;
         assert_eq!(RoutingConfig::new(&v4).unwrap_err(), KernelError::HashRouting);
+    }
+
+    #[test]
+    fn features_the_kernel_lacks_are_refused_never_ignored() {
+        // gpt-oss: softmax of the selected logits, bias added to the logits.
+        let gpt_oss = RoutingSpec::builder(32, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap();
+        let err = RoutingConfig::new(&gpt_oss).unwrap_err();
+        assert_eq!(err, KernelError::ScoringAfterTopk);
+        assert!(err.to_string().contains("after the top-k"), "{err}");
+        let bias_only = RoutingSpec { scoring_order: ScoringOrder::BeforeTopk, ..gpt_oss };
+        assert_eq!(RoutingConfig::new(&bias_only), Err(KernelError::LogitBias));
+        // Llama 4: the sigmoid of the selected logit.
+        let llama4 = RoutingSpec::builder(128, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap();
+        assert_eq!(RoutingConfig::new(&llama4), Err(KernelError::ScoringAfterTopk));
+        let sigmoid_greedy = RoutingSpec { scoring_order: ScoringOrder::BeforeTopk, ..llama4 };
+        assert_eq!(
+            RoutingConfig::new(&sigmoid_greedy),
+            Err(KernelError::GreedyScoring(ScoringFunc::Sigmoid))
+        );
+        // GLM-4.5 and MiniMax-M2 are the V3 router: accepted.
+        assert!(RoutingConfig::new(&spec(160, 1, 1, 8, TopkMethod::NoauxTc)).is_ok());
     }
 }
