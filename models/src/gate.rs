@@ -158,7 +158,7 @@ impl MoeGate {
 
         let has_bias = checkpoint.contains(bias_name)?;
         let bias = match (spec.takes_bias(), has_bias) {
-            (true, true) => Some(load_bias(checkpoint, bias_name, spec.num_experts)?),
+            (true, true) => Some(load_bias(checkpoint, bias_name, &spec)?),
             (true, false) => {
                 return Err(ModelError::MissingBias {
                     dir: dir.to_path_buf(),
@@ -437,8 +437,12 @@ fn check_shape(
 }
 
 /// The bias as f32, without ever rounding it through bf16.
-fn load_bias(checkpoint: &Checkpoint, name: &str, experts: usize) -> Result<Tensor, ModelError> {
-    let dir = checkpoint.dir();
+fn load_bias(
+    checkpoint: &Checkpoint,
+    name: &str,
+    spec: &RoutingSpec,
+) -> Result<Tensor, ModelError> {
+    let (dir, experts) = (checkpoint.dir(), spec.num_experts);
     let stored = checkpoint.tensor(name)?;
     check_shape(dir, name, &stored, &[experts])?;
     let widened: Vec<f32> = match stored.dtype() {
@@ -455,11 +459,13 @@ fn load_bias(checkpoint: &Checkpoint, name: &str, experts: usize) -> Result<Tens
             });
         }
     };
-    if matches!(stored.dtype(), DType::BF16 | DType::F16) {
+    // A router bias on the logits is released in bf16 (gpt-oss) and trained that way; a correction
+    // bias in half precision has lost bits the selection depends on.
+    if matches!(stored.dtype(), DType::BF16 | DType::F16) && !spec.bias_on_logits() {
         tracing::warn!(
             tensor = name,
             dtype = %stored.dtype(),
-            "gate bias stored in half precision: it has already lost bits that f32 would keep"
+            "correction bias stored in half precision: it has already lost bits that f32 would keep"
         );
     }
     Ok(Tensor::from_vec(widened, &[experts])?)
