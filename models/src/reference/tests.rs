@@ -346,10 +346,25 @@ fn random_inputs_never_give_bad_or_duplicate_ids() {
         (TopkMethod::NoauxTc, 16, (4, 1), 4),
         (TopkMethod::GroupLimitedGreedy, 160, (8, 3), 6),
         (TopkMethod::Greedy, 64, (1, 1), 6),
+        // gpt-oss-like (bias on the logits, softmax of the selected) and Llama-4-like (sigmoid of
+        // the selected).
+        (TopkMethod::Greedy, 128, (1, 1), 4),
+        (TopkMethod::Greedy, 16, (1, 1), 1),
     ];
-    for (case, &(method, experts, groups, top_k)) in shapes.iter().cycle().take(40).enumerate() {
+    for (case, &(method, experts, groups, top_k)) in shapes.iter().cycle().take(56).enumerate() {
         let mut s = spec(experts, method, groups, top_k, case % 2 == 0, 1.5);
         s.non_finite = NonFinitePolicy::MarkInvalid;
+        match (experts, top_k) {
+            (128, 4) => {
+                s.scoring_order = ScoringOrder::AfterTopk;
+                s.bias_role = BiasRole::Logits;
+            }
+            (16, 1) => {
+                s.scoring_order = ScoringOrder::AfterTopk;
+                s.scoring = ScoringFunc::Sigmoid;
+            }
+            _ => {}
+        }
         let tokens = rng.below(9);
         // Coarse values make exact ties common; some entries are non-finite.
         let mut logits: Vec<f32> =
@@ -360,8 +375,8 @@ fn random_inputs_never_give_bad_or_duplicate_ids() {
                 logits[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3)];
             }
         }
-        let bias: Option<Vec<f32>> = (method == TopkMethod::NoauxTc)
-            .then(|| (0..experts).map(|_| rng.uniform(-1.0, 1.0)).collect());
+        let bias: Option<Vec<f32>> =
+            s.takes_bias().then(|| (0..experts).map(|_| rng.uniform(-1.0, 1.0)).collect());
         let r = route(&logits, tokens, bias.as_deref(), &s).unwrap();
         compare_routings(&r, &r, experts, &[], Tolerance::absolute(0.0)).unwrap();
         check_sorted(&r).unwrap();
