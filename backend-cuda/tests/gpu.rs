@@ -284,7 +284,20 @@ fn testdata() -> PathBuf {
 fn golden_fixtures_route_like_transformers() {
     let Some(backend) = backend("golden_fixtures_route_like_transformers") else { return };
     let mut checked = 0;
-    for name in ["v2-lite", "v2", "v3", "kimi-k2", "saved-by-transformers"] {
+    for name in [
+        "v2-lite",
+        "v2",
+        "v3",
+        "kimi-k2",
+        "saved-by-transformers",
+        "qwen3-moe",
+        "qwen3-moe-sparse-step",
+        "mixtral",
+        "glm4-moe",
+        "glm4-moe-real-shape",
+        "minimax-m2",
+        "minimax-m2-real-shape",
+    ] {
         let checkpoint = Checkpoint::open(testdata().join(name)).unwrap();
         let golden = GoldenFixture::in_checkpoint(checkpoint.dir()).unwrap();
         for gate in MoeGate::load_all(&checkpoint).unwrap() {
@@ -321,4 +334,21 @@ fn golden_fixtures_route_like_transformers() {
         }
     }
     assert!(checked >= 10, "only {checked} fixture layers checked");
+}
+
+/// gpt-oss (a bias on the logits, softmax of the selected logits) and Llama 4 (sigmoid of the
+/// selected logits) are refused by name until the routing kernel computes them: never routed as
+/// if they were plain top-k.
+#[test]
+fn routers_that_score_after_the_top_k_are_refused_by_name() {
+    let Some(backend) = backend("routers_that_score_after_the_top_k_are_refused_by_name") else {
+        return;
+    };
+    for name in ["gpt-oss", "llama4"] {
+        let checkpoint = Checkpoint::open(testdata().join(name)).unwrap();
+        for gate in MoeGate::load_all(&checkpoint).unwrap() {
+            let error = gate.prepare(&backend).unwrap_err().to_string();
+            assert!(error.contains("after the top-k"), "{name} layer {}: {error}", gate.layer());
+        }
+    }
 }
