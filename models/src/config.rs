@@ -712,8 +712,8 @@ impl ModelConfig {
         &self.model_type
     }
 
-    /// Whether the routing fields came from a nested `text_config` (multimodal Kimi-K2.5), whose
-    /// checkpoints name the text model's tensors with an extra prefix.
+    /// Whether the routing fields came from a nested `text_config` (multimodal Kimi-K2.5 and
+    /// Llama 4), whose checkpoints name the text model's tensors with an extra prefix.
     pub fn has_nested_text_config(&self) -> bool {
         self.nested_text_config
     }
