@@ -73,6 +73,39 @@ def test_the_paths_are_the_ones_named():
     assert pre_versioned.calls == [{"stream": None}]
 
 
+class DeviceClaimingProducer:
+    """Says its tensor is on cuda:0 and records how `__dlpack__` is asked, then stops there;
+    `pre_versioned` takes no `max_version`, as producers from before DLPack 1.0."""
+
+    def __init__(self, pre_versioned=False):
+        self.calls = []
+        self.pre_versioned = pre_versioned
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        if self.pre_versioned and kwargs:
+            raise TypeError("__dlpack__() got an unexpected keyword argument 'max_version'")
+        self.calls.append({"stream": stream, **kwargs})
+        raise BufferError("recorded")
+
+
+@pytest.mark.parametrize("pre_versioned", [False, True])
+def test_device_producers_are_asked_not_to_synchronise(pre_versioned):
+    """sluice enqueues on the caller's stream, where the caller has the inputs ready: a device
+    producer is asked for `stream=-1`, never for the legacy default stream (what no stream means
+    to some torch versions), which would make that stream wait on the current one and break a
+    CUDA graph capture. Host producers are asked for no stream at all."""
+    producer = DeviceClaimingProducer(pre_versioned)
+    with pytest.raises(BufferError, match="recorded"):
+        sluice.Tensor.from_dlpack(producer)
+    assert [call["stream"] for call in producer.calls] == [-1]
+    host = VersionedProducer(torch.randn(2, 3))
+    sluice.Tensor.from_dlpack(host)
+    assert "stream" not in host.calls[0]
+
+
 def test_a_producer_that_refuses_a_grad_tensor_is_a_buffer_error():
     """Without `requires_grad` or `detach` sluice cannot know; torch's own refusal comes
     through as the `BufferError` it is, not a crash."""
