@@ -70,18 +70,24 @@ def _shared_cuda_backend(ordinal: int) -> CudaBackend:
     return CudaBackend(ordinal)
 
 
-def _on_cuda_device(ordinal: int) -> contextlib.AbstractContextManager:
-    """torch's current device set to ``ordinal`` for a native call, and restored after it:
-    sluice makes the device's context current, which torch would otherwise see as a change of
-    its current device. Nothing to restore without torch."""
+def _torch_with_cuda() -> Any | None:
+    """torch, where it can use a CUDA device; ``None`` without torch or without a device, where
+    sluice's own backend says why it cannot start rather than torch."""
     try:
         import torch
     except ImportError:
-        return contextlib.nullcontext()
-    if not torch.cuda.is_initialized() and not torch.cuda.is_available():
-        # torch would raise its own error; sluice's backend says why it cannot start.
-        return contextlib.nullcontext()
-    return torch.cuda.device(ordinal)
+        return None
+    if torch.cuda.is_initialized() or torch.cuda.is_available():
+        return torch
+    return None
+
+
+def _on_cuda_device(ordinal: int) -> contextlib.AbstractContextManager:
+    """torch's current device set to ``ordinal`` for a native call, and restored after it:
+    sluice makes the device's context current, which torch would otherwise see as a change of
+    its current device."""
+    torch = _torch_with_cuda()
+    return contextlib.nullcontext() if torch is None else torch.cuda.device(ordinal)
 
 
 def _backend_device(backend: CpuBackend | CudaBackend | None) -> contextlib.AbstractContextManager:
@@ -109,12 +115,9 @@ def _choose_backend(
             raise ValueError(f"device={str(device)!r} but backend={backend!r}")
         return backend
     if index is None:
-        try:
-            import torch
-
-            index = torch.cuda.current_device()
-        except ImportError:
-            index = 0
+        # "cuda" is torch's current device, as in torch.
+        torch = _torch_with_cuda()
+        index = 0 if torch is None else torch.cuda.current_device()
     if backend is None:
         with _on_cuda_device(index):
             return _shared_cuda_backend(index)
@@ -145,9 +148,8 @@ def _with_rows(hidden: Any) -> tuple[Any, int]:
 def _wait_for_torch(backend: CpuBackend | CudaBackend | None) -> None:
     """Waits for torch's work on a CUDA backend's device before the backend copies a gate's
     weight and bias there: it copies on its own stream, which torch's streams do not order."""
-    if isinstance(backend, CudaBackend):
-        import torch
-
+    torch = _torch_with_cuda()
+    if isinstance(backend, CudaBackend) and torch is not None:
         torch.cuda.synchronize(backend.ordinal)
 
 
