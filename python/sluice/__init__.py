@@ -157,10 +157,13 @@ class Gate:
     """One MoE layer's gate: router GEMM, scoring, grouped top-k, bias correction,
     renormalisation and scaling, as the model's config says; on the CPU or a CUDA device."""
 
-    __slots__ = ("_gate",)
+    __slots__ = ("_gate", "_cuda_ordinal")
 
     def __init__(self, native: _sluice.Gate) -> None:
         self._gate = native
+        kind, index = _parse_device(native.device)
+        # The CUDA device the gate routes on, or None for a CPU gate.
+        self._cuda_ordinal = index if kind == "cuda" else None
 
     @classmethod
     def from_pretrained(
@@ -233,11 +236,6 @@ class Gate:
             )
         return cls(native)
 
-    def _cuda_ordinal(self) -> int | None:
-        """The CUDA device the gate routes on, or ``None`` for a CPU gate."""
-        kind, index = _parse_device(self._gate.device)
-        return index if kind == "cuda" else None
-
     def _workspace(self, tokens: int, ordinal: int) -> Any | None:
         """A workspace for ``tokens`` rows from torch's allocator on the gate's device, ordered
         on torch's current stream like the call that uses it; ``None`` when none is needed."""
@@ -259,7 +257,7 @@ class Gate:
         current stream; unless the gate marks rows with NaN or infinities (``mark_invalid``),
         this waits for the result to raise on such a row.
         """
-        ordinal = self._cuda_ordinal()
+        ordinal = self._cuda_ordinal
         if ordinal is None:
             ids, weights = self._gate.route(hidden, input_ids)
             return _to_torch(ids), _to_torch(weights)
@@ -313,7 +311,7 @@ class Gate:
         the count of marked rows and the first of them) and ``workspace``, uint8 of at least
         ``workspace_bytes(T)`` bytes, made here when ``stream`` is torch's current one.
         """
-        ordinal = self._cuda_ordinal()
+        ordinal = self._cuda_ordinal
         if ordinal is None:
             self._gate.route_into(
                 hidden,
