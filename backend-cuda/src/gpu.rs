@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaStream};
-use sluice_kernels::RoutingConfig;
+use sluice_kernels::{GpuTarget, NVIDIA_WAVE_WIDTH, RoutingConfig};
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
 use crate::error::CudaError;
@@ -60,6 +60,15 @@ impl Gpu {
     /// Whether the tensor-core GEMM kernels exist on this device.
     pub(crate) fn has_tensor_cores(&self) -> bool {
         self.compute_capability.0 >= 8
+    }
+
+    /// What the GEMM planner needs to know about this device.
+    pub(crate) fn target(&self) -> GpuTarget {
+        GpuTarget {
+            wave_width: NVIDIA_WAVE_WIDTH,
+            tensor_cores: self.has_tensor_cores(),
+            multiprocessors: self.multiprocessors,
+        }
     }
 
     /// The module for `config`, compiled on first use and cached.

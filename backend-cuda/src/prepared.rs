@@ -220,7 +220,8 @@ impl PreparedRouter for CudaPreparedRouter {
             dtype: DType::F32,
         };
         gate::plan(&self.gpu, &hidden, &self.weight, usize::MAX)?;
-        sluice_kernels::route_launch(tokens).map_err(CudaError::from)?;
+        sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)
+            .map_err(CudaError::from)?;
         Ok(())
     }
 

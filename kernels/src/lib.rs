@@ -1,5 +1,7 @@
-//! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the launch
-//! geometry both GPU backends share.
+//! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the host
+//! side both GPU backends share: launch geometry (by wave width), operands read from validated
+//! views, kernel arguments packed in signature order, the offline configs, and the rule for
+//! finding the LLVM tools that build and inspect the device code ([`toolchain`]).
 //!
 //! The source lives in `gpu/` beside this crate as plain C++ behind a small compatibility header
 //! of our own (`compat.h`: wave width, shuffles, lane masks, launch bounds, programmatic dependent
@@ -17,16 +19,26 @@
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token |
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod args;
 mod config;
 mod geometry;
 mod offline;
+mod operands;
+pub mod toolchain;
 
+pub use args::{
+    KernelArg, KernelArgs, Partials, RoutingTargets, gemm_args, route_args, sum_partials_args,
+};
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
 pub use geometry::{
-    GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
-    WeightKind, plan_gemm, route_launch, sum_partials_launch,
+    AMD_WAVE_WIDTH, GemmKernel, GemmPlan, GemmShape, GpuTarget, HiddenKind, Launch,
+    NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, WeightKind, plan_gemm, plan_router_gemm,
+    route_launch, sum_partials_launch,
 };
-pub use offline::{OfflineConfig, offline_configs};
+pub use offline::{OfflineConfig, offline_config_for, offline_configs};
+pub use operands::{
+    DeviceMatrix, HIDDEN_DTYPES, WEIGHT_DTYPES, check_device, check_dtype, matrix, output_rows,
+};
 
 /// The complete device source, in the order `gpu/sluice_router.cu` includes it.
 pub const SOURCE: &str = concat!(

@@ -1,5 +1,6 @@
 //! The device source compiled by clang for NVPTX (sm_90) and AMDGPU (gfx942), with no CUDA or
-//! ROCm installed, for routing configs that exercise every branch of the routing kernel.
+//! ROCm installed, for routing configs that exercise every branch of the routing kernel. The
+//! compiler is found by the same rule as the AMD build ([`find_clang`]).
 //!
 //! Where no clang is found the test says so on stderr and passes, unless `SLUICE_REQUIRE_CLANG`
 //! is set (CI sets it: a kernel that does not compile must fail CI, not a GPU run).
@@ -8,19 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sluice_kernels::toolchain::find_clang;
 use sluice_kernels::{GemmKernel, HiddenKind, RoutingConfig, WeightKind};
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
-
-/// The clang this machine has: `$SLUICE_CLANG`, else the newest of clang++-19 .. clang++-16.
-fn clang() -> Option<String> {
-    if let Some(clang) = std::env::var_os("SLUICE_CLANG") {
-        return Some(clang.to_string_lossy().into_owned());
-    }
-    (16..=19)
-        .rev()
-        .map(|v| format!("clang++-{v}"))
-        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success()))
-}
 
 fn source() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gpu/sluice_router.cu")
@@ -69,10 +60,10 @@ fn configs() -> Vec<RoutingSpec> {
 
 #[test]
 fn the_device_source_compiles_for_nvptx_and_amdgpu() {
-    let Some(clang) = clang() else {
+    let Some(clang) = find_clang() else {
         assert!(
             std::env::var_os("SLUICE_REQUIRE_CLANG").is_none(),
-            "SLUICE_REQUIRE_CLANG is set but no clang++ (16 to 19) was found"
+            "SLUICE_REQUIRE_CLANG is set but no clang++ (19 to 22, or $SLUICE_CLANG) was found"
         );
         // Written past the test harness's capture, so the skip is visible in every run.
         let _ = writeln!(
