@@ -64,8 +64,9 @@ impl Gpu {
 
 /// The name of the embedded config that routes `spec`: a spec the kernels cannot route is a
 /// [`RocmError::Kernel`], one they could but this build did not compile ahead of time (or a build
-/// without kernels) [`RocmError::ConfigNotEmbedded`], naming the configs it embeds.
-pub(crate) fn embedded_config(spec: &RoutingSpec) -> Result<&'static str, RocmError> {
+/// without kernels) [`RocmError::ConfigNotEmbedded`], naming the configs it embeds. Needs no
+/// device: callers can tell which specs this build routes before opening one.
+pub fn embedded_config(spec: &RoutingSpec) -> Result<&'static str, RocmError> {
     let config = RoutingConfig::new(spec)?;
     offline_config_for(&config)
         .map(|offline| offline.name)

@@ -52,6 +52,7 @@ pub use code_objects::{
 pub use device::{LoadedModule, RocmDevice};
 pub use elf::{CodeObjectInfo, inspect};
 pub use error::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipError, HipVersion, RocmError};
+pub use gpu::embedded_config;
 pub use info::{RocmInfo, probe};
 pub use prepared::RocmPreparedRouter;
 pub use runtime::HipRuntime;
