@@ -33,6 +33,16 @@ impl RocmBackend {
         Ok(RocmBackend { gpu: Arc::new(Gpu::open(ordinal)?) })
     }
 
+    /// Accepted for parity with `CudaBackend::with_dependent_launch`, so that an engine can
+    /// configure both backends the same way, and ignored: programmatic dependent launch has no
+    /// AMD equivalent (the kernels' hooks for it compile to nothing for AMD).
+    pub fn with_dependent_launch(self, enabled: bool) -> Self {
+        if enabled {
+            tracing::debug!("programmatic dependent launch has no AMD equivalent; ignored");
+        }
+        self
+    }
+
     /// The device's name as the runtime reports it.
     pub fn device_name(&self) -> &str {
         self.gpu.device.name()
@@ -49,8 +59,7 @@ impl RocmBackend {
     }
 
     /// Copies a router weight (and bias) to the device and loads the kernels for `spec`; the
-    /// typed form of [`Backend::prepare_router`]. Programmatic dependent launch, which the CUDA
-    /// backend offers, has no AMD equivalent and is not an option here.
+    /// typed form of [`Backend::prepare_router`].
     pub fn prepare(
         &self,
         weight: &Dlpack,

@@ -326,6 +326,13 @@ mod tests {
     }
 
     #[test]
+    fn blocks_hold_as_many_warps_as_the_kernels_give_tokens_to() {
+        let gemm = format!("#define SLUICE_GEMM_WARPS {GEMM_WARPS}\n");
+        let route = format!("#define SLUICE_ROUTE_WARPS {ROUTE_TOKENS_PER_BLOCK}\n");
+        assert!(crate::SOURCE.contains(&gemm) && crate::SOURCE.contains(&route));
+    }
+
+    #[test]
     fn a_target_without_tensor_cores_always_takes_the_scalar_kernel() {
         let (hidden, weight) = (matrix(8, 7168, DType::BF16), matrix(256, 7168, DType::BF16));
         let amd = plan_router_gemm(&MI300X, &hidden, &weight, usize::MAX).unwrap();
