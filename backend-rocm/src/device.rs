@@ -61,6 +61,9 @@ pub struct LoadedModule {
     module: Handle,
     arch: &'static str,
     kernels: Vec<(String, Handle)>,
+    /// The image the module was loaded from, which outlives it: HIP does not document whether
+    /// `hipModuleLoadData` copies it.
+    _image: Vec<u64>,
 }
 
 // SAFETY: HIP module and function handles name process-wide runtime objects that the runtime
@@ -93,7 +96,8 @@ impl RocmDevice {
             copy_into_words(&mut image, object.elf);
             let mut module: Handle = std::ptr::null_mut();
             // SAFETY: `hipModuleLoadData` reads a complete code object from `image` (the whole ELF,
-            // copied above, alive for the call) and writes one handle into `module`.
+            // copied above; kept by the module, so alive as long as it is loaded, whether or not
+            // a runtime copies it) and writes one handle into `module`.
             let status = unsafe { (api.hipModuleLoadData)(&mut module, image.as_ptr().cast()) };
             match self.runtime.check("hipModuleLoadData", status) {
                 Ok(()) => {
@@ -102,6 +106,7 @@ impl RocmDevice {
                         module,
                         arch: object.arch,
                         kernels: Vec::new(),
+                        _image: image,
                     };
                     let names = object.inspect().map(|info| info.kernels).unwrap_or_default();
                     for name in names {

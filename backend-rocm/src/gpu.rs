@@ -94,6 +94,47 @@ mod tests {
     }
 
     #[test]
+    fn every_kernel_the_amd_plan_can_name_is_in_every_code_object() {
+        use sluice_kernels::{DeviceMatrix, HIDDEN_DTYPES, WEIGHT_DTYPES, plan_router_gemm};
+        let matrix = |ptr, rows, dtype| DeviceMatrix {
+            ptr,
+            rows,
+            cols: 7168,
+            row_stride: 7168,
+            col_stride: 1,
+            dtype,
+        };
+        let mut named = vec![sluice_kernels::ROUTE_KERNEL.to_owned()];
+        for &x in HIDDEN_DTYPES {
+            for &w in WEIGHT_DTYPES {
+                // Aligned and unaligned rows, few and many tokens, one split or as many as wanted.
+                for (ptr, tokens, splits) in [(4096, 1, usize::MAX), (4098, 3000, 1)] {
+                    let plan = plan_router_gemm(
+                        &TARGET,
+                        &matrix(ptr, tokens, x),
+                        &matrix(0, 256, w),
+                        splits,
+                    )
+                    .unwrap();
+                    assert_eq!(plan.splits, 1, "the partials are the logits on AMD");
+                    named.push(plan.kernel.name());
+                }
+            }
+        }
+        for object in code_objects::CODE_OBJECTS {
+            let kernels = object.inspect().unwrap().kernels;
+            for name in &named {
+                assert!(
+                    kernels.contains(name),
+                    "{name} missing from {}.{}",
+                    object.config,
+                    object.arch
+                );
+            }
+        }
+    }
+
+    #[test]
     fn specs_map_to_embedded_configs_or_a_refusal_that_lists_them() {
         let v3 = embedded_config(&spec(256, (8, 4), 8));
         let generic = embedded_config(&spec(128, (4, 2), 4)).unwrap_err();
