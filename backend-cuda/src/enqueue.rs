@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::{
     CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig, CUresult,
-    CUstream, cuLaunchKernelEx,
+    CUstream, cuLaunchKernelEx, cuMemsetD32Async,
 };
 use sluice_kernels::{GemmKernel, GemmPlan, Launch, route_launch, sum_partials_launch};
 
@@ -70,13 +70,33 @@ pub(crate) fn gemm(
     let mut hidden_size = hidden.cols as i32;
     let mut experts = weight.matrix.rows as i32;
     let mut out = partials.ptr;
-    let mut split_stride = partials.split_stride as i64;
     let mut out_row = partials.row_stride as i64;
     let mut status = status.unwrap_or(0);
     let mut x_row = hidden.row_stride as i64;
     let mut w_row = weight.matrix.row_stride as i64;
     match plan.kernel {
+        GemmKernel::Gemv { .. } => {
+            let mut params: [*mut c_void; 10] = [
+                (&raw mut x).cast(),
+                (&raw mut x_row).cast(),
+                (&raw mut w).cast(),
+                (&raw mut w_row).cast(),
+                (&raw mut tokens).cast(),
+                (&raw mut hidden_size).cast(),
+                (&raw mut experts).cast(),
+                (&raw mut out).cast(),
+                (&raw mut out_row).cast(),
+                (&raw mut status).cast(),
+            ];
+            // SAFETY: the parameters match the matrix-vector kernel's signature in type and order
+            // (pointers as 64-bit addresses, `long long` as i64, `int` as i32); the planner chose
+            // it for bf16 rows that are 16-byte aligned with a hidden size that is a multiple of 8,
+            // every address was validated to cover the extents it reads or writes (one split), and
+            // the values outlive the call.
+            unsafe { launch(function, plan.launch, stream, dependent_launch, &mut params) }
+        }
         GemmKernel::Mma { .. } => {
+            let mut split_stride = partials.split_stride as i64;
             let mut k_per_warp = plan.k_per_warp as i32;
             let mut params: [*mut c_void; 12] = [
                 (&raw mut x).cast(),
@@ -162,9 +182,28 @@ pub(crate) fn route(
         (&raw mut logits_row).cast(),
         (&raw mut status).cast(),
     ];
-    // SAFETY: the parameters match `sluice_route`'s signature in type and order; the callers
-    // validated every address against the extents `tokens`, E and K of the compiled config.
-    unsafe { launch(&module.route, geometry, stream, dependent_launch, &mut params) }
+    let function = module.route(partials.splits);
+    // SAFETY: the parameters match the signature `sluice_route` and `sluice_route_logits` share,
+    // in type and order; the callers validated every address against the extents `tokens`, E and
+    // K of the compiled config, and the compact kernel is chosen only for one partial sum.
+    unsafe { launch(function, geometry, stream, dependent_launch, &mut params) }
+}
+
+/// Enqueues the reset of `status` to `[0, -1]`, which the GEMM kernels do themselves, for a GEMM
+/// that is not one of them.
+pub(crate) fn reset_status(stream: CUstream, status: u64) -> Result<(), CudaError> {
+    for (offset, value) in [(0, 0u32), (4, u32::MAX)] {
+        // SAFETY: `status` is the caller's checked i32 `[2]` on this context's device (current on
+        // this thread); one 32-bit word is written at each offset, in stream order.
+        let result = unsafe { cuMemsetD32Async(status + offset, value, 1, stream) };
+        if result != CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver {
+                doing: "resetting the routing status",
+                source: cudarc::driver::DriverError(result),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Enqueues the sum of the partials into logits `[T, E]` with row stride `logits_row_stride`.
