@@ -13,8 +13,8 @@ use cudarc::driver::sys::{
     CUstream, cuLaunchKernelEx,
 };
 use sluice_kernels::{
-    GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, route_args, route_launch, sum_partials_args,
-    sum_partials_launch,
+    GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, reset_status_args, reset_status_launch,
+    route_args, route_launch, sum_partials_args, sum_partials_launch,
 };
 pub(crate) use sluice_kernels::{Partials, RoutingTargets};
 
@@ -64,9 +64,29 @@ pub(crate) fn route(
 ) -> Result<(), CudaError> {
     let geometry = route_launch(tokens, NVIDIA_WAVE_WIDTH)?;
     let mut args = route_args(partials, bias, tokens, scale, targets);
-    // SAFETY: the arguments match `sluice_route`'s signature in type and order; the callers
-    // validated every address against the extents `tokens`, E and K of the compiled config.
-    unsafe { launch(&module.route, geometry, stream, dependent_launch, &mut args.pointers()) }
+    let function = module.route(partials.splits);
+    // SAFETY: the arguments match the signature `sluice_route` and `sluice_route_logits` share,
+    // in type and order (checked against the source by `sluice-kernels`); the callers validated
+    // every address against the extents `tokens`, E and K of the compiled config, and the compact
+    // kernel is chosen only for one partial sum.
+    unsafe { launch(function, geometry, stream, dependent_launch, &mut args.pointers()) }
+}
+
+/// Enqueues the reset of `status` to `[0, -1]`, which the GEMM kernels do themselves, for a GEMM
+/// that is not one of them, ordered after the previous kernel on the stream.
+pub(crate) fn reset_status(
+    stream: CUstream,
+    module: &RouterModule,
+    status: u64,
+    dependent_launch: bool,
+) -> Result<(), CudaError> {
+    let mut args = reset_status_args(status);
+    let geometry = reset_status_launch(NVIDIA_WAVE_WIDTH);
+    // SAFETY: the argument matches `sluice_reset_status`'s one pointer; `status` is the caller's
+    // checked i32 `[2]` on this context's device.
+    unsafe {
+        launch(&module.reset_status, geometry, stream, dependent_launch, &mut args.pointers())
+    }
 }
 
 /// Enqueues the sum of the partials into logits `[T, E]` with row stride `logits_row_stride`.

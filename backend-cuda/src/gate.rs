@@ -187,7 +187,7 @@ pub(crate) fn route(
         };
         let _workspace = match source {
             Source::Gemm { hidden, router } => {
-                let workspace = memory::zeroed(gpu, router.partials_bytes(&hidden.matrix)?)?;
+                let workspace = memory::zeroed(gpu, router.call_workspace_bytes(&hidden.matrix)?)?;
                 let address = memory::address(gpu, &workspace);
                 router.enqueue(stream, &hidden.matrix, address, &targets, false)?;
                 Some(workspace)

@@ -9,6 +9,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use sluice_kernels::{GpuTarget, NVIDIA_WAVE_WIDTH, RoutingConfig};
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
+use crate::cublaslt::Lt;
 use crate::error::CudaError;
 use crate::module::RouterModule;
 
@@ -20,6 +21,8 @@ pub(crate) struct Gpu {
     pub(crate) ordinal: usize,
     pub(crate) multiprocessors: usize,
     pub(crate) compute_capability: (i32, i32),
+    /// cuBLASLt, where the library is installed.
+    pub(crate) lt: Option<Arc<Lt>>,
     modules: Mutex<HashMap<RoutingConfig, Arc<RouterModule>>>,
 }
 
@@ -53,6 +56,7 @@ impl Gpu {
             ordinal,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
             compute_capability,
+            lt: Lt::open().map(Arc::new),
             modules: Mutex::new(HashMap::new()),
         })
     }

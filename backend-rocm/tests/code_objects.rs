@@ -38,8 +38,21 @@ fn have_objects(test: &str) -> bool {
     false
 }
 
+/// Every kernel of the portable source: all but the tensor-core GEMM, which needs `mma.sync`.
 fn expected_kernels() -> Vec<String> {
-    let mut names = vec!["sluice_route".to_owned(), "sluice_sum_partials".to_owned()];
+    let mut names: Vec<String> = [
+        sluice_kernels::ROUTE_KERNEL,
+        sluice_kernels::ROUTE_LOGITS_KERNEL,
+        sluice_kernels::RESET_STATUS_KERNEL,
+        "sluice_sum_partials",
+    ]
+    .map(str::to_owned)
+    .into();
+    for tokens_per_block in [1, 2, 4, 8] {
+        for experts_per_block in [1, 2] {
+            names.push(GemmKernel::Gemv { tokens_per_block, experts_per_block }.name());
+        }
+    }
     for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
         for weight in [WeightKind::Bf16, WeightKind::F32] {
             names.push(GemmKernel::Simt { hidden, weight }.name());

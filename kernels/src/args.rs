@@ -23,24 +23,45 @@ pub enum KernelArg {
     F32(f32),
 }
 
-/// The `N` parameters of one launch, in signature order.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KernelArgs<const N: usize>([KernelArg; N]);
+/// The most parameters any kernel of the source has.
+pub const MAX_KERNEL_ARGS: usize = 14;
 
-impl<const N: usize> KernelArgs<N> {
+/// The parameters of one launch, in signature order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelArgs {
+    values: [KernelArg; MAX_KERNEL_ARGS],
+    len: usize,
+}
+
+impl KernelArgs {
+    fn new(values: &[KernelArg]) -> Self {
+        let mut all = [KernelArg::Ptr(0); MAX_KERNEL_ARGS];
+        all[..values.len()].copy_from_slice(values);
+        KernelArgs { values: all, len: values.len() }
+    }
+
     /// The values, in order.
-    pub fn values(&self) -> &[KernelArg; N] {
-        &self.0
+    pub fn values(&self) -> &[KernelArg] {
+        &self.values[..self.len]
     }
 
     /// The pointer array a launch takes: element `i` points at parameter `i`'s value, inside
-    /// `self`, so the array is valid only while `self` is neither moved nor dropped.
-    pub fn pointers(&mut self) -> [*mut c_void; N] {
-        self.0.each_mut().map(|arg| match arg {
-            KernelArg::Ptr(v) => std::ptr::from_mut(v).cast(),
-            KernelArg::I32(v) => std::ptr::from_mut(v).cast(),
-            KernelArg::I64(v) => std::ptr::from_mut(v).cast(),
-            KernelArg::F32(v) => std::ptr::from_mut(v).cast(),
+    /// `self`, so the array is valid only while `self` is neither moved nor dropped. Entries past
+    /// the kernel's parameters are null; launches read only as many as the kernel has.
+    pub fn pointers(&mut self) -> [*mut c_void; MAX_KERNEL_ARGS] {
+        let len = self.len;
+        let mut index = 0;
+        self.values.each_mut().map(|arg| {
+            index += 1;
+            if index > len {
+                return std::ptr::null_mut();
+            }
+            match arg {
+                KernelArg::Ptr(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::I32(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::I64(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::F32(v) => std::ptr::from_mut(v).cast(),
+            }
         })
     }
 }
@@ -95,12 +116,25 @@ pub fn gemm_args(
     weight: &DeviceMatrix,
     partials: &Partials,
     status: Option<u64>,
-) -> KernelArgs<12> {
+) -> KernelArgs {
     use KernelArg::Ptr;
     let status = Ptr(status.unwrap_or(0));
     let (tokens, hidden_size, experts) = (int(hidden.rows), int(hidden.cols), int(weight.rows));
-    KernelArgs(match plan.kernel {
-        GemmKernel::Mma { .. } => [
+    match plan.kernel {
+        // One split: the logits themselves, no split stride.
+        GemmKernel::Gemv { .. } => KernelArgs::new(&[
+            Ptr(hidden.ptr),
+            long(hidden.row_stride),
+            Ptr(weight.ptr),
+            long(weight.row_stride),
+            tokens,
+            hidden_size,
+            experts,
+            Ptr(partials.ptr),
+            long(partials.row_stride),
+            status,
+        ]),
+        GemmKernel::Mma { .. } => KernelArgs::new(&[
             Ptr(hidden.ptr),
             long(hidden.row_stride),
             Ptr(weight.ptr),
@@ -113,8 +147,8 @@ pub fn gemm_args(
             long(partials.split_stride),
             long(partials.row_stride),
             status,
-        ],
-        GemmKernel::Simt { .. } => [
+        ]),
+        GemmKernel::Simt { .. } => KernelArgs::new(&[
             Ptr(hidden.ptr),
             long(hidden.row_stride),
             long(hidden.col_stride),
@@ -127,11 +161,11 @@ pub fn gemm_args(
             Ptr(partials.ptr),
             long(partials.row_stride),
             status,
-        ],
-    })
+        ]),
+    }
 }
 
-/// The arguments of `sluice_route`: `tokens` rows of `partials` (plus `bias`), scaled by `scale`,
+/// The arguments of `sluice_route` and `sluice_route_logits` (one signature): `tokens` rows of `partials` (plus `bias`), scaled by `scale`,
 /// into `targets`.
 pub fn route_args(
     partials: &Partials,
@@ -139,10 +173,10 @@ pub fn route_args(
     tokens: usize,
     scale: f32,
     targets: &RoutingTargets,
-) -> KernelArgs<14> {
+) -> KernelArgs {
     use KernelArg::Ptr;
     let (logits, logits_row) = targets.logits.unwrap_or((0, 0));
-    KernelArgs([
+    KernelArgs::new(&[
         Ptr(partials.ptr),
         int(partials.splits),
         long(partials.split_stride),
@@ -160,6 +194,11 @@ pub fn route_args(
     ])
 }
 
+/// The arguments of `sluice_reset_status`: the status `[2]` to reset.
+pub fn reset_status_args(status: u64) -> KernelArgs {
+    KernelArgs::new(&[KernelArg::Ptr(status)])
+}
+
 /// The arguments of `sluice_sum_partials`: the contiguous slices of `partials` added into logits
 /// `[tokens, experts]` at `logits` with row stride `logits_row_stride`.
 pub fn sum_partials_args(
@@ -168,8 +207,8 @@ pub fn sum_partials_args(
     experts: usize,
     logits: u64,
     logits_row_stride: usize,
-) -> KernelArgs<6> {
-    KernelArgs([
+) -> KernelArgs {
+    KernelArgs::new(&[
         KernelArg::Ptr(partials.ptr),
         int(partials.splits),
         int(tokens),
@@ -212,7 +251,7 @@ mod tests {
             .collect()
     }
 
-    fn kinds<const N: usize>(args: &KernelArgs<N>) -> Vec<&'static str> {
+    fn kinds(args: &KernelArgs) -> Vec<&'static str> {
         args.values()
             .iter()
             .map(|arg| match arg {
@@ -262,7 +301,18 @@ mod tests {
             logits: None,
             status: None,
         };
-        assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets)), signature("", "sluice_route"));
+        let gemv = GemmPlan {
+            kernel: GemmKernel::Gemv { tokens_per_block: 2, experts_per_block: 1 },
+            splits: 1,
+            ..simt
+        };
+        assert_eq!(
+            kinds(&gemm_args(&gemv, &M, &M, &P, Some(8))),
+            signature("#define SLUICE_INSTANTIATE_GEMV", "name")
+        );
+        let route = signature("#define SLUICE_INSTANTIATE_ROUTE", "name");
+        assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets)), route);
+        assert_eq!(kinds(&reset_status_args(8)), signature("", "sluice_reset_status"));
         assert_eq!(
             kinds(&sum_partials_args(&P, 3, 16, 256, 16)),
             signature("", "sluice_sum_partials")
@@ -278,5 +328,6 @@ mod tests {
             (*pointers[0].cast::<u64>(), *pointers[1].cast::<i32>(), *pointers[5].cast::<i64>())
         };
         assert_eq!((first, splits, row), (128, 2, 20));
+        assert!(pointers[6..].iter().all(|p| p.is_null()), "nothing past the kernel's parameters");
     }
 }

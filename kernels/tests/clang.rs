@@ -55,6 +55,7 @@ fn configs() -> Vec<RoutingSpec> {
         spec(1024, NoauxTc, 1, 1, 32),
         spec(96, NoauxTc, 48, 10, 4),
         spec(64, Greedy, 1, 1, 6),
+        RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, 1, 1, 6) },
     ]
 }
 
@@ -90,7 +91,17 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         let defines = RoutingConfig::new(&spec).unwrap().compiler_options();
         let ptx = compile(&clang, &nvptx, &defines, &dir.join("router.ptx"));
         let amd = compile(&clang, &amdgpu, &defines, &dir.join("router.s"));
-        let mut nvidia_kernels = vec!["sluice_route".to_owned(), "sluice_sum_partials".to_owned()];
+        let mut nvidia_kernels = vec![
+            sluice_kernels::ROUTE_KERNEL.to_owned(),
+            sluice_kernels::ROUTE_LOGITS_KERNEL.to_owned(),
+            "sluice_sum_partials".to_owned(),
+        ];
+        for tokens_per_block in [1, 2, 4, 8] {
+            for experts_per_block in [1, 2] {
+                nvidia_kernels
+                    .push(GemmKernel::Gemv { tokens_per_block, experts_per_block }.name());
+            }
+        }
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 nvidia_kernels.push(GemmKernel::Simt { hidden, weight }.name());
@@ -110,6 +121,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         // AMD has no mma.sync: the scalar GEMM and the routing kernel only, in wave64.
         assert!(amd.contains(".amdhsa_kernel sluice_route"), "{spec}");
         assert!(amd.contains(".amdhsa_kernel sluice_gemm_simt_f32_bf16"), "{spec}");
+        assert!(amd.contains(".amdhsa_kernel sluice_gemv_1_1"), "{spec}: portable, wave64 too");
         assert!(!amd.contains("sluice_gemm_mma"), "{spec}");
     }
 }
