@@ -8,6 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use sluice_kernels::toolchain;
+
 use crate::cargo;
 use crate::python;
 
@@ -37,22 +39,19 @@ const STEPS: &[Step] = &[
 const PYTHON_TESTS: &str = "python/tests";
 
 /// Says up front whether the test step will compile the GPU kernels with clang (the test in
-/// `kernels/tests/clang.rs` skips where no clang is found, unless `SLUICE_REQUIRE_CLANG` is set).
+/// `kernels/tests/clang.rs` skips where no clang is found, unless `SLUICE_REQUIRE_CLANG` is set),
+/// finding it by the rule the test and `backend-rocm/build.rs` use.
 fn report_kernel_compiler() {
-    let found = std::env::var_os("SLUICE_CLANG")
-        .map(|c| c.to_string_lossy().into_owned())
-        .into_iter()
-        .chain((16..=19).rev().map(|v| format!("clang++-{v}")))
-        .find(|name| {
-            Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success())
-        });
-    match found {
+    let versions = toolchain::LLVM_VERSIONS;
+    match toolchain::find_clang() {
         Some(clang) => {
             println!("ci: kernels: {clang} compiles the device source for NVPTX and AMDGPU")
         }
-        None => {
-            println!("ci: kernels: SKIPPED, no clang++ (16 to 19) found; .ci/run installs clang-19")
-        }
+        None => println!(
+            "ci: kernels: SKIPPED, no clang++ ({} to {}) found; .ci/run installs clang-19",
+            versions.start(),
+            versions.end()
+        ),
     }
 }
 
