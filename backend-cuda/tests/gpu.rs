@@ -178,6 +178,7 @@ fn configs() -> Vec<RoutingSpec> {
         spec(1024, GroupLimitedGreedy, (64, 5), 9, false),
         spec(7, Greedy, (1, 1), 3, true),
         spec(96, NoauxTc, (48, 10), 4, false), // more groups than lanes
+        RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, (1, 1), 6, true) },
     ]
 }
 

@@ -6,7 +6,7 @@
 //   SLUICE_G        groups G (E % G == 0; experts g*E/G .. (g+1)*E/G form group g)
 //   SLUICE_KG       groups kept
 //   SLUICE_K        experts per token K (at most GPU_WARP)
-//   SLUICE_SCORING  SLUICE_SOFTMAX or SLUICE_SIGMOID
+//   SLUICE_SCORING  SLUICE_SOFTMAX, SLUICE_SIGMOID or SLUICE_SQRTSOFTPLUS
 //   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY or SLUICE_NOAUX_TC
 //   SLUICE_NORM     1: divide the weights by their sum + 1e-20
 // Scoring is one switch (`sluice_score`) and the group score another (`sluice_group_score`), so a
@@ -19,6 +19,7 @@
 
 #define SLUICE_SOFTMAX 0
 #define SLUICE_SIGMOID 1
+#define SLUICE_SQRTSOFTPLUS 2
 #define SLUICE_GREEDY 0
 #define SLUICE_GROUP_LIMITED_GREEDY 1
 #define SLUICE_NOAUX_TC 2
@@ -89,6 +90,15 @@ GPU_INLINE void sluice_score(const float (&l)[SLUICE_PER_LANE], float (&s)[SLUIC
 #elif SLUICE_SCORING == SLUICE_SIGMOID
   #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = 1.f / (1.f + gpu_expf(-l[j]));
+#elif SLUICE_SCORING == SLUICE_SQRTSOFTPLUS
+  // sqrt(ln(1 + e^l)) as sqrt(max(l, 0) + ln(1 + e^-|l|)): no overflow for large l, full
+  // precision for very negative l (the reference's formula). Padding lanes (-inf) score 0, and
+  // are never allowed anyway.
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const float l_abs = l[j] < 0.f ? -l[j] : l[j];
+    s[j] = gpu_sqrtf((l[j] > 0.f ? l[j] : 0.f) + gpu_log1pf(gpu_expf(-l_abs)));
+  }
 #else
 #error "unknown SLUICE_SCORING"
 #endif
@@ -178,7 +188,11 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
-GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
+// MAX_PARTIALS is the most partial sums per logit this instance adds: SLUICE_MAX_PARTIALS for the
+// split GEMM, 1 where the GEMM wrote the logits themselves. The second instance is much smaller
+// code, and a kernel that runs once per layer fetches its instructions cold every time.
+template <int MAX_PARTIALS>
+GPU_INLINE void sluice_route_tokens(
     const float *partials, int splits, long long split_stride, long long row_stride,
     const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
     long long weights_row_stride, float *logits, long long logits_row_stride, int *status) {
@@ -201,14 +215,14 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
   if (t >= tokens) return;  // the whole warp leaves; no block-wide barrier follows
 
   // Logits: the sum of the split partials, in split order. The split loop has a constant bound
-  // (the planner never makes more than SLUICE_MAX_PARTIALS), so every load of this lane's experts
-  // for every split can be in flight at once.
+  // (the planner never makes more than MAX_PARTIALS), so every load of this lane's experts for
+  // every split can be in flight at once.
   float l[SLUICE_PER_LANE];
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) l[j] = 0.f;
   const float *row = partials + t * row_stride;
 #pragma unroll
-  for (int s = 0; s < SLUICE_MAX_PARTIALS; ++s) {
+  for (int s = 0; s < MAX_PARTIALS; ++s) {
     if (s < splits) {
 #pragma unroll
       for (int j = 0; j < SLUICE_PER_LANE; ++j) {
@@ -314,5 +328,29 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
   if (lane < SLUICE_K) {
     ids[t * ids_row_stride + rank] = my_id;
     weights[t * weights_row_stride + rank] = weight;
+  }
+}
+
+#define SLUICE_INSTANTIATE_ROUTE(name, MAX_PARTIALS)                                               \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void name(                            \
+      const float *partials, int splits, long long split_stride, long long row_stride,             \
+      const float *bias, int tokens, float scale, int *ids, long long ids_row_stride,              \
+      float *weights, long long weights_row_stride, float *logits, long long logits_row_stride,    \
+      int *status) {                                                                               \
+    sluice_route_tokens<MAX_PARTIALS>(partials, splits, split_stride, row_stride, bias, tokens,   \
+                                      scale, ids, ids_row_stride, weights, weights_row_stride,     \
+                                      logits, logits_row_stride, status);                          \
+  }
+SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
+SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)
+
+// Resets the routing status to [0, -1] where no GEMM kernel of ours runs before routing (the
+// cuBLASLt path). It waits for the previous kernel, which may still count into the same status.
+GPU_KERNEL GPU_LAUNCH_BOUNDS(GPU_WARP) void sluice_reset_status(int *status) {
+  gpu_allow_dependents();
+  gpu_wait_for_previous_grid();
+  if (GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
   }
 }

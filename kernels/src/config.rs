@@ -22,7 +22,7 @@ pub enum KernelError {
     /// More experts per token than lanes in a warp.
     #[error("the GPU routing kernel takes at most {MAX_TOP_K} experts per token, got {0}")]
     TopKTooLarge(usize),
-    /// A scoring function the routing kernel does not compute yet (DeepSeek-V4's sqrt-softplus).
+    /// A scoring function the routing kernel does not compute.
     #[error("the GPU routing kernel does not compute `{}` scores yet", .0.name())]
     UnsupportedScoring(ScoringFunc),
     /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
@@ -141,7 +141,7 @@ fn scoring_define(scoring: ScoringFunc) -> Result<usize, KernelError> {
     match scoring {
         ScoringFunc::Softmax => Ok(0),
         ScoringFunc::Sigmoid => Ok(1),
-        ScoringFunc::SqrtSoftplus => Err(KernelError::UnsupportedScoring(scoring)),
+        ScoringFunc::SqrtSoftplus => Ok(2),
     }
 }
 
@@ -206,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn v4_routing_is_refused_until_the_kernel_computes_it() {
+    fn v4_scores_compile_and_hash_routing_is_refused_until_the_kernel_does_it() {
         let mut v4 = RoutingSpec::builder(256, 6)
             .scoring(ScoringFunc::SqrtSoftplus)
             .method(TopkMethod::NoauxTc)
@@ -214,12 +214,12 @@ mod tests {
             .routed_scaling_factor(1.5)
             .build()
             .unwrap();
-        let err = RoutingConfig::new(&v4).unwrap_err();
-        assert_eq!(err, KernelError::UnsupportedScoring(ScoringFunc::SqrtSoftplus));
-        assert!(err.to_string().contains("sqrtsoftplus"), "{err}");
-        v4.scoring = ScoringFunc::Sigmoid;
+        let config = RoutingConfig::new(&v4).unwrap();
+        assert!(config.compiler_options().contains(&"-DSLUICE_SCORING=2".to_owned()));
         v4.method = TopkMethod::Hash;
-        assert_eq!(RoutingConfig::new(&v4).unwrap_err(), KernelError::HashRouting);
+        let err = RoutingConfig::new(&v4).unwrap_err();
+        assert_eq!(err, KernelError::HashRouting);
+        assert!(err.to_string().contains("hash routing"), "{err}");
     }
 
     #[test]
