@@ -399,6 +399,9 @@ mod tests {
         assert_eq!(amd.kernel.name(), "sluice_gemm_simt_bf16_bf16");
         assert_eq!((amd.splits, amd.launch.block[0]), (1, 256));
         let nvidia = plan_router_gemm(&H200, &hidden, &weight, usize::MAX).unwrap();
+        assert!(matches!(nvidia.kernel, GemmKernel::Gemv { .. }), "{:?}", nvidia.kernel);
+        let many = matrix(GEMV_MAX_TOKENS + 1, 7168, DType::BF16);
+        let nvidia = plan_router_gemm(&H200, &many, &weight, usize::MAX).unwrap();
         assert!(matches!(nvidia.kernel, GemmKernel::Mma { .. }));
         // A row that does not start on 16 bytes keeps NVIDIA on the scalar kernel too.
         let unaligned = DeviceMatrix { ptr: 4098, ..hidden };
