@@ -11,7 +11,7 @@ pub(crate) use sluice_kernels::{HIDDEN_DTYPES, WEIGHT_DTYPES};
 use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
-    RoutingOutput, RoutingSpec, TopkMethod,
+    RoutingOutput, RoutingSpec,
 };
 
 use crate::enqueue::{self, Partials, RoutingTargets, Weight};
@@ -76,7 +76,7 @@ pub(crate) fn bias_values(
     dl: &Dlpack,
     spec: &RoutingSpec,
 ) -> Result<Vec<f32>, BackendError> {
-    if spec.method != TopkMethod::NoauxTc {
+    if !spec.takes_bias() {
         return Err(BackendError::UnexpectedBias { op, method: spec.method });
     }
     let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;

@@ -10,7 +10,7 @@ use sluice_kernels::{
 };
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
-    RoutingOutput, RoutingSpec, TopkMethod, argument_view,
+    RoutingOutput, RoutingSpec, argument_view,
 };
 
 use crate::device::LoadedModule;
@@ -79,7 +79,7 @@ pub(crate) fn bias_values(
     dl: &Dlpack,
     spec: &RoutingSpec,
 ) -> Result<Vec<f32>, BackendError> {
-    if spec.method != TopkMethod::NoauxTc {
+    if !spec.takes_bias() {
         return Err(BackendError::UnexpectedBias { op, method: spec.method });
     }
     let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;

@@ -28,20 +28,6 @@ pub enum KernelError {
     /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
     #[error("the GPU routing kernel does not do hash routing yet")]
     HashRouting,
-    /// Scoring after the top-k (gpt-oss, Llama 4), which the routing kernel does not do yet: it
-    /// would score every expert and weigh with those scores, a different result.
-    #[error(
-        "the GPU routing kernel does not score after the top-k yet (softmax or sigmoid of the \
-         selected logits)"
-    )]
-    ScoringAfterTopk,
-    /// A bias added to the logits (gpt-oss), which the routing kernel does not add yet: it would
-    /// take the bias for a correction bias or drop it.
-    #[error("the GPU routing kernel does not add a router bias to the logits yet")]
-    LogitBias,
-    /// Plain top-k of non-softmax scores, which no kernel config was written or tested for.
-    #[error("the GPU routing kernel does plain top-k of softmax scores only, got `{}`", .0.name())]
-    GreedyScoring(ScoringFunc),
     /// A size does not fit the kernels' 32-bit arguments or the launch limits.
     #[error("{what} = {value} is larger than the GPU kernels take (at most {limit})")]
     TooLarge {
@@ -67,6 +53,8 @@ pub struct RoutingConfig {
     scoring: ScoringFunc,
     method: TopkMethod,
     renormalise: bool,
+    after_topk: bool,
+    logit_bias: bool,
 }
 
 impl RoutingConfig {
@@ -81,15 +69,6 @@ impl RoutingConfig {
         }
         scoring_define(spec.scoring)?;
         method_define(spec.method)?;
-        if spec.scoring_order == ScoringOrder::AfterTopk {
-            return Err(KernelError::ScoringAfterTopk);
-        }
-        if spec.bias_role == BiasRole::Logits {
-            return Err(KernelError::LogitBias);
-        }
-        if spec.method == TopkMethod::Greedy && spec.scoring != ScoringFunc::Softmax {
-            return Err(KernelError::GreedyScoring(spec.scoring));
-        }
         // Greedy ignores the groups: compile it as one group so no group code is generated.
         let (groups, kept_groups) =
             if spec.method.uses_groups() { (spec.n_group, spec.topk_group) } else { (1, 1) };
@@ -101,6 +80,8 @@ impl RoutingConfig {
             scoring: spec.scoring,
             method: spec.method,
             renormalise: spec.norm_topk_prob,
+            after_topk: spec.scoring_order == ScoringOrder::AfterTopk,
+            logit_bias: spec.bias_role == BiasRole::Logits,
         })
     }
 
@@ -127,6 +108,8 @@ impl RoutingConfig {
             ("SLUICE_SCORING", scoring),
             ("SLUICE_METHOD", method),
             ("SLUICE_NORM", usize::from(self.renormalise)),
+            ("SLUICE_AFTER_TOPK", usize::from(self.after_topk)),
+            ("SLUICE_LOGIT_BIAS", usize::from(self.logit_bias)),
         ]
     }
 
@@ -178,7 +161,7 @@ mod tests {
         assert_eq!(
             config.compiler_options().join(" "),
             "-DSLUICE_E=256 -DSLUICE_G=8 -DSLUICE_KG=4 -DSLUICE_K=8 -DSLUICE_SCORING=1 \
-             -DSLUICE_METHOD=2 -DSLUICE_NORM=1"
+             -DSLUICE_METHOD=2 -DSLUICE_NORM=1 -DSLUICE_AFTER_TOPK=0 -DSLUICE_LOGIT_BIAS=0"
         );
     }
 
@@ -223,31 +206,31 @@ mod tests {
     }
 
     #[test]
-    fn features_the_kernel_lacks_are_refused_never_ignored() {
+    fn every_family_decision_becomes_a_define() {
+        let has = |spec: &RoutingSpec, define: &str| {
+            RoutingConfig::new(spec).unwrap().compiler_options().contains(&define.to_owned())
+        };
         // gpt-oss: softmax of the selected logits, bias added to the logits.
         let gpt_oss = RoutingSpec::builder(32, 4)
             .scoring_order(ScoringOrder::AfterTopk)
             .bias_role(BiasRole::Logits)
             .build()
             .unwrap();
-        let err = RoutingConfig::new(&gpt_oss).unwrap_err();
-        assert_eq!(err, KernelError::ScoringAfterTopk);
-        assert!(err.to_string().contains("after the top-k"), "{err}");
+        assert!(has(&gpt_oss, "-DSLUICE_AFTER_TOPK=1") && has(&gpt_oss, "-DSLUICE_LOGIT_BIAS=1"));
         let bias_only = RoutingSpec { scoring_order: ScoringOrder::BeforeTopk, ..gpt_oss };
-        assert_eq!(RoutingConfig::new(&bias_only), Err(KernelError::LogitBias));
+        assert!(
+            has(&bias_only, "-DSLUICE_AFTER_TOPK=0") && has(&bias_only, "-DSLUICE_LOGIT_BIAS=1")
+        );
         // Llama 4: the sigmoid of the selected logit.
         let llama4 = RoutingSpec::builder(128, 1)
             .scoring(ScoringFunc::Sigmoid)
             .scoring_order(ScoringOrder::AfterTopk)
             .build()
             .unwrap();
-        assert_eq!(RoutingConfig::new(&llama4), Err(KernelError::ScoringAfterTopk));
-        let sigmoid_greedy = RoutingSpec { scoring_order: ScoringOrder::BeforeTopk, ..llama4 };
-        assert_eq!(
-            RoutingConfig::new(&sigmoid_greedy),
-            Err(KernelError::GreedyScoring(ScoringFunc::Sigmoid))
-        );
-        // GLM-4.5 and MiniMax-M2 are the V3 router: accepted.
-        assert!(RoutingConfig::new(&spec(160, 1, 1, 8, TopkMethod::NoauxTc)).is_ok());
+        assert!(has(&llama4, "-DSLUICE_AFTER_TOPK=1") && has(&llama4, "-DSLUICE_SCORING=1"));
+        // GLM-4.5 and MiniMax-M2 are the V3 router.
+        let glm = spec(160, 1, 1, 8, TopkMethod::NoauxTc);
+        assert!(has(&glm, "-DSLUICE_AFTER_TOPK=0") && has(&glm, "-DSLUICE_LOGIT_BIAS=0"));
+        assert_ne!(RoutingConfig::new(&gpt_oss).unwrap(), RoutingConfig::new(&bias_only).unwrap());
     }
 }

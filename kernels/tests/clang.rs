@@ -11,7 +11,7 @@ use std::process::Command;
 
 use sluice_kernels::toolchain::find_clang;
 use sluice_kernels::{GemmKernel, HiddenKind, RoutingConfig, WeightKind};
-use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
 fn source() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gpu/sluice_router.cu")
@@ -56,6 +56,16 @@ fn configs() -> Vec<RoutingSpec> {
         spec(96, NoauxTc, 48, 10, 4),
         spec(64, Greedy, 1, 1, 6),
         RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, 1, 1, 6) },
+        RoutingSpec::builder(128, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap(),
+        RoutingSpec::builder(16, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap(),
     ]
 }
 
