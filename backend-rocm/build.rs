@@ -1,7 +1,8 @@
 //! Compiles the shared kernel source (`kernels/gpu/`) into AMD code objects, one per offline routing
 //! config and architecture, and embeds them.
 //!
-//! Debian's clang (19 or newer) builds them with no ROCm installed: `-nogpuinc -nogpulib` and our
+//! Debian's clang (19 or newer, found by `sluice_kernels::toolchain`, the rule the kernel tests use
+//! too) builds them with no ROCm installed: `-nogpuinc -nogpulib` and our
 //! own compat header. Each object is a raw ELF for one architecture (`--no-gpu-bundle-output`), so
 //! no offload bundler is needed and the run time can try them one by one. Code object v5 is
 //! pinned: clang-22 defaults to v6, which older ROCm runtimes refuse.
@@ -14,6 +15,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sluice_kernels::{offline_configs, toolchain};
+
 /// Architectures every build with a compiler must cover: MI210/MI250 and MI300.
 const REQUIRED_ARCHS: [&str; 2] = ["gfx90a", "gfx942"];
 /// Built where the compiler accepts it (clang 20 and newer): MI350/MI355.
@@ -22,13 +25,13 @@ const OPTIONAL_ARCHS: [&str; 1] = ["gfx950"];
 fn main() {
     let kernels = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kernels/gpu");
     println!("cargo:rerun-if-changed={}", kernels.display());
-    for var in ["SLUICE_CLANG", "SLUICE_REQUIRE_CLANG", "PATH"] {
+    for var in [toolchain::CLANG_ENV, "SLUICE_REQUIRE_CLANG", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let required = std::env::var_os("SLUICE_REQUIRE_CLANG").is_some();
 
-    let built = match find_clang() {
+    let built = match toolchain::find_clang() {
         Some(clang) => build_all(&clang, &kernels, &out),
         None => {
             Err("no clang++ 19 or newer found (install clang-19 and lld-19, or set SLUICE_CLANG)"
@@ -47,40 +50,22 @@ fn main() {
         .expect("OUT_DIR is writable");
 }
 
-/// `$SLUICE_CLANG`, else the newest clang++ from 22 down to 19 on PATH.
-fn find_clang() -> Option<String> {
-    if let Some(clang) = std::env::var_os("SLUICE_CLANG") {
-        return Some(clang.to_string_lossy().into_owned());
-    }
-    (19..=22).rev().map(|v| format!("clang++-{v}")).find(|name| version(name).is_some())
-}
-
-/// The first line of `clang --version`.
-fn version(clang: &str) -> Option<String> {
-    let output = Command::new(clang).arg("--version").output().ok()?;
-    let text = String::from_utf8(output.stdout).ok()?;
-    output.status.success().then(|| text.lines().next().unwrap_or_default().trim().to_owned())
-}
-
 /// One compiled object: (config name, architecture, path).
 type Object = (String, &'static str, PathBuf);
 
 fn build_all(clang: &str, kernels: &Path, out: &Path) -> Result<(String, Vec<Object>), String> {
-    let compiler = version(clang).ok_or_else(|| format!("{clang} --version failed"))?;
-    let configs = std::fs::read_to_string(kernels.join("offline_configs.txt"))
-        .map_err(|e| format!("cannot read offline_configs.txt: {e}"))?;
+    let compiler =
+        toolchain::version_line(clang).ok_or_else(|| format!("{clang} --version failed"))?;
     let optional: Vec<_> = OPTIONAL_ARCHS
         .into_iter()
         .filter(|arch| compile(clang, kernels, arch, "", &out.join("probe.co")).is_ok())
         .collect();
     let mut objects = Vec::new();
-    for line in configs.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (name, defines) =
-            line.split_once(' ').ok_or_else(|| format!("bad config line {line:?}"))?;
+    for config in offline_configs() {
         for arch in REQUIRED_ARCHS.into_iter().chain(optional.iter().copied()) {
-            let path = out.join(format!("{name}.{arch}.co"));
-            compile(clang, kernels, arch, defines, &path)?;
-            objects.push((name.to_owned(), arch, path));
+            let path = out.join(format!("{}.{arch}.co", config.name));
+            compile(clang, kernels, arch, config.defines, &path)?;
+            objects.push((config.name.to_owned(), arch, path));
         }
     }
     Ok((compiler, objects))

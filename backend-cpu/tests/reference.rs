@@ -8,8 +8,8 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use sluice_models::reference::{self, Routing, Tolerance};
 use sluice_tensor::{
-    Backend, BackendError, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, RouteInputs,
-    RouteOutputs, RoutingSpec, ScoringFunc, TopkMethod,
+    Backend, BackendError, BiasRole, DlpackView, DlpackViewMut, Execution, NonFinitePolicy,
+    RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod,
 };
 
 /// Relative closeness under which two selection values count as a near tie: well above the
@@ -48,24 +48,38 @@ fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
             let k = 1..=allowed.min(12);
             (Just((method, n_group, per_group, norm, apply_scaling, topk_group)), k)
         })
-        .prop_flat_map(|(parts, k)| (Just(parts), Just(k), any::<bool>()))
-        .prop_map(|((method, n_group, per_group, norm, apply_scaling, topk_group), k, v4)| {
-            let scoring = match (method, v4) {
-                (TopkMethod::NoauxTc, false) => ScoringFunc::Sigmoid,
-                (TopkMethod::NoauxTc, true) => ScoringFunc::SqrtSoftplus,
-                _ => ScoringFunc::Softmax,
-            };
-            let mut spec = RoutingSpec::builder(n_group * per_group, k)
-                .scoring(scoring)
-                .method(method)
-                .groups(n_group, topk_group)
-                .norm_topk_prob(norm)
-                .routed_scaling_factor(2.5)
-                .build()
-                .unwrap();
-            spec.apply_scaling = apply_scaling;
-            spec
-        })
+        .prop_flat_map(|(parts, k)| (Just(parts), Just(k), any::<bool>(), 0u8..4))
+        .prop_map(
+            |((method, n_group, per_group, norm, apply_scaling, topk_group), k, v4, after)| {
+                let scoring = match (method, v4) {
+                    (TopkMethod::NoauxTc, false) => ScoringFunc::Sigmoid,
+                    (TopkMethod::NoauxTc, true) => ScoringFunc::SqrtSoftplus,
+                    // Llama 4: the sigmoid of the selected logits.
+                    (TopkMethod::Greedy, true) if after > 0 => ScoringFunc::Sigmoid,
+                    _ => ScoringFunc::Softmax,
+                };
+                // Greedy specs also score after the top-k (gpt-oss, Llama 4), with a bias on the
+                // logits half the time (gpt-oss).
+                let (order, bias_role) = match (method, after) {
+                    (TopkMethod::Greedy, 1) => (ScoringOrder::AfterTopk, BiasRole::Correction),
+                    (TopkMethod::Greedy, 2) => (ScoringOrder::AfterTopk, BiasRole::Logits),
+                    (TopkMethod::Greedy, 3) => (ScoringOrder::BeforeTopk, BiasRole::Logits),
+                    _ => (ScoringOrder::BeforeTopk, BiasRole::Correction),
+                };
+                let mut spec = RoutingSpec::builder(n_group * per_group, k)
+                    .scoring(scoring)
+                    .method(method)
+                    .groups(n_group, topk_group)
+                    .norm_topk_prob(norm)
+                    .routed_scaling_factor(2.5)
+                    .scoring_order(order)
+                    .bias_role(bias_role)
+                    .build()
+                    .unwrap();
+                spec.apply_scaling = apply_scaling;
+                spec
+            },
+        )
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -104,7 +118,7 @@ impl Inputs {
         let e = case.spec.num_experts;
         let x = rng.normals(case.tokens * case.hidden, 1.0);
         let w = rng.normals(e * case.hidden, 2.0 / (case.hidden as f32).sqrt());
-        let bias = (case.spec.method == TopkMethod::NoauxTc).then(|| rng.normals(e, 0.1));
+        let bias = case.spec.takes_bias().then(|| rng.normals(e, 0.1));
         // Round to the dtypes the backend will see, so the reference multiplies the same values.
         let x = match case.x_type {
             0 => x,

@@ -12,36 +12,15 @@ use cudarc::driver::sys::{
     CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig, CUresult,
     CUstream, cuLaunchKernelEx,
 };
-use sluice_kernels::{GemmKernel, GemmPlan, Launch, route_launch, sum_partials_launch};
+use sluice_kernels::{
+    GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, reset_status_args, reset_status_launch,
+    route_args, route_launch, sum_partials_args, sum_partials_launch,
+};
+pub(crate) use sluice_kernels::{Partials, RoutingTargets};
 
 use crate::error::CudaError;
 use crate::input::DeviceMatrix;
 use crate::module::RouterModule;
-
-/// Where the routing results go: device addresses with row strides in elements.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RoutingTargets {
-    /// i32 `[T, K]`.
-    pub(crate) ids: u64,
-    pub(crate) ids_row_stride: usize,
-    /// f32 `[T, K]`.
-    pub(crate) weights: u64,
-    pub(crate) weights_row_stride: usize,
-    /// f32 `[T, E]`, if the caller wants the logits.
-    pub(crate) logits: Option<(u64, usize)>,
-    /// i32 `[2]`: non-finite rows and the first of them (or -1).
-    pub(crate) status: Option<u64>,
-}
-
-/// Partial sums of the logits, `splits` slices of `[T, E]` (`split_stride` elements apart, rows
-/// `row_stride` apart); one slice is the logits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Partials {
-    pub(crate) ptr: u64,
-    pub(crate) splits: usize,
-    pub(crate) split_stride: usize,
-    pub(crate) row_stride: usize,
-}
 
 /// The router weight on the device.
 #[derive(Debug, Clone, Copy)]
@@ -64,60 +43,11 @@ pub(crate) fn gemm(
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
     let function = module.gemm(plan.kernel)?;
-    let mut x = hidden.ptr;
-    let mut w = weight.matrix.ptr;
-    let mut tokens = hidden.rows as i32;
-    let mut hidden_size = hidden.cols as i32;
-    let mut experts = weight.matrix.rows as i32;
-    let mut out = partials.ptr;
-    let mut split_stride = partials.split_stride as i64;
-    let mut out_row = partials.row_stride as i64;
-    let mut status = status.unwrap_or(0);
-    let mut x_row = hidden.row_stride as i64;
-    let mut w_row = weight.matrix.row_stride as i64;
-    match plan.kernel {
-        GemmKernel::Mma { .. } => {
-            let mut k_per_warp = plan.k_per_warp as i32;
-            let mut params: [*mut c_void; 12] = [
-                (&raw mut x).cast(),
-                (&raw mut x_row).cast(),
-                (&raw mut w).cast(),
-                (&raw mut w_row).cast(),
-                (&raw mut tokens).cast(),
-                (&raw mut hidden_size).cast(),
-                (&raw mut experts).cast(),
-                (&raw mut k_per_warp).cast(),
-                (&raw mut out).cast(),
-                (&raw mut split_stride).cast(),
-                (&raw mut out_row).cast(),
-                (&raw mut status).cast(),
-            ];
-            // SAFETY: the parameters match the kernel's signature in type and order (pointers as
-            // 64-bit addresses, `long long` as i64, `int` as i32), every address was validated to
-            // cover the extents the plan reads or writes, and the values outlive the call.
-            unsafe { launch(function, plan.launch, stream, dependent_launch, &mut params) }
-        }
-        GemmKernel::Simt { .. } => {
-            let mut x_col = hidden.col_stride as i64;
-            let mut w_col = weight.matrix.col_stride as i64;
-            let mut params: [*mut c_void; 12] = [
-                (&raw mut x).cast(),
-                (&raw mut x_row).cast(),
-                (&raw mut x_col).cast(),
-                (&raw mut w).cast(),
-                (&raw mut w_row).cast(),
-                (&raw mut w_col).cast(),
-                (&raw mut tokens).cast(),
-                (&raw mut hidden_size).cast(),
-                (&raw mut experts).cast(),
-                (&raw mut out).cast(),
-                (&raw mut out_row).cast(),
-                (&raw mut status).cast(),
-            ];
-            // SAFETY: as above, for the scalar kernel's signature.
-            unsafe { launch(function, plan.launch, stream, dependent_launch, &mut params) }
-        }
-    }
+    let mut args = gemm_args(plan, hidden, &weight.matrix, partials, status);
+    // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
+    // against the source by `sluice-kernels`) and outlive the call; every address was validated
+    // to cover the extents the plan reads or writes.
+    unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
 }
 
 /// Enqueues routing of `tokens` rows of `partials` into `targets`.
@@ -132,39 +62,31 @@ pub(crate) fn route(
     targets: &RoutingTargets,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
-    let geometry = route_launch(tokens)?;
-    let mut src = partials.ptr;
-    let mut splits = partials.splits as i32;
-    let mut split_stride = partials.split_stride as i64;
-    let mut row_stride = partials.row_stride as i64;
-    let mut bias = bias.unwrap_or(0);
-    let mut tokens = tokens as i32;
-    let mut scale = scale;
-    let mut ids = targets.ids;
-    let mut ids_row = targets.ids_row_stride as i64;
-    let mut weights = targets.weights;
-    let mut weights_row = targets.weights_row_stride as i64;
-    let (mut logits, mut logits_row) = targets.logits.map_or((0, 0), |(p, s)| (p, s as i64));
-    let mut status = targets.status.unwrap_or(0);
-    let mut params: [*mut c_void; 14] = [
-        (&raw mut src).cast(),
-        (&raw mut splits).cast(),
-        (&raw mut split_stride).cast(),
-        (&raw mut row_stride).cast(),
-        (&raw mut bias).cast(),
-        (&raw mut tokens).cast(),
-        (&raw mut scale).cast(),
-        (&raw mut ids).cast(),
-        (&raw mut ids_row).cast(),
-        (&raw mut weights).cast(),
-        (&raw mut weights_row).cast(),
-        (&raw mut logits).cast(),
-        (&raw mut logits_row).cast(),
-        (&raw mut status).cast(),
-    ];
-    // SAFETY: the parameters match `sluice_route`'s signature in type and order; the callers
-    // validated every address against the extents `tokens`, E and K of the compiled config.
-    unsafe { launch(&module.route, geometry, stream, dependent_launch, &mut params) }
+    let geometry = route_launch(tokens, NVIDIA_WAVE_WIDTH)?;
+    let mut args = route_args(partials, bias, tokens, scale, targets);
+    let function = module.route(partials.splits);
+    // SAFETY: the arguments match the signature `sluice_route` and `sluice_route_logits` share,
+    // in type and order (checked against the source by `sluice-kernels`); the callers validated
+    // every address against the extents `tokens`, E and K of the compiled config, and the compact
+    // kernel is chosen only for one partial sum.
+    unsafe { launch(function, geometry, stream, dependent_launch, &mut args.pointers()) }
+}
+
+/// Enqueues the reset of `status` to `[0, -1]`, which the GEMM kernels do themselves, for a GEMM
+/// that is not one of them, ordered after the previous kernel on the stream.
+pub(crate) fn reset_status(
+    stream: CUstream,
+    module: &RouterModule,
+    status: u64,
+    dependent_launch: bool,
+) -> Result<(), CudaError> {
+    let mut args = reset_status_args(status);
+    let geometry = reset_status_launch(NVIDIA_WAVE_WIDTH);
+    // SAFETY: the argument matches `sluice_reset_status`'s one pointer; `status` is the caller's
+    // checked i32 `[2]` on this context's device.
+    unsafe {
+        launch(&module.reset_status, geometry, stream, dependent_launch, &mut args.pointers())
+    }
 }
 
 /// Enqueues the sum of the partials into logits `[T, E]` with row stride `logits_row_stride`.
@@ -180,23 +102,11 @@ pub(crate) fn sum_partials(
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
     let geometry = sum_partials_launch(tokens, experts)?;
-    let mut src = partials.ptr;
-    let mut splits = partials.splits as i32;
-    let mut tokens = tokens as i32;
-    let mut experts = experts as i32;
-    let mut out = logits;
-    let mut out_row = logits_row_stride as i64;
-    let mut params: [*mut c_void; 6] = [
-        (&raw mut src).cast(),
-        (&raw mut splits).cast(),
-        (&raw mut tokens).cast(),
-        (&raw mut experts).cast(),
-        (&raw mut out).cast(),
-        (&raw mut out_row).cast(),
-    ];
+    let mut args = sum_partials_args(partials, tokens, experts, logits, logits_row_stride);
+    let params = &mut args.pointers();
     // SAFETY: the parameters match `sluice_sum_partials`; the partials hold `splits` contiguous
     // `[T, E]` slices and the logits cover `[T, E]` with the given row stride.
-    unsafe { launch(&module.sum_partials, geometry, stream, dependent_launch, &mut params) }
+    unsafe { launch(&module.sum_partials, geometry, stream, dependent_launch, params) }
 }
 
 /// Launches `function` on `stream`, with programmatic dependent launch if asked.

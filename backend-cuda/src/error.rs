@@ -34,6 +34,14 @@ pub enum CudaError {
         /// The driver's error.
         source: DriverError,
     },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt call failed while {doing}: {source}")]
+    Cublas {
+        /// What the backend was doing.
+        doing: &'static str,
+        /// The library's status.
+        source: cudarc::cublaslt::result::CublasError,
+    },
     /// NVRTC refused the kernel source.
     #[error("NVRTC could not compile the router kernels for {config}: {log}")]
     Compile {

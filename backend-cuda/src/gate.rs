@@ -6,11 +6,12 @@
 //! CLI) can use this backend unchanged.
 
 use cudarc::driver::CudaSlice;
-use sluice_kernels::{GemmPlan, GemmShape, HiddenKind, WeightKind, plan_gemm};
+use sluice_kernels::{GemmPlan, GemmShape, plan_router_gemm};
+pub(crate) use sluice_kernels::{HIDDEN_DTYPES, WEIGHT_DTYPES};
 use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
-    RoutingOutput, RoutingSpec, TopkMethod,
+    RoutingOutput, RoutingSpec,
 };
 
 use crate::enqueue::{self, Partials, RoutingTargets, Weight};
@@ -20,9 +21,6 @@ use crate::input::{self, DeviceMatrix};
 use crate::memory;
 use crate::module::RouterModule;
 use crate::prepared::CudaPreparedRouter;
-
-pub(crate) const HIDDEN_DTYPES: &[DType] = &[DType::F32, DType::BF16, DType::F16];
-pub(crate) const WEIGHT_DTYPES: &[DType] = &[DType::BF16, DType::F32];
 
 /// A device input, and the device copy that backs it when it came from the host.
 pub(crate) struct Staged {
@@ -78,7 +76,7 @@ pub(crate) fn bias_values(
     dl: &Dlpack,
     spec: &RoutingSpec,
 ) -> Result<Vec<f32>, BackendError> {
-    if spec.method != TopkMethod::NoauxTc {
+    if !spec.takes_bias() {
         return Err(BackendError::UnexpectedBias { op, method: spec.method });
     }
     let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;
@@ -103,18 +101,6 @@ pub(crate) fn bias_values(
     Ok(values)
 }
 
-pub(crate) fn hidden_kind(dtype: DType) -> HiddenKind {
-    match dtype {
-        DType::BF16 => HiddenKind::Bf16,
-        DType::F16 => HiddenKind::F16,
-        _ => HiddenKind::F32,
-    }
-}
-
-pub(crate) fn weight_kind(dtype: DType) -> WeightKind {
-    if dtype == DType::BF16 { WeightKind::Bf16 } else { WeightKind::F32 }
-}
-
 /// The GEMM plan for these operands on this device, with at most `max_splits` partial sums.
 pub(crate) fn plan(
     gpu: &Gpu,
@@ -122,14 +108,7 @@ pub(crate) fn plan(
     weight: &Weight,
     max_splits: usize,
 ) -> Result<GemmPlan, CudaError> {
-    let w = &weight.matrix;
-    let tensor_cores = gpu.has_tensor_cores()
-        && w.dtype == DType::BF16
-        && hidden.rows_are_16_byte_aligned()
-        && w.rows_are_16_byte_aligned();
-    let shape = GemmShape { tokens: hidden.rows, hidden: hidden.cols, experts: w.rows };
-    let (x, w) = (hidden_kind(hidden.dtype), weight_kind(w.dtype));
-    Ok(plan_gemm(shape, x, w, tensor_cores, gpu.multiprocessors, max_splits)?)
+    Ok(plan_router_gemm(&gpu.target(), hidden, &weight.matrix, max_splits)?)
 }
 
 fn sync(gpu: &Gpu) -> Result<(), CudaError> {
@@ -208,7 +187,7 @@ pub(crate) fn route(
         };
         let _workspace = match source {
             Source::Gemm { hidden, router } => {
-                let workspace = memory::zeroed(gpu, router.partials_bytes(&hidden.matrix)?)?;
+                let workspace = memory::zeroed(gpu, router.call_workspace_bytes(&hidden.matrix)?)?;
                 let address = memory::address(gpu, &workspace);
                 router.enqueue(stream, &hidden.matrix, address, &targets, false)?;
                 Some(workspace)

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaStream};
-use sluice_kernels::RoutingConfig;
+use sluice_kernels::{GpuTarget, NVIDIA_WAVE_WIDTH, RoutingConfig};
 use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
+use crate::cublaslt::Lt;
 use crate::error::CudaError;
 use crate::module::RouterModule;
 
@@ -20,6 +21,8 @@ pub(crate) struct Gpu {
     pub(crate) ordinal: usize,
     pub(crate) multiprocessors: usize,
     pub(crate) compute_capability: (i32, i32),
+    /// cuBLASLt, where the library is installed.
+    pub(crate) lt: Option<Arc<Lt>>,
     modules: Mutex<HashMap<RoutingConfig, Arc<RouterModule>>>,
 }
 
@@ -53,6 +56,7 @@ impl Gpu {
             ordinal,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
             compute_capability,
+            lt: Lt::open().map(Arc::new),
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -60,6 +64,15 @@ impl Gpu {
     /// Whether the tensor-core GEMM kernels exist on this device.
     pub(crate) fn has_tensor_cores(&self) -> bool {
         self.compute_capability.0 >= 8
+    }
+
+    /// What the GEMM planner needs to know about this device.
+    pub(crate) fn target(&self) -> GpuTarget {
+        GpuTarget {
+            wave_width: NVIDIA_WAVE_WIDTH,
+            tensor_cores: self.has_tensor_cores(),
+            multiprocessors: self.multiprocessors,
+        }
     }
 
     /// The module for `config`, compiled on first use and cached.

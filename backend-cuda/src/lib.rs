@@ -6,6 +6,8 @@
 //! `sluice-kernels` and are compiled by NVRTC once per routing config, at prepare time.
 //!
 //! Layers, bottom up:
+//! - `cublaslt`: the router GEMM for many tokens through cuBLASLt (loaded at run time too; the
+//!   backend's own kernels run where it is missing);
 //! - `enqueue`: enqueue the GEMM and the routing on a given stream into given device addresses
 //!   (with row strides), using given scratch: no allocation, compilation or synchronisation, so it
 //!   can be captured in a CUDA graph;
@@ -19,6 +21,7 @@
 
 mod backend;
 mod buffer;
+mod cublaslt;
 mod dispatch;
 mod enqueue;
 mod error;

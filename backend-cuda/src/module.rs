@@ -7,7 +7,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
-    HiddenKind, ROUTE_KERNEL, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+    HiddenKind, RESET_STATUS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutingConfig, SOURCE,
+    SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -16,7 +17,9 @@ use crate::error::CudaError;
 #[derive(Debug)]
 pub(crate) struct RouterModule {
     _module: Arc<CudaModule>,
-    pub(crate) route: CudaFunction,
+    route: CudaFunction,
+    route_logits: CudaFunction,
+    pub(crate) reset_status: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
     /// The dispatch layout's many-block counting kernel.
     pub(crate) dispatch_count: CudaFunction,
@@ -53,6 +56,12 @@ impl RouterModule {
             module.load_function(name).map_err(CudaError::driver("looking up a router kernel"))
         };
         let mut gemm = HashMap::new();
+        for tokens_per_block in [1, 2, 4, 8] {
+            for experts_per_block in [1, 2] {
+                let kernel = GemmKernel::Gemv { tokens_per_block, experts_per_block };
+                gemm.insert(kernel, load(&kernel.name())?);
+            }
+        }
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 let kernel = GemmKernel::Simt { hidden, weight };
@@ -68,6 +77,8 @@ impl RouterModule {
         }
         Ok(RouterModule {
             route: load(ROUTE_KERNEL)?,
+            route_logits: load(ROUTE_LOGITS_KERNEL)?,
+            reset_status: load(RESET_STATUS_KERNEL)?,
             sum_partials: load(SUM_PARTIALS_KERNEL)?,
             dispatch_count: load(DISPATCH_COUNT_KERNEL)?,
             dispatch_scatter: load(DISPATCH_SCATTER_KERNEL)?,
@@ -75,6 +86,15 @@ impl RouterModule {
             gemm,
             _module: module,
         })
+    }
+
+    /// The routing kernel for logits given as `splits` partial sums (the compact one for 1).
+    pub(crate) fn route(&self, splits: usize) -> &CudaFunction {
+        if sluice_kernels::route_kernel(splits) == ROUTE_LOGITS_KERNEL {
+            &self.route_logits
+        } else {
+            &self.route
+        }
     }
 
     /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUstream;
-use sluice_kernels::{GemmShape, RoutingConfig};
+use sluice_kernels::{GEMV_MAX_TOKENS, GemmPlan, GemmShape, RoutingConfig};
 use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
@@ -13,6 +13,7 @@ use sluice_tensor::{
     RoutingOutput, RoutingSpec, check_logits_into, check_route_into, check_router_weight,
 };
 
+use crate::cublaslt::{self, LtGemm};
 use crate::dispatch::{self, Dispatcher};
 use crate::enqueue::{self, Partials, RoutingTargets, Weight};
 use crate::error::CudaError;
@@ -35,6 +36,8 @@ pub struct CudaPreparedRouter {
     module: Arc<RouterModule>,
     weight: Weight,
     bias: Option<u64>,
+    /// The many-token GEMM, where cuBLASLt is installed.
+    lt: Option<LtGemm>,
     dependent_launch: bool,
     _weight_buffer: Option<Dlpack>,
     _bias_buffer: Option<CudaSlice<u8>>,
@@ -83,23 +86,45 @@ impl CudaPreparedRouter {
             bias_values.as_deref().map(|b| memory::upload_f32(&gpu, b)).transpose()?;
         let _span = tracing::debug_span!("cuda_prepare_router", %spec).entered();
         let module = gpu.module(&config)?;
+        let lt = gpu.lt.clone().map(LtGemm::new);
         Ok(CudaPreparedRouter {
             bias: bias_buffer.as_ref().map(|b| memory::address(&gpu, b)),
             gpu,
             spec: *spec,
             module,
             weight: Weight { matrix: staged.matrix },
+            lt,
             dependent_launch,
             _weight_buffer: staged.into_copy(),
             _bias_buffer: bias_buffer,
         })
     }
 
-    /// Bytes of partial sums a gate call on `hidden` needs.
-    pub(crate) fn partials_bytes(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
-        let plan = gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?;
-        let shape = GemmShape { tokens: hidden.rows, hidden: hidden.cols, experts: self.experts() };
-        Ok(plan.partials_bytes(shape))
+    /// How the router GEMM of a gate call on `hidden` runs: cuBLASLt past a few bf16 tokens where
+    /// it is installed, the backend's kernels otherwise.
+    fn gemm_path(&self, hidden: &DeviceMatrix) -> Result<GemmPath<'_>, CudaError> {
+        if let Some(lt) = &self.lt
+            && hidden.rows > GEMV_MAX_TOKENS
+            && LtGemm::accepts(hidden, &self.weight.matrix)
+        {
+            return Ok(GemmPath::Lt(lt));
+        }
+        Ok(GemmPath::Kernels(gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?))
+    }
+
+    /// Bytes of workspace a gate call on `hidden` needs.
+    pub(crate) fn call_workspace_bytes(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
+        let (tokens, experts) = (hidden.rows, self.experts());
+        Ok(match self.gemm_path(hidden)? {
+            GemmPath::Lt(_) => {
+                lt_logits_bytes(tokens, experts)
+                    + LT_WORKSPACE_ALIGN
+                    + cublaslt::workspace_bytes(tokens)
+            }
+            GemmPath::Kernels(plan) => {
+                plan.partials_bytes(GemmShape { tokens, hidden: hidden.cols, experts })
+            }
+        })
     }
 
     fn dispatcher(&self) -> Dispatcher<'_> {
@@ -129,26 +154,50 @@ impl CudaPreparedRouter {
         if hidden.rows == 0 {
             return Ok(());
         }
-        let plan = gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?;
-        let partials = Partials {
-            ptr: workspace,
-            splits: plan.splits,
-            split_stride: hidden.rows * self.experts(),
-            row_stride: self.experts(),
-        };
+        let (tokens, experts) = (hidden.rows, self.experts());
         self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
-        let status = targets.status;
-        let weight = &self.weight;
-        enqueue::gemm(
-            stream,
-            &self.module,
-            &plan,
-            hidden,
-            weight,
-            &partials,
-            status,
-            dependent_launch,
-        )?;
+        let partials = match self.gemm_path(hidden)? {
+            GemmPath::Lt(lt) => {
+                let lt_workspace = (workspace + lt_logits_bytes(tokens, experts) as u64)
+                    .next_multiple_of(LT_WORKSPACE_ALIGN as u64);
+                // Before the GEMM, so that its launch overlaps the previous kernel.
+                if let Some(status) = targets.status {
+                    enqueue::reset_status(stream, &self.module, status, dependent_launch)?;
+                }
+                // SAFETY: `accepts` held for both matrices, which the callers validated; the
+                // workspace holds `call_workspace_bytes` for this call (checked by the callers):
+                // the logits at its start, then cuBLASLt's own part, 256-byte aligned, which the
+                // slack of `LT_WORKSPACE_ALIGN` bytes keeps inside it; the context is current.
+                unsafe {
+                    lt.enqueue(stream, hidden, &self.weight.matrix, workspace, lt_workspace)?
+                };
+                Partials {
+                    ptr: workspace,
+                    splits: 1,
+                    split_stride: tokens * experts,
+                    row_stride: experts,
+                }
+            }
+            GemmPath::Kernels(plan) => {
+                let partials = Partials {
+                    ptr: workspace,
+                    splits: plan.splits,
+                    split_stride: tokens * experts,
+                    row_stride: experts,
+                };
+                enqueue::gemm(
+                    stream,
+                    &self.module,
+                    &plan,
+                    hidden,
+                    &self.weight,
+                    &partials,
+                    targets.status,
+                    dependent_launch,
+                )?;
+                partials
+            }
+        };
         let scale = self.spec.output_scale();
         let (bias, tokens) = (self.bias, hidden.rows);
         enqueue::route(
@@ -163,6 +212,12 @@ impl CudaPreparedRouter {
         )
     }
 
+    /// Contiguous, aligned hidden states `[tokens, H]` of `dtype` (for planning; never read).
+    fn dense_hidden(&self, tokens: usize, dtype: DType) -> DeviceMatrix {
+        let cols = self.hidden_size();
+        DeviceMatrix { ptr: 0, rows: tokens, cols, row_stride: cols, col_stride: 1, dtype }
+    }
+
     pub(crate) fn stream(execution: Execution) -> CUstream {
         match execution {
             // The DLPack number is the driver's handle (1 legacy, 2 per-thread, else a CUstream).
@@ -171,6 +226,22 @@ impl CudaPreparedRouter {
             Execution::Host => std::ptr::null_mut(),
         }
     }
+}
+
+/// How one gate call's router GEMM runs.
+enum GemmPath<'a> {
+    /// The backend's kernels, as planned.
+    Kernels(GemmPlan),
+    /// cuBLASLt, into logits at the start of the workspace.
+    Lt(&'a LtGemm),
+}
+
+/// The alignment cuBLASLt's part of the workspace gets (what the library asks of a workspace).
+const LT_WORKSPACE_ALIGN: usize = 256;
+
+/// Bytes of f32 logits `[T, E]`.
+fn lt_logits_bytes(tokens: usize, experts: usize) -> usize {
+    tokens * experts * size_of::<f32>()
 }
 
 impl PreparedRouter for CudaPreparedRouter {
@@ -203,34 +274,31 @@ impl PreparedRouter for CudaPreparedRouter {
         gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
     }
 
-    /// The partial sums of the split router GEMM: `S * T * E * 4` bytes, `S` (the split count)
-    /// falling as `T` grows.
+    /// The most any gate call on `T` tokens needs, whatever its hidden states' type: the partial
+    /// sums of the split router GEMM (`S * T * E * 4` bytes, `S` falling as `T` grows; f32 hidden
+    /// states have the most splits), or, past a few bf16 tokens where cuBLASLt runs, the logits
+    /// and cuBLASLt's own workspace.
     fn workspace_bytes(&self, tokens: usize) -> usize {
-        // The tensor-core plan of bf16 hidden states has the most splits of any plan for `T`.
-        let hidden = DeviceMatrix {
-            ptr: 0,
-            rows: tokens,
-            cols: self.hidden_size(),
-            row_stride: self.hidden_size(),
-            col_stride: 1,
-            dtype: DType::BF16,
-        };
-        self.partials_bytes(&hidden).unwrap_or(0)
+        [DType::BF16, DType::F32]
+            .into_iter()
+            .map(|dtype| self.call_workspace_bytes(&self.dense_hidden(tokens, dtype)).unwrap_or(0))
+            .max()
+            .unwrap_or(0)
     }
 
-    /// The kernels were compiled and loaded by `prepare_router`; this only checks that `tokens`
-    /// fit the kernels' launch limits, so that later calls fail for no other reason.
+    /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
+    /// the kernels' launch limits, so that later calls fail for no other reason, and lets
+    /// cuBLASLt choose its algorithm for `T` contiguous bf16 tokens now rather than at the first
+    /// call.
     fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
-        let hidden = DeviceMatrix {
-            ptr: 0,
-            rows: tokens,
-            cols: self.hidden_size(),
-            row_stride: self.hidden_size(),
-            col_stride: 1,
-            dtype: DType::F32,
-        };
-        gate::plan(&self.gpu, &hidden, &self.weight, usize::MAX)?;
-        sluice_kernels::route_launch(tokens).map_err(CudaError::from)?;
+        gate::plan(&self.gpu, &self.dense_hidden(tokens, DType::F32), &self.weight, usize::MAX)?;
+        sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)
+            .map_err(CudaError::from)?;
+        let bf16 = self.dense_hidden(tokens, DType::BF16);
+        if let GemmPath::Lt(lt) = self.gemm_path(&bf16)? {
+            self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
+            lt.prepare(&bf16, &self.weight.matrix)?;
+        }
         Ok(())
     }
 

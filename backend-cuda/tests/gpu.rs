@@ -14,8 +14,8 @@ use sluice_models::reference::{self, Routing, Tolerance};
 use sluice_models::{Checkpoint, MoeGate};
 use sluice_tensor::dlpack::export_vec;
 use sluice_tensor::{
-    Backend, BackendError, Dlpack, Element, NonFinitePolicy, RoutingSpec, ScoringFunc, Tensor,
-    TopkMethod,
+    Backend, BackendError, BiasRole, Dlpack, Element, NonFinitePolicy, RoutingSpec, ScoringFunc,
+    ScoringOrder, Tensor, TopkMethod,
 };
 
 const WEIGHTS: Tolerance = Tolerance { abs: 1e-5, rel: 1e-5 };
@@ -108,7 +108,7 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
     let x = round(rng.normals(t * h, 1.0), case.x_type);
     let w = rng.normals(e * h, 2.0 / (h as f32).sqrt());
     let w = if case.w_bf16 { round(w, HiddenType::Bf16) } else { w };
-    let bias = (case.spec.method == TopkMethod::NoauxTc).then(|| rng.normals(e, 0.1));
+    let bias = case.spec.takes_bias().then(|| rng.normals(e, 0.1));
 
     let x_dl = match case.x_type {
         HiddenType::F32 => dl(x.clone(), &[t, h]),
@@ -178,6 +178,28 @@ fn configs() -> Vec<RoutingSpec> {
         spec(1024, GroupLimitedGreedy, (64, 5), 9, false),
         spec(7, Greedy, (1, 1), 3, true),
         spec(96, NoauxTc, (48, 10), 4, false), // more groups than lanes
+        RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, (1, 1), 6, true) },
+        // Scoring after the top-k: gpt-oss (softmax of the selected logits, a bias on the
+        // logits), Llama 4 (the sigmoid of each selected logit), and both renormalised.
+        RoutingSpec::builder(128, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap(),
+        RoutingSpec::builder(16, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap(),
+        RoutingSpec::builder(160, 6)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .norm_topk_prob(true)
+            .routed_scaling_factor(2.5)
+            .build()
+            .unwrap(),
+        // A bias on the logits with scores before the top-k.
+        RoutingSpec::builder(64, 6).bias_role(BiasRole::Logits).build().unwrap(),
     ]
 }
 
@@ -284,10 +306,36 @@ fn testdata() -> PathBuf {
 fn golden_fixtures_route_like_transformers() {
     let Some(backend) = backend("golden_fixtures_route_like_transformers") else { return };
     let mut checked = 0;
-    for name in ["v2-lite", "v2", "v3", "kimi-k2", "saved-by-transformers"] {
+    for name in [
+        "v2-lite",
+        "v2",
+        "v3",
+        "kimi-k2",
+        "saved-by-transformers",
+        "qwen3-moe",
+        "qwen3-moe-sparse-step",
+        "mixtral",
+        "glm4-moe",
+        "glm4-moe-real-shape",
+        "minimax-m2",
+        "minimax-m2-real-shape",
+        "gpt-oss",
+        "gpt-oss-real-shape",
+        "llama4",
+        "llama4-real-shape",
+        "v32",
+        "v4",
+        "v4-real-shape",
+    ] {
         let checkpoint = Checkpoint::open(testdata().join(name)).unwrap();
         let golden = GoldenFixture::in_checkpoint(checkpoint.dir()).unwrap();
         for gate in MoeGate::load_all(&checkpoint).unwrap() {
+            if gate.spec().method == TopkMethod::Hash {
+                // DeepSeek-V4's hash-routed layers: refused by name, never routed otherwise.
+                let error = gate.prepare(&backend).unwrap_err().to_string();
+                assert!(error.contains("hash"), "{name} layer {}: {error}", gate.layer());
+                continue;
+            }
             let prepared = gate.prepare(&backend).unwrap();
             let bias = gate.bias().map(|b| b.to_vec::<f32>().unwrap());
             for kind in InputKind::ALL {

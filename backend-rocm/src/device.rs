@@ -2,6 +2,7 @@
 //! the embedded code objects on it.
 
 use std::ffi::{CString, c_int};
+use std::sync::Arc;
 
 use crate::api::Handle;
 use crate::code_objects::{CODE_OBJECTS, built_with_kernels};
@@ -42,32 +43,51 @@ impl RocmDevice {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Makes it the calling thread's current device, which HIP's allocations, module loads and
+    /// the null stream refer to. Not a stream operation: allowed while a stream is captured.
+    pub fn make_current(&self) -> Result<(), RocmError> {
+        // SAFETY: `hipSetDevice` takes any int and fails for one that is not a device; `ordinal`
+        // was checked against the device count in `open`, so it also fits an int.
+        let status = unsafe { (self.runtime.api().hipSetDevice)(self.ordinal as c_int) };
+        Ok(self.runtime.check("hipSetDevice", status)?)
+    }
 }
 
 /// The code objects of one routing config, loaded on a device, with every kernel resolved.
 #[derive(Debug)]
-pub struct LoadedModule<'device> {
-    device: &'device RocmDevice,
+pub struct LoadedModule {
+    device: Arc<RocmDevice>,
     module: Handle,
     arch: &'static str,
     kernels: Vec<(String, Handle)>,
+    /// The image the module was loaded from, which outlives it: HIP does not document whether
+    /// `hipModuleLoadData` copies it.
+    _image: Vec<u64>,
 }
+
+// SAFETY: HIP module and function handles name process-wide runtime objects that the runtime
+// lets any thread use (launching a kernel is thread-safe); this type only reads them, and unloads
+// the module once, on drop, when no other reference to it exists.
+unsafe impl Send for LoadedModule {}
+// SAFETY: as for `Send`: shared access only looks handles up and passes them to the runtime.
+unsafe impl Sync for LoadedModule {}
 
 impl RocmDevice {
     /// Loads the embedded code objects of offline config `config` (a name from
     /// `kernels/gpu/offline_configs.txt`), trying each architecture until the runtime accepts one,
     /// and resolves every kernel the object exports.
-    pub fn load(&self, config: &str) -> Result<LoadedModule<'_>, RocmError> {
+    pub fn load(self: &Arc<Self>, config: &str) -> Result<LoadedModule, RocmError> {
         let objects: Vec<_> =
             CODE_OBJECTS.iter().filter(|object| object.config == config).collect();
         if objects.is_empty() {
-            return Err(RocmError::ConfigNotEmbedded(config.to_owned()));
+            return Err(RocmError::ConfigNotEmbedded {
+                config: config.to_owned(),
+                embedded: crate::code_objects::configs().join(", "),
+            });
         }
         let api = self.runtime.api();
-        // SAFETY: `hipSetDevice` takes any int and fails for one that is not a device; `ordinal`
-        // was checked against the device count in `open`, so it also fits an int.
-        let status = unsafe { (api.hipSetDevice)(self.ordinal as c_int) };
-        self.runtime.check("hipSetDevice", status)?;
+        self.make_current()?;
         let mut refused = Vec::new();
         for object in objects {
             // The runtime parses the image in place; an 8-byte-aligned copy keeps its ELF reads
@@ -76,15 +96,17 @@ impl RocmDevice {
             copy_into_words(&mut image, object.elf);
             let mut module: Handle = std::ptr::null_mut();
             // SAFETY: `hipModuleLoadData` reads a complete code object from `image` (the whole ELF,
-            // copied above, alive for the call) and writes one handle into `module`.
+            // copied above; kept by the module, so alive as long as it is loaded, whether or not
+            // a runtime copies it) and writes one handle into `module`.
             let status = unsafe { (api.hipModuleLoadData)(&mut module, image.as_ptr().cast()) };
             match self.runtime.check("hipModuleLoadData", status) {
                 Ok(()) => {
                     let mut loaded = LoadedModule {
-                        device: self,
+                        device: Arc::clone(self),
                         module,
                         arch: object.arch,
                         kernels: Vec::new(),
+                        _image: image,
                     };
                     let names = object.inspect().map(|info| info.kernels).unwrap_or_default();
                     for name in names {
@@ -103,7 +125,7 @@ impl RocmDevice {
     }
 }
 
-impl LoadedModule<'_> {
+impl LoadedModule {
     fn function(&self, name: &str) -> Result<Handle, RocmError> {
         // Names come from the object's string table, read up to the first NUL, so they hold none;
         // were one to, the empty name would make the runtime answer "not found", not a panic.
@@ -122,6 +144,11 @@ impl LoadedModule<'_> {
         Ok(function)
     }
 
+    /// The device it is loaded on.
+    pub fn device(&self) -> &Arc<RocmDevice> {
+        &self.device
+    }
+
     /// The architecture whose code object the runtime accepted.
     pub fn arch(&self) -> &'static str {
         self.arch
@@ -131,9 +158,18 @@ impl LoadedModule<'_> {
     pub fn kernels(&self) -> impl Iterator<Item = &str> {
         self.kernels.iter().map(|(name, _)| name.as_str())
     }
+
+    /// The handle of kernel `name`, which the object exports.
+    pub(crate) fn kernel(&self, name: &str) -> Result<Handle, RocmError> {
+        self.kernels
+            .iter()
+            .find(|(kernel, _)| kernel == name)
+            .map(|(_, function)| *function)
+            .ok_or_else(|| RocmError::MissingKernel(name.to_owned()))
+    }
 }
 
-impl Drop for LoadedModule<'_> {
+impl Drop for LoadedModule {
     fn drop(&mut self) {
         // SAFETY: `module` came from `hipModuleLoadData`, is unloaded exactly once (here), and no
         // function handle of it outlives `self`. A failure cannot be reported from drop and

@@ -1,5 +1,7 @@
 //! Why the ROCm backend could not start or run.
 
+use sluice_kernels::KernelError;
+use sluice_tensor::BackendError;
 use thiserror::Error;
 
 /// HIP's `hipErrorNoDevice`: the runtime found no AMD GPU.
@@ -55,13 +57,35 @@ pub enum RocmError {
         /// Each architecture tried, with the runtime's answer.
         archs: String,
     },
-    /// Everything this build checks is in place, but routing on AMD GPUs (the enqueue layer and
-    /// the `Backend` implementation) is not built yet.
-    #[error("routing on AMD GPUs is not implemented yet")]
-    RoutingNotImplemented,
     /// The routing config was not compiled ahead of time (AMD has no run-time compiler here).
-    #[error("no AMD kernels were compiled for the routing config {0}")]
-    ConfigNotEmbedded(String),
+    #[error(
+        "no AMD kernels were compiled for the routing config {config}; this build embeds {embedded} \
+         (the list is kernels/gpu/offline_configs.txt)"
+    )]
+    ConfigNotEmbedded {
+        /// The config asked for, as its spec reads.
+        config: String,
+        /// The configs this build embeds, by name.
+        embedded: String,
+    },
+    /// The routing config or a shape is outside what the kernels take.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// A kernel the plan names is not in the loaded code object.
+    #[error("the kernel {0} is not in the AMD code object")]
+    MissingKernel(String),
+    /// A stream capture ended without a graph.
+    #[error("the HIP stream capture recorded no graph")]
+    EmptyCapture,
+}
+
+impl From<RocmError> for BackendError {
+    fn from(error: RocmError) -> Self {
+        match error {
+            RocmError::Kernel(KernelError::Spec(spec)) => BackendError::Spec(spec),
+            other => BackendError::Device { backend: "rocm", message: other.to_string() },
+        }
+    }
 }
 
 /// A HIP return code other than `hipSuccess`, with the call that returned it.

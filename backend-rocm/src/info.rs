@@ -22,11 +22,10 @@ pub struct RocmInfo {
 }
 
 impl RocmInfo {
-    /// Why the backend cannot route here (`None`: it can). Until routing is built that is the
-    /// first missing piece (kernels, runtime, device), else [`RocmError::RoutingNotImplemented`].
+    /// Why the backend cannot route here (`None`: it can): the first missing piece of kernels,
+    /// runtime and device.
     pub fn why_unavailable(&self) -> Option<&RocmError> {
         const NO_KERNELS: RocmError = RocmError::BuiltWithoutKernels;
-        const NOT_IMPLEMENTED: RocmError = RocmError::RoutingNotImplemented;
         if self.compiler.is_none() {
             return Some(&NO_KERNELS);
         }
@@ -35,7 +34,7 @@ impl RocmInfo {
         }
         match &self.devices {
             Some(Err(error)) => Some(error),
-            _ => Some(&NOT_IMPLEMENTED),
+            _ => None,
         }
     }
 }

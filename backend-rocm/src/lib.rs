@@ -8,32 +8,52 @@
 //! compiler this crate can rely on (hiprtc aborts inside comgr for gfx942 on some installs), so the
 //! routing configs are the fixed list `kernels/gpu/offline_configs.txt`.
 //!
+//! [`RocmBackend`] implements `sluice_tensor::Backend` on one AMD GPU, and its
+//! [`RocmPreparedRouter`] the engine's call `route_into` on the caller's `hipStream_t` under the
+//! same contract as the CUDA backend: everything costly in `prepare_router`, nothing allocated,
+//! copied or synchronised while enqueuing, so HIP graph capture records it. AMD has no `mma.sync`:
+//! the router GEMM is the scalar kernel, launched in blocks of 64-wide waves.
+//!
 //! Layers, bottom up:
 //! - `api`: the resolved HIP functions;
 //! - `runtime`: finding and loading the library, version and device checks, return codes as errors;
 //! - `elf`, `code_objects`: the embedded code objects and what their ELF says;
 //! - `device`: opening one GPU (kernels embedded, runtime loaded, device present) and loading the
 //!   code objects of a routing config on it;
+//! - `stream`: streams, capture and graphs ([`HipStream`], [`HipGraph`]);
+//! - `memory`: device memory, DLPack export, copies (preparation and conveniences only);
+//! - `enqueue`: the kernels on a given stream into given addresses, with the argument packing and
+//!   plans of `sluice-kernels`;
+//! - `gate`: the synchronous conveniences on the backend's own stream;
+//! - [`RocmBackend`] and [`RocmPreparedRouter`]: the trait implementations;
 //! - `info`: the summary `sluice info` prints.
-//!
-//! Not built yet: the enqueue layer and `sluice_tensor::Backend` (routing on an AMD GPU). Until
-//! then `sluice selftest --backend rocm` opens the device and says that routing is missing.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod api;
+mod backend;
 mod code_objects;
 mod device;
 mod elf;
+mod enqueue;
 mod error;
+mod gate;
+mod gpu;
 mod info;
+mod memory;
+mod prepared;
 mod runtime;
+mod stream;
 
 pub use api::{Handle, HipApi, HipStatus};
+pub use backend::RocmBackend;
 pub use code_objects::{
     CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels, configs,
 };
 pub use device::{LoadedModule, RocmDevice};
 pub use elf::{CodeObjectInfo, inspect};
 pub use error::{HIP_ERROR_INVALID_DEVICE, HIP_ERROR_NO_DEVICE, HipError, HipVersion, RocmError};
+pub use gpu::embedded_config;
 pub use info::{RocmInfo, probe};
+pub use prepared::RocmPreparedRouter;
 pub use runtime::HipRuntime;
+pub use stream::{CaptureStatus, HipGraph, HipStream};

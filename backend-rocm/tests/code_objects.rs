@@ -3,7 +3,7 @@
 //! ones), and from the AMDGPU metadata note: wave64, no scratch, no spills, registers and LDS
 //! within budget.
 //!
-//! The metadata is read with llvm-readelf (19 or newer). Where the build embeds nothing or no
+//! The metadata is read with llvm-readelf (19 or newer, found by the rule that finds clang). Where the build embeds nothing or no
 //! llvm-readelf is found the tests say so and pass, unless `SLUICE_REQUIRE_CLANG` is set (CI).
 
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use std::io::Write as _; // skips are written past the test harness's capture, t
 use std::process::Command;
 
 use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
-use sluice_kernels::{GemmKernel, HiddenKind, WeightKind, offline_configs};
+use sluice_kernels::{GemmKernel, HiddenKind, WeightKind, offline_configs, toolchain};
 
 const REQUIRED_ARCHS: [&str; 2] = ["gfx90a", "gfx942"];
 /// VGPRs per lane: at most 128 keeps at least 4 waves per SIMD on CDNA2/CDNA3 (512 per SIMD lane).
@@ -38,8 +38,21 @@ fn have_objects(test: &str) -> bool {
     false
 }
 
+/// Every kernel of the portable source: all but the tensor-core GEMM, which needs `mma.sync`.
 fn expected_kernels() -> Vec<String> {
-    let mut names = vec!["sluice_route".to_owned(), "sluice_sum_partials".to_owned()];
+    let mut names: Vec<String> = [
+        sluice_kernels::ROUTE_KERNEL,
+        sluice_kernels::ROUTE_LOGITS_KERNEL,
+        sluice_kernels::RESET_STATUS_KERNEL,
+        "sluice_sum_partials",
+    ]
+    .map(str::to_owned)
+    .into();
+    for tokens_per_block in [1, 2, 4, 8] {
+        for experts_per_block in [1, 2] {
+            names.push(GemmKernel::Gemv { tokens_per_block, experts_per_block }.name());
+        }
+    }
     for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
         for weight in [WeightKind::Bf16, WeightKind::F32] {
             names.push(GemmKernel::Simt { hidden, weight }.name());
@@ -81,14 +94,6 @@ fn every_code_object_is_an_amdgpu_elf_of_its_architecture_with_the_router_kernel
         // AMD has no mma.sync: the tensor-core GEMM must not be built there.
         assert_eq!(info.kernels, expected_kernels(), "{}.{}", object.config, object.arch);
     }
-}
-
-/// llvm-readelf, newest first.
-fn readelf() -> Option<String> {
-    (19..=22)
-        .rev()
-        .map(|v| format!("llvm-readelf-{v}"))
-        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 /// The kernel-level fields of the AMDGPU metadata note, one map per kernel, by `.name`.
@@ -137,7 +142,7 @@ fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_
     if !have_objects(test) {
         return;
     }
-    let Some(readelf) = readelf() else {
+    let Some(readelf) = toolchain::find_versioned("llvm-readelf") else {
         assert!(
             !required(),
             "SLUICE_REQUIRE_CLANG is set but no llvm-readelf (19 to 22) was found"

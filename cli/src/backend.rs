@@ -3,7 +3,7 @@
 use clap::{Args, ValueEnum};
 use sluice_backend_cpu::{CpuBackend, DEFAULT_MAX_TOKENS};
 use sluice_backend_cuda::CudaBackend;
-use sluice_backend_rocm::{RocmDevice, RocmError};
+use sluice_backend_rocm::RocmBackend;
 use sluice_tensor::{Backend, BackendError};
 
 use crate::error::CliError;
@@ -15,8 +15,8 @@ pub enum BackendKind {
     Cpu,
     /// An NVIDIA GPU (`--device` picks which); needs the driver and NVRTC, loaded at run time.
     Cuda,
-    /// An AMD Instinct GPU (`--device` picks which); needs the HIP runtime, loaded at run time.
-    /// Routing on it is not implemented yet: the device is opened and the reason printed.
+    /// An AMD Instinct GPU (`--device` picks which); needs the HIP runtime, loaded at run time,
+    /// and routes the configs compiled ahead of time (`sluice info` lists them).
     Rocm,
 }
 
@@ -32,7 +32,7 @@ pub struct BackendArgs {
     /// The most tokens one call may route; more are refused before anything is allocated.
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     pub max_tokens: usize,
-    /// The GPU ordinal (`--backend cuda`).
+    /// The GPU ordinal (`--backend cuda` or `rocm`).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
 }
@@ -56,28 +56,20 @@ impl BackendArgs {
                 Ok(Box::new(backend))
             }
             BackendKind::Cuda => Ok(Box::new(self.cuda()?)),
-            BackendKind::Rocm => Err(self.rocm_unavailable()),
+            BackendKind::Rocm => Ok(Box::new(self.rocm()?)),
         }
     }
 
-    /// Why the ROCm backend cannot route on `--device`: the first missing piece (kernels, runtime,
-    /// device, a code object the device accepts), else that routing on AMD GPUs is not
-    /// implemented yet, after what was checked on the device.
-    fn rocm_unavailable(&self) -> CliError {
-        let message = match RocmDevice::open(self.device) {
-            Ok(device) => match load_every_config(&device) {
-                Ok(loaded) => format!(
-                    "{} (device {}, HIP {}) opened and loaded {loaded}, but {}",
-                    device.name(),
-                    device.ordinal(),
-                    device.runtime().version(),
-                    RocmError::RoutingNotImplemented
-                ),
-                Err(error) => error.to_string(),
-            },
-            Err(error) => error.to_string(),
-        };
-        BackendError::Device { backend: "rocm", message }.into()
+    /// The ROCm backend on `--device`.
+    pub fn rocm(&self) -> Result<RocmBackend, CliError> {
+        let backend = RocmBackend::new(self.device).map_err(BackendError::from)?;
+        tracing::info!(
+            device = self.device,
+            name = backend.device_name(),
+            hip = %backend.runtime_version(),
+            "rocm backend"
+        );
+        Ok(backend)
     }
 
     /// The CUDA backend on `--device`.
@@ -105,19 +97,4 @@ impl BackendArgs {
         }
         Ok(())
     }
-}
-
-/// Loads the code objects of every embedded config on `device`; says which architecture and how
-/// many kernels, e.g. `deepseek_v3 as gfx942 with 8 kernels, ...`.
-fn load_every_config(device: &RocmDevice) -> Result<String, RocmError> {
-    let mut loaded = Vec::new();
-    for config in sluice_backend_rocm::configs() {
-        let module = device.load(config)?;
-        loaded.push(format!(
-            "{config} as {} with {} kernels",
-            module.arch(),
-            module.kernels().count()
-        ));
-    }
-    Ok(loaded.join(", "))
 }

@@ -3,7 +3,7 @@
 use clap::ValueEnum;
 use half::bf16;
 use sluice_models::MoeGate;
-use sluice_tensor::{RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, Tensor, TopkMethod};
 
 use crate::error::CliError;
 
@@ -26,6 +26,22 @@ pub enum ModelShape {
     /// DeepSeek-V4, a hash-routed layer: as `v4`, the experts from a table of 129280 token ids.
     #[value(name = "v4-hash")]
     V4Hash,
+    /// Qwen3-235B-A22B: 4096 -> 128 experts, top-8, softmax, renormalised.
+    #[value(name = "qwen3-moe")]
+    Qwen3Moe,
+    /// Mixtral-8x7B: 4096 -> 8 experts, top-2, softmax, renormalised.
+    Mixtral,
+    /// GLM-4.5: 5120 -> 160 experts, one group, top-8, sigmoid + bias, scale 2.5.
+    #[value(name = "glm-4.5")]
+    Glm45,
+    /// gpt-oss-120b: 2880 -> 128 experts, router bias on the logits, top-4, softmax of the four.
+    #[value(name = "gpt-oss")]
+    GptOss,
+    /// MiniMax-M2: 3072 -> 256 experts, top-8, sigmoid + bias, renormalised.
+    #[value(name = "minimax-m2")]
+    MinimaxM2,
+    /// Llama-4-Maverick, an MoE layer: 5120 -> 128 experts, top-1, sigmoid of the selected logit.
+    Llama4,
 }
 
 /// The rows of DeepSeek-V4's hash tables (its `vocab_size`).
@@ -41,6 +57,12 @@ impl ModelShape {
             ModelShape::V2Lite => "v2-lite",
             ModelShape::V4 => "v4",
             ModelShape::V4Hash => "v4-hash",
+            ModelShape::Qwen3Moe => "qwen3-moe",
+            ModelShape::Mixtral => "mixtral",
+            ModelShape::Glm45 => "glm-4.5",
+            ModelShape::GptOss => "gpt-oss",
+            ModelShape::MinimaxM2 => "minimax-m2",
+            ModelShape::Llama4 => "llama4",
         }
     }
 
@@ -53,6 +75,12 @@ impl ModelShape {
             ModelShape::V2Lite => "a DeepSeek-V2-Lite-shaped gate",
             ModelShape::V4 => "a DeepSeek-V4-shaped top-k gate",
             ModelShape::V4Hash => "a DeepSeek-V4-shaped hash-routed gate (random token ids)",
+            ModelShape::Qwen3Moe => "a Qwen3-235B-A22B-shaped gate",
+            ModelShape::Mixtral => "a Mixtral-8x7B-shaped gate",
+            ModelShape::Glm45 => "a GLM-4.5-shaped gate",
+            ModelShape::GptOss => "a gpt-oss-120b-shaped gate",
+            ModelShape::MinimaxM2 => "a MiniMax-M2-shaped gate",
+            ModelShape::Llama4 => "a Llama-4-Maverick-shaped MoE gate",
         }
     }
 
@@ -62,42 +90,48 @@ impl ModelShape {
             ModelShape::V3 | ModelShape::KimiK2 => 7168,
             ModelShape::V2 => 5120,
             ModelShape::V2Lite => 2048,
-            ModelShape::V4 | ModelShape::V4Hash => 4096,
+            ModelShape::V4 | ModelShape::V4Hash | ModelShape::Qwen3Moe | ModelShape::Mixtral => {
+                4096
+            }
+            ModelShape::Glm45 | ModelShape::Llama4 => 5120,
+            ModelShape::GptOss => 2880,
+            ModelShape::MinimaxM2 => 3072,
         }
     }
 
     /// The routing config of the real model.
     pub fn spec(self) -> RoutingSpec {
+        use ScoringFunc::{Sigmoid, Softmax, SqrtSoftplus};
+        use TopkMethod::{Greedy, GroupLimitedGreedy, Hash, NoauxTc};
         let (e, scoring, method, groups, keep, k, renorm, scale) = match self {
-            ModelShape::V3 => (256, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5),
-            ModelShape::KimiK2 => {
-                (384, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 1, 1, 8, true, 2.827)
-            }
-            ModelShape::V2 => {
-                (160, ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, 8, 3, 6, false, 16.0)
-            }
-            ModelShape::V2Lite => {
-                (64, ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0)
-            }
-            ModelShape::V4 => {
-                (256, ScoringFunc::SqrtSoftplus, TopkMethod::NoauxTc, 1, 1, 6, true, 1.5)
-            }
-            ModelShape::V4Hash => {
-                (256, ScoringFunc::SqrtSoftplus, TopkMethod::Hash, 1, 1, 6, true, 1.5)
-            }
+            ModelShape::V3 => (256, Sigmoid, NoauxTc, 8, 4, 8, true, 2.5),
+            ModelShape::KimiK2 => (384, Sigmoid, NoauxTc, 1, 1, 8, true, 2.827),
+            ModelShape::V2 => (160, Softmax, GroupLimitedGreedy, 8, 3, 6, false, 16.0),
+            ModelShape::V2Lite => (64, Softmax, Greedy, 1, 1, 6, false, 1.0),
+            ModelShape::V4 => (256, SqrtSoftplus, NoauxTc, 1, 1, 6, true, 1.5),
+            ModelShape::V4Hash => (256, SqrtSoftplus, Hash, 1, 1, 6, true, 1.5),
+            ModelShape::Qwen3Moe => (128, Softmax, Greedy, 1, 1, 8, true, 1.0),
+            ModelShape::Mixtral => (8, Softmax, Greedy, 1, 1, 2, true, 1.0),
+            ModelShape::Glm45 => (160, Sigmoid, NoauxTc, 1, 1, 8, true, 2.5),
+            ModelShape::GptOss => (128, Softmax, Greedy, 1, 1, 4, false, 1.0),
+            ModelShape::MinimaxM2 => (256, Sigmoid, NoauxTc, 1, 1, 8, true, 1.0),
+            ModelShape::Llama4 => (128, Sigmoid, Greedy, 1, 1, 1, false, 1.0),
         };
-        RoutingSpec {
-            num_experts: e,
-            scoring,
-            method,
-            n_group: groups,
-            topk_group: keep,
-            top_k: k,
-            norm_topk_prob: renorm,
-            routed_scaling_factor: scale,
-            apply_scaling: true,
-            non_finite: Default::default(),
-        }
+        let (order, bias_role) = match self {
+            ModelShape::GptOss => (ScoringOrder::AfterTopk, BiasRole::Logits),
+            ModelShape::Llama4 => (ScoringOrder::AfterTopk, BiasRole::Correction),
+            _ => (ScoringOrder::BeforeTopk, BiasRole::Correction),
+        };
+        RoutingSpec::builder(e, k)
+            .scoring(scoring)
+            .method(method)
+            .groups(groups, keep)
+            .norm_topk_prob(renorm)
+            .routed_scaling_factor(scale)
+            .scoring_order(order)
+            .bias_role(bias_role)
+            .build()
+            .expect("the real models' routing configs are valid")
     }
 
     /// A gate of this shape with random weights drawn from `seed` (see [`gate`]).
@@ -106,9 +140,9 @@ impl ModelShape {
     }
 }
 
-/// A gate for `spec` with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, for `noaux_tc`, an f32 bias
-/// `0.05 * N(0, 1)`, or for a hash-routed layer a table whose rows hold `top_k` distinct experts,
-/// drawn from `seed`.
+/// A gate for `spec` with bf16 weights `N(0, 1) * 2 / sqrt(H)` and, where the spec takes a bias,
+/// an f32 bias (a correction bias `0.05 * N(0, 1)`, a bias on the logits `0.5 * N(0, 1)`), or for
+/// a hash-routed layer a table whose rows hold `top_k` distinct experts, drawn from `seed`.
 pub fn gate(spec: RoutingSpec, h: usize, seed: u64) -> Result<MoeGate, CliError> {
     let e = spec.num_experts;
     let mut rng = Normal::new(seed);
@@ -116,8 +150,9 @@ pub fn gate(spec: RoutingSpec, h: usize, seed: u64) -> Result<MoeGate, CliError>
     let weight: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.sample() * scale)).collect();
     let weight = Tensor::from_vec(weight, &[e, h])?;
     let bias = match spec.method {
-        TopkMethod::NoauxTc => {
-            let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.sample()).collect();
+        _ if spec.takes_bias() => {
+            let spread = if spec.bias_on_logits() { 0.5 } else { 0.05 };
+            let bias: Vec<f32> = (0..e).map(|_| spread * rng.sample()).collect();
             Some(Tensor::from_vec(bias, &[e])?)
         }
         TopkMethod::Hash => {

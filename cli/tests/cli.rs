@@ -127,6 +127,67 @@ fn inspect_names_the_qwen3_moe_and_mixtral_families_and_their_moe_layers() {
 }
 
 #[test]
+fn inspect_names_the_newer_families_their_moe_layers_and_biases() {
+    for (name, family, layers, routing, bias) in [
+        (
+            "glm4-moe",
+            "GLM-4.5 (model_type \"glm4_moe\")",
+            "2 MoE: 1-2",
+            "sigmoid + noaux_tc",
+            "f32 [32]",
+        ),
+        (
+            "gpt-oss",
+            "gpt-oss (model_type \"gpt_oss\")",
+            "2 MoE: 0-1",
+            "softmax of the selected logits + greedy, bias on logits",
+            "f32 [16]",
+        ),
+        (
+            "minimax-m2",
+            "MiniMax-M2 (model_type \"minimax_m2\")",
+            "2 MoE: 0-1",
+            "sigmoid + noaux_tc",
+            "f32 [32]",
+        ),
+        (
+            "llama4",
+            "Llama 4 (model_type \"llama4_text\", fields under text_config)",
+            "2 MoE: 1, 3",
+            "sigmoid of the selected logits + greedy",
+            "none",
+        ),
+    ] {
+        let out = sluice(&["inspect", &fixture(name)]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains(family), "{name}: {text}");
+        assert!(text.contains(layers), "{name}: {text}");
+        assert!(text.contains(routing), "{name}: {text}");
+        assert!(text.contains(&format!("bias {bias}")), "{name}: {text}");
+    }
+}
+
+#[test]
+fn demo_and_bench_take_the_newer_families() {
+    for (model, shape) in [
+        ("qwen3-moe", "4096 -> 128"),
+        ("mixtral", "4096 -> 8"),
+        ("glm-4.5", "5120 -> 160"),
+        ("gpt-oss", "2880 -> 128"),
+        ("minimax-m2", "3072 -> 256"),
+        ("llama4", "5120 -> 128"),
+    ] {
+        let out = sluice(&["demo", "--model", model, "--tokens", "8", "--show", "1"]);
+        assert!(out.status.success(), "{model}: {}", stderr(&out));
+        assert!(stdout(&out).contains("matches the reference router on 8 of 8 tokens"), "{model}");
+        let out = sluice(&["bench", "--model", model, "--tokens", "1,8", "--min-seconds", "0"]);
+        assert!(out.status.success(), "{model}: {}", stderr(&out));
+        assert!(stdout(&out).contains(shape), "{model}: {}", stdout(&out));
+    }
+}
+
+#[test]
 fn route_matches_the_golden_expert_sets() {
     let scratch = Scratch::new();
     let (hidden, t, h) = golden_hidden("v3");

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use sluice_models::reference;
 use sluice_models::{ModelConfig, MoeGate};
-use sluice_tensor::{Tensor, TopkMethod};
+use sluice_tensor::Tensor;
 
 /// How many MoE layers and how large a gate the checks go through, to keep each input fast.
 const MAX_LAYERS_CHECKED: usize = 512;
@@ -36,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let weight = Tensor::from_vec(vec![0.0f32; experts * hidden], &[experts, hidden]).unwrap();
-    let bias = (spec.method == TopkMethod::NoauxTc)
+    let bias = spec
+        .takes_bias()
         .then(|| Tensor::from_vec((0..experts).map(|e| e as f32 * 1e-3).collect(), &[experts]))
         .transpose()
         .unwrap();
@@ -44,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     MoeGate::new(layer, spec, weight, bias).expect("a parsed config makes a valid gate");
     let logits: Vec<f32> = (0..experts).map(|e| ((e * 37) % 11) as f32 - 5.0).collect();
     let bias: Vec<f32> = (0..experts).map(|e| e as f32 * 1e-3).collect();
-    let bias = (spec.method == TopkMethod::NoauxTc).then_some(bias.as_slice());
+    let bias = spec.takes_bias().then_some(bias.as_slice());
     let routing = reference::route(&logits, 1, bias, &spec).expect("one finite token routes");
     let mut ids = routing.ids().to_vec();
     assert_eq!(ids.len(), spec.top_k);

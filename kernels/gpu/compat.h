@@ -53,16 +53,19 @@ typedef unsigned int gpu_lanemask_t;
 #define GPU_BID_X ((int)__builtin_amdgcn_workgroup_id_x())
 #define GPU_BID_Y ((int)__builtin_amdgcn_workgroup_id_y())
 #define GPU_BID_Z ((int)__builtin_amdgcn_workgroup_id_z())
+#define GPU_THREADS_X ((int)__builtin_amdgcn_workgroup_size_x())
 #elif defined(SLUICE_NO_VENDOR_HEADERS)
 #define GPU_TID ((int)__nvvm_read_ptx_sreg_tid_x())
 #define GPU_BID_X ((int)__nvvm_read_ptx_sreg_ctaid_x())
 #define GPU_BID_Y ((int)__nvvm_read_ptx_sreg_ctaid_y())
 #define GPU_BID_Z ((int)__nvvm_read_ptx_sreg_ctaid_z())
+#define GPU_THREADS_X ((int)__nvvm_read_ptx_sreg_ntid_x())
 #else
 #define GPU_TID ((int)threadIdx.x)
 #define GPU_BID_X ((int)blockIdx.x)
 #define GPU_BID_Y ((int)blockIdx.y)
 #define GPU_BID_Z ((int)blockIdx.z)
+#define GPU_THREADS_X ((int)blockDim.x)
 #endif
 
 // ---- bit casts -------------------------------------------------------------------------------
@@ -84,11 +87,19 @@ GPU_INLINE bool gpu_is_finite(float v) { return (gpu_float_bits(v) & 0x7f800000u
 // ---- exp -------------------------------------------------------------------------------------
 #if defined(GPU_AMD)
 GPU_INLINE float gpu_expf(float v) { return __builtin_expf(v); }
+GPU_INLINE float gpu_log1pf(float v) { return __builtin_log1pf(v); }
+GPU_INLINE float gpu_sqrtf(float v) { return __builtin_sqrtf(v); }
 #elif defined(SLUICE_NO_VENDOR_HEADERS)
 extern "C" __device__ float __nv_expf(float);  // libdevice, linked by the driver's JIT
+extern "C" __device__ float __nv_log1pf(float);
+extern "C" __device__ float __nv_sqrtf(float);
 GPU_INLINE float gpu_expf(float v) { return __nv_expf(v); }
+GPU_INLINE float gpu_log1pf(float v) { return __nv_log1pf(v); }
+GPU_INLINE float gpu_sqrtf(float v) { return __nv_sqrtf(v); }
 #else
 GPU_INLINE float gpu_expf(float v) { return expf(v); }
+GPU_INLINE float gpu_log1pf(float v) { return log1pf(v); }
+GPU_INLINE float gpu_sqrtf(float v) { return sqrtf(v); }
 #endif
 
 // ---- half precision: f16 bits to f32 (exact) -------------------------------------------------

@@ -89,6 +89,145 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(256) void sluice_sum_partials(const float *partials
   logits[(i / experts) * logits_row_stride + i % experts] = sum;
 }
 
+// ---- 16-byte loads ----------------------------------------------------------------------------
+
+struct alignas(16) sluice_u32x4 {
+  unsigned x, y, z, w;
+};
+
+// 16 bytes of the weight, which nothing writes while the kernel runs: on NVIDIA the read-only
+// path without an L1 fill. Not volatile, and without a memory clobber, so the compiler may issue it
+// as early as it likes, before the grid-dependency wait too (the weight does not depend on the
+// previous kernel).
+GPU_INLINE sluice_u32x4 sluice_load_weight16(const unsigned short *p) {
+#if defined(GPU_AMD)
+  return *(const sluice_u32x4 *)p;
+#else
+  sluice_u32x4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+#endif
+}
+
+// 16 bytes of the hidden states: an ordinary load, which stays after the grid-dependency wait.
+GPU_INLINE sluice_u32x4 sluice_load16(const void *p) { return *(const sluice_u32x4 *)p; }
+
+// ---- few tokens: one pass over the weight, every load in flight at once -----------------------
+//
+// With a handful of tokens the router GEMM is a matrix-vector product whose time is one memory
+// latency plus the reduction, if every byte of the weight is requested at once. Block (expert
+// block, token block): EPB consecutive experts and TOKENS tokens; each thread takes 8-wide chunks of
+// the hidden size (16-byte loads) at a stride of the block size, ILP chunks per round, and issues
+// all their weight loads before it waits for the previous kernel (the weight does not depend on it).
+// The block adds its threads' sums in a fixed order (shuffles, then warps in order), so the logits
+// are written once, straight, and do not depend on scheduling. Needs a bf16 weight and bf16 hidden
+// states whose rows are 16-byte aligned with a hidden size that is a multiple of 8.
+
+#define SLUICE_GEMV_MAX_THREADS 512
+#define SLUICE_GEMV_ILP 2
+
+GPU_INLINE void sluice_bf16x8_to_f32(const sluice_u32x4 &v, float (&out)[8]) {
+  const unsigned words[4] = {v.x, v.y, v.z, v.w};
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = gpu_bits_float(words[i] << 16);
+    out[2 * i + 1] = gpu_bits_float(words[i] & 0xffff0000u);
+  }
+}
+
+template <int TOKENS, int EPB>
+GPU_INLINE void sluice_gemv(const unsigned short *x, long long x_row_stride,
+                            const unsigned short *w, long long w_row_stride, int tokens,
+                            int hidden, int experts, float *logits, long long row_stride,
+                            int *status) {
+  __shared__ float sums[SLUICE_GEMV_MAX_THREADS / GPU_WARP][TOKENS * EPB];
+  const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  const int threads = GPU_THREADS_X, warps = threads / GPU_WARP;
+  const int e0 = GPU_BID_X * EPB, t0 = GPU_BID_Y * TOKENS;
+  const int chunks = hidden / 8;
+  float acc[TOKENS][EPB];
+  #pragma unroll
+  for (int t = 0; t < TOKENS; ++t)
+    #pragma unroll
+    for (int e = 0; e < EPB; ++e) acc[t][e] = 0.f;
+
+  gpu_allow_dependents();
+  bool waited = false;
+  for (int c0 = GPU_TID; c0 < chunks; c0 += SLUICE_GEMV_ILP * threads) {
+    sluice_u32x4 wv[SLUICE_GEMV_ILP][EPB];
+    #pragma unroll
+    for (int i = 0; i < SLUICE_GEMV_ILP; ++i) {
+      const int c = c0 + i * threads;
+      #pragma unroll
+      for (int e = 0; e < EPB; ++e)
+        wv[i][e] = (c < chunks && e0 + e < experts)
+                       ? sluice_load_weight16(w + (e0 + e) * w_row_stride + 8 * c)
+                       : sluice_u32x4{0u, 0u, 0u, 0u};
+    }
+    if (!waited) {
+      gpu_wait_for_previous_grid();
+      waited = true;
+    }
+    #pragma unroll
+    for (int i = 0; i < SLUICE_GEMV_ILP; ++i) {
+      const int c = c0 + i * threads;
+      if (c >= chunks) break;
+      float wf[EPB][8];
+      #pragma unroll
+      for (int e = 0; e < EPB; ++e) sluice_bf16x8_to_f32(wv[i][e], wf[e]);
+      #pragma unroll
+      for (int t = 0; t < TOKENS; ++t) {
+        if (t0 + t >= tokens) break;
+        float xf[8];
+        sluice_bf16x8_to_f32(sluice_load16(x + (t0 + t) * x_row_stride + 8 * c), xf);
+        #pragma unroll
+        for (int e = 0; e < EPB; ++e)
+          #pragma unroll
+          for (int j = 0; j < 8; ++j) acc[t][e] += wf[e][j] * xf[j];
+      }
+    }
+  }
+  gpu_wait_for_previous_grid();  // for threads without a chunk; returns at once otherwise
+  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
+  }
+  #pragma unroll
+  for (int t = 0; t < TOKENS; ++t)
+    #pragma unroll
+    for (int e = 0; e < EPB; ++e) {
+      float v = acc[t][e];
+      for (int off = GPU_WARP / 2; off > 0; off >>= 1) v += gpu_shfl_xor_f(v, off);
+      if (lane == 0) sums[warp][t * EPB + e] = v;
+    }
+  gpu_syncthreads();
+  if (GPU_TID < TOKENS * EPB) {
+    const int t = t0 + GPU_TID / EPB, e = e0 + GPU_TID % EPB;
+    float sum = 0.f;
+    for (int wi = 0; wi < warps; ++wi) sum += sums[wi][GPU_TID];
+    if (t < tokens && e < experts) logits[t * row_stride + e] = sum;
+  }
+}
+
+#define SLUICE_INSTANTIATE_GEMV(name, TOKENS, EPB)                                                 \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_GEMV_MAX_THREADS) void name(                                 \
+      const unsigned short *x, long long x_row_stride, const unsigned short *w,                    \
+      long long w_row_stride, int tokens, int hidden, int experts, float *logits,                  \
+      long long row_stride, int *status) {                                                         \
+    sluice_gemv<TOKENS, EPB>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts, logits,    \
+                             row_stride, status);                                                  \
+  }
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_1_1, 1, 1)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_1_2, 1, 2)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_2_1, 2, 1)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_2_2, 2, 2)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_4_1, 4, 1)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_4_2, 4, 2)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_8_1, 8, 1)
+SLUICE_INSTANTIATE_GEMV(sluice_gemv_8_2, 8, 2)
+
 #if defined(GPU_HAS_MMA_SYNC)
 // ---- tensor-core path -------------------------------------------------------------------------
 //
@@ -102,24 +241,6 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(256) void sluice_sum_partials(const float *partials
 // Block: SLUICE_MMA_WARPS(TILES) warps; each warp owns 32 experts (two M tiles, so every token
 // fragment feeds two MMAs) and a k range of `k_per_warp`; the warps of a block take consecutive k
 // ranges and their sums are added in shared memory. Grid: (ceil(E / 32), S, ceil(T / (8 TILES))).
-
-struct alignas(16) sluice_u32x4 {
-  unsigned x, y, z, w;
-};
-
-// 16 bytes of the weight, which nothing writes while the kernel runs: read-only path, no L1 fill.
-// Not volatile, and without a memory clobber, so the compiler may issue it as early as it likes,
-// before the grid-dependency wait too (the weight does not depend on the previous kernel).
-GPU_INLINE sluice_u32x4 sluice_load_weight16(const unsigned short *p) {
-  sluice_u32x4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// 16 bytes of the hidden states: an ordinary load, which stays after the grid-dependency wait.
-GPU_INLINE sluice_u32x4 sluice_load16(const void *p) { return *(const sluice_u32x4 *)p; }
 
 GPU_INLINE void sluice_mma_bf16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                 unsigned b0, unsigned b1) {

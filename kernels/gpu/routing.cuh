@@ -6,9 +6,13 @@
 //   SLUICE_G        groups G (E % G == 0; experts g*E/G .. (g+1)*E/G form group g)
 //   SLUICE_KG       groups kept
 //   SLUICE_K        experts per token K (at most GPU_WARP)
-//   SLUICE_SCORING  SLUICE_SOFTMAX or SLUICE_SIGMOID
+//   SLUICE_SCORING  SLUICE_SOFTMAX, SLUICE_SIGMOID or SLUICE_SQRTSOFTPLUS
 //   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY or SLUICE_NOAUX_TC
 //   SLUICE_NORM     1: divide the weights by their sum + 1e-20
+//   SLUICE_AFTER_TOPK  1: select the K largest logits, then score only those (softmax over the
+//                      K, or the element-wise score of each); greedy only
+//   SLUICE_LOGIT_BIAS  1: the bias is the router's, added to every logit before anything else
+//                      (otherwise it is noaux_tc's correction, for selection only)
 // Scoring is one switch (`sluice_score`) and the group score another (`sluice_group_score`), so a
 // new scoring function or selection rule is one more case in each.
 //
@@ -19,13 +23,18 @@
 
 #define SLUICE_SOFTMAX 0
 #define SLUICE_SIGMOID 1
+#define SLUICE_SQRTSOFTPLUS 2
 #define SLUICE_GREEDY 0
 #define SLUICE_GROUP_LIMITED_GREEDY 1
 #define SLUICE_NOAUX_TC 2
 
 #if !defined(SLUICE_E) || !defined(SLUICE_G) || !defined(SLUICE_KG) || !defined(SLUICE_K) || \
-    !defined(SLUICE_SCORING) || !defined(SLUICE_METHOD) || !defined(SLUICE_NORM)
-#error "the routing config must be defined: SLUICE_E, _G, _KG, _K, _SCORING, _METHOD, _NORM"
+    !defined(SLUICE_SCORING) || !defined(SLUICE_METHOD) || !defined(SLUICE_NORM) ||            \
+    !defined(SLUICE_AFTER_TOPK) || !defined(SLUICE_LOGIT_BIAS)
+#error "the routing config must be defined: SLUICE_E, _G, _KG, _K, _SCORING, _METHOD, _NORM, _AFTER_TOPK, _LOGIT_BIAS"
+#endif
+#if SLUICE_AFTER_TOPK && SLUICE_METHOD != SLUICE_GREEDY
+#error "scoring after the top-k is for greedy selection only"
 #endif
 #if SLUICE_E % SLUICE_G != 0 || SLUICE_K > GPU_WARP || SLUICE_E > 32 * GPU_WARP
 #error "routing config out of range"
@@ -70,7 +79,20 @@ GPU_INLINE float sluice_warp_sum(float v) {
   return v;
 }
 
-// Scores s from logits l, for this lane's experts (-inf logits for the padding lanes).
+// The element-wise scores: the sigmoid, or sqrt(ln(1 + e^l)) computed as
+// sqrt(max(l, 0) + ln(1 + e^-|l|)) (no overflow for large l, full precision for very negative l:
+// the reference's formula).
+GPU_INLINE float sluice_elementwise_score(float l) {
+#if SLUICE_SCORING == SLUICE_SQRTSOFTPLUS
+  const float l_abs = l < 0.f ? -l : l;
+  return gpu_sqrtf((l > 0.f ? l : 0.f) + gpu_log1pf(gpu_expf(-l_abs)));
+#else
+  return 1.f / (1.f + gpu_expf(-l));
+#endif
+}
+
+// Scores s from logits l, for this lane's experts (-inf logits for the padding lanes, which are
+// never allowed).
 GPU_INLINE void sluice_score(const float (&l)[SLUICE_PER_LANE], float (&s)[SLUICE_PER_LANE]) {
 #if SLUICE_SCORING == SLUICE_SOFTMAX
   float m = -GPU_INFINITY;
@@ -86,9 +108,9 @@ GPU_INLINE void sluice_score(const float (&l)[SLUICE_PER_LANE], float (&s)[SLUIC
   sum = sluice_warp_sum(sum);
   #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = s[j] / sum;
-#elif SLUICE_SCORING == SLUICE_SIGMOID
+#elif SLUICE_SCORING == SLUICE_SIGMOID || SLUICE_SCORING == SLUICE_SQRTSOFTPLUS
   #pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = 1.f / (1.f + gpu_expf(-l[j]));
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = sluice_elementwise_score(l[j]);
 #else
 #error "unknown SLUICE_SCORING"
 #endif
@@ -178,7 +200,11 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
-GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
+// MAX_PARTIALS is the most partial sums per logit this instance adds: SLUICE_MAX_PARTIALS for the
+// split GEMM, 1 where the GEMM wrote the logits themselves. The second instance is much smaller
+// code, and a kernel that runs once per layer fetches its instructions cold every time.
+template <int MAX_PARTIALS>
+GPU_INLINE void sluice_route_tokens(
     const float *partials, int splits, long long split_stride, long long row_stride,
     const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
     long long weights_row_stride, float *logits, long long logits_row_stride, int *status) {
@@ -193,7 +219,8 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
     const int e = j * GPU_WARP + lane;
-    b[j] = (SLUICE_METHOD == SLUICE_NOAUX_TC && bias != 0 && e < SLUICE_E) ? bias[e] : 0.f;
+    const bool biased = SLUICE_METHOD == SLUICE_NOAUX_TC || SLUICE_LOGIT_BIAS;
+    b[j] = (biased && bias != 0 && e < SLUICE_E) ? bias[e] : 0.f;
   }
   gpu_allow_dependents();
   gpu_wait_for_previous_grid();
@@ -201,14 +228,14 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
   if (t >= tokens) return;  // the whole warp leaves; no block-wide barrier follows
 
   // Logits: the sum of the split partials, in split order. The split loop has a constant bound
-  // (the planner never makes more than SLUICE_MAX_PARTIALS), so every load of this lane's experts
-  // for every split can be in flight at once.
+  // (the planner never makes more than MAX_PARTIALS), so every load of this lane's experts for
+  // every split can be in flight at once.
   float l[SLUICE_PER_LANE];
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) l[j] = 0.f;
   const float *row = partials + t * row_stride;
 #pragma unroll
-  for (int s = 0; s < SLUICE_MAX_PARTIALS; ++s) {
+  for (int s = 0; s < MAX_PARTIALS; ++s) {
     if (s < splits) {
 #pragma unroll
       for (int j = 0; j < SLUICE_PER_LANE; ++j) {
@@ -217,13 +244,16 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
       }
     }
   }
+  // The logits handed out are x . W^T; a router bias joins them after, and the non-finite check
+  // sees the sum (a bias can overflow a large logit).
   bool finite = true;
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
     const int e = j * GPU_WARP + lane;
     if (e < SLUICE_E) {
-      finite = finite && gpu_is_finite(l[j]);
       if (logits != 0) logits[t * logits_row_stride + e] = l[j];
+      if (SLUICE_LOGIT_BIAS) l[j] += b[j];
+      finite = finite && gpu_is_finite(l[j]);
     } else {
       l[j] = -GPU_INFINITY;
     }
@@ -240,11 +270,17 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
     return;
   }
 
-  // Scores s (carried to the weights) and selection values c (s + bias for noaux_tc).
+  // Scores s (carried to the weights) and selection values c (s + bias for noaux_tc). Scoring
+  // after the top-k selects on the logits and carries them, to be scored once chosen.
   float s[SLUICE_PER_LANE], c[SLUICE_PER_LANE];
+#if SLUICE_AFTER_TOPK
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = c[j] = l[j];
+#else
   sluice_score(l, s);
   #pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j) c[j] = s[j] + b[j];
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) c[j] = SLUICE_METHOD == SLUICE_NOAUX_TC ? s[j] + b[j] : s[j];
+#endif
 
   // Which of this lane's experts may be chosen (bit j: expert j * GPU_WARP + lane).
   unsigned allowed = 0;
@@ -298,6 +334,17 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
   }
 
   float weight = my_score;
+#if SLUICE_AFTER_TOPK
+  // Lane r holds the r-th chosen logit, the first the largest: score the K of them.
+#if SLUICE_SCORING == SLUICE_SOFTMAX
+  const float largest = gpu_shfl_f(my_score, 0);
+  const float term = lane < SLUICE_K ? gpu_expf(my_score - largest) : 0.f;
+  weight = term / sluice_warp_sum(term);
+#else
+  weight = lane < SLUICE_K ? sluice_elementwise_score(my_score) : 0.f;
+#endif
+  sum = sluice_warp_sum(weight);
+#endif
 #if SLUICE_NORM
   weight = weight / (sum + SLUICE_RENORM_EPSILON);
 #endif
@@ -314,5 +361,29 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void sluice_route(
   if (lane < SLUICE_K) {
     ids[t * ids_row_stride + rank] = my_id;
     weights[t * weights_row_stride + rank] = weight;
+  }
+}
+
+#define SLUICE_INSTANTIATE_ROUTE(name, MAX_PARTIALS)                                               \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_ROUTE_WARPS *GPU_WARP) void name(                            \
+      const float *partials, int splits, long long split_stride, long long row_stride,             \
+      const float *bias, int tokens, float scale, int *ids, long long ids_row_stride,              \
+      float *weights, long long weights_row_stride, float *logits, long long logits_row_stride,    \
+      int *status) {                                                                               \
+    sluice_route_tokens<MAX_PARTIALS>(partials, splits, split_stride, row_stride, bias, tokens,   \
+                                      scale, ids, ids_row_stride, weights, weights_row_stride,     \
+                                      logits, logits_row_stride, status);                          \
+  }
+SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
+SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)
+
+// Resets the routing status to [0, -1] where no GEMM kernel of ours runs before routing (the
+// cuBLASLt path). It waits for the previous kernel, which may still count into the same status.
+GPU_KERNEL GPU_LAUNCH_BOUNDS(GPU_WARP) void sluice_reset_status(int *status) {
+  gpu_allow_dependents();
+  gpu_wait_for_previous_grid();
+  if (GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
   }
 }

@@ -1,6 +1,6 @@
 //! The routing config as compile-time defines of the routing kernel.
 
-use sluice_tensor::{RoutingSpec, ScoringFunc, SpecError, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, SpecError, TopkMethod};
 use thiserror::Error;
 
 /// The most experts the routing kernel takes: 32 per lane of a 32-wide warp.
@@ -22,7 +22,7 @@ pub enum KernelError {
     /// More experts per token than lanes in a warp.
     #[error("the GPU routing kernel takes at most {MAX_TOP_K} experts per token, got {0}")]
     TopKTooLarge(usize),
-    /// A scoring function the routing kernel does not compute yet (DeepSeek-V4's sqrt-softplus).
+    /// A scoring function the routing kernel does not compute.
     #[error("the GPU routing kernel does not compute `{}` scores yet", .0.name())]
     UnsupportedScoring(ScoringFunc),
     /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
@@ -53,6 +53,8 @@ pub struct RoutingConfig {
     scoring: ScoringFunc,
     method: TopkMethod,
     renormalise: bool,
+    after_topk: bool,
+    logit_bias: bool,
 }
 
 impl RoutingConfig {
@@ -78,6 +80,8 @@ impl RoutingConfig {
             scoring: spec.scoring,
             method: spec.method,
             renormalise: spec.norm_topk_prob,
+            after_topk: spec.scoring_order == ScoringOrder::AfterTopk,
+            logit_bias: spec.bias_role == BiasRole::Logits,
         })
     }
 
@@ -104,6 +108,8 @@ impl RoutingConfig {
             ("SLUICE_SCORING", scoring),
             ("SLUICE_METHOD", method),
             ("SLUICE_NORM", usize::from(self.renormalise)),
+            ("SLUICE_AFTER_TOPK", usize::from(self.after_topk)),
+            ("SLUICE_LOGIT_BIAS", usize::from(self.logit_bias)),
         ]
     }
 
@@ -118,7 +124,7 @@ fn scoring_define(scoring: ScoringFunc) -> Result<usize, KernelError> {
     match scoring {
         ScoringFunc::Softmax => Ok(0),
         ScoringFunc::Sigmoid => Ok(1),
-        ScoringFunc::SqrtSoftplus => Err(KernelError::UnsupportedScoring(scoring)),
+        ScoringFunc::SqrtSoftplus => Ok(2),
     }
 }
 
@@ -155,7 +161,7 @@ mod tests {
         assert_eq!(
             config.compiler_options().join(" "),
             "-DSLUICE_E=256 -DSLUICE_G=8 -DSLUICE_KG=4 -DSLUICE_K=8 -DSLUICE_SCORING=1 \
-             -DSLUICE_METHOD=2 -DSLUICE_NORM=1"
+             -DSLUICE_METHOD=2 -DSLUICE_NORM=1 -DSLUICE_AFTER_TOPK=0 -DSLUICE_LOGIT_BIAS=0"
         );
     }
 
@@ -183,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn v4_routing_is_refused_until_the_kernel_computes_it() {
+    fn v4_scores_compile_and_hash_routing_is_refused_until_the_kernel_does_it() {
         let mut v4 = RoutingSpec::builder(256, 6)
             .scoring(ScoringFunc::SqrtSoftplus)
             .method(TopkMethod::NoauxTc)
@@ -191,11 +197,40 @@ mod tests {
             .routed_scaling_factor(1.5)
             .build()
             .unwrap();
-        let err = RoutingConfig::new(&v4).unwrap_err();
-        assert_eq!(err, KernelError::UnsupportedScoring(ScoringFunc::SqrtSoftplus));
-        assert!(err.to_string().contains("sqrtsoftplus"), "{err}");
-        v4.scoring = ScoringFunc::Sigmoid;
+        let config = RoutingConfig::new(&v4).unwrap();
+        assert!(config.compiler_options().contains(&"-DSLUICE_SCORING=2".to_owned()));
         v4.method = TopkMethod::Hash;
-        assert_eq!(RoutingConfig::new(&v4).unwrap_err(), KernelError::HashRouting);
+        let err = RoutingConfig::new(&v4).unwrap_err();
+        assert_eq!(err, KernelError::HashRouting);
+        assert!(err.to_string().contains("hash routing"), "{err}");
+    }
+
+    #[test]
+    fn every_family_decision_becomes_a_define() {
+        let has = |spec: &RoutingSpec, define: &str| {
+            RoutingConfig::new(spec).unwrap().compiler_options().contains(&define.to_owned())
+        };
+        // gpt-oss: softmax of the selected logits, bias added to the logits.
+        let gpt_oss = RoutingSpec::builder(32, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap();
+        assert!(has(&gpt_oss, "-DSLUICE_AFTER_TOPK=1") && has(&gpt_oss, "-DSLUICE_LOGIT_BIAS=1"));
+        let bias_only = RoutingSpec { scoring_order: ScoringOrder::BeforeTopk, ..gpt_oss };
+        assert!(
+            has(&bias_only, "-DSLUICE_AFTER_TOPK=0") && has(&bias_only, "-DSLUICE_LOGIT_BIAS=1")
+        );
+        // Llama 4: the sigmoid of the selected logit.
+        let llama4 = RoutingSpec::builder(128, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap();
+        assert!(has(&llama4, "-DSLUICE_AFTER_TOPK=1") && has(&llama4, "-DSLUICE_SCORING=1"));
+        // GLM-4.5 and MiniMax-M2 are the V3 router.
+        let glm = spec(160, 1, 1, 8, TopkMethod::NoauxTc);
+        assert!(has(&glm, "-DSLUICE_AFTER_TOPK=0") && has(&glm, "-DSLUICE_LOGIT_BIAS=0"));
+        assert_ne!(RoutingConfig::new(&gpt_oss).unwrap(), RoutingConfig::new(&bias_only).unwrap());
     }
 }

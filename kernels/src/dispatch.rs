@@ -19,8 +19,8 @@ pub const RANK_TOKENS_THREADS: usize = 256;
 const HIST_SLOTS: usize = 6144;
 /// The most threads a dispatch block has (`SLUICE_DISPATCH_MAX_THREADS`).
 const MAX_THREADS: usize = 1024;
-/// The warp width of the NVIDIA device source.
-const WARP: usize = 32;
+/// The warp width the dispatch geometry is for: NVIDIA's (AMD builds leave the kernels out).
+const WARP: usize = crate::NVIDIA_WAVE_WIDTH;
 /// Pairs per warp that a block is sized for: enough to pay for a warp's share of the per-expert
 /// work (its counts are zeroed, scanned and read by every block).
 const PAIRS_PER_WARP: usize = 4 * WARP;

@@ -6,11 +6,17 @@
 //! contiguous range of at least one 32-wide chunk; the warps of a block add their sums in shared
 //! memory, and the routing kernel adds the blocks' partial sums.
 
-use crate::KernelError;
+use sluice_tensor::DType;
 
-/// Threads per block of the scalar GEMM kernel (4 warps of 32).
-pub const GEMM_THREADS: u32 = 128;
+use crate::KernelError;
+use crate::operands::DeviceMatrix;
+
+/// Warps (waves) per block of the scalar GEMM kernel (`SLUICE_GEMM_WARPS`): one token each.
 const GEMM_WARPS: usize = 4;
+/// Threads per warp on NVIDIA GPUs.
+pub const NVIDIA_WAVE_WIDTH: usize = 32;
+/// Threads per wave on AMD Instinct GPUs (CDNA 2 and 3 run wave64), the kernels' `GPU_WARP`.
+pub const AMD_WAVE_WIDTH: usize = 64;
 
 /// Warps per block of the tensor-core kernel with `tiles` token tiles (`SLUICE_MMA_WARPS`).
 const fn mma_warps(tiles: usize) -> usize {
@@ -29,6 +35,12 @@ pub const WARPS_PER_MULTIPROCESSOR: usize = 16;
 /// The most partial sums per logit: the routing kernel reads each of them, all at once, up to
 /// its `SLUICE_MAX_PARTIALS`.
 pub const MAX_PARTIALS: usize = 16;
+/// The most tokens the matrix-vector kernel serves; beyond, a GEMM reads the weight once for many
+/// tokens faster than it streams it once per token block (measured on an H200: 4.1 us at T = 8 for
+/// a 7168 x 256 weight, against 6.5 us for cuBLASLt and more for the split tensor-core kernel).
+pub const GEMV_MAX_TOKENS: usize = 8;
+/// The matrix-vector kernel's most threads per block (`SLUICE_GEMV_MAX_THREADS`).
+pub const GEMV_MAX_THREADS: usize = 512;
 /// Tokens per block of the routing kernel (one warp each).
 pub const ROUTE_TOKENS_PER_BLOCK: usize = 4;
 const SUM_THREADS: usize = 256;
@@ -47,6 +59,16 @@ pub enum HiddenKind {
 }
 
 impl HiddenKind {
+    /// The kind of hidden states of `dtype`; f32 for anything that is not bf16 or f16 (callers
+    /// check dtypes against [`HIDDEN_DTYPES`](crate::HIDDEN_DTYPES) first).
+    pub fn of(dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => HiddenKind::Bf16,
+            DType::F16 => HiddenKind::F16,
+            _ => HiddenKind::F32,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             HiddenKind::Bf16 => "bf16",
@@ -65,9 +87,25 @@ pub enum WeightKind {
     F32,
 }
 
+impl WeightKind {
+    /// The kind of a router weight of `dtype`; f32 for anything that is not bf16 (callers check
+    /// dtypes against [`WEIGHT_DTYPES`](crate::WEIGHT_DTYPES) first).
+    pub fn of(dtype: DType) -> Self {
+        if dtype == DType::BF16 { WeightKind::Bf16 } else { WeightKind::F32 }
+    }
+}
+
 /// Which GEMM kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmKernel {
+    /// A few bf16 tokens and a bf16 weight: one pass over the weight with every load in flight,
+    /// the logits written straight (`S = 1`).
+    Gemv {
+        /// Tokens per block: 1, 2, 4 or 8.
+        tokens_per_block: usize,
+        /// Consecutive experts per block: 1 or 2.
+        experts_per_block: usize,
+    },
     /// Tensor cores, bf16 weight, `tiles` N tiles of 8 tokens per block.
     Mma {
         /// Hidden-state element type.
@@ -88,6 +126,9 @@ impl GemmKernel {
     /// The kernel's symbol in the device source.
     pub fn name(&self) -> String {
         match *self {
+            GemmKernel::Gemv { tokens_per_block, experts_per_block } => {
+                format!("sluice_gemv_{tokens_per_block}_{experts_per_block}")
+            }
             GemmKernel::Mma { hidden, tiles } => {
                 format!("sluice_gemm_mma_{}_{tiles}", hidden.name())
             }
@@ -142,16 +183,48 @@ impl GemmPlan {
     }
 }
 
+/// What the planner needs to know about the device the kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuTarget {
+    /// Threads per warp (wave) the kernels were compiled for: [`NVIDIA_WAVE_WIDTH`] or
+    /// [`AMD_WAVE_WIDTH`]. Every block is a whole number of warps of this width, and the kernels
+    /// give each warp one token, so a wrong width leaves tokens unrouted.
+    pub wave_width: usize,
+    /// Whether the device has the tensor-core GEMM kernels (NVIDIA compute capability 8.0 and
+    /// later; never on AMD, which has no `mma.sync`).
+    pub tensor_cores: bool,
+    /// Multiprocessors (compute units), which the split of the hidden size aims to fill.
+    pub multiprocessors: usize,
+}
+
+/// Plans the router GEMM of `hidden` `[T, H]` by `weight` `[E, H]` on `target`: the tensor-core
+/// kernel where the target has it, the weight is bf16 and both operands' rows are contiguous and
+/// 16-byte aligned, else the scalar kernel. At most `max_splits` partial sums.
+pub fn plan_router_gemm(
+    target: &GpuTarget,
+    hidden: &DeviceMatrix,
+    weight: &DeviceMatrix,
+    max_splits: usize,
+) -> Result<GemmPlan, KernelError> {
+    let tensor_cores = target.tensor_cores
+        && weight.dtype == DType::BF16
+        && hidden.rows_are_16_byte_aligned()
+        && weight.rows_are_16_byte_aligned();
+    let shape = GemmShape { tokens: hidden.rows, hidden: hidden.cols, experts: weight.rows };
+    let (x, w) = (HiddenKind::of(hidden.dtype), WeightKind::of(weight.dtype));
+    plan_gemm(target, shape, x, w, tensor_cores, max_splits)
+}
+
 /// Plans the router GEMM. `tensor_cores` says whether the tensor-core kernel may run: a bf16
 /// weight, rows of both operands 16-byte aligned with unit column stride, and a device that has
 /// `mma.sync` (compute capability 8.0 or later); otherwise the scalar kernel runs. At most
 /// `max_splits` partial sums are planned (1: the GEMM writes the logits themselves).
 pub fn plan_gemm(
+    target: &GpuTarget,
     shape: GemmShape,
     hidden: HiddenKind,
     weight: WeightKind,
     tensor_cores: bool,
-    multiprocessors: usize,
     max_splits: usize,
 ) -> Result<GemmPlan, KernelError> {
     check_i32("tokens", shape.tokens)?;
@@ -165,11 +238,14 @@ pub fn plan_gemm(
             kernel: GemmKernel::Simt { hidden, weight },
             launch: Launch {
                 grid: [shape.experts as u32, token_blocks as u32, 1],
-                block: [GEMM_THREADS, 1, 1],
+                block: [(GEMM_WARPS * target.wave_width) as u32, 1, 1],
             },
             k_per_warp: shape.hidden,
             splits: 1,
         });
+    }
+    if hidden == HiddenKind::Bf16 && tokens <= GEMV_MAX_TOKENS {
+        return Ok(plan_gemv(target, shape));
     }
     let tiles = match tokens {
         1..=8 => 1,
@@ -181,10 +257,10 @@ pub fn plan_gemm(
     check_grid("tokens", token_blocks, tokens)?;
     let expert_blocks = shape.experts.div_ceil(MMA_EXPERTS_PER_BLOCK);
     let warps = mma_warps(tiles);
-    let target = (WARPS_PER_MULTIPROCESSOR * multiprocessors.max(1))
+    let wanted_warps = (WARPS_PER_MULTIPROCESSOR * target.multiprocessors.max(1))
         .div_ceil(expert_blocks * token_blocks * warps);
     let most = shape.hidden.div_ceil(warps * MMA_CHUNK).max(1);
-    let wanted = target.clamp(1, most.min(max_splits.clamp(1, MAX_PARTIALS)));
+    let wanted = wanted_warps.clamp(1, most.min(max_splits.clamp(1, MAX_PARTIALS)));
     let k_per_warp =
         shape.hidden.div_ceil(wanted * warps).next_multiple_of(MMA_CHUNK).max(MMA_CHUNK);
     let splits = shape.hidden.div_ceil(warps * k_per_warp).max(1);
@@ -199,11 +275,53 @@ pub fn plan_gemm(
     })
 }
 
-/// The routing kernel's launch for `tokens` tokens (at least 1).
-pub fn route_launch(tokens: usize) -> Result<Launch, KernelError> {
+/// The matrix-vector plan for at most [`GEMV_MAX_TOKENS`] tokens. Tokens and experts per block as
+/// measured best on an H200 for 7168 x 256 and 7168 x 384 weights: one token per block alone, pairs
+/// of experts once there are two tokens or more (their loads overlap), and four tokens per block
+/// from three on; 16-byte chunks spread over up to [`GEMV_MAX_THREADS`] threads.
+fn plan_gemv(target: &GpuTarget, shape: GemmShape) -> GemmPlan {
+    let tokens = shape.tokens.max(1);
+    let tokens_per_block = match tokens {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    let experts_per_block = if tokens == 1 { 1 } else { 2 };
+    let chunks = (shape.hidden / 8).max(1);
+    let threads = chunks.next_multiple_of(target.wave_width).min(GEMV_MAX_THREADS);
+    GemmPlan {
+        kernel: GemmKernel::Gemv { tokens_per_block, experts_per_block },
+        launch: Launch {
+            grid: [
+                shape.experts.div_ceil(experts_per_block) as u32,
+                tokens.div_ceil(tokens_per_block) as u32,
+                1,
+            ],
+            block: [threads as u32, 1, 1],
+        },
+        k_per_warp: shape.hidden,
+        splits: 1,
+    }
+}
+
+/// The routing kernel that reads `splits` partial sums per logit: the compact one when the GEMM
+/// wrote the logits themselves.
+pub fn route_kernel(splits: usize) -> &'static str {
+    if splits <= 1 { crate::ROUTE_LOGITS_KERNEL } else { crate::ROUTE_KERNEL }
+}
+
+/// The routing kernel's launch for `tokens` tokens (at least 1), one warp of `wave_width`
+/// threads per token.
+pub fn route_launch(tokens: usize, wave_width: usize) -> Result<Launch, KernelError> {
     check_i32("tokens", tokens)?;
     let blocks = tokens.div_ceil(ROUTE_TOKENS_PER_BLOCK) as u32;
-    Ok(Launch { grid: [blocks, 1, 1], block: [(ROUTE_TOKENS_PER_BLOCK * 32) as u32, 1, 1] })
+    let threads = (ROUTE_TOKENS_PER_BLOCK * wave_width) as u32;
+    Ok(Launch { grid: [blocks, 1, 1], block: [threads, 1, 1] })
+}
+
+/// The launch of `sluice_reset_status`: one warp.
+pub fn reset_status_launch(wave_width: usize) -> Launch {
+    Launch { grid: [1, 1, 1], block: [wave_width as u32, 1, 1] }
 }
 
 /// The launch of `sluice_sum_partials` for a `[T, E]` output.
@@ -239,12 +357,63 @@ mod tests {
     use super::*;
 
     const V3: GemmShape = GemmShape { tokens: 1, hidden: 7168, experts: 256 };
+    const H200: GpuTarget =
+        GpuTarget { wave_width: NVIDIA_WAVE_WIDTH, tensor_cores: true, multiprocessors: 132 };
+    const MI300X: GpuTarget =
+        GpuTarget { wave_width: AMD_WAVE_WIDTH, tensor_cores: false, multiprocessors: 304 };
+
+    fn matrix(rows: usize, cols: usize, dtype: DType) -> DeviceMatrix {
+        DeviceMatrix { ptr: 4096, rows, cols, row_stride: cols, col_stride: 1, dtype }
+    }
 
     #[test]
-    fn v3_at_one_token_fills_an_h200_and_covers_the_hidden_size() {
+    fn every_token_gets_a_whole_wave_of_its_target() {
+        for target in [H200, MI300X] {
+            for tokens in [1, 3, 4, 5, 64, 1001] {
+                let hidden = matrix(tokens, 7168, DType::BF16);
+                let plan =
+                    plan_router_gemm(&target, &hidden, &matrix(256, 7168, DType::F32), usize::MAX)
+                        .unwrap();
+                let waves_per_block = plan.launch.block[0] as usize / target.wave_width;
+                assert_eq!(plan.launch.block[0] as usize % target.wave_width, 0);
+                assert_eq!(waves_per_block, GEMM_WARPS, "one token per wave, {target:?}");
+                assert!(plan.launch.grid[1] as usize * waves_per_block >= tokens);
+                let route = route_launch(tokens, target.wave_width).unwrap();
+                assert_eq!(route.block[0] as usize, ROUTE_TOKENS_PER_BLOCK * target.wave_width);
+                assert!(route.grid[0] as usize * ROUTE_TOKENS_PER_BLOCK >= tokens);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_hold_as_many_warps_as_the_kernels_give_tokens_to() {
+        let gemm = format!("#define SLUICE_GEMM_WARPS {GEMM_WARPS}\n");
+        let route = format!("#define SLUICE_ROUTE_WARPS {ROUTE_TOKENS_PER_BLOCK}\n");
+        assert!(crate::SOURCE.contains(&gemm) && crate::SOURCE.contains(&route));
+    }
+
+    #[test]
+    fn a_target_without_tensor_cores_always_takes_the_scalar_kernel() {
+        let (hidden, weight) = (matrix(8, 7168, DType::BF16), matrix(256, 7168, DType::BF16));
+        let amd = plan_router_gemm(&MI300X, &hidden, &weight, usize::MAX).unwrap();
+        assert_eq!(amd.kernel.name(), "sluice_gemm_simt_bf16_bf16");
+        assert_eq!((amd.splits, amd.launch.block[0]), (1, 256));
+        let nvidia = plan_router_gemm(&H200, &hidden, &weight, usize::MAX).unwrap();
+        assert!(matches!(nvidia.kernel, GemmKernel::Gemv { .. }), "{:?}", nvidia.kernel);
+        let many = matrix(GEMV_MAX_TOKENS + 1, 7168, DType::BF16);
+        let nvidia = plan_router_gemm(&H200, &many, &weight, usize::MAX).unwrap();
+        assert!(matches!(nvidia.kernel, GemmKernel::Mma { .. }));
+        // A row that does not start on 16 bytes keeps NVIDIA on the scalar kernel too.
+        let unaligned = DeviceMatrix { ptr: 4098, ..hidden };
+        let plan = plan_router_gemm(&H200, &unaligned, &weight, usize::MAX).unwrap();
+        assert!(matches!(plan.kernel, GemmKernel::Simt { hidden: HiddenKind::Bf16, .. }));
+    }
+
+    #[test]
+    fn f32_tokens_at_one_token_fill_an_h200_and_cover_the_hidden_size() {
         let plan =
-            plan_gemm(V3, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX).unwrap();
-        assert_eq!(plan.kernel, GemmKernel::Mma { hidden: HiddenKind::Bf16, tiles: 1 });
+            plan_gemm(&H200, V3, HiddenKind::F32, WeightKind::Bf16, true, usize::MAX).unwrap();
+        assert_eq!(plan.kernel, GemmKernel::Mma { hidden: HiddenKind::F32, tiles: 1 });
         let warps = plan.launch.grid.iter().product::<u32>() * plan.launch.block[0] / 32;
         assert!(warps >= 132 * 8, "{warps} warps");
         assert!(plan.splits <= 16, "{} partial sums to add", plan.splits);
@@ -256,14 +425,48 @@ mod tests {
     }
 
     #[test]
+    fn a_few_bf16_tokens_take_the_matrix_vector_kernel_with_every_chunk_covered() {
+        for tokens in 1..=GEMV_MAX_TOKENS {
+            for (hidden, experts) in [(7168, 256), (7168, 384), (2048, 160), (8, 1), (4104, 72)] {
+                let shape = GemmShape { tokens, hidden, experts };
+                let plan =
+                    plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
+                        .unwrap();
+                let GemmKernel::Gemv { tokens_per_block, experts_per_block } = plan.kernel else {
+                    panic!("{shape:?}: {:?}", plan.kernel);
+                };
+                assert_eq!(plan.splits, 1, "the logits are written straight");
+                let [x, y, z] = plan.launch.grid;
+                assert!(x as usize * experts_per_block >= experts);
+                assert!((x as usize - 1) * experts_per_block < experts, "no empty expert block");
+                assert!(y as usize * tokens_per_block >= tokens && z == 1);
+                let threads = plan.launch.block[0] as usize;
+                assert!(threads.is_multiple_of(32) && threads <= GEMV_MAX_THREADS);
+            }
+        }
+        let beyond = GemmShape { tokens: GEMV_MAX_TOKENS + 1, ..V3 };
+        let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
+        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
+        let f16 = plan_gemm(&H200, V3, HiddenKind::F16, WeightKind::Bf16, true, usize::MAX);
+        assert!(matches!(f16.unwrap().kernel, GemmKernel::Mma { .. }), "bf16 tokens only");
+    }
+
+    #[test]
+    fn finished_logits_are_routed_by_the_compact_kernel() {
+        assert_eq!(route_kernel(1), crate::ROUTE_LOGITS_KERNEL);
+        assert_eq!(route_kernel(2), crate::ROUTE_KERNEL);
+        assert_eq!(route_kernel(MAX_PARTIALS), crate::ROUTE_KERNEL);
+    }
+
+    #[test]
     fn token_tiles_grow_with_tokens_and_splits_shrink() {
         let tiles = |tokens| {
             let shape = GemmShape { tokens, ..V3 };
-            let plan =
-                plan_gemm(shape, HiddenKind::F32, WeightKind::Bf16, true, 132, usize::MAX).unwrap();
+            let plan = plan_gemm(&H200, shape, HiddenKind::F32, WeightKind::Bf16, true, usize::MAX)
+                .unwrap();
             match plan.kernel {
                 GemmKernel::Mma { tiles, .. } => (tiles, plan.splits, plan.launch.grid[2]),
-                GemmKernel::Simt { .. } => panic!("tensor cores expected"),
+                other => panic!("tensor cores expected, got {other:?}"),
             }
         };
         assert_eq!(tiles(8), (1, tiles(8).1, 1));
@@ -280,8 +483,9 @@ mod tests {
         assert!(crate::SOURCE.contains(&define));
         for tokens in [1, 2, 8, 9, 64, 65, 1000, 16384] {
             let shape = GemmShape { tokens, ..V3 };
-            let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX)
-                .unwrap();
+            let plan =
+                plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
+                    .unwrap();
             assert!(plan.splits <= MAX_PARTIALS, "T = {tokens}: {} splits", plan.splits);
         }
     }
@@ -289,18 +493,19 @@ mod tests {
     #[test]
     fn one_split_writes_the_logits_directly() {
         let shape = GemmShape { tokens: 3, ..V3 };
-        let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, 1).unwrap();
+        let plan = plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, 1).unwrap();
         assert_eq!((plan.splits, plan.launch.grid[1]), (1, 1));
         assert!(plan.launch.block[0] as usize / 32 * plan.k_per_warp >= V3.hidden);
     }
 
     #[test]
     fn f32_weights_and_unaligned_rows_take_the_scalar_path() {
-        let plan = plan_gemm(V3, HiddenKind::Bf16, WeightKind::F32, true, 132, usize::MAX).unwrap();
+        let plan =
+            plan_gemm(&H200, V3, HiddenKind::Bf16, WeightKind::F32, true, usize::MAX).unwrap();
         assert!(matches!(plan.kernel, GemmKernel::Simt { weight: WeightKind::F32, .. }));
         assert_eq!(plan.splits, 1);
         let plan =
-            plan_gemm(V3, HiddenKind::Bf16, WeightKind::Bf16, false, 132, usize::MAX).unwrap();
+            plan_gemm(&H200, V3, HiddenKind::Bf16, WeightKind::Bf16, false, usize::MAX).unwrap();
         assert_eq!(plan.kernel.name(), "sluice_gemm_simt_bf16_bf16");
     }
 
@@ -308,8 +513,9 @@ mod tests {
     fn tiny_and_odd_shapes_plan_without_empty_splits() {
         for (tokens, hidden, experts) in [(1, 8, 1), (3, 40, 72), (100, 1000, 160), (7, 32, 1024)] {
             let shape = GemmShape { tokens, hidden, experts };
-            let plan = plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX)
-                .unwrap();
+            let plan =
+                plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
+                    .unwrap();
             let per_block = plan.launch.block[0] as usize / 32 * plan.k_per_warp;
             assert!((plan.splits - 1) * per_block < hidden, "{shape:?}");
             assert_eq!(plan.partials_bytes(shape), plan.splits * tokens * experts * 4);
@@ -320,10 +526,10 @@ mod tests {
     fn oversized_shapes_are_errors() {
         let shape = GemmShape { tokens: usize::MAX, ..V3 };
         assert!(
-            plan_gemm(shape, HiddenKind::Bf16, WeightKind::Bf16, true, 132, usize::MAX).is_err()
+            plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX).is_err()
         );
-        assert!(route_launch(1 << 40).is_err());
+        assert!(route_launch(1 << 40, NVIDIA_WAVE_WIDTH).is_err());
         assert!(sum_partials_launch(1 << 40, 1 << 40).is_err());
-        assert_eq!(route_launch(5).unwrap().grid, [2, 1, 1]);
+        assert_eq!(route_launch(5, NVIDIA_WAVE_WIDTH).unwrap().grid, [2, 1, 1]);
     }
 }

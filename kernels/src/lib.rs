@@ -1,5 +1,7 @@
-//! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the launch
-//! geometry both GPU backends share.
+//! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the host
+//! side both GPU backends share: launch geometry (by wave width), operands read from validated
+//! views, kernel arguments packed in signature order, the offline configs, and the rule for
+//! finding the LLVM tools that build and inspect the device code ([`toolchain`]).
 //!
 //! The source lives in `gpu/` beside this crate as plain C++ behind a small compatibility header
 //! of our own (`compat.h`: wave width, shuffles, lane masks, launch bounds, programmatic dependent
@@ -11,30 +13,44 @@
 //!
 //! | kernel | what |
 //! | --- | --- |
+//! | `sluice_gemv_{1,2,4,8}_{1,2}` | router GEMM for up to 8 bf16 tokens: every weight load in flight at once, logits written straight |
 //! | `sluice_gemm_mma_{bf16,f16,f32}_{1,2,4,8}` | router GEMM on tensor cores (bf16 weight), split over the hidden size, partial sums `[S, T, E]` |
 //! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
 //! | `sluice_sum_partials` | logits from the partial sums |
-//! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token |
+//! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
+//! | `sluice_route_logits` | the same from finished logits (much smaller code) |
+//! | `sluice_reset_status` | the routing status set to `[0, -1]`, ordered after the previous kernel (for a GEMM not of ours) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
 //! | `sluice_dispatch_rank_tokens` | with rank outputs, after the scatter: distinct tokens per rank, one row per thread |
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod args;
 mod config;
 mod dispatch;
 mod geometry;
 mod offline;
+mod operands;
+pub mod toolchain;
 
+pub use args::{
+    KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RoutingTargets, gemm_args, reset_status_args,
+    route_args, sum_partials_args,
+};
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
 pub use dispatch::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
     DispatchPlan, RANK_TOKENS_THREADS, plan_dispatch,
 };
 pub use geometry::{
-    GEMM_THREADS, GemmKernel, GemmPlan, GemmShape, HiddenKind, Launch, ROUTE_TOKENS_PER_BLOCK,
-    WeightKind, plan_gemm, route_launch, sum_partials_launch,
+    AMD_WAVE_WIDTH, GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget,
+    HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, WeightKind, plan_gemm,
+    plan_router_gemm, reset_status_launch, route_kernel, route_launch, sum_partials_launch,
 };
-pub use offline::{OfflineConfig, offline_configs};
+pub use offline::{OfflineConfig, offline_config_for, offline_configs};
+pub use operands::{
+    DeviceMatrix, HIDDEN_DTYPES, WEIGHT_DTYPES, check_device, check_dtype, matrix, output_rows,
+};
 
 /// The complete device source, in the order `gpu/sluice_router.cu` includes it.
 pub const SOURCE: &str = concat!(
@@ -47,8 +63,14 @@ pub const SOURCE: &str = concat!(
     include_str!("../gpu/dispatch.cuh"),
 );
 
-/// Name of the routing kernel.
+/// Name of the routing kernel that adds up to `MAX_PARTIALS` partial sums per logit.
 pub const ROUTE_KERNEL: &str = "sluice_route";
+
+/// Name of the routing kernel that reads finished logits (one partial sum per logit).
+pub const ROUTE_LOGITS_KERNEL: &str = "sluice_route_logits";
+
+/// Name of the kernel that resets the routing status where no GEMM kernel of ours does.
+pub const RESET_STATUS_KERNEL: &str = "sluice_reset_status";
 
 /// Name of the kernel that adds the split partial sums into logits.
 pub const SUM_PARTIALS_KERNEL: &str = "sluice_sum_partials";
@@ -61,11 +83,18 @@ mod tests {
     fn source_defines_every_kernel_the_geometry_names() {
         let mut names = vec![
             ROUTE_KERNEL.to_owned(),
+            ROUTE_LOGITS_KERNEL.to_owned(),
+            RESET_STATUS_KERNEL.to_owned(),
             SUM_PARTIALS_KERNEL.to_owned(),
             DISPATCH_COUNT_KERNEL.to_owned(),
             DISPATCH_SCATTER_KERNEL.to_owned(),
             DISPATCH_RANK_TOKENS_KERNEL.to_owned(),
         ];
+        for tokens_per_block in [1, 2, 4, 8] {
+            for experts_per_block in [1, 2] {
+                names.push(GemmKernel::Gemv { tokens_per_block, experts_per_block }.name());
+            }
+        }
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 names.push(GemmKernel::Simt { hidden, weight }.name());

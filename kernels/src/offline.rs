@@ -2,6 +2,8 @@
 //! compiler (AMD). The list is `gpu/offline_configs.txt`, read by `backend-rocm`'s build script as
 //! text and here as data, so what is built and what the tests expect cannot disagree.
 
+use crate::RoutingConfig;
+
 /// The list as the build script reads it.
 const OFFLINE_CONFIGS_TEXT: &str = include_str!("../gpu/offline_configs.txt");
 
@@ -24,10 +26,15 @@ pub fn offline_configs() -> impl Iterator<Item = OfflineConfig> {
         .map(|(name, defines)| OfflineConfig { name, defines: defines.trim() })
 }
 
+/// The offline config whose kernels route `config`, if it is one of the list.
+pub fn offline_config_for(config: &RoutingConfig) -> Option<OfflineConfig> {
+    let defines = config.compiler_options().join(" ");
+    offline_configs().find(|offline| offline.defines == defines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RoutingConfig;
     use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 
     fn spec(
@@ -62,6 +69,17 @@ mod tests {
         for (offline, (_, spec)) in offline_configs().zip(models) {
             let defines = RoutingConfig::new(&spec).unwrap().compiler_options().join(" ");
             assert_eq!(offline.defines, defines, "{}", offline.name);
+            let config = RoutingConfig::new(&spec).unwrap();
+            assert_eq!(offline_config_for(&config).map(|c| c.name), Some(offline.name));
         }
+        // A scaling factor is an argument, not a define: it does not change the config.
+        let scaled = RoutingSpec {
+            routed_scaling_factor: 2.5,
+            ..spec(64, Softmax, Greedy, (1, 1), 6, false)
+        };
+        let config = RoutingConfig::new(&scaled).unwrap();
+        assert_eq!(offline_config_for(&config).map(|c| c.name), Some("deepseek_v2_lite"));
+        let other = RoutingConfig::new(&spec(128, Sigmoid, NoauxTc, (4, 2), 4, true)).unwrap();
+        assert_eq!(offline_config_for(&other), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The device source compiled by clang for NVPTX (sm_90) and AMDGPU (gfx942), with no CUDA or
-//! ROCm installed, for routing configs that exercise every branch of the routing kernel.
+//! ROCm installed, for routing configs that exercise every branch of the routing kernel. The
+//! compiler is found by the same rule as the AMD build ([`find_clang`]).
 //!
 //! Where no clang is found the test says so on stderr and passes, unless `SLUICE_REQUIRE_CLANG`
 //! is set (CI sets it: a kernel that does not compile must fail CI, not a GPU run).
@@ -8,22 +9,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sluice_kernels::toolchain::find_clang;
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
     GemmKernel, HiddenKind, RANK_TOKENS_THREADS, RoutingConfig, WeightKind,
 };
-use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
-
-/// The clang this machine has: `$SLUICE_CLANG`, else the newest of clang++-19 .. clang++-16.
-fn clang() -> Option<String> {
-    if let Some(clang) = std::env::var_os("SLUICE_CLANG") {
-        return Some(clang.to_string_lossy().into_owned());
-    }
-    (16..=19)
-        .rev()
-        .map(|v| format!("clang++-{v}"))
-        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success()))
-}
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
 fn source() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gpu/sluice_router.cu")
@@ -67,15 +58,26 @@ fn configs() -> Vec<RoutingSpec> {
         spec(1024, NoauxTc, 1, 1, 32),
         spec(96, NoauxTc, 48, 10, 4),
         spec(64, Greedy, 1, 1, 6),
+        RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, 1, 1, 6) },
+        RoutingSpec::builder(128, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap(),
+        RoutingSpec::builder(16, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap(),
     ]
 }
 
 #[test]
 fn the_device_source_compiles_for_nvptx_and_amdgpu() {
-    let Some(clang) = clang() else {
+    let Some(clang) = find_clang() else {
         assert!(
             std::env::var_os("SLUICE_REQUIRE_CLANG").is_none(),
-            "SLUICE_REQUIRE_CLANG is set but no clang++ (16 to 19) was found"
+            "SLUICE_REQUIRE_CLANG is set but no clang++ (19 to 22, or $SLUICE_CLANG) was found"
         );
         // Written past the test harness's capture, so the skip is visible in every run.
         let _ = writeln!(
@@ -112,12 +114,19 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         let ptx = compile(&clang, &nvptx, &defines, &dir.join("router.ptx"));
         let amd = compile(&clang, &amdgpu, &defines, &dir.join("router.s"));
         let mut nvidia_kernels = vec![
-            "sluice_route".to_owned(),
+            sluice_kernels::ROUTE_KERNEL.to_owned(),
+            sluice_kernels::ROUTE_LOGITS_KERNEL.to_owned(),
             "sluice_sum_partials".to_owned(),
             DISPATCH_COUNT_KERNEL.to_owned(),
             DISPATCH_SCATTER_KERNEL.to_owned(),
             DISPATCH_RANK_TOKENS_KERNEL.to_owned(),
         ];
+        for tokens_per_block in [1, 2, 4, 8] {
+            for experts_per_block in [1, 2] {
+                nvidia_kernels
+                    .push(GemmKernel::Gemv { tokens_per_block, experts_per_block }.name());
+            }
+        }
         for hidden in [HiddenKind::Bf16, HiddenKind::F16, HiddenKind::F32] {
             for weight in [WeightKind::Bf16, WeightKind::F32] {
                 nvidia_kernels.push(GemmKernel::Simt { hidden, weight }.name());
@@ -153,6 +162,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         // AMD has no mma.sync: the scalar GEMM and the routing kernel only, in wave64.
         assert!(amd.contains(".amdhsa_kernel sluice_route"), "{spec}");
         assert!(amd.contains(".amdhsa_kernel sluice_gemm_simt_f32_bf16"), "{spec}");
+        assert!(amd.contains(".amdhsa_kernel sluice_gemv_1_1"), "{spec}: portable, wave64 too");
         assert!(!amd.contains("sluice_gemm_mma"), "{spec}");
     }
 }

@@ -1,5 +1,5 @@
-//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4, Kimi-K2 / K2.5, Qwen3-MoE
-//! and Mixtral checkpoints.
+//! `config.json` of DeepSeek V2 / V2-Lite / V2.5 / V3 / R1 / V3.2 / V4, Kimi-K2 / K2.5, Qwen3-MoE,
+//! Mixtral, GLM-4.5 / 4.6, gpt-oss, MiniMax-M2 and Llama 4 checkpoints.
 //!
 //! Only what the MoE gate needs is read: the family, the hidden size, the layer count, the MoE layer
 //! rule and the routing fields, which become a validated [`RoutingSpec`].
@@ -50,12 +50,28 @@
 //! | `norm_topk_prob` | false | not a field: always renormalised (`false` refused) |
 //! | `decoder_sparse_step` | 1: layer `L` is MoE when `(L + 1) % step == 0` | not read: every layer is MoE |
 //! | `mlp_only_layers` | empty: the layers listed are dense (a layer past the last refused) | not read |
+//!
+//! # GLM-4.5 / 4.6, gpt-oss, MiniMax-M2 and Llama 4
+//!
+//! The sizes (`hidden_size`, `num_hidden_layers`, the expert count, `num_experts_per_tok`) are
+//! required; the other fields default as transformers 5.24 reads them. A field transformers
+//! ignores but that would change the routing if honoured is refused when it says so.
+//!
+//! | | `glm4_moe` | `gpt_oss` | `minimax_m2` | `llama4` (`text_config`, `llama4_text`) |
+//! | --- | --- | --- | --- | --- |
+//! | router | DeepSeek-V3's: sigmoid, correction bias for selection, top-2-sum groups | bias added to the logits, top-k of the logits, softmax of the selected | sigmoid, correction bias for selection, no groups | top-k of the logits, sigmoid of the selected |
+//! | expert count | `n_routed_experts` | `num_local_experts` | `num_local_experts` | `num_local_experts` |
+//! | groups | `n_group` 1, `topk_group` 1 | none | none | none |
+//! | renormalised | `norm_topk_prob`, true | no | always (`norm_topk_prob` false refused) | no |
+//! | scaling | `routed_scaling_factor`, 1.0 | none | none (not read) | none |
+//! | MoE layers | `L >= first_k_dense_replace` (1) | every layer | every layer | `moe_layers`, else every `interleave_moe_layer_step`-th (1) counting from 1 |
+//! | refused | `scoring_func` other than sigmoid, `topk_method` other than noaux_tc | | `scoring_func` other than sigmoid, `use_routing_bias` false | a `llama4` config without `text_config` |
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
-use sluice_tensor::{RoutingSpec, ScoringFunc, SpecError, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, SpecError, TopkMethod};
 use thiserror::Error;
 
 /// The model family, from `model_type`.
@@ -80,6 +96,18 @@ pub enum ModelFamily {
     /// `mixtral`: Mixtral (softmax over all experts, top-k, always renormalised); every layer is
     /// an MoE layer.
     Mixtral,
+    /// `glm4_moe`: GLM-4.5, GLM-4.5-Air, GLM-4.6 (DeepSeek-V3's router); dense first layers by
+    /// `first_k_dense_replace`.
+    Glm4Moe,
+    /// `gpt_oss`: gpt-oss (router bias added to the logits, top-k of the logits, softmax of the
+    /// selected); every layer is an MoE layer.
+    GptOss,
+    /// `minimax_m2`: MiniMax-M2 (sigmoid, correction bias for selection, renormalised); every
+    /// layer is an MoE layer.
+    MinimaxM2,
+    /// `llama4_text` (the `text_config` of `llama4`): Llama 4 (top-k of the logits, sigmoid of the
+    /// selected); MoE layers by `moe_layers` or `interleave_moe_layer_step`.
+    Llama4,
 }
 
 impl ModelFamily {
@@ -93,6 +121,10 @@ impl ModelFamily {
             "kimi_k2" => Some(ModelFamily::KimiK2),
             "qwen3_moe" => Some(ModelFamily::Qwen3Moe),
             "mixtral" => Some(ModelFamily::Mixtral),
+            "glm4_moe" => Some(ModelFamily::Glm4Moe),
+            "gpt_oss" => Some(ModelFamily::GptOss),
+            "minimax_m2" => Some(ModelFamily::MinimaxM2),
+            "llama4_text" => Some(ModelFamily::Llama4),
             _ => None,
         }
     }
@@ -107,6 +139,10 @@ impl ModelFamily {
             ModelFamily::KimiK2 => "Kimi-K2",
             ModelFamily::Qwen3Moe => "Qwen3-MoE",
             ModelFamily::Mixtral => "Mixtral",
+            ModelFamily::Glm4Moe => "GLM-4.5",
+            ModelFamily::GptOss => "gpt-oss",
+            ModelFamily::MinimaxM2 => "MiniMax-M2",
+            ModelFamily::Llama4 => "Llama 4",
         }
     }
 
@@ -144,6 +180,11 @@ impl MlpKind {
     /// Whether the layer has a gate.
     pub const fn is_moe(self) -> bool {
         !matches!(self, MlpKind::Dense)
+    }
+
+    /// An MoE layer if `moe`, else a dense one.
+    const fn moe_if(moe: bool) -> Self {
+        if moe { MlpKind::Moe } else { MlpKind::Dense }
     }
 }
 
@@ -274,6 +315,9 @@ impl ModelConfig {
             None if top.str("model_type")? == Some("kimi_k25") => {
                 return Err(top.missing("text_config", " (Kimi-K2.5 keeps its text model there)"));
             }
+            None if top.str("model_type")? == Some("llama4") => {
+                return Err(top.missing("text_config", " (Llama 4 keeps its text model there)"));
+            }
             None => Self::parse(top, false)?,
         };
         tracing::debug!(
@@ -291,11 +335,21 @@ impl ModelConfig {
             fields.bad_value(
                 "model_type",
                 "not a model sluice knows (expected deepseek_v2, deepseek_v3, deepseek_v32, \
-                 deepseek_v4, kimi_k2, qwen3_moe or mixtral)",
+                 deepseek_v4, kimi_k2, qwen3_moe, mixtral, glm4_moe, gpt_oss, minimax_m2 or \
+                 llama4_text)",
             )
         })?;
-        if matches!(family, ModelFamily::Qwen3Moe | ModelFamily::Mixtral) {
-            return Self::parse_softmax_top_k(fields, family, model_type, nested_text_config);
+        match family {
+            ModelFamily::Qwen3Moe | ModelFamily::Mixtral => {
+                return Self::parse_softmax_top_k(fields, family, model_type, nested_text_config);
+            }
+            ModelFamily::Glm4Moe => {
+                return Self::parse_glm4_moe(fields, model_type, nested_text_config);
+            }
+            ModelFamily::GptOss | ModelFamily::MinimaxM2 | ModelFamily::Llama4 => {
+                return Self::parse_local_experts(fields, family, model_type, nested_text_config);
+            }
+            _ => {}
         }
         let (v2, v4) = (family.is_v2(), family.is_v4());
 
@@ -465,19 +519,10 @@ impl ModelConfig {
         model_type: &str,
         nested_text_config: bool,
     ) -> Result<Self, ConfigError> {
-        let hidden_size = fields.required_usize("hidden_size")?;
-        if hidden_size == 0 {
-            return Err(fields.bad_value("hidden_size", "must be at least 1"));
-        }
-        let num_layers = fields.required_usize("num_hidden_layers")?;
+        let (hidden_size, num_layers) = required_sizes(fields)?;
         let experts_field =
             if family == ModelFamily::Qwen3Moe { "num_experts" } else { "num_local_experts" };
-        let num_experts = fields.required_usize(experts_field)?;
-        if num_experts == 0 {
-            // Named here: the spec's own error would name DeepSeek's `n_routed_experts`.
-            let reason = "must be at least 1; a model without routed experts has no MoE gate";
-            return Err(fields.bad_value(experts_field, reason));
-        }
+        let num_experts = fields.expert_count(experts_field)?;
         let top_k = fields.required_usize("num_experts_per_tok")?;
         let (norm_topk_prob, kinds) = if family == ModelFamily::Qwen3Moe {
             let norm_topk_prob = fields.bool("norm_topk_prob")?.unwrap_or(false);
@@ -495,7 +540,151 @@ impl ModelConfig {
         let routing = RoutingSpec::builder(num_experts, top_k)
             .scoring(ScoringFunc::Softmax)
             .method(TopkMethod::Greedy)
-            .norm_topk_prob(norm_topk_prob)
+            .norm_topk_prob(norm_topk_prob);
+        let sizes = (hidden_size, num_layers);
+        Self::with_layer_kinds(
+            fields,
+            family,
+            model_type,
+            nested_text_config,
+            sizes,
+            kinds,
+            routing,
+        )
+    }
+
+    /// GLM-4.5 / 4.6: `Glm4MoeTopkRouter` is DeepSeek-V3's router (sigmoid, correction bias for
+    /// selection, groups scored by their two best biased scores, renormalised with `1e-20`,
+    /// scaled), under V3's field names with transformers' GLM defaults; layer `L` is MoE when
+    /// `L >= first_k_dense_replace` (no `moe_layer_freq`).
+    fn parse_glm4_moe(
+        fields: Fields<'_>,
+        model_type: &str,
+        nested_text_config: bool,
+    ) -> Result<Self, ConfigError> {
+        let (hidden_size, num_layers) = required_sizes(fields)?;
+        let num_experts = fields.required_usize("n_routed_experts")?;
+        let top_k = fields.required_usize("num_experts_per_tok")?;
+        if fields.str("scoring_func")?.is_some_and(|scoring| scoring != "sigmoid") {
+            return Err(fields.bad_value(
+                "scoring_func",
+                "the GLM-4.5 router scores with sigmoid only (transformers ignores this field)",
+            ));
+        }
+        if fields.str("topk_method")?.is_some_and(|method| method != "noaux_tc") {
+            return Err(fields.bad_value(
+                "topk_method",
+                "the GLM-4.5 router is noaux_tc only (transformers ignores this field)",
+            ));
+        }
+        let n_group = fields.usize("n_group")?.unwrap_or(1);
+        let topk_group = fields.usize("topk_group")?.unwrap_or(1);
+        let first_k_dense_replace = fields.usize("first_k_dense_replace")?.unwrap_or(1);
+        let routing = RoutingSpec::builder(num_experts, top_k)
+            .scoring(ScoringFunc::Sigmoid)
+            .method(TopkMethod::NoauxTc)
+            .groups(n_group, topk_group)
+            .norm_topk_prob(fields.bool("norm_topk_prob")?.unwrap_or(true))
+            .routed_scaling_factor(fields.f32("routed_scaling_factor")?.unwrap_or(1.0));
+        let kinds =
+            (0..num_layers).map(|layer| MlpKind::moe_if(layer >= first_k_dense_replace)).collect();
+        let sizes = (hidden_size, num_layers);
+        let family = ModelFamily::Glm4Moe;
+        Self::with_layer_kinds(
+            fields,
+            family,
+            model_type,
+            nested_text_config,
+            sizes,
+            kinds,
+            routing,
+        )
+    }
+
+    /// gpt-oss, MiniMax-M2 and Llama 4, whose expert count is `num_local_experts`:
+    ///
+    /// - gpt-oss (`GptOssTopKRouter`): `l = x·Wᵀ + b` with the router's own bias, the top-k of
+    ///   `l`, softmax over the selected logits; every layer;
+    /// - MiniMax-M2 (`MiniMaxM2TopKRouter`): sigmoid, the block's `e_score_correction_bias` for
+    ///   selection, always renormalised; every layer;
+    /// - Llama 4 (`Llama4Router`): the top-k of the logits, the sigmoid of each selected logit; the
+    ///   layers of `moe_layers`, or every `interleave_moe_layer_step`-th counting from 1.
+    fn parse_local_experts(
+        fields: Fields<'_>,
+        family: ModelFamily,
+        model_type: &str,
+        nested_text_config: bool,
+    ) -> Result<Self, ConfigError> {
+        let (hidden_size, num_layers) = required_sizes(fields)?;
+        let num_experts = fields.expert_count("num_local_experts")?;
+        let top_k = fields.required_usize("num_experts_per_tok")?;
+        let every_layer = || vec![MlpKind::Moe; num_layers];
+        let (routing, kinds) = match family {
+            ModelFamily::GptOss => {
+                let routing = RoutingSpec::builder(num_experts, top_k)
+                    .scoring(ScoringFunc::Softmax)
+                    .scoring_order(ScoringOrder::AfterTopk)
+                    .bias_role(BiasRole::Logits);
+                (routing, every_layer())
+            }
+            ModelFamily::MinimaxM2 => {
+                if fields.str("scoring_func")?.is_some_and(|scoring| scoring != "sigmoid") {
+                    return Err(fields.bad_value(
+                        "scoring_func",
+                        "the MiniMax-M2 router scores with sigmoid only (transformers ignores \
+                         this field)",
+                    ));
+                }
+                if fields.bool("use_routing_bias")? == Some(false) {
+                    return Err(fields.bad_value(
+                        "use_routing_bias",
+                        "transformers always selects with `e_score_correction_bias`; expected \
+                         true",
+                    ));
+                }
+                if fields.bool("norm_topk_prob")? == Some(false) {
+                    return Err(fields.bad_value(
+                        "norm_topk_prob",
+                        "MiniMax-M2 routers always renormalise (transformers ignores this \
+                         field); expected true",
+                    ));
+                }
+                let routing = RoutingSpec::builder(num_experts, top_k)
+                    .scoring(ScoringFunc::Sigmoid)
+                    .method(TopkMethod::NoauxTc)
+                    .norm_topk_prob(true);
+                (routing, every_layer())
+            }
+            _ => {
+                let routing = RoutingSpec::builder(num_experts, top_k)
+                    .scoring(ScoringFunc::Sigmoid)
+                    .scoring_order(ScoringOrder::AfterTopk);
+                (routing, llama4_layer_kinds(fields, num_layers)?)
+            }
+        };
+        let sizes = (hidden_size, num_layers);
+        Self::with_layer_kinds(
+            fields,
+            family,
+            model_type,
+            nested_text_config,
+            sizes,
+            kinds,
+            routing,
+        )
+    }
+
+    /// A config whose layers are listed by kind, with its routing validated.
+    fn with_layer_kinds(
+        fields: Fields<'_>,
+        family: ModelFamily,
+        model_type: &str,
+        nested_text_config: bool,
+        (hidden_size, num_layers): (usize, usize),
+        kinds: Vec<MlpKind>,
+        routing: sluice_tensor::RoutingSpecBuilder,
+    ) -> Result<Self, ConfigError> {
+        let routing = routing
             .build()
             .map_err(|source| ConfigError::Spec { path: fields.path.to_path_buf(), source })?;
         Ok(ModelConfig {
@@ -523,8 +712,8 @@ impl ModelConfig {
         &self.model_type
     }
 
-    /// Whether the routing fields came from a nested `text_config` (multimodal Kimi-K2.5), whose
-    /// checkpoints name the text model's tensors with an extra prefix.
+    /// Whether the routing fields came from a nested `text_config` (multimodal Kimi-K2.5 and
+    /// Llama 4), whose checkpoints name the text model's tensors with an extra prefix.
     pub fn has_nested_text_config(&self) -> bool {
         self.nested_text_config
     }
@@ -549,8 +738,8 @@ impl ModelConfig {
         self.moe_layer_freq
     }
 
-    /// Whether each layer's kind is listed, by `mlp_layer_types` or from Qwen3-MoE's and
-    /// Mixtral's layer rules (then the two rules above do not apply).
+    /// Whether each layer's kind is listed, by `mlp_layer_types` or from the layer rules of the
+    /// families that are not DeepSeek's (then the two rules above do not apply).
     pub fn lists_layer_types(&self) -> bool {
         self.listed.is_some()
     }
@@ -636,10 +825,39 @@ fn qwen3_moe_layer_kinds(
     }
     Ok((0..num_layers)
         .map(|layer| {
-            let sparse = (layer + 1).is_multiple_of(sparse_step) && !dense_layers.contains(&layer);
-            if sparse { MlpKind::Moe } else { MlpKind::Dense }
+            MlpKind::moe_if(
+                (layer + 1).is_multiple_of(sparse_step) && !dense_layers.contains(&layer),
+            )
         })
         .collect())
+}
+
+/// `hidden_size` (at least 1) and `num_hidden_layers`, which every family requires.
+fn required_sizes(fields: Fields<'_>) -> Result<(usize, usize), ConfigError> {
+    let hidden_size = fields.required_usize("hidden_size")?;
+    if hidden_size == 0 {
+        return Err(fields.bad_value("hidden_size", "must be at least 1"));
+    }
+    Ok((hidden_size, fields.required_usize("num_hidden_layers")?))
+}
+
+/// Llama 4's layer kinds, as `Llama4TextConfig` decides them: the layers of `moe_layers` when
+/// given, else `interleave_moe_layer_step - 1, 2 * step - 1, ...` (step 1 when absent: every layer).
+fn llama4_layer_kinds(fields: Fields<'_>, num_layers: usize) -> Result<Vec<MlpKind>, ConfigError> {
+    let step = fields.usize("interleave_moe_layer_step")?.unwrap_or(1);
+    if step == 0 {
+        return Err(fields.bad_value("interleave_moe_layer_step", "must be at least 1"));
+    }
+    let Some(moe_layers) = fields.usize_list("moe_layers")? else {
+        return Ok((0..num_layers)
+            .map(|layer| MlpKind::moe_if((layer + 1).is_multiple_of(step)))
+            .collect());
+    };
+    if let Some(&layer) = moe_layers.iter().find(|&&layer| layer >= num_layers) {
+        let reason = format!("names layer {layer}, `num_hidden_layers` is {num_layers}");
+        return Err(fields.bad_value("moe_layers", &reason));
+    }
+    Ok((0..num_layers).map(|layer| MlpKind::moe_if(moe_layers.contains(&layer))).collect())
 }
 
 /// The spec of a hash-routed layer: the model's top-k spec with the hash method.
@@ -710,6 +928,17 @@ impl<'a> Fields<'a> {
 
     fn required_usize(&self, field: &str) -> Result<usize, ConfigError> {
         self.usize(field)?.ok_or_else(|| self.missing(field, ""))
+    }
+
+    /// A required expert count, at least 1. Checked here, under the family's own field name: the
+    /// spec's error would name DeepSeek's `n_routed_experts`.
+    fn expert_count(&self, field: &str) -> Result<usize, ConfigError> {
+        let count = self.required_usize(field)?;
+        if count == 0 {
+            let reason = "must be at least 1; a model without routed experts has no MoE gate";
+            return Err(self.bad_value(field, reason));
+        }
+        Ok(count)
     }
 
     /// A list of non-negative integers.

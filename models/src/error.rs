@@ -67,18 +67,20 @@ pub enum ModelError {
         /// The names looked for.
         tried: Vec<String>,
     },
-    /// A `noaux_tc` gate without its correction bias.
-    #[error("{}: `{tensor}` is missing, but noaux_tc routing needs the correction bias", dir.display())]
+    /// A gate whose routing takes a bias (`noaux_tc`'s correction bias, gpt-oss's router bias)
+    /// without it.
+    #[error("{}: `{tensor}` is missing, but the model's routing needs this bias", dir.display())]
     MissingBias {
         /// The checkpoint folder.
         dir: PathBuf,
         /// The tensor name looked for.
         tensor: String,
     },
-    /// A correction bias for a method that has none.
+    /// A bias for a routing that takes none.
     #[error(
-        "{}: `{tensor}` exists, but `{}` routing has no correction bias (only noaux_tc has one); \
-         the config and the weights disagree", dir.display(), method.name()
+        "{}: `{tensor}` exists, but `{}` routing of this model takes no bias (noaux_tc takes a \
+         correction bias, gpt-oss a router bias); the config and the weights disagree",
+        dir.display(), method.name()
     )]
     UnexpectedBias {
         /// The checkpoint folder.

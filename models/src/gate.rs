@@ -1,5 +1,5 @@
-//! [`MoeGate`]: one MoE layer's router weight, correction bias and routing spec, loaded from a
-//! checkpoint.
+//! [`MoeGate`]: one MoE layer's router weight, bias (correction bias, or the router's own bias on
+//! the logits) and routing spec, loaded from a checkpoint.
 
 use std::path::Path;
 
@@ -15,8 +15,9 @@ use crate::error::ModelError;
 use crate::hash_table::{hash_table_tensor, load_hash_table};
 use crate::prepared::{GateRouting, PreparedGate, check_hidden, export_detached, import_checked};
 
-/// One MoE layer's gate: the router weight `[E, H]`, the f32 correction bias `[E]` (`noaux_tc`
-/// only) or the hash table `tid2eid` (i32 `[vocab, K]`, hash-routed layers only), and the routing
+/// One MoE layer's gate: the router weight `[E, H]`, the f32 bias `[E]` (the correction bias of
+/// `noaux_tc`, or gpt-oss's router bias added to the logits: whatever
+/// [`RoutingSpec::takes_bias`] says) or the hash table `tid2eid` (i32 `[vocab, K]`, hash-routed layers only), and the routing
 /// spec.
 ///
 /// The weight is held as a **parameter** (`requires_grad = true`), the way a training framework
@@ -41,8 +42,10 @@ pub struct MoeGate {
 pub struct GateTensorNames {
     /// The router weight `[E, H]`.
     pub weight: String,
-    /// The correction bias `[E]`, stored exactly when the routing is `noaux_tc` (top-k layers).
-    pub correction_bias: String,
+    /// The bias `[E]`, stored exactly when the routing takes one
+    /// ([`RoutingSpec::takes_bias`]): the correction bias of `noaux_tc`, or the router bias
+    /// added to the logits (gpt-oss).
+    pub bias: String,
     /// The hash table `tid2eid` `[vocab, K]`, stored exactly for hash-routed layers; only
     /// DeepSeek-V4's conventions have one.
     pub hash_table: Option<String>,
@@ -61,34 +64,56 @@ impl GateTensorNames {
     /// | DeepSeek-V4 as released | `layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
     /// | DeepSeek-V4 as transformers 5.24 saves it (it maps the names back, keeping its `model.` prefix) | `model.layers.{L}.ffn.gate.weight` | `….bias` | `….tid2eid` |
     /// | DeepSeek-V4 under transformers' module names | `model.layers.{L}.mlp.gate.weight` | `….e_score_correction_bias` | `….tid2eid` |
-    /// | Qwen3-MoE | `model.layers.{L}.mlp.gate.weight` | none (looked for as `….e_score_correction_bias` and refused if present) | - |
+    /// | Qwen3-MoE, GLM-4.5 | `model.layers.{L}.mlp.gate.weight` | `….e_score_correction_bias` (Qwen3-MoE: none, looked for and refused if present) | - |
     /// | Mixtral | `model.layers.{L}.block_sparse_moe.gate.weight` | none (as above) | - |
+    /// | MiniMax-M2 | `model.layers.{L}.block_sparse_moe.gate.weight` | `model.layers.{L}.block_sparse_moe.e_score_correction_bias` (on the block, not the gate) | - |
+    /// | gpt-oss | `model.layers.{L}.mlp.router.weight` | `….bias` (added to the logits) | - |
+    /// | Llama 4 (`text_config`) as released / as transformers saves it | `language_model.model.layers.{L}.feed_forward.router.weight` / `model.language_model.layers.{L}…` | none (as above) | - |
+    /// | Llama 4 text-only (`llama4_text`) | `model.layers.{L}.feed_forward.router.weight` | none (as above) | - |
     pub fn candidates(config: &ModelConfig, layer: usize) -> Vec<Self> {
-        let conventions: &[(&str, &str, &str)] =
+        const NESTED: [&str; 2] = ["language_model.model.layers.", "model.language_model.layers."];
+        const TEXT: [&str; 1] = ["model.layers."];
+        // (layer prefixes, the gate module, the bias: its path under the layer)
+        let (prefixes, gate, bias): (&[&str], &str, &str) =
             match (config.family(), config.has_nested_text_config()) {
-                (ModelFamily::Mixtral, _) => {
-                    &[("model.layers.", "block_sparse_moe.gate", "e_score_correction_bias")]
+                (ModelFamily::Mixtral, _) => (
+                    &TEXT,
+                    "block_sparse_moe.gate",
+                    "block_sparse_moe.gate.e_score_correction_bias",
+                ),
+                (ModelFamily::MinimaxM2, _) => {
+                    (&TEXT, "block_sparse_moe.gate", "block_sparse_moe.e_score_correction_bias")
                 }
-                (ModelFamily::DeepseekV4, _) => &[
-                    ("layers.", "ffn.gate", "bias"),
-                    ("model.layers.", "ffn.gate", "bias"),
-                    ("model.layers.", "mlp.gate", "e_score_correction_bias"),
-                ],
-                (_, true) => &[
-                    ("language_model.model.layers.", "mlp.gate", "e_score_correction_bias"),
-                    ("model.language_model.layers.", "mlp.gate", "e_score_correction_bias"),
-                ],
-                (_, false) => &[("model.layers.", "mlp.gate", "e_score_correction_bias")],
+                (ModelFamily::GptOss, _) => (&TEXT, "mlp.router", "mlp.router.bias"),
+                (ModelFamily::Llama4, nested) => {
+                    let prefixes: &[&str] = if nested { &NESTED } else { &TEXT };
+                    (prefixes, "feed_forward.router", "feed_forward.router.bias")
+                }
+                (ModelFamily::DeepseekV4, _) => return Self::deepseek_v4(layer),
+                (_, true) => (&NESTED, "mlp.gate", "mlp.gate.e_score_correction_bias"),
+                (_, false) => (&TEXT, "mlp.gate", "mlp.gate.e_score_correction_bias"),
             };
-        let hashes = config.family() == ModelFamily::DeepseekV4;
-        conventions
+        prefixes
             .iter()
+            .map(|prefix| GateTensorNames {
+                weight: format!("{prefix}{layer}.{gate}.weight"),
+                bias: format!("{prefix}{layer}.{bias}"),
+                hash_table: None,
+            })
+            .collect()
+    }
+
+    /// DeepSeek-V4's three conventions, each with a hash table beside the gate.
+    fn deepseek_v4(layer: usize) -> Vec<Self> {
+        [("layers.", "ffn.gate", "bias"), ("model.layers.", "ffn.gate", "bias")]
+            .into_iter()
+            .chain([("model.layers.", "mlp.gate", "e_score_correction_bias")])
             .map(|(prefix, gate, bias)| {
                 let gate = format!("{prefix}{layer}.{gate}");
                 GateTensorNames {
                     weight: format!("{gate}.weight"),
-                    correction_bias: format!("{gate}.{bias}"),
-                    hash_table: hashes.then(|| format!("{gate}.tid2eid")),
+                    bias: format!("{gate}.{bias}"),
+                    hash_table: Some(format!("{gate}.tid2eid")),
                 }
             })
             .collect()
@@ -97,7 +122,7 @@ impl GateTensorNames {
     /// Every tensor name of the gate, the weight first: what a copy of the gate carries (those
     /// of them that the checkpoint holds).
     pub fn all(&self) -> Vec<&str> {
-        let mut names = vec![self.weight.as_str(), &self.correction_bias];
+        let mut names = vec![self.weight.as_str(), &self.bias];
         names.extend(self.hash_table.as_deref());
         names
     }
@@ -106,8 +131,8 @@ impl GateTensorNames {
 impl MoeGate {
     /// Loads the gate of MoE layer `layer`.
     ///
-    /// The weight must be bf16 or f32 `[E, H]`, the bias (present exactly when the method is
-    /// `noaux_tc`) `[E]`. A hash-routed layer has no bias but a table `tid2eid` (i32 or i64
+    /// The weight must be bf16 or f32 `[E, H]`, the bias (present exactly when the spec takes one:
+    /// `noaux_tc`'s correction bias, gpt-oss's bias on the logits) `[E]`. A hash-routed layer has no bias but a table `tid2eid` (i32 or i64
     /// `[vocab_size, K]`), refused when a row names an expert outside `[0, E)` or one twice. An f32 bias is used as stored, zero-copy; an f64 one is rounded once to
     /// f32, a bf16 or f16 one widened exactly. It is never narrowed to bf16: rounding the bias
     /// changes which experts are selected.
@@ -118,7 +143,7 @@ impl MoeGate {
         let spec = config.layer_routing(layer);
         let hidden_size = config.hidden_size();
         let names = Self::find_tensor_names(checkpoint, layer)?;
-        let (weight_name, bias_name) = (&names.weight, &names.correction_bias);
+        let (weight_name, bias_name) = (&names.weight, &names.bias);
 
         let weight = checkpoint.tensor(weight_name)?;
         check_shape(dir, weight_name, &weight, &[spec.num_experts, hidden_size])?;
@@ -132,24 +157,22 @@ impl MoeGate {
         }
 
         let has_bias = checkpoint.contains(bias_name)?;
-        let bias = match (spec.method, has_bias) {
-            (TopkMethod::NoauxTc, true) => {
-                Some(load_bias(checkpoint, bias_name, spec.num_experts)?)
-            }
-            (TopkMethod::NoauxTc, false) => {
+        let bias = match (spec.takes_bias(), has_bias) {
+            (true, true) => Some(load_bias(checkpoint, bias_name, &spec)?),
+            (true, false) => {
                 return Err(ModelError::MissingBias {
                     dir: dir.to_path_buf(),
                     tensor: bias_name.clone(),
                 });
             }
-            (method, true) => {
+            (false, true) => {
                 return Err(ModelError::UnexpectedBias {
                     dir: dir.to_path_buf(),
                     tensor: bias_name.clone(),
-                    method,
+                    method: spec.method,
                 });
             }
-            (_, false) => None,
+            (false, false) => None,
         };
         tracing::debug!(
             layer,
@@ -233,7 +256,7 @@ impl MoeGate {
     /// A gate from tensors already in memory (synthetic weights, another loader).
     ///
     /// The weight must be bf16 or f32 `[E, H]` with `E = spec.num_experts`; the bias, present
-    /// exactly when the method is `noaux_tc`, f32 `[E]`. The spec is validated. The weight is held
+    /// exactly when the spec takes one ([`RoutingSpec::takes_bias`]), f32 `[E]`. The spec is validated. The weight is held
     /// as a parameter (`requires_grad = true`), like a loaded one. Hash-routed gates are made by
     /// [`hashed`](MoeGate::hashed).
     pub fn new(
@@ -269,8 +292,8 @@ impl MoeGate {
                 format!("has dtype {}; supported: bf16, f32", weight.dtype()),
             ));
         }
-        match (&bias, spec.method) {
-            (Some(b), TopkMethod::NoauxTc) => {
+        match (&bias, spec.takes_bias()) {
+            (Some(b), true) => {
                 if b.dtype() != DType::F32 || b.shape() != [experts] {
                     return Err(invalid(
                         "bias",
@@ -278,13 +301,13 @@ impl MoeGate {
                     ));
                 }
             }
-            (None, TopkMethod::NoauxTc) => {
-                return Err(invalid("bias", "is missing; noaux_tc routing needs it".to_owned()));
+            (None, true) => {
+                return Err(invalid("bias", format!("is missing; {spec} routing needs it")));
             }
-            (Some(_), method) => {
-                return Err(invalid("bias", format!("is not used by {}", method.name())));
+            (Some(_), false) => {
+                return Err(invalid("bias", format!("is not used by {}", spec.method.name())));
             }
-            (None, _) => {}
+            (None, false) => {}
         }
         let weight = weight.with_requires_grad(true);
         Ok(MoeGate { layer, spec, hidden_size, weight, bias, hash_table: None })
@@ -334,7 +357,8 @@ impl MoeGate {
         &self.weight
     }
 
-    /// The f32 correction bias `[E]` (`noaux_tc` only).
+    /// The f32 bias `[E]`: the correction bias (`noaux_tc`), or the router bias added to the
+    /// logits (gpt-oss).
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -412,9 +436,13 @@ fn check_shape(
     }
 }
 
-/// The correction bias as f32, without ever rounding it through bf16.
-fn load_bias(checkpoint: &Checkpoint, name: &str, experts: usize) -> Result<Tensor, ModelError> {
-    let dir = checkpoint.dir();
+/// The bias as f32, without ever rounding it through bf16.
+fn load_bias(
+    checkpoint: &Checkpoint,
+    name: &str,
+    spec: &RoutingSpec,
+) -> Result<Tensor, ModelError> {
+    let (dir, experts) = (checkpoint.dir(), spec.num_experts);
     let stored = checkpoint.tensor(name)?;
     check_shape(dir, name, &stored, &[experts])?;
     let widened: Vec<f32> = match stored.dtype() {
@@ -431,7 +459,9 @@ fn load_bias(checkpoint: &Checkpoint, name: &str, experts: usize) -> Result<Tens
             });
         }
     };
-    if matches!(stored.dtype(), DType::BF16 | DType::F16) {
+    // A router bias on the logits is released in bf16 (gpt-oss) and trained that way; a correction
+    // bias in half precision has lost bits the selection depends on.
+    if matches!(stored.dtype(), DType::BF16 | DType::F16) && !spec.bias_on_logits() {
         tracing::warn!(
             tensor = name,
             dtype = %stored.dtype(),

@@ -440,3 +440,78 @@ fn gates_from_tensors_in_memory_are_validated() {
     bad.topk_group = 3;
     assert!(MoeGate::new(0, bad, weight(), bias()).is_err());
 }
+
+/// One MoE layer (layer 0) of each newer family, under its released tensor names: the weight,
+/// the bias where the family has one, and whether that bias is refused or required.
+#[test]
+fn newer_families_load_their_gates_under_their_own_names() {
+    let weight =
+        |name: &str| entry(name, Dtype::BF16, &[EXPERTS, HIDDEN], bf16_bytes(&gate_weight(0)));
+    let bias = |name: &str| entry(name, Dtype::F32, &[EXPERTS], f32_bytes(&gate_bias(0)));
+    let sizes = r#""hidden_size": 4, "num_hidden_layers": 1, "num_experts_per_tok": 2"#;
+    let cases = [
+        (
+            format!(
+                r#"{{"model_type": "glm4_moe", "first_k_dense_replace": 0,
+                       "n_routed_experts": 8, {sizes}}}"#
+            ),
+            "model.layers.0.mlp.gate.weight",
+            Some("model.layers.0.mlp.gate.e_score_correction_bias"),
+        ),
+        (
+            format!(r#"{{"model_type": "gpt_oss", "num_local_experts": 8, {sizes}}}"#),
+            "model.layers.0.mlp.router.weight",
+            Some("model.layers.0.mlp.router.bias"),
+        ),
+        (
+            format!(r#"{{"model_type": "minimax_m2", "num_local_experts": 8, {sizes}}}"#),
+            "model.layers.0.block_sparse_moe.gate.weight",
+            Some("model.layers.0.block_sparse_moe.e_score_correction_bias"),
+        ),
+        (
+            format!(
+                r#"{{"model_type": "llama4", "text_config": {{"model_type": "llama4_text",
+                       "num_local_experts": 8, {sizes}}}}}"#
+            ),
+            "language_model.model.layers.0.feed_forward.router.weight",
+            None,
+        ),
+        (
+            format!(r#"{{"model_type": "llama4_text", "num_local_experts": 8, {sizes}}}"#),
+            "model.layers.0.feed_forward.router.weight",
+            None,
+        ),
+    ];
+    for (config, weight_name, bias_name) in cases {
+        let mut entries = vec![weight(weight_name)];
+        entries.extend(bias_name.map(bias));
+        let dir = checkpoint_dir(&config, &entries);
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let names = MoeGate::find_tensor_names(&checkpoint, 0).unwrap();
+        assert_eq!(names.weight, weight_name);
+        let gate = MoeGate::load(&checkpoint, 0).unwrap();
+        let loaded_bias = gate.bias().map(|b| b.to_vec::<f32>().unwrap());
+        assert_eq!(loaded_bias, bias_name.map(|_| gate_bias(0)), "{weight_name}");
+        // The gate routes as the reference does, bias included.
+        let hidden = hidden_values(5);
+        let tensor = Tensor::from_vec(hidden.clone(), &[5, HIDDEN]).unwrap();
+        let routed = gate.route(&ReferenceBackend::default(), &tensor).unwrap();
+        assert_eq!(routed.to_routing().unwrap(), expected_routing(&gate, &hidden, 5));
+
+        match bias_name {
+            // A family with a bias needs it.
+            Some(_) => {
+                let dir = checkpoint_dir(&config, &[weight(weight_name)]);
+                let err = MoeGate::load(&Checkpoint::open(dir.path()).unwrap(), 0).unwrap_err();
+                assert!(matches!(err, ModelError::MissingBias { .. }), "{err}");
+            }
+            // Llama 4's router has none: one in the checkpoint is refused.
+            None => {
+                let stray = weight_name.replace(".weight", ".bias");
+                let dir = checkpoint_dir(&config, &[weight(weight_name), bias(&stray)]);
+                let err = MoeGate::load(&Checkpoint::open(dir.path()).unwrap(), 0).unwrap_err();
+                assert!(matches!(err, ModelError::UnexpectedBias { .. }), "{err}");
+            }
+        }
+    }
+}

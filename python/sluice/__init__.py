@@ -1,4 +1,4 @@
-"""sluice: DeepSeek V2/V3 and Kimi-K2 MoE gates for Python engines.
+"""sluice: DeepSeek V2/V3 and Kimi-K2 MoE gates for Python engines, on the CPU or a CUDA GPU.
 
 Tensors go in and out through DLPack without a copy; torch is the tested client, and any object
 with ``__dlpack__`` is accepted. A tensor that requires grad (an ``nn.Parameter`` gate weight,
@@ -8,17 +8,27 @@ can hand them to a backend by mistake.
 
     gate = sluice.Gate.from_pretrained("path/to/DeepSeek-V3", layer=3)
     topk_ids, topk_weights = gate.route(hidden_states)
+
+On a GPU the gate enqueues on torch's current stream, so a CUDA graph captures it:
+
+    gate = sluice.Gate.from_pretrained("path/to/DeepSeek-V3", 3, device="cuda", mark_invalid=True)
+    gate.route_into(hidden_states, topk_ids, topk_weights, workspace=workspace)
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from typing import Any, Mapping
 
 from . import _sluice
-from ._sluice import DEFAULT_IDLE_SPIN_US, CpuBackend, Tensor
+from ._sluice import DEFAULT_IDLE_SPIN_US, CpuBackend, CudaBackend, Tensor
 
-__all__ = ["CpuBackend", "DEFAULT_IDLE_SPIN_US", "Gate", "Tensor"]
+__all__ = ["CpuBackend", "CudaBackend", "DEFAULT_IDLE_SPIN_US", "Gate", "Tensor"]
+
+# DLPack's device type codes (`DLDeviceType`).
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2
 
 
 def _to_torch(tensor: Tensor) -> Any:
@@ -30,30 +40,130 @@ def _to_torch(tensor: Tensor) -> Any:
     return torch.from_dlpack(tensor)
 
 
-def _current_stream(tensor: Any) -> int | None:
-    """The DLPack number of torch's current stream for a device tensor; ``None`` on the host.
+def _parse_device(device: Any) -> tuple[str, int | None]:
+    """A device as torch writes it (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``)
+    as ``(type, index)``; the index is ``None`` where none is written."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ValueError(f"device {str(device)!r}: sluice routes on 'cpu' or 'cuda[:N]'")
+    return kind, int(index) if index else None
 
-    torch reports the legacy default stream as 0, which DLPack numbers 1 on CUDA (0 on ROCm).
-    """
-    device = getattr(tensor, "device", None)
-    if device is None or getattr(device, "type", "cpu") == "cpu":
+
+def _producer_device(tensor: Any) -> str | None:
+    """The device of a DLPack producer as torch names it; ``None`` when it does not say, or is
+    on a device sluice has no backend for (the gate then refuses it with sluice's message)."""
+    dlpack_device = getattr(tensor, "__dlpack_device__", None)
+    if dlpack_device is None:
         return None
+    kind, index = dlpack_device()
+    if kind == _DLPACK_CPU:
+        return "cpu"
+    if kind == _DLPACK_CUDA:
+        return f"cuda:{index}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_cuda_backend(ordinal: int) -> CudaBackend:
+    """The backend of gates made with ``device="cuda:N"``: one per device, sharing the kernels
+    it compiled between the gates of a model (a failure to start is not cached)."""
+    return CudaBackend(ordinal)
+
+
+def _torch_with_cuda() -> Any | None:
+    """torch, where it can use a CUDA device; ``None`` without torch or without a device, where
+    sluice's own backend says why it cannot start rather than torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.cuda.is_initialized() or torch.cuda.is_available():
+        return torch
+    return None
+
+
+def _on_cuda_device(ordinal: int) -> contextlib.AbstractContextManager:
+    """torch's current device set to ``ordinal`` for a native call, and restored after it:
+    sluice makes the device's context current, which torch would otherwise see as a change of
+    its current device."""
+    torch = _torch_with_cuda()
+    return contextlib.nullcontext() if torch is None else torch.cuda.device(ordinal)
+
+
+def _backend_device(backend: CpuBackend | CudaBackend | None) -> contextlib.AbstractContextManager:
+    """torch's current device kept across a preparation on ``backend``."""
+    if isinstance(backend, CudaBackend):
+        return _on_cuda_device(backend.ordinal)
+    return contextlib.nullcontext()
+
+
+def _choose_backend(
+    device: Any, backend: CpuBackend | CudaBackend | None, default_device: str | None = None
+) -> CpuBackend | CudaBackend | None:
+    """The backend a gate is prepared on: ``backend`` when given (it must agree with
+    ``device``), else the shared backend of ``device``, else of ``default_device``; ``None``
+    means the default CPU backend."""
+    if device is None and backend is not None:
+        return backend
+    if device is None:
+        device = default_device
+    if device is None:
+        return backend
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        if isinstance(backend, CudaBackend):
+            raise ValueError(f"device={str(device)!r} but backend={backend!r}")
+        return backend
+    if index is None:
+        # "cuda" is torch's current device, as in torch.
+        torch = _torch_with_cuda()
+        index = 0 if torch is None else torch.cuda.current_device()
+    if backend is None:
+        with _on_cuda_device(index):
+            return _shared_cuda_backend(index)
+    if not isinstance(backend, CudaBackend) or backend.ordinal != index:
+        raise ValueError(f"device={str(device)!r} but backend={backend!r}")
+    return backend
+
+
+def _cuda_stream(ordinal: int) -> int:
+    """torch's current stream on CUDA device ``ordinal``, numbered as DLPack numbers streams:
+    its handle, except the legacy default stream, which torch reports as 0 and DLPack as 1."""
     import torch
 
-    handle = torch.cuda.current_stream(device).cuda_stream
-    if handle == 0 and torch.version.hip is None:
-        return 1
-    return handle
+    handle = torch.cuda.current_stream(ordinal).cuda_stream
+    return 1 if handle == 0 else handle
+
+
+def _with_rows(hidden: Any) -> tuple[Any, int]:
+    """The hidden states and their row count ``T``. A producer without ``shape`` (a capsule) is
+    imported first; anything not of rank 2 counts 0 rows, which the gate refuses naming the
+    shape it got."""
+    if not hasattr(hidden, "shape"):
+        hidden = Tensor.from_dlpack(hidden)
+    shape = tuple(hidden.shape)
+    return hidden, shape[0] if len(shape) == 2 else 0
+
+
+def _wait_for_torch(backend: CpuBackend | CudaBackend | None) -> None:
+    """Waits for torch's work on a CUDA backend's device before the backend copies a gate's
+    weight and bias there: it copies on its own stream, which torch's streams do not order."""
+    torch = _torch_with_cuda()
+    if isinstance(backend, CudaBackend) and torch is not None:
+        torch.cuda.synchronize(backend.ordinal)
 
 
 class Gate:
     """One MoE layer's gate: router GEMM, scoring, grouped top-k, bias correction,
-    renormalisation and scaling, as the model's config says."""
+    renormalisation and scaling, as the model's config says; on the CPU or a CUDA device."""
 
-    __slots__ = ("_gate",)
+    __slots__ = ("_gate", "_cuda_ordinal")
 
     def __init__(self, native: _sluice.Gate) -> None:
         self._gate = native
+        kind, index = _parse_device(native.device)
+        # The CUDA device the gate routes on, or None for a CPU gate.
+        self._cuda_ordinal = index if kind == "cuda" else None
 
     @classmethod
     def from_pretrained(
@@ -61,25 +171,31 @@ class Gate:
         path: str,
         layer: int,
         *,
-        backend: CpuBackend | None = None,
+        device: Any = None,
+        backend: CpuBackend | CudaBackend | None = None,
         apply_scaling: bool = True,
         mark_invalid: bool = False,
     ) -> "Gate":
         """The gate of MoE layer ``layer`` in a Hugging Face checkpoint folder (``config.json``
-        and safetensors, single or sharded). The weight is memory-mapped, not copied.
+        and safetensors, single or sharded). The weight is memory-mapped, not copied; on a CUDA
+        device it is copied there once.
 
-        ``apply_scaling=False`` leaves ``routed_scaling_factor`` to the caller; ``mark_invalid``
-        gives rows with NaN or infinite values ids -1 and weights 0 instead of raising.
+        ``device`` is ``"cpu"`` (the default) or ``"cuda[:N]"`` (a string or ``torch.device``);
+        ``backend`` a configured ``CpuBackend`` or ``CudaBackend`` instead. ``apply_scaling=False``
+        leaves ``routed_scaling_factor`` to the caller; ``mark_invalid`` gives rows with NaN or
+        infinite values ids -1 and weights 0 instead of raising (``route_into`` on a CUDA stream
+        needs it: enqueued work cannot raise).
         """
-        return cls(
-            _sluice.Gate.from_pretrained(
+        backend = _choose_backend(device, backend)
+        with _backend_device(backend):
+            native = _sluice.Gate.from_pretrained(
                 str(path),
                 layer,
                 backend=backend,
                 apply_scaling=apply_scaling,
                 mark_invalid=mark_invalid,
             )
-        )
+        return cls(native)
 
     @classmethod
     def from_tensors(
@@ -89,7 +205,8 @@ class Gate:
         config: Mapping[str, Any] | str | Any,
         *,
         layer: int = 0,
-        backend: CpuBackend | None = None,
+        device: Any = None,
+        backend: CpuBackend | CudaBackend | None = None,
         apply_scaling: bool = True,
         mark_invalid: bool = False,
     ) -> "Gate":
@@ -98,13 +215,17 @@ class Gate:
         and the model config: a ``config.json`` dict, its text, or a transformers config
         (anything with ``to_dict()``).
 
-        ``gate.weight`` shares the parameter's memory (no copy); the CPU backend packs the weight
-        once, here, so later in-place changes to the parameter do not reach routing."""
+        The gate routes on ``device`` (or ``backend``), by default the weight's device, as a
+        torch module runs where its parameters are. ``gate.weight`` shares the parameter's
+        memory (no copy); the backend packs (CPU) or copies (CUDA) the weight once, here, so
+        later in-place changes to the parameter do not reach routing."""
         if hasattr(config, "to_dict"):
             config = config.to_dict()
         config_json = config if isinstance(config, str) else json.dumps(config)
-        return cls(
-            _sluice.Gate.from_tensors(
+        backend = _choose_backend(device, backend, default_device=_producer_device(weight))
+        _wait_for_torch(backend)
+        with _backend_device(backend):
+            native = _sluice.Gate.from_tensors(
                 weight,
                 bias,
                 config_json,
@@ -113,17 +234,60 @@ class Gate:
                 apply_scaling=apply_scaling,
                 mark_invalid=mark_invalid,
             )
-        )
+        return cls(native)
+
+    def _workspace(self, tokens: int, ordinal: int) -> Any | None:
+        """A workspace for ``tokens`` rows from torch's allocator on the gate's device, ordered
+        on torch's current stream like the call that uses it; ``None`` when none is needed."""
+        import torch
+
+        size = self._gate.workspace_bytes(tokens)
+        if size == 0:
+            return None
+        return torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", ordinal))
 
     def route(self, hidden: Any, input_ids: Any | None = None) -> tuple[Any, Any]:
         """Routes hidden states ``[T, H]`` (f32, bf16 or f16) to ``top_k`` experts per token.
 
         Returns ``(topk_ids, topk_weights)``: int32 and float32 ``[T, K]`` torch tensors on the
-        input's device, each row sorted by weight (descending) then expert id. ``input_ids``
-        (``[T]``, int32 or int64) is for layers that route by token id.
+        input's device (which must be the gate's), each row sorted by weight (descending) then
+        expert id. ``input_ids`` (``[T]``, int32 or int64) is for layers that route by token id.
+
+        On a CUDA device the outputs are allocated by torch and the gate enqueued on torch's
+        current stream; unless the gate marks rows with NaN or infinities (``mark_invalid``),
+        this waits for the result to raise on such a row.
         """
-        ids, weights = self._gate.route(hidden, input_ids)
-        return _to_torch(ids), _to_torch(weights)
+        ordinal = self._cuda_ordinal
+        if ordinal is None:
+            ids, weights = self._gate.route(hidden, input_ids)
+            return _to_torch(ids), _to_torch(weights)
+        import torch
+
+        hidden, tokens = _with_rows(hidden)
+        device = torch.device("cuda", ordinal)
+        with torch.cuda.device(ordinal):
+            ids = torch.empty(tokens, self.top_k, dtype=torch.int32, device=device)
+            weights = torch.empty(tokens, self.top_k, dtype=torch.float32, device=device)
+            workspace = self._workspace(tokens, ordinal)
+            stream = _cuda_stream(ordinal)
+            if self._gate.mark_invalid:
+                self._gate.route_into(
+                    hidden, ids, weights, input_ids=input_ids, stream=stream, workspace=workspace
+                )
+                return ids, weights
+            # Zeros: with no rows no kernel runs to write the status.
+            status = torch.zeros(2, dtype=torch.int32, device=device)
+            self._gate._route_into_counting(
+                hidden,
+                ids,
+                weights,
+                status,
+                input_ids=input_ids,
+                stream=stream,
+                workspace=workspace,
+            )
+            self._gate._check_status(*status.tolist())  # waits for the stream
+        return ids, weights
 
     def route_into(
         self,
@@ -133,19 +297,65 @@ class Gate:
         *,
         input_ids: Any | None = None,
         stream: int | None = None,
+        workspace: Any | None = None,
+        status: Any | None = None,
     ) -> None:
         """Routes into caller-owned ``topk_ids`` (int32 ``[T, K]``) and ``topk_weights``
-        (float32 ``[T, K]``), which may be row windows of larger buffers; nothing is allocated.
+        (float32 ``[T, K]``), which may be row windows of larger buffers; nothing is allocated
+        but, on a CUDA device without a ``workspace``, the workspace (from torch's allocator).
 
-        For device tensors the work is enqueued on ``stream``, numbered as DLPack numbers
-        streams; by default torch's current stream, so that a CUDA graph being captured on it
-        records the call.
+        A CPU gate routes on the calling thread. A CUDA gate only enqueues, on ``stream``
+        (numbered as DLPack numbers streams), by default torch's current stream, so that a CUDA
+        graph being captured on it records the call; nothing is synchronised. It needs
+        ``mark_invalid=True`` (enqueued work cannot raise; ``status``, int32 ``[2]``, receives
+        the count of marked rows and the first of them) and ``workspace``, uint8 of at least
+        ``workspace_bytes(T)`` bytes, made here when ``stream`` is torch's current one.
         """
-        if stream is None:
-            stream = _current_stream(hidden)
-        self._gate.route_into(
-            hidden, topk_ids, topk_weights, input_ids=input_ids, stream=stream
-        )
+        ordinal = self._cuda_ordinal
+        if ordinal is None:
+            self._gate.route_into(
+                hidden,
+                topk_ids,
+                topk_weights,
+                input_ids=input_ids,
+                stream=stream,
+                workspace=workspace,
+                status=status,
+            )
+            return
+        with _on_cuda_device(ordinal):
+            if stream is None:
+                stream = _cuda_stream(ordinal)
+                if workspace is None:
+                    hidden, tokens = _with_rows(hidden)
+                    workspace = self._workspace(tokens, ordinal)
+            self._gate.route_into(
+                hidden,
+                topk_ids,
+                topk_weights,
+                input_ids=input_ids,
+                stream=stream,
+                workspace=workspace,
+                status=status,
+            )
+
+    def workspace_bytes(self, tokens: int) -> int:
+        """Bytes of scratch ``route_into`` needs for ``tokens`` rows (0 on the CPU)."""
+        return self._gate.workspace_bytes(tokens)
+
+    @property
+    def device(self) -> Any:
+        """The device the gate routes on: a ``torch.device`` (its name without torch)."""
+        try:
+            import torch
+        except ImportError:
+            return self._gate.device
+        return torch.device(self._gate.device)
+
+    @property
+    def mark_invalid(self) -> bool:
+        """Whether rows with NaN or infinities get ids -1 and weights 0 (else they raise)."""
+        return self._gate.mark_invalid
 
     @property
     def layer(self) -> int:

@@ -43,13 +43,22 @@ class CpuBackend:
     @property
     def idle_spin_us(self) -> int: ...
 
+class CudaBackend:
+    """The CUDA backend on one device; ``RuntimeError`` where no driver, NVRTC or device is."""
+
+    def __init__(self, ordinal: int = 0) -> None: ...
+    @property
+    def ordinal(self) -> int: ...
+    @property
+    def compute_capability(self) -> tuple[int, int]: ...
+
 class Gate:
     @staticmethod
     def from_pretrained(
         path: str,
         layer: int,
         *,
-        backend: CpuBackend | None = None,
+        backend: CpuBackend | CudaBackend | None = None,
         apply_scaling: bool = True,
         mark_invalid: bool = False,
     ) -> Gate: ...
@@ -60,7 +69,7 @@ class Gate:
         config_json: str,
         *,
         layer: int = 0,
-        backend: CpuBackend | None = None,
+        backend: CpuBackend | CudaBackend | None = None,
         apply_scaling: bool = True,
         mark_invalid: bool = False,
     ) -> Gate: ...
@@ -73,7 +82,26 @@ class Gate:
         *,
         input_ids: Any | None = None,
         stream: int | None = None,
+        workspace: Any | None = None,
+        status: Any | None = None,
     ) -> None: ...
+    def _route_into_counting(
+        self,
+        hidden: Any,
+        topk_ids: Any,
+        topk_weights: Any,
+        status: Any,
+        *,
+        input_ids: Any | None = None,
+        stream: int | None = None,
+        workspace: Any | None = None,
+    ) -> None: ...
+    def _check_status(self, count: int, first_row: int) -> None: ...
+    def workspace_bytes(self, tokens: int) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def mark_invalid(self) -> bool: ...
     @property
     def layer(self) -> int: ...
     @property

@@ -1,4 +1,5 @@
-//! The CPU backend's settings from Python, and the backend gates use when given none.
+//! The backends from Python: the CPU backend's settings (and the one gates use when given none),
+//! and the CUDA backend, which only starts where a driver is.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -6,6 +7,9 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use sluice_backend_cpu::CpuBackend;
+use sluice_backend_cuda::CudaBackend;
+
+use crate::errors;
 
 /// A CPU backend: its worker threads and how long they spin between calls.
 #[pyclass(frozen, module = "sluice._sluice", name = "CpuBackend")]
@@ -62,6 +66,49 @@ impl PyCpuBackend {
             self.backend.threads(),
             self.idle_spin_us(),
             self.backend.kernel()
+        )
+    }
+}
+
+/// The CUDA backend on one device: its context (the device's primary context, the one torch
+/// uses), the router kernels it compiled, and its own stream for preparation.
+///
+/// The driver and NVRTC are loaded when one is made, so the module imports on machines without
+/// CUDA and only making one fails there (`RuntimeError`, sluice's message).
+#[pyclass(frozen, module = "sluice._sluice", name = "CudaBackend")]
+pub(crate) struct PyCudaBackend {
+    pub(crate) backend: CudaBackend,
+    ordinal: usize,
+}
+
+#[pymethods]
+impl PyCudaBackend {
+    /// The backend on CUDA device `ordinal` (torch's `cuda:<ordinal>`).
+    #[new]
+    #[pyo3(signature = (ordinal=0))]
+    fn new(py: Python<'_>, ordinal: usize) -> PyResult<Self> {
+        let backend = py.detach(|| CudaBackend::new(ordinal)).map_err(errors::cuda)?;
+        Ok(PyCudaBackend { backend, ordinal })
+    }
+
+    /// The device ordinal.
+    #[getter]
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's compute capability `(major, minor)`.
+    #[getter]
+    fn compute_capability(&self) -> (i32, i32) {
+        self.backend.compute_capability()
+    }
+
+    fn __repr__(&self) -> String {
+        let (major, minor) = self.backend.compute_capability();
+        format!(
+            "sluice.CudaBackend(ordinal={}, compute_capability={major}.{minor}, multiprocessors={})",
+            self.ordinal,
+            self.backend.multiprocessors()
         )
     }
 }

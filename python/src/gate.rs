@@ -1,4 +1,5 @@
-//! `Gate`: one MoE layer's gate, prepared on a backend, routing tensors of any DLPack producer.
+//! `Gate`: one MoE layer's gate, prepared on a backend (the CPU or a CUDA device), routing
+//! tensors of any DLPack producer.
 
 use std::path::PathBuf;
 
@@ -6,15 +7,23 @@ use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use sluice_models::{Checkpoint, ModelConfig, ModelError, MoeGate, PreparedGate};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, DlpackError, DlpackView, DlpackViewMut, Element, Execution,
-    NonFinitePolicy, RouteInputs, RouteOutputs, Tensor, export_vec,
+    BackendError, Device, DeviceStream, Dlpack, DlpackError, DlpackView, DlpackViewMut, Element,
+    Execution, NonFiniteInput, NonFinitePolicy, RouteInputs, RouteOutputs, Tensor, export_vec,
 };
 
-use crate::backend::{PyCpuBackend, default_backend};
+use crate::backend::{PyCpuBackend, PyCudaBackend, default_backend};
 use crate::errors;
 use crate::tensor::{self, PyTensor};
 
-/// One MoE layer's gate, prepared on a CPU backend.
+/// The backend a gate is prepared on, as Python hands it over (`backend=`).
+#[derive(FromPyObject)]
+pub(crate) enum GateBackend<'py> {
+    Cpu(Bound<'py, PyCpuBackend>),
+    Cuda(Bound<'py, PyCudaBackend>),
+}
+
+/// One MoE layer's gate, prepared on a backend: the CPU (routing on the calling thread) or a
+/// CUDA device (enqueueing on the caller's stream).
 ///
 /// The weight is held as a parameter (`requires_grad = true`); the weight and the hidden states
 /// are detached where they cross sluice's bridge, never before.
@@ -22,24 +31,75 @@ use crate::tensor::{self, PyTensor};
 pub(crate) struct Gate {
     gate: MoeGate,
     prepared: PreparedGate,
+    /// Where the router lives, and so every tensor a call takes.
+    device: Device,
+    /// What a row with NaN or infinities does. A device router is prepared with the marking
+    /// policy whatever this says: its kernels mark such rows (ids -1, weights 0) and count them
+    /// in a status either way, and a call that only enqueues cannot raise. The error policy is
+    /// applied here instead: `route_into` on a stream refuses it, as the Rust contract does, and
+    /// `sluice.Gate.route` reads the status after the stream and raises through `check_status`.
+    non_finite: NonFinitePolicy,
 }
 
 impl Gate {
     fn prepare(
+        py: Python<'_>,
         gate: MoeGate,
-        backend: Option<&Bound<'_, PyCpuBackend>>,
+        backend: Option<GateBackend<'_>>,
         apply_scaling: bool,
         mark_invalid: bool,
     ) -> PyResult<Self> {
-        let policy =
+        let non_finite =
             if mark_invalid { NonFinitePolicy::MarkInvalid } else { NonFinitePolicy::Error };
-        let gate = gate.with_apply_scaling(apply_scaling).with_non_finite(policy);
+        let gate = gate.with_apply_scaling(apply_scaling).with_non_finite(non_finite);
         let prepared = match backend {
-            Some(backend) => gate.prepare(&backend.get().backend),
-            None => gate.prepare(default_backend()?),
+            None => {
+                let cpu = default_backend()?;
+                py.detach(|| gate.prepare(cpu))
+            }
+            Some(GateBackend::Cpu(backend)) => {
+                let cpu = &backend.get().backend;
+                py.detach(|| gate.prepare(cpu))
+            }
+            Some(GateBackend::Cuda(backend)) => {
+                let cuda = &backend.get().backend;
+                let marking = gate.clone().with_non_finite(NonFinitePolicy::MarkInvalid);
+                py.detach(|| marking.prepare(cuda))
+            }
         }
         .map_err(errors::model)?;
-        Ok(Gate { gate, prepared })
+        let device = prepared.router().device();
+        Ok(Gate { gate, prepared, device, non_finite })
+    }
+
+    /// Where a `route_into` call runs: on the host for a CPU gate, else on the stream of the
+    /// gate's device that `stream` numbers as DLPack does.
+    fn execution(&self, stream: Option<usize>) -> PyResult<Execution> {
+        let raw = match (self.device, stream) {
+            (Device::Cpu, None) => return Ok(Execution::Host),
+            (Device::Cpu, Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "`stream`: a CPU gate routes on the calling thread; pass `stream=None`",
+                ));
+            }
+            (device, None) => {
+                return Err(PyValueError::new_err(format!(
+                    "`stream`: a gate on {device} only enqueues its work, on the stream it is \
+                     given (`sluice.Gate` passes torch's current stream)"
+                )));
+            }
+            (_, Some(raw)) => raw,
+        };
+        // SAFETY: `DeviceStream::new`'s contract (the stream and every buffer outlive the
+        // enqueued work, inputs are ready on the stream, outputs are read only after it) is the
+        // documented contract of `route_into(stream=...)`, which passes it on to the Python
+        // caller exactly as torch does for kernels on an external stream. The `sluice` package
+        // passes torch's current stream, on which torch's caching allocator orders any reuse of
+        // the tensors' memory. The value is only checked here; a backend that cannot run on it
+        // refuses it before any work.
+        let stream = unsafe { DeviceStream::new(self.device, raw) }
+            .map_err(|error| PyValueError::new_err(format!("`stream`: {error}")))?;
+        Ok(Execution::Stream(stream))
     }
 }
 
@@ -68,53 +128,85 @@ fn host_buffer<T: Element + Default>(count: usize) -> PyResult<Vec<T>> {
 
 /// A writable view of an output the caller handed over, with errors naming it.
 fn output_view<'a>(
-    output: &'a mut sluice_tensor::Dlpack,
+    output: &'a mut Dlpack,
     arg: &'static str,
 ) -> Result<DlpackViewMut<'a>, ModelError> {
     DlpackViewMut::from_dlpack(output)
         .map_err(|source| BackendError::Argument { op: "route_into", arg, source }.into())
 }
 
-/// Where `route_into` runs: on the host without a stream, else on the stream of `device` that
-/// `stream` numbers as DLPack does.
-fn execution(device: Device, stream: Option<usize>) -> PyResult<Execution> {
-    let Some(raw) = stream else { return Ok(Execution::Host) };
-    if device == Device::Cpu {
-        return Err(PyValueError::new_err(
-            "`stream`: host tensors are routed on the calling thread; pass `stream=None`",
-        ));
+/// The tensors of one `route_into` call, imported zero-copy: the inputs detached at the bridge,
+/// the caller's outputs (and scratch) writable.
+struct IntoCall {
+    hidden: Tensor,
+    token_ids: Option<Tensor>,
+    topk_ids: Dlpack,
+    topk_weights: Dlpack,
+    workspace: Option<Dlpack>,
+    status: Option<Dlpack>,
+}
+
+impl IntoCall {
+    fn import(
+        hidden: &Bound<'_, PyAny>,
+        input_ids: Option<&Bound<'_, PyAny>>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        workspace: Option<&Bound<'_, PyAny>>,
+        status: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(IntoCall {
+            hidden: tensor::import(hidden)?.detach(),
+            token_ids: input_ids.map(tensor::import).transpose()?.map(|ids| ids.detach()),
+            topk_ids: tensor::import_output(topk_ids, "topk_ids")?,
+            topk_weights: tensor::import_output(topk_weights, "topk_weights")?,
+            workspace: workspace.map(|w| tensor::import_output(w, "workspace")).transpose()?,
+            status: status.map(|s| tensor::import_output(s, "status")).transpose()?,
+        })
     }
-    // SAFETY: `DeviceStream::new`'s contract (the stream and every buffer outlive the enqueued
-    // work, inputs are ready on the stream, outputs are read only after it) is the documented
-    // contract of `route_into(stream=...)`, which passes it on to the Python caller exactly as
-    // torch does for kernels on an external stream. The `sluice` package passes torch's current
-    // stream, on which torch's caching allocator orders any reuse of the tensors' memory. The
-    // value is only checked here; a backend that cannot run on it refuses it before any work.
-    let stream = unsafe { DeviceStream::new(device, raw) }
-        .map_err(|error| PyValueError::new_err(format!("`stream`: {error}")))?;
-    Ok(Execution::Stream(stream))
+
+    /// Routes (on the host) or enqueues (on a stream) without the GIL; nothing is allocated.
+    fn run(mut self, py: Python<'_>, gate: &PreparedGate, execution: Execution) -> PyResult<()> {
+        py.detach(|| {
+            let inputs = route_inputs(&self.hidden, self.token_ids.as_ref())?;
+            let mut outputs = RouteOutputs::new(
+                output_view(&mut self.topk_ids, "topk_ids")?,
+                output_view(&mut self.topk_weights, "topk_weights")?,
+            );
+            if let Some(workspace) = &mut self.workspace {
+                outputs = outputs.with_workspace(output_view(workspace, "workspace")?);
+            }
+            if let Some(status) = &mut self.status {
+                outputs = outputs.with_status(output_view(status, "status")?);
+            }
+            gate.route_into(&inputs, &mut outputs, execution)
+        })
+        .map_err(errors::model)
+    }
 }
 
 #[pymethods]
 impl Gate {
     /// The gate of MoE layer `layer` in a Hugging Face checkpoint folder.
+    /// `backend`: a `CpuBackend` or a `CudaBackend` (default: a shared CPU backend).
     #[staticmethod]
     #[pyo3(signature = (path, layer, *, backend=None, apply_scaling=true, mark_invalid=false))]
     fn from_pretrained(
         py: Python<'_>,
         path: PathBuf,
         layer: usize,
-        backend: Option<&Bound<'_, PyCpuBackend>>,
+        backend: Option<GateBackend<'_>>,
         apply_scaling: bool,
         mark_invalid: bool,
     ) -> PyResult<Self> {
         let gate =
             py.detach(|| MoeGate::load(&Checkpoint::open(&path)?, layer)).map_err(errors::model)?;
-        Self::prepare(gate, backend, apply_scaling, mark_invalid)
+        Self::prepare(py, gate, backend, apply_scaling, mark_invalid)
     }
 
     /// A gate from a router weight `[E, H]` (bf16 or f32; an `nn.Parameter` is fine), the f32
-    /// correction bias `[E]` (`noaux_tc` only) and the model's `config.json` text.
+    /// correction bias `[E]` (`noaux_tc` only) and the model's `config.json` text. A CUDA backend
+    /// copies them (host or device memory) once; the producer's work on them must be done.
     #[staticmethod]
     #[pyo3(signature = (
         weight, bias, config_json, *, layer=0, backend=None, apply_scaling=true,
@@ -122,11 +214,12 @@ impl Gate {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn from_tensors(
+        py: Python<'_>,
         weight: &Bound<'_, PyAny>,
         bias: Option<&Bound<'_, PyAny>>,
         config_json: &str,
         layer: usize,
-        backend: Option<&Bound<'_, PyCpuBackend>>,
+        backend: Option<GateBackend<'_>>,
         apply_scaling: bool,
         mark_invalid: bool,
     ) -> PyResult<Self> {
@@ -143,11 +236,13 @@ impl Gate {
             )));
         }
         let gate = MoeGate::new(layer, *config.routing(), weight, bias).map_err(errors::model)?;
-        Self::prepare(gate, backend, apply_scaling, mark_invalid)
+        Self::prepare(py, gate, backend, apply_scaling, mark_invalid)
     }
 
-    /// Routes hidden states `[T, H]`: `(topk_ids, topk_weights)`, i32 and f32 `[T, K]`, host
-    /// tensors sluice allocated (import them with `torch.from_dlpack`, zero-copy).
+    /// Routes hidden states `[T, H]` on a CPU gate: `(topk_ids, topk_weights)`, i32 and f32
+    /// `[T, K]`, host tensors sluice allocated (import them with `torch.from_dlpack`, zero-copy).
+    /// A device gate routes into buffers its caller made (`sluice.Gate.route` makes them with
+    /// torch on the device).
     #[pyo3(signature = (hidden, input_ids=None))]
     fn route(
         &self,
@@ -155,6 +250,13 @@ impl Gate {
         hidden: &Bound<'_, PyAny>,
         input_ids: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(PyTensor, PyTensor)> {
+        if self.device != Device::Cpu {
+            return Err(PyValueError::new_err(format!(
+                "`route` here returns host tensors; a gate on {} routes into device buffers \
+                 with `route_into` (`sluice.Gate.route` allocates them with torch)",
+                self.device
+            )));
+        }
         let hidden = tensor::import(hidden)?.detach();
         let token_ids = input_ids.map(tensor::import).transpose()?.map(|ids| ids.detach());
         let tokens = match *hidden.shape() {
@@ -182,13 +284,23 @@ impl Gate {
     }
 
     /// Routes into the caller's `topk_ids` (i32 `[T, K]`) and `topk_weights` (f32 `[T, K]`),
-    /// zero-copy, allocating nothing. Without `stream` the work runs on the host and is done on
-    /// return. With `stream` (numbered as DLPack's `__dlpack__(stream=...)`: CUDA 1 is the legacy
-    /// default stream, 2 the per-thread one, larger values a `cudaStream_t`) it is only enqueued
-    /// there, and the caller promises what any kernel launch on that stream needs: the stream and
-    /// every tensor outlive the work, the inputs are ready on the stream, and the outputs are read
-    /// only after it.
-    #[pyo3(signature = (hidden, topk_ids, topk_weights, *, input_ids=None, stream=None))]
+    /// zero-copy, allocating nothing; `workspace` (u8, at least `workspace_bytes(T)` bytes) is
+    /// the scratch a device gate needs, `status` (i32 `[2]`) receives the count of rows with
+    /// NaN or infinities and the first of them (-1: none).
+    ///
+    /// A CPU gate runs on the host (`stream=None`) and is done on return. A device gate only
+    /// enqueues on `stream`, numbered as DLPack's `__dlpack__(stream=...)` (CUDA: 1 the legacy
+    /// default stream, 2 the per-thread one, larger values a `cudaStream_t`), and the caller
+    /// promises what any kernel launch on that stream needs: the stream and every tensor outlive
+    /// the work, the inputs are ready on the stream, and the outputs are read only after it.
+    /// Nothing is synchronised, so the call is captured by a CUDA graph recording the stream; a
+    /// row with NaN or infinities cannot raise there, so the gate must mark it
+    /// (`mark_invalid=True`).
+    #[pyo3(signature = (
+        hidden, topk_ids, topk_weights, *, input_ids=None, stream=None, workspace=None,
+        status=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn route_into(
         &self,
         py: Python<'_>,
@@ -197,21 +309,77 @@ impl Gate {
         topk_weights: &Bound<'_, PyAny>,
         input_ids: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
+        workspace: Option<&Bound<'_, PyAny>>,
+        status: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let hidden = tensor::import(hidden)?.detach();
-        let token_ids = input_ids.map(tensor::import).transpose()?.map(|ids| ids.detach());
-        let mut ids_out = tensor::import_output(topk_ids, "topk_ids")?;
-        let mut weights_out = tensor::import_output(topk_weights, "topk_weights")?;
-        let execution = execution(hidden.device(), stream)?;
-        py.detach(|| {
-            let inputs = route_inputs(&hidden, token_ids.as_ref())?;
-            let mut outputs = RouteOutputs::new(
-                output_view(&mut ids_out, "topk_ids")?,
-                output_view(&mut weights_out, "topk_weights")?,
-            );
-            self.prepared.route_into(&inputs, &mut outputs, execution)
-        })
-        .map_err(errors::model)
+        let execution = self.execution(stream)?;
+        if matches!(execution, Execution::Stream(_)) && self.non_finite == NonFinitePolicy::Error {
+            return Err(errors::model(BackendError::PolicyNeedsHost { op: "route_into" }.into()));
+        }
+        IntoCall::import(hidden, input_ids, topk_ids, topk_weights, workspace, status)?.run(
+            py,
+            &self.prepared,
+            execution,
+        )
+    }
+
+    /// `route_into` whatever the policy, rows with NaN or infinities marked and counted in
+    /// `status`: `sluice.Gate.route` calls this on a device gate, reads `status` after the
+    /// stream and applies the policy with `_check_status`.
+    #[pyo3(
+        name = "_route_into_counting",
+        signature = (hidden, topk_ids, topk_weights, status, *, input_ids=None, stream=None,
+                     workspace=None)
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn route_into_counting(
+        &self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        status: &Bound<'_, PyAny>,
+        input_ids: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
+        workspace: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let execution = self.execution(stream)?;
+        IntoCall::import(hidden, input_ids, topk_ids, topk_weights, workspace, Some(status))?.run(
+            py,
+            &self.prepared,
+            execution,
+        )
+    }
+
+    /// Raises sluice's error for rows with NaN or infinities when a status read back after the
+    /// stream (`count`, `first_row`) counts any and the gate does not mark them.
+    #[pyo3(name = "_check_status")]
+    fn check_status(&self, count: i64, first_row: i64) -> PyResult<()> {
+        if count > 0 && self.non_finite == NonFinitePolicy::Error {
+            // The kernels look at the logits; a NaN in the hidden states shows there too.
+            let row = usize::try_from(first_row).unwrap_or(0);
+            let error = BackendError::NonFinite { op: "route", row, input: NonFiniteInput::Logits };
+            return Err(errors::model(error.into()));
+        }
+        Ok(())
+    }
+
+    /// Bytes of scratch a call on `tokens` rows needs in `workspace` (0 for a CPU gate).
+    fn workspace_bytes(&self, tokens: usize) -> usize {
+        self.prepared.router().workspace_bytes(tokens)
+    }
+
+    /// The device the gate routes on (`cpu`, `cuda:0`, ...): the device of every tensor a call
+    /// takes.
+    #[getter]
+    fn device(&self) -> String {
+        self.device.to_string()
+    }
+
+    /// Whether rows with NaN or infinities get ids -1 and weights 0 (else routing them raises).
+    #[getter]
+    fn mark_invalid(&self) -> bool {
+        self.non_finite == NonFinitePolicy::MarkInvalid
     }
 
     /// The decoder layer.
@@ -254,13 +422,15 @@ impl Gate {
     fn __repr__(&self) -> String {
         let spec = self.gate.spec();
         format!(
-            "sluice.Gate(layer={}, experts={}, hidden_size={}, top_k={}, method={}, scoring={})",
+            "sluice.Gate(layer={}, experts={}, hidden_size={}, top_k={}, method={}, scoring={}, \
+             device={})",
             self.gate.layer(),
             spec.num_experts,
             self.gate.hidden_size(),
             spec.top_k,
             spec.method.name(),
             spec.scoring.name(),
+            self.device,
         )
     }
 }

@@ -1,11 +1,18 @@
 //! Tensors across the Python door: [`import`] for what sluice reads, [`import_output`] for what it
 //! writes, and [`PyTensor`], a sluice tensor that Python consumers import through `__dlpack__`.
 
-use dlpark::ffi::{DLDevice, DLManagedTensor, DLManagedTensorVersioned};
-use dlpark::python::{DlpackExporter, ExportRequest, ImportedDlpack, export_dlpack, from_dlpack};
+use std::ffi::c_void;
+
+use dlpark::ffi::{DLDevice, DLDeviceType, DLManagedTensor, DLManagedTensorVersioned};
+use dlpark::python::consumer::stream;
+use dlpark::python::{
+    DlpackExporter, DlpackStream, ExportRequest, ImportRequest, ImportedDlpack, StreamArg,
+    export_dlpack, from_dlpack,
+};
 use dlpark::{DlpackFlags, Managed};
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use sluice_tensor::{Dlpack, DlpackError, Tensor};
 
 use crate::errors;
@@ -42,18 +49,56 @@ pub(crate) fn import(object: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     Ok(tensor.with_requires_grad(requires_grad))
 }
 
+/// The consumer stream sluice names to device producers: none to wait for (`stream=-1`).
+///
+/// sluice's device calls only enqueue on the caller's stream, whose contract has the inputs ready
+/// there (torch's own work is, on the current stream the `sluice` package passes). Asked for no
+/// stream, some torch versions order the tensor on the legacy default stream instead, making it
+/// wait for the current one: needless outside a CUDA graph capture, and refused inside one.
+struct OrderedByTheCaller;
+
+// SAFETY: no stream handle is handed out: `-1` asks the producer not to synchronise at all.
+unsafe impl DlpackStream for OrderedByTheCaller {
+    fn as_python_arg(&self, _py: Python<'_>, _device: DLDevice) -> PyResult<StreamArg> {
+        Ok(stream::no_sync())
+    }
+
+    /// The C exchange API's tensor is used as it is, for the same reason.
+    unsafe fn wait_for_producer(
+        &self,
+        _device: DLDevice,
+        _producer: *mut c_void,
+    ) -> PyResult<bool> {
+        Ok(true)
+    }
+}
+
 /// The producer's tensor through the first DLPack path it offers (dlpark's order: the C exchange
 /// API, `__dlpack__(max_version=...)`, a bare `__dlpack__()` when there is no
-/// `__dlpack_device__`). A producer that has `__dlpack_device__` but predates DLPack 1.0 rejects
-/// the `max_version` keyword with a `TypeError`; as the array API asks of consumers, it is asked
-/// again without it, for the legacy capsule it can make.
+/// `__dlpack_device__`), asking a device producer for no synchronisation (see
+/// [`OrderedByTheCaller`]). A producer that has `__dlpack_device__` but predates DLPack 1.0
+/// rejects the `max_version` keyword with a `TypeError`; as the array API asks of consumers, it is
+/// asked again without it, for the legacy capsule it can make.
 fn imported(object: &Bound<'_, PyAny>) -> PyResult<ImportedDlpack> {
-    match from_dlpack(object.as_borrowed(), None, None) {
+    let request = ImportRequest::new(object.as_borrowed())?;
+    // Capsules and legacy producers have no device to ask about, nor a stream to take.
+    let on_device = request
+        .device()
+        .is_ok_and(|device| matches!(device.device_type, DLDeviceType::CUDA | DLDeviceType::ROCM));
+    let stream: Option<&dyn DlpackStream> =
+        if on_device { Some(&OrderedByTheCaller) } else { None };
+    match request.import(stream, None) {
         Err(error)
             if error.is_instance_of::<PyTypeError>(object.py())
                 && object.hasattr("__dlpack_device__")? =>
         {
-            let capsule = object.call_method0("__dlpack__")?;
+            let capsule = if on_device {
+                let no_sync = PyDict::new(object.py());
+                no_sync.set_item("stream", -1)?;
+                object.call_method("__dlpack__", (), Some(&no_sync))?
+            } else {
+                object.call_method0("__dlpack__")?
+            };
             from_dlpack(capsule.as_borrowed(), None, None)
         }
         result => result,
@@ -69,7 +114,7 @@ pub(crate) fn import_output(object: &Bound<'_, PyAny>, name: &str) -> PyResult<D
     if producer_requires_grad(object)? {
         return Err(PyBufferError::new_err(format!("`{name}`: {}", DlpackError::RequiresGrad)));
     }
-    match from_dlpack(object.as_borrowed(), None, None)? {
+    match imported(object)? {
         ImportedDlpack::Versioned(managed) => Ok(managed),
         ImportedDlpack::Legacy(_) => Err(PyValueError::new_err(format!(
             "`{name}` came as a legacy DLPack tensor; outputs need versioned DLPack (1.x), whose \

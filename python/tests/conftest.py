@@ -1,8 +1,14 @@
-"""Shared helpers: the golden fixtures of models/testdata, read without sluice, and small gates."""
+"""Shared helpers: the golden fixtures of models/testdata, read without sluice, small gates, and
+the `cuda` marker.
+
+Tests marked `cuda` need a CUDA device: without one they skip, unless `SLUICE_REQUIRE_GPU` is set
+(as the GPU bundle's `run.sh` does), where a missing device fails them instead, as it fails the
+Rust GPU tests. `SLUICE_TESTDATA` points at the fixtures where the source tree is not around."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -11,11 +17,29 @@ import torch
 
 import sluice
 
-TESTDATA = Path(__file__).resolve().parents[2] / "models" / "testdata"
+TESTDATA = Path(
+    os.environ.get("SLUICE_TESTDATA") or Path(__file__).resolve().parents[2] / "models" / "testdata"
+)
 # Every fixture checkpoint, nested ones included, as the Rust golden tests find them.
 FAMILIES = sorted(
     str(path.parent.relative_to(TESTDATA)) for path in TESTDATA.rglob("golden.safetensors")
 )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cuda: needs a CUDA device (skipped without one unless SLUICE_REQUIRE_GPU is set)",
+    )
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is None or torch.cuda.is_available():
+        return
+    if "SLUICE_REQUIRE_GPU" in os.environ:
+        pytest.fail("SLUICE_REQUIRE_GPU is set but torch sees no CUDA device", pytrace=False)
+    pytest.skip("no CUDA device")
+
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 

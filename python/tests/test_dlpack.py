@@ -11,91 +11,16 @@ import torch
 
 import sluice
 from conftest import tiny_config, tiny_gate
-
-
-class VersionedProducer:
-    """Offers only the standard protocol (`__dlpack_device__`, `__dlpack__(max_version=...)`),
-    as producers without the C exchange API do; records what it was asked."""
-
-    def __init__(self, tensor, *, tell_requires_grad=True, offer_detach=True):
-        self._tensor = tensor
-        self.calls = []
-        if tell_requires_grad:
-            self.requires_grad = tensor.requires_grad
-        if offer_detach:
-            self.detach = lambda: VersionedProducer(
-                tensor.detach(), tell_requires_grad=tell_requires_grad
-            )
-
-    def __dlpack_device__(self):
-        return self._tensor.__dlpack_device__()
-
-    def __dlpack__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self._tensor.__dlpack__(**kwargs)
-
-
-class LegacyProducer(VersionedProducer):
-    """A pre-1.0 producer: `__dlpack__()` without arguments, no `__dlpack_device__`."""
-
-    __dlpack_device__ = None
-
-    def __init__(self, tensor, **options):
-        super().__init__(tensor, **options)
-        if hasattr(self, "detach"):
-            self.detach = lambda: LegacyProducer(tensor.detach())
-
-    def __getattribute__(self, name):
-        if name == "__dlpack_device__":
-            raise AttributeError(name)
-        return super().__getattribute__(name)
-
-    def __dlpack__(self):
-        self.calls.append({})
-        return self._tensor.__dlpack__()
-
-
-class PreVersionedProducer(VersionedProducer):
-    """Offers `__dlpack_device__` and a `__dlpack__(stream=None)` from before DLPack 1.0, which
-    rejects `max_version` and makes a legacy capsule."""
-
-    def __init__(self, tensor, **options):
-        super().__init__(tensor, **options)
-        if hasattr(self, "detach"):
-            self.detach = lambda: PreVersionedProducer(tensor.detach())
-
-    def __dlpack__(self, stream=None):
-        self.calls.append({"stream": stream})
-        return self._tensor.__dlpack__(stream=stream)
-
-
-class GradHandingProducer:
-    """Hands over the memory of a tensor that requires grad without refusing, as torch's C
-    exchange API does, and says that it requires grad."""
-
-    requires_grad = True
-
-    def __init__(self, tensor):
-        self._tensor = tensor
-
-    def __dlpack_device__(self):
-        return self._tensor.__dlpack_device__()
-
-    def __dlpack__(self, **kwargs):
-        return self._tensor.detach().__dlpack__(**kwargs)
-
-
-PATHS = {
-    "c-exchange-api": lambda t: t,
-    "dlpack-max-version": VersionedProducer,
-    "dlpack-without-max-version": PreVersionedProducer,
-    "dlpack-legacy": LegacyProducer,
-    "hands-over-grad": GradHandingProducer,
-}
+from dlpack_producers import (
+    PATHS,
+    LegacyProducer,
+    PreVersionedProducer,
+    VersionedProducer,
+)
 
 
 def test_torch_offers_the_c_exchange_api():
-    """The `c-exchange-api` path below is torch itself, which dlpark asks through this API
+    """The `c-exchange-api` path of `PATHS` is torch itself, which dlpark asks through this API
     first; torch's `__dlpack__` refuses a tensor that requires grad, the API does not."""
     assert hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
     with pytest.raises(BufferError):
@@ -146,6 +71,39 @@ def test_the_paths_are_the_ones_named():
     assert versioned.calls and versioned.calls[0].get("max_version", (0, 0))[0] >= 1
     assert legacy.calls == [{}]
     assert pre_versioned.calls == [{"stream": None}]
+
+
+class DeviceClaimingProducer:
+    """Says its tensor is on cuda:0 and records how `__dlpack__` is asked, then stops there;
+    `pre_versioned` takes no `max_version`, as producers from before DLPack 1.0."""
+
+    def __init__(self, pre_versioned=False):
+        self.calls = []
+        self.pre_versioned = pre_versioned
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        if self.pre_versioned and kwargs:
+            raise TypeError("__dlpack__() got an unexpected keyword argument 'max_version'")
+        self.calls.append({"stream": stream, **kwargs})
+        raise BufferError("recorded")
+
+
+@pytest.mark.parametrize("pre_versioned", [False, True])
+def test_device_producers_are_asked_not_to_synchronise(pre_versioned):
+    """sluice enqueues on the caller's stream, where the caller has the inputs ready: a device
+    producer is asked for `stream=-1`, never for the legacy default stream (what no stream means
+    to some torch versions), which would make that stream wait on the current one and break a
+    CUDA graph capture. Host producers are asked for no stream at all."""
+    producer = DeviceClaimingProducer(pre_versioned)
+    with pytest.raises(BufferError, match="recorded"):
+        sluice.Tensor.from_dlpack(producer)
+    assert [call["stream"] for call in producer.calls] == [-1]
+    host = VersionedProducer(torch.randn(2, 3))
+    sluice.Tensor.from_dlpack(host)
+    assert "stream" not in host.calls[0]
 
 
 def test_a_producer_that_refuses_a_grad_tensor_is_a_buffer_error():

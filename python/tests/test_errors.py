@@ -113,3 +113,28 @@ def test_backend_settings():
     spinning, _, _ = tiny_gate(backend=sluice.CpuBackend(threads=2, idle_spin_us=5000))
     for got, want in zip(parked.route(hidden), spinning.route(hidden)):
         assert torch.equal(got, want)
+
+
+def test_devices_are_named_as_torch_names_them(gate):
+    assert gate.device == torch.device("cpu") and gate.workspace_bytes(64) == 0
+    assert sluice.Gate.from_pretrained(TESTDATA / "v3", 3, device="cpu").device == gate.device
+    for device in ("tpu", "cuda:x", "mps:0"):
+        with pytest.raises(ValueError, match="sluice routes on 'cpu' or 'cuda"):
+            sluice.Gate.from_pretrained(TESTDATA / "v3", 3, device=device)
+    with pytest.raises(TypeError):
+        sluice.Gate.from_pretrained(TESTDATA / "v3", 3, backend="cuda")
+
+
+def test_the_status_counts_the_rows_a_marking_gate_marks():
+    hidden = torch.randn(5, 32)
+    hidden[3, 0] = float("inf")
+    gate = tiny_gate(mark_invalid=True)[0]
+    assert gate.mark_invalid and not tiny_gate()[0].mark_invalid
+    ids, weights = torch.empty(5, 4, dtype=torch.int32), torch.empty(5, 4)
+    status = torch.full((2,), 7, dtype=torch.int32)
+    gate.route_into(hidden, ids, weights, status=status)
+    assert status.tolist() == [1, 3] and ids[3].tolist() == [-1] * 4
+    gate.route_into(hidden[:3], ids[:3], weights[:3], status=status)
+    assert status.tolist() == [0, -1]
+    with pytest.raises(ValueError, match="`status` has shape"):
+        gate.route_into(hidden, ids, weights, status=torch.empty(3, dtype=torch.int32))

@@ -72,8 +72,8 @@ pub use execution::{DeviceStream, Execution, StreamError};
 pub use hash_table::{HashTableError, check_hash_table, first_token_outside_table};
 pub use layout::Layout;
 pub use routing::{
-    NonFinitePolicy, RENORM_EPSILON, RoutingSpec, RoutingSpecBuilder, ScoringFunc, SpecError,
-    TopkMethod,
+    BiasRole, NonFinitePolicy, RENORM_EPSILON, RoutingSpec, RoutingSpecBuilder, ScoringFunc,
+    ScoringOrder, SpecError, TopkMethod,
 };
 pub use storage::{DeviceAllocation, HOST_ALIGN, SharedBytes, Storage};
 pub use tensor::Tensor;

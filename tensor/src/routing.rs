@@ -11,6 +11,10 @@
 //!   with `-inf`;
 //! - hash layers (`TopkMethod::Hash`) take their experts from a frozen per-token table instead of
 //!   ranking scores (see [`check_hash_table`]); their weights are still the scores of those experts;
+//! - a router bias of role [`BiasRole::Logits`] (gpt-oss) is added in f32 to every logit before
+//!   anything else, so it changes the scores *and* the selection;
+//! - [`ScoringOrder::AfterTopk`] (gpt-oss, Llama 4) selects the `top_k` largest logits and scores
+//!   only those: softmax over the selected logits, or the element-wise sigmoid of each;
 //! - ties: larger score first, then lower index (for experts and for groups alike);
 //! - output rows hold `top_k` experts sorted by weight descending, then by expert id;
 //! - `norm_topk_prob` divides by `sum + 1e-20` in f32; `routed_scaling_factor` is applied once,
@@ -49,14 +53,15 @@ impl ScoringFunc {
 /// How experts are selected from the scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopkMethod {
-    /// Plain top-k over all experts (V2-Lite; Qwen3-MoE and Mixtral).
+    /// Plain top-k over all experts (V2-Lite; Qwen3-MoE and Mixtral; gpt-oss and Llama 4, which
+    /// score after the top-k: see [`ScoringOrder`]).
     ///
     /// Qwen3-MoE and Mixtral score before the top-k (softmax over all experts, then top-k of the
     /// probabilities) and renormalise (Mixtral always, Qwen3-MoE when `norm_topk_prob`): that is
-    /// softmax scoring, this method and [`RoutingSpec::norm_topk_prob`]. Routers that score after
-    /// the top-k (softmax over the selected logits) select the same experts, as softmax preserves
-    /// order, and their weights equal the renormalised probabilities, so they need no decision of
-    /// their own.
+    /// softmax scoring, this method and [`RoutingSpec::norm_topk_prob`]. gpt-oss scores after the
+    /// top-k (softmax over the selected logits): mathematically the same weights, but rounded
+    /// differently and without the renormalising epsilon, so it is its own decision,
+    /// [`ScoringOrder::AfterTopk`].
     Greedy,
     /// Keep the `topk_group` groups with the largest maximum score, then top-k (V2, V2.5).
     GroupLimitedGreedy,
@@ -86,14 +91,65 @@ impl TopkMethod {
         matches!(self, TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc)
     }
 
-    /// The scoring functions the method is defined with: the V2 methods rank softmax
-    /// probabilities; the bias-corrected and hashed selections take any of them.
+    /// The scoring functions the method is defined with: the grouped V2 method ranks softmax
+    /// probabilities; plain top-k (Llama 4 ranks logits and takes their sigmoid), the
+    /// bias-corrected and hashed selections take any of them.
     const fn accepts(self, scoring: ScoringFunc) -> bool {
         match self {
-            TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => {
-                matches!(scoring, ScoringFunc::Softmax)
-            }
-            TopkMethod::NoauxTc | TopkMethod::Hash => true,
+            TopkMethod::GroupLimitedGreedy => matches!(scoring, ScoringFunc::Softmax),
+            TopkMethod::Greedy | TopkMethod::NoauxTc | TopkMethod::Hash => true,
+        }
+    }
+}
+
+/// Whether the scoring function is applied before or after the top-k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ScoringOrder {
+    /// Score every expert (`s = f(l)` over all `E`), select on the scores (plus the correction
+    /// bias for `noaux_tc`), weigh with the scores of the selected experts (DeepSeek, Kimi, GLM,
+    /// Qwen3-MoE, Mixtral, MiniMax-M2).
+    #[default]
+    BeforeTopk,
+    /// Select the `top_k` largest logits (larger logit first, then lower index), then score only
+    /// those: softmax over the `K` selected logits (gpt-oss), or the sigmoid of each (Llama 4).
+    /// Only with [`TopkMethod::Greedy`]: no groups, no correction bias, no table.
+    AfterTopk,
+}
+
+impl ScoringOrder {
+    /// A short name for messages: `before_topk` or `after_topk`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ScoringOrder::BeforeTopk => "before_topk",
+            ScoringOrder::AfterTopk => "after_topk",
+        }
+    }
+}
+
+/// What the router's optional f32 bias `[E]` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BiasRole {
+    /// The correction bias of `noaux_tc` (`e_score_correction_bias`): added to the scores for
+    /// selection only; the weights stay the unbiased scores. Other methods take no bias.
+    #[default]
+    Correction,
+    /// The bias of the router's linear layer (gpt-oss's `router.bias`): added in f32 to every
+    /// logit, `l = x·Wᵀ + b`, before scoring and selection, so it changes both. Not with
+    /// `noaux_tc` (whose one bias is the correction) nor with hash routing.
+    ///
+    /// Logits given to routing (`route_logits`, the reference router, the `logits` output of a
+    /// fused route, `router_gemm`) are the product `x·Wᵀ` alone: the routing step adds the bias,
+    /// so routing the logits of `router_gemm` with the bias equals the fused route. transformers'
+    /// `router_logits` are `x·Wᵀ + b`.
+    Logits,
+}
+
+impl BiasRole {
+    /// A short name for messages: `correction` or `logits`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BiasRole::Correction => "correction",
+            BiasRole::Logits => "logits",
         }
     }
 }
@@ -137,6 +193,11 @@ pub struct RoutingSpec {
     pub scoring: ScoringFunc,
     /// Selection method.
     pub method: TopkMethod,
+    /// Whether scores are taken of every expert before the top-k or of the selected logits after.
+    pub scoring_order: ScoringOrder,
+    /// What the optional bias `[E]` is: the selection-only correction bias, or a bias added to
+    /// the logits.
+    pub bias_role: BiasRole,
     /// Number of expert groups `G`; experts `g*E/G .. (g+1)*E/G` form group `g`.
     pub n_group: usize,
     /// Number of groups kept per token.
@@ -215,6 +276,19 @@ pub enum SpecError {
         /// Groups asked for.
         n_group: usize,
     },
+    /// Scoring after the top-k is defined for plain top-k only.
+    #[error(
+        "scoring after the top-k ranks raw logits, so it needs `greedy` selection, got `{}`",
+        .0.name()
+    )]
+    AfterTopkNeedsGreedy(TopkMethod),
+    /// A bias added to the logits with a method whose bias means something else, or that has none.
+    #[error(
+        "a router bias added to the logits cannot be used with `{}` (noaux_tc's bias is the \
+         selection-only correction; hash routing takes no bias)",
+        .0.name()
+    )]
+    LogitBiasWithMethod(TopkMethod),
     /// The scaling factor is not a positive finite number.
     #[error("`routed_scaling_factor` must be positive and finite, got {0}")]
     BadScalingFactor(f32),
@@ -223,14 +297,16 @@ pub enum SpecError {
 impl RoutingSpec {
     /// Starts a spec for `num_experts` routed experts and `top_k` experts per token.
     ///
-    /// Until a builder method says otherwise: softmax scoring, greedy selection, one group, no
-    /// renormalisation, a scaling factor of 1 applied in the gate, and non-finite rows an error.
+    /// Until a builder method says otherwise: softmax scoring before greedy selection, a
+    /// correction bias (if any), one group, no renormalisation, a scaling factor of 1 applied in the gate, and non-finite rows an error.
     pub const fn builder(num_experts: usize, top_k: usize) -> RoutingSpecBuilder {
         RoutingSpecBuilder {
             spec: RoutingSpec {
                 num_experts,
                 scoring: ScoringFunc::Softmax,
                 method: TopkMethod::Greedy,
+                scoring_order: ScoringOrder::BeforeTopk,
+                bias_role: BiasRole::Correction,
                 n_group: 1,
                 topk_group: 1,
                 top_k,
@@ -256,6 +332,14 @@ impl RoutingSpec {
         }
         if !self.method.accepts(self.scoring) {
             return Err(SpecError::ScoringMismatch { method: self.method, scoring: self.scoring });
+        }
+        if self.scoring_order == ScoringOrder::AfterTopk && self.method != TopkMethod::Greedy {
+            return Err(SpecError::AfterTopkNeedsGreedy(self.method));
+        }
+        if self.bias_role == BiasRole::Logits
+            && matches!(self.method, TopkMethod::NoauxTc | TopkMethod::Hash)
+        {
+            return Err(SpecError::LogitBiasWithMethod(self.method));
         }
         if self.method == TopkMethod::Hash && self.n_group != 1 {
             return Err(SpecError::HashWithGroups { n_group: self.n_group });
@@ -292,6 +376,17 @@ impl RoutingSpec {
         Ok(())
     }
 
+    /// Whether the spec gives a meaning to a bias `[E]`: the correction bias of `noaux_tc`, or a
+    /// bias added to the logits ([`BiasRole::Logits`]). A bias given to any other spec is refused.
+    pub const fn takes_bias(&self) -> bool {
+        matches!(self.method, TopkMethod::NoauxTc) || matches!(self.bias_role, BiasRole::Logits)
+    }
+
+    /// Whether a bias, when given, is added to the logits (rather than being the correction bias).
+    pub const fn bias_on_logits(&self) -> bool {
+        matches!(self.bias_role, BiasRole::Logits)
+    }
+
     /// Experts per group, `E / G`.
     pub const fn experts_per_group(&self) -> usize {
         self.num_experts / self.n_group
@@ -326,6 +421,18 @@ impl RoutingSpecBuilder {
     /// How experts are selected from the scores.
     pub const fn method(mut self, method: TopkMethod) -> Self {
         self.spec.method = method;
+        self
+    }
+
+    /// Whether scores are taken before the top-k (the default) or of the selected logits after.
+    pub const fn scoring_order(mut self, order: ScoringOrder) -> Self {
+        self.spec.scoring_order = order;
+        self
+    }
+
+    /// What the optional bias `[E]` is (the default: the correction bias of `noaux_tc`).
+    pub const fn bias_role(mut self, role: BiasRole) -> Self {
+        self.spec.bias_role = role;
         self
     }
 
@@ -371,9 +478,14 @@ impl fmt::Display for RoutingSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} + {}, E={}, groups {}/{}, top-{}, renorm={}, scale={}{}",
+            "{}{} + {}{}, E={}, groups {}/{}, top-{}, renorm={}, scale={}{}",
             self.scoring.name(),
+            match self.scoring_order {
+                ScoringOrder::BeforeTopk => "",
+                ScoringOrder::AfterTopk => " of the selected logits",
+            },
             self.method.name(),
+            if self.bias_on_logits() { ", bias on logits" } else { "" },
             self.num_experts,
             self.topk_group,
             self.n_group,
@@ -484,6 +596,62 @@ mod tests {
         s.n_group = 7;
         let message = s.validate().unwrap_err().to_string();
         assert!(message.contains("n_group") && message.contains('7'), "{message}");
+    }
+
+    #[test]
+    fn gpt_oss_and_llama4_score_after_the_top_k() {
+        // gpt-oss-20b: softmax over the 4 selected of 32 logits, which include the router's bias.
+        let gpt_oss = RoutingSpec::builder(32, 4)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(BiasRole::Logits)
+            .build()
+            .unwrap();
+        assert!(gpt_oss.takes_bias() && gpt_oss.bias_on_logits());
+        assert!(gpt_oss.to_string().contains("selected logits"), "{gpt_oss}");
+        // Llama 4 Maverick: the sigmoid of the one selected of 128 logits, no bias.
+        let llama4 = RoutingSpec::builder(128, 1)
+            .scoring(ScoringFunc::Sigmoid)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build()
+            .unwrap();
+        assert!(!llama4.takes_bias());
+        // MiniMax-M2 (and GLM-4.5 with one group): the V3 router, correction bias only.
+        let minimax = RoutingSpec::builder(256, 8)
+            .scoring(ScoringFunc::Sigmoid)
+            .method(TopkMethod::NoauxTc)
+            .norm_topk_prob(true)
+            .build()
+            .unwrap();
+        assert!(minimax.takes_bias() && !minimax.bias_on_logits());
+    }
+
+    #[test]
+    fn new_decisions_refuse_what_they_cannot_mean() {
+        let mut s = v3();
+        s.scoring_order = ScoringOrder::AfterTopk;
+        assert_eq!(s.validate(), Err(SpecError::AfterTopkNeedsGreedy(TopkMethod::NoauxTc)));
+        let message = s.validate().unwrap_err().to_string();
+        assert!(message.contains("noaux_tc") && message.contains("greedy"), "{message}");
+        let mut s = v3();
+        s.bias_role = BiasRole::Logits;
+        assert_eq!(s.validate(), Err(SpecError::LogitBiasWithMethod(TopkMethod::NoauxTc)));
+        let hashed = RoutingSpec::builder(64, 4)
+            .method(TopkMethod::Hash)
+            .scoring(ScoringFunc::SqrtSoftplus)
+            .bias_role(BiasRole::Logits)
+            .build();
+        assert_eq!(hashed, Err(SpecError::LogitBiasWithMethod(TopkMethod::Hash)));
+        let grouped_after = RoutingSpec::builder(160, 6)
+            .method(TopkMethod::GroupLimitedGreedy)
+            .groups(8, 3)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .build();
+        assert_eq!(
+            grouped_after,
+            Err(SpecError::AfterTopkNeedsGreedy(TopkMethod::GroupLimitedGreedy))
+        );
+        // The default spec takes no bias: a bias given to plain softmax top-k is refused upstream.
+        assert!(!RoutingSpec::builder(8, 2).build().unwrap().takes_bias());
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! outside the workspace: its own fmt and clippy, the wheel built by maturin and installed into
 //! the project's `.venv`, and the pytest suite with torch as the client.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use sluice_kernels::toolchain;
+
 use crate::cargo;
-use crate::python::{self, Requirements};
+use crate::python;
 
 /// One workspace step: a name for the summary line and the cargo arguments that run it.
 struct Step {
@@ -33,34 +35,23 @@ const STEPS: &[Step] = &[
     },
 ];
 
-/// The Python module's crate, its tests, and what building and testing them needs.
-const PYTHON_MANIFEST: &str = "python/Cargo.toml";
+/// The Python module's tests.
 const PYTHON_TESTS: &str = "python/tests";
-const PYTHON_NEEDS: Requirements = Requirements {
-    file: "python/requirements-test.txt",
-    import_check: "import maturin, numpy, pytest, torch",
-};
-/// Where the Python crate builds, under the workspace's `target/` (it has its own lockfile and
-/// features, so it does not share the workspace's artifacts).
-const PYTHON_TARGET: &str = "target/python";
 
 /// Says up front whether the test step will compile the GPU kernels with clang (the test in
-/// `kernels/tests/clang.rs` skips where no clang is found, unless `SLUICE_REQUIRE_CLANG` is set).
+/// `kernels/tests/clang.rs` skips where no clang is found, unless `SLUICE_REQUIRE_CLANG` is set),
+/// finding it by the rule the test and `backend-rocm/build.rs` use.
 fn report_kernel_compiler() {
-    let found = std::env::var_os("SLUICE_CLANG")
-        .map(|c| c.to_string_lossy().into_owned())
-        .into_iter()
-        .chain((16..=19).rev().map(|v| format!("clang++-{v}")))
-        .find(|name| {
-            Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success())
-        });
-    match found {
+    let versions = toolchain::LLVM_VERSIONS;
+    match toolchain::find_clang() {
         Some(clang) => {
             println!("ci: kernels: {clang} compiles the device source for NVPTX and AMDGPU")
         }
-        None => {
-            println!("ci: kernels: SKIPPED, no clang++ (16 to 19) found; .ci/run installs clang-19")
-        }
+        None => println!(
+            "ci: kernels: SKIPPED, no clang++ ({} to {}) found; .ci/run installs clang-19",
+            versions.start(),
+            versions.end()
+        ),
     }
 }
 
@@ -82,32 +73,25 @@ pub fn run(root: &Path) -> Result<(), String> {
 
 /// The Python module: fmt, clippy, wheel, install, pytest. Returns the number of steps run.
 fn python_steps(root: &Path) -> Result<usize, String> {
-    let target = root.join(PYTHON_TARGET);
+    let target = root.join(python::TARGET);
     let cargo_in_python = |args: &[&str]| {
         let mut command = Command::new(cargo::program());
         command.args(args).env("CARGO_TARGET_DIR", &target);
         command
     };
-    let manifest = ["--manifest-path", PYTHON_MANIFEST];
+    let manifest = ["--manifest-path", python::MANIFEST];
     timed("py-fmt", &mut cargo_in_python(&[&["fmt"], &manifest[..], &["--check"]].concat()), root)?;
 
     let venv_started = Instant::now();
-    let python = python::interpreter(root, &PYTHON_NEEDS, "ci")?;
+    let python = python::interpreter(root, &python::TEST_NEEDS, "ci")?;
     println!("ci: {:<7} ok     ({:.1} s)", "py-env", venv_started.elapsed().as_secs_f64());
 
     let clippy = [&["clippy"], &manifest[..], &["--all-targets", "--", "-D", "warnings"]].concat();
     timed("py-clippy", cargo_in_python(&clippy).env("PYO3_PYTHON", &python), root)?;
 
-    let wheels = target.join("wheels");
-    if wheels.exists() {
-        std::fs::remove_dir_all(&wheels)
-            .map_err(|e| format!("cannot clear {}: {e}", wheels.display()))?;
-    }
-    let mut build = Command::new(&python);
-    build.args(["-m", "maturin", "build", "--release", "--manifest-path", PYTHON_MANIFEST]);
-    build.arg("--out").arg(&wheels).arg("--interpreter").arg(&python);
-    timed("wheel", build.env("CARGO_TARGET_DIR", &target), root)?;
-    let wheel = the_wheel(&wheels)?;
+    let (mut build, wheels) = python::wheel_build(root, &python)?;
+    timed("wheel", &mut build, root)?;
+    let wheel = python::the_wheel(&wheels)?;
 
     let mut install = Command::new(&python);
     install.args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(&wheel);
@@ -117,21 +101,6 @@ fn python_steps(root: &Path) -> Result<usize, String> {
     pytest.args(["-m", "pytest", "-q", PYTHON_TESTS]);
     timed("pytest", &mut pytest, root)?;
     Ok(6)
-}
-
-/// The one wheel maturin wrote into `dir`.
-fn the_wheel(dir: &Path) -> Result<PathBuf, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    let wheels: Vec<PathBuf> = entries
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "whl"))
-        .collect();
-    match wheels.as_slice() {
-        [wheel] => Ok(wheel.clone()),
-        _ => Err(format!("expected one wheel in {}, found {}", dir.display(), wheels.len())),
-    }
 }
 
 /// Runs `command` in `root` as the step `name`, printing its summary line.

@@ -1,9 +1,14 @@
 //! `cargo xtask gpu-bundle`: everything a GPU machine without a Rust toolchain needs to run the
-//! CUDA backend's tests, compute-sanitizer on them, `sluice bench --backend cuda` and the PyTorch
-//! anchors (the gate, and the sort-based dispatch layout) side by side, in one git-ignored folder with a `run.sh`.
+//! CUDA backend's tests, the Python module's CUDA tests (its wheel, installed there without
+//! network), compute-sanitizer on the Rust tests, `sluice bench --backend cuda` and the PyTorch
+//! anchors (the gate, and the sort-based dispatch layout) side by side, in one git-ignored folder
+//! with a `run.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::process::run_to_success;
+use crate::python;
 
 /// The folder the bundle is written to, under the workspace root (git-ignored).
 pub const FOLDER: &str = "gpu-bundle";
@@ -36,11 +41,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
     .into_iter()
     .find(|e| e.target_name == "sluice" && !e.test)
     .ok_or("cargo built sluice-cli but reported no `sluice` binary")?;
+    println!("gpu-bundle: building the sluice wheel (release)");
+    let interpreter = python::interpreter(root, &python::WHEEL_NEEDS, "gpu-bundle")?;
+    let (mut build, wheels) = python::wheel_build(root, &interpreter)?;
+    run_to_success(&mut build, "maturin build")?;
+    let wheel = python::the_wheel(&wheels)?;
 
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    for dir in ["bin", "tests", "anchors"] {
+    for dir in ["bin", "tests", "anchors", "python/tests"] {
         create_dir(&out.join(dir))?;
     }
     for test in &tests {
@@ -48,16 +58,22 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
         copy_stripped(&test.path, &out.join("tests").join(&test.target_name))?;
     }
     copy_stripped(&sluice.path, &out.join("bin/sluice"))?;
-    copy_tree(&root.join("models/testdata"), &out.join("testdata"))?;
+    // The fixtures and README.md where the repository has them, which the Python tests expect.
+    copy_tree(&root.join("models/testdata"), &out.join("models/testdata"))?;
+    copy(&root.join("README.md"), &out.join("README.md"))?;
     for anchor in ["torch_gate_gpu.py", "torch_dispatch_gpu.py"] {
         copy(&root.join("xtask/anchors").join(anchor), &out.join("anchors").join(anchor))?;
     }
+    // pip takes the wheel's tags from its file name, so it keeps it.
+    let wheel_name = wheel.file_name().ok_or("the wheel path has no file name")?;
+    copy(&wheel, &out.join("python").join(wheel_name))?;
+    copy_python_sources(&root.join("python/tests"), &out.join("python/tests"))?;
     write(&out.join("side_by_side.py"), SIDE_BY_SIDE)?;
     write(&out.join("run.sh"), RUN_SH)?;
     make_executable(&out.join("run.sh"))?;
     println!(
-        "gpu-bundle: {} test binaries, sluice, fixtures and the anchor in {}; run `bash {}/run.sh` \
-         on the GPU machine",
+        "gpu-bundle: {} test binaries, sluice, the wheel, the Python tests, fixtures and the \
+         anchor in {}; run `bash {}/run.sh` on the GPU machine",
         tests.len(),
         out.display(),
         out.file_name().map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into()),
@@ -90,6 +106,20 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
         let path = entry.path();
         let target = to.join(entry.file_name());
         if path.is_dir() { copy_tree(&path, &target)? } else { copy(&path, &target)? }
+    }
+    Ok(())
+}
+
+/// Copies the `.py` files of a folder (not its caches).
+fn copy_python_sources(from: &Path, to: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", from.display()))?.path();
+        if let (Some(name), Some("py")) =
+            (path.file_name(), path.extension().and_then(|e| e.to_str()))
+        {
+            copy(&path, &to.join(name))?;
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Finding or creating the Python that `ci` (the Python tests) and the developer tasks
-//! (`fixtures`, `bench-vs-torch`) run.
+//! (`fixtures`, `bench-vs-torch`, `gpu-bundle`) run, and building the `sluice` wheel with it.
 //!
 //! `$SLUICE_PYTHON` wins when set, and must already have the packages. Otherwise the project's
 //! `.venv` is used, created with `python3 -m venv` when missing and filled from the task's
@@ -15,6 +15,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::process::run_to_success;
+
+/// The Python module's crate, outside the workspace.
+pub const MANIFEST: &str = "python/Cargo.toml";
+/// What building the wheel and running `python/tests` needs (torch is the client the tests
+/// exercise).
+pub const TEST_NEEDS: Requirements = Requirements {
+    file: "python/requirements-test.txt",
+    import_check: "import maturin, numpy, pytest, torch",
+};
+/// What building the wheel alone needs (`gpu-bundle`); the file is the tests', so a venv made
+/// for one task serves the other.
+pub const WHEEL_NEEDS: Requirements =
+    Requirements { file: "python/requirements-test.txt", import_check: "import maturin" };
+/// Where the Python crate builds, under the workspace's `target/` (it has its own lockfile and
+/// features, so it does not share the workspace's artifacts).
+pub const TARGET: &str = "target/python";
 
 /// Names a Python to use instead of the project's `.venv`.
 const PYTHON_ENV: &str = "SLUICE_PYTHON";
@@ -116,5 +132,36 @@ fn spawn_error(program: &str, error: &std::io::Error, needs: &Requirements) -> S
         )
     } else {
         format!("could not start {program}: {error}")
+    }
+}
+
+/// The command that builds the `sluice` wheel (release, abi3) with maturin run by `python`, and
+/// the folder it writes the wheel to, emptied first so that [`the_wheel`] finds this one.
+pub fn wheel_build(root: &Path, python: &Path) -> Result<(Command, PathBuf), String> {
+    let target = root.join(TARGET);
+    let wheels = target.join("wheels");
+    if wheels.exists() {
+        std::fs::remove_dir_all(&wheels)
+            .map_err(|e| format!("cannot clear {}: {e}", wheels.display()))?;
+    }
+    let mut build = Command::new(python);
+    build.args(["-m", "maturin", "build", "--release", "--manifest-path", MANIFEST]);
+    build.arg("--out").arg(&wheels).arg("--interpreter").arg(python);
+    build.env("CARGO_TARGET_DIR", &target).current_dir(root);
+    Ok((build, wheels))
+}
+
+/// The one wheel maturin wrote into `dir`.
+pub fn the_wheel(dir: &Path) -> Result<PathBuf, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let wheels: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "whl"))
+        .collect();
+    match wheels.as_slice() {
+        [wheel] => Ok(wheel.clone()),
+        _ => Err(format!("expected one wheel in {}, found {}", dir.display(), wheels.len())),
     }
 }

@@ -1,4 +1,6 @@
-//! Routing of one token's f32 logits: scores, group limit, top-k, renormalisation and scaling.
+//! Routing of one token's f32 logits: the router bias on the logits, scores, group limit, top-k
+//! (or the top-k of the logits, then the scores of the selected ones), renormalisation and
+//! scaling.
 //!
 //! The semantics are the ones `sluice_tensor::RoutingSpec` documents and the scalar reference in
 //! `sluice-models` implements, down to the roundings: scores are computed in f64 and rounded once
@@ -13,7 +15,7 @@ mod select_avx512;
 mod topk;
 
 use sluice_tensor::{
-    BackendError, ExpectedShape, RENORM_EPSILON, RoutingSpec, ScoringFunc, TopkMethod,
+    BackendError, ExpectedShape, RENORM_EPSILON, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod,
 };
 
 use crate::kernel::Isa;
@@ -25,6 +27,8 @@ pub(crate) use self::hash::{HashSelection, TokenIds};
 /// Buffers for routing rows one after another without allocating.
 #[derive(Debug, Default)]
 pub(crate) struct RouteScratch {
+    /// The row's logits plus the router bias, when the spec adds it to the logits.
+    biased_logits: Vec<f32>,
     /// Unbiased scores (softmax probabilities or sigmoids), one per expert.
     scores: Vec<f32>,
     /// Softmax numerators in f64.
@@ -54,7 +58,10 @@ pub(crate) enum RowOutcome {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowRouter<'a> {
     spec: &'a RoutingSpec,
-    bias: Option<&'a [f32]>,
+    /// The correction bias of `noaux_tc`, added to the scores for selection only.
+    correction: Option<&'a [f32]>,
+    /// The router bias added to every logit first (bias role `logits`).
+    logit_bias: Option<&'a [f32]>,
     /// The table and token ids of a hash-routed call.
     hash: Option<HashSelection<'a>>,
     /// The instruction set the scores are computed with.
@@ -64,8 +71,8 @@ pub(crate) struct RowRouter<'a> {
 impl<'a> RowRouter<'a> {
     /// Validates the spec and that the bias, if any, has one finite value per expert.
     ///
-    /// A bias is only meaningful for `noaux_tc`; for the softmax methods it is refused rather than
-    /// silently ignored.
+    /// A bias is the correction bias of `noaux_tc`, or the router bias added to the logits when
+    /// the spec's bias role says so; any other spec refuses it rather than silently ignore it.
     pub(crate) fn new(
         op: &'static str,
         spec: &'a RoutingSpec,
@@ -77,7 +84,7 @@ impl<'a> RowRouter<'a> {
             return Err(BackendError::MissingHashTable { op });
         }
         if let Some(bias) = bias {
-            if spec.method != TopkMethod::NoauxTc {
+            if !spec.takes_bias() {
                 return Err(BackendError::UnexpectedBias { op, method: spec.method });
             }
             if bias.len() != spec.num_experts {
@@ -92,7 +99,9 @@ impl<'a> RowRouter<'a> {
                 return Err(BackendError::NonFiniteBias { op, expert, value: *value });
             }
         }
-        Ok(RowRouter { spec, bias, hash: None, kernel })
+        let (correction, logit_bias) =
+            if spec.bias_on_logits() { (None, bias) } else { (bias, None) };
+        Ok(RowRouter { spec, correction, logit_bias, hash: None, kernel })
     }
 
     /// A router for a hash-routed spec, choosing experts by `hash`.
@@ -106,7 +115,7 @@ impl<'a> RowRouter<'a> {
         if spec.method != TopkMethod::Hash {
             return Err(BackendError::UnexpectedHashTable { op, method: spec.method });
         }
-        Ok(RowRouter { spec, bias: None, hash: Some(hash), kernel })
+        Ok(RowRouter { spec, correction: None, logit_bias: None, hash: Some(hash), kernel })
     }
 
     /// The spec this router follows.
@@ -117,6 +126,31 @@ impl<'a> RowRouter<'a> {
     /// Routes row `row` of the call, `E` logits, into `ids` and `weights` (`K` each), sorted by
     /// weight descending, then by id.
     pub(crate) fn route_row(
+        &self,
+        row: usize,
+        logits: &[f32],
+        scratch: &mut RouteScratch,
+        ids: &mut [i32],
+        weights: &mut [f32],
+    ) -> RowOutcome {
+        // Taken out of the scratch for the row (a move, no allocation) so that the logits can be
+        // borrowed while the rest of the scratch is written.
+        let mut biased_logits = std::mem::take(&mut scratch.biased_logits);
+        let logits = match self.logit_bias {
+            Some(bias) => {
+                biased_logits.clear();
+                biased_logits.extend(logits.iter().zip(bias).map(|(&l, &b)| l + b));
+                &biased_logits[..]
+            }
+            None => logits,
+        };
+        let outcome = self.route_finite_row(row, logits, scratch, ids, weights);
+        scratch.biased_logits = biased_logits;
+        outcome
+    }
+
+    /// [`route_row`](Self::route_row) once the router bias is on the logits.
+    fn route_finite_row(
         &self,
         row: usize,
         logits: &[f32],
@@ -136,6 +170,20 @@ impl<'a> RowRouter<'a> {
                 let experts = hash.experts_of(row);
                 ids.copy_from_slice(experts);
                 hash::score_chosen(spec.scoring, self.kernel, logits, experts, scratch, weights);
+            }
+            None if spec.scoring_order == ScoringOrder::AfterTopk => {
+                // Plain top-k (validated): the logits are the keys, every group is kept.
+                scratch.keys.clear();
+                scratch.keys.extend_from_slice(logits);
+                self.select_groups(scratch);
+                self.select_experts(scratch);
+                for (&expert, (id, weight)) in
+                    scratch.picked.iter().zip(ids.iter_mut().zip(&mut *weights))
+                {
+                    *id = expert as i32;
+                    *weight = logits[expert as usize];
+                }
+                score_selected(spec.scoring, weights);
             }
             None => {
                 self.score(logits, scratch);
@@ -170,7 +218,7 @@ impl<'a> RowRouter<'a> {
             ScoringFunc::SqrtSoftplus => score::sqrt_softpluses(self.kernel, logits, scores),
             ScoringFunc::Softmax => score::softmax(self.kernel, logits, exps, scores),
         }
-        match self.bias {
+        match self.correction {
             Some(bias) => keys.extend(scores.iter().zip(bias).map(|(&s, &b)| s + b)),
             None => keys.extend_from_slice(scores),
         }
@@ -226,6 +274,25 @@ impl<'a> RowRouter<'a> {
         groups.offer_all(group_keys, 0);
         for &(_, group) in groups.sorted() {
             group_kept[group as usize] = true;
+        }
+    }
+}
+
+/// Replaces the selected logits, best first, by their scores: softmax over them alone (in f64,
+/// summed in this order, each rounded once, as the reference does), or the score of each.
+fn score_selected(scoring: ScoringFunc, selected: &mut [f32]) {
+    match scoring {
+        ScoringFunc::Softmax => {
+            // The first is the largest: the best-first order of the selection.
+            let max = f64::from(selected[0]);
+            let sum: f64 = selected.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+            for value in selected.iter_mut() {
+                *value = ((f64::from(*value) - max).exp() / sum) as f32;
+            }
+        }
+        ScoringFunc::Sigmoid => selected.iter_mut().for_each(|l| *l = score::sigmoid(*l)),
+        ScoringFunc::SqrtSoftplus => {
+            selected.iter_mut().for_each(|l| *l = score::sqrt_softplus(*l));
         }
     }
 }

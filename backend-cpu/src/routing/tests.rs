@@ -1,5 +1,5 @@
 use proptest::prelude::*;
-use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
 use super::*;
 use crate::CpuKernel;
@@ -80,6 +80,70 @@ fn ties_in_keys_go_to_the_lower_expert() {
     let logits = [0.5, 0.7, 0.7, 0.1, 0.7, 0.2, 0.7, 0.7];
     let (ids, _) = route(&s, None, &logits);
     assert_eq!(ids, vec![1, 2, 4]);
+}
+
+/// gpt-oss: the bias joins the logits (and changes the selection), then softmax over the selected.
+#[test]
+fn a_logit_bias_changes_selection_and_softmax_is_over_the_selected() {
+    let s = RoutingSpec::builder(10, 3)
+        .scoring_order(ScoringOrder::AfterTopk)
+        .bias_role(BiasRole::Logits)
+        .build()
+        .unwrap();
+    let logits = [0.5, -1.0, 2.0, 1.5, 0.0, 2.25, -3.0, 1.0, 0.25, -0.5];
+    let bias = [0.0, 4.0, -0.25, 0.0, 0.125, -1.0, 0.0, 0.0, 0.0, 0.0];
+    // Biased: [0.5, 3.0, 1.75, 1.5, 0.125, 1.25, -3, 1, 0.25, -0.5] -> experts 1, 2, 3.
+    let (ids, weights) = route(&s, Some(&bias), &logits);
+    assert_eq!(ids, vec![1, 2, 3]);
+    let exps = [3.0f64.exp(), 1.75f64.exp(), 1.5f64.exp()];
+    let sum: f64 = exps.iter().sum();
+    for (w, e) in weights.iter().zip(exps) {
+        assert!((f64::from(*w) - e / sum).abs() < 1e-7, "{weights:?}");
+    }
+    // The same row through a spec whose bias is a correction bias is refused: greedy takes none.
+    let plain = RoutingSpec { bias_role: BiasRole::Correction, ..s };
+    let err = RowRouter::new("route", &plain, Some(&bias), Isa::Scalar).unwrap_err();
+    assert!(matches!(err, BackendError::UnexpectedBias { .. }), "{err}");
+}
+
+/// Llama 4: the top-k of the logits, then the sigmoid of each, not renormalised; also with the
+/// AVX-512 selection's widest case (K = 8) and ties at the cut.
+#[test]
+fn sigmoid_of_the_selected_logits() {
+    let s = RoutingSpec::builder(16, 1)
+        .scoring(ScoringFunc::Sigmoid)
+        .scoring_order(ScoringOrder::AfterTopk)
+        .build()
+        .unwrap();
+    let logits: Vec<f32> = (0..16).map(|i| (i as f32 - 9.0) * 0.5).collect();
+    let (ids, weights) = route(&s, None, &logits);
+    assert_eq!(ids, vec![15]);
+    assert_eq!(weights, vec![score::sigmoid(3.0)]);
+    let eight = RoutingSpec { top_k: 8, ..s };
+    let mut tied = logits.clone();
+    tied[3] = tied[8];
+    let (ids, weights) = route(&eight, None, &tied);
+    assert_eq!(ids, vec![15, 14, 13, 12, 11, 10, 9, 3]);
+    assert_eq!(weights[7], score::sigmoid(tied[8]));
+}
+
+#[test]
+fn a_row_made_non_finite_by_the_logit_bias_is_marked() {
+    let s = RoutingSpec::builder(4, 2)
+        .scoring_order(ScoringOrder::AfterTopk)
+        .bias_role(BiasRole::Logits)
+        .build()
+        .unwrap();
+    let bias = [f32::MAX, 0.0, 0.0, 0.0];
+    let router = RowRouter::new("test", &s, Some(&bias), Isa::Scalar).unwrap();
+    let (mut ids, mut weights) = ([7; 2], [7.0; 2]);
+    let mut scratch = RouteScratch::default();
+    let outcome =
+        router.route_row(0, &[f32::MAX, 0.0, 1.0, 2.0], &mut scratch, &mut ids, &mut weights);
+    assert_eq!(outcome, RowOutcome::NonFinite);
+    assert_eq!((ids, weights), ([-1, -1], [0.0, 0.0]));
+    let outcome = router.route_row(1, &[1.0, 0.0, 1.0, 2.0], &mut scratch, &mut ids, &mut weights);
+    assert_eq!((outcome, ids), (RowOutcome::Routed, [0, 3]));
 }
 
 #[test]
@@ -208,28 +272,50 @@ fn bias_shape_and_method_are_checked() {
 /// An independent, deliberately plain routing: full sorts and -inf masks.
 fn naive(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>, Vec<f32>) {
     let e = spec.num_experts;
-    let scores: Vec<f32> = match spec.scoring {
-        ScoringFunc::Sigmoid => {
-            logits.iter().map(|&l| (1.0 / (1.0 + (-f64::from(l)).exp())) as f32).collect()
+    let biased: Vec<f32>;
+    let (logits, bias) = match bias {
+        Some(b) if spec.bias_role == BiasRole::Logits => {
+            biased = logits.iter().zip(b).map(|(l, b)| l + b).collect();
+            (biased.as_slice(), None)
         }
-        ScoringFunc::SqrtSoftplus => {
-            logits.iter().map(|&l| (f64::from(l).exp().ln_1p()).sqrt() as f32).collect()
-        }
-        ScoringFunc::Softmax => {
-            let max = logits.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = logits.iter().map(|&l| (f64::from(l) - max).exp()).collect();
-            let sum: f64 = exps.iter().sum();
-            exps.iter().map(|&x| (x / sum) as f32).collect()
-        }
+        _ => (logits, bias),
     };
-    let mut keys: Vec<f32> = match bias {
-        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
-        None => scores.clone(),
+    let score_all = |logits: &[f32]| -> Vec<f32> {
+        match spec.scoring {
+            ScoringFunc::Sigmoid => {
+                logits.iter().map(|&l| (1.0 / (1.0 + (-f64::from(l)).exp())) as f32).collect()
+            }
+            ScoringFunc::SqrtSoftplus => {
+                logits.iter().map(|&l| (f64::from(l).exp().ln_1p()).sqrt() as f32).collect()
+            }
+            ScoringFunc::Softmax => {
+                let max = logits.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = logits.iter().map(|&l| (f64::from(l) - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                exps.iter().map(|&x| (x / sum) as f32).collect()
+            }
+        }
     };
     let order = |v: &[f32]| {
         let mut idx: Vec<usize> = (0..v.len()).collect();
         idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap().then(a.cmp(&b)));
         idx
+    };
+    let (scores, mut keys) = if spec.scoring_order == ScoringOrder::AfterTopk {
+        let chosen = order(logits)[..spec.top_k].to_vec();
+        let chosen_logits: Vec<f32> = chosen.iter().map(|&i| logits[i]).collect();
+        let mut scores = vec![0.0; e];
+        for (&i, s) in chosen.iter().zip(score_all(&chosen_logits)) {
+            scores[i] = s;
+        }
+        (scores, logits.to_vec())
+    } else {
+        let scores = score_all(logits);
+        let keys = match bias {
+            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => scores.clone(),
+        };
+        (scores, keys)
     };
     if spec.groups_restrict() {
         let p = e / spec.n_group;
@@ -262,6 +348,19 @@ fn naive(spec: &RoutingSpec, bias: Option<&[f32]>, logits: &[f32]) -> (Vec<i32>,
 }
 
 fn arb_spec() -> impl Strategy<Value = RoutingSpec> {
+    (arb_top_k_spec(), prop::sample::select(vec![0u8, 1, 2, 3])).prop_map(|(spec, variant)| {
+        // Greedy specs also as gpt-oss and Llama 4 route: scoring after the top-k (softmax or
+        // sigmoid), with or without a bias on the logits.
+        if spec.method != TopkMethod::Greedy || variant == 0 {
+            return spec;
+        }
+        let scoring = if variant == 1 { ScoringFunc::Softmax } else { ScoringFunc::Sigmoid };
+        let bias_role = if variant == 3 { BiasRole::Logits } else { BiasRole::Correction };
+        RoutingSpec { scoring, scoring_order: ScoringOrder::AfterTopk, bias_role, ..spec }
+    })
+}
+
+fn arb_top_k_spec() -> impl Strategy<Value = RoutingSpec> {
     (1usize..5, 1usize..9, prop::bool::ANY, prop::sample::select(vec![0u8, 1, 2, 3]))
         .prop_flat_map(|(n_group, per_group, norm, method)| {
             // 3: noaux_tc scoring with sqrt(softplus) instead of sigmoid.
@@ -302,7 +401,7 @@ proptest! {
         // Distinct values keep the comparison away from float near-ties.
         let logits: Vec<f32> = (0..e).map(|i| seed[i] + i as f32 * 1e-3).collect();
         let bias: Vec<f32> = bias_seed[..e].to_vec();
-        let bias = (spec.method == TopkMethod::NoauxTc).then_some(bias.as_slice());
+        let bias = spec.takes_bias().then_some(bias.as_slice());
         let (ids, weights) = route(&spec, bias, &logits);
         let (naive_ids, naive_weights) = naive(&spec, bias, &logits);
         prop_assert_eq!(&ids, &naive_ids);

@@ -8,7 +8,10 @@ use half::bf16;
 use sluice_backend_cpu::{CpuBackend, CpuKernel};
 use sluice_models::MoeGate;
 use sluice_tensor::dlpack::export_vec;
-use sluice_tensor::{Dlpack, Element, RoutingOutput, RoutingSpec, ScoringFunc, Tensor, TopkMethod};
+use sluice_tensor::{
+    BiasRole, Dlpack, Element, RoutingOutput, RoutingSpec, ScoringFunc, ScoringOrder, Tensor,
+    TopkMethod,
+};
 
 /// A backend for every kernel family this CPU supports, with one and with two threads. A family
 /// the CPU lacks is reported as skipped for the calling test.
@@ -129,10 +132,29 @@ pub fn family_gates(hidden: usize, seed: u64) -> Vec<(&'static str, MoeGate)> {
             rng.normals(experts * hidden, 0.3).into_iter().map(bf16::from_f32).collect();
         MoeGate::new(1, spec, Tensor::from_vec(weight, &[experts, hidden]).unwrap(), None).unwrap()
     };
+    // gpt-oss (a bias on the logits, softmax of the selected) and Llama 4 (sigmoid of the
+    // selected): scored after the top-k.
+    let after_top_k = |experts, top_k, scoring, bias_role| {
+        let spec = RoutingSpec::builder(experts, top_k)
+            .scoring(scoring)
+            .scoring_order(ScoringOrder::AfterTopk)
+            .bias_role(bias_role)
+            .build()
+            .unwrap();
+        let mut rng = Rng::new(seed);
+        let weight: Vec<bf16> =
+            rng.normals(experts * hidden, 0.3).into_iter().map(bf16::from_f32).collect();
+        let bias = spec
+            .takes_bias()
+            .then(|| Tensor::from_vec(rng.normals(experts, 0.5), &[experts]).unwrap());
+        MoeGate::new(1, spec, Tensor::from_vec(weight, &[experts, hidden]).unwrap(), bias).unwrap()
+    };
     vec![
         ("v2-lite", softmax(64, (1, 1), 6, TopkMethod::Greedy, 1.0)),
         ("v2", softmax(160, (8, 3), 6, TopkMethod::GroupLimitedGreedy, 16.0)),
         ("v3", noaux_gate(256, hidden, (8, 4, 8), 0.3, seed)),
         ("kimi-k2", noaux_gate(384, hidden, (1, 1, 8), 0.3, seed)),
+        ("gpt-oss", after_top_k(128, 4, ScoringFunc::Softmax, BiasRole::Logits)),
+        ("llama4", after_top_k(128, 1, ScoringFunc::Sigmoid, BiasRole::Correction)),
     ]
 }

@@ -475,3 +475,182 @@ fn mixtral_always_renormalises_on_every_layer() {
         MIXTRAL_8X7B.replace(r#""num_experts_per_tok": 2"#, r#""num_experts_per_tok": 9"#);
     assert!(matches!(parse(&too_many), Err(ConfigError::Spec { .. })));
 }
+
+/// GLM-4.5 as its authors wrote it (routing-relevant fields plus some others).
+const GLM_4_5: &str = r#"{
+  "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 5120,
+  "num_hidden_layers": 92, "num_nextn_predict_layers": 1, "first_k_dense_replace": 3,
+  "n_routed_experts": 160, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1,
+  "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5, "use_qk_norm": true,
+  "torch_dtype": "bfloat16", "transformers_version": "4.54.0"
+}"#;
+
+/// gpt-oss-20b as its authors wrote it.
+const GPT_OSS_20B: &str = r#"{
+  "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+  "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4,
+  "experts_per_token": 4, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+  "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+    "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+}"#;
+
+/// MiniMax-M2 as its authors wrote it.
+const MINIMAX_M2: &str = r#"{
+  "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "hidden_size": 3072,
+  "num_hidden_layers": 62, "num_local_experts": 256, "num_experts_per_tok": 8,
+  "scoring_func": "sigmoid", "use_routing_bias": true, "use_mtp": true, "num_mtp_modules": 3,
+  "rotary_dim": 64, "torch_dtype": "bfloat16"
+}"#;
+
+/// Llama-4-Maverick-17B-128E as Meta wrote it: the text model under `text_config`.
+const LLAMA_4_MAVERICK: &str = r#"{
+  "architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+  "text_config": {
+    "model_type": "llama4_text", "hidden_size": 5120, "num_hidden_layers": 48,
+    "num_local_experts": 128, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2,
+    "intermediate_size": 8192, "intermediate_size_mlp": 16384, "router_aux_loss_coef": 0.001
+  },
+  "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408}
+}"#;
+
+#[test]
+fn glm4_moe_is_the_v3_router_with_glm_defaults() {
+    let c = parse(GLM_4_5).unwrap();
+    assert_eq!(c.family(), ModelFamily::Glm4Moe);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (5120, 92, 160));
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (1, 1), 8, true, 2.5);
+    assert!(c.routing().takes_bias() && !c.routing().bias_on_logits());
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), (3..92).collect::<Vec<_>>());
+    assert_eq!(c.first_k_dense_replace(), 3);
+    // transformers' defaults: one group kept, scale 1, one dense layer, renormalised.
+    let bare = r#"{"model_type": "glm4_moe", "hidden_size": 4096, "num_hidden_layers": 46,
+                   "n_routed_experts": 128, "num_experts_per_tok": 8}"#;
+    let c = parse(bare).unwrap();
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (1, 1), 8, true, 1.0);
+    assert_eq!(c.moe_layers().next(), Some(1));
+    // Groups, as the V3 router reads them.
+    let grouped = GLM_4_5.replace(r#""n_group": 1,"#, r#""n_group": 8,"#);
+    let grouped = grouped.replace(r#""topk_group": 1"#, r#""topk_group": 4"#);
+    expect_spec(
+        &parse(&grouped).unwrap(),
+        ScoringFunc::Sigmoid,
+        TopkMethod::NoauxTc,
+        (8, 4),
+        8,
+        true,
+        2.5,
+    );
+}
+
+#[test]
+fn glm4_moe_refuses_what_its_router_would_ignore() {
+    let softmax = GLM_4_5.replace(r#""n_group""#, r#""scoring_func": "softmax", "n_group""#);
+    assert!(
+        matches!(parse(&softmax), Err(ConfigError::BadValue { field, .. }) if field == "scoring_func")
+    );
+    let greedy = GLM_4_5.replace(r#""n_group""#, r#""topk_method": "greedy", "n_group""#);
+    assert!(
+        matches!(parse(&greedy), Err(ConfigError::BadValue { field, .. }) if field == "topk_method")
+    );
+    let uneven = GLM_4_5.replace(r#""n_group": 1"#, r#""n_group": 7"#);
+    assert!(matches!(parse(&uneven), Err(ConfigError::Spec { .. })));
+    let no_experts = GLM_4_5.replace(r#""n_routed_experts": 160,"#, "");
+    assert!(
+        matches!(parse(&no_experts), Err(ConfigError::Missing { field, .. }) if field == "n_routed_experts")
+    );
+}
+
+#[test]
+fn gpt_oss_adds_its_bias_to_the_logits_and_scores_after_the_top_k() {
+    let c = parse(GPT_OSS_20B).unwrap();
+    assert_eq!(c.family(), ModelFamily::GptOss);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (2880, 24, 32));
+    expect_spec(&c, ScoringFunc::Softmax, TopkMethod::Greedy, (1, 1), 4, false, 1.0);
+    let spec = c.routing();
+    assert_eq!(spec.scoring_order, sluice_tensor::ScoringOrder::AfterTopk);
+    assert_eq!(spec.bias_role, sluice_tensor::BiasRole::Logits);
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), (0..24).collect::<Vec<_>>());
+    let no_k = GPT_OSS_20B.replace(r#""num_experts_per_tok": 4,"#, "");
+    assert!(
+        matches!(parse(&no_k), Err(ConfigError::Missing { field, .. }) if field == "num_experts_per_tok")
+    );
+    let zero = GPT_OSS_20B.replace(r#""num_local_experts": 32"#, r#""num_local_experts": 0"#);
+    assert!(matches!(parse(&zero), Err(ConfigError::BadValue { field, value, .. })
+        if field == "num_local_experts" && value == "0"));
+}
+
+#[test]
+fn minimax_m2_selects_with_its_correction_bias_and_renormalises() {
+    let c = parse(MINIMAX_M2).unwrap();
+    assert_eq!(c.family(), ModelFamily::MinimaxM2);
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (3072, 62, 256));
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, (1, 1), 8, true, 1.0);
+    assert_eq!(c.routing().scoring_order, sluice_tensor::ScoringOrder::BeforeTopk);
+    assert_eq!(c.moe_layers().count(), 62);
+    for (from, to, field) in [
+        (r#""scoring_func": "sigmoid""#, r#""scoring_func": "softmax""#, "scoring_func"),
+        (r#""use_routing_bias": true"#, r#""use_routing_bias": false"#, "use_routing_bias"),
+        (r#""use_mtp""#, r#""norm_topk_prob": false, "use_mtp""#, "norm_topk_prob"),
+    ] {
+        let error = parse(&MINIMAX_M2.replace(from, to)).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::BadValue { field: f, .. } if f == field),
+            "{field}: {error}"
+        );
+    }
+}
+
+#[test]
+fn llama4_reads_its_text_config_and_interleaved_moe_layers() {
+    let c = parse(LLAMA_4_MAVERICK).unwrap();
+    assert_eq!(c.family(), ModelFamily::Llama4);
+    assert!(c.has_nested_text_config());
+    assert_eq!(c.model_type(), "llama4_text");
+    assert_eq!((c.hidden_size(), c.num_layers(), c.routing().num_experts), (5120, 48, 128));
+    expect_spec(&c, ScoringFunc::Sigmoid, TopkMethod::Greedy, (1, 1), 1, false, 1.0);
+    assert_eq!(c.routing().scoring_order, sluice_tensor::ScoringOrder::AfterTopk);
+    assert!(!c.routing().takes_bias());
+    let odd: Vec<usize> = (0..48).filter(|l| l % 2 == 1).collect();
+    assert_eq!(c.moe_layers().collect::<Vec<_>>(), odd);
+    assert!(!c.is_moe_layer(0) && c.is_moe_layer(1) && c.first_k_dense_replace() == 1);
+    // Scout: every layer (the step defaults to 1).
+    let scout = LLAMA_4_MAVERICK.replace(r#""interleave_moe_layer_step": 2,"#, "");
+    assert_eq!(parse(&scout).unwrap().moe_layers().count(), 48);
+    // `moe_layers` overrides the step.
+    let listed = LLAMA_4_MAVERICK.replace(
+        r#""interleave_moe_layer_step": 2,"#,
+        r#""interleave_moe_layer_step": 2, "moe_layers": [0, 5, 47],"#,
+    );
+    assert_eq!(parse(&listed).unwrap().moe_layers().collect::<Vec<_>>(), vec![0, 5, 47]);
+    // A text-only config.
+    let text_only = r#"{"model_type": "llama4_text", "hidden_size": 64, "num_hidden_layers": 4,
+                        "num_local_experts": 16, "num_experts_per_tok": 1}"#;
+    let c = parse(text_only).unwrap();
+    assert!(!c.has_nested_text_config() && c.family() == ModelFamily::Llama4);
+}
+
+#[test]
+fn llama4_refusals_name_the_field() {
+    let past_the_end =
+        LLAMA_4_MAVERICK.replace(r#""interleave_moe_layer_step": 2,"#, r#""moe_layers": [1, 48],"#);
+    let message = parse(&past_the_end).unwrap_err().to_string();
+    assert!(message.contains("text_config.moe_layers") && message.contains("48"), "{message}");
+    let zero_step = LLAMA_4_MAVERICK
+        .replace(r#""interleave_moe_layer_step": 2"#, r#""interleave_moe_layer_step": 0"#);
+    assert!(
+        matches!(parse(&zero_step), Err(ConfigError::BadValue { field, .. }) if field == "text_config.interleave_moe_layer_step")
+    );
+    let not_numbers =
+        LLAMA_4_MAVERICK.replace(r#""interleave_moe_layer_step": 2,"#, r#""moe_layers": "all","#);
+    assert!(
+        matches!(parse(&not_numbers), Err(ConfigError::WrongType { field, .. }) if field == "text_config.moe_layers")
+    );
+    let flat = r#"{"model_type": "llama4", "hidden_size": 64, "num_hidden_layers": 4}"#;
+    assert!(
+        matches!(parse(flat), Err(ConfigError::Missing { field, .. }) if field == "text_config")
+    );
+    let no_experts = LLAMA_4_MAVERICK.replace(r#""num_local_experts": 128,"#, "");
+    assert!(
+        matches!(parse(&no_experts), Err(ConfigError::Missing { field, .. }) if field == "text_config.num_local_experts")
+    );
+}

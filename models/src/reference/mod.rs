@@ -6,11 +6,13 @@
 //!
 //! # Semantics
 //!
-//! For one token with f32 logits `l[E]`, an f32 correction bias `b[E]` (`noaux_tc` only; absent
+//! For one token with f32 logits `l[E]` (the product `x·Wᵀ`), an optional f32 bias `b[E]` (absent
 //! means zero) and a [`RoutingSpec`](sluice_tensor::RoutingSpec):
 //!
 //! | step | rule |
 //! | --- | --- |
+//! | router bias | bias role `logits` (gpt-oss): `l = l + b` in f32, first (a sum that overflows makes the row non-finite); `b` is then no correction bias. Role `correction`: `b` is the correction bias of `noaux_tc`, refused by every other method |
+//! | scoring after the top-k | [`ScoringOrder::AfterTopk`](sluice_tensor::ScoringOrder::AfterTopk) (gpt-oss, Llama 4; plain top-k only): the `top_k` largest `l` (larger first, then lower index) are chosen, and `s` of those alone is softmax over their `K` logits (f64, rounded once), or the sigmoid of each; the rest of this table (renormalisation, scaling, order) applies as written, groups and bias correction do not |
 //! | scores `s` | `softmax(l)`, `sigmoid(l)` or `sqrt(softplus(l))`, computed in f64 and rounded once to f32 (softplus as `max(l, 0) + ln_1p(e^-abs(l))`) |
 //! | selection values `c` | `s + b` added in f32 for `noaux_tc`, `s` otherwise; `s` itself is carried alongside, never recovered by subtracting `b` |
 //! | group score | `group_limited_greedy`: the largest `c` of the group; `noaux_tc`: the sum (f32) of the two largest `c` of the group |

@@ -3,13 +3,16 @@
 
 use std::cmp::Ordering;
 
-use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+use sluice_tensor::{RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
 /// One token, scored and ranked.
 pub(crate) struct RankedRow {
-    /// Unbiased scores `s[E]` (the weights come from these).
+    /// Unbiased scores `s[E]` (the weights come from these). When scoring after the top-k, only
+    /// the `top_k` selected experts have one (the others hold 0): softmax over their logits, or
+    /// the sigmoid (or sqrt-softplus) of each.
     pub scores: Vec<f32>,
-    /// Selection values `c[E]` (`s + bias` for `noaux_tc`, else `s`).
+    /// Selection values `c[E]` (`s + bias` for `noaux_tc`, the logits when scoring after the
+    /// top-k, else `s`).
     pub selection: Vec<f32>,
     /// Group scores and group indices, best first; empty when grouping cannot drop a group.
     pub ranked_groups: Vec<(f32, usize)>,
@@ -20,6 +23,9 @@ pub(crate) struct RankedRow {
 /// Scores and ranks one token's finite logits. `bias`, if any, has `spec.num_experts` finite
 /// entries; the caller has checked both.
 pub(crate) fn rank_row(logits: &[f32], bias: Option<&[f32]>, spec: &RoutingSpec) -> RankedRow {
+    if spec.scoring_order == ScoringOrder::AfterTopk {
+        return rank_then_score(logits, spec);
+    }
     let scores = scores(logits, spec.scoring);
     let selection: Vec<f32> = match bias {
         Some(bias) => scores.iter().zip(bias).map(|(&s, &b)| s + b).collect(),
@@ -47,6 +53,25 @@ pub(crate) fn rank_row(logits: &[f32], bias: Option<&[f32]>, spec: &RoutingSpec)
     let mut ranked_experts = candidates;
     ranked_experts.sort_by(|&a, &b| best_first((selection[a], a), (selection[b], b)));
     RankedRow { scores, selection, ranked_groups, ranked_experts }
+}
+
+/// Scoring after the top-k (plain top-k only, validated): the experts ranked by logit, then the
+/// `top_k` best scored among themselves.
+fn rank_then_score(logits: &[f32], spec: &RoutingSpec) -> RankedRow {
+    let mut ranked_experts: Vec<usize> = (0..logits.len()).collect();
+    ranked_experts.sort_by(|&a, &b| best_first((logits[a], a), (logits[b], b)));
+    let selected = &ranked_experts[..spec.top_k];
+    let selected_logits: Vec<f32> = selected.iter().map(|&e| logits[e]).collect();
+    let mut scores_of_selected = vec![0.0; logits.len()];
+    for (&expert, score) in selected.iter().zip(scores(&selected_logits, spec.scoring)) {
+        scores_of_selected[expert] = score;
+    }
+    RankedRow {
+        scores: scores_of_selected,
+        selection: logits.to_vec(),
+        ranked_groups: Vec::new(),
+        ranked_experts,
+    }
 }
 
 /// The total order used everywhere: larger value first, then lower index. Values are never NaN

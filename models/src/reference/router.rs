@@ -3,6 +3,8 @@
 use sluice_tensor::{
     HashTableError, NonFinitePolicy, RENORM_EPSILON, RoutingSpec, SpecError, TopkMethod,
 };
+use std::borrow::Cow;
+
 use thiserror::Error;
 
 use super::ranking::{best_first, rank_row};
@@ -48,8 +50,13 @@ pub enum ReferenceError {
         /// Its bias.
         value: f32,
     },
-    /// A correction bias was given for a method that has none.
-    #[error("a correction bias was given, but `{}` routing has none (only noaux_tc does)", .0.name())]
+    /// A bias was given to a spec that takes none (see
+    /// [`RoutingSpec::takes_bias`](sluice_tensor::RoutingSpec::takes_bias)).
+    #[error(
+        "a bias was given, but `{}` routing takes none (noaux_tc takes a correction bias; a spec \
+         whose bias role is `logits` takes a router bias)",
+        .0.name()
+    )]
     UnexpectedBias(TopkMethod),
     /// More experts than an i32 id can name.
     #[error("{0} experts do not fit i32 expert ids")]
@@ -177,8 +184,9 @@ impl Routing {
     }
 }
 
-/// Routes `tokens` rows of f32 logits `[T, E]` as `spec` says, with an optional f32 correction
-/// bias `[E]` (only for `noaux_tc`, where its absence means a zero bias).
+/// Routes `tokens` rows of f32 logits `[T, E]` (the product `x·Wᵀ`) as `spec` says, with an
+/// optional f32 bias `[E]`: the correction bias of `noaux_tc`, or a router bias added to the
+/// logits when the spec's bias role says so. An absent bias means a zero bias.
 ///
 /// See the [module documentation](super) for the exact semantics.
 pub fn route(
@@ -192,7 +200,8 @@ pub fn route(
     if spec.method == TopkMethod::Hash {
         return Err(ReferenceError::HashNeedsTable);
     }
-    route_rows(logits, tokens, spec, |_, row_logits| {
+    let (logits, bias) = with_logit_bias(logits, bias, spec);
+    route_rows(&logits, tokens, spec, |_, row_logits| {
         let ranked = rank_row(row_logits, bias, spec);
         let chosen = ranked.ranked_experts.iter().take(spec.top_k).copied();
         weigh(&ranked.scores, chosen, spec)
@@ -257,6 +266,27 @@ pub(crate) fn weigh(
     picked.into_iter().map(|(w, e)| (e as i32, w)).unzip()
 }
 
+/// The logits routing works on, and the correction bias it selects with: a bias whose role is
+/// [`BiasRole::Logits`](sluice_tensor::BiasRole::Logits) is added in f32 to every logit (rows
+/// whose sum overflows are then non-finite) and is no correction bias; any other bias is the
+/// correction bias and the logits are used as given.
+pub(crate) fn with_logit_bias<'a>(
+    logits: &'a [f32],
+    bias: Option<&'a [f32]>,
+    spec: &RoutingSpec,
+) -> (Cow<'a, [f32]>, Option<&'a [f32]>) {
+    match bias {
+        Some(bias) if spec.bias_on_logits() => {
+            let biased = logits
+                .chunks_exact(spec.num_experts)
+                .flat_map(|row| row.iter().zip(bias).map(|(&l, &b)| l + b))
+                .collect();
+            (Cow::Owned(biased), None)
+        }
+        _ => (Cow::Borrowed(logits), bias),
+    }
+}
+
 pub(crate) fn check_inputs(
     logits: &[f32],
     tokens: usize,
@@ -278,7 +308,7 @@ pub(crate) fn check_inputs(
         });
     }
     if let Some(bias) = bias {
-        if spec.method != TopkMethod::NoauxTc {
+        if !spec.takes_bias() {
             return Err(ReferenceError::UnexpectedBias(spec.method));
         }
         if bias.len() != experts {

@@ -2,7 +2,9 @@
 //! out here in f64, not from the router.
 
 use half::{bf16, f16};
-use sluice_tensor::{NonFinitePolicy, RoutingSpec, ScoringFunc, SpecError, TopkMethod};
+use sluice_tensor::{
+    BiasRole, NonFinitePolicy, RoutingSpec, ScoringFunc, ScoringOrder, SpecError, TopkMethod,
+};
 
 use super::*;
 
@@ -90,6 +92,62 @@ fn softmax_top_k_renormalised_equals_softmax_over_the_selected_logits() {
     let r = route(&logits, 1, None, &kept).unwrap();
     assert_eq!(r.ids(), &[5, 2]);
     assert_close(r.weights(), &[exp[5] / total, exp[2] / total], 1e-6);
+}
+
+/// gpt-oss: the router bias is added to the logits, the top-k is taken of the biased logits, and
+/// the weights are the softmax over the selected biased logits only (no renormalisation needed:
+/// they sum to 1). The bias changes the selection: expert 1 has the lowest logit but wins.
+#[test]
+fn gpt_oss_adds_its_bias_to_the_logits_and_takes_softmax_of_the_selected() {
+    let logits = [0.5f32, -1.0, 2.0, 1.5, 0.0, 2.25];
+    let bias = [0.0f32, 4.0, -0.25, 0.0, 0.125, -1.0];
+    let s = RoutingSpec::builder(6, 3)
+        .scoring_order(ScoringOrder::AfterTopk)
+        .bias_role(BiasRole::Logits)
+        .build()
+        .unwrap();
+    let r = route(&logits, 1, Some(&bias), &s).unwrap();
+    // Biased logits: [0.5, 3.0, 1.75, 1.5, 0.125, 1.25]: experts 1, 2, 3.
+    assert_eq!(r.ids(), &[1, 2, 3]);
+    let exp = [3.0f64.exp(), 1.75f64.exp(), 1.5f64.exp()];
+    let sum: f64 = exp.iter().sum();
+    assert_close(r.weights(), &[exp[0] / sum, exp[1] / sum, exp[2] / sum], 1e-6);
+    // Without the bias the logits select 5, 2, 3, and the weights are their own softmax.
+    let r = route(&logits, 1, None, &s).unwrap();
+    assert_eq!(r.ids(), &[5, 2, 3]);
+    let exp = [2.25f64.exp(), 2.0f64.exp(), 1.5f64.exp()];
+    let sum: f64 = exp.iter().sum();
+    assert_close(r.weights(), &[exp[0] / sum, exp[1] / sum, exp[2] / sum], 1e-6);
+    // Near ties are looked for among the biased logits: 1.75 vs 1.5 at the cut is no tie, a
+    // bias that makes expert 4 equal expert 3 is.
+    assert!(near_tie_rows(&logits, 1, Some(&bias), &s, 1e-6).unwrap().is_empty());
+    let tied = [0.0f32, 4.0, -0.25, 0.0, 1.5, -1.0];
+    assert_eq!(near_tie_rows(&logits, 1, Some(&tied), &s, 1e-6).unwrap(), vec![0]);
+    // A bias is refused where the spec gives it no meaning.
+    let plain = RoutingSpec::builder(6, 3).build().unwrap();
+    let err = route(&logits, 1, Some(&bias), &plain).unwrap_err();
+    assert_eq!(err, ReferenceError::UnexpectedBias(TopkMethod::Greedy));
+}
+
+/// Llama 4: the top-k of the logits, then the sigmoid of each selected logit, not renormalised.
+#[test]
+fn llama4_takes_the_sigmoid_of_the_selected_logits() {
+    let logits = [0.5f32, -1.0, 2.0, 1.5, 0.0, 2.25];
+    let s = RoutingSpec::builder(6, 2)
+        .scoring(ScoringFunc::Sigmoid)
+        .scoring_order(ScoringOrder::AfterTopk)
+        .build()
+        .unwrap();
+    let r = route(&logits, 1, None, &s).unwrap();
+    assert_eq!(r.ids(), &[5, 2]);
+    assert_close(r.weights(), &[sigmoid(2.25), sigmoid(2.0)], 1e-7);
+    // Ties between logits go to the lower index, before any score is taken.
+    let r = route(&[1.0, 3.0, 3.0, 3.0], 1, None, &RoutingSpec { num_experts: 4, ..s }).unwrap();
+    assert_eq!(r.ids(), &[1, 2]);
+    // A logit bias overflowing a finite logit makes the row non-finite, as its logits would be.
+    let bias = RoutingSpec { bias_role: BiasRole::Logits, ..s };
+    let err = route(&[f32::MAX, 0.0, 0.0, 0.0, 0.0, 0.0], 1, Some(&[f32::MAX; 6]), &bias);
+    assert_eq!(err.unwrap_err(), ReferenceError::NonFinite { row: 0 });
 }
 
 #[test]
@@ -288,10 +346,25 @@ fn random_inputs_never_give_bad_or_duplicate_ids() {
         (TopkMethod::NoauxTc, 16, (4, 1), 4),
         (TopkMethod::GroupLimitedGreedy, 160, (8, 3), 6),
         (TopkMethod::Greedy, 64, (1, 1), 6),
+        // gpt-oss-like (bias on the logits, softmax of the selected) and Llama-4-like (sigmoid of
+        // the selected).
+        (TopkMethod::Greedy, 128, (1, 1), 4),
+        (TopkMethod::Greedy, 16, (1, 1), 1),
     ];
-    for (case, &(method, experts, groups, top_k)) in shapes.iter().cycle().take(40).enumerate() {
+    for (case, &(method, experts, groups, top_k)) in shapes.iter().cycle().take(56).enumerate() {
         let mut s = spec(experts, method, groups, top_k, case % 2 == 0, 1.5);
         s.non_finite = NonFinitePolicy::MarkInvalid;
+        match (experts, top_k) {
+            (128, 4) => {
+                s.scoring_order = ScoringOrder::AfterTopk;
+                s.bias_role = BiasRole::Logits;
+            }
+            (16, 1) => {
+                s.scoring_order = ScoringOrder::AfterTopk;
+                s.scoring = ScoringFunc::Sigmoid;
+            }
+            _ => {}
+        }
         let tokens = rng.below(9);
         // Coarse values make exact ties common; some entries are non-finite.
         let mut logits: Vec<f32> =
@@ -302,8 +375,8 @@ fn random_inputs_never_give_bad_or_duplicate_ids() {
                 logits[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3)];
             }
         }
-        let bias: Option<Vec<f32>> = (method == TopkMethod::NoauxTc)
-            .then(|| (0..experts).map(|_| rng.uniform(-1.0, 1.0)).collect());
+        let bias: Option<Vec<f32>> =
+            s.takes_bias().then(|| (0..experts).map(|_| rng.uniform(-1.0, 1.0)).collect());
         let r = route(&logits, tokens, bias.as_deref(), &s).unwrap();
         compare_routings(&r, &r, experts, &[], Tolerance::absolute(0.0)).unwrap();
         check_sorted(&r).unwrap();

@@ -3,7 +3,7 @@
 use sluice_tensor::{RoutingSpec, TopkMethod};
 
 use super::ranking::rank_row;
-use super::router::{ReferenceError, check_inputs};
+use super::router::{ReferenceError, check_inputs, with_logit_bias};
 
 /// The rows of `logits` `[T, E]` whose routing hinges on a near tie, in increasing order.
 ///
@@ -27,6 +27,7 @@ pub fn near_tie_rows(
     if spec.method == TopkMethod::Hash {
         return Ok(Vec::new());
     }
+    let (logits, bias) = with_logit_bias(logits, bias, spec);
     let rows = logits
         .chunks_exact(spec.num_experts)
         .enumerate()

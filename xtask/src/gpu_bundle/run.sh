@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The GPU bundle's entry point, for a machine with an NVIDIA driver, the CUDA tools
-# (compute-sanitizer) and Python with torch, but no Rust toolchain. Written by
-# `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
+# (compute-sanitizer) and Python with torch and pytest, but no Rust toolchain and no network.
+# Written by `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
 #
-#   run.sh [tests] [sanitizer] [cli] [bench] [anchor] [dispatch] [profile]
-#   (default: the first six, in this order; profile runs Nsight Compute on the bench's kernels)
+#   run.sh [tests] [python] [sanitizer] [cli] [bench] [anchor] [dispatch] [profile]
+#   (default: the first seven, in this order; profile runs Nsight Compute on the bench's kernels)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer cli bench anchor dispatch)
-export SLUICE_REQUIRE_GPU=1 SLUICE_TESTDATA="$here/testdata"
+[ ${#steps[@]} -eq 0 ] && steps=(tests python sanitizer cli bench anchor dispatch)
+export SLUICE_REQUIRE_GPU=1 SLUICE_TESTDATA="$here/models/testdata"
 tokens="${SLUICE_BENCH_TOKENS:-1,64,1024,16384}"
 failed=0
 summary=()
@@ -32,6 +32,25 @@ for step in "${steps[@]}"; do
                 tail -30 "$out/test-$name.log"
             fi
         done
+        ;;
+    python)
+        # The wheel, installed without network into a folder of its own, and the Python module's
+        # CUDA tests with torch as the client (SLUICE_REQUIRE_GPU: a missing GPU fails them),
+        # the README's examples among them.
+        tmp="$(mktemp -d)"
+        log="$out/python.log"
+        if python3 -m pip install -q --no-deps --no-index --target "$tmp/site" \
+            "$here"/python/sluice-*.whl >"$log" 2>&1 &&
+            PYTHONPATH="$tmp/site" PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q -rs \
+                -p no:cacheprovider "$here/python/tests/test_cuda.py" \
+                "$here/python/tests/test_readme.py" >>"$log" 2>&1; then
+            summary+=("python: ok ($(tail -1 "$log"))")
+        else
+            failed=1
+            summary+=("python: FAILED (see python.log)")
+            tail -40 "$log"
+        fi
+        rm -rf "$tmp"
         ;;
     sanitizer)
         for tool in memcheck racecheck initcheck; do
@@ -112,7 +131,7 @@ for step in "${steps[@]}"; do
         done
         ;;
     *)
-        echo "unknown step $step (tests, sanitizer, cli, bench, anchor, dispatch, profile)" >&2
+        echo "unknown step $step (tests, python, sanitizer, cli, bench, anchor, dispatch, profile)" >&2
         exit 2
         ;;
     esac

@@ -1,0 +1,95 @@
+//! The layer everything else is built on: enqueue the gate on a given HIP stream, into given
+//! device addresses (with row strides), using a given workspace. Nothing here allocates, loads,
+//! copies or synchronises, so every call can be captured into a HIP graph.
+//!
+//! The arguments are packed by `sluice-kernels` in the kernels' signature order (the same as on
+//! NVIDIA); launches go through `hipModuleLaunchKernel` with blocks of whole 64-wide waves. The
+//! GEMM plan on AMD is always the scalar kernel with one split (no `mma.sync`), so the partial
+//! sums are the logits and `sluice_sum_partials` is never needed.
+//! Programmatic dependent launch has no AMD equivalent: the kernels' hooks compile to nothing.
+
+use std::ffi::c_void;
+
+use sluice_kernels::{
+    AMD_WAVE_WIDTH, DeviceMatrix, GemmPlan, Launch, Partials, RoutingTargets, gemm_args,
+    route_args, route_launch,
+};
+
+use crate::api::Handle;
+use crate::device::LoadedModule;
+use crate::error::RocmError;
+use crate::runtime::HipRuntime;
+
+/// Enqueues the router GEMM of `plan` into `partials` (the logits themselves with one split),
+/// and, if `status` is given, its reset to `[0, -1]`.
+pub(crate) fn gemm(
+    stream: Handle,
+    module: &LoadedModule,
+    plan: &GemmPlan,
+    hidden: &DeviceMatrix,
+    weight: &DeviceMatrix,
+    partials: &Partials,
+    status: Option<u64>,
+) -> Result<(), RocmError> {
+    let function = module.kernel(&plan.kernel.name())?;
+    let mut args = gemm_args(plan, hidden, weight, partials, status);
+    // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
+    // against the source by `sluice-kernels`) and outlive the call; every address was validated
+    // to cover the extents the plan reads or writes.
+    unsafe { launch(module, function, plan.launch, stream, &mut args.pointers()) }
+}
+
+/// Enqueues routing of `tokens` rows of `partials` (plus `bias`) into `targets`.
+pub(crate) fn route(
+    stream: Handle,
+    module: &LoadedModule,
+    partials: &Partials,
+    bias: Option<u64>,
+    tokens: usize,
+    scale: f32,
+    targets: &RoutingTargets,
+) -> Result<(), RocmError> {
+    let geometry = route_launch(tokens, AMD_WAVE_WIDTH)?;
+    let function = module.kernel(sluice_kernels::ROUTE_KERNEL)?;
+    let mut args = route_args(partials, bias, tokens, scale, targets);
+    // SAFETY: the arguments match `sluice_route`'s signature in type and order; the callers
+    // validated every address against the extents `tokens`, E and K of the loaded config.
+    unsafe { launch(module, function, geometry, stream, &mut args.pointers()) }
+}
+
+/// Launches `function` of `module` on `stream`.
+///
+/// # Safety
+///
+/// `params` must point to one value per kernel parameter, of the parameter's type, alive for the
+/// call; the kernel must only touch memory its arguments entitle it to; `stream` must be a live
+/// stream of the module's device (or 0, its null stream).
+unsafe fn launch(
+    module: &LoadedModule,
+    function: Handle,
+    geometry: Launch,
+    stream: Handle,
+    params: &mut [*mut c_void],
+) -> Result<(), RocmError> {
+    let runtime: &HipRuntime = module.device().runtime();
+    let [gx, gy, gz] = geometry.grid;
+    let [bx, by, bz] = geometry.block;
+    // SAFETY: `function` belongs to `module`, which is loaded while borrowed; `params` and
+    // `stream` as promised by the caller; no extra launch options are passed (null).
+    let status = unsafe {
+        (runtime.api().hipModuleLaunchKernel)(
+            function,
+            gx,
+            gy,
+            gz,
+            bx,
+            by,
+            bz,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    Ok(runtime.check("hipModuleLaunchKernel", status)?)
+}

@@ -1,0 +1,333 @@
+//! The kernels' arguments, packed in the order and C types of their signatures in `gpu/`.
+//!
+//! CUDA's `cuLaunchKernel` and HIP's `hipModuleLaunchKernel` take the arguments the same way: an
+//! array of pointers, one per parameter, each to a value of the parameter's type. Both backends
+//! build that array here, so the order of a kernel's parameters is written down once on the host
+//! side, next to the source it mirrors.
+
+use std::ffi::c_void;
+
+use crate::geometry::{GemmKernel, GemmPlan};
+use crate::operands::DeviceMatrix;
+
+/// One kernel parameter, as its C type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    /// A device pointer (`T*`), as a 64-bit address; 0 is `nullptr`.
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `long long`.
+    I64(i64),
+    /// `float`.
+    F32(f32),
+}
+
+/// The most parameters any kernel of the source has.
+pub const MAX_KERNEL_ARGS: usize = 14;
+
+/// The parameters of one launch, in signature order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelArgs {
+    values: [KernelArg; MAX_KERNEL_ARGS],
+    len: usize,
+}
+
+impl KernelArgs {
+    fn new(values: &[KernelArg]) -> Self {
+        let mut all = [KernelArg::Ptr(0); MAX_KERNEL_ARGS];
+        all[..values.len()].copy_from_slice(values);
+        KernelArgs { values: all, len: values.len() }
+    }
+
+    /// The values, in order.
+    pub fn values(&self) -> &[KernelArg] {
+        &self.values[..self.len]
+    }
+
+    /// The pointer array a launch takes: element `i` points at parameter `i`'s value, inside
+    /// `self`, so the array is valid only while `self` is neither moved nor dropped. Entries past
+    /// the kernel's parameters are null; launches read only as many as the kernel has.
+    pub fn pointers(&mut self) -> [*mut c_void; MAX_KERNEL_ARGS] {
+        let len = self.len;
+        let mut index = 0;
+        self.values.each_mut().map(|arg| {
+            index += 1;
+            if index > len {
+                return std::ptr::null_mut();
+            }
+            match arg {
+                KernelArg::Ptr(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::I32(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::I64(v) => std::ptr::from_mut(v).cast(),
+                KernelArg::F32(v) => std::ptr::from_mut(v).cast(),
+            }
+        })
+    }
+}
+
+/// Partial sums of the logits: `splits` slices of `[T, E]` f32 (`split_stride` elements apart,
+/// rows `row_stride` apart); with one split, the logits themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partials {
+    /// Device address of the first slice.
+    pub ptr: u64,
+    /// Slices.
+    pub splits: usize,
+    /// Elements between slices.
+    pub split_stride: usize,
+    /// Elements between rows of a slice.
+    pub row_stride: usize,
+}
+
+/// Where the routing results go: device addresses with row strides in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingTargets {
+    /// i32 `[T, K]`.
+    pub ids: u64,
+    /// Elements between rows of `ids`.
+    pub ids_row_stride: usize,
+    /// f32 `[T, K]`.
+    pub weights: u64,
+    /// Elements between rows of `weights`.
+    pub weights_row_stride: usize,
+    /// f32 `[T, E]` and its row stride, if the caller wants the logits.
+    pub logits: Option<(u64, usize)>,
+    /// i32 `[2]`: non-finite rows and the first of them (or -1).
+    pub status: Option<u64>,
+}
+
+/// Sizes and strides become the kernels' `int` and `long long`. Every value packed here was
+/// checked to fit: sizes by the planner (`i32`), strides by the bridge (a view's extent fits
+/// `isize`), so the casts are exact.
+fn int(value: usize) -> KernelArg {
+    KernelArg::I32(value as i32)
+}
+
+fn long(value: usize) -> KernelArg {
+    KernelArg::I64(value as i64)
+}
+
+/// The arguments of the GEMM kernel `plan` names: `hidden` by `weight` into `partials`, and the
+/// status reset to `[0, -1]` when one is given.
+pub fn gemm_args(
+    plan: &GemmPlan,
+    hidden: &DeviceMatrix,
+    weight: &DeviceMatrix,
+    partials: &Partials,
+    status: Option<u64>,
+) -> KernelArgs {
+    use KernelArg::Ptr;
+    let status = Ptr(status.unwrap_or(0));
+    let (tokens, hidden_size, experts) = (int(hidden.rows), int(hidden.cols), int(weight.rows));
+    match plan.kernel {
+        // One split: the logits themselves, no split stride.
+        GemmKernel::Gemv { .. } => KernelArgs::new(&[
+            Ptr(hidden.ptr),
+            long(hidden.row_stride),
+            Ptr(weight.ptr),
+            long(weight.row_stride),
+            tokens,
+            hidden_size,
+            experts,
+            Ptr(partials.ptr),
+            long(partials.row_stride),
+            status,
+        ]),
+        GemmKernel::Mma { .. } => KernelArgs::new(&[
+            Ptr(hidden.ptr),
+            long(hidden.row_stride),
+            Ptr(weight.ptr),
+            long(weight.row_stride),
+            tokens,
+            hidden_size,
+            experts,
+            int(plan.k_per_warp),
+            Ptr(partials.ptr),
+            long(partials.split_stride),
+            long(partials.row_stride),
+            status,
+        ]),
+        GemmKernel::Simt { .. } => KernelArgs::new(&[
+            Ptr(hidden.ptr),
+            long(hidden.row_stride),
+            long(hidden.col_stride),
+            Ptr(weight.ptr),
+            long(weight.row_stride),
+            long(weight.col_stride),
+            tokens,
+            hidden_size,
+            experts,
+            Ptr(partials.ptr),
+            long(partials.row_stride),
+            status,
+        ]),
+    }
+}
+
+/// The arguments of `sluice_route` and `sluice_route_logits` (one signature): `tokens` rows of `partials` (plus `bias`), scaled by `scale`,
+/// into `targets`.
+pub fn route_args(
+    partials: &Partials,
+    bias: Option<u64>,
+    tokens: usize,
+    scale: f32,
+    targets: &RoutingTargets,
+) -> KernelArgs {
+    use KernelArg::Ptr;
+    let (logits, logits_row) = targets.logits.unwrap_or((0, 0));
+    KernelArgs::new(&[
+        Ptr(partials.ptr),
+        int(partials.splits),
+        long(partials.split_stride),
+        long(partials.row_stride),
+        Ptr(bias.unwrap_or(0)),
+        int(tokens),
+        KernelArg::F32(scale),
+        Ptr(targets.ids),
+        long(targets.ids_row_stride),
+        Ptr(targets.weights),
+        long(targets.weights_row_stride),
+        Ptr(logits),
+        long(logits_row),
+        Ptr(targets.status.unwrap_or(0)),
+    ])
+}
+
+/// The arguments of `sluice_reset_status`: the status `[2]` to reset.
+pub fn reset_status_args(status: u64) -> KernelArgs {
+    KernelArgs::new(&[KernelArg::Ptr(status)])
+}
+
+/// The arguments of `sluice_sum_partials`: the contiguous slices of `partials` added into logits
+/// `[tokens, experts]` at `logits` with row stride `logits_row_stride`.
+pub fn sum_partials_args(
+    partials: &Partials,
+    tokens: usize,
+    experts: usize,
+    logits: u64,
+    logits_row_stride: usize,
+) -> KernelArgs {
+    KernelArgs::new(&[
+        KernelArg::Ptr(partials.ptr),
+        int(partials.splits),
+        int(tokens),
+        int(experts),
+        KernelArg::Ptr(logits),
+        long(logits_row_stride),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{HiddenKind, Launch, WeightKind};
+    use sluice_tensor::DType;
+
+    /// The parameter list of the first `void name(` after `from` in the device source, as C
+    /// types (`ptr`, `int`, `long`, `float`).
+    fn signature(from: &str, name: &str) -> Vec<&'static str> {
+        let source = crate::SOURCE;
+        let after = source.find(from).unwrap_or_else(|| panic!("{from} not in the source"));
+        let start = after
+            + source[after..]
+                .find(&format!("void {name}("))
+                .unwrap_or_else(|| panic!("{name} not after {from}"));
+        let open = start + source[start..].find('(').unwrap();
+        let close = open + source[open..].find(')').unwrap();
+        source[open + 1..close]
+            .split(',')
+            .map(|param| {
+                let param = param.replace('\\', " ");
+                let words: Vec<&str> = param.split_whitespace().collect();
+                match words.iter().rev().nth(1).copied() {
+                    _ if param.contains('*') => "ptr",
+                    Some("int") => "int",
+                    Some("long") => "long",
+                    Some("float") => "float",
+                    other => panic!("{name}: parameter {param:?} of type {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    fn kinds(args: &KernelArgs) -> Vec<&'static str> {
+        args.values()
+            .iter()
+            .map(|arg| match arg {
+                KernelArg::Ptr(_) => "ptr",
+                KernelArg::I32(_) => "int",
+                KernelArg::I64(_) => "long",
+                KernelArg::F32(_) => "float",
+            })
+            .collect()
+    }
+
+    const PLAN_LAUNCH: Launch = Launch { grid: [1, 1, 1], block: [32, 1, 1] };
+    const M: DeviceMatrix = DeviceMatrix {
+        ptr: 64,
+        rows: 3,
+        cols: 16,
+        row_stride: 16,
+        col_stride: 1,
+        dtype: DType::BF16,
+    };
+    const P: Partials = Partials { ptr: 128, splits: 2, split_stride: 48, row_stride: 16 };
+
+    #[test]
+    fn every_kernel_gets_its_parameters_in_the_order_and_types_of_the_source() {
+        let simt = GemmPlan {
+            kernel: GemmKernel::Simt { hidden: HiddenKind::Bf16, weight: WeightKind::F32 },
+            launch: PLAN_LAUNCH,
+            k_per_warp: 16,
+            splits: 1,
+        };
+        // The GEMM kernels are stamped out by macros, whose `name` stands for each kernel.
+        assert_eq!(
+            kinds(&gemm_args(&simt, &M, &M, &P, None)),
+            signature("#define SLUICE_INSTANTIATE_SIMT", "name")
+        );
+        let mma =
+            GemmPlan { kernel: GemmKernel::Mma { hidden: HiddenKind::F32, tiles: 2 }, ..simt };
+        assert_eq!(
+            kinds(&gemm_args(&mma, &M, &M, &P, Some(8))),
+            signature("#define SLUICE_INSTANTIATE_MMA", "name")
+        );
+        let targets = RoutingTargets {
+            ids: 1,
+            ids_row_stride: 8,
+            weights: 2,
+            weights_row_stride: 8,
+            logits: None,
+            status: None,
+        };
+        let gemv = GemmPlan {
+            kernel: GemmKernel::Gemv { tokens_per_block: 2, experts_per_block: 1 },
+            splits: 1,
+            ..simt
+        };
+        assert_eq!(
+            kinds(&gemm_args(&gemv, &M, &M, &P, Some(8))),
+            signature("#define SLUICE_INSTANTIATE_GEMV", "name")
+        );
+        let route = signature("#define SLUICE_INSTANTIATE_ROUTE", "name");
+        assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets)), route);
+        assert_eq!(kinds(&reset_status_args(8)), signature("", "sluice_reset_status"));
+        assert_eq!(
+            kinds(&sum_partials_args(&P, 3, 16, 256, 16)),
+            signature("", "sluice_sum_partials")
+        );
+    }
+
+    #[test]
+    fn the_pointers_point_at_the_values() {
+        let mut args = sum_partials_args(&P, 3, 16, 256, 20);
+        let pointers = args.pointers();
+        // SAFETY: `args` is alive and unmoved; each pointer was made from the value of its kind.
+        let (first, splits, row) = unsafe {
+            (*pointers[0].cast::<u64>(), *pointers[1].cast::<i32>(), *pointers[5].cast::<i64>())
+        };
+        assert_eq!((first, splits, row), (128, 2, 20));
+        assert!(pointers[6..].iter().all(|p| p.is_null()), "nothing past the kernel's parameters");
+    }
+}
