@@ -226,14 +226,18 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
     /// Arguments are checked as `dispatch_into` checks them, on the host; the outputs' workspace
     /// is not used.
     ///
-    /// The default body is `dispatch_into` on the host. A router on a device copies the ids (and
-    /// the rank table) to it, computes there with scratch of its own, waits, and copies the
-    /// outputs back, so that the host sees what its device computes.
+    /// A router on a device that computes the layout overrides it: it copies the ids (and the rank
+    /// table) to its device, computes there with scratch of its own, waits, and copies the outputs
+    /// back, so that the host sees what its device computes. The default body is `dispatch_into`
+    /// on the host for a host router, and [`BackendError::NotSupported`] for a device router.
     fn dispatch(
         &self,
         inputs: &DispatchInputs<'_>,
         outputs: &mut DispatchOutputs<'_>,
     ) -> Result<(), BackendError> {
+        if self.device() != Device::Cpu {
+            return Err(BackendError::NotSupported { op: "dispatch" });
+        }
         self.dispatch_into(inputs, outputs, Execution::Host)
     }
 
