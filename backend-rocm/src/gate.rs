@@ -79,29 +79,13 @@ pub(crate) fn bias_values(
     dl: &Dlpack,
     spec: &RoutingSpec,
 ) -> Result<Vec<f32>, BackendError> {
-    if !spec.takes_bias() {
-        return Err(BackendError::UnexpectedBias { op, method: spec.method });
-    }
     let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;
     let downloaded = if on_device { Some(memory::download(&gpu.stream, dl)?) } else { None };
-    let view = argument_view(op, "bias", downloaded.as_ref().unwrap_or(dl))?;
-    check_dtype(op, "bias", view.dtype(), &[DType::F32])?;
-    if view.shape() != [spec.num_experts] {
-        return Err(BackendError::Shape {
-            op,
-            arg: "bias",
-            shape: view.shape().to_vec(),
-            expected: ExpectedShape::exact(&[spec.num_experts]),
-        });
-    }
-    let values: Vec<f32> = memory::host_bytes(op, "bias", &view)?
-        .chunks_exact(4)
-        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if let Some((expert, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(BackendError::NonFiniteBias { op, expert, value });
-    }
-    Ok(values)
+    sluice_tensor::host_bias_values(
+        op,
+        &argument_view(op, "bias", downloaded.as_ref().unwrap_or(dl))?,
+        spec,
+    )
 }
 
 /// The f32 bias on the device.

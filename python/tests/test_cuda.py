@@ -53,8 +53,12 @@ def test_without_a_usable_device_only_choosing_cuda_fails():
 
 
 def hash_routed(golden: Golden, layer: int) -> bool:
-    """Whether a layer is one of DeepSeek-V4's first `num_hash_layers`, routed by a table, which
-    the GPU kernels do not do (README.md); every other layer of every family routes there."""
+    """Whether a layer of DeepSeek-V4 is routed by a table (`mlp_layer_types` `"hash_moe"` as
+    transformers saves it, else one of the first `num_hash_layers`), which the GPU kernels do not
+    do (README.md); every other layer of every family routes there."""
+    types = golden.config.get("mlp_layer_types")
+    if types is not None:
+        return types[layer] == "hash_moe"
     return layer < golden.config.get("num_hash_layers", 0)
 
 

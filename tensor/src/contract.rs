@@ -199,6 +199,40 @@ pub fn check_router_weight(
     }
 }
 
+/// The one rule for a router's bias, shared by the GPU backends, which read it on the host before
+/// they copy it to the device: the spec must take one ([`RoutingSpec::takes_bias`]), and it is f32
+/// `[E]` with every value finite. Returns the values.
+pub fn host_bias_values(
+    op: &'static str,
+    view: &DlpackView<'_>,
+    spec: &RoutingSpec,
+) -> Result<Vec<f32>, BackendError> {
+    if !spec.takes_bias() {
+        return Err(BackendError::UnexpectedBias { op, method: spec.method });
+    }
+    check_on(op, "bias", Device::Cpu, view)?;
+    if view.dtype() != DType::F32 {
+        let dtype = view.dtype();
+        return Err(BackendError::UnsupportedDType { op, arg: "bias", dtype, supported: "f32" });
+    }
+    if view.shape() != [spec.num_experts] {
+        return Err(BackendError::Shape {
+            op,
+            arg: "bias",
+            shape: view.shape().to_vec(),
+            expected: ExpectedShape::exact(&[spec.num_experts]),
+        });
+    }
+    let values = view
+        .as_array1::<f32>()
+        .map_err(|source| BackendError::View { op, arg: "bias", source })?
+        .to_vec();
+    if let Some((expert, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(BackendError::NonFiniteBias { op, expert, value });
+    }
+    Ok(values)
+}
+
 /// The checks of a `router_gemm_into` call. Returns `T`.
 pub fn check_logits_into<R: PreparedRouter + ?Sized>(
     op: &'static str,

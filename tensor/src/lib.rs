@@ -57,7 +57,7 @@ mod view;
 pub use backend::{Backend, BackendError, NonFiniteInput, PreparedRouter, RoutingOutput};
 pub use contract::{
     ExpectedShape, RouteInputs, RouteOutputs, WORKSPACE_ALIGN, argument_view, check_logits_into,
-    check_route_into, check_router_weight,
+    check_route_into, check_router_weight, host_bias_values,
 };
 pub use device::Device;
 pub use dispatch::{

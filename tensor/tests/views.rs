@@ -233,3 +233,31 @@ fn the_contract_checks_where_the_work_runs() {
     };
     assert_eq!(shape.to_string(), "test: `hidden` has shape [2, 3], expected [any, 2]");
 }
+
+#[test]
+fn a_bias_is_read_only_for_specs_that_take_one_and_only_as_finite_f32_of_the_expert_count() {
+    use sluice_tensor::{BiasRole, TopkMethod, host_bias_values};
+    let noaux = RoutingSpec::builder(3, 1)
+        .scoring(sluice_tensor::ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .build()
+        .unwrap();
+    let logits_bias = RoutingSpec::builder(3, 1).bias_role(BiasRole::Logits).build().unwrap();
+    let plain = RoutingSpec::builder(3, 1).build().unwrap();
+    let values = [0.5f32, -1.0, 2.0];
+    let view = DlpackView::from_slice(&values, &[3]).unwrap();
+    for spec in [&noaux, &logits_bias] {
+        assert_eq!(host_bias_values("prepare", &view, spec).unwrap(), values);
+    }
+    let refused = |view: &DlpackView<'_>, spec: &RoutingSpec| {
+        host_bias_values("prepare", view, spec).unwrap_err().to_string()
+    };
+    assert!(refused(&view, &plain).contains("bias"), "a spec that takes no bias");
+    let long = [0.0f32; 4];
+    assert!(refused(&DlpackView::from_slice(&long, &[4]).unwrap(), &noaux).contains("[3]"));
+    let halves = [half::f16::ZERO; 3];
+    assert!(refused(&DlpackView::from_slice(&halves, &[3]).unwrap(), &noaux).contains("f32"));
+    let nan = [0.0f32, f32::NAN, 1.0];
+    let message = refused(&DlpackView::from_slice(&nan, &[3]).unwrap(), &noaux);
+    assert!(message.contains("expert 1") || message.contains('1'), "{message}");
+}
