@@ -104,8 +104,13 @@ pub struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    /// Writes the plan's share of the kernels' argument.
+    /// Writes the plan's share of the kernels' argument. The kernels take the one-block path
+    /// exactly when `block_counts` is null, so on that path it is cleared whatever workspace the
+    /// caller passed (a workspace sized for more tokens is still a valid argument).
     pub fn fill(&self, args: &mut DispatchArgs) {
+        if self.count.is_none() {
+            args.block_counts = 0;
+        }
         args.rows_per_block = i32::try_from(self.rows_per_block).unwrap_or(i32::MAX);
         args.blocks = self.scatter.grid[0] as i32;
         args.threads = self.scatter.block[0] as i32;
@@ -180,6 +185,16 @@ mod tests {
         // Small tiles get the fewest warps; a full one-block tile gets as many as fit.
         assert_eq!(plan_dispatch(1, 8, 256).unwrap().scatter.block, [128, 1, 1]);
         assert_eq!(plan_dispatch(1024, 8, 256).unwrap().scatter.block, [768, 1, 1]);
+    }
+
+    #[test]
+    fn the_one_block_path_ignores_a_workspace_the_caller_passed() {
+        let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
+        plan_dispatch(64, 8, 256).unwrap().fill(&mut args);
+        assert_eq!(args.block_counts, 0, "the kernels would take the many-block path");
+        let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
+        plan_dispatch(16_384, 8, 256).unwrap().fill(&mut args);
+        assert_eq!(args.block_counts, 4096);
     }
 
     #[test]
