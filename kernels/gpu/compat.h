@@ -87,7 +87,12 @@ GPU_INLINE bool gpu_is_finite(float v) { return (gpu_float_bits(v) & 0x7f800000u
 // ---- exp -------------------------------------------------------------------------------------
 #if defined(GPU_AMD)
 GPU_INLINE float gpu_expf(float v) { return __builtin_expf(v); }
-GPU_INLINE float gpu_log1pf(float v) { return __builtin_log1pf(v); }
+// No device library is linked for AMD, and ln(1 + v) has no LLVM intrinsic: Goldberg's form
+// keeps full relative precision for small v from the natural logarithm, which has one.
+GPU_INLINE float gpu_log1pf(float v) {
+  const float u = 1.f + v;
+  return u == 1.f ? v : __builtin_logf(u) * (v / (u - 1.f));
+}
 GPU_INLINE float gpu_sqrtf(float v) { return __builtin_sqrtf(v); }
 #elif defined(SLUICE_NO_VENDOR_HEADERS)
 extern "C" __device__ float __nv_expf(float);  // libdevice, linked by the driver's JIT

@@ -35,7 +35,7 @@ pub fn offline_config_for(config: &RoutingConfig) -> Option<OfflineConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+    use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
     fn spec(
         e: usize,
@@ -54,6 +54,12 @@ mod tests {
             .unwrap()
     }
 
+    /// gpt-oss and Llama 4: scores of the selected logits, gpt-oss with its router's bias on them.
+    fn after_top_k(spec: RoutingSpec, logit_bias: bool) -> RoutingSpec {
+        let bias_role = if logit_bias { BiasRole::Logits } else { BiasRole::Correction };
+        RoutingSpec { scoring_order: ScoringOrder::AfterTopk, bias_role, ..spec }
+    }
+
     #[test]
     fn every_line_is_the_config_of_its_model() {
         use ScoringFunc::*;
@@ -63,6 +69,15 @@ mod tests {
             ("kimi_k2", spec(384, Sigmoid, NoauxTc, (1, 1), 8, true)),
             ("deepseek_v2", spec(160, Softmax, GroupLimitedGreedy, (8, 3), 6, false)),
             ("deepseek_v2_lite", spec(64, Softmax, Greedy, (1, 1), 6, false)),
+            ("deepseek_v4", spec(256, SqrtSoftplus, NoauxTc, (1, 1), 6, true)),
+            ("glm_4_5", spec(160, Sigmoid, NoauxTc, (1, 1), 8, true)),
+            ("minimax_m2", spec(256, Sigmoid, NoauxTc, (1, 1), 8, true)),
+            ("qwen3_moe", spec(128, Softmax, Greedy, (1, 1), 8, true)),
+            ("mixtral", spec(8, Softmax, Greedy, (1, 1), 2, true)),
+            ("gpt_oss_120b", after_top_k(spec(128, Softmax, Greedy, (1, 1), 4, false), true)),
+            ("gpt_oss_20b", after_top_k(spec(32, Softmax, Greedy, (1, 1), 4, false), true)),
+            ("llama4_maverick", after_top_k(spec(128, Sigmoid, Greedy, (1, 1), 1, false), false)),
+            ("llama4_scout", after_top_k(spec(16, Sigmoid, Greedy, (1, 1), 1, false), false)),
         ];
         let listed: Vec<_> = offline_configs().map(|c| c.name).collect();
         assert_eq!(listed, models.iter().map(|(name, _)| *name).collect::<Vec<_>>());
