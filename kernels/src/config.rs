@@ -22,9 +22,6 @@ pub enum KernelError {
     /// More experts per token than lanes in a warp.
     #[error("the GPU routing kernel takes at most {MAX_TOP_K} experts per token, got {0}")]
     TopKTooLarge(usize),
-    /// A scoring function the routing kernel does not compute.
-    #[error("the GPU routing kernel does not compute `{}` scores yet", .0.name())]
-    UnsupportedScoring(ScoringFunc),
     /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
     #[error("the GPU routing kernel does not do hash routing yet")]
     HashRouting,
@@ -67,7 +64,6 @@ impl RoutingConfig {
         if spec.top_k > MAX_TOP_K {
             return Err(KernelError::TopKTooLarge(spec.top_k));
         }
-        scoring_define(spec.scoring)?;
         method_define(spec.method)?;
         // Greedy ignores the groups: compile it as one group so no group code is generated.
         let (groups, kept_groups) =
@@ -97,8 +93,8 @@ impl RoutingConfig {
 
     /// The preprocessor definitions, as `NAME=value` pairs.
     pub fn defines(&self) -> Vec<(&'static str, usize)> {
-        // Both were accepted by `new`.
-        let scoring = scoring_define(self.scoring).unwrap_or_default();
+        let scoring = scoring_define(self.scoring);
+        // Accepted by `new`.
         let method = method_define(self.method).unwrap_or_default();
         vec![
             ("SLUICE_E", self.experts),
@@ -119,12 +115,12 @@ impl RoutingConfig {
     }
 }
 
-/// `SLUICE_SCORING` for a scoring function the kernel computes.
-fn scoring_define(scoring: ScoringFunc) -> Result<usize, KernelError> {
+/// `SLUICE_SCORING`: the kernel computes every scoring function.
+fn scoring_define(scoring: ScoringFunc) -> usize {
     match scoring {
-        ScoringFunc::Softmax => Ok(0),
-        ScoringFunc::Sigmoid => Ok(1),
-        ScoringFunc::SqrtSoftplus => Ok(2),
+        ScoringFunc::Softmax => 0,
+        ScoringFunc::Sigmoid => 1,
+        ScoringFunc::SqrtSoftplus => 2,
     }
 }
 

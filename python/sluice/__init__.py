@@ -312,19 +312,9 @@ class Gate:
         ``workspace_bytes(T)`` bytes, made here when ``stream`` is torch's current one.
         """
         ordinal = self._cuda_ordinal
-        if ordinal is None:
-            self._gate.route_into(
-                hidden,
-                topk_ids,
-                topk_weights,
-                input_ids=input_ids,
-                stream=stream,
-                workspace=workspace,
-                status=status,
-            )
-            return
-        with _on_cuda_device(ordinal):
-            if stream is None:
+        on_device = contextlib.nullcontext() if ordinal is None else _on_cuda_device(ordinal)
+        with on_device:
+            if ordinal is not None and stream is None:
                 stream = _cuda_stream(ordinal)
                 if workspace is None:
                     hidden, tokens = _with_rows(hidden)
