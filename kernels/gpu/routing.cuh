@@ -116,6 +116,20 @@ GPU_INLINE void sluice_score(const float (&l)[SLUICE_PER_LANE], float (&s)[SLUIC
 #endif
 }
 
+// This lane's best candidate (larger key, then lower expert; key 0 is none) and its expert.
+GPU_INLINE void sluice_lane_best(const unsigned (&key)[SLUICE_PER_LANE], int lane, unsigned &best,
+                                 int &best_expert) {
+  best = 0u;
+  best_expert = GPU_INT_MAX;
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    // j ascending and a strict >: among equal keys this lane keeps its lowest expert.
+    if (key[j] > best) {
+      best = key[j];
+      best_expert = j * GPU_WARP + lane;
+    }
+}
+
 #if SLUICE_GROUPED
 // Merges the top two of another lane into (a >= b).
 GPU_INLINE void sluice_merge_top2(float &a, float &b, float oa, float ob) {
@@ -153,16 +167,15 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
     const int group = pass * SLUICE_GROUPS_PER_PASS + lane / SLUICE_LANES_PER_GROUP;
     const int sub = lane % SLUICE_LANES_PER_GROUP;
     float a = -GPU_INFINITY, b = -GPU_INFINITY;
-    if (group < SLUICE_G)
-      for (int i = sub; i < SLUICE_PER_GROUP; i += SLUICE_LANES_PER_GROUP) {
-        const float v = c_shared[group * SLUICE_PER_GROUP + i];
-        if (v > a) {
-          b = a;
-          a = v;
-        } else if (v > b) {
-          b = v;
-        }
-      }
+    // A constant trip count and no branch: the loads are all in flight at once.
+#pragma unroll
+    for (int k = 0; k < (SLUICE_PER_GROUP + SLUICE_LANES_PER_GROUP - 1) / SLUICE_LANES_PER_GROUP; ++k) {
+      const int i = sub + k * SLUICE_LANES_PER_GROUP;
+      const float v = group < SLUICE_G && i < SLUICE_PER_GROUP ? c_shared[group * SLUICE_PER_GROUP + i]
+                                                               : -GPU_INFINITY;
+      b = b > v ? b : (a < v ? a : v);  // the larger of b and min(a, v)
+      a = a > v ? a : v;
+    }
     for (int off = SLUICE_LANES_PER_GROUP / 2; off > 0; off >>= 1)
       sluice_merge_top2(a, b, gpu_shfl_xor_f(a, off), gpu_shfl_xor_f(b, off));
     if (sub == 0 && group < SLUICE_G) group_score[group] = sluice_group_score(a, b);
@@ -213,6 +226,8 @@ GPU_INLINE void sluice_route_tokens(
   __shared__ float group_score[SLUICE_ROUTE_WARPS][SLUICE_G];
   __shared__ unsigned char kept[SLUICE_ROUTE_WARPS][SLUICE_G];
 #endif
+  // The unbiased scores, read back by the lane that keeps each choice.
+  __shared__ float s_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
   // The bias was written at preparation, not by the previous kernel: read it before the wait.
   float b[SLUICE_PER_LANE];
@@ -303,35 +318,41 @@ GPU_INLINE void sluice_route_tokens(
     if (j * GPU_WARP + lane < SLUICE_E) allowed |= 1u << j;
 #endif
 
-  // Top K by c; lane r keeps the r-th choice and its unbiased score.
+  // Top K by c. Each lane keeps its best remaining candidate as its head; a round compares only
+  // the heads (two warp reductions), and only the winning lane drops its head and looks again.
+  // Lane r keeps the r-th choice and its unbiased score.
+  unsigned key[SLUICE_PER_LANE];
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    key[j] = ((allowed >> j) & 1u) ? sluice_order_key(c[j]) : 0u;
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    if (e < SLUICE_E) s_shared[warp][e] = s[j];
+  }
+  unsigned head_key;
+  int head;
+  sluice_lane_best(key, lane, head_key, head);
   int my_id = -1;
-  float my_score = 0.f, sum = 0.f;
   // Rounds stay a loop: unrolled, K of them would multiply the code, and a kernel that runs once
   // per layer fetches its instructions from L2 (or memory) every time.
 #pragma unroll 1
   for (int round = 0; round < SLUICE_K; ++round) {
-    unsigned best = 0;  // below every value's key: no candidate
-    int best_id = GPU_INT_MAX;
-    float best_score = 0.f;
+    const int winner = sluice_warp_best_index(head_key, head);
+    if (head == winner) {  // experts are distinct: exactly one lane
 #pragma unroll
-    for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-      const unsigned key = sluice_order_key(c[j]);
-      // j ascending and a strict >: among equal values this lane keeps its lowest index.
-      if (((allowed >> j) & 1u) && key > best) {
-        best = key;
-        best_id = j * GPU_WARP + lane;
-        best_score = s[j];
-      }
+      for (int j = 0; j < SLUICE_PER_LANE; ++j)
+        if (j * GPU_WARP + lane == winner) key[j] = 0u;
+      sluice_lane_best(key, lane, head_key, head);
     }
-    const int winner = sluice_warp_best_index(best, best_id);
-    const float winner_score = gpu_shfl_f(best_score, winner % GPU_WARP);
-    if (winner % GPU_WARP == lane) allowed &= ~(1u << (winner / GPU_WARP));
-    if (lane == round) {
-      my_id = winner;
-      my_score = winner_score;
-    }
-    sum += winner_score;
+    if (lane == round) my_id = winner;
   }
+  gpu_syncwarp();
+  const float my_score = lane < SLUICE_K ? s_shared[warp][my_id] : 0.f;
+  // The sum in choice order, as the reference adds it.
+  float sum = 0.f;
+#pragma unroll 8
+  for (int r = 0; r < SLUICE_K; ++r) sum += gpu_shfl_f(my_score, r);
 
   float weight = my_score;
 #if SLUICE_AFTER_TOPK
