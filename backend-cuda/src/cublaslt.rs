@@ -6,31 +6,53 @@
 //! T = 1024, against 11.6 us and 38.6 us for the split tensor-core kernel). The library is loaded
 //! at run time like the driver; where it is missing the backend's kernels run instead.
 //!
-//! Each problem shape gets its descriptors and algorithm once, from the library's heuristic (a
-//! host-side query: no device work), kept with the router; a call then only enqueues
-//! `cublasLtMatmul` with the caller's workspace, so engines capture it in their graphs.
+//! Each problem shape gets its descriptors and algorithm once, kept with the router; a call then
+//! only enqueues `cublasLtMatmul` with the caller's workspace, so engines capture it in their
+//! graphs. `warm_up` chooses the algorithm by timing: it runs up to [`MAX_CANDIDATES`] of the
+//! heuristic's candidates on scratch buffers of the real shape and keeps the fastest (the
+//! heuristic's first choice is not always it: 12.48 us against 11.9 us for the best candidate at
+//! 7168 x 256, T = 1024, on an H200). A shape first met in a call, without `warm_up`, takes the
+//! heuristic's first answer, a host-side query with no device work.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::ffi::{c_int, c_void};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys::{
-    cublasComputeType_t, cublasLtHandle_t, cublasLtMatmulAlgo_t, cublasLtMatmulDesc_t,
-    cublasLtMatmulDescAttributes_t, cublasLtMatmulPreferenceAttributes_t, cublasLtMatrixLayout_t,
-    cudaDataType, cudaStream_t,
+    self as lt_sys, cublasComputeType_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
+    cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, cublasLtMatmulHeuristicResult_t,
+    cublasLtMatmulPreferenceAttributes_t, cublasLtMatrixLayout_t, cublasStatus_t, cudaDataType,
+    cudaStream_t,
 };
-use cudarc::driver::sys::CUstream;
+use cudarc::driver::sys::{CUevent_flags, CUstream};
+use cudarc::driver::{CudaEvent, CudaSlice};
 
 use crate::error::CudaError;
+use crate::gpu::Gpu;
 use crate::input::DeviceMatrix;
+use crate::memory;
 
 /// The workspace cuBLASLt may use for `tokens` tokens: its heuristic asked for about 5 KiB per
 /// token for this GEMM's shapes on an H200, so 8 KiB per token, at most 16 MiB.
 pub(crate) fn workspace_bytes(tokens: usize) -> usize {
     tokens.saturating_mul(8 << 10).min(16 << 20)
 }
+
+/// The alignment cuBLASLt's workspace gets (what the library asks of a workspace).
+pub(crate) const WORKSPACE_ALIGN: usize = 256;
+
+/// How many of the heuristic's candidates `warm_up` times.
+const MAX_CANDIDATES: usize = 8;
+
+/// Untimed runs of a candidate before its timed batch: the first launch of a kernel loads it, and
+/// the runs after it find the operands in L2, as consecutive gate calls do.
+const WARMUP_RUNS: usize = 3;
+
+/// Runs of a candidate between the two events of its timed batch: a single run of a few
+/// microseconds is near the events' resolution.
+const TIMED_RUNS: usize = 20;
 
 /// One cuBLASLt handle (cuBLASLt handles may be shared between threads).
 #[derive(Debug)]
@@ -79,48 +101,68 @@ struct Shape {
     weight_row_stride: usize,
 }
 
-/// The descriptors of one shape and the algorithm the heuristic chose for it.
-struct Plan {
-    desc: cublasLtMatmulDesc_t,
-    layouts: [cublasLtMatrixLayout_t; 3],
-    algo: cublasLtMatmulAlgo_t,
+impl Shape {
+    fn of(hidden: &DeviceMatrix, weight: &DeviceMatrix) -> Self {
+        Shape {
+            tokens: hidden.rows,
+            hidden: hidden.cols,
+            experts: weight.rows,
+            hidden_row_stride: hidden.row_stride,
+            weight_row_stride: weight.row_stride,
+        }
+    }
 }
 
-// SAFETY: descriptors are plain host objects that nothing else references; the plan is used under
-// the router's mutex and destroyed once, by `Drop`.
-unsafe impl Send for Plan {}
+/// The matmul and matrix descriptors of one shape.
+struct Descriptors {
+    desc: cublasLtMatmulDesc_t,
+    layouts: [cublasLtMatrixLayout_t; 3],
+}
 
-impl Drop for Plan {
+// SAFETY: descriptors are plain host objects that nothing else references; they are used by one
+// thread at a time (under the router's mutex, or by the `warm_up` that created them) and
+// destroyed once, by `Drop`.
+unsafe impl Send for Descriptors {}
+
+impl Drop for Descriptors {
     fn drop(&mut self) {
-        // SAFETY: each descriptor was created by `Plan::new` and is destroyed only here.
+        // SAFETY: each descriptor was created by `Descriptors::new` (a null layout, left by an
+        // error there, is skipped) and is destroyed only here.
         unsafe {
             for layout in self.layouts {
-                let _ = lt::destroy_matrix_layout(layout);
+                if !layout.is_null() {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
             }
             let _ = lt::destroy_matmul_desc(self.desc);
         }
     }
 }
 
-impl Plan {
+/// The device operands of one GEMM.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    hidden: &'a DeviceMatrix,
+    weight: &'a DeviceMatrix,
+    /// `T * E` f32.
+    logits: u64,
+    /// [`workspace_bytes`]`(T)` bytes, [`WORKSPACE_ALIGN`]-aligned.
+    workspace: u64,
+}
+
+impl Descriptors {
     /// Logits `[T, E]` (f32, rows `E` apart) = hidden `[T, H]` . weight `[E, H]`^T, written in
     /// cuBLASLt's column-major terms: D `[E, T]` = op(A) `[E, H]` . B `[H, T]` with A the weight
     /// transposed (column-major `[H, E]`, leading dimension the weight's row stride) and B the
     /// hidden states (column-major `[H, T]`).
-    fn new(lt: &Lt, shape: Shape) -> Result<Self, CublasError> {
+    fn new(shape: Shape) -> Result<Self, CublasError> {
         let (t, h, e) = (shape.tokens as u64, shape.hidden as u64, shape.experts as u64);
         let desc = lt::create_matmul_desc(
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cudaDataType::CUDA_R_32F,
         )?;
         // Owned from here on, so that an error below destroys what exists.
-        let mut plan = Plan {
-            desc,
-            layouts: [std::ptr::null_mut(); 3],
-            // SAFETY: an all-zero algorithm is a valid bit pattern of this plain C struct; it is
-            // overwritten by the heuristic's answer before any use.
-            algo: unsafe { std::mem::zeroed() },
-        };
+        let mut descriptors = Descriptors { desc, layouts: [std::ptr::null_mut(); 3] };
         // `cublasOperation_t` (a C enum, 32 bits) `CUBLAS_OP_T`; cudarc's cuBLASLt bindings do not
         // carry the enum itself.
         let transpose: i32 = 1;
@@ -134,19 +176,33 @@ impl Plan {
                 size_of::<i32>(),
             )?;
         }
-        plan.layouts[0] = lt::create_matrix_layout(
+        descriptors.layouts[0] = lt::create_matrix_layout(
             cudaDataType::CUDA_R_16BF,
             h,
             e,
             shape.weight_row_stride as i64,
         )?;
-        plan.layouts[1] = lt::create_matrix_layout(
+        descriptors.layouts[1] = lt::create_matrix_layout(
             cudaDataType::CUDA_R_16BF,
             h,
             t,
             shape.hidden_row_stride as i64,
         )?;
-        plan.layouts[2] = lt::create_matrix_layout(cudaDataType::CUDA_R_32F, e, t, e as i64)?;
+        descriptors.layouts[2] =
+            lt::create_matrix_layout(cudaDataType::CUDA_R_32F, e, t, e as i64)?;
+        Ok(descriptors)
+    }
+
+    /// Up to `count` (at most [`MAX_CANDIDATES`]) of the heuristic's algorithms for `shape`, in
+    /// its order (its first choice first), that run within [`workspace_bytes`]`(T)` on operands
+    /// aligned to 16 bytes. A host-side query: no device work. Fails with `NOT_SUPPORTED` where
+    /// none does.
+    fn candidates(
+        &self,
+        lt: &Lt,
+        shape: Shape,
+        count: usize,
+    ) -> Result<Vec<Candidate>, CublasError> {
         let preference = Preference(lt::create_matmul_pref()?);
         let limit = workspace_bytes(shape.tokens);
         // SAFETY: the attribute and its size match (a `size_t`), the preference is live.
@@ -177,12 +233,150 @@ impl Plan {
                 )?;
             }
         }
-        let [a, b, c] = plan.layouts;
-        // SAFETY: every descriptor is live; the query runs on the host only.
-        let heuristic =
-            unsafe { lt::get_matmul_algo_heuristic(lt.handle, desc, a, b, c, c, preference.0)? };
-        plan.algo = heuristic.algo;
-        Ok(plan)
+        let requested = count.clamp(1, MAX_CANDIDATES);
+        let mut results = [unanswered(); MAX_CANDIDATES];
+        let mut returned: c_int = 0;
+        let [a, b, c] = self.layouts;
+        // SAFETY: every descriptor and the preference are live; `results` has room for
+        // `requested` answers (at most its length) and `returned` receives how many were written;
+        // the query runs on the host only.
+        unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                lt.handle,
+                self.desc,
+                a,
+                b,
+                c,
+                c,
+                preference.0,
+                requested as c_int,
+                results.as_mut_ptr(),
+                &raw mut returned,
+            )
+        }
+        .result()?;
+        let returned = usize::try_from(returned).unwrap_or(0).min(requested);
+        let found = usable(&results[..returned], limit);
+        if found.is_empty() {
+            return Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+        }
+        Ok(found)
+    }
+
+    /// Enqueues the GEMM with `algo` on `stream`.
+    ///
+    /// # Safety
+    ///
+    /// `operands` must describe live device memory of this descriptors' shape, accepted by
+    /// [`LtGemm::accepts`], with the extents [`Operands`] documents, on the current context's
+    /// device and not read or written by anything else until the work on `stream` is done;
+    /// `algo` must be one of the heuristic's candidates for this shape.
+    unsafe fn matmul(
+        &self,
+        lt: &Lt,
+        algo: &cublasLtMatmulAlgo_t,
+        stream: CUstream,
+        operands: Operands<'_>,
+    ) -> Result<(), CublasError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let [a, b, c] = self.layouts;
+        // SAFETY: the caller vouches for every address and extent; the descriptors describe
+        // exactly those extents; `algo` fits the workspace of `workspace_bytes(T)` bytes passed
+        // with it (`candidates` kept only those); alpha and beta are host f32 (the default
+        // pointer mode) read before the call returns; the stream handle is the caller's.
+        unsafe {
+            lt::matmul(
+                lt.handle,
+                self.desc,
+                (&raw const alpha).cast(),
+                (&raw const beta).cast(),
+                operands.weight.ptr as *const c_void,
+                a,
+                operands.hidden.ptr as *const c_void,
+                b,
+                operands.logits as *const c_void,
+                c,
+                operands.logits as *mut c_void,
+                c,
+                algo,
+                operands.workspace as *mut c_void,
+                workspace_bytes(operands.hidden.rows),
+                stream as cudaStream_t,
+            )
+        }
+    }
+}
+
+/// A heuristic result slot before the query fills it.
+fn unanswered() -> cublasLtMatmulHeuristicResult_t {
+    cublasLtMatmulHeuristicResult_t {
+        algo: cublasLtMatmulAlgo_t { data: [0; 8] },
+        workspaceSize: 0,
+        state: cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
+        wavesCount: 0.0,
+        reserved: [0; 4],
+    }
+}
+
+/// One algorithm the heuristic proposed for a shape.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    algo: cublasLtMatmulAlgo_t,
+    /// Workspace bytes it needs.
+    workspace: usize,
+    /// The heuristic's estimate of its waves over the GPU.
+    waves: f32,
+}
+
+/// The heuristic's answers that can run: those it reports as usable, needing at most
+/// `workspace_limit` bytes of workspace, in its order.
+fn usable(answers: &[cublasLtMatmulHeuristicResult_t], workspace_limit: usize) -> Vec<Candidate> {
+    answers
+        .iter()
+        .filter(|answer| {
+            answer.state == cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && answer.workspaceSize <= workspace_limit
+        })
+        .map(|answer| Candidate {
+            algo: answer.algo,
+            workspace: answer.workspaceSize,
+            waves: answer.wavesCount,
+        })
+        .collect()
+}
+
+/// The index of the fastest of the candidates measured (microseconds per run), skipping those
+/// whose measurement failed or is not a finite, non-negative time; the earliest, which the
+/// heuristic ranked higher, on a tie. `None` where nothing was measured.
+fn fastest<E>(measured: &[Result<f64, E>]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (index, time) in measured.iter().enumerate() {
+        let Ok(micros) = *time else { continue };
+        if !micros.is_finite() || micros < 0.0 {
+            continue;
+        }
+        if best.is_none_or(|(_, fastest)| micros < fastest) {
+            best = Some((index, micros));
+        }
+    }
+    best.map(|(index, _)| index)
+}
+
+/// The descriptors of one shape and the algorithm chosen for it.
+struct Plan {
+    descriptors: Descriptors,
+    algo: cublasLtMatmulAlgo_t,
+    /// Chosen by timing candidates (`warm_up`) rather than as the heuristic's first answer; such
+    /// a plan is never replaced.
+    timed: bool,
+}
+
+impl Plan {
+    /// The heuristic's first answer for `shape`: a host-side query, no device work.
+    fn from_heuristic(lt: &Lt, shape: Shape) -> Result<Self, CublasError> {
+        let descriptors = Descriptors::new(shape)?;
+        let first = descriptors.candidates(lt, shape, 1)?[0];
+        Ok(Plan { descriptors, algo: first.algo, timed: false })
     }
 }
 
@@ -193,6 +387,25 @@ impl Drop for Preference {
     fn drop(&mut self) {
         // SAFETY: created by `create_matmul_pref` and destroyed only here.
         let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+/// Device buffers for one shape's operands while its candidates are timed.
+struct Scratch {
+    hidden: CudaSlice<u8>,
+    logits: CudaSlice<u8>,
+    /// [`workspace_bytes`] plus the slack that aligns its start to [`WORKSPACE_ALIGN`].
+    workspace: CudaSlice<u8>,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, shape: Shape) -> Result<Self, CudaError> {
+        let hidden_bytes = shape.tokens * shape.hidden_row_stride * size_of::<half::bf16>();
+        Ok(Scratch {
+            hidden: memory::zeroed(gpu, hidden_bytes)?,
+            logits: memory::zeroed(gpu, shape.tokens * shape.experts * size_of::<f32>())?,
+            workspace: memory::zeroed(gpu, workspace_bytes(shape.tokens) + WORKSPACE_ALIGN)?,
+        })
     }
 }
 
@@ -222,17 +435,168 @@ impl LtGemm {
             && weight.rows_are_16_byte_aligned()
     }
 
-    /// Chooses the algorithm for this shape now (host-side only), so that later calls find it.
-    pub(crate) fn prepare(
+    fn plans(&self) -> MutexGuard<'_, HashMap<Shape, Plan>> {
+        self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Chooses the algorithm for `hidden`'s shape (its address is not read) by timing: runs each
+    /// of the heuristic's candidates (up to [`MAX_CANDIDATES`]) on scratch device buffers of that
+    /// shape and `weight` on `gpu`'s stream, and keeps the fastest in the shape's plan; the
+    /// scratch is freed before this returns. A candidate that fails to run is skipped; where none
+    /// ran (or the scratch could not be allocated) the heuristic's first answer is kept, and a
+    /// later call times again. Nothing happens where a timed plan exists already.
+    ///
+    /// # Safety
+    ///
+    /// `weight` must describe live device memory on this context's device, accepted by
+    /// [`accepts`](Self::accepts) with `hidden` (bf16, 16-byte aligned rows), that nothing writes
+    /// until this returns; the context must be current on this thread.
+    pub(crate) unsafe fn tune(
         &self,
+        gpu: &Gpu,
         hidden: &DeviceMatrix,
         weight: &DeviceMatrix,
     ) -> Result<(), CudaError> {
-        self.with_plan(hidden, weight, |_| Ok(()))
+        let shape = Shape::of(hidden, weight);
+        if self.plans().get(&shape).is_some_and(|plan| plan.timed) {
+            return Ok(());
+        }
+        let _span = tracing::debug_span!("cublaslt_tune", ?shape).entered();
+        let choosing = |source| CudaError::Cublas { doing: "choosing a GEMM algorithm", source };
+        let descriptors = Descriptors::new(shape).map_err(choosing)?;
+        let candidates =
+            descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?;
+        let measured = match Scratch::new(gpu, shape) {
+            Ok(scratch) => {
+                // SAFETY: the caller vouches for `weight` and the context, as `time_candidates`
+                // asks; the scratch was allocated for this shape.
+                let measured = unsafe {
+                    self.time_candidates(gpu, &descriptors, &candidates, &scratch, hidden, weight)
+                };
+                // The scratch goes only after every run on it is done.
+                gpu.stream.synchronize().map_err(CudaError::driver("waiting for the timing"))?;
+                measured?
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "no scratch memory to time cuBLASLt's candidates: keeping its heuristic's first"
+                );
+                Vec::new()
+            }
+        };
+        let chosen = fastest(&measured);
+        let index = chosen.unwrap_or(0);
+        match chosen {
+            Some(index) => tracing::info!(
+                ?shape,
+                candidate = index,
+                micros = measured[index].as_ref().ok(),
+                heuristic_first_micros = measured[0].as_ref().ok(),
+                candidates = candidates.len(),
+                "cuBLASLt algorithm chosen by timing"
+            ),
+            None => tracing::info!(
+                ?shape,
+                candidates = candidates.len(),
+                "no cuBLASLt candidate could be timed: keeping the heuristic's first choice"
+            ),
+        }
+        let plan = Plan { descriptors, algo: candidates[index].algo, timed: chosen.is_some() };
+        match self.plans().entry(shape) {
+            // Another thread's timing finished first: its choice stays.
+            Entry::Occupied(found) if found.get().timed => {}
+            Entry::Occupied(mut found) => {
+                found.insert(plan);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(plan);
+            }
+        }
+        Ok(())
+    }
+
+    /// Times each candidate on `scratch` (see [`tune`](Self::tune)): microseconds per run, or why
+    /// cuBLASLt refused to run it. A failure of the driver itself (events) is an error.
+    ///
+    /// # Safety
+    ///
+    /// As [`tune`](Self::tune) asks, and `scratch` must have been allocated for this shape.
+    unsafe fn time_candidates(
+        &self,
+        gpu: &Gpu,
+        descriptors: &Descriptors,
+        candidates: &[Candidate],
+        scratch: &Scratch,
+        hidden: &DeviceMatrix,
+        weight: &DeviceMatrix,
+    ) -> Result<Vec<Result<f64, CublasError>>, CudaError> {
+        let event = || -> Result<CudaEvent, CudaError> {
+            gpu.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(CudaError::driver("creating an event"))
+        };
+        let (start, end) = (event()?, event()?);
+        let hidden = DeviceMatrix { ptr: memory::address(gpu, &scratch.hidden), ..*hidden };
+        let operands = Operands {
+            hidden: &hidden,
+            weight,
+            logits: memory::address(gpu, &scratch.logits),
+            workspace: memory::address(gpu, &scratch.workspace)
+                .next_multiple_of(WORKSPACE_ALIGN as u64),
+        };
+        let stream = &gpu.stream;
+        let mut measured = Vec::with_capacity(candidates.len());
+        for (index, candidate) in candidates.iter().enumerate() {
+            let run = || {
+                // SAFETY: the scratch buffers hold the shape's hidden states, logits and
+                // `workspace_bytes(T)` bytes from a `WORKSPACE_ALIGN`-aligned start (the slack
+                // allocated for it), and are only used here, on this stream, and freed by `tune`
+                // after it synchronises the stream; the caller vouches for the weight and the
+                // current context; the candidate is the heuristic's for this shape.
+                unsafe {
+                    descriptors.matmul(&self.lt, &candidate.algo, stream.cu_stream(), operands)
+                }
+            };
+            let outcome = (|| -> Result<Result<f64, CublasError>, CudaError> {
+                for _ in 0..WARMUP_RUNS {
+                    if let Err(refused) = run() {
+                        return Ok(Err(refused));
+                    }
+                }
+                start.record(stream).map_err(CudaError::driver("recording an event"))?;
+                for _ in 0..TIMED_RUNS {
+                    if let Err(refused) = run() {
+                        return Ok(Err(refused));
+                    }
+                }
+                end.record(stream).map_err(CudaError::driver("recording an event"))?;
+                let millis =
+                    start.elapsed_ms(&end).map_err(CudaError::driver("timing a GEMM algorithm"))?;
+                Ok(Ok(f64::from(millis) * 1e3 / TIMED_RUNS as f64))
+            })()?;
+            match &outcome {
+                Ok(micros) => tracing::debug!(
+                    candidate = index,
+                    micros,
+                    workspace = candidate.workspace,
+                    waves = candidate.waves,
+                    "cuBLASLt candidate timed"
+                ),
+                Err(refused) => tracing::debug!(
+                    candidate = index,
+                    error = %refused,
+                    "cuBLASLt candidate skipped: it did not run"
+                ),
+            }
+            measured.push(outcome);
+        }
+        Ok(measured)
     }
 
     /// Enqueues logits `[T, E]` (f32, contiguous rows) at `logits` on `stream`, using
-    /// [`workspace_bytes`]`(T)` bytes at `workspace`.
+    /// [`workspace_bytes`]`(T)` bytes at `workspace`, with the shape's plan (from the heuristic's
+    /// first answer, a host-side query, where `warm_up` made none).
     ///
     /// # Safety
     ///
@@ -248,61 +612,166 @@ impl LtGemm {
         logits: u64,
         workspace: u64,
     ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let workspace_len = workspace_bytes(hidden.rows);
-        self.with_plan(hidden, weight, |plan| {
-            let [a, b, c] = plan.layouts;
-            // SAFETY: the caller vouches for every address and extent; the descriptors describe
-            // exactly those extents; alpha and beta are host f32 (the default pointer mode) read
-            // before the call returns; the stream handle is the caller's.
-            unsafe {
-                lt::matmul(
-                    self.lt.handle,
-                    plan.desc,
-                    (&raw const alpha).cast(),
-                    (&raw const beta).cast(),
-                    weight.ptr as *const c_void,
-                    a,
-                    hidden.ptr as *const c_void,
-                    b,
-                    logits as *const c_void,
-                    c,
-                    logits as *mut c_void,
-                    c,
-                    &raw const plan.algo,
-                    workspace as *mut c_void,
-                    workspace_len,
-                    stream as cudaStream_t,
-                )
-            }
-            .map_err(|source| CudaError::Cublas { doing: "enqueueing the router GEMM", source })
-        })
-    }
-
-    fn with_plan(
-        &self,
-        hidden: &DeviceMatrix,
-        weight: &DeviceMatrix,
-        run: impl FnOnce(&Plan) -> Result<(), CudaError>,
-    ) -> Result<(), CudaError> {
-        let shape = Shape {
-            tokens: hidden.rows,
-            hidden: hidden.cols,
-            experts: weight.rows,
-            hidden_row_stride: hidden.row_stride,
-            weight_row_stride: weight.row_stride,
-        };
-        let mut plans = self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let shape = Shape::of(hidden, weight);
+        let mut plans = self.plans();
         let plan = match plans.entry(shape) {
             Entry::Occupied(found) => found.into_mut(),
             Entry::Vacant(slot) => {
                 let _span = tracing::debug_span!("cublaslt_heuristic", ?shape).entered();
-                slot.insert(Plan::new(&self.lt, shape).map_err(|source| CudaError::Cublas {
-                    doing: "choosing a GEMM algorithm",
-                    source,
+                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(|source| {
+                    CudaError::Cublas { doing: "choosing a GEMM algorithm", source }
                 })?)
             }
         };
-        run(plan)
+        let operands = Operands { hidden, weight, logits, workspace };
+        // SAFETY: the caller vouches for the operands, as `matmul` asks; the algorithm is the
+        // plan's, one of the heuristic's candidates for this shape.
+        unsafe { plan.descriptors.matmul(&self.lt, &plan.algo, stream, operands) }
+            .map_err(|source| CudaError::Cublas { doing: "enqueueing the router GEMM", source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(id: u64, state: cublasStatus_t, workspace: usize) -> cublasLtMatmulHeuristicResult_t {
+        cublasLtMatmulHeuristicResult_t {
+            algo: cublasLtMatmulAlgo_t { data: [id; 8] },
+            workspaceSize: workspace,
+            state,
+            ..unanswered()
+        }
+    }
+
+    /// The device, where one with cuBLASLt is around; otherwise says why the test skips (or, with
+    /// `SLUICE_REQUIRE_GPU` set, fails).
+    fn gpu_with_cublaslt(test: &str) -> Option<Gpu> {
+        let missing = match Gpu::open(0) {
+            Ok(gpu) if gpu.lt.is_some() => return Some(gpu),
+            Ok(_) => "cuBLASLt not found".to_owned(),
+            Err(error) => format!("no CUDA device ({error})"),
+        };
+        assert!(
+            std::env::var_os("SLUICE_REQUIRE_GPU").is_none(),
+            "{test}: SLUICE_REQUIRE_GPU is set but {missing}"
+        );
+        // Written past the test harness's capture, so the skip is visible in every run.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {missing}");
+        None
+    }
+
+    /// A plan made by a call takes the heuristic's first answer; `warm_up`'s timing then keeps
+    /// one of the candidates in its place, and neither a later call nor a second timing replaces
+    /// it.
+    #[test]
+    fn a_timed_choice_replaces_the_heuristics_and_stays() {
+        const TEST: &str = "a_timed_choice_replaces_the_heuristics_and_stays";
+        let Some(gpu) = gpu_with_cublaslt(TEST) else { return };
+        let Some(lt) = gpu.lt.clone() else { return };
+        let gemm = LtGemm::new(lt);
+        let (tokens, hidden_size, experts) = (64, 7168, 256);
+        let matrix = |ptr, rows| DeviceMatrix {
+            ptr,
+            rows,
+            cols: hidden_size,
+            row_stride: hidden_size,
+            col_stride: 1,
+            dtype: sluice_tensor::DType::BF16,
+        };
+        let weight_buffer = memory::zeroed(&gpu, experts * hidden_size * 2).unwrap();
+        let weight = matrix(memory::address(&gpu, &weight_buffer), experts);
+        let shape = Shape {
+            tokens,
+            hidden: hidden_size,
+            experts,
+            hidden_row_stride: hidden_size,
+            weight_row_stride: hidden_size,
+        };
+        let scratch = Scratch::new(&gpu, shape).unwrap();
+        let hidden = matrix(memory::address(&gpu, &scratch.hidden), tokens);
+        assert_eq!(Shape::of(&hidden, &weight), shape);
+        let logits = memory::address(&gpu, &scratch.logits);
+        let workspace =
+            memory::address(&gpu, &scratch.workspace).next_multiple_of(WORKSPACE_ALIGN as u64);
+        gpu.ctx.bind_to_thread().unwrap();
+        let call = || {
+            // SAFETY: the scratch buffers hold this shape's hidden states, logits and aligned
+            // workspace, the weight buffer its weight; all live until the end of the test, after
+            // the stream is synchronised; the context is current.
+            unsafe { gemm.enqueue(gpu.stream.cu_stream(), &hidden, &weight, logits, workspace) }
+                .unwrap();
+        };
+        let plan = |gemm: &LtGemm| {
+            let plans = gemm.plans();
+            let plan = &plans[&shape];
+            (plan.algo, plan.timed)
+        };
+        let candidates =
+            Descriptors::new(shape).unwrap().candidates(&gemm.lt, shape, MAX_CANDIDATES).unwrap();
+
+        call();
+        assert_eq!(plan(&gemm), (candidates[0].algo, false));
+
+        let tune = || {
+            // SAFETY: the weight buffer lives until the end of the test and nothing writes it;
+            // the context is current.
+            unsafe { gemm.tune(&gpu, &hidden, &weight) }.unwrap();
+        };
+        tune();
+        let (timed_algo, timed) = plan(&gemm);
+        assert!(timed, "no candidate of {} could be timed", candidates.len());
+        assert!(candidates.iter().any(|c| c.algo == timed_algo));
+
+        call();
+        tune();
+        assert_eq!(plan(&gemm), (timed_algo, true));
+        gpu.stream.synchronize().unwrap();
+    }
+
+    #[test]
+    fn usable_candidates_keep_the_heuristic_order_and_fit_the_workspace() {
+        use cublasStatus_t::*;
+        let answers = [
+            answer(1, CUBLAS_STATUS_SUCCESS, 0),
+            answer(2, CUBLAS_STATUS_NOT_SUPPORTED, 0),
+            answer(3, CUBLAS_STATUS_SUCCESS, 4096),
+            answer(4, CUBLAS_STATUS_SUCCESS, 4097),
+            answer(5, CUBLAS_STATUS_SUCCESS, 1024),
+        ];
+        let ids: Vec<u64> = usable(&answers, 4096).iter().map(|c| c.algo.data[0]).collect();
+        assert_eq!(ids, [1, 3, 5]);
+        assert!(usable(&answers[1..2], 4096).is_empty());
+        assert!(usable(&[], 4096).is_empty());
+    }
+
+    #[test]
+    fn the_fastest_measured_candidate_wins_and_failures_are_skipped() {
+        let measured: [Result<f64, &str>; 5] =
+            [Ok(12.48), Err("not supported"), Ok(11.9), Ok(12.0), Err("not supported")];
+        assert_eq!(fastest(&measured), Some(2));
+        // A failed first choice leaves the others in the race.
+        let measured: [Result<f64, &str>; 3] = [Err("not supported"), Ok(9.0), Ok(8.5)];
+        assert_eq!(fastest(&measured), Some(2));
+    }
+
+    #[test]
+    fn ties_go_to_the_heuristics_earlier_candidate() {
+        let measured: [Result<f64, ()>; 3] = [Ok(10.0), Ok(7.0), Ok(7.0)];
+        assert_eq!(fastest(&measured), Some(1));
+    }
+
+    #[test]
+    fn times_that_are_not_times_are_skipped() {
+        let measured: [Result<f64, ()>; 4] = [Ok(f64::NAN), Ok(-1.0), Ok(f64::INFINITY), Ok(3.0)];
+        assert_eq!(fastest(&measured), Some(3));
+    }
+
+    #[test]
+    fn nothing_measured_chooses_nothing() {
+        assert_eq!(fastest::<()>(&[]), None);
+        let measured: [Result<f64, &str>; 2] = [Err("not supported"), Err("not supported")];
+        assert_eq!(fastest(&measured), None);
     }
 }

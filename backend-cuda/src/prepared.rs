@@ -118,7 +118,7 @@ impl CudaPreparedRouter {
         Ok(match self.gemm_path(hidden)? {
             GemmPath::Lt(_) => {
                 lt_logits_bytes(tokens, experts)
-                    + LT_WORKSPACE_ALIGN
+                    + cublaslt::WORKSPACE_ALIGN
                     + cublaslt::workspace_bytes(tokens)
             }
             GemmPath::Kernels(plan) => {
@@ -159,7 +159,7 @@ impl CudaPreparedRouter {
         let partials = match self.gemm_path(hidden)? {
             GemmPath::Lt(lt) => {
                 let lt_workspace = (workspace + lt_logits_bytes(tokens, experts) as u64)
-                    .next_multiple_of(LT_WORKSPACE_ALIGN as u64);
+                    .next_multiple_of(cublaslt::WORKSPACE_ALIGN as u64);
                 // Before the GEMM, so that its launch overlaps the previous kernel.
                 if let Some(status) = targets.status {
                     enqueue::reset_status(stream, &self.module, status, dependent_launch)?;
@@ -167,7 +167,7 @@ impl CudaPreparedRouter {
                 // SAFETY: `accepts` held for both matrices, which the callers validated; the
                 // workspace holds `call_workspace_bytes` for this call (checked by the callers):
                 // the logits at its start, then cuBLASLt's own part, 256-byte aligned, which the
-                // slack of `LT_WORKSPACE_ALIGN` bytes keeps inside it; the context is current.
+                // slack of `WORKSPACE_ALIGN` bytes keeps inside it; the context is current.
                 unsafe {
                     lt.enqueue(stream, hidden, &self.weight.matrix, workspace, lt_workspace)?
                 };
@@ -236,9 +236,6 @@ enum GemmPath<'a> {
     Lt(&'a LtGemm),
 }
 
-/// The alignment cuBLASLt's part of the workspace gets (what the library asks of a workspace).
-const LT_WORKSPACE_ALIGN: usize = 256;
-
 /// Bytes of f32 logits `[T, E]`.
 fn lt_logits_bytes(tokens: usize, experts: usize) -> usize {
     tokens * experts * size_of::<f32>()
@@ -287,9 +284,15 @@ impl PreparedRouter for CudaPreparedRouter {
     }
 
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
-    /// the kernels' launch limits, so that later calls fail for no other reason, and lets
-    /// cuBLASLt choose its algorithm for `T` contiguous bf16 tokens now rather than at the first
-    /// call.
+    /// the kernels' launch limits, so that later calls fail for no other reason, and, where
+    /// cuBLASLt runs the GEMM (past 8 bf16 tokens), chooses its algorithm for exactly `tokens`
+    /// contiguous bf16 tokens by timing: up to 8 of the library's heuristic candidates run on
+    /// scratch device buffers of that shape (allocated here and freed before this returns) on
+    /// the backend's own stream, and the fastest is kept with the router for every later call of
+    /// that shape. So this call does device work and waits for it; a candidate that fails to run
+    /// is skipped, and where none runs the heuristic's first choice is kept. A shape that
+    /// `warm_up` never saw takes the heuristic's first choice at its first call (a host-side
+    /// query), and never times anything there.
     fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
         gate::plan(&self.gpu, &self.dense_hidden(tokens, DType::F32), &self.weight, usize::MAX)?;
         sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)
@@ -297,7 +300,10 @@ impl PreparedRouter for CudaPreparedRouter {
         let bf16 = self.dense_hidden(tokens, DType::BF16);
         if let GemmPath::Lt(lt) = self.gemm_path(&bf16)? {
             self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
-            lt.prepare(&bf16, &self.weight.matrix)?;
+            // SAFETY: the weight is this router's own device copy, live as long as `self`,
+            // never written after preparation, and accepted by cuBLASLt with bf16 hidden states
+            // (`gemm_path` chose it); the context was made current just above.
+            unsafe { lt.tune(&self.gpu, &bf16, &self.weight.matrix) }?;
         }
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! side: `S` sets of (hidden states, weight, bias) totalling at least three times the L2 (at least
 //! 2, at most [`MAX_SETS`]), one pass calls the gate once per set, the graph captures one pass,
 //! and each measurement is the median over repetitions of a pass, timed with device events,
-//! divided by `S`.
+//! divided by `S`. Each router is warmed up for `T` first, as an engine does, so the cuBLASLt path
+//! runs the algorithm `warm_up` timed fastest.
 //!
 //! With [`GateBench::layout`], every gate call is followed by `dispatch_into` of its ids (the gate
 //! with the layout, as an engine runs the two), and the layout alone is timed too: a graph of
@@ -137,7 +138,9 @@ impl CudaBackend {
         let mut routers: Vec<CudaPreparedRouter> = Vec::with_capacity(sets);
         let mut hiddens = Vec::with_capacity(sets);
         for _ in 0..sets {
-            routers.push(self.prepare(&weight_dl, bias_dl.as_ref(), &spec)?);
+            let router = self.prepare(&weight_dl, bias_dl.as_ref(), &spec)?;
+            router.warm_up(t)?;
+            routers.push(router);
             let mut buffer =
                 DeviceBuffer::zeroed(Arc::clone(gpu), bench.hidden_dtype, &[t, h], None)?;
             match bench.hidden_dtype {

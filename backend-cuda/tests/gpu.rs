@@ -78,6 +78,9 @@ struct Case {
     hidden: usize,
     x_type: HiddenType,
     w_bf16: bool,
+    /// Warm the router up for `tokens` before routing (past 8 bf16 tokens this times cuBLASLt's
+    /// candidate algorithms and keeps the fastest).
+    warm_up: bool,
 }
 
 fn spec(e: usize, method: TopkMethod, groups: (usize, usize), k: usize, norm: bool) -> RoutingSpec {
@@ -125,6 +128,10 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
         format!("{} T={t} H={h} x={:?} w_bf16={} seed={seed}", case.spec, case.x_type, case.w_bf16);
 
     let prepared = backend.prepare(&w_dl, bias_dl.as_ref(), &case.spec).unwrap();
+    if case.warm_up {
+        sluice_tensor::PreparedRouter::warm_up(&prepared, t)
+            .unwrap_or_else(|e| panic!("{context}: warm_up: {e}"));
+    }
     let exact = reference::router_logits(&x, &w, t, h, e).unwrap();
 
     let logits = read::<f32>(sluice_tensor::PreparedRouter::router_gemm(&prepared, &x_dl).unwrap());
@@ -216,8 +223,30 @@ fn random_configs_match_the_reference() {
             (9, 40, HiddenType::F32, false),
         ] {
             seed += 1;
-            check(&backend, &Case { spec, tokens, hidden, x_type, w_bf16 }, seed);
+            check(&backend, &Case { spec, tokens, hidden, x_type, w_bf16, warm_up: false }, seed);
         }
+    }
+}
+
+/// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past 8 and keeps the
+/// fastest; whichever it keeps, the gate must still route like the reference at that count.
+#[test]
+fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
+    let Some(backend) = backend("cublaslt_algorithms_chosen_by_timing_route_like_the_reference")
+    else {
+        return;
+    };
+    let v3 = spec(256, TopkMethod::NoauxTc, (8, 4), 8, true);
+    let kimi = spec(384, TopkMethod::NoauxTc, (1, 1), 8, true);
+    let mut seed = 1000;
+    // The models' hidden size where the CPU reference stays quick, a smaller one at T = 1024.
+    for (spec, tokens, hidden) in
+        [(v3, 16, 7168), (v3, 64, 7168), (kimi, 64, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)]
+    {
+        seed += 1;
+        let case =
+            Case { spec, tokens, hidden, x_type: HiddenType::Bf16, w_bf16: true, warm_up: true };
+        check(&backend, &case, seed);
     }
 }
 
@@ -230,7 +259,14 @@ fn unscaled_and_mark_invalid_specs_route_like_the_reference() {
     s.apply_scaling = false;
     check(
         &backend,
-        &Case { spec: s, tokens: 33, hidden: 128, x_type: HiddenType::F32, w_bf16: true },
+        &Case {
+            spec: s,
+            tokens: 33,
+            hidden: 128,
+            x_type: HiddenType::F32,
+            w_bf16: true,
+            warm_up: false,
+        },
         7,
     );
 
