@@ -143,8 +143,47 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
 
     /// The fused route: router GEMM and routing in one call. A hash-routed router refuses it
     /// with [`BackendError::MissingTokenIds`]: it needs the token ids of
+    /// [`route_with_token_ids`](Self::route_with_token_ids) or of
     /// [`route_into`](Self::route_into)'s inputs.
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError>;
+
+    /// [`route`](Self::route) with the token ids (i32 or i64 `[T]`) of the hidden states: the
+    /// synchronous convenience of a hash-routed layer, as `route` is of the others. Routers that
+    /// do not route by token id ignore the ids; a hash-routed one refuses an id outside its table
+    /// with [`BackendError::TokenIdOutsideTable`].
+    ///
+    /// The default body is [`route_into`](Self::route_into) on the host into outputs it allocates,
+    /// for a host router. A device router overrides it as it does `route` (host inputs are staged
+    /// on its device and the outputs come back to the host; it waits for its own stream), or
+    /// refuses with [`BackendError::NotSupported`], which the default body does for it.
+    fn route_with_token_ids(
+        &self,
+        hidden: &Dlpack,
+        token_ids: &Dlpack,
+    ) -> Result<RoutingOutput, BackendError> {
+        const OP: &str = "route_with_token_ids";
+        if self.device() != Device::Cpu {
+            return Err(BackendError::NotSupported { op: OP });
+        }
+        let hidden = argument_view(OP, "hidden", hidden)?;
+        let token_ids = argument_view(OP, "token_ids", token_ids)?;
+        let (tokens, top_k) = (hidden.shape().first().copied().unwrap_or(0), self.spec().top_k);
+        let shape = [tokens, top_k];
+        let exported = |source| BackendError::Argument { op: OP, arg: "output", source };
+        let len = tokens
+            .checked_mul(top_k)
+            .ok_or(BackendError::OutOfMemory { op: OP, bytes: usize::MAX })?;
+        let (mut ids, mut weights) = (vec![0i32; len], vec![0f32; len]);
+        {
+            let mut outputs = RouteOutputs::new(
+                DlpackViewMut::from_slice(&mut ids, &shape).map_err(exported)?,
+                DlpackViewMut::from_slice(&mut weights, &shape).map_err(exported)?,
+            );
+            let inputs = RouteInputs::new(hidden).with_token_ids(token_ids);
+            self.route_into(&inputs, &mut outputs, Execution::Host)?;
+        }
+        RoutingOutput::from_host_vecs(tokens, top_k, ids, weights).map_err(exported)
+    }
 
     /// The bytes of caller workspace a `route_into` of `tokens` tokens needs (0: none).
     fn workspace_bytes(&self, tokens: usize) -> usize {
