@@ -7,7 +7,8 @@
 //   SLUICE_KG       groups kept
 //   SLUICE_K        experts per token K (at most GPU_WARP)
 //   SLUICE_SCORING  SLUICE_SOFTMAX, SLUICE_SIGMOID or SLUICE_SQRTSOFTPLUS
-//   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY or SLUICE_NOAUX_TC
+//   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY, SLUICE_NOAUX_TC or SLUICE_HASH
+//                   (the K experts are row `token_ids[t]` of the table `tid2eid`, one group)
 //   SLUICE_NORM     1: divide the weights by their sum + 1e-20
 //   SLUICE_AFTER_TOPK  1: select the K largest logits, then score only those (softmax over the
 //                      K, or the element-wise score of each); greedy only
@@ -20,6 +21,8 @@
 // selection only and the unbiased scores are carried alongside; groups and experts are ranked by
 // larger value, then lower index; rows are written sorted by weight, then id; a row with a
 // non-finite logit gets ids -1 and weights 0 and is counted in `status` ([count, first row]).
+// Under hash routing a row whose token id names no row of the table is marked and counted the
+// same way: a call that only enqueues cannot raise, and the kernel must not read outside the table.
 
 #define SLUICE_SOFTMAX 0
 #define SLUICE_SIGMOID 1
@@ -27,6 +30,7 @@
 #define SLUICE_GREEDY 0
 #define SLUICE_GROUP_LIMITED_GREEDY 1
 #define SLUICE_NOAUX_TC 2
+#define SLUICE_HASH 3
 
 #if !defined(SLUICE_E) || !defined(SLUICE_G) || !defined(SLUICE_KG) || !defined(SLUICE_K) || \
     !defined(SLUICE_SCORING) || !defined(SLUICE_METHOD) || !defined(SLUICE_NORM) ||            \
@@ -35,6 +39,9 @@
 #endif
 #if SLUICE_AFTER_TOPK && SLUICE_METHOD != SLUICE_GREEDY
 #error "scoring after the top-k is for greedy selection only"
+#endif
+#if SLUICE_METHOD == SLUICE_HASH && SLUICE_G != 1
+#error "hash routing has no expert groups"
 #endif
 #if SLUICE_E % SLUICE_G != 0 || SLUICE_K > GPU_WARP || SLUICE_E > 32 * GPU_WARP
 #error "routing config out of range"
@@ -200,6 +207,34 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
+#if SLUICE_METHOD == SLUICE_HASH
+// The table row of token t: its id (i32 or i64, `token_id_bytes` wide), or -1 where the id names
+// no row of the `table_rows` rows.
+GPU_INLINE int sluice_hash_table_row(const void *token_ids, int token_id_bytes, int t,
+                                     int table_rows) {
+  const long long id = token_id_bytes == 8 ? ((const long long *)token_ids)[t]
+                                           : (long long)((const int *)token_ids)[t];
+  return id >= 0 && id < table_rows ? (int)id : -1;
+}
+
+// The experts of a hash row and their scores: lane r < K gets the r-th expert of table row `row`
+// and its score (taken from the lane that holds that expert's score in `s`); every lane gets the
+// sum of the K scores.
+GPU_INLINE void sluice_hash_experts(const int *table, int row, const float (&s)[SLUICE_PER_LANE],
+                                    int lane, int &my_id, float &my_score, float &sum) {
+  my_id = lane < SLUICE_K ? table[(long long)row * SLUICE_K + lane] : -1;
+  const int holder = my_id < 0 ? 0 : my_id % GPU_WARP, slot = my_id < 0 ? -1 : my_id / GPU_WARP;
+  my_score = 0.f;
+  // Every lane shuffles every slot (a shuffle needs the whole warp); each keeps the one it asked for.
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const float held = gpu_shfl_f(s[j], holder);
+    if (j == slot) my_score = held;
+  }
+  sum = sluice_warp_sum(my_score);
+}
+#endif
+
 // MAX_PARTIALS is the most partial sums per logit this instance adds: SLUICE_MAX_PARTIALS for the
 // split GEMM, 1 where the GEMM wrote the logits themselves. The second instance is much smaller
 // code, and a kernel that runs once per layer fetches its instructions cold every time.
@@ -207,7 +242,8 @@ template <int MAX_PARTIALS>
 GPU_INLINE void sluice_route_tokens(
     const float *partials, int splits, long long split_stride, long long row_stride,
     const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
-    long long weights_row_stride, float *logits, long long logits_row_stride, int *status) {
+    long long weights_row_stride, float *logits, long long logits_row_stride, int *status,
+    const int *hash_table, int hash_rows, const void *token_ids, int token_id_bytes) {
 #if SLUICE_GROUPED
   __shared__ float c_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
   __shared__ float group_score[SLUICE_ROUTE_WARPS][SLUICE_G];
@@ -258,7 +294,18 @@ GPU_INLINE void sluice_route_tokens(
       l[j] = -GPU_INFINITY;
     }
   }
-  if (gpu_any(!finite)) {
+#if SLUICE_METHOD == SLUICE_HASH
+  // Read after the wait: the token ids may come from the previous kernel.
+  const int hash_row = sluice_hash_table_row(token_ids, token_id_bytes, t, hash_rows);
+  const bool invalid = gpu_any(!finite) || hash_row < 0;
+#else
+  (void)hash_table;  // the hash arguments are 0 for every other method
+  (void)hash_rows;
+  (void)token_ids;
+  (void)token_id_bytes;
+  const bool invalid = gpu_any(!finite);
+#endif
+  if (invalid) {
     if (lane < SLUICE_K) {
       ids[t * ids_row_stride + lane] = -1;
       weights[t * weights_row_stride + lane] = 0.f;
@@ -270,6 +317,13 @@ GPU_INLINE void sluice_route_tokens(
     return;
   }
 
+  int my_id = -1;
+  float my_score = 0.f, sum = 0.f;
+#if SLUICE_METHOD == SLUICE_HASH
+  float s[SLUICE_PER_LANE];
+  sluice_score(l, s);
+  sluice_hash_experts(hash_table, hash_row, s, lane, my_id, my_score, sum);
+#else
   // Scores s (carried to the weights) and selection values c (s + bias for noaux_tc). Scoring
   // after the top-k selects on the logits and carries them, to be scored once chosen.
   float s[SLUICE_PER_LANE], c[SLUICE_PER_LANE];
@@ -304,8 +358,6 @@ GPU_INLINE void sluice_route_tokens(
 #endif
 
   // Top K by c; lane r keeps the r-th choice and its unbiased score.
-  int my_id = -1;
-  float my_score = 0.f, sum = 0.f;
   // Rounds stay a loop: unrolled, K of them would multiply the code, and a kernel that runs once
   // per layer fetches its instructions from L2 (or memory) every time.
 #pragma unroll 1
@@ -332,6 +384,7 @@ GPU_INLINE void sluice_route_tokens(
     }
     sum += winner_score;
   }
+#endif
 
   float weight = my_score;
 #if SLUICE_AFTER_TOPK
@@ -369,10 +422,12 @@ GPU_INLINE void sluice_route_tokens(
       const float *partials, int splits, long long split_stride, long long row_stride,             \
       const float *bias, int tokens, float scale, int *ids, long long ids_row_stride,              \
       float *weights, long long weights_row_stride, float *logits, long long logits_row_stride,    \
-      int *status) {                                                                               \
+      int *status, const int *hash_table, int hash_rows, const void *token_ids,                   \
+      int token_id_bytes) {                                                                        \
     sluice_route_tokens<MAX_PARTIALS>(partials, splits, split_stride, row_stride, bias, tokens,   \
                                       scale, ids, ids_row_stride, weights, weights_row_stride,     \
-                                      logits, logits_row_stride, status);                          \
+                                      logits, logits_row_stride, status, hash_table, hash_rows,    \
+                                      token_ids, token_id_bytes);                                  \
   }
 SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
 SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)
