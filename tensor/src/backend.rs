@@ -19,7 +19,7 @@
 //! | logits | `[T, E]` | f32 |
 //! | `topk_ids` | `[T, K]` | i32 (`-1` marks an invalid row) |
 //! | `topk_weights` | `[T, K]` | f32 |
-//! | status | `[2]` | i32: rows with non-finite values, and the first of them or `-1` |
+//! | status | `[2]` | i32: rows marked invalid (non-finite values; on a device stream also a hash-routed token id outside the table), and the first of them or `-1` |
 //!
 use std::fmt;
 
@@ -105,6 +105,10 @@ impl fmt::Debug for RoutingOutput {
 ///    [`NonFinitePolicy::Error`](crate::NonFinitePolicy) fails the call, which needs the host to
 ///    look at the result: it is refused on a device stream with
 ///    [`BackendError::PolicyNeedsHost`]. On the host a failed call may have written the outputs.
+///    A hash-routed layer's token id that names no row of its table is refused on the host with
+///    [`BackendError::TokenIdOutsideTable`] before anything is written; a call enqueued on a
+///    device stream cannot look at the ids first, so there that row is marked like a non-finite
+///    one (ids `-1`, weights `0`, counted in the status), whatever the policy.
 ///
 /// The allocating [`PreparedRouter::route`] stays as a convenience; on the host it is the same
 /// computation (a backend builds it on `route_into`).
@@ -723,5 +727,56 @@ mod tests {
         assert_send_sync::<dyn Backend>();
         assert_send_sync::<dyn PreparedRouter>();
         let _: Option<&dyn Backend> = None;
+    }
+
+    /// A router that implements only `route`: token `t` goes to expert `t` with weight 1.
+    #[derive(Debug)]
+    struct OnlyRoute {
+        spec: RoutingSpec,
+        device: Device,
+    }
+
+    impl PreparedRouter for OnlyRoute {
+        fn spec(&self) -> &RoutingSpec {
+            &self.spec
+        }
+
+        fn hidden_size(&self) -> usize {
+            2
+        }
+
+        fn device(&self) -> Device {
+            self.device
+        }
+
+        fn router_gemm(&self, _: &Dlpack) -> Result<Dlpack, BackendError> {
+            Err(BackendError::NotSupported { op: "router_gemm" })
+        }
+
+        fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
+            let tokens = argument_view("route", "hidden", hidden)?.shape()[0];
+            let ids = (0..tokens as i32).collect();
+            RoutingOutput::from_host_vecs(tokens, 1, ids, vec![1.0; tokens])
+                .map_err(|source| BackendError::Argument { op: "route", arg: "output", source })
+        }
+    }
+
+    #[test]
+    fn route_with_token_ids_is_route_into_on_the_host_and_refused_for_a_device_router() {
+        let spec = RoutingSpec::builder(4, 1).build().unwrap();
+        let host = OnlyRoute { spec, device: Device::Cpu };
+        let hidden = export_vec(vec![0.5f32; 6], &[3, 2]).unwrap();
+        let token_ids = export_vec(vec![7i64, 8, 9], &[3]).unwrap();
+        let routed = host.route_with_token_ids(&hidden, &token_ids).unwrap();
+        let ids = DlpackView::from_dlpack(&routed.topk_ids).unwrap();
+        assert_eq!(ids.shape(), [3, 1]);
+        assert_eq!(ids.as_array2::<i32>().unwrap().iter().copied().collect::<Vec<_>>(), [0, 1, 2]);
+        // The ids are checked as route_into checks them: one per row of the hidden states.
+        let short = export_vec(vec![7i64, 8], &[2]).unwrap();
+        let err = host.route_with_token_ids(&hidden, &short).unwrap_err();
+        assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
+        let device = OnlyRoute { spec, device: Device::Cuda(0) };
+        let err = device.route_with_token_ids(&hidden, &token_ids).unwrap_err();
+        assert!(matches!(err, BackendError::NotSupported { op: "route_with_token_ids" }), "{err}");
     }
 }
