@@ -201,7 +201,7 @@ impl CudaPreparedRouter {
 
     /// The table and the token ids a hash-routed router's kernel reads, refused without ids; none
     /// for other routers, which ignore token ids.
-    pub(crate) fn hash_inputs(
+    fn hash_inputs(
         &self,
         op: &'static str,
         token_ids: Option<DeviceTokenIds>,

@@ -157,7 +157,7 @@ impl RocmPreparedRouter {
 
     /// The table and the token ids a hash-routed router's kernel reads, refused without ids; none
     /// for other routers, which ignore token ids.
-    pub(crate) fn hash_inputs(
+    fn hash_inputs(
         &self,
         op: &'static str,
         token_ids: Option<DeviceTokenIds>,
