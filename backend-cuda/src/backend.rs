@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sluice_tensor::{
     Backend, BackendError, DType, Device, Dlpack, ExpectedShape, PreparedRouter, RoutingOutput,
-    RoutingSpec,
+    RoutingSpec, TopkMethod,
 };
 
 use crate::enqueue::Weight;
@@ -12,7 +12,7 @@ use crate::error::CudaError;
 use crate::gate::{self, Source};
 use crate::gpu::Gpu;
 use crate::memory;
-use crate::prepared::CudaPreparedRouter;
+use crate::prepared::{CudaPreparedRouter, Selector};
 
 /// The CUDA backend: router GEMM on tensor cores and fused routing, on one GPU.
 ///
@@ -61,7 +61,34 @@ impl CudaBackend {
         bias: Option<&Dlpack>,
         spec: &RoutingSpec,
     ) -> Result<CudaPreparedRouter, BackendError> {
-        CudaPreparedRouter::new(Arc::clone(&self.gpu), weight, bias, spec, self.dependent_launch)
+        let selector = Selector::TopK { bias };
+        CudaPreparedRouter::new(
+            Arc::clone(&self.gpu),
+            weight,
+            selector,
+            spec,
+            self.dependent_launch,
+        )
+    }
+
+    /// Copies a router weight and the hash table `tid2eid` (i32 `[vocab, K]`, host or device,
+    /// checked with [`check_hash_table`](sluice_tensor::check_hash_table)) of a hash-routed layer
+    /// to the device and compiles its kernels; the typed form of
+    /// [`Backend::prepare_hash_router`].
+    pub fn prepare_hashed(
+        &self,
+        weight: &Dlpack,
+        table: &Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<CudaPreparedRouter, BackendError> {
+        let selector = Selector::Hash { table };
+        CudaPreparedRouter::new(
+            Arc::clone(&self.gpu),
+            weight,
+            selector,
+            spec,
+            self.dependent_launch,
+        )
     }
 }
 
@@ -111,6 +138,10 @@ impl Backend for CudaBackend {
         spec: &RoutingSpec,
     ) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route_logits";
+        if spec.method == TopkMethod::Hash {
+            // Logits alone cannot say which token each row is.
+            return Err(BackendError::MissingHashTable { op: OP });
+        }
         let gpu = &self.gpu;
         let config = sluice_kernels::RoutingConfig::new(spec).map_err(CudaError::from)?;
         let expected = ExpectedShape(vec![None, Some(spec.num_experts)]);
@@ -129,5 +160,14 @@ impl Backend for CudaBackend {
         spec: &RoutingSpec,
     ) -> Result<Box<dyn PreparedRouter>, BackendError> {
         Ok(Box::new(self.prepare(&weight, bias.as_ref(), spec)?))
+    }
+
+    fn prepare_hash_router(
+        &self,
+        weight: Dlpack,
+        table: Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Box<dyn PreparedRouter>, BackendError> {
+        Ok(Box::new(self.prepare_hashed(&weight, &table, spec)?))
     }
 }

@@ -16,7 +16,7 @@ use sluice_kernels::{
     GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, reset_status_args, reset_status_launch,
     route_args, route_launch, sum_partials_args, sum_partials_launch,
 };
-pub(crate) use sluice_kernels::{Partials, RoutingTargets};
+pub(crate) use sluice_kernels::{HashInputs, Partials, RoutingTargets};
 
 use crate::error::CudaError;
 use crate::input::DeviceMatrix;
@@ -50,7 +50,8 @@ pub(crate) fn gemm(
     unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
 }
 
-/// Enqueues routing of `tokens` rows of `partials` into `targets`.
+/// Enqueues routing of `tokens` rows of `partials` into `targets`, with the table and token ids
+/// of a hash-routed module.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn route(
     stream: CUstream,
@@ -60,15 +61,18 @@ pub(crate) fn route(
     tokens: usize,
     scale: f32,
     targets: &RoutingTargets,
+    hash: Option<&HashInputs>,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
     let geometry = route_launch(tokens, NVIDIA_WAVE_WIDTH)?;
-    let mut args = route_args(partials, bias, tokens, scale, targets);
+    let mut args = route_args(partials, bias, tokens, scale, targets, hash);
     let function = module.route(partials.splits);
     // SAFETY: the arguments match the signature `sluice_route` and `sluice_route_logits` share,
     // in type and order (checked against the source by `sluice-kernels`); the callers validated
     // every address against the extents `tokens`, E and K of the compiled config, and the compact
-    // kernel is chosen only for one partial sum.
+    // kernel is chosen only for one partial sum. A hash-routed module gets `hash` (its callers
+    // make one for every call of such a router): a table of `table_rows` checked rows of K
+    // experts of [0, E), and `tokens` contiguous ids, each looked at before it indexes the table.
     unsafe { launch(function, geometry, stream, dependent_launch, &mut args.pointers()) }
 }
 

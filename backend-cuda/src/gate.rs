@@ -14,7 +14,7 @@ use sluice_tensor::{
     RoutingOutput, RoutingSpec,
 };
 
-use crate::enqueue::{self, Partials, RoutingTargets, Weight};
+use crate::enqueue::{self, HashInputs, Partials, RoutingTargets, Weight};
 use crate::error::CudaError;
 use crate::gpu::Gpu;
 use crate::input::{self, DeviceMatrix};
@@ -138,7 +138,9 @@ pub(crate) fn logits(
 
 /// What to route from: hidden states through a prepared router, or caller logits.
 pub(crate) enum Source<'a> {
-    Gemm { hidden: &'a Staged, router: &'a CudaPreparedRouter },
+    /// Hidden states through `router`, with the table and token ids where it is hash-routed.
+    Gemm { hidden: &'a Staged, router: &'a CudaPreparedRouter, hash: Option<HashInputs> },
+    /// Finished logits.
     Logits(&'a Staged),
 }
 
@@ -170,10 +172,10 @@ pub(crate) fn route(
             status: Some(memory::address(gpu, &status)),
         };
         let _workspace = match source {
-            Source::Gemm { hidden, router } => {
+            Source::Gemm { hidden, router, hash } => {
                 let workspace = memory::zeroed(gpu, router.call_workspace_bytes(&hidden.matrix)?)?;
                 let address = memory::address(gpu, &workspace);
-                router.enqueue(stream, &hidden.matrix, address, &targets, false)?;
+                router.enqueue(stream, &hidden.matrix, address, &targets, hash.as_ref(), false)?;
                 Some(workspace)
             }
             Source::Logits(logits) => {
@@ -200,6 +202,7 @@ pub(crate) fn route(
                     tokens,
                     spec.output_scale(),
                     &targets,
+                    None,
                     false,
                 )?;
                 None

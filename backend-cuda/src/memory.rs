@@ -100,7 +100,16 @@ pub(crate) fn upload(gpu: &Gpu, host: &Dlpack) -> Result<Dlpack, BackendError> {
 
 /// Copies f32 values into a new device buffer.
 pub(crate) fn upload_f32(gpu: &Gpu, values: &[f32]) -> Result<CudaSlice<u8>, CudaError> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    upload_bytes(gpu, values.iter().flat_map(|v| v.to_ne_bytes()).collect())
+}
+
+/// Copies i32 values into a new device buffer.
+pub(crate) fn upload_i32(gpu: &Gpu, values: &[i32]) -> Result<CudaSlice<u8>, CudaError> {
+    upload_bytes(gpu, values.iter().flat_map(|v| v.to_ne_bytes()).collect())
+}
+
+/// Copies bytes into a new device buffer.
+fn upload_bytes(gpu: &Gpu, bytes: Vec<u8>) -> Result<CudaSlice<u8>, CudaError> {
     let mut buffer = zeroed(gpu, bytes.len())?;
     gpu.stream
         .memcpy_htod(&bytes, &mut buffer.slice_mut(..bytes.len()))

@@ -5,17 +5,21 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUstream;
-use sluice_kernels::{GEMV_MAX_TOKENS, GemmPlan, GemmShape, RoutingConfig};
+use sluice_kernels::{
+    DeviceTokenIds, GEMV_MAX_TOKENS, GemmPlan, GemmShape, RoutingConfig, check_hash_table_rows,
+    check_host_token_ids, hash_table_values,
+};
 use sluice_tensor::argument_view;
 use sluice_tensor::{
     BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
     DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
-    RoutingOutput, RoutingSpec, check_logits_into, check_route_into, check_router_weight,
+    RoutingOutput, RoutingSpec, TopkMethod, check_logits_into, check_route_into,
+    check_router_weight,
 };
 
 use crate::cublaslt::{self, LtGemm};
 use crate::dispatch::{self, Dispatcher};
-use crate::enqueue::{self, Partials, RoutingTargets, Weight};
+use crate::enqueue::{self, HashInputs, Partials, RoutingTargets, Weight};
 use crate::error::CudaError;
 use crate::gate::{self, Source};
 use crate::gpu::Gpu;
@@ -24,7 +28,8 @@ use crate::memory;
 use crate::module::RouterModule;
 
 /// A router prepared by a [`CudaBackend`](crate::CudaBackend): the weight (bf16 or f32) and the
-/// f32 bias copied to the device once, and the router kernels compiled for the spec by NVRTC.
+/// f32 bias (or, for a hash-routed layer, the table `tid2eid`) copied to the device once, and the
+/// router kernels compiled for the spec by NVRTC.
 ///
 /// `route_into` and `router_gemm_into` take [`Execution::Stream`] on this device and only enqueue
 /// kernels (programmatic dependent launch where the device has it): no allocation, compilation
@@ -36,6 +41,8 @@ pub struct CudaPreparedRouter {
     module: Arc<RouterModule>,
     weight: Weight,
     bias: Option<u64>,
+    /// The table of a hash-routed layer.
+    hash_table: Option<DeviceHashTable>,
     /// The many-token GEMM, where cuBLASLt is installed.
     lt: Option<LtGemm>,
     dependent_launch: bool,
@@ -51,40 +58,91 @@ impl std::fmt::Debug for CudaPreparedRouter {
             .field("spec", &self.spec)
             .field("weight", &format_args!("[{}, {}] {}", w.rows, w.cols, w.dtype))
             .field("bias", &self.bias.is_some())
+            .field("hash_table_rows", &self.hash_table.as_ref().map(|t| t.rows))
             .finish()
+    }
+}
+
+/// The hash table `tid2eid` of a hash-routed router on the device: i32 `[rows, K]`, contiguous,
+/// every row `K` distinct experts of `[0, E)` (checked before the copy).
+struct DeviceHashTable {
+    ptr: u64,
+    rows: usize,
+    _buffer: CudaSlice<u8>,
+}
+
+impl DeviceHashTable {
+    /// Checks `table` (host or device) against `spec` and copies it to the device.
+    fn upload(
+        gpu: &Gpu,
+        op: &'static str,
+        table: &Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Self, BackendError> {
+        let on_device = argument_view(op, "table", table)?.device() != Device::Cpu;
+        let downloaded = if on_device { Some(memory::download(gpu, table)?) } else { None };
+        let view = argument_view(op, "table", downloaded.as_ref().unwrap_or(table))?;
+        let values = hash_table_values(op, &view, spec)?;
+        let rows = values.len() / spec.top_k;
+        check_hash_table_rows(rows).map_err(CudaError::from)?;
+        let buffer = memory::upload_i32(gpu, &values)?;
+        Ok(DeviceHashTable { ptr: memory::address(gpu, &buffer), rows, _buffer: buffer })
     }
 }
 
 // SAFETY: the DLPack tensor owns device memory that this router only reads through kernels; it is
 // never mutated after preparation and its deleter may run on any thread (the DLPack contract).
 unsafe impl Send for CudaPreparedRouter {}
-// SAFETY: see `Send`: shared access only enqueues kernels that read the weight and the bias.
+// SAFETY: see `Send`: shared access only enqueues kernels that read the weight and the bias (or
+// the hash table, likewise never mutated after preparation).
 unsafe impl Sync for CudaPreparedRouter {}
 
+/// How a router chooses its experts: by their scores (with an optional correction bias), or by
+/// the hash table `tid2eid` of a hash-routed layer.
+pub(crate) enum Selector<'a> {
+    /// Ranked scores; the bias as `prepare_router` takes it.
+    TopK { bias: Option<&'a Dlpack> },
+    /// Table rows chosen by token id (i32 `[vocab, K]`, host or device).
+    Hash { table: &'a Dlpack },
+}
+
 impl CudaPreparedRouter {
+    /// Prepares `weight` with a correction bias (`prepare_router`) or, for a hash-routed spec,
+    /// with its table (`prepare_hash_router`): each is refused for the other kind of spec.
     pub(crate) fn new(
         gpu: Arc<Gpu>,
         weight: &Dlpack,
-        bias: Option<&Dlpack>,
+        selector: Selector<'_>,
         spec: &RoutingSpec,
         dependent_launch: bool,
     ) -> Result<Self, BackendError> {
-        const OP: &str = "prepare_router";
+        let (op, bias, table) = match selector {
+            Selector::TopK { bias } => ("prepare_router", bias, None),
+            Selector::Hash { table } => ("prepare_hash_router", None, Some(table)),
+        };
         let config = RoutingConfig::new(spec).map_err(CudaError::from)?;
+        match (spec.method == TopkMethod::Hash, table.is_some()) {
+            (true, false) => return Err(BackendError::MissingHashTable { op }),
+            (false, true) => {
+                return Err(BackendError::UnexpectedHashTable { op, method: spec.method });
+            }
+            _ => {}
+        }
         let expected = ExpectedShape(vec![Some(spec.num_experts), None]);
-        let view = argument_view(OP, "weight", weight)?;
-        check_router_weight(OP, view.shape(), spec)?;
+        let view = argument_view(op, "weight", weight)?;
+        check_router_weight(op, view.shape(), spec)?;
         // A private contiguous copy on the device, whatever the caller's layout and location.
         let staged = if view.device() == Device::Cpu {
-            gate::stage_matrix(&gpu, OP, "weight", weight, gate::WEIGHT_DTYPES, expected)?
+            gate::stage_matrix(&gpu, op, "weight", weight, gate::WEIGHT_DTYPES, expected)?
         } else {
-            input::check_dtype(OP, "weight", view.dtype(), gate::WEIGHT_DTYPES)?;
-            gate::copy_matrix(&gpu, OP, weight, expected)?
+            input::check_dtype(op, "weight", view.dtype(), gate::WEIGHT_DTYPES)?;
+            gate::copy_matrix(&gpu, op, weight, expected)?
         };
-        let bias_values = bias.map(|b| gate::bias_values(&gpu, OP, b, spec)).transpose()?;
+        let bias_values = bias.map(|b| gate::bias_values(&gpu, op, b, spec)).transpose()?;
         let bias_buffer =
             bias_values.as_deref().map(|b| memory::upload_f32(&gpu, b)).transpose()?;
         let _span = tracing::debug_span!("cuda_prepare_router", %spec).entered();
+        let hash_table = table.map(|t| DeviceHashTable::upload(&gpu, op, t, spec)).transpose()?;
         let module = gpu.module(&config)?;
         let lt = gpu.lt.clone().map(LtGemm::new);
         Ok(CudaPreparedRouter {
@@ -93,6 +151,7 @@ impl CudaPreparedRouter {
             spec: *spec,
             module,
             weight: Weight { matrix: staged.matrix },
+            hash_table,
             lt,
             dependent_launch,
             _weight_buffer: staged.into_copy(),
@@ -140,15 +199,35 @@ impl CudaPreparedRouter {
         self.spec.num_experts
     }
 
+    /// The table and the token ids a hash-routed router's kernel reads, refused without ids; none
+    /// for other routers, which ignore token ids.
+    fn hash_inputs(
+        &self,
+        op: &'static str,
+        token_ids: Option<DeviceTokenIds>,
+    ) -> Result<Option<HashInputs>, BackendError> {
+        let Some(table) = &self.hash_table else { return Ok(None) };
+        let ids = token_ids.ok_or(BackendError::MissingTokenIds { op })?;
+        Ok(Some(HashInputs {
+            table: table.ptr,
+            table_rows: table.rows,
+            token_ids: ids.ptr,
+            token_id_bytes: ids.bytes_per_id,
+        }))
+    }
+
     /// Enqueues the whole gate on `stream`: GEMM into `workspace` (at least
-    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets`. Only enqueues:
-    /// the module is loaded and the weight is resident, so this can be captured in a graph.
+    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets` (by the table and
+    /// token ids of `hash` for a hash-routed router, which [`hash_inputs`](Self::hash_inputs)
+    /// makes). Only enqueues: the module is loaded and the weight is resident, so this can be
+    /// captured in a graph.
     pub(crate) fn enqueue(
         &self,
         stream: CUstream,
         hidden: &DeviceMatrix,
         workspace: u64,
         targets: &RoutingTargets,
+        hash: Option<&HashInputs>,
         dependent_launch: bool,
     ) -> Result<(), CudaError> {
         if hidden.rows == 0 {
@@ -208,6 +287,7 @@ impl CudaPreparedRouter {
             tokens,
             scale,
             targets,
+            hash,
             dependent_launch,
         )
     }
@@ -264,10 +344,45 @@ impl PreparedRouter for CudaPreparedRouter {
 
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route";
+        let hash = self.hash_inputs(OP, None)?;
         let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
         let hidden =
             gate::stage_matrix(&self.gpu, OP, "hidden", hidden, gate::HIDDEN_DTYPES, expected)?;
-        let source = Source::Gemm { hidden: &hidden, router: self };
+        let source = Source::Gemm { hidden: &hidden, router: self, hash };
+        gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
+    }
+
+    /// Host token ids are checked against the table (an id outside it is
+    /// [`BackendError::TokenIdOutsideTable`], as on the CPU) and copied up; device ids are
+    /// copied down for that check. Outputs are where the hidden states are.
+    fn route_with_token_ids(
+        &self,
+        hidden: &Dlpack,
+        token_ids: &Dlpack,
+    ) -> Result<RoutingOutput, BackendError> {
+        const OP: &str = "route_with_token_ids";
+        let Some(table) = &self.hash_table else { return self.route(hidden) };
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden =
+            gate::stage_matrix(&self.gpu, OP, "hidden", hidden, gate::HIDDEN_DTYPES, expected)?;
+        // One copy: up for the kernel when the ids are on the host, down for the check when they
+        // are on the device.
+        let on_host = argument_view(OP, "token_ids", token_ids)?.device() == Device::Cpu;
+        let copy = if on_host {
+            memory::upload(&self.gpu, token_ids)?
+        } else {
+            memory::download(&self.gpu, token_ids)?
+        };
+        let (host, device) = if on_host { (token_ids, &copy) } else { (&copy, token_ids) };
+        check_host_token_ids(
+            OP,
+            &argument_view(OP, "token_ids", host)?,
+            hidden.matrix.rows,
+            table.rows,
+        )?;
+        let ids = input::token_ids(OP, &argument_view(OP, "token_ids", device)?, self.device())?;
+        let hash = self.hash_inputs(OP, Some(ids))?;
+        let source = Source::Gemm { hidden: &hidden, router: self, hash };
         gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
     }
 
@@ -337,8 +452,15 @@ impl PreparedRouter for CudaPreparedRouter {
             logits: outputs.logits.as_mut().map(input::output_rows),
             status: outputs.status.as_mut().map(|s| input::output_rows(s).0),
         };
+        // Token ids matter to a hash-routed router only; every other router ignores them.
+        let token_ids = match (&self.hash_table, &inputs.token_ids) {
+            (Some(_), Some(ids)) => Some(input::token_ids(OP, ids, self.device())?),
+            _ => None,
+        };
+        let hash = self.hash_inputs(OP, token_ids)?;
         let workspace = outputs.workspace.as_mut().map_or(0, |w| input::output_rows(w).0);
-        self.enqueue(Self::stream(execution), &hidden, workspace, &targets, self.dependent_launch)?;
+        let stream = Self::stream(execution);
+        self.enqueue(stream, &hidden, workspace, &targets, hash.as_ref(), self.dependent_launch)?;
         Ok(())
     }
 

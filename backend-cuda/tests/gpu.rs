@@ -341,7 +341,7 @@ fn testdata() -> PathBuf {
 #[test]
 fn golden_fixtures_route_like_transformers() {
     let Some(backend) = backend("golden_fixtures_route_like_transformers") else { return };
-    let mut checked = 0;
+    let (mut checked, mut hashed_layers) = (0, 0);
     for name in [
         "v2-lite",
         "v2",
@@ -362,23 +362,24 @@ fn golden_fixtures_route_like_transformers() {
         "v32",
         "v4",
         "v4-real-shape",
+        "v4-saved-by-transformers",
     ] {
         let checkpoint = Checkpoint::open(testdata().join(name)).unwrap();
         let golden = GoldenFixture::in_checkpoint(checkpoint.dir()).unwrap();
+        // DeepSeek-V4's hash-routed layers choose their experts by these token ids.
+        let input_ids = golden.input_ids().unwrap();
         for gate in MoeGate::load_all(&checkpoint).unwrap() {
-            if gate.spec().method == TopkMethod::Hash {
-                // DeepSeek-V4's hash-routed layers: refused by name, never routed otherwise.
-                let error = gate.prepare(&backend).unwrap_err().to_string();
-                assert!(error.contains("hash"), "{name} layer {}: {error}", gate.layer());
-                continue;
-            }
+            let hashed = gate.spec().method == TopkMethod::Hash;
+            hashed_layers += usize::from(hashed);
             let prepared = gate.prepare(&backend).unwrap();
             let bias = gate.bias().map(|b| b.to_vec::<f32>().unwrap());
             for kind in InputKind::ALL {
                 let context = format!("{name} layer {} {kind}", gate.layer());
                 // As the framework hands them over: requiring grad; the gate detaches them.
                 let hidden = golden.hidden_states(kind).unwrap().with_requires_grad(true);
-                let ours = prepared.route(&hidden).unwrap().to_routing().unwrap();
+                let routed = prepared.route_with_token_ids(&hidden, input_ids.as_ref());
+                let ours =
+                    routed.unwrap_or_else(|e| panic!("{context}: {e}")).to_routing().unwrap();
                 reference::check_sorted(&ours).unwrap();
                 let logits = golden.logits(gate.layer(), kind).unwrap();
                 let mut near_ties = reference::near_tie_rows(
@@ -405,4 +406,158 @@ fn golden_fixtures_route_like_transformers() {
         }
     }
     assert!(checked >= 10, "only {checked} fixture layers checked");
+    assert!(hashed_layers >= 4, "only {hashed_layers} hash-routed fixture layers");
+}
+
+/// A hash-routed spec: `e` experts, `k` per token, scored by `scoring`.
+fn hash_spec(e: usize, k: usize, scoring: ScoringFunc, norm: bool, scale: f32) -> RoutingSpec {
+    RoutingSpec::builder(e, k)
+        .scoring(scoring)
+        .method(TopkMethod::Hash)
+        .norm_topk_prob(norm)
+        .routed_scaling_factor(scale)
+        .build()
+        .unwrap()
+}
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+
+    /// A table `[vocab, k]` whose rows are `k` distinct experts of `[0, e)`, in random order.
+    fn hash_table(&mut self, vocab: usize, k: usize, e: usize) -> Vec<i32> {
+        let mut table = Vec::with_capacity(vocab * k);
+        let mut experts: Vec<i32> = (0..e as i32).collect();
+        for _ in 0..vocab {
+            for i in 0..k {
+                let j = i + self.below(e - i);
+                experts.swap(i, j);
+            }
+            table.extend_from_slice(&experts[..k]);
+        }
+        table
+    }
+}
+
+/// Token ids as the caller has them: i32 or i64 `[T]`.
+fn token_ids_dl(ids: &[i64], i32_ids: bool) -> Dlpack {
+    if i32_ids {
+        dl(ids.iter().map(|&id| id as i32).collect(), &[ids.len()])
+    } else {
+        dl(ids.to_vec(), &[ids.len()])
+    }
+}
+
+/// Hash-routed configs, none of which a fused kernel of another engine takes (every expert count
+/// up to 1024, K up to 32, the three scoring functions), with i32 and i64 token ids, from host and
+/// device memory, against the reference on the exact logits.
+#[test]
+fn random_hash_configs_match_the_reference() {
+    let Some(backend) = backend("random_hash_configs_match_the_reference") else { return };
+    use ScoringFunc::*;
+    let configs = [
+        hash_spec(256, 6, SqrtSoftplus, true, 1.5), // DeepSeek-V4
+        hash_spec(1024, 32, Softmax, false, 1.0),
+        hash_spec(512, 16, SqrtSoftplus, true, 2.0),
+        hash_spec(72, 8, Sigmoid, true, 2.5),
+        hash_spec(7, 3, Softmax, true, 1.0),
+        hash_spec(64, 1, Sigmoid, false, 1.0),
+    ];
+    let mut seed: u64 = 100;
+    for spec in configs {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        for (tokens, hidden, vocab, i32_ids, w_bf16) in
+            [(1, 64, 3, true, true), (5, 72, 50, false, false), (130, 136, 1000, true, true)]
+        {
+            seed += 1;
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let table = rng.hash_table(vocab, k, e);
+            let ids: Vec<i64> = (0..tokens).map(|_| rng.below(vocab) as i64).collect();
+            let x = rng.normals(tokens * hidden, 1.0);
+            let w = rng.normals(e * hidden, 2.0 / (hidden as f32).sqrt());
+            let (w, w_dl) = if w_bf16 {
+                let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                (w.iter().map(|v| v.to_f32()).collect(), dl(w, &[e, hidden]))
+            } else {
+                (w.clone(), dl(w, &[e, hidden]))
+            };
+            let context = format!("{spec} T={tokens} vocab={vocab} i32 ids={i32_ids} seed={seed}");
+            let prepared =
+                backend.prepare_hashed(&w_dl, &dl(table.clone(), &[vocab, k]), &spec).unwrap();
+            let exact = reference::router_logits(&x, &w, tokens, hidden, e).unwrap();
+            let expected = reference::route_hashed(&exact, tokens, &table, &ids, &spec).unwrap();
+            let x_dl = dl(x.clone(), &[tokens, hidden]);
+            let host_ids = token_ids_dl(&ids, i32_ids);
+            let device_ids = backend.upload(&host_ids).unwrap();
+            for (where_, ids_dl) in [("host ids", &host_ids), ("device ids", &device_ids)] {
+                let out =
+                    sluice_tensor::PreparedRouter::route_with_token_ids(&prepared, &x_dl, ids_dl)
+                        .unwrap_or_else(|err| panic!("{context} {where_}: {err}"));
+                let ours =
+                    Routing::new(tokens, k, read(out.topk_ids), read(out.topk_weights)).unwrap();
+                reference::check_sorted(&ours).unwrap_or_else(|e| panic!("{context}: {e}"));
+                let summary = reference::compare_routings(&expected, &ours, e, &[], WEIGHTS)
+                    .unwrap_or_else(|err| panic!("{context} {where_}: {err}"));
+                assert_eq!(summary.rows_compared, tokens, "{context} {where_}");
+            }
+        }
+    }
+}
+
+/// What a hash-routed call cannot do is refused with the CPU backend's typed errors.
+#[test]
+fn hash_routing_refusals_are_typed_errors() {
+    let Some(backend) = backend("hash_routing_refusals_are_typed_errors") else { return };
+    let (e, k, h, vocab) = (16, 2, 32, 4);
+    let spec = hash_spec(e, k, ScoringFunc::SqrtSoftplus, true, 1.5);
+    let weight = || dl(Rng(5).normals(e * h, 0.3), &[e, h]);
+    let table: Vec<i32> = vec![0, 1, 2, 3, 15, 4, 9, 8];
+    let table_dl = || dl(table.clone(), &[vocab, k]);
+    let err = backend.prepare(&weight(), None, &spec).unwrap_err();
+    assert!(matches!(err, BackendError::MissingHashTable { .. }), "{err}");
+    let topk = RoutingSpec { method: TopkMethod::NoauxTc, ..spec };
+    let err = backend.prepare_hashed(&weight(), &table_dl(), &topk).unwrap_err();
+    assert!(matches!(err, BackendError::UnexpectedHashTable { .. }), "{err}");
+    let mut bad = table.clone();
+    bad[5] = 16;
+    let err = backend.prepare_hashed(&weight(), &dl(bad, &[vocab, k]), &spec).unwrap_err();
+    assert!(matches!(err, BackendError::HashTable { .. }), "{err}");
+    let wide: Vec<i64> = table.iter().map(|&id| i64::from(id)).collect();
+    let err = backend.prepare_hashed(&weight(), &dl(wide, &[vocab, k]), &spec).unwrap_err();
+    assert!(matches!(err, BackendError::UnsupportedDType { arg: "table", .. }), "{err}");
+    let err = backend.route_logits(&dl(vec![0f32; 2 * e], &[2, e]), None, &spec).unwrap_err();
+    assert!(matches!(err, BackendError::MissingHashTable { .. }), "{err}");
+
+    // The table may come from device memory too.
+    let prepared =
+        backend.prepare_hashed(&weight(), &backend.upload(&table_dl()).unwrap(), &spec).unwrap();
+    let x = dl(Rng(6).normals(3 * h, 1.0), &[3, h]);
+    let err = sluice_tensor::PreparedRouter::route(&prepared, &x).unwrap_err();
+    assert!(matches!(err, BackendError::MissingTokenIds { .. }), "{err}");
+    let route = |ids: Dlpack| {
+        sluice_tensor::PreparedRouter::route_with_token_ids(&prepared, &x, &ids)
+            .map(|out| (read::<i32>(out.topk_ids), read::<f32>(out.topk_weights)))
+    };
+    let err = route(dl(vec![0i64, 4, 1], &[3])).unwrap_err();
+    assert!(
+        matches!(err, BackendError::TokenIdOutsideTable { row: 1, id: 4, vocab: 4, .. }),
+        "{err}"
+    );
+    let err = route(backend.upload(&dl(vec![0i32, 1, -1], &[3])).unwrap()).unwrap_err();
+    assert!(matches!(err, BackendError::TokenIdOutsideTable { row: 2, id: -1, .. }), "{err}");
+    let err = route(dl(vec![0i32, 1], &[2])).unwrap_err();
+    assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
+    let err = route(dl(vec![0f32, 1.0, 2.0], &[3])).unwrap_err();
+    assert!(matches!(err, BackendError::UnsupportedDType { arg: "token_ids", .. }), "{err}");
+    // The third row of the batch is token 3's: experts 9 and 8.
+    let (ids, weights) = route(dl(vec![0i32, 2, 3], &[3])).unwrap();
+    assert_eq!(ids.len(), 6);
+    let mut third: Vec<i32> = ids[4..].to_vec();
+    third.sort_unstable();
+    assert_eq!(third, [8, 9]);
+    assert!((weights[4] + weights[5] - 1.5).abs() < 1e-5, "renormalised, then scaled by 1.5");
 }

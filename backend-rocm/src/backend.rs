@@ -5,14 +5,14 @@ use std::sync::Arc;
 use sluice_kernels::{HIDDEN_DTYPES, WEIGHT_DTYPES};
 use sluice_tensor::{
     Backend, BackendError, DType, Device, Dlpack, ExpectedShape, PreparedRouter, RoutingOutput,
-    RoutingSpec,
+    RoutingSpec, TopkMethod,
 };
 
 use crate::error::RocmError;
 use crate::gate::{self, Source};
 use crate::gpu::Gpu;
 use crate::memory;
-use crate::prepared::RocmPreparedRouter;
+use crate::prepared::{RocmPreparedRouter, Selector};
 
 /// The ROCm backend: the scalar router GEMM and fused routing on one AMD Instinct GPU, from the
 /// code objects embedded at build time.
@@ -66,7 +66,19 @@ impl RocmBackend {
         bias: Option<&Dlpack>,
         spec: &RoutingSpec,
     ) -> Result<RocmPreparedRouter, BackendError> {
-        RocmPreparedRouter::new(Arc::clone(&self.gpu), weight, bias, spec)
+        RocmPreparedRouter::new(Arc::clone(&self.gpu), weight, Selector::TopK { bias }, spec)
+    }
+
+    /// Copies a router weight and the hash table `tid2eid` (i32 `[vocab, K]`, host or device,
+    /// checked with [`check_hash_table`](sluice_tensor::check_hash_table)) of a hash-routed layer
+    /// to the device and loads its kernels; the typed form of [`Backend::prepare_hash_router`].
+    pub fn prepare_hashed(
+        &self,
+        weight: &Dlpack,
+        table: &Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<RocmPreparedRouter, BackendError> {
+        RocmPreparedRouter::new(Arc::clone(&self.gpu), weight, Selector::Hash { table }, spec)
     }
 }
 
@@ -116,6 +128,10 @@ impl Backend for RocmBackend {
         spec: &RoutingSpec,
     ) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route_logits";
+        if spec.method == TopkMethod::Hash {
+            // Logits alone cannot say which token each row is.
+            return Err(BackendError::MissingHashTable { op: OP });
+        }
         let gpu = &self.gpu;
         let module = gpu.module(spec)?;
         let expected = ExpectedShape(vec![None, Some(spec.num_experts)]);
@@ -133,5 +149,14 @@ impl Backend for RocmBackend {
         spec: &RoutingSpec,
     ) -> Result<Box<dyn PreparedRouter>, BackendError> {
         Ok(Box::new(self.prepare(&weight, bias.as_ref(), spec)?))
+    }
+
+    fn prepare_hash_router(
+        &self,
+        weight: Dlpack,
+        table: Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Box<dyn PreparedRouter>, BackendError> {
+        Ok(Box::new(self.prepare_hashed(&weight, &table, spec)?))
     }
 }

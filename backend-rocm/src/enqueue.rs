@@ -11,8 +11,8 @@
 use std::ffi::c_void;
 
 use sluice_kernels::{
-    AMD_WAVE_WIDTH, DeviceMatrix, GemmPlan, Launch, Partials, RoutingTargets, gemm_args,
-    route_args, route_launch,
+    AMD_WAVE_WIDTH, DeviceMatrix, GemmPlan, HashInputs, Launch, Partials, RoutingTargets,
+    gemm_args, route_args, route_launch,
 };
 
 use crate::api::Handle;
@@ -39,7 +39,9 @@ pub(crate) fn gemm(
     unsafe { launch(module, function, plan.launch, stream, &mut args.pointers()) }
 }
 
-/// Enqueues routing of `tokens` rows of `partials` (plus `bias`) into `targets`.
+/// Enqueues routing of `tokens` rows of `partials` (plus `bias`) into `targets`, with the table
+/// and token ids of a hash-routed module.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn route(
     stream: Handle,
     module: &LoadedModule,
@@ -48,12 +50,16 @@ pub(crate) fn route(
     tokens: usize,
     scale: f32,
     targets: &RoutingTargets,
+    hash: Option<&HashInputs>,
 ) -> Result<(), RocmError> {
     let geometry = route_launch(tokens, AMD_WAVE_WIDTH)?;
     let function = module.kernel(sluice_kernels::ROUTE_KERNEL)?;
-    let mut args = route_args(partials, bias, tokens, scale, targets);
+    let mut args = route_args(partials, bias, tokens, scale, targets, hash);
     // SAFETY: the arguments match `sluice_route`'s signature in type and order; the callers
-    // validated every address against the extents `tokens`, E and K of the loaded config.
+    // validated every address against the extents `tokens`, E and K of the loaded config. A
+    // hash-routed module gets `hash` (its callers make one for every call of such a router): a
+    // table of `table_rows` checked rows of K experts of [0, E), and `tokens` contiguous ids, each
+    // looked at before it indexes the table.
     unsafe { launch(module, function, geometry, stream, &mut args.pointers()) }
 }
 

@@ -6,7 +6,8 @@
 //! CLI) can use this backend unchanged.
 
 use sluice_kernels::{
-    DeviceMatrix, GemmPlan, Partials, RoutingTargets, check_dtype, matrix, plan_router_gemm,
+    DeviceMatrix, GemmPlan, HashInputs, Partials, RoutingTargets, check_dtype, matrix,
+    plan_router_gemm,
 };
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, ExpectedShape, NonFiniteInput, NonFinitePolicy,
@@ -94,6 +95,12 @@ pub(crate) fn upload_bias(gpu: &Gpu, values: &[f32]) -> Result<DeviceMemory, Roc
     memory::upload_bytes(&gpu.stream, &bytes)
 }
 
+/// A hash table's i32 values on the device.
+pub(crate) fn upload_table(gpu: &Gpu, values: &[i32]) -> Result<DeviceMemory, RocmError> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    memory::upload_bytes(&gpu.stream, &bytes)
+}
+
 /// The GEMM plan for these operands on an AMD GPU, with at most `max_splits` partial sums.
 pub(crate) fn plan(
     hidden: &DeviceMatrix,
@@ -125,7 +132,13 @@ pub(crate) fn logits(
 
 /// What to route from: hidden states through a prepared router, or caller logits.
 pub(crate) enum Source<'a> {
-    Gemm { hidden: &'a Staged, router: &'a crate::prepared::RocmPreparedRouter },
+    /// Hidden states through `router`, with the table and token ids where it is hash-routed.
+    Gemm {
+        hidden: &'a Staged,
+        router: &'a crate::prepared::RocmPreparedRouter,
+        hash: Option<HashInputs>,
+    },
+    /// Finished logits.
     Logits(&'a Staged),
 }
 
@@ -157,10 +170,11 @@ pub(crate) fn route(
             status: Some(status.address()),
         };
         let _workspace = match source {
-            Source::Gemm { hidden, router } => {
+            Source::Gemm { hidden, router, hash } => {
                 let workspace =
                     DeviceMemory::zeroed(&gpu.stream, router.partials_bytes(&hidden.matrix)?)?;
-                router.enqueue(stream, &hidden.matrix, workspace.address(), &targets)?;
+                let address = workspace.address();
+                router.enqueue(stream, &hidden.matrix, address, &targets, hash.as_ref())?;
                 Some(workspace)
             }
             Source::Logits(logits) => {
@@ -182,7 +196,7 @@ pub(crate) fn route(
                     Partials { ptr: m.ptr, splits: 1, split_stride: 0, row_stride: m.row_stride };
                 gpu.device.make_current()?;
                 let scale = spec.output_scale();
-                enqueue::route(stream, module, &partials, bias, tokens, scale, &targets)?;
+                enqueue::route(stream, module, &partials, bias, tokens, scale, &targets, None)?;
                 None
             }
         };

@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use sluice_kernels::{
-    DeviceMatrix, GemmShape, HIDDEN_DTYPES, Partials, RoutingTargets, WEIGHT_DTYPES, matrix,
-    output_rows,
+    DeviceMatrix, DeviceTokenIds, GemmShape, HIDDEN_DTYPES, HashInputs, Partials, RoutingTargets,
+    WEIGHT_DTYPES, check_hash_table_rows, check_host_token_ids, hash_table_values, matrix,
+    output_rows, token_ids,
 };
 use sluice_tensor::{
     BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, ExpectedShape,
-    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, argument_view,
-    check_logits_into, check_route_into, check_router_weight,
+    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, TopkMethod,
+    argument_view, check_logits_into, check_route_into, check_router_weight,
 };
 
 use crate::api::Handle;
@@ -23,7 +24,7 @@ use crate::gpu::Gpu;
 use crate::memory::DeviceMemory;
 
 /// A router prepared by a [`RocmBackend`](crate::RocmBackend): the weight (bf16 or f32) and the
-/// f32 bias copied to the device once, and the code object of the spec's routing config loaded
+/// f32 bias (or, for a hash-routed layer, the table `tid2eid`) copied to the device once, and the code object of the spec's routing config loaded
 /// (`hipModuleLoadData`, for the device's architecture).
 ///
 /// `route_into` and `router_gemm_into` take [`Execution::Stream`] on this device (DLPack's ROCm
@@ -36,6 +37,8 @@ pub struct RocmPreparedRouter {
     module: Arc<LoadedModule>,
     weight: DeviceMatrix,
     bias: Option<u64>,
+    /// The table of a hash-routed layer.
+    hash_table: Option<DeviceHashTable>,
     _weight_copy: Option<Dlpack>,
     _bias_memory: Option<DeviceMemory>,
 }
@@ -49,34 +52,85 @@ impl std::fmt::Debug for RocmPreparedRouter {
             .field("spec", &self.spec)
             .field("weight", &format_args!("[{}, {}] {}", w.rows, w.cols, w.dtype))
             .field("bias", &self.bias.is_some())
+            .field("hash_table_rows", &self.hash_table.as_ref().map(|t| t.rows))
             .finish()
     }
+}
+
+/// The hash table `tid2eid` of a hash-routed router on the device: i32 `[rows, K]`, contiguous,
+/// every row `K` distinct experts of `[0, E)` (checked before the copy).
+struct DeviceHashTable {
+    rows: usize,
+    memory: DeviceMemory,
+}
+
+impl DeviceHashTable {
+    /// Checks `table` (host or device) against `spec` and copies it to the device.
+    fn upload(
+        gpu: &Gpu,
+        op: &'static str,
+        table: &Dlpack,
+        spec: &RoutingSpec,
+    ) -> Result<Self, BackendError> {
+        let on_device = argument_view(op, "table", table)?.device() != Device::Cpu;
+        let downloaded =
+            if on_device { Some(crate::memory::download(&gpu.stream, table)?) } else { None };
+        let view = argument_view(op, "table", downloaded.as_ref().unwrap_or(table))?;
+        let values = hash_table_values(op, &view, spec)?;
+        let rows = values.len() / spec.top_k;
+        check_hash_table_rows(rows).map_err(RocmError::from)?;
+        Ok(DeviceHashTable { rows, memory: gate::upload_table(gpu, &values)? })
+    }
+}
+
+/// How a router chooses its experts: by their scores (with an optional correction bias), or by
+/// the hash table `tid2eid` of a hash-routed layer.
+pub(crate) enum Selector<'a> {
+    /// Ranked scores; the bias as `prepare_router` takes it.
+    TopK { bias: Option<&'a Dlpack> },
+    /// Table rows chosen by token id (i32 `[vocab, K]`, host or device).
+    Hash { table: &'a Dlpack },
 }
 
 // SAFETY: the DLPack tensor owns device memory that this router only reads through kernels; it is
 // never mutated after preparation and its deleter may run on any thread (the DLPack contract).
 // Every other field is `Send` already.
 unsafe impl Send for RocmPreparedRouter {}
-// SAFETY: see `Send`: shared access only enqueues kernels that read the weight and the bias.
+// SAFETY: see `Send`: shared access only enqueues kernels that read the weight and the bias (or
+// the hash table, likewise never mutated after preparation).
 unsafe impl Sync for RocmPreparedRouter {}
 
 impl RocmPreparedRouter {
+    /// Prepares `weight` with a correction bias (`prepare_router`) or, for a hash-routed spec,
+    /// with its table (`prepare_hash_router`): each is refused for the other kind of spec.
     pub(crate) fn new(
         gpu: Arc<Gpu>,
         weight: &Dlpack,
-        bias: Option<&Dlpack>,
+        selector: Selector<'_>,
         spec: &RoutingSpec,
     ) -> Result<Self, BackendError> {
-        const OP: &str = "prepare_router";
-        let view = argument_view(OP, "weight", weight)?;
-        check_router_weight(OP, view.shape(), spec)?;
+        let (op, bias, table) = match selector {
+            Selector::TopK { bias } => ("prepare_router", bias, None),
+            Selector::Hash { table } => ("prepare_hash_router", None, Some(table)),
+        };
+        spec.validate()?;
+        match (spec.method == TopkMethod::Hash, table.is_some()) {
+            (true, false) => return Err(BackendError::MissingHashTable { op }),
+            (false, true) => {
+                return Err(BackendError::UnexpectedHashTable { op, method: spec.method });
+            }
+            _ => {}
+        }
+        let view = argument_view(op, "weight", weight)?;
+        check_router_weight(op, view.shape(), spec)?;
         // Refused configs fail before anything is copied to the device.
         let module = gpu.module(spec)?;
         let expected = ExpectedShape(vec![Some(spec.num_experts), None]);
         // A private contiguous copy on the device, whatever the caller's layout and location.
-        let staged = gate::copy_matrix(&gpu, OP, "weight", weight, WEIGHT_DTYPES, expected)?;
-        let bias_values = bias.map(|b| gate::bias_values(&gpu, OP, b, spec)).transpose()?;
+        let staged = gate::copy_matrix(&gpu, op, "weight", weight, WEIGHT_DTYPES, expected)?;
+        let bias_values = bias.map(|b| gate::bias_values(&gpu, op, b, spec)).transpose()?;
         let bias_memory = bias_values.as_deref().map(|b| gate::upload_bias(&gpu, b)).transpose()?;
+        let hash_table = table.map(|t| DeviceHashTable::upload(&gpu, op, t, spec)).transpose()?;
         tracing::debug!(%spec, arch = module.arch(), "rocm router prepared");
         Ok(RocmPreparedRouter {
             bias: bias_memory.as_ref().map(DeviceMemory::address),
@@ -84,6 +138,7 @@ impl RocmPreparedRouter {
             spec: *spec,
             module,
             weight: staged.matrix,
+            hash_table,
             _weight_copy: staged.into_copy(),
             _bias_memory: bias_memory,
         })
@@ -100,15 +155,35 @@ impl RocmPreparedRouter {
         self.spec.num_experts
     }
 
+    /// The table and the token ids a hash-routed router's kernel reads, refused without ids; none
+    /// for other routers, which ignore token ids.
+    fn hash_inputs(
+        &self,
+        op: &'static str,
+        token_ids: Option<DeviceTokenIds>,
+    ) -> Result<Option<HashInputs>, BackendError> {
+        let Some(table) = &self.hash_table else { return Ok(None) };
+        let ids = token_ids.ok_or(BackendError::MissingTokenIds { op })?;
+        Ok(Some(HashInputs {
+            table: table.memory.address(),
+            table_rows: table.rows,
+            token_ids: ids.ptr,
+            token_id_bytes: ids.bytes_per_id,
+        }))
+    }
+
     /// Enqueues the whole gate on `stream`: GEMM into `workspace` (at least
-    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets`. Only enqueues:
-    /// the module is loaded and the weight is resident, so this can be captured in a graph.
+    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets` (by the table and
+    /// token ids of `hash` for a hash-routed router, which [`hash_inputs`](Self::hash_inputs)
+    /// makes). Only enqueues: the module is loaded and the weight is resident, so this can be
+    /// captured in a graph.
     pub(crate) fn enqueue(
         &self,
         stream: Handle,
         hidden: &DeviceMatrix,
         workspace: u64,
         targets: &RoutingTargets,
+        hash: Option<&HashInputs>,
     ) -> Result<(), RocmError> {
         if hidden.rows == 0 {
             return Ok(());
@@ -126,7 +201,7 @@ impl RocmPreparedRouter {
         let module = &self.module;
         enqueue::gemm(stream, module, &plan, hidden, &self.weight, &partials, targets.status)?;
         let scale = self.spec.output_scale();
-        enqueue::route(stream, module, &partials, self.bias, hidden.rows, scale, targets)
+        enqueue::route(stream, module, &partials, self.bias, hidden.rows, scale, targets, hash)
     }
 
     fn stream(execution: Execution) -> Handle {
@@ -166,9 +241,40 @@ impl PreparedRouter for RocmPreparedRouter {
 
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
         const OP: &str = "route";
+        let hash = self.hash_inputs(OP, None)?;
         let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
         let hidden = gate::stage_matrix(&self.gpu, OP, "hidden", hidden, HIDDEN_DTYPES, expected)?;
-        let source = Source::Gemm { hidden: &hidden, router: self };
+        let source = Source::Gemm { hidden: &hidden, router: self, hash };
+        gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
+    }
+
+    /// Host token ids are checked against the table (an id outside it is
+    /// [`BackendError::TokenIdOutsideTable`], as on the CPU) and copied up; device ids are
+    /// copied down for that check. Outputs are where the hidden states are.
+    fn route_with_token_ids(
+        &self,
+        hidden: &Dlpack,
+        token_ids: &Dlpack,
+    ) -> Result<RoutingOutput, BackendError> {
+        const OP: &str = "route_with_token_ids";
+        let Some(table) = &self.hash_table else { return self.route(hidden) };
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden = gate::stage_matrix(&self.gpu, OP, "hidden", hidden, HIDDEN_DTYPES, expected)?;
+        // One copy: up for the kernel when the ids are on the host, down for the check when they
+        // are on the device.
+        let on_host = argument_view(OP, "token_ids", token_ids)?.device() == Device::Cpu;
+        let copy = if on_host {
+            crate::memory::upload(&self.gpu.stream, token_ids)?
+        } else {
+            crate::memory::download(&self.gpu.stream, token_ids)?
+        };
+        let (host, device) = if on_host { (token_ids, &copy) } else { (&copy, token_ids) };
+        let host = argument_view(OP, "token_ids", host)?;
+        check_host_token_ids(OP, &host, hidden.matrix.rows, table.rows)?;
+        let ids =
+            sluice_kernels::token_ids(OP, &argument_view(OP, "token_ids", device)?, self.device())?;
+        let hash = self.hash_inputs(OP, Some(ids))?;
+        let source = Source::Gemm { hidden: &hidden, router: self, hash };
         gate::route(OP, &self.gpu, &self.module, &self.spec, self.bias, source)
     }
 
@@ -209,8 +315,14 @@ impl PreparedRouter for RocmPreparedRouter {
             logits: outputs.logits.as_mut().map(output_rows),
             status: outputs.status.as_mut().map(|s| output_rows(s).0),
         };
+        // Token ids matter to a hash-routed router only; every other router ignores them.
+        let ids = match (&self.hash_table, &inputs.token_ids) {
+            (Some(_), Some(ids)) => Some(token_ids(OP, ids, self.device())?),
+            _ => None,
+        };
+        let hash = self.hash_inputs(OP, ids)?;
         let workspace = outputs.workspace.as_mut().map_or(0, |w| output_rows(w).0);
-        self.enqueue(Self::stream(execution), &hidden, workspace, &targets)?;
+        self.enqueue(Self::stream(execution), &hidden, workspace, &targets, hash.as_ref())?;
         Ok(())
     }
 

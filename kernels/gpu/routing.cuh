@@ -7,7 +7,8 @@
 //   SLUICE_KG       groups kept
 //   SLUICE_K        experts per token K (at most GPU_WARP)
 //   SLUICE_SCORING  SLUICE_SOFTMAX, SLUICE_SIGMOID or SLUICE_SQRTSOFTPLUS
-//   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY or SLUICE_NOAUX_TC
+//   SLUICE_METHOD   SLUICE_GREEDY, SLUICE_GROUP_LIMITED_GREEDY, SLUICE_NOAUX_TC or SLUICE_HASH
+//                   (the K experts are row `token_ids[t]` of the table `tid2eid`, one group)
 //   SLUICE_NORM     1: divide the weights by their sum + 1e-20
 //   SLUICE_AFTER_TOPK  1: select the K largest logits, then score only those (softmax over the
 //                      K, or the element-wise score of each); greedy only
@@ -20,6 +21,8 @@
 // selection only and the unbiased scores are carried alongside; groups and experts are ranked by
 // larger value, then lower index; rows are written sorted by weight, then id; a row with a
 // non-finite logit gets ids -1 and weights 0 and is counted in `status` ([count, first row]).
+// Under hash routing a row whose token id names no row of the table is marked and counted the
+// same way: a call that only enqueues cannot raise, and the kernel must not read outside the table.
 
 #define SLUICE_SOFTMAX 0
 #define SLUICE_SIGMOID 1
@@ -27,6 +30,7 @@
 #define SLUICE_GREEDY 0
 #define SLUICE_GROUP_LIMITED_GREEDY 1
 #define SLUICE_NOAUX_TC 2
+#define SLUICE_HASH 3
 
 #if !defined(SLUICE_E) || !defined(SLUICE_G) || !defined(SLUICE_KG) || !defined(SLUICE_K) || \
     !defined(SLUICE_SCORING) || !defined(SLUICE_METHOD) || !defined(SLUICE_NORM) ||            \
@@ -35,6 +39,9 @@
 #endif
 #if SLUICE_AFTER_TOPK && SLUICE_METHOD != SLUICE_GREEDY
 #error "scoring after the top-k is for greedy selection only"
+#endif
+#if SLUICE_METHOD == SLUICE_HASH && SLUICE_G != 1
+#error "hash routing has no expert groups"
 #endif
 #if SLUICE_E % SLUICE_G != 0 || SLUICE_K > GPU_WARP || SLUICE_E > 32 * GPU_WARP
 #error "routing config out of range"
@@ -213,6 +220,17 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
+#if SLUICE_METHOD == SLUICE_HASH
+// The table row of token t: its id (i32 or i64, `token_id_bytes` wide), or -1 where the id names
+// no row of the `table_rows` rows.
+GPU_INLINE int sluice_hash_table_row(const void *token_ids, int token_id_bytes, int t,
+                                     int table_rows) {
+  const long long id = token_id_bytes == 8 ? ((const long long *)token_ids)[t]
+                                           : (long long)((const int *)token_ids)[t];
+  return id >= 0 && id < table_rows ? (int)id : -1;
+}
+#endif
+
 // MAX_PARTIALS is the most partial sums per logit this instance adds: SLUICE_MAX_PARTIALS for the
 // split GEMM, 1 where the GEMM wrote the logits themselves. The second instance is much smaller
 // code, and a kernel that runs once per layer fetches its instructions cold every time.
@@ -220,7 +238,8 @@ template <int MAX_PARTIALS>
 GPU_INLINE void sluice_route_tokens(
     const float *partials, int splits, long long split_stride, long long row_stride,
     const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
-    long long weights_row_stride, float *logits, long long logits_row_stride, int *status) {
+    long long weights_row_stride, float *logits, long long logits_row_stride, int *status,
+    const int *hash_table, int hash_rows, const void *token_ids, int token_id_bytes) {
 #if SLUICE_GROUPED
   __shared__ float c_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
   __shared__ float group_score[SLUICE_ROUTE_WARPS][SLUICE_G];
@@ -273,7 +292,18 @@ GPU_INLINE void sluice_route_tokens(
       l[j] = -GPU_INFINITY;
     }
   }
-  if (gpu_any(!finite)) {
+#if SLUICE_METHOD == SLUICE_HASH
+  // Read after the wait: the token ids may come from the previous kernel.
+  const int hash_row = sluice_hash_table_row(token_ids, token_id_bytes, t, hash_rows);
+  const bool invalid = gpu_any(!finite) || hash_row < 0;
+#else
+  (void)hash_table;  // the hash arguments are 0 for every other method
+  (void)hash_rows;
+  (void)token_ids;
+  (void)token_id_bytes;
+  const bool invalid = gpu_any(!finite);
+#endif
+  if (invalid) {
     if (lane < SLUICE_K) {
       ids[t * ids_row_stride + lane] = -1;
       weights[t * weights_row_stride + lane] = 0.f;
@@ -285,9 +315,17 @@ GPU_INLINE void sluice_route_tokens(
     return;
   }
 
-  // Scores s (carried to the weights) and selection values c (s + bias for noaux_tc). Scoring
-  // after the top-k selects on the logits and carries them, to be scored once chosen.
-  float s[SLUICE_PER_LANE], c[SLUICE_PER_LANE];
+  // Lane r keeps the r-th choice; s are the scores the weights are made of.
+  int my_id = -1;
+  float s[SLUICE_PER_LANE];
+#if SLUICE_METHOD == SLUICE_HASH
+  // The table row is the choice, in its own order.
+  sluice_score(l, s);
+  if (lane < SLUICE_K) my_id = hash_table[(long long)hash_row * SLUICE_K + lane];
+#else
+  // Scores s and selection values c (s + bias for noaux_tc). Scoring after the top-k selects on
+  // the logits and carries them, to be scored once chosen.
+  float c[SLUICE_PER_LANE];
 #if SLUICE_AFTER_TOPK
   #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) s[j] = c[j] = l[j];
@@ -320,20 +358,13 @@ GPU_INLINE void sluice_route_tokens(
 
   // Top K by c. Each lane keeps its best remaining candidate as its head; a round compares only
   // the heads (two warp reductions), and only the winning lane drops its head and looks again.
-  // Lane r keeps the r-th choice and its unbiased score.
   unsigned key[SLUICE_PER_LANE];
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j)
     key[j] = ((allowed >> j) & 1u) ? sluice_order_key(c[j]) : 0u;
-#pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
-    if (e < SLUICE_E) s_shared[warp][e] = s[j];
-  }
   unsigned head_key;
   int head;
   sluice_lane_best(key, lane, head_key, head);
-  int my_id = -1;
   // Rounds stay a loop: unrolled, K of them would multiply the code, and a kernel that runs once
   // per layer fetches its instructions from L2 (or memory) every time.
 #pragma unroll 1
@@ -347,9 +378,16 @@ GPU_INLINE void sluice_route_tokens(
     }
     if (lane == round) my_id = winner;
   }
+#endif
+  // Each lane that keeps a choice reads its score back; the sum is in choice order, as the
+  // reference adds it.
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
+    const int e = j * GPU_WARP + lane;
+    if (e < SLUICE_E) s_shared[warp][e] = s[j];
+  }
   gpu_syncwarp();
   const float my_score = lane < SLUICE_K ? s_shared[warp][my_id] : 0.f;
-  // The sum in choice order, as the reference adds it.
   float sum = 0.f;
 #pragma unroll 8
   for (int r = 0; r < SLUICE_K; ++r) sum += gpu_shfl_f(my_score, r);
@@ -390,10 +428,12 @@ GPU_INLINE void sluice_route_tokens(
       const float *partials, int splits, long long split_stride, long long row_stride,             \
       const float *bias, int tokens, float scale, int *ids, long long ids_row_stride,              \
       float *weights, long long weights_row_stride, float *logits, long long logits_row_stride,    \
-      int *status) {                                                                               \
+      int *status, const int *hash_table, int hash_rows, const void *token_ids,                   \
+      int token_id_bytes) {                                                                        \
     sluice_route_tokens<MAX_PARTIALS>(partials, splits, split_stride, row_stride, bias, tokens,   \
                                       scale, ids, ids_row_stride, weights, weights_row_stride,     \
-                                      logits, logits_row_stride, status);                          \
+                                      logits, logits_row_stride, status, hash_table, hash_rows,    \
+                                      token_ids, token_id_bytes);                                  \
   }
 SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
 SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)

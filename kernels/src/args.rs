@@ -24,7 +24,7 @@ pub enum KernelArg {
 }
 
 /// The most parameters any kernel of the source has.
-pub const MAX_KERNEL_ARGS: usize = 14;
+pub const MAX_KERNEL_ARGS: usize = 18;
 
 /// The parameters of one launch, in signature order.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,6 +97,19 @@ pub struct RoutingTargets {
     pub status: Option<u64>,
 }
 
+/// What a hash-routed call reads besides the logits: the table `tid2eid` and the token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashInputs {
+    /// i32 `[vocab, K]`, contiguous, every row `K` distinct experts of `[0, E)`.
+    pub table: u64,
+    /// `vocab`: the rows of the table (checked to fit `int` when the table was prepared).
+    pub table_rows: usize,
+    /// `[T]` token ids, contiguous.
+    pub token_ids: u64,
+    /// Bytes per token id: 4 (i32) or 8 (i64).
+    pub token_id_bytes: usize,
+}
+
 /// Sizes and strides become the kernels' `int` and `long long`. Every value packed here was
 /// checked to fit: sizes by the planner (`i32`), strides by the bridge (a view's extent fits
 /// `isize`), so the casts are exact.
@@ -165,17 +178,25 @@ pub fn gemm_args(
     }
 }
 
-/// The arguments of `sluice_route` and `sluice_route_logits` (one signature): `tokens` rows of `partials` (plus `bias`), scaled by `scale`,
-/// into `targets`.
+/// The arguments of `sluice_route` and `sluice_route_logits` (one signature): `tokens` rows of
+/// `partials` (plus `bias`), scaled by `scale`, into `targets`; `hash` for a hash-routed config
+/// (null pointers otherwise, which such kernels never read).
 pub fn route_args(
     partials: &Partials,
     bias: Option<u64>,
     tokens: usize,
     scale: f32,
     targets: &RoutingTargets,
+    hash: Option<&HashInputs>,
 ) -> KernelArgs {
     use KernelArg::Ptr;
     let (logits, logits_row) = targets.logits.unwrap_or((0, 0));
+    let hash = hash.copied().unwrap_or(HashInputs {
+        table: 0,
+        table_rows: 0,
+        token_ids: 0,
+        token_id_bytes: 0,
+    });
     KernelArgs::new(&[
         Ptr(partials.ptr),
         int(partials.splits),
@@ -191,6 +212,10 @@ pub fn route_args(
         Ptr(logits),
         long(logits_row),
         Ptr(targets.status.unwrap_or(0)),
+        Ptr(hash.table),
+        int(hash.table_rows),
+        Ptr(hash.token_ids),
+        int(hash.token_id_bytes),
     ])
 }
 
@@ -311,7 +336,14 @@ mod tests {
             signature("#define SLUICE_INSTANTIATE_GEMV", "name")
         );
         let route = signature("#define SLUICE_INSTANTIATE_ROUTE", "name");
-        assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets)), route);
+        assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets, None)), route);
+        let hash = HashInputs { table: 16, table_rows: 7, token_ids: 32, token_id_bytes: 8 };
+        let hashed = route_args(&P, None, 3, 2.5, &targets, Some(&hash));
+        assert_eq!(kinds(&hashed), route);
+        assert_eq!(
+            hashed.values()[14..],
+            [KernelArg::Ptr(16), KernelArg::I32(7), KernelArg::Ptr(32), KernelArg::I32(8)]
+        );
         assert_eq!(kinds(&reset_status_args(8)), signature("", "sluice_reset_status"));
         assert_eq!(
             kinds(&sum_partials_args(&P, 3, 16, 256, 16)),

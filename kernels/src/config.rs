@@ -22,9 +22,6 @@ pub enum KernelError {
     /// More experts per token than lanes in a warp.
     #[error("the GPU routing kernel takes at most {MAX_TOP_K} experts per token, got {0}")]
     TopKTooLarge(usize),
-    /// Hash routing (DeepSeek-V4's first layers), which the routing kernel does not do yet.
-    #[error("the GPU routing kernel does not do hash routing yet")]
-    HashRouting,
     /// A size does not fit the kernels' 32-bit arguments or the launch limits.
     #[error("{what} = {value} is larger than the GPU kernels take (at most {limit})")]
     TooLarge {
@@ -64,7 +61,6 @@ impl RoutingConfig {
         if spec.top_k > MAX_TOP_K {
             return Err(KernelError::TopKTooLarge(spec.top_k));
         }
-        method_define(spec.method)?;
         // Greedy ignores the groups: compile it as one group so no group code is generated.
         let (groups, kept_groups) =
             if spec.method.uses_groups() { (spec.n_group, spec.topk_group) } else { (1, 1) };
@@ -91,11 +87,15 @@ impl RoutingConfig {
         self.experts
     }
 
+    /// Whether the kernel takes its experts from a hash table (`SLUICE_METHOD = SLUICE_HASH`).
+    pub fn is_hashed(&self) -> bool {
+        self.method == TopkMethod::Hash
+    }
+
     /// The preprocessor definitions, as `NAME=value` pairs.
     pub fn defines(&self) -> Vec<(&'static str, usize)> {
         let scoring = scoring_define(self.scoring);
-        // Accepted by `new`.
-        let method = method_define(self.method).unwrap_or_default();
+        let method = method_define(self.method);
         vec![
             ("SLUICE_E", self.experts),
             ("SLUICE_G", self.groups),
@@ -115,6 +115,15 @@ impl RoutingConfig {
     }
 }
 
+/// Checks that a hash table of `rows` rows fits the routing kernel's `int` row count.
+pub fn check_hash_table_rows(rows: usize) -> Result<(), KernelError> {
+    const LIMIT: usize = i32::MAX as usize;
+    if rows > LIMIT {
+        return Err(KernelError::TooLarge { what: "hash table rows", value: rows, limit: LIMIT });
+    }
+    Ok(())
+}
+
 /// `SLUICE_SCORING`: the kernel computes every scoring function.
 fn scoring_define(scoring: ScoringFunc) -> usize {
     match scoring {
@@ -124,13 +133,13 @@ fn scoring_define(scoring: ScoringFunc) -> usize {
     }
 }
 
-/// `SLUICE_METHOD` for a selection the kernel does.
-fn method_define(method: TopkMethod) -> Result<usize, KernelError> {
+/// `SLUICE_METHOD`: the kernel does every selection.
+fn method_define(method: TopkMethod) -> usize {
     match method {
-        TopkMethod::Greedy => Ok(0),
-        TopkMethod::GroupLimitedGreedy => Ok(1),
-        TopkMethod::NoauxTc => Ok(2),
-        TopkMethod::Hash => Err(KernelError::HashRouting),
+        TopkMethod::Greedy => 0,
+        TopkMethod::GroupLimitedGreedy => 1,
+        TopkMethod::NoauxTc => 2,
+        TopkMethod::Hash => 3,
     }
 }
 
@@ -185,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn v4_scores_compile_and_hash_routing_is_refused_until_the_kernel_does_it() {
+    fn v4_scores_and_hash_routing_are_defines() {
         let mut v4 = RoutingSpec::builder(256, 6)
             .scoring(ScoringFunc::SqrtSoftplus)
             .method(TopkMethod::NoauxTc)
@@ -195,10 +204,26 @@ mod tests {
             .unwrap();
         let config = RoutingConfig::new(&v4).unwrap();
         assert!(config.compiler_options().contains(&"-DSLUICE_SCORING=2".to_owned()));
+        assert!(!config.is_hashed());
         v4.method = TopkMethod::Hash;
-        let err = RoutingConfig::new(&v4).unwrap_err();
-        assert_eq!(err, KernelError::HashRouting);
-        assert!(err.to_string().contains("hash routing"), "{err}");
+        let hashed = RoutingConfig::new(&v4).unwrap();
+        assert!(hashed.is_hashed());
+        assert_eq!(
+            hashed.compiler_options().join(" "),
+            "-DSLUICE_E=256 -DSLUICE_G=1 -DSLUICE_KG=1 -DSLUICE_K=6 -DSLUICE_SCORING=2 \
+             -DSLUICE_METHOD=3 -DSLUICE_NORM=1 -DSLUICE_AFTER_TOPK=0 -DSLUICE_LOGIT_BIAS=0"
+        );
+        assert_ne!(hashed, config, "the hash kernel is a module of its own");
+    }
+
+    #[test]
+    fn hash_tables_past_an_int_of_rows_are_refused() {
+        assert_eq!(check_hash_table_rows(129_280), Ok(()));
+        let rows = i32::MAX as usize + 1;
+        assert!(matches!(
+            check_hash_table_rows(rows),
+            Err(KernelError::TooLarge { what: "hash table rows", value, .. }) if value == rows
+        ));
     }
 
     #[test]

@@ -34,10 +34,10 @@ mod operands;
 pub mod toolchain;
 
 pub use args::{
-    KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RoutingTargets, gemm_args, reset_status_args,
-    route_args, sum_partials_args,
+    HashInputs, KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RoutingTargets, gemm_args,
+    reset_status_args, route_args, sum_partials_args,
 };
-pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
+pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
     DispatchPlan, RANK_TOKENS_THREADS, plan_dispatch,
@@ -49,7 +49,8 @@ pub use geometry::{
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{
-    DeviceMatrix, HIDDEN_DTYPES, WEIGHT_DTYPES, check_device, check_dtype, matrix, output_rows,
+    DeviceMatrix, DeviceTokenIds, HIDDEN_DTYPES, WEIGHT_DTYPES, check_device, check_dtype,
+    check_host_token_ids, hash_table_values, matrix, output_rows, token_ids,
 };
 
 /// The complete device source, in the order `gpu/sluice_router.cu` includes it.

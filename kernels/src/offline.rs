@@ -70,6 +70,7 @@ mod tests {
             ("deepseek_v2", spec(160, Softmax, GroupLimitedGreedy, (8, 3), 6, false)),
             ("deepseek_v2_lite", spec(64, Softmax, Greedy, (1, 1), 6, false)),
             ("deepseek_v4", spec(256, SqrtSoftplus, NoauxTc, (1, 1), 6, true)),
+            ("deepseek_v4_hash", spec(256, SqrtSoftplus, Hash, (1, 1), 6, true)),
             ("glm_4_5", spec(160, Sigmoid, NoauxTc, (1, 1), 8, true)),
             ("minimax_m2", spec(256, Sigmoid, NoauxTc, (1, 1), 8, true)),
             ("qwen3_moe", spec(128, Softmax, Greedy, (1, 1), 8, true)),

@@ -2,7 +2,10 @@
 //! the bridge's validated views into addresses, shapes and strides, with errors that name the op
 //! and the argument. No device memory is touched here.
 
-use sluice_tensor::{BackendError, DType, Device, DlpackView, DlpackViewMut, ExpectedShape};
+use sluice_tensor::{
+    BackendError, DType, Device, DlpackView, DlpackViewMut, ExpectedShape, HashTableError,
+    RoutingSpec, check_hash_table, first_token_outside_table,
+};
 
 /// The hidden-state dtypes the GEMM kernels read.
 pub const HIDDEN_DTYPES: &[DType] = &[DType::F32, DType::BF16, DType::F16];
@@ -113,6 +116,123 @@ pub fn check_dtype(
     Err(BackendError::UnsupportedDType { op, arg, dtype, supported })
 }
 
+/// Token ids `[T]` on the device, as the hash-routed kernels read them: contiguous, i32 or i64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTokenIds {
+    /// Device address of the first id.
+    pub ptr: u64,
+    /// 4 (i32) or 8 (i64).
+    pub bytes_per_id: usize,
+}
+
+/// Validates token ids `[T]` on `device` for the kernels: i32 or i64, one axis, contiguous (the
+/// kernels read id `t` at `ptr + t * bytes_per_id`). The length is checked against the hidden
+/// states by the shared `route_into` checks.
+pub fn token_ids(
+    op: &'static str,
+    view: &DlpackView<'_>,
+    device: Device,
+) -> Result<DeviceTokenIds, BackendError> {
+    const ARG: &str = "token_ids";
+    check_device(op, ARG, view, device)?;
+    if !matches!(view.dtype(), DType::I32 | DType::I64) {
+        return Err(BackendError::UnsupportedDType {
+            op,
+            arg: ARG,
+            dtype: view.dtype(),
+            supported: "i32, i64",
+        });
+    }
+    let (&[len], &[stride]) = (view.shape(), view.strides()) else {
+        return Err(BackendError::Shape {
+            op,
+            arg: ARG,
+            shape: view.shape().to_vec(),
+            expected: ExpectedShape(vec![None]),
+        });
+    };
+    if stride != 1 && len > 1 {
+        return Err(BackendError::Layout {
+            op,
+            arg: ARG,
+            shape: vec![len],
+            strides: vec![stride],
+            requirement: "the GPU kernels read contiguous token ids",
+        });
+    }
+    Ok(DeviceTokenIds { ptr: view.data_ptr() as u64, bytes_per_id: view.dtype().size_in_bytes() })
+}
+
+/// The values of a host hash table `tid2eid` (i32 `[vocab, K]`, any strides) in row-major order,
+/// checked with [`check_hash_table`]: what a GPU backend copies to its device at preparation.
+pub fn hash_table_values(
+    op: &'static str,
+    view: &DlpackView<'_>,
+    spec: &RoutingSpec,
+) -> Result<Vec<i32>, BackendError> {
+    const ARG: &str = "table";
+    check_device(op, ARG, view, Device::Cpu)?;
+    if view.dtype() != DType::I32 {
+        return Err(BackendError::UnsupportedDType {
+            op,
+            arg: ARG,
+            dtype: view.dtype(),
+            supported: "i32",
+        });
+    }
+    let shape_error = |source| BackendError::HashTable { op, source };
+    let table = view.as_array2::<i32>().map_err(|_| {
+        shape_error(HashTableError::Shape { shape: view.shape().to_vec(), top_k: spec.top_k })
+    })?;
+    let values: Vec<i32> = table.iter().copied().collect();
+    check_hash_table(&values, view.shape(), spec.top_k, spec.num_experts).map_err(shape_error)?;
+    Ok(values)
+}
+
+/// Refuses host token ids (i32 or i64 `[tokens]`) of which one names no row of a table of `vocab`
+/// rows, as the CPU backend does: what a GPU backend's synchronous call checks before it launches
+/// (a call that only enqueues cannot look, and marks such rows instead).
+pub fn check_host_token_ids(
+    op: &'static str,
+    view: &DlpackView<'_>,
+    tokens: usize,
+    vocab: usize,
+) -> Result<(), BackendError> {
+    const ARG: &str = "token_ids";
+    check_device(op, ARG, view, Device::Cpu)?;
+    if view.shape() != [tokens] {
+        return Err(BackendError::Shape {
+            op,
+            arg: ARG,
+            shape: view.shape().to_vec(),
+            expected: ExpectedShape::exact(&[tokens]),
+        });
+    }
+    let refused = |source| BackendError::View { op, arg: ARG, source };
+    let outside = match view.dtype() {
+        DType::I32 => first_token_outside_table(
+            view.as_array1::<i32>().map_err(refused)?.iter().map(|&id| i64::from(id)),
+            vocab,
+        ),
+        DType::I64 => first_token_outside_table(
+            view.as_array1::<i64>().map_err(refused)?.iter().copied(),
+            vocab,
+        ),
+        dtype => {
+            return Err(BackendError::UnsupportedDType {
+                op,
+                arg: ARG,
+                dtype,
+                supported: "i32, i64",
+            });
+        }
+    };
+    match outside {
+        Some((row, id)) => Err(BackendError::TokenIdOutsideTable { op, row, id, vocab }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +274,66 @@ mod tests {
         assert!(!DeviceMatrix { ptr: 34, ..m }.rows_are_16_byte_aligned());
         assert!(!DeviceMatrix { row_stride: 9, ..m }.rows_are_16_byte_aligned());
         assert!(!DeviceMatrix { col_stride: 2, ..m }.rows_are_16_byte_aligned());
+    }
+
+    #[test]
+    fn token_ids_are_i32_or_i64_contiguous_on_the_device() {
+        let ids = [3i64, 1, 4, 1];
+        let view = DlpackView::from_slice(&ids, &[4]).unwrap();
+        let read = token_ids("op", &view, Device::Cpu).unwrap();
+        assert_eq!(read, DeviceTokenIds { ptr: ids.as_ptr() as u64, bytes_per_id: 8 });
+        let narrow = [3i32, 1];
+        let view = DlpackView::from_slice(&narrow, &[2]).unwrap();
+        assert_eq!(token_ids("op", &view, Device::Cpu).unwrap().bytes_per_id, 4);
+        let err = token_ids("op", &view, Device::Cuda(0)).unwrap_err();
+        assert!(matches!(err, BackendError::WrongDevice { arg: "token_ids", .. }), "{err}");
+        let every_other = DlpackView::from_slice_strided(&ids, &[2], &[2]).unwrap();
+        let err = token_ids("op", &every_other, Device::Cpu).unwrap_err();
+        assert!(matches!(err, BackendError::Layout { arg: "token_ids", .. }), "{err}");
+        let one = DlpackView::from_slice_strided(&ids, &[1], &[2]).unwrap();
+        assert!(token_ids("op", &one, Device::Cpu).is_ok(), "one id has no stride to speak of");
+        let floats = [0f32; 2];
+        let view = DlpackView::from_slice(&floats, &[2]).unwrap();
+        let err = token_ids("op", &view, Device::Cpu).unwrap_err();
+        assert!(matches!(err, BackendError::UnsupportedDType { arg: "token_ids", .. }), "{err}");
+        let matrix = DlpackView::from_slice(&ids, &[2, 2]).unwrap();
+        let err = token_ids("op", &matrix, Device::Cpu).unwrap_err();
+        assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
+    }
+
+    #[test]
+    fn hash_tables_are_read_row_major_and_checked() {
+        let spec =
+            RoutingSpec::builder(8, 2).method(sluice_tensor::TopkMethod::Hash).build().unwrap();
+        // Column-major storage of the rows [0, 1], [2, 3], [7, 5]: read back row by row.
+        let columns = [0i32, 2, 7, 1, 3, 5];
+        let view = DlpackView::from_slice_strided(&columns, &[3, 2], &[1, 3]).unwrap();
+        assert_eq!(hash_table_values("op", &view, &spec).unwrap(), [0, 1, 2, 3, 7, 5]);
+        let repeated = [0i32, 0];
+        let view = DlpackView::from_slice(&repeated, &[1, 2]).unwrap();
+        let err = hash_table_values("op", &view, &spec).unwrap_err();
+        assert!(matches!(err, BackendError::HashTable { .. }), "{err}");
+        let wide = [0i64, 1];
+        let view = DlpackView::from_slice(&wide, &[1, 2]).unwrap();
+        let err = hash_table_values("op", &view, &spec).unwrap_err();
+        assert!(matches!(err, BackendError::UnsupportedDType { arg: "table", .. }), "{err}");
+    }
+
+    #[test]
+    fn host_token_ids_outside_the_table_are_refused_with_their_row() {
+        let ids = [0i64, 3, 4];
+        let view = DlpackView::from_slice(&ids, &[3]).unwrap();
+        assert!(check_host_token_ids("op", &view, 3, 5).is_ok());
+        let err = check_host_token_ids("op", &view, 3, 4).unwrap_err();
+        assert!(
+            matches!(err, BackendError::TokenIdOutsideTable { row: 2, id: 4, vocab: 4, .. }),
+            "{err}"
+        );
+        let negative = [1i32, -1];
+        let view = DlpackView::from_slice(&negative, &[2]).unwrap();
+        let err = check_host_token_ids("op", &view, 2, 4).unwrap_err();
+        assert!(matches!(err, BackendError::TokenIdOutsideTable { row: 1, id: -1, .. }), "{err}");
+        let err = check_host_token_ids("op", &view, 3, 4).unwrap_err();
+        assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
     }
 }

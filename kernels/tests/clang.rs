@@ -69,6 +69,9 @@ fn configs() -> Vec<RoutingSpec> {
             .scoring_order(ScoringOrder::AfterTopk)
             .build()
             .unwrap(),
+        // Hash routing: DeepSeek-V4's layer, and softmax scores over every lane slot of 1024.
+        RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, Hash, 1, 1, 6) },
+        spec(1024, Hash, 1, 1, 32),
     ]
 }
 
@@ -140,6 +143,11 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
                 ptx.contains(&format!(".entry {name}(")),
                 "{spec}: {name} missing from the PTX"
             );
+        }
+        // Both routing kernels take every argument `route_args` packs, the hash ones included.
+        let last = sluice_kernels::MAX_KERNEL_ARGS - 1;
+        for route in [sluice_kernels::ROUTE_KERNEL, sluice_kernels::ROUTE_LOGITS_KERNEL] {
+            assert!(ptx.contains(&format!("{route}_param_{last}")), "{spec}: {route}");
         }
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         assert!(ptx.contains("griddepcontrol.wait"));

@@ -117,40 +117,18 @@ impl PreparedGate {
             tracing::debug_span!("gate_route", layer = self.layer, tokens, backend = %self.backend)
                 .entered();
         let shape = [tokens, self.spec().top_k];
-        let (ids, weights) = match (self.is_hashed(), token_ids) {
-            (false, _) => {
-                let output = self.router.route(&export_detached(hidden)?)?;
-                let ids =
-                    import_checked(&self.backend, "topk_ids", output.topk_ids, DType::I32, &shape)?;
-                let weights = import_checked(
-                    &self.backend,
-                    "topk_weights",
-                    output.topk_weights,
-                    DType::F32,
-                    &shape,
-                )?;
-                (ids, weights)
-            }
+        let output = match (self.is_hashed(), token_ids) {
+            (false, _) => self.router.route(&export_detached(hidden)?)?,
             (true, None) => return Err(ModelError::MissingTokenIds { layer: self.layer }),
             (true, Some(token_ids)) => {
                 check_token_ids(self.layer, tokens, self.hash_vocab, token_ids)?;
-                // The token ids travel in the contract's inputs, so this goes through
-                // `route_into`, into buffers made here.
-                let (hidden, token_ids) = (hidden.detach(), token_ids.detach());
-                let inputs = RouteInputs::new(DlpackView::from_tensor(&hidden)?)
-                    .with_token_ids(DlpackView::from_tensor(&token_ids)?);
-                let len = tokens * shape[1];
-                let (mut ids, mut weights) = (vec![0i32; len], vec![0.0f32; len]);
-                {
-                    let mut outputs = RouteOutputs::new(
-                        DlpackViewMut::from_slice(&mut ids, &shape)?,
-                        DlpackViewMut::from_slice(&mut weights, &shape)?,
-                    );
-                    self.router.route_into(&inputs, &mut outputs, Execution::Host)?;
-                }
-                (Tensor::from_vec(ids, &shape)?, Tensor::from_vec(weights, &shape)?)
+                let token_ids = export_detached(token_ids)?;
+                self.router.route_with_token_ids(&export_detached(hidden)?, &token_ids)?
             }
         };
+        let ids = import_checked(&self.backend, "topk_ids", output.topk_ids, DType::I32, &shape)?;
+        let weights =
+            import_checked(&self.backend, "topk_weights", output.topk_weights, DType::F32, &shape)?;
         let (ids_view, weights_view) =
             (DlpackView::from_tensor(&ids)?, DlpackView::from_tensor(&weights)?);
         check_routing(&self.backend, self.spec(), &ids_view, &weights_view)?;

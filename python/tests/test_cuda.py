@@ -1,5 +1,5 @@
 """The CUDA path with torch as the client: routing equal to the CPU gate's for every model family
-the GPU kernels route, outputs written in place on the input's device, `route_into` captured in a
+(DeepSeek-V4's hash-routed layers with token ids on the device), outputs written in place on the input's device, `route_into` captured in a
 torch CUDA graph with a parameter weight and hidden states that require grad, and errors as
 Python exceptions with sluice's message.
 
@@ -54,8 +54,7 @@ def test_without_a_usable_device_only_choosing_cuda_fails():
 
 def hash_routed(golden: Golden, layer: int) -> bool:
     """Whether a layer of DeepSeek-V4 is routed by a table (`mlp_layer_types` `"hash_moe"` as
-    transformers saves it, else one of the first `num_hash_layers`), which the GPU kernels do not
-    do (README.md); every other layer of every family routes there."""
+    transformers saves it, else one of the first `num_hash_layers`): it needs the token ids."""
     types = golden.config.get("mlp_layer_types")
     if types is not None:
         return types[layer] == "hash_moe"
@@ -68,18 +67,19 @@ def hash_routed(golden: Golden, layer: int) -> bool:
 def test_route_matches_the_cpu_gate_and_transformers(family, kind):
     golden = Golden(family)
     hidden = golden.hidden(kind)
+    # Hash-routed layers choose by these; every other layer ignores them.
+    input_ids = golden.input_ids
+    device_ids = None if input_ids is None else input_ids.to(CUDA)
     routed = 0
     for layer in golden.moe_layers:
-        if hash_routed(golden, layer):
-            continue
         cpu = sluice.Gate.from_pretrained(golden.dir, layer)
         gpu = sluice.Gate.from_pretrained(golden.dir, layer, device="cuda")
         assert gpu.device == CUDA and cpu.device == torch.device("cpu")
-        ids, weights = gpu.route(hidden.to(CUDA))
+        ids, weights = gpu.route(hidden.to(CUDA), device_ids)
         assert ids.device == CUDA and weights.device == CUDA
         assert ids.dtype == torch.int32 and weights.dtype == torch.float32
         golden_ids, golden_weights, near_ties = golden.expected(layer, kind)
-        cpu_ids, cpu_weights = cpu.route(hidden)
+        cpu_ids, cpu_weights = cpu.route(hidden, input_ids)
         assert_matches_golden(ids.cpu(), weights.cpu(), cpu_ids, cpu_weights, near_ties)
         assert_matches_golden(ids.cpu(), weights.cpu(), golden_ids, golden_weights, near_ties)
         routed += 1
@@ -87,17 +87,25 @@ def test_route_matches_the_cpu_gate_and_transformers(family, kind):
 
 
 @cuda
-def test_hash_routed_layers_are_refused_on_the_gpu_when_prepared():
-    refused = 0
+def test_hash_routed_layers_on_the_gpu_need_device_token_ids():
+    """int32 ids route like int64 ones; no ids, or ids left on the host, are refused."""
+    checked = 0
     for family in FAMILIES:
         golden = Golden(family)
         for layer in golden.moe_layers:
             if not hash_routed(golden, layer):
                 continue
-            with pytest.raises(ValueError, match="hash"):
-                sluice.Gate.from_pretrained(golden.dir, layer, device="cuda")
-            refused += 1
-    assert refused > 0, "expected DeepSeek-V4's hash-routed layers among the fixtures"
+            gpu = sluice.Gate.from_pretrained(golden.dir, layer, device="cuda")
+            hidden = golden.hidden("f32").to(CUDA)
+            wide = gpu.route(hidden, golden.input_ids.to(CUDA))
+            narrow = gpu.route(hidden, golden.input_ids.to(torch.int32).to(CUDA))
+            assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
+            with pytest.raises(ValueError, match="token id"):
+                gpu.route(hidden)
+            with pytest.raises(ValueError, match="token_ids"):
+                gpu.route(hidden, golden.input_ids)
+            checked += 1
+    assert checked > 0, "expected DeepSeek-V4's hash-routed layers among the fixtures"
 
 
 def cuda_gate(*, dtype=torch.float32, seed=7, **options):

@@ -19,7 +19,7 @@
 //! | logits | `[T, E]` | f32 |
 //! | `topk_ids` | `[T, K]` | i32 (`-1` marks an invalid row) |
 //! | `topk_weights` | `[T, K]` | f32 |
-//! | status | `[2]` | i32: rows with non-finite values, and the first of them or `-1` |
+//! | status | `[2]` | i32: rows marked invalid (non-finite values; on a device stream also a hash-routed token id outside the table), and the first of them or `-1` |
 //!
 use std::fmt;
 
@@ -105,6 +105,10 @@ impl fmt::Debug for RoutingOutput {
 ///    [`NonFinitePolicy::Error`](crate::NonFinitePolicy) fails the call, which needs the host to
 ///    look at the result: it is refused on a device stream with
 ///    [`BackendError::PolicyNeedsHost`]. On the host a failed call may have written the outputs.
+///    A hash-routed layer's token id that names no row of its table is refused on the host with
+///    [`BackendError::TokenIdOutsideTable`] before anything is written; a call enqueued on a
+///    device stream cannot look at the ids first, so there that row is marked like a non-finite
+///    one (ids `-1`, weights `0`, counted in the status), whatever the policy.
 ///
 /// The allocating [`PreparedRouter::route`] stays as a convenience; on the host it is the same
 /// computation (a backend builds it on `route_into`).
@@ -143,8 +147,47 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
 
     /// The fused route: router GEMM and routing in one call. A hash-routed router refuses it
     /// with [`BackendError::MissingTokenIds`]: it needs the token ids of
+    /// [`route_with_token_ids`](Self::route_with_token_ids) or of
     /// [`route_into`](Self::route_into)'s inputs.
     fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError>;
+
+    /// [`route`](Self::route) with the token ids (i32 or i64 `[T]`) of the hidden states: the
+    /// synchronous convenience of a hash-routed layer, as `route` is of the others. Routers that
+    /// do not route by token id ignore the ids; a hash-routed one refuses an id outside its table
+    /// with [`BackendError::TokenIdOutsideTable`].
+    ///
+    /// The default body is [`route_into`](Self::route_into) on the host into outputs it allocates,
+    /// for a host router. A device router overrides it as it does `route` (host inputs are staged
+    /// on its device and the outputs come back to the host; it waits for its own stream), or
+    /// refuses with [`BackendError::NotSupported`], which the default body does for it.
+    fn route_with_token_ids(
+        &self,
+        hidden: &Dlpack,
+        token_ids: &Dlpack,
+    ) -> Result<RoutingOutput, BackendError> {
+        const OP: &str = "route_with_token_ids";
+        if self.device() != Device::Cpu {
+            return Err(BackendError::NotSupported { op: OP });
+        }
+        let hidden = argument_view(OP, "hidden", hidden)?;
+        let token_ids = argument_view(OP, "token_ids", token_ids)?;
+        let (tokens, top_k) = (hidden.shape().first().copied().unwrap_or(0), self.spec().top_k);
+        let shape = [tokens, top_k];
+        let exported = |source| BackendError::Argument { op: OP, arg: "output", source };
+        let len = tokens
+            .checked_mul(top_k)
+            .ok_or(BackendError::OutOfMemory { op: OP, bytes: usize::MAX })?;
+        let (mut ids, mut weights) = (vec![0i32; len], vec![0f32; len]);
+        {
+            let mut outputs = RouteOutputs::new(
+                DlpackViewMut::from_slice(&mut ids, &shape).map_err(exported)?,
+                DlpackViewMut::from_slice(&mut weights, &shape).map_err(exported)?,
+            );
+            let inputs = RouteInputs::new(hidden).with_token_ids(token_ids);
+            self.route_into(&inputs, &mut outputs, Execution::Host)?;
+        }
+        RoutingOutput::from_host_vecs(tokens, top_k, ids, weights).map_err(exported)
+    }
 
     /// The bytes of caller workspace a `route_into` of `tokens` tokens needs (0: none).
     fn workspace_bytes(&self, tokens: usize) -> usize {
@@ -684,5 +727,56 @@ mod tests {
         assert_send_sync::<dyn Backend>();
         assert_send_sync::<dyn PreparedRouter>();
         let _: Option<&dyn Backend> = None;
+    }
+
+    /// A router that implements only `route`: token `t` goes to expert `t` with weight 1.
+    #[derive(Debug)]
+    struct OnlyRoute {
+        spec: RoutingSpec,
+        device: Device,
+    }
+
+    impl PreparedRouter for OnlyRoute {
+        fn spec(&self) -> &RoutingSpec {
+            &self.spec
+        }
+
+        fn hidden_size(&self) -> usize {
+            2
+        }
+
+        fn device(&self) -> Device {
+            self.device
+        }
+
+        fn router_gemm(&self, _: &Dlpack) -> Result<Dlpack, BackendError> {
+            Err(BackendError::NotSupported { op: "router_gemm" })
+        }
+
+        fn route(&self, hidden: &Dlpack) -> Result<RoutingOutput, BackendError> {
+            let tokens = argument_view("route", "hidden", hidden)?.shape()[0];
+            let ids = (0..tokens as i32).collect();
+            RoutingOutput::from_host_vecs(tokens, 1, ids, vec![1.0; tokens])
+                .map_err(|source| BackendError::Argument { op: "route", arg: "output", source })
+        }
+    }
+
+    #[test]
+    fn route_with_token_ids_is_route_into_on_the_host_and_refused_for_a_device_router() {
+        let spec = RoutingSpec::builder(4, 1).build().unwrap();
+        let host = OnlyRoute { spec, device: Device::Cpu };
+        let hidden = export_vec(vec![0.5f32; 6], &[3, 2]).unwrap();
+        let token_ids = export_vec(vec![7i64, 8, 9], &[3]).unwrap();
+        let routed = host.route_with_token_ids(&hidden, &token_ids).unwrap();
+        let ids = DlpackView::from_dlpack(&routed.topk_ids).unwrap();
+        assert_eq!(ids.shape(), [3, 1]);
+        assert_eq!(ids.as_array2::<i32>().unwrap().iter().copied().collect::<Vec<_>>(), [0, 1, 2]);
+        // The ids are checked as route_into checks them: one per row of the hidden states.
+        let short = export_vec(vec![7i64, 8], &[2]).unwrap();
+        let err = host.route_with_token_ids(&hidden, &short).unwrap_err();
+        assert!(matches!(err, BackendError::Shape { arg: "token_ids", .. }), "{err}");
+        let device = OnlyRoute { spec, device: Device::Cuda(0) };
+        let err = device.route_with_token_ids(&hidden, &token_ids).unwrap_err();
+        assert!(matches!(err, BackendError::NotSupported { op: "route_with_token_ids" }), "{err}");
     }
 }

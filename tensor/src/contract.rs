@@ -55,7 +55,9 @@ pub struct RouteOutputs<'a> {
     pub topk_weights: DlpackViewMut<'a>,
     /// Router logits, f32 `[T, E]`, when the caller wants them too.
     pub logits: Option<DlpackViewMut<'a>>,
-    /// i32 `[2]`: the number of rows with non-finite values, and the first of them or `-1`.
+    /// i32 `[2]`: the number of rows marked invalid, and the first of them or `-1`. A row is
+    /// marked for non-finite values; on a device stream also for a hash-routed token id that
+    /// names no row of the table (on the host that id fails the call instead).
     pub status: Option<DlpackViewMut<'a>>,
     /// u8 `[N]` scratch of at least `workspace_bytes(T)` bytes, 16-byte aligned.
     pub workspace: Option<DlpackViewMut<'a>>,
