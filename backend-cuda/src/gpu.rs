@@ -20,6 +20,8 @@ pub(crate) struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) ordinal: usize,
     pub(crate) multiprocessors: usize,
+    /// Bytes of L2 cache.
+    pub(crate) l2_bytes: usize,
     pub(crate) compute_capability: (i32, i32),
     /// cuBLASLt, where the library is installed.
     pub(crate) lt: Option<Arc<Lt>>,
@@ -47,6 +49,9 @@ impl Gpu {
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(CudaError::driver("reading the multiprocessor count"))?;
+        let l2_bytes = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(CudaError::driver("reading the L2 size"))?;
         let compute_capability = ctx
             .compute_capability()
             .map_err(CudaError::driver("reading the compute capability"))?;
@@ -55,6 +60,7 @@ impl Gpu {
             stream,
             ordinal,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
+            l2_bytes: usize::try_from(l2_bytes).unwrap_or(0),
             compute_capability,
             lt: Lt::open().map(Arc::new),
             modules: Mutex::new(HashMap::new()),
