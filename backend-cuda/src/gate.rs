@@ -57,26 +57,33 @@ pub(crate) fn stage_matrix(
     Ok(Staged { matrix, from_host: true, copy: Some(copy) })
 }
 
-/// A private contiguous device copy of a device matrix (through the host: preparation only).
+/// A private contiguous device copy of a device matrix (through the host: preparation only). A
+/// matrix on another device is refused naming the weight, before any copy.
 pub(crate) fn copy_matrix(
     gpu: &Gpu,
     op: &'static str,
     dl: &Dlpack,
     expected: ExpectedShape,
 ) -> Result<Staged, BackendError> {
+    let view = argument_view(op, "weight", dl)?;
+    input::check_device(op, "weight", &view, Device::Cuda(gpu.ordinal))?;
     let host = memory::download(gpu, dl)?;
     stage_matrix(gpu, op, "weight", &host, WEIGHT_DTYPES, expected)
 }
 
-/// The f32 correction bias `[E]` (host or device) as host values, refused if not finite or if
-/// the spec's method takes no bias.
+/// The f32 correction bias `[E]` (host or this device) as host values, refused if on another
+/// device, not finite, or if the spec's method takes no bias.
 pub(crate) fn bias_values(
     gpu: &Gpu,
     op: &'static str,
     dl: &Dlpack,
     spec: &RoutingSpec,
 ) -> Result<Vec<f32>, BackendError> {
-    let on_device = argument_view(op, "bias", dl)?.device() != Device::Cpu;
+    let view = argument_view(op, "bias", dl)?;
+    let on_device = view.device() != Device::Cpu;
+    if on_device {
+        input::check_device(op, "bias", &view, Device::Cuda(gpu.ordinal))?;
+    }
     let downloaded = if on_device { Some(memory::download(gpu, dl)?) } else { None };
     sluice_tensor::host_bias_values(
         op,

@@ -3,7 +3,10 @@ the `cuda` marker.
 
 Tests marked `cuda` need a CUDA device: without one they skip, unless `SLUICE_REQUIRE_GPU` is set
 (as the GPU bundle's `run.sh` does), where a missing device fails them instead, as it fails the
-Rust GPU tests. `SLUICE_TESTDATA` points at the fixtures where the source tree is not around."""
+Rust GPU tests. Tests marked `second_cuda_device` need two: with fewer they skip whatever
+`SLUICE_REQUIRE_GPU` says (machines with one GPU run the suite with it set), and fail instead
+when `SLUICE_REQUIRE_GPUS` asks for two or more (`run.sh devices`). `SLUICE_TESTDATA` points at
+the fixtures where the source tree is not around."""
 
 from __future__ import annotations
 
@@ -31,9 +34,34 @@ def pytest_configure(config):
         "markers",
         "cuda: needs a CUDA device (skipped without one unless SLUICE_REQUIRE_GPU is set)",
     )
+    config.addinivalue_line(
+        "markers",
+        "second_cuda_device: needs two CUDA devices (skipped with fewer unless "
+        "SLUICE_REQUIRE_GPUS is 2 or more)",
+    )
+
+
+def required_cuda_devices() -> int:
+    """How many CUDA devices `SLUICE_REQUIRE_GPUS` says the machine must have (0 when unset)."""
+    value = os.environ.get("SLUICE_REQUIRE_GPUS")
+    if value is None:
+        return 0
+    if not value.isdigit():
+        pytest.fail(f"SLUICE_REQUIRE_GPUS={value!r} is not a number of CUDA devices", pytrace=False)
+    return int(value)
 
 
 def pytest_runtest_setup(item):
+    if item.get_closest_marker("second_cuda_device") is not None:
+        count = torch.cuda.device_count()
+        if count >= 2:
+            return
+        if required_cuda_devices() >= 2:
+            pytest.fail(
+                f"SLUICE_REQUIRE_GPUS asks for two CUDA devices but torch sees {count}",
+                pytrace=False,
+            )
+        pytest.skip(f"needs two CUDA devices, torch sees {count}")
     if item.get_closest_marker("cuda") is None or torch.cuda.is_available():
         return
     if "SLUICE_REQUIRE_GPU" in os.environ:

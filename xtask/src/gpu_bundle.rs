@@ -2,7 +2,8 @@
 //! CUDA backend's tests, the Python module's CUDA tests (its wheel, installed there without
 //! network), compute-sanitizer on the Rust tests, `sluice bench --backend cuda` and the PyTorch
 //! anchors (the gate, and the sort-based dispatch layout) side by side, in one git-ignored folder
-//! with a `run.sh`.
+//! with a `run.sh`. The tests of device ordinal 1 are among them; `run.sh devices` runs only
+//! those, on a machine with two GPUs, failing them rather than skipping where one is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

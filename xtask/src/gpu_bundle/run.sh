@@ -3,8 +3,13 @@
 # (compute-sanitizer) and Python with torch and pytest, but no Rust toolchain and no network.
 # Written by `cargo xtask gpu-bundle`. Results go to $OUT (default: ./out beside this script).
 #
-#   run.sh [tests] [python] [sanitizer] [cli] [bench] [anchor] [dispatch] [profile]
+#   run.sh [tests] [python] [sanitizer] [cli] [bench] [anchor] [dispatch] [profile] [devices]
 #   (default: the first seven, in this order; profile runs Nsight Compute on the bench's kernels)
+#
+# The tests of device ordinal 1 (the Rust binary `second_device`, the Python module's
+# `test_second_device.py`) run in `tests` and `python` too, where they skip on a machine with one
+# GPU. `devices`, for a machine with two or more, runs only them with SLUICE_REQUIRE_GPUS=2, which
+# makes a missing second device fail them instead.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
@@ -18,6 +23,21 @@ summary=()
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
     | tee "$out/device.txt"
+gpus="$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU')"
+
+# Installs the wheel without network into a new folder and prints the folder; pip's log goes to
+# $1. The caller removes the folder.
+install_wheel() {
+    local site
+    site="$(mktemp -d)"
+    if python3 -m pip install -q --no-deps --no-index --target "$site" \
+        "$here"/python/sluice-*.whl >"$1" 2>&1; then
+        echo "$site"
+    else
+        rm -rf "$site"
+        return 1
+    fi
+}
 
 for step in "${steps[@]}"; do
     case "$step" in
@@ -37,12 +57,12 @@ for step in "${steps[@]}"; do
         # The wheel, installed without network into a folder of its own, and the Python module's
         # CUDA tests with torch as the client (SLUICE_REQUIRE_GPU: a missing GPU fails them),
         # the README's examples among them.
-        tmp="$(mktemp -d)"
         log="$out/python.log"
-        if python3 -m pip install -q --no-deps --no-index --target "$tmp/site" \
-            "$here"/python/sluice-*.whl >"$log" 2>&1 &&
-            PYTHONPATH="$tmp/site" PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q -rs \
+        site=""
+        if site="$(install_wheel "$log")" &&
+            PYTHONPATH="$site" PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q -rs \
                 -p no:cacheprovider "$here/python/tests/test_cuda.py" \
+                "$here/python/tests/test_second_device.py" \
                 "$here/python/tests/test_readme.py" >>"$log" 2>&1; then
             summary+=("python: ok ($(tail -1 "$log"))")
         else
@@ -50,14 +70,16 @@ for step in "${steps[@]}"; do
             summary+=("python: FAILED (see python.log)")
             tail -40 "$log"
         fi
-        rm -rf "$tmp"
+        [ -n "$site" ] && rm -rf "$site"
         ;;
     sanitizer)
         for tool in memcheck racecheck initcheck; do
             for test in "$here"/tests/*; do
                 name="$(basename "$test")"
-                # A binary without tests makes no CUDA call, which the sanitizer reports as an error.
+                # A binary without tests makes no CUDA call, which the sanitizer reports as an error;
+                # so does `second_device` on a machine with one GPU, where it skips.
                 "$test" --list 2>/dev/null | grep -q ': test$' || continue
+                [ "$name" = second_device ] && [ "$gpus" -lt 2 ] && continue
                 # The golden sweep routes every fixture family through kernels the random configs
                 # already run (compiled for other configs): memcheck takes the random configs,
                 # every GEMM path and routing decision among them; the slower tools the rest.
@@ -131,8 +153,26 @@ for step in "${steps[@]}"; do
             grep -E "sluice_|Duration|Memory Throughput|DRAM Throughput" "$out/ncu-v3-$t.log" | head -24
         done
         ;;
+    devices)
+        # Device ordinal 1: the Rust tests and the Python ones, failing rather than skipping
+        # where this machine has fewer than two GPUs.
+        log="$out/devices.log"
+        site=""
+        if SLUICE_REQUIRE_GPUS=2 "$here/tests/second_device" --test-threads=1 >"$log" 2>&1 &&
+            site="$(install_wheel "$out/devices-wheel.log")" &&
+            SLUICE_REQUIRE_GPUS=2 PYTHONPATH="$site" PYTHONDONTWRITEBYTECODE=1 \
+                python3 -m pytest -q -rs -p no:cacheprovider \
+                "$here/python/tests/test_second_device.py" >>"$log" 2>&1; then
+            summary+=("devices ($gpus GPUs): ok ($(grep -h '^test result' "$log" | tail -1); $(tail -1 "$log"))")
+        else
+            failed=1
+            summary+=("devices ($gpus GPUs): FAILED (see devices.log)")
+            tail -40 "$log"
+        fi
+        [ -n "$site" ] && rm -rf "$site"
+        ;;
     *)
-        echo "unknown step $step (tests, python, sanitizer, cli, bench, anchor, dispatch, profile)" >&2
+        echo "unknown step $step (tests, python, sanitizer, cli, bench, anchor, dispatch, profile, devices)" >&2
         exit 2
         ;;
     esac

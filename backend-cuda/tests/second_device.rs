@@ -1,0 +1,513 @@
+//! The CUDA backend on a second GPU (device ordinal 1): routers prepared from host tensors and
+//! from tensors already on that device route like the reference, through `route` and through
+//! `route_into` captured in a CUDA graph on a stream of that device; their outputs are on that
+//! device by DLPack and by the driver; device tensors keep their pointer and device through the
+//! bridge; and tensors on device 0 are refused with the backend's typed error, nothing written.
+//!
+//! Needs two CUDA devices. With fewer, every test prints why it skipped and passes, whatever
+//! `SLUICE_REQUIRE_GPU` says (machines with one GPU run the suite with it set); with
+//! `SLUICE_REQUIRE_GPUS=2` (the GPU bundle's `devices` step) a missing second device fails.
+
+use std::ffi::c_void;
+use std::io::Write;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{
+    self, CUgraphInstantiate_flags, CUpointer_attribute, CUstreamCaptureMode,
+};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
+use half::bf16;
+use sluice_backend_cuda::{CudaBackend, CudaPreparedRouter};
+use sluice_models::reference::{self, Routing, Tolerance};
+use sluice_tensor::{
+    Backend, BackendError, Device, DeviceStream, Dlpack, DlpackView, DlpackViewMut, Element,
+    Execution, NonFinitePolicy, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec,
+    ScoringFunc, Tensor, TopkMethod, export_vec,
+};
+
+const SECOND: Device = Device::Cuda(1);
+const H: usize = 512;
+const E: usize = 256;
+const K: usize = 8;
+/// Token counts of the two GEMM paths: the matrix-vector kernel (up to 8 bf16 tokens) and, past
+/// it, cuBLASLt where installed (the tensor-core kernels elsewhere).
+const TOKEN_COUNTS: [usize; 2] = [4, 24];
+/// Row stride of the output buffers `route_into` writes a window of: wider than `K`.
+const ROW: usize = K + 3;
+/// Where the window starts in each row; the columns outside it are not the call's to write.
+const FIRST_COLUMN: usize = 1;
+/// What the test's output buffers hold before a call, so that a write shows.
+const MARKER: i32 = -123_456;
+
+/// Both devices' backends.
+struct Devices {
+    first: CudaBackend,
+    second: CudaBackend,
+}
+
+/// The CUDA devices the driver reports, or why it cannot say.
+fn cuda_device_count() -> Result<usize, String> {
+    // SAFETY: only tries to dlopen the driver library by its usual names; nothing is called.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver".into());
+    }
+    let count = CudaContext::device_count().map_err(|e| format!("no CUDA device ({e})"))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+/// How many devices `SLUICE_REQUIRE_GPUS` says this machine must have (0 when unset).
+fn required_devices() -> usize {
+    match std::env::var("SLUICE_REQUIRE_GPUS") {
+        Err(_) => 0,
+        Ok(value) => value.parse().unwrap_or_else(|_| {
+            panic!("SLUICE_REQUIRE_GPUS={value:?} is not a number of CUDA devices")
+        }),
+    }
+}
+
+/// The backends of devices 0 and 1, or `None` after a visible skip where the machine has fewer
+/// than two devices and `SLUICE_REQUIRE_GPUS` does not ask for two.
+fn devices(test: &str) -> Option<Devices> {
+    let found = match cuda_device_count() {
+        Ok(count) if count >= 2 => {
+            let open = |ordinal| {
+                CudaBackend::new(ordinal)
+                    .unwrap_or_else(|e| panic!("{test}: the CUDA backend on device {ordinal}: {e}"))
+            };
+            return Some(Devices { first: open(0), second: open(1) });
+        }
+        Ok(count) => format!("{count} CUDA device(s)"),
+        Err(why) => why,
+    };
+    if required_devices() >= 2 {
+        panic!("{test}: SLUICE_REQUIRE_GPUS asks for two CUDA devices, this machine has {found}");
+    }
+    // Written past the test harness's capture, so the skip is visible in every run.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs two CUDA devices, found {found}");
+    None
+}
+
+/// The ordinal of the device the driver places `address` on.
+fn driver_ordinal(address: *const u8) -> i32 {
+    let mut ordinal: i32 = -1;
+    // SAFETY: the attribute is one `int`, written into `ordinal`, which outlives the call; the
+    // driver was initialised when the backends were made, and the call only reads its tables.
+    unsafe {
+        sys::cuPointerGetAttribute(
+            (&raw mut ordinal).cast::<c_void>(),
+            CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            address as sys::CUdeviceptr,
+        )
+    }
+    .result()
+    .unwrap();
+    ordinal
+}
+
+/// Asserts that a tensor is on device 1 as DLPack says and as the driver says.
+fn assert_on_second_device(what: &str, tensor: &Dlpack) {
+    let view = DlpackView::from_dlpack(tensor).unwrap();
+    assert_eq!(view.device(), SECOND, "{what}");
+    assert_eq!(driver_ordinal(view.data_ptr()), 1, "{what}: the driver's answer");
+}
+
+fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let v = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9e37_79b9);
+            let v = v.wrapping_mul(0x85eb_ca6b) ^ (v >> 13);
+            ((v >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+fn bf16s(values: &[f32]) -> Vec<bf16> {
+    values.iter().copied().map(bf16::from_f32).collect()
+}
+
+fn dl<T: Element>(data: Vec<T>, shape: &[usize]) -> Dlpack {
+    export_vec(data, shape).unwrap()
+}
+
+fn spec() -> RoutingSpec {
+    RoutingSpec::builder(E, K)
+        .scoring(ScoringFunc::Sigmoid)
+        .method(TopkMethod::NoauxTc)
+        .groups(8, 4)
+        .norm_topk_prob(true)
+        .routed_scaling_factor(2.5)
+        .non_finite(NonFinitePolicy::MarkInvalid)
+        .build()
+        .unwrap()
+}
+
+/// A bf16 router weight `[E, H]` and an f32 bias `[E]`, as host values (bf16-exact).
+struct Gate {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        let weight = bf16s(&values(1, E * H, 0.2)).iter().map(|v| v.to_f32()).collect();
+        Gate { weight, bias: values(2, E, 0.1) }
+    }
+
+    fn weight_dl(&self) -> Dlpack {
+        dl(bf16s(&self.weight), &[E, H])
+    }
+
+    fn bias_dl(&self) -> Dlpack {
+        dl(self.bias.clone(), &[E])
+    }
+
+    /// bf16-exact hidden states `[tokens, H]`.
+    fn hidden(&self, seed: u32, tokens: usize) -> Vec<f32> {
+        bf16s(&values(seed, tokens * H, 2.0)).iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// Asserts that `ids` and `weights` (`[tokens, K]`, row-major) route `hidden` as the
+    /// reference does: the same expert sets except on near ties, weights within 1e-5.
+    fn assert_routes(&self, context: &str, hidden: &[f32], ids: Vec<i32>, weights: Vec<f32>) {
+        let tokens = hidden.len() / H;
+        let logits = reference::router_logits(hidden, &self.weight, tokens, H, E).unwrap();
+        let spec = spec();
+        let expected = reference::route(&logits, tokens, Some(&self.bias), &spec).unwrap();
+        let ties =
+            reference::near_tie_rows(&logits, tokens, Some(&self.bias), &spec, 1e-4).unwrap();
+        let ours = Routing::new(tokens, K, ids, weights).unwrap();
+        reference::check_sorted(&ours).unwrap_or_else(|e| panic!("{context}: {e}"));
+        reference::compare_routings(&expected, &ours, E, &ties, Tolerance { abs: 1e-5, rel: 1e-5 })
+            .unwrap_or_else(|e| panic!("{context}: {e}"));
+    }
+}
+
+/// The values of a host tensor.
+fn host_values<T: Element>(tensor: Dlpack) -> Vec<T> {
+    Tensor::from_dlpack(tensor).unwrap().to_vec::<T>().unwrap()
+}
+
+/// The window's values of a `[rows, ROW]` buffer read back, row-major, after asserting that
+/// every value outside it still holds the marker.
+fn window_values(context: &str, buffer: Vec<i32>) -> Vec<i32> {
+    let mut inside = Vec::new();
+    for row in buffer.chunks(ROW) {
+        let (before, rest) = row.split_at(FIRST_COLUMN);
+        let (written, after) = rest.split_at(K);
+        assert!(before.iter().chain(after).all(|&v| v == MARKER), "{context}: wrote past K");
+        inside.extend_from_slice(written);
+    }
+    inside
+}
+
+#[test]
+fn routers_on_the_second_device_route_there_like_the_reference() {
+    let Some(Devices { second, .. }) =
+        devices("routers_on_the_second_device_route_there_like_the_reference")
+    else {
+        return;
+    };
+    let gate = Gate::new();
+    let spec = spec();
+    let from_host = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let (weight_there, bias_there) =
+        (second.upload(&gate.weight_dl()).unwrap(), second.upload(&gate.bias_dl()).unwrap());
+    assert_on_second_device("uploaded weight", &weight_there);
+    let from_device = second.prepare(&weight_there, Some(&bias_there), &spec).unwrap();
+    for (prepared_from, router) in [("host", &from_host), ("device 1", &from_device)] {
+        assert_eq!(router.device(), SECOND);
+        for (seed, tokens) in (10..).zip(TOKEN_COUNTS) {
+            let context = format!("prepared from {prepared_from}, T={tokens}");
+            router.warm_up(tokens).unwrap();
+            let hidden = gate.hidden(seed, tokens);
+            let hidden_dl = || dl(bf16s(&hidden), &[tokens, H]);
+
+            // Host hidden states: staged on device 1, outputs copied back.
+            let out = router.route(&hidden_dl()).unwrap();
+            let (ids, weights) = (host_values(out.topk_ids), host_values(out.topk_weights));
+            gate.assert_routes(&format!("{context}, host in"), &hidden, ids, weights);
+
+            // Hidden states on device 1: outputs stay there.
+            let out = router.route(&second.upload(&hidden_dl()).unwrap()).unwrap();
+            assert_on_second_device(&format!("{context}: topk_ids"), &out.topk_ids);
+            assert_on_second_device(&format!("{context}: topk_weights"), &out.topk_weights);
+            let ids = host_values(second.download(&out.topk_ids).unwrap());
+            let weights = host_values(second.download(&out.topk_weights).unwrap());
+            gate.assert_routes(&format!("{context}, device in"), &hidden, ids, weights);
+        }
+    }
+}
+
+/// A stream of the test on `ordinal`'s primary context, with cudarc's event tracking off.
+fn test_stream(ordinal: usize) -> Arc<CudaStream> {
+    let ctx = CudaContext::new(ordinal).unwrap();
+    // SAFETY: before this test allocates anything on the context; the test orders its work by
+    // stream order and synchronisation.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().unwrap()
+}
+
+/// A device buffer of the test (the engine's memory in real life) on its stream's device, and
+/// the shape, strides and offset of the view of it a call takes.
+struct Buffer {
+    memory: CudaSlice<u8>,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    byte_offset: u64,
+    dtype: DLDataType,
+}
+
+impl Buffer {
+    /// A contiguous `shape` buffer of `bytes`.
+    fn new(stream: &Arc<CudaStream>, bytes: &[u8], shape: &[usize], dtype: DLDataType) -> Self {
+        let mut strides: Vec<i64> = shape
+            .iter()
+            .rev()
+            .scan(1, |stride, &d| Some(std::mem::replace(stride, *stride * d as i64)))
+            .collect();
+        strides.reverse();
+        Buffer {
+            memory: stream.clone_htod(bytes).unwrap(),
+            shape: shape.iter().map(|&d| d as i64).collect(),
+            strides,
+            byte_offset: 0,
+            dtype,
+        }
+    }
+
+    /// `[rows, ROW]` 4-byte values filled with [`MARKER`], seen as its window `[rows, K]` from
+    /// column `FIRST_COLUMN`.
+    fn marked_window(stream: &Arc<CudaStream>, rows: usize, dtype: DLDataType) -> Self {
+        let bytes: Vec<u8> =
+            std::iter::repeat_n(MARKER.to_le_bytes(), rows * ROW).flatten().collect();
+        Buffer {
+            shape: vec![rows as i64, K as i64],
+            strides: vec![ROW as i64, 1],
+            byte_offset: (FIRST_COLUMN * 4) as u64,
+            ..Buffer::new(stream, &bytes, &[rows, ROW], dtype)
+        }
+    }
+
+    fn descriptor(&mut self, stream: &Arc<CudaStream>) -> DLTensor {
+        DLTensor {
+            data: self.memory.device_ptr(stream).0 as *mut c_void,
+            device: DLDevice {
+                device_type: DLDeviceType::CUDA,
+                device_id: stream.context().ordinal() as i32,
+            },
+            ndim: self.shape.len() as i32,
+            dtype: self.dtype,
+            shape: self.shape.as_mut_ptr(),
+            strides: self.strides.as_mut_ptr(),
+            byte_offset: self.byte_offset,
+        }
+    }
+
+    /// The whole buffer's 4-byte values (i32, or f32 bits), after the stream's work.
+    fn read(&self, stream: &Arc<CudaStream>) -> Vec<i32> {
+        let bytes = stream.clone_dtoh(&self.memory).unwrap();
+        stream.synchronize().unwrap();
+        bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+}
+
+/// `route_into`'s outputs on one device: windows of marked buffers, a marked status and a
+/// workspace, with the descriptors the call's views are made of.
+struct Outputs {
+    ids: Buffer,
+    weights: Buffer,
+    status: Buffer,
+    /// Never read: kept for its descriptor.
+    _workspace: Buffer,
+    descriptors: [DLTensor; 4],
+}
+
+impl Outputs {
+    fn new(stream: &Arc<CudaStream>, router: &CudaPreparedRouter, tokens: usize) -> Self {
+        let mut ids = Buffer::marked_window(stream, tokens, DLDataType::I32);
+        let mut weights = Buffer::marked_window(stream, tokens, DLDataType::F32);
+        let marker: Vec<u8> = [MARKER; 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut status = Buffer::new(stream, &marker, &[2], DLDataType::I32);
+        let bytes = router.workspace_bytes(tokens).max(1);
+        let mut workspace = Buffer::new(stream, &vec![0; bytes], &[bytes], DLDataType::U8);
+        let descriptors = [
+            ids.descriptor(stream),
+            weights.descriptor(stream),
+            status.descriptor(stream),
+            workspace.descriptor(stream),
+        ];
+        Outputs { ids, weights, status, _workspace: workspace, descriptors }
+    }
+
+    /// The call's writable views.
+    fn views(&mut self) -> RouteOutputs<'_> {
+        let [ids, weights, status, workspace] = &mut self.descriptors;
+        // SAFETY: each descriptor points at a live device buffer of `self` (kept alive, and its
+        // shape and strides unmoved, by the borrow of `self`), inside it with its shape, strides
+        // and offset; nothing else reads or writes those buffers while the views are alive.
+        unsafe {
+            RouteOutputs::new(
+                DlpackViewMut::from_raw(ids).unwrap(),
+                DlpackViewMut::from_raw(weights).unwrap(),
+            )
+            .with_status(DlpackViewMut::from_raw(status).unwrap())
+            .with_workspace(DlpackViewMut::from_raw(workspace).unwrap())
+        }
+    }
+}
+
+#[test]
+fn route_into_on_a_stream_of_the_second_device_is_captured_and_replayed() {
+    let Some(Devices { second, .. }) =
+        devices("route_into_on_a_stream_of_the_second_device_is_captured_and_replayed")
+    else {
+        return;
+    };
+    let gate = Gate::new();
+    let router = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec()).unwrap();
+    let stream = test_stream(1);
+    // SAFETY: the stream lives to the end of the test and belongs to device 1's primary context;
+    // every buffer of the call outlives the graph's replays, and is read after synchronising.
+    let execution = Execution::Stream(
+        unsafe { DeviceStream::new(SECOND, stream.cu_stream() as usize) }.unwrap(),
+    );
+    for tokens in TOKEN_COUNTS {
+        router.warm_up(tokens).unwrap();
+        let zeros = vec![0u8; tokens * H * 2];
+        let mut hidden_buffer = Buffer::new(&stream, &zeros, &[tokens, H], DLDataType::BF16);
+        let hidden_descriptor = hidden_buffer.descriptor(&stream);
+        let mut outputs = Outputs::new(&stream, &router, tokens);
+        // SAFETY: the descriptor points at the test's live buffer of hidden states with its
+        // shape and strides; the test writes it only between replays, on the same stream.
+        let hidden_view = unsafe { DlpackView::from_raw(&hidden_descriptor) }.unwrap();
+        let inputs = RouteInputs::new(hidden_view);
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+        router.route_into(&inputs, &mut outputs.views(), execution).unwrap();
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .unwrap()
+            .expect("a captured graph");
+        // A capture records the work, it does not run it.
+        assert!(outputs.ids.read(&stream).iter().all(|&v| v == MARKER), "T={tokens}");
+
+        for round in 0..2 {
+            let context = format!("T={tokens} replay {round}");
+            // New activations in the same buffer, as the engine's next step would have.
+            let hidden = gate.hidden(20 + round, tokens);
+            let bytes: Vec<u8> = bf16s(&hidden).iter().flat_map(|v| v.to_le_bytes()).collect();
+            stream.memcpy_htod(&bytes, &mut hidden_buffer.memory).unwrap();
+            graph.launch().unwrap();
+            let ids = window_values(&context, outputs.ids.read(&stream));
+            let weights = window_values(&context, outputs.weights.read(&stream));
+            let weights = weights.into_iter().map(|bits| f32::from_bits(bits as u32));
+            gate.assert_routes(&context, &hidden, ids, weights.collect());
+            assert_eq!(outputs.status.read(&stream), [0, -1], "{context}");
+            let driver = driver_ordinal(outputs.ids.memory.device_ptr(&stream).0 as *const u8);
+            assert_eq!(driver, 1, "{context}: the driver places the outputs on device 1");
+        }
+    }
+}
+
+#[test]
+fn device_tensors_on_the_second_device_keep_their_pointer_and_device() {
+    let Some(Devices { second, .. }) =
+        devices("device_tensors_on_the_second_device_keep_their_pointer_and_device")
+    else {
+        return;
+    };
+    let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+    let device = second.upload(&dl(values.clone(), &[4, 6])).unwrap();
+    assert_on_second_device("uploaded", &device);
+    let address = DlpackView::from_dlpack(&device).unwrap().data_ptr();
+    let tensor = Tensor::from_dlpack(device).unwrap();
+    assert_eq!(tensor.device(), SECOND);
+    assert_eq!(tensor.data_ptr(), address);
+    let again = tensor.to_dlpack().unwrap();
+    assert_on_second_device("exported again", &again);
+    assert_eq!(DlpackView::from_dlpack(&again).unwrap().data_ptr(), address);
+    assert_eq!(host_values::<f32>(second.download(&again).unwrap()), values);
+}
+
+/// Asserts a refusal of a tensor on device 0 by a device-1 router, naming the argument.
+fn assert_refused<T>(context: &str, result: Result<T, BackendError>, arg: &str) {
+    let Err(error) = result else { panic!("{context}: a tensor on device 0 was accepted") };
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            BackendError::WrongDevice { arg: refused, actual: Device::Cuda(0), expected: SECOND, .. }
+                if refused == arg
+        ),
+        "{context}: {message}"
+    );
+    let expected = format!("`{arg}` is on cuda:0, this backend computes on cuda:1");
+    assert!(message.contains(&expected), "{context}: {message}");
+}
+
+#[test]
+fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
+    let Some(Devices { first, second }) =
+        devices("tensors_on_the_first_device_are_refused_by_a_second_device_router")
+    else {
+        return;
+    };
+    let gate = Gate::new();
+    let spec = spec();
+    let on_first = |host: Dlpack| first.upload(&host).unwrap();
+    assert_refused(
+        "a weight on device 0",
+        second.prepare(&on_first(gate.weight_dl()), Some(&gate.bias_dl()), &spec),
+        "weight",
+    );
+    assert_refused(
+        "a bias on device 0",
+        second.prepare(&gate.weight_dl(), Some(&on_first(gate.bias_dl())), &spec),
+        "bias",
+    );
+    assert_refused("download", second.download(&on_first(gate.bias_dl())), "tensor");
+
+    let router = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let tokens = TOKEN_COUNTS[0];
+    let hidden_first = on_first(dl(bf16s(&gate.hidden(30, tokens)), &[tokens, H]));
+    assert_refused("route", router.route(&hidden_first), "hidden");
+    assert_refused("router_gemm", router.router_gemm(&hidden_first), "hidden");
+
+    let stream = test_stream(1);
+    // SAFETY: the stream lives to the end of the test and belongs to device 1's primary context;
+    // every call below is refused before it enqueues anything.
+    let execution = Execution::Stream(
+        unsafe { DeviceStream::new(SECOND, stream.cu_stream() as usize) }.unwrap(),
+    );
+    let mut outputs = Outputs::new(&stream, &router, tokens);
+    let inputs = RouteInputs::new(DlpackView::from_dlpack(&hidden_first).unwrap());
+    assert_refused(
+        "route_into",
+        router.route_into(&inputs, &mut outputs.views(), execution),
+        "hidden",
+    );
+    // Hidden states on device 1, ids on device 0.
+    let hidden_second = second.upload(&dl(bf16s(&gate.hidden(31, tokens)), &[tokens, H])).unwrap();
+    let inputs = RouteInputs::new(DlpackView::from_dlpack(&hidden_second).unwrap());
+    let stream_first = test_stream(0);
+    let mut outputs_first = Outputs::new(&stream_first, &router, tokens);
+    let mut views = outputs.views();
+    views.topk_ids = outputs_first.views().topk_ids;
+    assert_refused("route_into", router.route_into(&inputs, &mut views, execution), "topk_ids");
+    // A stream of device 0.
+    // SAFETY: the per-thread default stream; the call is refused before it enqueues anything.
+    let per_thread_first = unsafe { DeviceStream::new(Device::Cuda(0), 2) }.unwrap();
+    let result =
+        router.route_into(&inputs, &mut outputs.views(), Execution::Stream(per_thread_first));
+    assert!(matches!(result, Err(BackendError::UnsupportedExecution { .. })), "{result:?}");
+
+    for (what, buffer, stream) in [
+        ("ids", &outputs.ids, &stream),
+        ("weights", &outputs.weights, &stream),
+        ("status", &outputs.status, &stream),
+        ("ids on device 0", &outputs_first.ids, &stream_first),
+    ] {
+        let values = buffer.read(stream);
+        assert!(values.iter().all(|&v| v == MARKER), "{what}: a refused call wrote {values:?}");
+    }
+}
