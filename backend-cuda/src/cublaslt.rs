@@ -8,13 +8,14 @@
 //!
 //! Each problem shape gets its descriptors and algorithm once, kept with the router; a call then
 //! only enqueues `cublasLtMatmul` with the caller's workspace, so engines capture it in their
-//! graphs. `warm_up` chooses the algorithm by timing: it runs up to [`MAX_CANDIDATES`] of the
-//! heuristic's candidates on scratch buffers of the real shape, each run after an L2 flush (a gate
-//! meets its weight cold in an engine), and keeps the fastest by median where it beats the
-//! heuristic's first choice by more than [`REPLACE_MARGIN`]. Timed with a warm L2 and no margin,
-//! the choices varied between routers of one shape and made the gate slower in the benchmark
-//! (which meets its operands cold), so both matter. The choice is kept per shape for the whole
-//! backend. A shape first met in a call, without `warm_up`, takes the heuristic's first answer, a
+//! graphs. `warm_up` chooses the algorithm by timing the whole gate call (status reset, GEMM,
+//! routing kernel) with each of up to [`MAX_CANDIDATES`] of the heuristic's candidates, on scratch
+//! buffers of the real shape, each run after an L2 flush (a gate meets its weight cold in an
+//! engine), and keeps the fastest by median where it beats the heuristic's first choice by more
+//! than [`REPLACE_MARGIN`]. On an H200, the GEMM timed alone with a warm L2 chose algorithms
+//! that made the whole gate slower in the benchmark (Kimi-K2, T = 1024: 24.5 us against 19.3 us
+//! with the heuristic's first), so what is timed is what runs. The choice is kept per shape for
+//! the whole backend. A shape first met in a call, without `warm_up`, takes the heuristic's first answer, a
 //! host-side query with no device work.
 
 use std::collections::HashMap;
@@ -419,28 +420,6 @@ impl Drop for Preference {
     }
 }
 
-/// Device buffers for one shape's operands while its candidates are timed.
-struct Scratch {
-    hidden: CudaSlice<u8>,
-    logits: CudaSlice<u8>,
-    /// [`workspace_bytes`] plus the slack that aligns its start to [`WORKSPACE_ALIGN`].
-    workspace: CudaSlice<u8>,
-    /// Twice the L2, written before each timed run so that the run finds its operands in memory.
-    flush: CudaSlice<u8>,
-}
-
-impl Scratch {
-    fn new(gpu: &Gpu, shape: Shape) -> Result<Self, CudaError> {
-        let hidden_bytes = shape.tokens * shape.hidden_row_stride * size_of::<half::bf16>();
-        Ok(Scratch {
-            hidden: memory::zeroed(gpu, hidden_bytes)?,
-            logits: memory::zeroed(gpu, shape.tokens * shape.experts * size_of::<f32>())?,
-            workspace: memory::zeroed(gpu, workspace_bytes(shape.tokens) + WORKSPACE_ALIGN)?,
-            flush: memory::zeroed(gpu, 2 * gpu.l2_bytes.max(1 << 20))?,
-        })
-    }
-}
-
 /// A router's GEMM through cuBLASLt, with the plans of the shapes it has seen.
 pub(crate) struct LtGemm {
     lt: Arc<Lt>,
@@ -471,54 +450,52 @@ impl LtGemm {
         self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Chooses the algorithm for `hidden`'s shape (its address is not read) by timing: runs each
-    /// of the heuristic's candidates (up to [`MAX_CANDIDATES`]) on scratch device buffers of that
-    /// shape and `weight` on `gpu`'s stream, and keeps the fastest in the shape's plan; the
-    /// scratch is freed before this returns. A candidate that fails to run is skipped; where none
-    /// ran (or the scratch could not be allocated) the heuristic's first answer is kept, and a
-    /// later call times again. Nothing happens where a timed plan exists already.
-    ///
-    /// # Safety
-    ///
-    /// `weight` must describe live device memory on this context's device, accepted by
-    /// [`accepts`](Self::accepts) with `hidden` (bf16, 16-byte aligned rows), that nothing writes
-    /// until this returns; the context must be current on this thread.
-    pub(crate) unsafe fn tune(
+    /// Chooses the algorithm for `hidden`'s shape (its address is not read) by timing what
+    /// `run_gate` enqueues on `gpu`'s stream (the whole gate call, whose GEMM takes the shape's
+    /// plan) with each of the heuristic's candidates (up to [`MAX_CANDIDATES`]) in the plan in
+    /// turn, each timed run after an L2 flush; keeps the fastest by median where it beats the
+    /// heuristic's first by more than [`REPLACE_MARGIN`], for this router and every router of
+    /// the backend. A candidate with which `run_gate` fails is skipped; where none ran (or the
+    /// flush buffer could not be allocated) the heuristic's first answer is kept, and a later
+    /// call times again. Nothing is timed where this router or the backend timed the shape
+    /// already. Returns with the stream's work done.
+    pub(crate) fn tune(
         &self,
         gpu: &Gpu,
         hidden: &DeviceMatrix,
         weight: &DeviceMatrix,
+        run_gate: &dyn Fn() -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
         let shape = Shape::of(hidden, weight);
-        if self.plans().get(&shape).is_some_and(|plan| plan.timed) {
-            return Ok(());
-        }
-        let _span = tracing::debug_span!("cublaslt_tune", ?shape).entered();
         let choosing = |source| CudaError::Cublas { doing: "choosing a GEMM algorithm", source };
-        let descriptors = Descriptors::new(shape).map_err(choosing)?;
-        let timed_here = self.lt.timed().get(&shape).copied();
-        if let Some(algo) = timed_here {
+        let mut plans = self.plans();
+        let plan = match plans.entry(shape) {
+            Entry::Occupied(found) if found.get().timed => return Ok(()),
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(slot) => {
+                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(choosing)?)
+            }
+        };
+        if let Some(algo) = self.lt.timed().get(&shape) {
             // Another router of this backend timed this shape already.
-            self.install(shape, Plan { descriptors, algo, timed: true });
+            (plan.algo, plan.timed) = (*algo, true);
             return Ok(());
         }
         let candidates =
-            descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?;
-        let measured = match Scratch::new(gpu, shape) {
-            Ok(scratch) => {
-                // SAFETY: the caller vouches for `weight` and the context, as `time_candidates`
-                // asks; the scratch was allocated for this shape.
-                let measured = unsafe {
-                    self.time_candidates(gpu, &descriptors, &candidates, &scratch, hidden, weight)
-                };
-                // The scratch goes only after every run on it is done.
+            plan.descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?;
+        drop(plans);
+        let _span = tracing::debug_span!("cublaslt_tune", ?shape).entered();
+        let measured = match memory::zeroed(gpu, 2 * gpu.l2_bytes.max(1 << 20)) {
+            Ok(flush) => {
+                let measured = self.time_candidates(gpu, shape, &candidates, &flush, run_gate);
+                // The flush buffer goes only after every run on it is done.
                 gpu.stream.synchronize().map_err(CudaError::driver("waiting for the timing"))?;
                 measured?
             }
             Err(error) => {
                 tracing::warn!(
                     %error,
-                    "no scratch memory to time cuBLASLt's candidates: keeping its heuristic's first"
+                    "no memory to time cuBLASLt's candidates: keeping its heuristic's first"
                 );
                 Vec::new()
             }
@@ -532,7 +509,7 @@ impl LtGemm {
                 micros = measured[index].as_ref().ok(),
                 heuristic_first_micros = measured[0].as_ref().ok(),
                 candidates = candidates.len(),
-                "cuBLASLt algorithm chosen by timing"
+                "cuBLASLt algorithm chosen by timing the gate"
             ),
             None => tracing::info!(
                 ?shape,
@@ -540,84 +517,51 @@ impl LtGemm {
                 "no cuBLASLt candidate could be timed: keeping the heuristic's first choice"
             ),
         }
-        if chosen.is_some() {
-            self.lt.timed().entry(shape).or_insert(candidates[index].algo);
+        let algo = match chosen {
+            Some(_) => *self.lt.timed().entry(shape).or_insert(candidates[index].algo),
+            None => candidates[index].algo,
+        };
+        if let Some(plan) = self.plans().get_mut(&shape) {
+            (plan.algo, plan.timed) = (algo, chosen.is_some());
         }
-        self.install(
-            shape,
-            Plan { descriptors, algo: candidates[index].algo, timed: chosen.is_some() },
-        );
         Ok(())
     }
 
-    /// Keeps `plan` for `shape`, unless a timed plan is there already (another thread's timing
-    /// finished first: its choice stays).
-    fn install(&self, shape: Shape, plan: Plan) {
-        match self.plans().entry(shape) {
-            Entry::Occupied(found) if found.get().timed => {}
-            Entry::Occupied(mut found) => {
-                found.insert(plan);
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(plan);
-            }
-        }
-    }
-
-    /// Times each candidate on `scratch` (see [`tune`](Self::tune)): microseconds per run, or why
-    /// cuBLASLt refused to run it. A failure of the driver itself (events) is an error.
-    ///
-    /// # Safety
-    ///
-    /// As [`tune`](Self::tune) asks, and `scratch` must have been allocated for this shape.
-    unsafe fn time_candidates(
+    /// Times `run_gate` with each candidate in the shape's plan (see [`tune`](Self::tune)):
+    /// microseconds per call by median, or why it failed with that candidate. A failure of the
+    /// driver itself (events, the flush) is an error.
+    fn time_candidates(
         &self,
         gpu: &Gpu,
-        descriptors: &Descriptors,
+        shape: Shape,
         candidates: &[Candidate],
-        scratch: &Scratch,
-        hidden: &DeviceMatrix,
-        weight: &DeviceMatrix,
-    ) -> Result<Vec<Result<f64, CublasError>>, CudaError> {
+        flush: &CudaSlice<u8>,
+        run_gate: &dyn Fn() -> Result<(), CudaError>,
+    ) -> Result<Vec<Result<f64, CudaError>>, CudaError> {
         let event = || -> Result<CudaEvent, CudaError> {
             gpu.ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(CudaError::driver("creating an event"))
         };
         let (start, end) = (event()?, event()?);
-        let hidden = DeviceMatrix { ptr: memory::address(gpu, &scratch.hidden), ..*hidden };
-        let operands = Operands {
-            hidden: &hidden,
-            weight,
-            logits: memory::address(gpu, &scratch.logits),
-            workspace: memory::address(gpu, &scratch.workspace)
-                .next_multiple_of(WORKSPACE_ALIGN as u64),
-        };
         let stream = &gpu.stream;
-        let flush = memory::address(gpu, &scratch.flush);
-        let flush_words = scratch.flush.len() / size_of::<u32>();
+        let flush_address = memory::address(gpu, flush);
+        let flush_words = flush.len() / size_of::<u32>();
         let flush_l2 = || -> Result<(), CudaError> {
-            // SAFETY: the flush buffer holds `flush_words` u32 and is only used here, on this
-            // stream, and freed by `tune` after it synchronises the stream.
-            unsafe { cuMemsetD32Async(flush, 0x5a5a_5a5a, flush_words, stream.cu_stream()) }
+            // SAFETY: the flush buffer holds `flush_words` u32, is only written here, on this
+            // stream, and lives until `tune` has synchronised the stream.
+            unsafe { cuMemsetD32Async(flush_address, 0x5a5a_5a5a, flush_words, stream.cu_stream()) }
                 .result()
                 .map_err(CudaError::driver("flushing the L2"))
         };
         let mut measured = Vec::with_capacity(candidates.len());
         for (index, candidate) in candidates.iter().enumerate() {
-            let run = || {
-                // SAFETY: the scratch buffers hold the shape's hidden states, logits and
-                // `workspace_bytes(T)` bytes from a `WORKSPACE_ALIGN`-aligned start (the slack
-                // allocated for it), and are only used here, on this stream, and freed by `tune`
-                // after it synchronises the stream; the caller vouches for the weight and the
-                // current context; the candidate is the heuristic's for this shape.
-                unsafe {
-                    descriptors.matmul(&self.lt, &candidate.algo, stream.cu_stream(), operands)
-                }
-            };
-            let outcome = (|| -> Result<Result<f64, CublasError>, CudaError> {
+            if let Some(plan) = self.plans().get_mut(&shape) {
+                plan.algo = candidate.algo;
+            }
+            let outcome = (|| -> Result<Result<f64, CudaError>, CudaError> {
                 for _ in 0..WARMUP_RUNS {
-                    if let Err(refused) = run() {
+                    if let Err(refused) = run_gate() {
                         return Ok(Err(refused));
                     }
                 }
@@ -625,7 +569,7 @@ impl LtGemm {
                 for _ in 0..TIMED_RUNS {
                     flush_l2()?;
                     start.record(stream).map_err(CudaError::driver("recording an event"))?;
-                    if let Err(refused) = run() {
+                    if let Err(refused) = run_gate() {
                         return Ok(Err(refused));
                     }
                     end.record(stream).map_err(CudaError::driver("recording an event"))?;
@@ -642,12 +586,12 @@ impl LtGemm {
                     micros,
                     workspace = candidate.workspace,
                     waves = candidate.waves,
-                    "cuBLASLt candidate timed"
+                    "cuBLASLt candidate timed in the gate"
                 ),
                 Err(refused) => tracing::debug!(
                     candidate = index,
                     error = %refused,
-                    "cuBLASLt candidate skipped: it did not run"
+                    "cuBLASLt candidate skipped: the gate did not run with it"
                 ),
             }
             measured.push(outcome);
@@ -750,19 +694,21 @@ mod tests {
             hidden_row_stride: hidden_size,
             weight_row_stride: hidden_size,
         };
-        let scratch = Scratch::new(&gpu, shape).unwrap();
-        let hidden = matrix(memory::address(&gpu, &scratch.hidden), tokens);
+        let hidden_buffer = memory::zeroed(&gpu, tokens * hidden_size * 2).unwrap();
+        let logits_buffer = memory::zeroed(&gpu, tokens * experts * 4).unwrap();
+        let workspace_buffer =
+            memory::zeroed(&gpu, workspace_bytes(tokens) + WORKSPACE_ALIGN).unwrap();
+        let hidden = matrix(memory::address(&gpu, &hidden_buffer), tokens);
         assert_eq!(Shape::of(&hidden, &weight), shape);
-        let logits = memory::address(&gpu, &scratch.logits);
+        let logits = memory::address(&gpu, &logits_buffer);
         let workspace =
-            memory::address(&gpu, &scratch.workspace).next_multiple_of(WORKSPACE_ALIGN as u64);
+            memory::address(&gpu, &workspace_buffer).next_multiple_of(WORKSPACE_ALIGN as u64);
         gpu.ctx.bind_to_thread().unwrap();
-        let call = || {
-            // SAFETY: the scratch buffers hold this shape's hidden states, logits and aligned
-            // workspace, the weight buffer its weight; all live until the end of the test, after
-            // the stream is synchronised; the context is current.
+        let call = |gemm: &LtGemm| {
+            // SAFETY: the buffers hold this shape's hidden states, logits, aligned workspace and
+            // weight; all live until the end of the test, after the stream is synchronised; the
+            // context is current.
             unsafe { gemm.enqueue(gpu.stream.cu_stream(), &hidden, &weight, logits, workspace) }
-                .unwrap();
         };
         let plan = |gemm: &LtGemm| {
             let plans = gemm.plans();
@@ -772,27 +718,22 @@ mod tests {
         let candidates =
             Descriptors::new(shape).unwrap().candidates(&gemm.lt, shape, MAX_CANDIDATES).unwrap();
 
-        call();
+        call(&gemm).unwrap();
         assert_eq!(plan(&gemm), (candidates[0].algo, false));
 
-        let tune = || {
-            // SAFETY: the weight buffer lives until the end of the test and nothing writes it;
-            // the context is current.
-            unsafe { gemm.tune(&gpu, &hidden, &weight) }.unwrap();
-        };
-        tune();
+        let tune = |gemm: &LtGemm| gemm.tune(&gpu, &hidden, &weight, &|| call(gemm)).unwrap();
+        tune(&gemm);
         let (timed_algo, timed) = plan(&gemm);
         assert!(timed, "no candidate of {} could be timed", candidates.len());
         assert!(candidates.iter().any(|c| c.algo == timed_algo));
 
-        call();
-        tune();
+        call(&gemm).unwrap();
+        tune(&gemm);
         assert_eq!(plan(&gemm), (timed_algo, true));
 
         // Another router of the backend takes the same choice, without timing again.
         let other = LtGemm::new(Arc::clone(&gemm.lt));
-        // SAFETY: as for `tune` above.
-        unsafe { other.tune(&gpu, &hidden, &weight) }.unwrap();
+        tune(&other);
         assert_eq!(plan(&other), (timed_algo, true));
         gpu.stream.synchronize().unwrap();
     }

@@ -316,6 +316,35 @@ enum GemmPath<'a> {
     Lt(&'a LtGemm),
 }
 
+/// Device buffers for timing a gate call of `T` tokens in `warm_up`: zero hidden states, the
+/// routing outputs, token ids (0) and the call's workspace.
+struct GateScratch {
+    hidden: CudaSlice<u8>,
+    ids: CudaSlice<u8>,
+    weights: CudaSlice<u8>,
+    status: CudaSlice<u8>,
+    token_ids: CudaSlice<u8>,
+    workspace: CudaSlice<u8>,
+}
+
+impl GateScratch {
+    fn new(router: &CudaPreparedRouter, hidden: &DeviceMatrix) -> Result<Self, CudaError> {
+        let gpu = &router.gpu;
+        let pairs = hidden.rows * router.spec.top_k;
+        Ok(GateScratch {
+            hidden: memory::zeroed(
+                gpu,
+                hidden.rows * hidden.row_stride * hidden.dtype.size_in_bytes(),
+            )?,
+            ids: memory::zeroed(gpu, pairs * size_of::<i32>())?,
+            weights: memory::zeroed(gpu, pairs * size_of::<f32>())?,
+            status: memory::zeroed(gpu, 2 * size_of::<i32>())?,
+            token_ids: memory::zeroed(gpu, hidden.rows * size_of::<i32>())?,
+            workspace: memory::zeroed(gpu, router.call_workspace_bytes(hidden)?)?,
+        })
+    }
+}
+
 /// Bytes of f32 logits `[T, E]`.
 fn lt_logits_bytes(tokens: usize, experts: usize) -> usize {
     tokens * experts * size_of::<f32>()
@@ -401,13 +430,15 @@ impl PreparedRouter for CudaPreparedRouter {
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
     /// the kernels' launch limits, so that later calls fail for no other reason, and, where
     /// cuBLASLt runs the GEMM (past 8 bf16 tokens), chooses its algorithm for exactly `tokens`
-    /// contiguous bf16 tokens by timing: up to 8 of the library's heuristic candidates run on
-    /// scratch device buffers of that shape (allocated here and freed before this returns) on
-    /// the backend's own stream, and the fastest is kept with the router for every later call of
-    /// that shape. So this call does device work and waits for it; a candidate that fails to run
-    /// is skipped, and where none runs the heuristic's first choice is kept. A shape that
-    /// `warm_up` never saw takes the heuristic's first choice at its first call (a host-side
-    /// query), and never times anything there.
+    /// contiguous bf16 tokens by timing the whole gate call with each of up to 8 of the
+    /// library's heuristic candidates, on scratch device buffers (allocated here and freed
+    /// before this returns) on the backend's own stream, each run after an L2 flush: the fastest
+    /// by median is kept for every later call of that shape, by every router of the backend,
+    /// where it beats the heuristic's first choice by more than 3%. So this call does device
+    /// work and waits for it; a candidate the gate fails with is skipped, and where none runs
+    /// the heuristic's first choice is kept. A shape that `warm_up` never saw takes the
+    /// heuristic's first choice at its first call (a host-side query), and never times anything
+    /// there.
     fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
         gate::plan(&self.gpu, &self.dense_hidden(tokens, DType::F32), &self.weight, usize::MAX)?;
         sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)
@@ -415,10 +446,43 @@ impl PreparedRouter for CudaPreparedRouter {
         let bf16 = self.dense_hidden(tokens, DType::BF16);
         if let GemmPath::Lt(lt) = self.gemm_path(&bf16)? {
             self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
-            // SAFETY: the weight is this router's own device copy, live as long as `self`,
-            // never written after preparation, and accepted by cuBLASLt with bf16 hidden states
-            // (`gemm_path` chose it); the context was made current just above.
-            unsafe { lt.tune(&self.gpu, &bf16, &self.weight.matrix) }?;
+            let scratch = match GateScratch::new(self, &bf16) {
+                Ok(scratch) => scratch,
+                Err(error) => {
+                    tracing::warn!(%error, "no memory to time the gate: keeping cuBLASLt's heuristic");
+                    return Ok(());
+                }
+            };
+            let hidden = DeviceMatrix { ptr: memory::address(&self.gpu, &scratch.hidden), ..bf16 };
+            let targets = RoutingTargets {
+                ids: memory::address(&self.gpu, &scratch.ids),
+                ids_row_stride: self.spec.top_k,
+                weights: memory::address(&self.gpu, &scratch.weights),
+                weights_row_stride: self.spec.top_k,
+                logits: None,
+                status: Some(memory::address(&self.gpu, &scratch.status)),
+            };
+            // Token id 0 names the table's first row, which every checked table has.
+            let hash = self.hash_table.as_ref().map(|table| HashInputs {
+                table: table.ptr,
+                table_rows: table.rows,
+                token_ids: memory::address(&self.gpu, &scratch.token_ids),
+                token_id_bytes: size_of::<i32>(),
+            });
+            let workspace = memory::address(&self.gpu, &scratch.workspace);
+            let stream = self.gpu.stream.cu_stream();
+            let run_gate = || {
+                self.enqueue(
+                    stream,
+                    &hidden,
+                    workspace,
+                    &targets,
+                    hash.as_ref(),
+                    self.dependent_launch,
+                )
+            };
+            // `tune` returns with the stream's work done, so the scratch may go after it.
+            lt.tune(&self.gpu, &hidden, &self.weight.matrix, &run_gate)?;
         }
         Ok(())
     }
