@@ -27,10 +27,14 @@ const PAIRS_PER_WARP: usize = 4 * WARP;
 /// Fewest warps a block gets, so that the per-expert loops over `E` are spread.
 const MIN_WARPS: usize = 4;
 /// Up to this many pairs the whole layout is one block: one launch and no workspace, against a
-/// many-block path that launches twice and reads every block's counts in every block.
-pub const ONE_BLOCK_MAX_PAIRS: usize = 8192;
-/// Pairs per block on the many-block path.
-pub const PAIRS_PER_BLOCK: usize = 4096;
+/// many-block path that launches twice and reads every block's counts in every block. Measured on
+/// an H200 (E = 256, K = 8, graph-replayed layout alone): at T = 1024 one block of 8192 pairs took
+/// 18.4 us, four blocks of 2048 11.5 us.
+pub const ONE_BLOCK_MAX_PAIRS: usize = 2048;
+/// Pairs per block on the many-block path. Measured on an H200 at T = 16384 (E = 256, K = 8):
+/// 19.3 us with 4096 pairs per block (32 blocks), 15.6 us with 2048 (64), 25.9 us with 1024
+/// (128), where every block reads every block's counts.
+pub const PAIRS_PER_BLOCK: usize = 2048;
 
 /// The kernels' argument, passed by value: the layout of `struct sluice_dispatch_args` (addresses
 /// as u64, 0 for an output not asked for).
@@ -175,7 +179,7 @@ mod tests {
 
     #[test]
     fn few_pairs_take_one_block_and_no_workspace() {
-        for tokens in [0, 1, 7, 64, 1024] {
+        for tokens in [0, 1, 7, 64, 256] {
             let plan = plan_dispatch(tokens, 8, 256).unwrap();
             assert_eq!(plan.count, None, "T = {tokens}");
             assert_eq!(plan.scatter.grid, [1, 1, 1]);
@@ -184,7 +188,7 @@ mod tests {
         }
         // Small tiles get the fewest warps; a full one-block tile gets as many as fit.
         assert_eq!(plan_dispatch(1, 8, 256).unwrap().scatter.block, [128, 1, 1]);
-        assert_eq!(plan_dispatch(1024, 8, 256).unwrap().scatter.block, [768, 1, 1]);
+        assert_eq!(plan_dispatch(256, 8, 256).unwrap().scatter.block, [512, 1, 1]);
     }
 
     #[test]
@@ -201,12 +205,12 @@ mod tests {
     fn many_pairs_are_tiled_by_rows_with_a_workspace_of_block_counts() {
         let plan = plan_dispatch(16_384, 8, 256).unwrap();
         assert_eq!(plan.rows_per_block, PAIRS_PER_BLOCK / 8);
-        assert_eq!(plan.scatter.grid[0] as usize, 16_384usize.div_ceil(512));
+        assert_eq!(plan.scatter.grid[0] as usize, 16_384usize.div_ceil(256));
         assert_eq!(plan.count, Some(plan.scatter));
-        assert_eq!(plan.workspace_bytes, 32 * 258 * 4);
+        assert_eq!(plan.workspace_bytes, 64 * 258 * 4);
         // A last tile shorter than the others still gets its block.
         let uneven = plan_dispatch(4097, 8, 256).unwrap();
-        assert_eq!(uneven.scatter.grid[0], 9);
+        assert_eq!(uneven.scatter.grid[0], 17);
         assert!(uneven.rows_per_block * 8 < 4097 * 8);
     }
 
@@ -244,6 +248,6 @@ mod tests {
         assert_eq!(align_of::<DispatchArgs>(), 8);
         let mut args = DispatchArgs::default();
         plan_dispatch(16_384, 8, 256).unwrap().fill(&mut args);
-        assert_eq!((args.rows_per_block, args.blocks), (512, 32));
+        assert_eq!((args.rows_per_block, args.blocks), (256, 64));
     }
 }
