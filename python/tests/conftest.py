@@ -1,5 +1,5 @@
-"""Shared helpers: the golden fixtures of models/testdata, read without sluice, small gates, and
-the `cuda` marker.
+"""Shared helpers: the golden fixtures of models/testdata, read without sluice, small gates, the
+gate of the CUDA graph tests, and the `cuda` marker.
 
 Tests marked `cuda` need a CUDA device: without one they skip, unless `SLUICE_REQUIRE_GPU` is set
 (as the GPU bundle's `run.sh` does), where a missing device fails them instead, as it fails the
@@ -152,6 +152,41 @@ def tiny_gate(**options) -> tuple[sluice.Gate, torch.nn.Parameter, torch.Tensor]
     weight = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
     bias = torch.randn(16, generator=generator) * 0.1
     return sluice.Gate.from_tensors(weight, bias, tiny_config(), **options), weight, bias
+
+
+class GraphGate:
+    """The gate the CUDA graph tests capture: 64 experts of hidden size 256, 6 picks from 4 of 8
+    groups, for 12 tokens. Its seeded bf16 weight `[64, 256]` and bias `[64]` are on the host, for
+    each test to place; the same generator then draws the static inputs of the replays."""
+
+    experts, hidden_size, top_k, tokens = 64, 256, 6, 12
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.config = tiny_config(
+            hidden_size=self.hidden_size,
+            n_routed_experts=self.experts,
+            num_experts_per_tok=self.top_k,
+            n_group=8,
+            topk_group=4,
+        )
+        self.weight = (
+            torch.randn(self.experts, self.hidden_size, generator=self.generator) * 0.05
+        ).to(torch.bfloat16)
+        self.bias = torch.randn(self.experts, generator=self.generator) * 0.1
+
+    def static_input(self, device: torch.device) -> torch.Tensor:
+        """The next bf16 hidden states `[tokens, hidden_size]` of the generator, on `device`."""
+        hidden = torch.randn(self.tokens, self.hidden_size, generator=self.generator)
+        return hidden.to(torch.bfloat16).to(device)
+
+    def unwritten_outputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and weights `[tokens, top_k]` on `device`, all -1 until a call writes them."""
+        shape = (self.tokens, self.top_k)
+        return (
+            torch.full(shape, -1, dtype=torch.int32, device=device),
+            torch.full(shape, -1.0, device=device),
+        )
 
 
 @pytest.fixture
