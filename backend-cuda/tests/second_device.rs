@@ -94,6 +94,17 @@ fn devices(test: &str) -> Option<Devices> {
     None
 }
 
+/// The backends of devices 0 and 1 for the test named `$test`, or a return from that test after
+/// the visible skip of [`devices`].
+macro_rules! devices_or_skip {
+    ($test:literal) => {
+        match devices($test) {
+            Some(devices) => devices,
+            None => return,
+        }
+    };
+}
+
 /// The ordinal of the device the driver places `address` on.
 fn driver_ordinal(address: *const u8) -> i32 {
     let mut ordinal: i32 = -1;
@@ -142,6 +153,11 @@ impl Gate {
         dl(self.bias.clone(), &[E])
     }
 
+    /// The router of this gate on `backend`'s device, prepared from the host tensors.
+    fn router(&self, backend: &CudaBackend) -> CudaPreparedRouter {
+        backend.prepare(&self.weight_dl(), Some(&self.bias_dl()), &deepseek_v3_spec(E, K)).unwrap()
+    }
+
     /// bf16-exact hidden states `[tokens, H]`.
     fn hidden(&self, seed: u32, tokens: usize) -> Vec<f32> {
         bf16s(&values(seed, tokens * H, 2.0)).iter().map(|v| v.to_f32()).collect()
@@ -178,14 +194,11 @@ fn window_values(context: &str, buffer: Vec<i32>) -> Vec<i32> {
 
 #[test]
 fn routers_on_the_second_device_route_there_like_the_reference() {
-    let Some(Devices { second, .. }) =
-        devices("routers_on_the_second_device_route_there_like_the_reference")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("routers_on_the_second_device_route_there_like_the_reference");
     let gate = Gate::new();
     let spec = deepseek_v3_spec(E, K);
-    let from_host = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let from_host = gate.router(&second);
     let (weight_there, bias_there) =
         (second.upload(&gate.weight_dl()).unwrap(), second.upload(&gate.bias_dl()).unwrap());
     assert_on_second_device("uploaded weight", &weight_there);
@@ -233,14 +246,10 @@ fn marked_outputs(
 
 #[test]
 fn route_into_on_a_stream_of_the_second_device_is_captured_and_replayed() {
-    let Some(Devices { second, .. }) =
-        devices("route_into_on_a_stream_of_the_second_device_is_captured_and_replayed")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("route_into_on_a_stream_of_the_second_device_is_captured_and_replayed");
     let gate = Gate::new();
-    let router =
-        second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &deepseek_v3_spec(E, K)).unwrap();
+    let router = gate.router(&second);
     let stream = test_stream(1);
     // SAFETY: the stream lives to the end of the test; every buffer of the call outlives the
     // graph's replays, and is read after synchronising.
@@ -284,11 +293,8 @@ fn route_into_on_a_stream_of_the_second_device_is_captured_and_replayed() {
 
 #[test]
 fn device_tensors_on_the_second_device_keep_their_pointer_and_device() {
-    let Some(Devices { second, .. }) =
-        devices("device_tensors_on_the_second_device_keep_their_pointer_and_device")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("device_tensors_on_the_second_device_keep_their_pointer_and_device");
     let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
     let device = second.upload(&dl(values.clone(), &[4, 6])).unwrap();
     assert_on_second_device("uploaded", &device);
@@ -320,11 +326,8 @@ fn assert_refused<T>(context: &str, result: Result<T, BackendError>, arg: &str) 
 
 #[test]
 fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
-    let Some(Devices { first, second }) =
-        devices("tensors_on_the_first_device_are_refused_by_a_second_device_router")
-    else {
-        return;
-    };
+    let Devices { first, second } =
+        devices_or_skip!("tensors_on_the_first_device_are_refused_by_a_second_device_router");
     let gate = Gate::new();
     let spec = deepseek_v3_spec(E, K);
     let on_first = |host: Dlpack| first.upload(&host).unwrap();
@@ -340,7 +343,7 @@ fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
     );
     assert_refused("download", second.download(&on_first(gate.bias_dl())), "tensor");
 
-    let router = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let router = gate.router(&second);
     let tokens = TOKEN_COUNTS[0];
     let hidden_first = on_first(dl(bf16s(&gate.hidden(30, tokens)), &[tokens, H]));
     assert_refused("route", router.route(&hidden_first), "hidden");
