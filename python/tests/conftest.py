@@ -154,14 +154,17 @@ def tiny_gate(**options) -> tuple[sluice.Gate, torch.nn.Parameter, torch.Tensor]
     return sluice.Gate.from_tensors(weight, bias, tiny_config(), **options), weight, bias
 
 
-class GraphGate:
-    """The gate the CUDA graph tests capture: 64 experts of hidden size 256, 6 picks from 4 of 8
-    groups, for 12 tokens. Its seeded bf16 weight `[64, 256]` and bias `[64]` are on the host, for
-    each test to place; the same generator then draws the static inputs of the replays."""
+class GraphCase:
+    """The gate and buffers of a CUDA graph test on `device`: 64 experts of hidden size 256, 6
+    picks from 4 of 8 groups, for 12 tokens. The seeded bf16 weight `[64, 256]` and bias `[64]`
+    are on the host, for each test to place; the same generator then draws the static inputs of
+    the replays. `ids` and `weights` `[tokens, top_k]` are on `device`, -1 until a call writes
+    them."""
 
     experts, hidden_size, top_k, tokens = 64, 256, 6, 12
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
         self.generator = torch.Generator().manual_seed(seed)
         self.config = tiny_config(
             hidden_size=self.hidden_size,
@@ -174,19 +177,36 @@ class GraphGate:
             torch.randn(self.experts, self.hidden_size, generator=self.generator) * 0.05
         ).to(torch.bfloat16)
         self.bias = torch.randn(self.experts, generator=self.generator) * 0.1
-
-    def static_input(self, device: torch.device) -> torch.Tensor:
-        """The next bf16 hidden states `[tokens, hidden_size]` of the generator, on `device`."""
-        hidden = torch.randn(self.tokens, self.hidden_size, generator=self.generator)
-        return hidden.to(torch.bfloat16).to(device)
-
-    def unwritten_outputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids and weights `[tokens, top_k]` on `device`, all -1 until a call writes them."""
         shape = (self.tokens, self.top_k)
-        return (
-            torch.full(shape, -1, dtype=torch.int32, device=device),
-            torch.full(shape, -1.0, device=device),
-        )
+        self.ids = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.weights = torch.full(shape, -1.0, device=device)
+
+    def static_input(self) -> torch.Tensor:
+        """The next bf16 hidden states `[tokens, hidden_size]` of the generator, on the device."""
+        hidden = torch.randn(self.tokens, self.hidden_size, generator=self.generator)
+        return hidden.to(torch.bfloat16).to(self.device)
+
+    def warm_up(self, step) -> None:
+        """Runs `step` once on a side stream of the device and waits for it, as torch asks
+        before a capture."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+
+    def capture(self, step) -> torch.cuda.CUDAGraph:
+        """`step` captured in a CUDA graph on torch's current device, which must be the case's,
+        after `ids` and `weights` are set to -1; asserts that the capture wrote none of the ids."""
+        self.ids.fill_(-1)
+        self.weights.fill_(-1.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize(self.device)
+        assert bool((self.ids == -1).all()), "a capture records the work, it does not run it"
+        return graph
 
 
 @pytest.fixture
