@@ -6,11 +6,10 @@
 
 mod common;
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use common::{
-    Buffer, RouteBuffers, backend, columns, deepseek_v3_spec, on_stream, test_stream, values,
-};
+use common::{Buffer, RouteBuffers, backend, deepseek_v3_spec, on_stream, test_stream, values};
 use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
 use dlpark::ffi::DLDataType;
@@ -135,6 +134,11 @@ fn zeroed_outputs(stream: &Arc<CudaStream>, top_k: usize, workspace_bytes: usize
         Buffer::zeroed(stream, 8, &[2], &[1], DLDataType::I32),
         Buffer::zeroed(stream, workspace_bytes, &[workspace_bytes], &[1], DLDataType::U8),
     )
+}
+
+/// The `columns` of each `row_stride` values of `values`, row after row.
+fn columns<T: Copy>(values: &[T], row_stride: usize, columns: Range<usize>) -> Vec<T> {
+    values.chunks(row_stride).flat_map(|row| row[columns.clone()].iter().copied()).collect()
 }
 
 /// The f32 values of the bits a buffer read back.

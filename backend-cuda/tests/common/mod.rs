@@ -1,6 +1,7 @@
 //! What the CUDA backend's GPU tests share: the skip where no device is found, seeded values and
 //! the DeepSeek-V3 routing spec they route with, host tensors through DLPack, test streams and
-//! the `Execution` of one, and device buffers of a test seen through DLPack descriptors.
+//! the `Execution` of one, device buffers of a test seen through DLPack descriptors, and
+//! `route_into`'s outputs in them.
 
 // Every test file is a crate of its own that compiles this whole module with `mod common;`, and
 // none of them uses every helper: what one file leaves out would be reported as dead in it.
@@ -71,11 +72,6 @@ pub fn dl<T: Element>(data: Vec<T>, shape: &[usize]) -> Dlpack {
 /// The values of a host tensor.
 pub fn host_values<T: Element>(tensor: Dlpack) -> Vec<T> {
     Tensor::from_dlpack(tensor).unwrap().to_vec::<T>().unwrap()
-}
-
-/// The `columns` of each `row_stride` values of `values`, row after row.
-pub fn columns<T: Copy>(values: &[T], row_stride: usize, columns: Range<usize>) -> Vec<T> {
-    values.chunks(row_stride).flat_map(|row| row[columns.clone()].iter().copied()).collect()
 }
 
 /// `count` copies of [`MARKER`]'s little-endian bytes.
