@@ -7,35 +7,23 @@
 //!
 //! Skips with a message where no CUDA device is found, unless `SLUICE_REQUIRE_GPU` is set.
 
-use std::io::Write;
+mod common;
+
 use std::sync::Arc;
 
+use common::{Buffer, MARKER, backend, deepseek_v3_spec, marker_bytes, on_stream, test_stream};
+use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
+use dlpark::ffi::{DLDataType, DLTensor};
 use half::bf16;
 use sluice_backend_cuda::{CudaBackend, CudaPreparedRouter};
 use sluice_models::PreparedGate;
 use sluice_models::reference::{self, DispatchLayout, PaddedLayout, RankLayout, RankMap};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape, DlpackView,
-    DlpackViewMut, Execution, NonFinitePolicy, PaddedOutputs, PreparedRouter, RankOutputs,
-    RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, Tensor, TopkMethod, contiguous_ranks,
+    BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackView, DlpackViewMut,
+    NonFinitePolicy, PaddedOutputs, PreparedRouter, RankOutputs, RouteInputs, RouteOutputs,
+    RoutingSpec, ScoringFunc, Tensor, TopkMethod, contiguous_ranks,
 };
-
-fn backend(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(backend),
-        Err(error) if std::env::var_os("SLUICE_REQUIRE_GPU").is_some() => {
-            panic!("{test}: SLUICE_REQUIRE_GPU is set but the CUDA backend failed: {error}")
-        }
-        Err(error) => {
-            // Written past the test harness's capture, so the skip is visible in every run.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({error})");
-            None
-        }
-    }
-}
 
 /// xorshift64.
 struct Rng(u64);
@@ -73,61 +61,23 @@ fn router(backend: &CudaBackend, spec: &RoutingSpec) -> CudaPreparedRouter {
     backend.prepare(&weight.to_dlpack().unwrap(), None, spec).unwrap()
 }
 
-/// A test stream on device 0's primary context, with event tracking off.
-fn stream() -> Arc<CudaStream> {
-    let ctx = CudaContext::new(0).unwrap();
-    // SAFETY: before this test allocates anything on the context; the test orders its work by
-    // stream order and synchronisation.
-    unsafe { ctx.disable_event_tracking() };
-    ctx.new_stream().unwrap()
-}
-
-fn execution(stream: &CudaStream) -> Execution {
-    // SAFETY: the stream lives to the end of the test and belongs to device 0's primary context;
-    // every buffer handed to a call outlives the stream's use and is read after synchronising.
-    Execution::Stream(
-        unsafe { DeviceStream::new(Device::Cuda(0), stream.cu_stream() as usize) }.unwrap(),
-    )
-}
-
-/// An i32 (or u8) device buffer of the test, `[rows, cols]` with rows `row_stride` apart or
-/// one-dimensional, filled with a marker so that a position the call fails to write shows.
-struct Buffer {
-    memory: CudaSlice<u8>,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
-    dtype: DLDataType,
-}
-
-const MARKER: i32 = -123_456;
-
+/// The buffers of the dispatch tests: i32 outputs and inputs filled with the marker, and zeroed
+/// workspaces.
 impl Buffer {
+    /// An i32 buffer `[rows, cols]` with rows `row_stride` apart, or one-dimensional, filled with
+    /// the marker so that a position the call fails to write shows.
     fn i32(stream: &Arc<CudaStream>, shape: &[usize], row_stride: usize) -> Self {
-        let elements = match shape {
-            [rows, _] => rows * row_stride,
-            _ => shape.iter().product(),
+        let (elements, strides) = match shape {
+            [rows, _] => (rows * row_stride, vec![row_stride, 1]),
+            _ => (shape.iter().product(), vec![1]),
         };
-        let bytes: Vec<u8> =
-            std::iter::repeat_n(MARKER.to_le_bytes(), elements.max(1)).flatten().collect();
-        let strides = match shape {
-            [_, _] => vec![row_stride as i64, 1],
-            _ => vec![1],
-        };
-        Buffer {
-            memory: stream.clone_htod(&bytes).unwrap(),
-            shape: shape.iter().map(|&d| d as i64).collect(),
-            strides,
-            dtype: DLDataType::I32,
-        }
+        Buffer::new(stream, &marker_bytes(elements.max(1)), shape, &strides, DLDataType::I32)
     }
 
+    /// A zeroed workspace of `bytes`, at least 16.
     fn workspace(stream: &Arc<CudaStream>, bytes: usize) -> Self {
-        Buffer {
-            memory: stream.alloc_zeros::<u8>(bytes.max(16)).unwrap(),
-            shape: vec![bytes.max(16) as i64],
-            strides: vec![1],
-            dtype: DLDataType::U8,
-        }
+        let bytes = bytes.max(16);
+        Buffer::zeroed(stream, bytes, &[bytes], &[1], DLDataType::U8)
     }
 
     fn write(&mut self, stream: &Arc<CudaStream>, values: &[i32]) {
@@ -135,24 +85,9 @@ impl Buffer {
         stream.memcpy_htod(&bytes, &mut self.memory.slice_mut(..bytes.len())).unwrap();
     }
 
-    fn descriptor(&mut self, stream: &CudaStream) -> DLTensor {
-        DLTensor {
-            data: self.memory.device_ptr(stream).0 as *mut std::ffi::c_void,
-            device: DLDevice { device_type: DLDeviceType::CUDA, device_id: 0 },
-            ndim: self.shape.len() as i32,
-            dtype: self.dtype,
-            shape: self.shape.as_mut_ptr(),
-            strides: self.strides.as_mut_ptr(),
-            byte_offset: 0,
-        }
-    }
-
     /// The logical elements (rows without their padding), after the stream's work.
-    fn read(&self, stream: &Arc<CudaStream>) -> Vec<i32> {
-        let bytes = stream.clone_dtoh(&self.memory).unwrap();
-        stream.synchronize().unwrap();
-        let all: Vec<i32> =
-            bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    fn elements(&self, stream: &Arc<CudaStream>) -> Vec<i32> {
+        let all = self.read(stream);
         match self.shape[..] {
             [rows, cols] => (0..rows as usize)
                 .flat_map(|r| {
@@ -252,7 +187,9 @@ impl DeviceLayout {
             ]
         });
         // SAFETY: every descriptor points at a live device buffer of this test with its shape
-        // and strides; the views end with this call and nothing else touches the buffers.
+        // and strides; the views end with this call and nothing else touches the buffers. The
+        // test's stream lives to the end of the test, and every buffer outlives its use there
+        // and is read after synchronising.
         unsafe {
             let view = |d: &DLTensor| DlpackView::from_raw(d).unwrap();
             let view_mut = |d: &mut DLTensor| DlpackViewMut::from_raw(d).unwrap();
@@ -285,30 +222,30 @@ impl DeviceLayout {
                     rank_tokens: view_mut(tokens),
                 });
             }
-            router.dispatch_into(&inputs, &mut outputs, execution(stream))
+            router.dispatch_into(&inputs, &mut outputs, on_stream(stream))
         }
     }
 
     /// Every output, read back.
     fn read(&self, stream: &Arc<CudaStream>) -> DispatchLayout {
-        let invalid = self.invalid.read(stream);
+        let invalid = self.invalid.elements(stream);
         DispatchLayout {
-            expert_counts: self.counts.read(stream),
-            expert_offsets: self.offsets.read(stream),
-            sorted_pairs: self.sorted.read(stream),
-            inverse: self.inverse.read(stream),
+            expert_counts: self.counts.elements(stream),
+            expert_offsets: self.offsets.elements(stream),
+            sorted_pairs: self.sorted.elements(stream),
+            inverse: self.inverse.elements(stream),
             invalid: [invalid[0], invalid[1]],
             padded: self.padded.as_ref().map(|(block, [pairs, blocks, total])| PaddedLayout {
                 block_size: *block,
-                padded_pairs: pairs.read(stream),
-                block_experts: blocks.read(stream),
-                padded_total: total.read(stream)[0],
+                padded_pairs: pairs.elements(stream),
+                block_experts: blocks.elements(stream),
+                padded_total: total.elements(stream)[0],
             }),
             ranks: self.ranks.as_ref().map(|[counts, offsets, pairs, tokens]| RankLayout {
-                rank_counts: counts.read(stream),
-                rank_offsets: offsets.read(stream),
-                rank_pairs: pairs.read(stream),
-                rank_tokens: tokens.read(stream),
+                rank_counts: counts.elements(stream),
+                rank_offsets: offsets.elements(stream),
+                rank_pairs: pairs.elements(stream),
+                rank_tokens: tokens.elements(stream),
             }),
         }
     }
@@ -363,7 +300,7 @@ fn dispatch_into_equals_the_reference_on_random_configs() {
     let Some(backend) = backend("dispatch_into_equals_the_reference_on_random_configs") else {
         return;
     };
-    let stream = stream();
+    let stream = test_stream(0);
     let mut rng = Rng(0x5eed_d15a_7c11_0001);
     // (E, K): DeepSeek-V3, Kimi-K2, Mixtral, Qwen3-MoE, V2-Lite, odd and extreme ones.
     let configs = [(256, 8), (384, 8), (8, 2), (128, 8), (64, 6), (7, 3), (1024, 32), (1, 1)];
@@ -421,11 +358,9 @@ fn dispatch_into_equals_the_reference_on_random_configs() {
             assert_eq!(got, expected, "{context}");
             got.check_invariants(&meaning, shape, map).unwrap_or_else(|e| panic!("{context}: {e}"));
             // The columns past K of each window row are not the call's to write.
-            let inverse_all = stream.clone_dtoh(&device.inverse.memory).unwrap();
-            stream.synchronize().unwrap();
-            for (position, bytes) in inverse_all.chunks_exact(4).enumerate() {
+            for (position, value) in device.inverse.read(&stream).into_iter().enumerate() {
                 if position % row >= top_k && position / row < tokens {
-                    assert_eq!(i32::from_le_bytes(bytes.try_into().unwrap()), MARKER, "{context}");
+                    assert_eq!(value, MARKER, "{context}");
                 }
             }
         }
@@ -435,7 +370,7 @@ fn dispatch_into_equals_the_reference_on_random_configs() {
 #[test]
 fn a_refused_dispatch_writes_nothing() {
     let Some(backend) = backend("a_refused_dispatch_writes_nothing") else { return };
-    let stream = stream();
+    let stream = test_stream(0);
     let spec = greedy_spec(256, 8);
     let router = router(&backend, &spec);
     let shape = DispatchShape { tokens: 2048, top_k: 8, experts: 256 };
@@ -445,7 +380,7 @@ fn a_refused_dispatch_writes_nothing() {
     let refused = device.enqueue(&stream, &router);
     assert!(matches!(refused, Err(BackendError::WorkspaceTooSmall { .. })), "{refused:?}");
     stream.synchronize().unwrap();
-    assert!(device.counts.read(&stream).iter().all(|&v| v == MARKER));
+    assert!(device.counts.elements(&stream).iter().all(|&v| v == MARKER));
 }
 
 #[test]
@@ -512,7 +447,9 @@ fn enqueue_gate(
             .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
         )
     };
-    router.route_into(&inputs, &mut outputs, execution(stream))?;
+    // SAFETY: the test's stream lives to the end of the test; the buffers outlive its use and
+    // are read after synchronising.
+    router.route_into(&inputs, &mut outputs, unsafe { on_stream(stream) })?;
     layout.enqueue(stream, router)
 }
 
@@ -524,22 +461,14 @@ fn a_graph_of_route_into_and_dispatch_into_replays_like_eager_calls() {
     };
     // 2048 tokens of 8 picks: the many-block path, both dispatch kernels in the graph.
     let (t, h, e, k) = (2048, 256, 256, 8);
-    let spec = RoutingSpec::builder(e, k)
-        .scoring(ScoringFunc::Sigmoid)
-        .method(TopkMethod::NoauxTc)
-        .groups(8, 4)
-        .norm_topk_prob(true)
-        .routed_scaling_factor(2.5)
-        .non_finite(NonFinitePolicy::MarkInvalid)
-        .build()
-        .unwrap();
+    let spec = deepseek_v3_spec(e, k);
     let mut rng = Rng(7);
     let mut normal = |n: usize| -> Vec<bf16> {
         (0..n).map(|_| bf16::from_f32((rng.below(2001) as f32 - 1000.0) / 500.0)).collect()
     };
     let weight = Tensor::from_vec(normal(e * h), &[e, h]).unwrap();
     let router = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
-    let stream = stream();
+    let stream = test_stream(0);
     let shape = DispatchShape { tokens: t, top_k: k, experts: e };
 
     let mut hidden = Buffer::i32(&stream, &[t, h / 2], h / 2);
@@ -584,7 +513,7 @@ fn a_graph_of_route_into_and_dispatch_into_replays_like_eager_calls() {
         .unwrap();
         stream.synchronize().unwrap();
         let eager = layout.read(&stream);
-        let ids = layout.ids.read(&stream);
+        let ids = layout.ids.elements(&stream);
         // Spoil the outputs, then replay: the graph must write them all again.
         let spoiled = DeviceLayout::new(&stream, &router, shape, Some(64), Some(8));
         stream.memcpy_dtod(&spoiled.counts.memory, &mut layout.counts.memory).unwrap();

@@ -4,17 +4,19 @@
 //! `SLUICE_REQUIRE_GPU=1` (set by the GPU bundle's `run.sh`) a missing device fails instead.
 //! `SLUICE_TESTDATA` points at the fixtures where the source tree is not around.
 
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
+
+use common::{backend, dl, host_values};
 
 use half::{bf16, f16};
 use sluice_backend_cuda::CudaBackend;
 use sluice_models::golden::{GoldenFixture, InputKind};
 use sluice_models::reference::{self, Routing, Tolerance};
 use sluice_models::{Checkpoint, MoeGate};
-use sluice_tensor::dlpack::export_vec;
 use sluice_tensor::{
-    Backend, BackendError, BiasRole, Dlpack, Element, NonFinitePolicy, RoutingSpec, ScoringFunc,
+    Backend, BackendError, BiasRole, Dlpack, NonFinitePolicy, RoutingSpec, ScoringFunc,
     ScoringOrder, Tensor, TopkMethod,
 };
 
@@ -22,28 +24,6 @@ const WEIGHTS: Tolerance = Tolerance { abs: 1e-5, rel: 1e-5 };
 /// Relative gap under which the GPU and the reference may choose differently: far above the f32
 /// rounding of a logit, far below the gaps of random data.
 const NEAR_TIE: f32 = 1e-4;
-
-fn backend(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(backend),
-        Err(error) if std::env::var_os("SLUICE_REQUIRE_GPU").is_some() => {
-            panic!("{test}: SLUICE_REQUIRE_GPU is set but the CUDA backend failed: {error}")
-        }
-        Err(error) => {
-            // Written past the test harness's capture, so the skip is visible in every run.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({error})");
-            None
-        }
-    }
-}
-
-fn dl<T: Element>(data: Vec<T>, shape: &[usize]) -> Dlpack {
-    export_vec(data, shape).unwrap()
-}
-
-fn read<T: Element>(dl: Dlpack) -> Vec<T> {
-    Tensor::from_dlpack(dl).unwrap().to_vec::<T>().unwrap()
-}
 
 /// Deterministic pseudo-random numbers (xorshift64), roughly normal.
 struct Rng(u64);
@@ -134,7 +114,8 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
     }
     let exact = reference::router_logits(&x, &w, t, h, e).unwrap();
 
-    let logits = read::<f32>(sluice_tensor::PreparedRouter::router_gemm(&prepared, &x_dl).unwrap());
+    let logits =
+        host_values::<f32>(sluice_tensor::PreparedRouter::router_gemm(&prepared, &x_dl).unwrap());
     for i in 0..t {
         for j in 0..e {
             let magnitude: f32 = (0..h).map(|k| (x[i * h + k] * w[j * h + k]).abs()).sum();
@@ -146,7 +127,8 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
 
     let out = sluice_tensor::PreparedRouter::route(&prepared, &x_dl).unwrap();
     let ours =
-        Routing::new(t, case.spec.top_k, read(out.topk_ids), read(out.topk_weights)).unwrap();
+        Routing::new(t, case.spec.top_k, host_values(out.topk_ids), host_values(out.topk_weights))
+            .unwrap();
     reference::check_sorted(&ours).unwrap_or_else(|e| panic!("{context}: {e}"));
     let expected = reference::route(&exact, t, bias.as_deref(), &case.spec).unwrap();
     let near_ties =
@@ -161,8 +143,8 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
     let ours = Routing::new(
         t,
         case.spec.top_k,
-        read(from_logits.topk_ids),
-        read(from_logits.topk_weights),
+        host_values(from_logits.topk_ids),
+        host_values(from_logits.topk_weights),
     )
     .unwrap();
     reference::compare_routings(&expected, &ours, e, &[], WEIGHTS)
@@ -279,7 +261,8 @@ fn unscaled_and_mark_invalid_specs_route_like_the_reference() {
     logits[2 * e + 5] = f32::NAN;
     logits[4 * e] = f32::INFINITY;
     let out = backend.route_logits(&dl(logits.clone(), &[t, e]), None, &s).unwrap();
-    let ours = Routing::new(t, 4, read(out.topk_ids), read(out.topk_weights)).unwrap();
+    let ours =
+        Routing::new(t, 4, host_values(out.topk_ids), host_values(out.topk_weights)).unwrap();
     let expected = reference::route(&logits, t, None, &s).unwrap();
     reference::compare_routings(&expected, &ours, e, &[], WEIGHTS).unwrap();
     assert_eq!(&ours.ids()[8..12], &[-1; 4]);
@@ -314,7 +297,7 @@ fn bad_arguments_are_typed_errors() {
     ));
     let empty =
         sluice_tensor::PreparedRouter::route(&prepared, &dl(Vec::<f32>::new(), &[0, 16])).unwrap();
-    assert!(read::<i32>(empty.topk_ids).is_empty());
+    assert!(host_values::<i32>(empty.topk_ids).is_empty());
 }
 
 #[test]
@@ -328,7 +311,7 @@ fn device_tensors_keep_their_pointer_and_device() {
     assert_eq!(tensor.data_ptr() as usize, address);
     let again = tensor.to_dlpack().unwrap();
     assert_eq!(again.validate().unwrap().data_ptr() as usize, address);
-    let back = read::<f32>(backend.download(&again).unwrap());
+    let back = host_values::<f32>(backend.download(&again).unwrap());
     assert_eq!(back, (0..24).map(|v| v as f32).collect::<Vec<_>>());
 }
 
@@ -497,8 +480,13 @@ fn random_hash_configs_match_the_reference() {
                 let out =
                     sluice_tensor::PreparedRouter::route_with_token_ids(&prepared, &x_dl, ids_dl)
                         .unwrap_or_else(|err| panic!("{context} {where_}: {err}"));
-                let ours =
-                    Routing::new(tokens, k, read(out.topk_ids), read(out.topk_weights)).unwrap();
+                let ours = Routing::new(
+                    tokens,
+                    k,
+                    host_values(out.topk_ids),
+                    host_values(out.topk_weights),
+                )
+                .unwrap();
                 reference::check_sorted(&ours).unwrap_or_else(|e| panic!("{context}: {e}"));
                 let summary = reference::compare_routings(&expected, &ours, e, &[], WEIGHTS)
                     .unwrap_or_else(|err| panic!("{context} {where_}: {err}"));
@@ -540,7 +528,7 @@ fn hash_routing_refusals_are_typed_errors() {
     assert!(matches!(err, BackendError::MissingTokenIds { .. }), "{err}");
     let route = |ids: Dlpack| {
         sluice_tensor::PreparedRouter::route_with_token_ids(&prepared, &x, &ids)
-            .map(|out| (read::<i32>(out.topk_ids), read::<f32>(out.topk_weights)))
+            .map(|out| (host_values::<i32>(out.topk_ids), host_values::<f32>(out.topk_weights)))
     };
     let err = route(dl(vec![0i64, 4, 1], &[3])).unwrap_err();
     assert!(

@@ -4,19 +4,20 @@
 //!
 //! Skips with a message where no CUDA device is found, unless `SLUICE_REQUIRE_GPU` is set.
 
-use std::io::Write;
+mod common;
+
+use std::ops::Range;
 use std::sync::Arc;
 
+use common::{Buffer, RouteBuffers, backend, deepseek_v3_spec, on_stream, test_stream, values};
+use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
+use dlpark::ffi::DLDataType;
 use half::bf16;
-use sluice_backend_cuda::CudaBackend;
 use sluice_models::reference::{self, Routing, Tolerance};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, DlpackError, DlpackView, DlpackViewMut, Execution,
-    NonFinitePolicy, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, Tensor,
-    TopkMethod,
+    BackendError, DlpackError, DlpackView, NonFinitePolicy, PreparedRouter, RouteInputs,
+    RoutingSpec, ScoringFunc, Tensor, TopkMethod,
 };
 
 const T: usize = 24;
@@ -26,90 +27,13 @@ const K: usize = 8;
 /// Row stride of the output windows: an engine's buffers are often wider than `K`.
 const ROW: usize = K + 3;
 
-fn backend(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(backend),
-        Err(error) if std::env::var_os("SLUICE_REQUIRE_GPU").is_some() => {
-            panic!("{test}: SLUICE_REQUIRE_GPU is set but the CUDA backend failed: {error}")
-        }
-        Err(error) => {
-            // Written past the test harness's capture, so the skip is visible in every run.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({error})");
-            None
-        }
-    }
-}
-
-fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let v = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9e37_79b9);
-            let v = v.wrapping_mul(0x85eb_ca6b) ^ (v >> 13);
-            ((v >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
-/// A device buffer of the test (the engine's memory in real life) and DLPack descriptors of it.
-struct Buffer {
-    memory: CudaSlice<u8>,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
-    dtype: DLDataType,
-}
-
-impl Buffer {
-    fn new(
-        stream: &Arc<CudaStream>,
-        bytes: usize,
-        shape: &[usize],
-        strides: &[usize],
-        dtype: DLDataType,
-    ) -> Self {
-        Buffer {
-            memory: stream.alloc_zeros::<u8>(bytes).unwrap(),
-            shape: shape.iter().map(|&d| d as i64).collect(),
-            strides: strides.iter().map(|&s| s as i64).collect(),
-            dtype,
-        }
-    }
-
-    fn address(&self, stream: &CudaStream) -> u64 {
-        self.memory.device_ptr(stream).0
-    }
-
-    fn descriptor(&mut self, stream: &CudaStream) -> DLTensor {
-        DLTensor {
-            data: self.address(stream) as *mut std::ffi::c_void,
-            device: DLDevice { device_type: DLDeviceType::CUDA, device_id: 0 },
-            ndim: self.shape.len() as i32,
-            dtype: self.dtype,
-            shape: self.shape.as_mut_ptr(),
-            strides: self.strides.as_mut_ptr(),
-            byte_offset: 0,
-        }
-    }
-}
-
-fn spec() -> RoutingSpec {
-    RoutingSpec::builder(E, K)
-        .scoring(ScoringFunc::Sigmoid)
-        .method(TopkMethod::NoauxTc)
-        .groups(8, 4)
-        .norm_topk_prob(true)
-        .routed_scaling_factor(2.5)
-        .non_finite(NonFinitePolicy::MarkInvalid)
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
     let Some(backend) = backend("a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed")
     else {
         return;
     };
-    let spec = spec();
+    let spec = deepseek_v3_spec(E, K);
     // Parameters as a training framework holds them: requiring grad.
     let w: Vec<bf16> = values(1, E * H, 0.2).into_iter().map(bf16::from_f32).collect();
     let weight = Tensor::from_vec(w.clone(), &[E, H]).unwrap().with_requires_grad(true);
@@ -121,44 +45,18 @@ fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
         .unwrap();
     prepared.warm_up(T).unwrap();
 
-    let ctx = CudaContext::new(0).unwrap();
-    // SAFETY: before this test allocates anything on the context; the test orders its work by
-    // stream order and synchronisation.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().unwrap();
-    let mut hidden = Buffer::new(&stream, T * H * 2, &[T, H], &[H, 1], DLDataType::BF16);
-    let mut ids = Buffer::new(&stream, T * ROW * 4, &[T, K], &[ROW, 1], DLDataType::I32);
-    let mut weights = Buffer::new(&stream, T * ROW * 4, &[T, K], &[ROW, 1], DLDataType::F32);
-    let mut status = Buffer::new(&stream, 8, &[2], &[1], DLDataType::I32);
+    let stream = test_stream(0);
+    let mut hidden = Buffer::zeroed(&stream, T * H * 2, &[T, H], &[H, 1], DLDataType::BF16);
     let bytes = prepared.workspace_bytes(T);
     assert!(bytes > 0);
-    let mut workspace = Buffer::new(&stream, bytes, &[bytes], &[1], DLDataType::U8);
-
-    let (hidden_dl, mut ids_dl, mut weights_dl, mut status_dl, mut workspace_dl) = (
-        hidden.descriptor(&stream),
-        ids.descriptor(&stream),
-        weights.descriptor(&stream),
-        status.descriptor(&stream),
-        workspace.descriptor(&stream),
-    );
-    // SAFETY: every descriptor points at a live device buffer of the test with its shape and
-    // strides, and nothing else touches those buffers while the views are alive.
-    let (inputs, mut outputs) = unsafe {
-        (
-            RouteInputs::new(DlpackView::from_raw(&hidden_dl).unwrap()),
-            RouteOutputs::new(
-                DlpackViewMut::from_raw(&mut ids_dl).unwrap(),
-                DlpackViewMut::from_raw(&mut weights_dl).unwrap(),
-            )
-            .with_status(DlpackViewMut::from_raw(&mut status_dl).unwrap())
-            .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
-        )
-    };
-    // SAFETY: the stream lives to the end of the test and belongs to device 0's primary context;
-    // the buffers outlive every use of the stream, and are read back after synchronising.
-    let execution = Execution::Stream(
-        unsafe { DeviceStream::new(Device::Cuda(0), stream.cu_stream() as usize) }.unwrap(),
-    );
+    let mut outputs = zeroed_outputs(&stream, K, bytes);
+    let hidden_dl = hidden.descriptor(&stream);
+    // SAFETY: the descriptor points at the test's live buffer of hidden states with its shape and
+    // strides; the test writes it only between replays, on the same stream.
+    let inputs = RouteInputs::new(unsafe { DlpackView::from_raw(&hidden_dl) }.unwrap());
+    // SAFETY: the stream lives to the end of the test; the buffers outlive every use of it, and
+    // are read back after synchronising.
+    let execution = unsafe { on_stream(&stream) };
 
     // The same gate with the error policy, which needs the host and so is refused on a stream.
     let mut strict_spec = spec;
@@ -172,7 +70,7 @@ fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
         .unwrap();
 
     stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    prepared.route_into(&inputs, &mut outputs, execution).unwrap();
+    prepared.route_into(&inputs, &mut outputs.views(), execution).unwrap();
     // The original bug: a raw export of a parameter in the middle of a capture. The bridge refuses
     // it with its error, nothing is enqueued, and the capture is still alive.
     assert_eq!(weight.to_dlpack().err(), Some(DlpackError::RequiresGrad));
@@ -181,7 +79,7 @@ fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
     assert_eq!(activations.to_dlpack().err(), Some(DlpackError::RequiresGrad));
     // A refused call inside the capture leaves it intact too.
     assert!(matches!(
-        strict.route_into(&inputs, &mut outputs, execution),
+        strict.route_into(&inputs, &mut outputs.views(), execution),
         Err(BackendError::PolicyNeedsHost { .. })
     ));
     assert_eq!(
@@ -205,13 +103,12 @@ fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
         let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         stream.memcpy_htod(&bytes, &mut hidden.memory).unwrap();
         graph.launch().unwrap();
-        let got_ids = read_i32(&stream, &ids.memory);
-        let got_weights = read_f32(&stream, &weights.memory);
-        let got_status = read_i32(&stream, &status.memory);
-        let window = |v: &[i32]| v.chunks(ROW).flat_map(|r| r[..K].to_vec()).collect::<Vec<_>>();
-        let ours_weights: Vec<f32> =
-            got_weights.chunks(ROW).flat_map(|r| r[..K].to_vec()).collect();
-        let ours = Routing::new(T, K, window(&got_ids), ours_weights).unwrap();
+        let got_ids = outputs.ids.read(&stream);
+        let got_weights = f32s(outputs.weights.read(&stream));
+        let got_status = outputs.status.read(&stream);
+        let ours =
+            Routing::new(T, K, columns(&got_ids, ROW, 0..K), columns(&got_weights, ROW, 0..K))
+                .unwrap();
         // The columns past K of each row are not the call's to write.
         assert!(got_ids.chunks(ROW).all(|r| r[K..].iter().all(|&v| v == 0)), "round {round}");
 
@@ -226,19 +123,27 @@ fn a_gate_that_requires_grad_is_captured_in_a_graph_and_replayed() {
     }
 }
 
-/// The buffer's 4-byte values (i32 or f32 bits), after the stream's work.
-fn read(stream: &Arc<CudaStream>, memory: &CudaSlice<u8>) -> Vec<[u8; 4]> {
-    let bytes = stream.clone_dtoh(memory).unwrap();
-    stream.synchronize().unwrap();
-    bytes.chunks_exact(4).map(|b| [b[0], b[1], b[2], b[3]]).collect()
+/// `route_into`'s outputs on `stream`'s device, all zero: ids and weights `[T, top_k]` in rows
+/// [`ROW`] wide, a status and a workspace of `workspace_bytes`.
+fn zeroed_outputs(stream: &Arc<CudaStream>, top_k: usize, workspace_bytes: usize) -> RouteBuffers {
+    let window = |dtype| Buffer::zeroed(stream, T * ROW * 4, &[T, top_k], &[ROW, 1], dtype);
+    RouteBuffers::new(
+        stream,
+        window(DLDataType::I32),
+        window(DLDataType::F32),
+        Buffer::zeroed(stream, 8, &[2], &[1], DLDataType::I32),
+        Buffer::zeroed(stream, workspace_bytes, &[workspace_bytes], &[1], DLDataType::U8),
+    )
 }
 
-fn read_i32(stream: &Arc<CudaStream>, memory: &CudaSlice<u8>) -> Vec<i32> {
-    read(stream, memory).into_iter().map(i32::from_le_bytes).collect()
+/// The `columns` of each `row_stride` values of `values`, row after row.
+fn columns<T: Copy>(values: &[T], row_stride: usize, columns: Range<usize>) -> Vec<T> {
+    values.chunks(row_stride).flat_map(|row| row[columns.clone()].iter().copied()).collect()
 }
 
-fn read_f32(stream: &Arc<CudaStream>, memory: &CudaSlice<u8>) -> Vec<f32> {
-    read(stream, memory).into_iter().map(f32::from_le_bytes).collect()
+/// The f32 values of the bits a buffer read back.
+fn f32s(bits: Vec<i32>) -> Vec<f32> {
+    bits.into_iter().map(|b| f32::from_bits(b as u32)).collect()
 }
 
 /// A hash-routed gate (DeepSeek-V4's first layers) on the engine's stream: the token ids are a
@@ -271,56 +176,29 @@ fn a_hash_routed_gate_is_captured_with_its_token_ids_and_replayed() {
     let prepared = backend.prepare_hashed(&weight, &table_dl, &spec).unwrap();
     prepared.warm_up(T).unwrap();
 
-    let ctx = CudaContext::new(0).unwrap();
-    // SAFETY: before this test allocates anything on the context; the test orders its work by
-    // stream order and synchronisation.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().unwrap();
+    let stream = test_stream(0);
     for (id_bytes, id_dtype) in [(4, DLDataType::I32), (8, DLDataType::I64)] {
-        let mut hidden = Buffer::new(&stream, T * H * 2, &[T, H], &[H, 1], DLDataType::BF16);
-        let mut token_ids = Buffer::new(&stream, T * id_bytes, &[T], &[1], id_dtype);
-        let mut ids = Buffer::new(&stream, T * ROW * 4, &[T, HASH_K], &[ROW, 1], DLDataType::I32);
-        let mut weights =
-            Buffer::new(&stream, T * ROW * 4, &[T, HASH_K], &[ROW, 1], DLDataType::F32);
-        let mut status = Buffer::new(&stream, 8, &[2], &[1], DLDataType::I32);
-        let bytes = prepared.workspace_bytes(T);
-        let mut workspace = Buffer::new(&stream, bytes, &[bytes], &[1], DLDataType::U8);
+        let mut hidden = Buffer::zeroed(&stream, T * H * 2, &[T, H], &[H, 1], DLDataType::BF16);
+        let mut token_ids = Buffer::zeroed(&stream, T * id_bytes, &[T], &[1], id_dtype);
+        let mut outputs = zeroed_outputs(&stream, HASH_K, prepared.workspace_bytes(T));
         let (hidden_dl, token_ids_dl) = (hidden.descriptor(&stream), token_ids.descriptor(&stream));
-        let (mut ids_dl, mut weights_dl, mut status_dl, mut workspace_dl) = (
-            ids.descriptor(&stream),
-            weights.descriptor(&stream),
-            status.descriptor(&stream),
-            workspace.descriptor(&stream),
-        );
-        // SAFETY: every descriptor points at a live device buffer of the test with its shape and
-        // strides, and nothing else touches those buffers while the views are alive.
-        let (without_ids, mut outputs) = unsafe {
-            (
-                RouteInputs::new(DlpackView::from_raw(&hidden_dl).unwrap()),
-                RouteOutputs::new(
-                    DlpackViewMut::from_raw(&mut ids_dl).unwrap(),
-                    DlpackViewMut::from_raw(&mut weights_dl).unwrap(),
-                )
-                .with_status(DlpackViewMut::from_raw(&mut status_dl).unwrap())
-                .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
-            )
-        };
+        // SAFETY: the descriptor points at the test's live buffer of hidden states with its shape
+        // and strides; the test writes it only between replays, on the same stream.
+        let without_ids = RouteInputs::new(unsafe { DlpackView::from_raw(&hidden_dl) }.unwrap());
         // SAFETY: as above, for the token ids.
         let inputs =
             without_ids.with_token_ids(unsafe { DlpackView::from_raw(&token_ids_dl) }.unwrap());
-        // SAFETY: the stream lives to the end of the test and belongs to device 0's primary
-        // context; the buffers outlive every use of the stream, and are read after synchronising.
-        let execution = Execution::Stream(
-            unsafe { DeviceStream::new(Device::Cuda(0), stream.cu_stream() as usize) }.unwrap(),
-        );
+        // SAFETY: the stream lives to the end of the test; the buffers outlive every use of it,
+        // and are read after synchronising.
+        let execution = unsafe { on_stream(&stream) };
 
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
         // Without its token ids the call is refused before anything is enqueued.
         assert!(matches!(
-            prepared.route_into(&without_ids, &mut outputs, execution),
+            prepared.route_into(&without_ids, &mut outputs.views(), execution),
             Err(BackendError::MissingTokenIds { .. })
         ));
-        prepared.route_into(&inputs, &mut outputs, execution).unwrap();
+        prepared.route_into(&inputs, &mut outputs.views(), execution).unwrap();
         let graph = stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .unwrap()
@@ -356,14 +234,12 @@ fn a_hash_routed_gate_is_captured_with_its_token_ids_and_replayed() {
             };
             stream.memcpy_htod(&id_bytes, &mut token_ids.memory).unwrap();
             graph.launch().unwrap();
-            let got_ids = read_i32(&stream, &ids.memory);
-            let got_weights = read_f32(&stream, &weights.memory);
-            let got_status = read_i32(&stream, &status.memory);
+            let got_ids = outputs.ids.read(&stream);
+            let got_weights = f32s(outputs.weights.read(&stream));
+            let got_status = outputs.status.read(&stream);
             let context = format!("{id_dtype:?} ids, replay {round}");
-            let window_ids: Vec<i32> =
-                got_ids.chunks(ROW).flat_map(|r| r[..HASH_K].to_vec()).collect();
-            let window_weights: Vec<f32> =
-                got_weights.chunks(ROW).flat_map(|r| r[..HASH_K].to_vec()).collect();
+            let window_ids = columns(&got_ids, ROW, 0..HASH_K);
+            let window_weights = columns(&got_weights, ROW, 0..HASH_K);
             let ours = Routing::new(T, HASH_K, window_ids, window_weights).unwrap();
             // The reference refuses ids outside the table: its rows are routed with a valid id
             // in their place, then marked as the kernel marks them.

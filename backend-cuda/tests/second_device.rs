@@ -8,22 +8,28 @@
 //! `SLUICE_REQUIRE_GPU` says (machines with one GPU run the suite with it set); with
 //! `SLUICE_REQUIRE_GPUS=2` (the GPU bundle's `devices` step) a missing second device fails.
 
+mod common;
+
 use std::ffi::c_void;
 use std::io::Write;
+use std::ops::Range;
 use std::sync::Arc;
 
+use common::{
+    Buffer, MARKER, RouteBuffers, deepseek_v3_spec, dl, host_values, marker_bytes, on_stream,
+    test_stream, values,
+};
 use cudarc::driver::sys::{
     self, CUgraphInstantiate_flags, CUpointer_attribute, CUstreamCaptureMode,
 };
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use dlpark::ffi::DLDataType;
 use half::bf16;
 use sluice_backend_cuda::{CudaBackend, CudaPreparedRouter};
 use sluice_models::reference::{self, Routing, Tolerance};
 use sluice_tensor::{
-    Backend, BackendError, Device, DeviceStream, Dlpack, DlpackView, DlpackViewMut, Element,
-    Execution, NonFinitePolicy, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec,
-    ScoringFunc, Tensor, TopkMethod, export_vec,
+    Backend, BackendError, Device, DeviceStream, Dlpack, DlpackView, Execution, PreparedRouter,
+    RouteInputs, Tensor,
 };
 
 const SECOND: Device = Device::Cuda(1);
@@ -37,8 +43,8 @@ const TOKEN_COUNTS: [usize; 2] = [4, 24];
 const ROW: usize = K + 3;
 /// Where the window starts in each row; the columns outside it are not the call's to write.
 const FIRST_COLUMN: usize = 1;
-/// What the test's output buffers hold before a call, so that a write shows.
-const MARKER: i32 = -123_456;
+/// The columns of each row that `route_into` writes.
+const WINDOW: Range<usize> = FIRST_COLUMN..FIRST_COLUMN + K;
 
 /// Both devices' backends.
 struct Devices {
@@ -88,6 +94,17 @@ fn devices(test: &str) -> Option<Devices> {
     None
 }
 
+/// The backends of devices 0 and 1 for the test named `$test`, or a return from that test after
+/// the visible skip of [`devices`].
+macro_rules! devices_or_skip {
+    ($test:literal) => {
+        match devices($test) {
+            Some(devices) => devices,
+            None => return,
+        }
+    };
+}
+
 /// The ordinal of the device the driver places `address` on.
 fn driver_ordinal(address: *const u8) -> i32 {
     let mut ordinal: i32 = -1;
@@ -112,34 +129,8 @@ fn assert_on_second_device(what: &str, tensor: &Dlpack) {
     assert_eq!(driver_ordinal(view.data_ptr()), 1, "{what}: the driver's answer");
 }
 
-fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let v = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9e37_79b9);
-            let v = v.wrapping_mul(0x85eb_ca6b) ^ (v >> 13);
-            ((v >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
 fn bf16s(values: &[f32]) -> Vec<bf16> {
     values.iter().copied().map(bf16::from_f32).collect()
-}
-
-fn dl<T: Element>(data: Vec<T>, shape: &[usize]) -> Dlpack {
-    export_vec(data, shape).unwrap()
-}
-
-fn spec() -> RoutingSpec {
-    RoutingSpec::builder(E, K)
-        .scoring(ScoringFunc::Sigmoid)
-        .method(TopkMethod::NoauxTc)
-        .groups(8, 4)
-        .norm_topk_prob(true)
-        .routed_scaling_factor(2.5)
-        .non_finite(NonFinitePolicy::MarkInvalid)
-        .build()
-        .unwrap()
 }
 
 /// A bf16 router weight `[E, H]` and an f32 bias `[E]`, as host values (bf16-exact).
@@ -162,6 +153,11 @@ impl Gate {
         dl(self.bias.clone(), &[E])
     }
 
+    /// The router of this gate on `backend`'s device, prepared from the host tensors.
+    fn router(&self, backend: &CudaBackend) -> CudaPreparedRouter {
+        backend.prepare(&self.weight_dl(), Some(&self.bias_dl()), &deepseek_v3_spec(E, K)).unwrap()
+    }
+
     /// bf16-exact hidden states `[tokens, H]`.
     fn hidden(&self, seed: u32, tokens: usize) -> Vec<f32> {
         bf16s(&values(seed, tokens * H, 2.0)).iter().map(|v| v.to_f32()).collect()
@@ -172,7 +168,7 @@ impl Gate {
     fn assert_routes(&self, context: &str, hidden: &[f32], ids: Vec<i32>, weights: Vec<f32>) {
         let tokens = hidden.len() / H;
         let logits = reference::router_logits(hidden, &self.weight, tokens, H, E).unwrap();
-        let spec = spec();
+        let spec = deepseek_v3_spec(E, K);
         let expected = reference::route(&logits, tokens, Some(&self.bias), &spec).unwrap();
         let ties =
             reference::near_tie_rows(&logits, tokens, Some(&self.bias), &spec, 1e-4).unwrap();
@@ -181,11 +177,6 @@ impl Gate {
         reference::compare_routings(&expected, &ours, E, &ties, Tolerance { abs: 1e-5, rel: 1e-5 })
             .unwrap_or_else(|e| panic!("{context}: {e}"));
     }
-}
-
-/// The values of a host tensor.
-fn host_values<T: Element>(tensor: Dlpack) -> Vec<T> {
-    Tensor::from_dlpack(tensor).unwrap().to_vec::<T>().unwrap()
 }
 
 /// The window's values of a `[rows, ROW]` buffer read back, row-major, after asserting that
@@ -203,14 +194,11 @@ fn window_values(context: &str, buffer: Vec<i32>) -> Vec<i32> {
 
 #[test]
 fn routers_on_the_second_device_route_there_like_the_reference() {
-    let Some(Devices { second, .. }) =
-        devices("routers_on_the_second_device_route_there_like_the_reference")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("routers_on_the_second_device_route_there_like_the_reference");
     let gate = Gate::new();
-    let spec = spec();
-    let from_host = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let spec = deepseek_v3_spec(E, K);
+    let from_host = gate.router(&second);
     let (weight_there, bias_there) =
         (second.upload(&gate.weight_dl()).unwrap(), second.upload(&gate.bias_dl()).unwrap());
     assert_on_second_device("uploaded weight", &weight_there);
@@ -239,145 +227,39 @@ fn routers_on_the_second_device_route_there_like_the_reference() {
     }
 }
 
-/// A stream of the test on `ordinal`'s primary context, with cudarc's event tracking off.
-fn test_stream(ordinal: usize) -> Arc<CudaStream> {
-    let ctx = CudaContext::new(ordinal).unwrap();
-    // SAFETY: before this test allocates anything on the context; the test orders its work by
-    // stream order and synchronisation.
-    unsafe { ctx.disable_event_tracking() };
-    ctx.new_stream().unwrap()
-}
-
-/// A device buffer of the test (the engine's memory in real life) on its stream's device, and
-/// the shape, strides and offset of the view of it a call takes.
-struct Buffer {
-    memory: CudaSlice<u8>,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
-    byte_offset: u64,
-    dtype: DLDataType,
-}
-
-impl Buffer {
-    /// A contiguous `shape` buffer of `bytes`.
-    fn new(stream: &Arc<CudaStream>, bytes: &[u8], shape: &[usize], dtype: DLDataType) -> Self {
-        let mut strides: Vec<i64> = shape
-            .iter()
-            .rev()
-            .scan(1, |stride, &d| Some(std::mem::replace(stride, *stride * d as i64)))
-            .collect();
-        strides.reverse();
-        Buffer {
-            memory: stream.clone_htod(bytes).unwrap(),
-            shape: shape.iter().map(|&d| d as i64).collect(),
-            strides,
-            byte_offset: 0,
-            dtype,
-        }
-    }
-
-    /// `[rows, ROW]` 4-byte values filled with [`MARKER`], seen as its window `[rows, K]` from
-    /// column `FIRST_COLUMN`.
-    fn marked_window(stream: &Arc<CudaStream>, rows: usize, dtype: DLDataType) -> Self {
-        let bytes: Vec<u8> =
-            std::iter::repeat_n(MARKER.to_le_bytes(), rows * ROW).flatten().collect();
-        Buffer {
-            shape: vec![rows as i64, K as i64],
-            strides: vec![ROW as i64, 1],
-            byte_offset: (FIRST_COLUMN * 4) as u64,
-            ..Buffer::new(stream, &bytes, &[rows, ROW], dtype)
-        }
-    }
-
-    fn descriptor(&mut self, stream: &Arc<CudaStream>) -> DLTensor {
-        DLTensor {
-            data: self.memory.device_ptr(stream).0 as *mut c_void,
-            device: DLDevice {
-                device_type: DLDeviceType::CUDA,
-                device_id: stream.context().ordinal() as i32,
-            },
-            ndim: self.shape.len() as i32,
-            dtype: self.dtype,
-            shape: self.shape.as_mut_ptr(),
-            strides: self.strides.as_mut_ptr(),
-            byte_offset: self.byte_offset,
-        }
-    }
-
-    /// The whole buffer's 4-byte values (i32, or f32 bits), after the stream's work.
-    fn read(&self, stream: &Arc<CudaStream>) -> Vec<i32> {
-        let bytes = stream.clone_dtoh(&self.memory).unwrap();
-        stream.synchronize().unwrap();
-        bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-    }
-}
-
-/// `route_into`'s outputs on one device: windows of marked buffers, a marked status and a
-/// workspace, with the descriptors the call's views are made of.
-struct Outputs {
-    ids: Buffer,
-    weights: Buffer,
-    status: Buffer,
-    /// Never read: kept for its descriptor.
-    _workspace: Buffer,
-    descriptors: [DLTensor; 4],
-}
-
-impl Outputs {
-    fn new(stream: &Arc<CudaStream>, router: &CudaPreparedRouter, tokens: usize) -> Self {
-        let mut ids = Buffer::marked_window(stream, tokens, DLDataType::I32);
-        let mut weights = Buffer::marked_window(stream, tokens, DLDataType::F32);
-        let marker: Vec<u8> = [MARKER; 2].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut status = Buffer::new(stream, &marker, &[2], DLDataType::I32);
-        let bytes = router.workspace_bytes(tokens).max(1);
-        let mut workspace = Buffer::new(stream, &vec![0; bytes], &[bytes], DLDataType::U8);
-        let descriptors = [
-            ids.descriptor(stream),
-            weights.descriptor(stream),
-            status.descriptor(stream),
-            workspace.descriptor(stream),
-        ];
-        Outputs { ids, weights, status, _workspace: workspace, descriptors }
-    }
-
-    /// The call's writable views.
-    fn views(&mut self) -> RouteOutputs<'_> {
-        let [ids, weights, status, workspace] = &mut self.descriptors;
-        // SAFETY: each descriptor points at a live device buffer of `self` (kept alive, and its
-        // shape and strides unmoved, by the borrow of `self`), inside it with its shape, strides
-        // and offset; nothing else reads or writes those buffers while the views are alive.
-        unsafe {
-            RouteOutputs::new(
-                DlpackViewMut::from_raw(ids).unwrap(),
-                DlpackViewMut::from_raw(weights).unwrap(),
-            )
-            .with_status(DlpackViewMut::from_raw(status).unwrap())
-            .with_workspace(DlpackViewMut::from_raw(workspace).unwrap())
-        }
-    }
+/// `route_into`'s outputs on `stream`'s device, all marked but the workspace: the ids and weights
+/// in the windows of wider rows, and a status.
+fn marked_outputs(
+    stream: &Arc<CudaStream>,
+    router: &CudaPreparedRouter,
+    tokens: usize,
+) -> RouteBuffers {
+    let workspace_bytes = router.workspace_bytes(tokens).max(1);
+    RouteBuffers::new(
+        stream,
+        Buffer::marked_window(stream, tokens, WINDOW, ROW, DLDataType::I32),
+        Buffer::marked_window(stream, tokens, WINDOW, ROW, DLDataType::F32),
+        Buffer::contiguous(stream, &marker_bytes(2), &[2], DLDataType::I32),
+        Buffer::zeroed(stream, workspace_bytes, &[workspace_bytes], &[1], DLDataType::U8),
+    )
 }
 
 #[test]
 fn route_into_on_a_stream_of_the_second_device_is_captured_and_replayed() {
-    let Some(Devices { second, .. }) =
-        devices("route_into_on_a_stream_of_the_second_device_is_captured_and_replayed")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("route_into_on_a_stream_of_the_second_device_is_captured_and_replayed");
     let gate = Gate::new();
-    let router = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec()).unwrap();
+    let router = gate.router(&second);
     let stream = test_stream(1);
-    // SAFETY: the stream lives to the end of the test and belongs to device 1's primary context;
-    // every buffer of the call outlives the graph's replays, and is read after synchronising.
-    let execution = Execution::Stream(
-        unsafe { DeviceStream::new(SECOND, stream.cu_stream() as usize) }.unwrap(),
-    );
+    // SAFETY: the stream lives to the end of the test; every buffer of the call outlives the
+    // graph's replays, and is read after synchronising.
+    let execution = unsafe { on_stream(&stream) };
     for tokens in TOKEN_COUNTS {
         router.warm_up(tokens).unwrap();
         let zeros = vec![0u8; tokens * H * 2];
-        let mut hidden_buffer = Buffer::new(&stream, &zeros, &[tokens, H], DLDataType::BF16);
+        let mut hidden_buffer = Buffer::contiguous(&stream, &zeros, &[tokens, H], DLDataType::BF16);
         let hidden_descriptor = hidden_buffer.descriptor(&stream);
-        let mut outputs = Outputs::new(&stream, &router, tokens);
+        let mut outputs = marked_outputs(&stream, &router, tokens);
         // SAFETY: the descriptor points at the test's live buffer of hidden states with its
         // shape and strides; the test writes it only between replays, on the same stream.
         let hidden_view = unsafe { DlpackView::from_raw(&hidden_descriptor) }.unwrap();
@@ -411,11 +293,8 @@ fn route_into_on_a_stream_of_the_second_device_is_captured_and_replayed() {
 
 #[test]
 fn device_tensors_on_the_second_device_keep_their_pointer_and_device() {
-    let Some(Devices { second, .. }) =
-        devices("device_tensors_on_the_second_device_keep_their_pointer_and_device")
-    else {
-        return;
-    };
+    let Devices { second, .. } =
+        devices_or_skip!("device_tensors_on_the_second_device_keep_their_pointer_and_device");
     let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
     let device = second.upload(&dl(values.clone(), &[4, 6])).unwrap();
     assert_on_second_device("uploaded", &device);
@@ -447,13 +326,10 @@ fn assert_refused<T>(context: &str, result: Result<T, BackendError>, arg: &str) 
 
 #[test]
 fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
-    let Some(Devices { first, second }) =
-        devices("tensors_on_the_first_device_are_refused_by_a_second_device_router")
-    else {
-        return;
-    };
+    let Devices { first, second } =
+        devices_or_skip!("tensors_on_the_first_device_are_refused_by_a_second_device_router");
     let gate = Gate::new();
-    let spec = spec();
+    let spec = deepseek_v3_spec(E, K);
     let on_first = |host: Dlpack| first.upload(&host).unwrap();
     assert_refused(
         "a weight on device 0",
@@ -467,19 +343,17 @@ fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
     );
     assert_refused("download", second.download(&on_first(gate.bias_dl())), "tensor");
 
-    let router = second.prepare(&gate.weight_dl(), Some(&gate.bias_dl()), &spec).unwrap();
+    let router = gate.router(&second);
     let tokens = TOKEN_COUNTS[0];
     let hidden_first = on_first(dl(bf16s(&gate.hidden(30, tokens)), &[tokens, H]));
     assert_refused("route", router.route(&hidden_first), "hidden");
     assert_refused("router_gemm", router.router_gemm(&hidden_first), "hidden");
 
     let stream = test_stream(1);
-    // SAFETY: the stream lives to the end of the test and belongs to device 1's primary context;
-    // every call below is refused before it enqueues anything.
-    let execution = Execution::Stream(
-        unsafe { DeviceStream::new(SECOND, stream.cu_stream() as usize) }.unwrap(),
-    );
-    let mut outputs = Outputs::new(&stream, &router, tokens);
+    // SAFETY: the stream lives to the end of the test; every call below is refused before it
+    // enqueues anything.
+    let execution = unsafe { on_stream(&stream) };
+    let mut outputs = marked_outputs(&stream, &router, tokens);
     let inputs = RouteInputs::new(DlpackView::from_dlpack(&hidden_first).unwrap());
     assert_refused(
         "route_into",
@@ -490,7 +364,7 @@ fn tensors_on_the_first_device_are_refused_by_a_second_device_router() {
     let hidden_second = second.upload(&dl(bf16s(&gate.hidden(31, tokens)), &[tokens, H])).unwrap();
     let inputs = RouteInputs::new(DlpackView::from_dlpack(&hidden_second).unwrap());
     let stream_first = test_stream(0);
-    let mut outputs_first = Outputs::new(&stream_first, &router, tokens);
+    let mut outputs_first = marked_outputs(&stream_first, &router, tokens);
     let mut views = outputs.views();
     views.topk_ids = outputs_first.views().topk_ids;
     assert_refused("route_into", router.route_into(&inputs, &mut views, execution), "topk_ids");

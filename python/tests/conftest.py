@@ -1,5 +1,5 @@
-"""Shared helpers: the golden fixtures of models/testdata, read without sluice, small gates, and
-the `cuda` marker.
+"""Shared helpers: the golden fixtures of models/testdata, read without sluice, small gates, the
+gate of the CUDA graph tests, and the `cuda` marker.
 
 Tests marked `cuda` need a CUDA device: without one they skip, unless `SLUICE_REQUIRE_GPU` is set
 (as the GPU bundle's `run.sh` does), where a missing device fails them instead, as it fails the
@@ -152,6 +152,61 @@ def tiny_gate(**options) -> tuple[sluice.Gate, torch.nn.Parameter, torch.Tensor]
     weight = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
     bias = torch.randn(16, generator=generator) * 0.1
     return sluice.Gate.from_tensors(weight, bias, tiny_config(), **options), weight, bias
+
+
+class GraphCase:
+    """The gate and buffers of a CUDA graph test on `device`: 64 experts of hidden size 256, 6
+    picks from 4 of 8 groups, for 12 tokens. The seeded bf16 weight `[64, 256]` and bias `[64]`
+    are on the host, for each test to place; the same generator then draws the static inputs of
+    the replays. `ids` and `weights` `[tokens, top_k]` are on `device`, -1 until a call writes
+    them."""
+
+    experts, hidden_size, top_k, tokens = 64, 256, 6, 12
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.config = tiny_config(
+            hidden_size=self.hidden_size,
+            n_routed_experts=self.experts,
+            num_experts_per_tok=self.top_k,
+            n_group=8,
+            topk_group=4,
+        )
+        self.weight = (
+            torch.randn(self.experts, self.hidden_size, generator=self.generator) * 0.05
+        ).to(torch.bfloat16)
+        self.bias = torch.randn(self.experts, generator=self.generator) * 0.1
+        shape = (self.tokens, self.top_k)
+        self.ids = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.weights = torch.full(shape, -1.0, device=device)
+
+    def static_input(self) -> torch.Tensor:
+        """The next bf16 hidden states `[tokens, hidden_size]` of the generator, on the device."""
+        hidden = torch.randn(self.tokens, self.hidden_size, generator=self.generator)
+        return hidden.to(torch.bfloat16).to(self.device)
+
+    def warm_up(self, step) -> None:
+        """Runs `step` once on a side stream of the device and waits for it, as torch asks
+        before a capture."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+
+    def capture(self, step) -> torch.cuda.CUDAGraph:
+        """`step` captured in a CUDA graph on torch's current device, which must be the case's,
+        after `ids` and `weights` are set to -1; asserts that the capture wrote none of the ids."""
+        self.ids.fill_(-1)
+        self.weights.fill_(-1.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize(self.device)
+        assert bool((self.ids == -1).all()), "a capture records the work, it does not run it"
+        return graph
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sluice
-from conftest import FAMILIES, TESTDATA, Golden, assert_matches_golden, tiny_config
+from conftest import FAMILIES, TESTDATA, Golden, GraphCase, assert_matches_golden, tiny_config
 from dlpack_producers import PATHS
 
 cuda = pytest.mark.cuda
@@ -184,57 +184,29 @@ def test_route_into_is_captured_in_a_cuda_graph_with_grad_inputs(workspace_from)
     """The engine's use: a model's `nn.Parameter` gate weight, hidden states that require grad
     (made by a torch kernel inside the capture, from a parameter), the gate captured on torch's
     current stream and replayed after the static input changed, equal to eager routing."""
-    generator = torch.Generator().manual_seed(11)
-    experts, hidden_size, top_k, tokens = 64, 256, 6, 12
-    config = tiny_config(
-        hidden_size=hidden_size,
-        n_routed_experts=experts,
-        num_experts_per_tok=top_k,
-        n_group=8,
-        topk_group=4,
-    )
-    weight = torch.nn.Parameter(
-        (torch.randn(experts, hidden_size, generator=generator) * 0.05).to(torch.bfloat16).to(CUDA)
-    )
-    bias = (torch.randn(experts, generator=generator) * 0.1).to(CUDA)
-    gate = sluice.Gate.from_tensors(weight, bias, config, mark_invalid=True)
+    case = GraphCase(seed=11, device=CUDA)
+    weight = torch.nn.Parameter(case.weight.to(CUDA))
+    gate = sluice.Gate.from_tensors(weight, case.bias.to(CUDA), case.config, mark_invalid=True)
     scale = torch.nn.Parameter(torch.tensor(1.5, device=CUDA))
-
-    def static_input():
-        return torch.randn(tokens, hidden_size, generator=generator).to(torch.bfloat16).to(CUDA)
-
-    x = static_input()
-    ids = torch.full((tokens, top_k), -1, dtype=torch.int32, device=CUDA)
-    weights = torch.full((tokens, top_k), -1.0, device=CUDA)
+    x = case.static_input()
+    ids, weights = case.ids, case.weights
     workspace = None
     if workspace_from == "caller":
-        workspace = torch.empty(gate.workspace_bytes(tokens), dtype=torch.uint8, device=CUDA)
+        workspace = torch.empty(gate.workspace_bytes(case.tokens), dtype=torch.uint8, device=CUDA)
 
     def step():
         hidden = x * scale  # bf16, requires grad
         assert hidden.requires_grad
         gate.route_into(hidden, ids, weights, workspace=workspace)
 
-    # Warm up on a side stream, as torch asks before a capture.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    case.warm_up(step)
     eager = gate.route((x * scale).detach())
     assert torch.equal(ids, eager[0]) and torch.equal(weights, eager[1])
 
-    ids.fill_(-1)
-    weights.fill_(-1.0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize()
-    assert bool((ids == -1).all()), "a capture records the work, it does not run it"
+    graph = case.capture(step)
 
     for _ in range(2):
-        x.copy_(static_input())
+        x.copy_(case.static_input())
         graph.replay()
         torch.cuda.synchronize()
         expected = gate.route((x * scale).detach())

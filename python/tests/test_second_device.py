@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sluice
-from conftest import assert_matches_golden, tiny_config
+from conftest import GraphCase, assert_matches_golden, tiny_config
 
 pytestmark = pytest.mark.second_cuda_device
 
@@ -53,28 +53,13 @@ def test_route_into_on_cuda_1_is_captured_in_a_cuda_graph_there(stream_from):
     """`route_into` on `torch.cuda.current_stream(1)` inside `torch.cuda.graph` on device 1: by
     default (the gate names torch's current stream and allocates the workspace in the capture),
     or with that stream's handle and a workspace of the caller's."""
-    generator = torch.Generator().manual_seed(13)
-    experts, hidden_size, top_k, tokens = 64, 256, 6, 12
-    config = tiny_config(
-        hidden_size=hidden_size,
-        n_routed_experts=experts,
-        num_experts_per_tok=top_k,
-        n_group=8,
-        topk_group=4,
+    case = GraphCase(seed=13, device=SECOND)
+    gate = sluice.Gate.from_tensors(
+        torch.nn.Parameter(case.weight), case.bias, case.config, device="cuda:1", mark_invalid=True
     )
-    weight = torch.nn.Parameter(
-        (torch.randn(experts, hidden_size, generator=generator) * 0.05).to(torch.bfloat16)
-    )
-    bias = torch.randn(experts, generator=generator) * 0.1
-    gate = sluice.Gate.from_tensors(weight, bias, config, device="cuda:1", mark_invalid=True)
-
-    def static_input():
-        return torch.randn(tokens, hidden_size, generator=generator).to(torch.bfloat16).to(SECOND)
-
-    x = static_input()
-    ids = torch.full((tokens, top_k), -1, dtype=torch.int32, device=SECOND)
-    weights = torch.full((tokens, top_k), -1.0, device=SECOND)
-    workspace = torch.empty(gate.workspace_bytes(tokens), dtype=torch.uint8, device=SECOND)
+    x = case.static_input()
+    ids, weights = case.ids, case.weights
+    workspace = torch.empty(gate.workspace_bytes(case.tokens), dtype=torch.uint8, device=SECOND)
 
     def step():
         if stream_from == "default":
@@ -85,26 +70,14 @@ def test_route_into_on_cuda_1_is_captured_in_a_cuda_graph_there(stream_from):
             gate.route_into(x, ids, weights, stream=stream.cuda_stream, workspace=workspace)
 
     with torch.cuda.device(SECOND):
-        # Warm up on a side stream, as torch asks before a capture.
-        side = torch.cuda.Stream(SECOND)
-        side.wait_stream(torch.cuda.current_stream(SECOND))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(SECOND).wait_stream(side)
-        torch.cuda.synchronize(SECOND)
+        case.warm_up(step)
         eager = gate.route(x)
         assert torch.equal(ids, eager[0]) and torch.equal(weights, eager[1])
 
-        ids.fill_(-1)
-        weights.fill_(-1.0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize(SECOND)
-        assert bool((ids == -1).all()), "a capture records the work, it does not run it"
+        graph = case.capture(step)
 
         for _ in range(2):
-            x.copy_(static_input())
+            x.copy_(case.static_input())
             graph.replay()
             torch.cuda.synchronize(SECOND)
             expected = gate.route(x)
