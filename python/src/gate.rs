@@ -369,6 +369,17 @@ impl Gate {
         self.prepared.router().workspace_bytes(tokens)
     }
 
+    /// Does now what the first call on `tokens` rows would otherwise do, so that a captured
+    /// `route_into` only enqueues its kernels. On a CUDA gate it checks the launch limits and,
+    /// past 8 bf16 rows, chooses cuBLASLt's algorithm for exactly `tokens` rows by timing the
+    /// whole gate with each candidate (device work on the backend's own stream, waited for; the
+    /// choice is shared by every gate of the backend with that shape); nothing on a CPU gate.
+    /// Call it once for each row count an engine captures, before capturing.
+    fn warm_up(&self, py: Python<'_>, tokens: usize) -> PyResult<()> {
+        let router = self.prepared.router();
+        py.detach(|| router.warm_up(tokens)).map_err(|error| errors::model(error.into()))
+    }
+
     /// The device the gate routes on (`cpu`, `cuda:0`, ...): the device of every tensor a call
     /// takes.
     #[getter]

@@ -117,6 +117,7 @@ def test_backend_settings():
 
 def test_devices_are_named_as_torch_names_them(gate):
     assert gate.device == torch.device("cpu") and gate.workspace_bytes(64) == 0
+    assert gate.warm_up(64) is None  # nothing to prepare on the host
     assert sluice.Gate.from_pretrained(TESTDATA / "v3", 3, device="cpu").device == gate.device
     for device in ("tpu", "cuda:x", "mps:0"):
         with pytest.raises(ValueError, match="sluice routes on 'cpu' or 'cuda"):
