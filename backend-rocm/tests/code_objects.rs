@@ -11,7 +11,9 @@ use std::io::Write as _; // skips are written past the test harness's capture, t
 use std::process::Command;
 
 use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
-use sluice_kernels::{GemmKernel, HiddenKind, WeightKind, offline_configs, toolchain};
+use sluice_kernels::{
+    GemmKernel, HiddenKind, ROUTE_TOKENS_PER_BLOCK, WeightKind, offline_configs, toolchain,
+};
 
 const REQUIRED_ARCHS: [&str; 2] = ["gfx90a", "gfx942"];
 /// VGPRs per lane: at most 128 keeps at least 4 waves per SIMD on CDNA2/CDNA3 (512 per SIMD lane).
@@ -172,13 +174,24 @@ fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_
                 "{at}: {kernel:?}"
             );
         }
-        // The grouped configs keep their per-warp scores in LDS; the others need none.
+        // Every config keeps each warp's scores in LDS (f32 [warps][E], read back by the lane
+        // that keeps each choice); the grouped configs their selection values and group ranks
+        // too.
         let route_lds = number(&kernels["sluice_route"], ".group_segment_fixed_size");
+        let experts: u64 = offline_configs()
+            .find(|config| config.name == object.config)
+            .and_then(|config| {
+                config.defines.split(' ').find_map(|define| define.strip_prefix("-DSLUICE_E="))
+            })
+            .unwrap_or_else(|| panic!("{}: no SLUICE_E among its defines", object.config))
+            .parse()
+            .unwrap();
+        let scores = (ROUTE_TOKENS_PER_BLOCK as u64) * experts * 4;
         let grouped = ["deepseek_v3", "deepseek_v2"].contains(&object.config);
         assert_eq!(
-            route_lds > 0,
-            grouped,
-            "{}.{}: sluice_route uses {route_lds} bytes of LDS",
+            (route_lds >= scores, route_lds > scores),
+            (true, grouped),
+            "{}.{}: sluice_route uses {route_lds} bytes of LDS, the scores {scores}",
             object.config,
             object.arch
         );
