@@ -320,4 +320,41 @@ mod tests {
         plan_dispatch(16_384, 8, 256, NVIDIA).unwrap().fill(&mut args);
         assert_eq!((args.rows_per_block, args.blocks), (256, 64));
     }
+
+    #[test]
+    fn the_argument_holds_every_address_stride_and_size_and_zero_for_what_was_not_asked() {
+        use sluice_tensor::{DlpackView, PaddedOutputs};
+        let (t, k, e) = (3, 2, 4);
+        // The ids and the inverse are windows of rows 5 and 3 wide.
+        let ids = vec![0i32; t * 5];
+        let (mut counts, mut offsets, mut pairs) = (vec![0; e], vec![0; e + 1], vec![0; t * k]);
+        let mut inverse = vec![0i32; t * 3];
+        let (mut padded, mut blocks, mut total) = (vec![0i32; 16], vec![0i32; 4], vec![0i32; 1]);
+        let inputs =
+            DispatchInputs::new(DlpackView::from_slice_strided(&ids, &[t, k], &[5, 1]).unwrap());
+        let mut outputs = DispatchOutputs::new(
+            DlpackViewMut::from_slice(&mut counts, &[e]).unwrap(),
+            DlpackViewMut::from_slice(&mut offsets, &[e + 1]).unwrap(),
+            DlpackViewMut::from_slice(&mut pairs, &[t * k]).unwrap(),
+            DlpackViewMut::from_slice_strided(&mut inverse, &[t, k], &[3, 1]).unwrap(),
+        )
+        .with_padding(PaddedOutputs {
+            block_size: 4,
+            padded_pairs: DlpackViewMut::from_slice(&mut padded, &[16]).unwrap(),
+            block_experts: DlpackViewMut::from_slice(&mut blocks, &[4]).unwrap(),
+            padded_total: DlpackViewMut::from_slice(&mut total, &[1]).unwrap(),
+        });
+        let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+        let args = dispatch_args("dispatch_into", &inputs, &mut outputs, shape, 0).unwrap();
+        assert_eq!(args.ids, ids.as_ptr() as u64);
+        assert_eq!((args.ids_row_stride, args.inverse_row_stride), (5, 3));
+        assert_eq!((args.tokens, args.block_size, args.capacity, args.ranks), (3, 4, 16, 0));
+        assert_ne!(args.padded_total, 0);
+        // Not asked for: no invalid counts, no rank outputs or table, no workspace.
+        assert_eq!(args.invalid, 0);
+        assert_eq!((args.expert_ranks, args.rank_counts, args.rank_tokens), (0, 0, 0));
+        assert_eq!(args.block_counts, 0);
+        assert_eq!(args.inverse, inverse.as_ptr() as u64);
+        assert_eq!(args.expert_counts, counts.as_ptr() as u64);
+    }
 }
