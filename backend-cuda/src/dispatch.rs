@@ -13,19 +13,18 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::cuMemsetD32Async;
 use sluice_kernels::{
-    DispatchBuffer, DispatchBuffers, DispatchPlan, NVIDIA_WAVE_WIDTH, dispatch_args, plan_dispatch,
+    DispatchBuffer, DispatchBuffers, DispatchPlan, NVIDIA_WAVE_WIDTH, check_host_dispatch,
+    dispatch_args, host_i32_values, plan_dispatch,
 };
 use sluice_tensor::{
-    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape,
-    DlpackError, DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
-    check_dispatch_values,
+    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DlpackError,
+    DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
 };
 
 use crate::buffer::DeviceBuffer;
 use crate::enqueue;
 use crate::error::CudaError;
 use crate::gpu::Gpu;
-use crate::input;
 use crate::module::RouterModule;
 use crate::prepared::CudaPreparedRouter;
 
@@ -121,16 +120,7 @@ impl Dispatcher<'_> {
     ) -> Result<(), BackendError> {
         const OP: &str = "dispatch";
         let gpu = self.gpu;
-        // Host data is looked at first, as every host dispatch does.
-        let spec = self.router.spec();
-        let tokens = inputs.topk_ids.shape().first().copied().unwrap_or(0);
-        let shape = DispatchShape { tokens, top_k: spec.top_k, experts: spec.num_experts };
-        let ranks = outputs.ranks.as_ref().map_or(0, |r| r.rank_counts.shape().iter().product());
-        input::check_device(OP, "topk_ids", &inputs.topk_ids, Device::Cpu)?;
-        // A table without rank outputs (or the reverse) is refused by `dispatch_into`'s checks.
-        if inputs.expert_ranks.is_some() == outputs.ranks.is_some() {
-            check_dispatch_values(OP, inputs, shape, ranks)?;
-        }
+        let tokens = check_host_dispatch(OP, self.router.spec(), inputs, outputs)?.tokens;
         let ids = upload(gpu, OP, "topk_ids", &inputs.topk_ids)?;
         let table =
             inputs.expert_ranks.map(|table| upload(gpu, OP, "expert_ranks", &table)).transpose()?;
@@ -167,12 +157,7 @@ fn upload(
     arg: &'static str,
     view: &DlpackView<'_>,
 ) -> Result<DeviceBuffer, BackendError> {
-    input::check_device(op, arg, view, Device::Cpu)?;
-    let view_error = |source| BackendError::View { op, arg, source };
-    let values: Vec<i32> = match view.rank() {
-        1 => view.as_array1::<i32>().map_err(view_error)?.iter().copied().collect(),
-        _ => view.as_array2::<i32>().map_err(view_error)?.iter().copied().collect(),
-    };
+    let values = host_i32_values(op, arg, view)?;
     let mut buffer = DeviceBuffer::zeroed(Arc::clone(gpu), view.dtype(), view.shape(), None)?;
     if !values.is_empty() {
         buffer.write(&values)?;

@@ -14,13 +14,12 @@ use std::sync::Arc;
 
 use dlpark::ffi::{DLDevice, DLDeviceType, DLTensor};
 use sluice_kernels::{
-    AMD_WAVE_WIDTH, DispatchBuffer, DispatchBuffers, DispatchPlan, check_device, dispatch_args,
-    plan_dispatch,
+    AMD_WAVE_WIDTH, DispatchBuffer, DispatchBuffers, DispatchPlan, check_host_dispatch,
+    dispatch_args, host_i32_values, plan_dispatch,
 };
 use sluice_tensor::{
-    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape,
-    DlpackError, DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
-    check_dispatch_values,
+    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DlpackError,
+    DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
 };
 
 use crate::device::LoadedModule;
@@ -85,16 +84,7 @@ impl Dispatcher<'_> {
     ) -> Result<(), BackendError> {
         const OP: &str = "dispatch";
         let stream = &self.gpu.stream;
-        // Host data is looked at first, as every host dispatch does.
-        let spec = self.router.spec();
-        let tokens = inputs.topk_ids.shape().first().copied().unwrap_or(0);
-        let shape = DispatchShape { tokens, top_k: spec.top_k, experts: spec.num_experts };
-        let ranks = outputs.ranks.as_ref().map_or(0, |r| r.rank_counts.shape().iter().product());
-        check_device(OP, "topk_ids", &inputs.topk_ids, Device::Cpu)?;
-        // A table without rank outputs (or the reverse) is refused by `dispatch_into`'s checks.
-        if inputs.expert_ranks.is_some() == outputs.ranks.is_some() {
-            check_dispatch_values(OP, inputs, shape, ranks)?;
-        }
+        let tokens = check_host_dispatch(OP, self.router.spec(), inputs, outputs)?.tokens;
         let ids = DeviceBuffer::upload(stream, OP, "topk_ids", &inputs.topk_ids)?;
         let table = inputs
             .expert_ranks
@@ -160,12 +150,7 @@ impl<'a> DeviceBuffer<'a> {
         arg: &'static str,
         view: &DlpackView<'_>,
     ) -> Result<Self, BackendError> {
-        check_device(op, arg, view, Device::Cpu)?;
-        let view_error = |source| BackendError::View { op, arg, source };
-        let values: Vec<i32> = match view.rank() {
-            1 => view.as_array1::<i32>().map_err(view_error)?.iter().copied().collect(),
-            _ => view.as_array2::<i32>().map_err(view_error)?.iter().copied().collect(),
-        };
+        let values = host_i32_values(op, arg, view)?;
         let buffer = DeviceBuffer::zeroed(stream, view.dtype(), view.shape())?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
         // SAFETY: the buffer was just allocated with room for the view's elements, which are

@@ -4,11 +4,46 @@
 //! allocated, viewed and copied is the same on every GPU.
 
 use sluice_tensor::{
-    BackendError, DType, Device, DispatchOutputs, DispatchShape, DlpackViewMut, PaddedOutputs,
-    RankOutputs,
+    BackendError, DType, Device, DispatchInputs, DispatchOutputs, DispatchShape, DlpackView,
+    DlpackViewMut, PaddedOutputs, RankOutputs, RoutingSpec, check_dispatch_values,
 };
 
 use crate::operands::check_device;
+
+/// What a synchronous `dispatch` of `spec`'s router looks at before it copies anything, as every
+/// host dispatch does: the ids are on the host, and their values (and the rank table's) are
+/// checked. A table without rank outputs, or the reverse, is left to `dispatch_into`'s checks.
+/// Returns the shape of the call.
+pub fn check_host_dispatch(
+    op: &'static str,
+    spec: &RoutingSpec,
+    inputs: &DispatchInputs<'_>,
+    outputs: &DispatchOutputs<'_>,
+) -> Result<DispatchShape, BackendError> {
+    let tokens = inputs.topk_ids.shape().first().copied().unwrap_or(0);
+    let shape = DispatchShape { tokens, top_k: spec.top_k, experts: spec.num_experts };
+    let ranks = outputs.ranks.as_ref().map_or(0, |r| r.rank_counts.shape().iter().product());
+    check_device(op, "topk_ids", &inputs.topk_ids, Device::Cpu)?;
+    if inputs.expert_ranks.is_some() == outputs.ranks.is_some() {
+        check_dispatch_values(op, inputs, shape, ranks)?;
+    }
+    Ok(shape)
+}
+
+/// The values of a host i32 argument of one or two axes (ids or a rank table), row-major,
+/// whatever its strides: what a synchronous call copies to its device.
+pub fn host_i32_values(
+    op: &'static str,
+    arg: &'static str,
+    view: &DlpackView<'_>,
+) -> Result<Vec<i32>, BackendError> {
+    check_device(op, arg, view, Device::Cpu)?;
+    let view_error = |source| BackendError::View { op, arg, source };
+    Ok(match view.rank() {
+        1 => view.as_array1::<i32>().map_err(view_error)?.iter().copied().collect(),
+        _ => view.as_array2::<i32>().map_err(view_error)?.iter().copied().collect(),
+    })
+}
 
 /// A contiguous device buffer of a backend, zeroed when made, that a dispatch writes.
 pub trait DispatchBuffer {
@@ -211,6 +246,25 @@ mod tests {
     fn zeroed(dtype: DType, dims: &[usize]) -> Result<HostBuffer, BackendError> {
         assert_eq!(dtype, DType::I32);
         Ok(HostBuffer { values: vec![0; dims.iter().product()], shape: dims.to_vec() })
+    }
+
+    #[test]
+    fn a_synchronous_dispatch_reads_and_checks_host_ids_first() {
+        // A window of rows 3 wide: the third column is not the argument's.
+        let ids = [0, 1, 99, 2, -1, 99];
+        let view = DlpackView::from_slice_strided(&ids, &[2, 2], &[3, 1]).unwrap();
+        assert_eq!(host_i32_values("dispatch", "topk_ids", &view).unwrap(), [0, 1, 2, -1]);
+        let spec = RoutingSpec::builder(4, 2).build().unwrap();
+        let shape = DispatchShape { tokens: 2, top_k: 2, experts: 4 };
+        let mut layout = DispatchBuffers::of_shape(shape, None, zeroed).unwrap();
+        let outputs = layout.views("dispatch").unwrap();
+        let inputs = DispatchInputs::new(view);
+        assert_eq!(check_host_dispatch("dispatch", &spec, &inputs, &outputs).unwrap(), shape);
+        // An id outside [-1, E) is refused on the host, before anything is copied.
+        let stray = [0, 4];
+        let inputs = DispatchInputs::new(DlpackView::from_slice(&stray, &[1, 2]).unwrap());
+        let refused = check_host_dispatch("dispatch", &spec, &inputs, &outputs);
+        assert!(matches!(refused, Err(BackendError::ExpertIdOutOfRange { .. })), "{refused:?}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub use dispatch::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
     DispatchPlan, RANK_TOKENS_THREADS, dispatch_args, plan_dispatch,
 };
-pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers};
+pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
     AMD_WAVE_WIDTH, GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget,
     HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, WeightKind, plan_gemm,
