@@ -26,7 +26,7 @@ use sluice_tensor::{
 
 use crate::CudaBackend;
 use crate::buffer::DeviceBuffer;
-use crate::dispatch::DeviceOutputs;
+use crate::dispatch::{DeviceOutputs, zeroed};
 use crate::error::CudaError;
 use crate::prepared::CudaPreparedRouter;
 
@@ -163,7 +163,7 @@ impl CudaBackend {
         let shape = DispatchShape { tokens: t, top_k: k, experts: e };
         let mut layout = match bench.layout {
             Some(layout) => {
-                let outputs = DeviceOutputs::of_shape(gpu, shape, layout.block_size)?;
+                let outputs = DeviceOutputs::of_shape(shape, layout.block_size, zeroed(gpu))?;
                 let bytes = routers[0].dispatch_workspace_bytes(t).max(1);
                 let workspace = DeviceBuffer::zeroed(Arc::clone(gpu), DType::U8, &[bytes], None)?;
                 Some((outputs, workspace))

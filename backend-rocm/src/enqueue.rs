@@ -6,13 +6,15 @@
 //! NVIDIA); launches go through `hipModuleLaunchKernel` with blocks of whole 64-wide waves. The
 //! GEMM plan on AMD is always the scalar kernel with one split (no `mma.sync`), so the partial
 //! sums are the logits and `sluice_sum_partials` is never needed.
+//! The dispatch layout's kernels take their one argument, `DispatchArgs`, by value.
 //! Programmatic dependent launch has no AMD equivalent: the kernels' hooks compile to nothing.
 
 use std::ffi::c_void;
 
 use sluice_kernels::{
-    AMD_WAVE_WIDTH, DeviceMatrix, GemmPlan, HashInputs, Launch, Partials, RoutingTargets,
-    gemm_args, route_args, route_launch,
+    AMD_WAVE_WIDTH, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DeviceMatrix, DispatchArgs, DispatchPlan, GemmPlan, HashInputs, Launch, Partials,
+    RoutingTargets, gemm_args, route_args, route_launch,
 };
 
 use crate::api::Handle;
@@ -61,6 +63,58 @@ pub(crate) fn route(
     // table of `table_rows` checked rows of K experts of [0, E), and `tokens` contiguous ids, each
     // looked at before it indexes the table.
     unsafe { launch(module, function, geometry, stream, &mut args.pointers()) }
+}
+
+/// Enqueues the dispatch layout of `plan` with argument `args` (which `plan` filled): the
+/// many-block path's counts, the scatter, and with rank outputs (`args.ranks > 0`) the tokens per
+/// rank zeroed, then counted when there are rows.
+///
+/// # Safety
+///
+/// Every address in `args` must cover what the kernels touch for its sizes (the workspace
+/// `plan.workspace_bytes`, `rank_tokens` `args.ranks` i32), on the module's device; `stream` as
+/// for [`launch`].
+pub(crate) unsafe fn dispatch(
+    stream: Handle,
+    module: &LoadedModule,
+    plan: &DispatchPlan,
+    args: &mut DispatchArgs,
+) -> Result<(), RocmError> {
+    let ranks = usize::try_from(args.ranks).unwrap_or(0);
+    let rows = args.tokens > 0;
+    let rank_tokens = args.rank_tokens;
+    let mut params: [*mut c_void; 1] = [std::ptr::from_mut(args).cast()];
+    if let Some(count) = plan.count {
+        let function = module.kernel(DISPATCH_COUNT_KERNEL)?;
+        // SAFETY: the one parameter is a `DispatchArgs`, the device's `sluice_dispatch_args` (same
+        // layout: the code-object test checks the argument segment's size), alive for the call;
+        // its addresses as the caller promises.
+        unsafe { launch(module, function, count, stream, &mut params) }?;
+    }
+    let function = module.kernel(DISPATCH_SCATTER_KERNEL)?;
+    // SAFETY: as above, for the scatter kernel of the same argument.
+    unsafe { launch(module, function, plan.scatter, stream, &mut params) }?;
+    if ranks > 0 {
+        // The rank-tokens kernel adds into zeros.
+        let runtime = module.device().runtime();
+        // SAFETY: `rank_tokens` holds `ranks` i32 (the caller's promise); the memset is ordered
+        // on `stream` after the scatter and before the kernel below.
+        let status = unsafe {
+            (runtime.api().hipMemsetAsync)(
+                rank_tokens as *mut c_void,
+                0,
+                ranks * size_of::<i32>(),
+                stream,
+            )
+        };
+        runtime.check("hipMemsetAsync", status)?;
+    }
+    if ranks > 0 && rows {
+        let function = module.kernel(DISPATCH_RANK_TOKENS_KERNEL)?;
+        // SAFETY: as above, for the rank-tokens kernel of the same argument.
+        unsafe { launch(module, function, plan.rank_tokens, stream, &mut params) }?;
+    }
+    Ok(())
 }
 
 /// Launches `function` of `module` on `stream`.

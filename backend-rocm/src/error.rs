@@ -74,6 +74,9 @@ pub enum RocmError {
     /// A kernel the plan names is not in the loaded code object.
     #[error("the kernel {0} is not in the AMD code object")]
     MissingKernel(String),
+    /// A stream handle was refused.
+    #[error(transparent)]
+    Stream(#[from] sluice_tensor::StreamError),
     /// A stream capture ended without a graph.
     #[error("the HIP stream capture recorded no graph")]
     EmptyCapture,

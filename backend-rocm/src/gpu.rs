@@ -104,7 +104,15 @@ mod tests {
             col_stride: 1,
             dtype,
         };
-        let mut named = vec![sluice_kernels::ROUTE_KERNEL.to_owned()];
+        // Routing, and every kernel the dispatch layout enqueues.
+        let mut named: Vec<String> = [
+            sluice_kernels::ROUTE_KERNEL,
+            sluice_kernels::DISPATCH_COUNT_KERNEL,
+            sluice_kernels::DISPATCH_SCATTER_KERNEL,
+            sluice_kernels::DISPATCH_RANK_TOKENS_KERNEL,
+        ]
+        .map(str::to_owned)
+        .into();
         for &x in HIDDEN_DTYPES {
             for &w in WEIGHT_DTYPES {
                 // Aligned and unaligned rows, few and many tokens, one split or as many as wanted.

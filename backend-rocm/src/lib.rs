@@ -9,8 +9,8 @@
 //! routing configs are the fixed list `kernels/gpu/offline_configs.txt`.
 //!
 //! [`RocmBackend`] implements `sluice_tensor::Backend` on one AMD GPU, and its
-//! [`RocmPreparedRouter`] the engine's call `route_into` on the caller's `hipStream_t` under the
-//! same contract as the CUDA backend: everything costly in `prepare_router`, nothing allocated,
+//! [`RocmPreparedRouter`] the engine's calls `route_into` and `dispatch_into` (the dispatch layout
+//! after the gate) on the caller's `hipStream_t` under the same contract as the CUDA backend: everything costly in `prepare_router`, nothing allocated,
 //! copied or synchronised while enqueuing, so HIP graph capture records it. AMD has no `mma.sync`:
 //! the router GEMM is the scalar kernel, launched in blocks of 64-wide waves.
 //!
@@ -25,6 +25,7 @@
 //! - `enqueue`: the kernels on a given stream into given addresses, with the argument packing and
 //!   plans of `sluice-kernels`;
 //! - `gate`: the synchronous conveniences on the backend's own stream;
+//! - `dispatch`: the dispatch layout, enqueued after the shared checks, and its synchronous form;
 //! - [`RocmBackend`] and [`RocmPreparedRouter`]: the trait implementations;
 //! - `info`: the summary `sluice info` prints.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -33,6 +34,7 @@ mod api;
 mod backend;
 mod code_objects;
 mod device;
+mod dispatch;
 mod elf;
 mod enqueue;
 mod error;

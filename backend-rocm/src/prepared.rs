@@ -1,6 +1,6 @@
 //! [`RocmPreparedRouter`]: a router weight and bias on an AMD GPU, with the embedded code object
-//! of its routing config loaded; `route_into` and `router_gemm_into` enqueue on the caller's
-//! `hipStream_t`.
+//! of its routing config loaded; `route_into`, `router_gemm_into` and `dispatch_into` enqueue on
+//! the caller's `hipStream_t`.
 
 use std::sync::Arc;
 
@@ -10,13 +10,15 @@ use sluice_kernels::{
     output_rows, token_ids,
 };
 use sluice_tensor::{
-    BackendError, DType, Device, Dlpack, DlpackView, DlpackViewMut, Execution, ExpectedShape,
-    PreparedRouter, RouteInputs, RouteOutputs, RoutingOutput, RoutingSpec, TopkMethod,
-    argument_view, check_logits_into, check_route_into, check_router_weight,
+    BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
+    DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
+    RoutingOutput, RoutingSpec, TopkMethod, argument_view, check_logits_into, check_route_into,
+    check_router_weight,
 };
 
 use crate::api::Handle;
 use crate::device::LoadedModule;
+use crate::dispatch::{self, Dispatcher};
 use crate::enqueue;
 use crate::error::RocmError;
 use crate::gate::{self, Source};
@@ -27,10 +29,11 @@ use crate::memory::DeviceMemory;
 /// f32 bias (or, for a hash-routed layer, the table `tid2eid`) copied to the device once, and the code object of the spec's routing config loaded
 /// (`hipModuleLoadData`, for the device's architecture).
 ///
-/// `route_into` and `router_gemm_into` take [`Execution::Stream`] on this device (DLPack's ROCm
-/// numbering: 0 the null stream, larger values a `hipStream_t`) and only enqueue kernels: no
-/// allocation, module load, copy or synchronisation, so engines capture them in HIP graphs. `route`
-/// and `router_gemm` are synchronous conveniences on the backend's own stream.
+/// `route_into`, `router_gemm_into` and `dispatch_into` take [`Execution::Stream`] on this device
+/// (DLPack's ROCm numbering: 0 the null stream, larger values a `hipStream_t`) and only enqueue
+/// kernels (and `dispatch_into`'s memset of the tokens per rank): no allocation, module load, copy
+/// or synchronisation, so engines capture them in HIP graphs. `route`, `router_gemm` and
+/// `dispatch` are synchronous conveniences on the backend's own stream.
 pub struct RocmPreparedRouter {
     gpu: Arc<Gpu>,
     spec: RoutingSpec,
@@ -155,6 +158,10 @@ impl RocmPreparedRouter {
         self.spec.num_experts
     }
 
+    fn dispatcher(&self) -> Dispatcher<'_> {
+        Dispatcher { router: self, gpu: &self.gpu, module: &self.module }
+    }
+
     /// The table and the token ids a hash-routed router's kernel reads, refused without ids; none
     /// for other routers, which ignore token ids.
     fn hash_inputs(
@@ -204,7 +211,7 @@ impl RocmPreparedRouter {
         enqueue::route(stream, module, &partials, self.bias, hidden.rows, scale, targets, hash)
     }
 
-    fn stream(execution: Execution) -> Handle {
+    pub(crate) fn stream(execution: Execution) -> Handle {
         match execution {
             // The DLPack number is HIP's handle (0 the null stream, else a `hipStream_t`).
             Execution::Stream(stream) => stream.raw() as Handle,
@@ -324,6 +331,28 @@ impl PreparedRouter for RocmPreparedRouter {
         let workspace = outputs.workspace.as_mut().map_or(0, |w| output_rows(w).0);
         self.enqueue(Self::stream(execution), &hidden, workspace, &targets, hash.as_ref())?;
         Ok(())
+    }
+
+    fn dispatch_into(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        self.dispatcher().dispatch_into(inputs, outputs, execution)
+    }
+
+    /// Per-block counts at large `T` (see `sluice_kernels::plan_dispatch`), none at small `T`.
+    fn dispatch_workspace_bytes(&self, tokens: usize) -> usize {
+        dispatch::workspace_bytes(self, tokens)
+    }
+
+    fn dispatch(
+        &self,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+    ) -> Result<(), BackendError> {
+        self.dispatcher().dispatch(inputs, outputs)
     }
 
     fn router_gemm_into(

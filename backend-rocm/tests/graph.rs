@@ -2,7 +2,9 @@
 //! gate whose weight and hidden states require grad, `route_into` into caller-owned device buffers
 //! (windows of larger buffers) captured in a HIP graph on a non-default stream and replayed, equal
 //! to the reference each time; a raw export of a parameter during the capture is refused and the
-//! capture stays valid.
+//! capture stays valid. Then the dispatch layout: `route_into` followed by `dispatch_into` of its
+//! ids (padded, over ranks, the many-block path) in one graph, replayed, equal to the reference
+//! layout of the ids each replay wrote; and the synchronous `dispatch` through the gate.
 //!
 //! This mirrors backend-cuda's graph test. It compiles everywhere; without an AMD GPU (or without
 //! embedded kernels, or without a HIP runtime) it says why and passes, unless `SLUICE_REQUIRE_ROCM`
@@ -15,11 +17,15 @@ use std::sync::Arc;
 use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType, DLTensor};
 use half::bf16;
 use sluice_backend_rocm::{CaptureStatus, HipStream, RocmBackend, RocmDevice};
-use sluice_models::reference::{self, Routing, Tolerance};
+use sluice_models::PreparedGate;
+use sluice_models::reference::{
+    self, DispatchLayout, PaddedLayout, RankLayout, RankMap, Routing, Tolerance,
+};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, DlpackError, DlpackView, DlpackViewMut, Execution,
-    NonFinitePolicy, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, Tensor,
-    TopkMethod,
+    BackendError, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape,
+    DlpackError, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, PaddedOutputs,
+    PreparedRouter, RankOutputs, RouteInputs, RouteOutputs, RoutingSpec, ScoringFunc, Tensor,
+    TopkMethod, contiguous_ranks,
 };
 
 const T: usize = 24;
@@ -300,4 +306,205 @@ fn a_config_that_was_not_compiled_ahead_of_time_is_refused_by_name() {
     let error = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap_err();
     let message = error.to_string();
     assert!(message.contains("deepseek_v3") && message.contains("kimi_k2"), "{message}");
+}
+
+/// The buffers of one dispatch layout on the device, contiguous, padded to `BLOCK` and split over
+/// `RANKS` ranks, in the order `DispatchLayout` lists them.
+struct DeviceLayout {
+    /// counts, offsets, sorted pairs, inverse `[T, K]`, invalid.
+    main: [Buffer; 5],
+    /// padded pairs, block experts, padded total.
+    padded: [Buffer; 3],
+    /// rank counts, offsets, pairs, tokens.
+    ranks: [Buffer; 4],
+    workspace: Buffer,
+}
+
+const BLOCK: usize = 64;
+const RANKS: usize = 8;
+
+impl DeviceLayout {
+    fn new(stream: &HipStream, shape: DispatchShape, workspace_bytes: usize) -> Self {
+        let i32s = |dims: &[usize]| {
+            let strides: Vec<usize> = if dims.len() == 2 { vec![dims[1], 1] } else { vec![1] };
+            let bytes = dims.iter().product::<usize>() * 4;
+            Buffer::new(stream, bytes.max(4), dims, &strides, DLDataType::I32)
+        };
+        let (t, k, e) = (shape.tokens, shape.top_k, shape.experts);
+        let capacity = shape.padded_capacity(BLOCK).unwrap();
+        let bytes = workspace_bytes.max(1);
+        DeviceLayout {
+            main: [i32s(&[e]), i32s(&[e + 1]), i32s(&[t * k]), i32s(&[t, k]), i32s(&[2])],
+            padded: [i32s(&[capacity]), i32s(&[capacity / BLOCK]), i32s(&[1])],
+            ranks: [i32s(&[RANKS]), i32s(&[RANKS + 1]), i32s(&[t * k]), i32s(&[RANKS])],
+            workspace: Buffer::new(stream, bytes, &[bytes], &[1], DLDataType::U8),
+        }
+    }
+
+    /// Enqueues `dispatch_into` of `ids` with rank table `table` into these buffers.
+    fn enqueue(
+        &mut self,
+        router: &dyn PreparedRouter,
+        ids: &mut Buffer,
+        table: &mut Buffer,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        let (ids_dl, table_dl) = (ids.descriptor(), table.descriptor());
+        let mut main = self.main.each_mut().map(|b| b.descriptor());
+        let mut padded = self.padded.each_mut().map(|b| b.descriptor());
+        let mut ranks = self.ranks.each_mut().map(|b| b.descriptor());
+        let mut workspace = self.workspace.descriptor();
+        // SAFETY: every descriptor points at a live device buffer of the test with its shape and
+        // strides; the views end with this call, and nothing else touches the buffers meanwhile.
+        unsafe {
+            let view_mut = |d: &mut DLTensor| DlpackViewMut::from_raw(d).unwrap();
+            let inputs = DispatchInputs::new(DlpackView::from_raw(&ids_dl).unwrap())
+                .with_expert_ranks(DlpackView::from_raw(&table_dl).unwrap());
+            let [counts, offsets, sorted, inverse, invalid] = &mut main;
+            let [pairs, blocks, total] = &mut padded;
+            let [rank_counts, rank_offsets, rank_pairs, rank_tokens] = &mut ranks;
+            let mut outputs = DispatchOutputs::new(
+                view_mut(counts),
+                view_mut(offsets),
+                view_mut(sorted),
+                view_mut(inverse),
+            )
+            .with_invalid(view_mut(invalid))
+            .with_workspace(view_mut(&mut workspace))
+            .with_padding(PaddedOutputs {
+                block_size: BLOCK,
+                padded_pairs: view_mut(pairs),
+                block_experts: view_mut(blocks),
+                padded_total: view_mut(total),
+            })
+            .with_ranks(RankOutputs {
+                rank_counts: view_mut(rank_counts),
+                rank_offsets: view_mut(rank_offsets),
+                rank_pairs: view_mut(rank_pairs),
+                rank_tokens: view_mut(rank_tokens),
+            });
+            router.dispatch_into(&inputs, &mut outputs, execution)
+        }
+    }
+
+    /// Every output, read back after the stream's work.
+    fn read(&self, stream: &HipStream) -> DispatchLayout {
+        let [counts, offsets, sorted, inverse, invalid] =
+            self.main.each_ref().map(|b| b.read_i32(stream));
+        let [pairs, blocks, total] = self.padded.each_ref().map(|b| b.read_i32(stream));
+        let [rank_counts, rank_offsets, rank_pairs, rank_tokens] =
+            self.ranks.each_ref().map(|b| b.read_i32(stream));
+        DispatchLayout {
+            expert_counts: counts,
+            expert_offsets: offsets,
+            sorted_pairs: sorted,
+            inverse,
+            invalid: [invalid[0], invalid[1]],
+            padded: Some(PaddedLayout {
+                block_size: BLOCK,
+                padded_pairs: pairs,
+                block_experts: blocks,
+                padded_total: total[0],
+            }),
+            ranks: Some(RankLayout { rank_counts, rank_offsets, rank_pairs, rank_tokens }),
+        }
+    }
+}
+
+#[test]
+fn route_into_and_dispatch_into_are_captured_in_a_hip_graph_and_replayed() {
+    let test = "route_into_and_dispatch_into_are_captured_in_a_hip_graph_and_replayed";
+    let Some(backend) = backend(test) else {
+        return;
+    };
+    // 2048 tokens of 8 picks: the many-block path, both layout kernels and the rank tokens in the
+    // graph, after the gate that writes the ids they read.
+    let tokens = 2048;
+    let spec = spec();
+    let w: Vec<bf16> = values(3, E * H, 0.2).into_iter().map(bf16::from_f32).collect();
+    let weight = Tensor::from_vec(w, &[E, H]).unwrap();
+    let prepared = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
+    let shape = DispatchShape { tokens, top_k: K, experts: E };
+    assert!(prepared.dispatch_workspace_bytes(tokens) > 0, "the many-block path");
+
+    let stream = HipStream::new(Arc::clone(backend.rocm_device())).unwrap();
+    let mut hidden = Buffer::new(&stream, tokens * H * 2, &[tokens, H], &[H, 1], DLDataType::BF16);
+    let mut ids = Buffer::new(&stream, tokens * K * 4, &[tokens, K], &[K, 1], DLDataType::I32);
+    let mut weights = Buffer::new(&stream, tokens * K * 4, &[tokens, K], &[K, 1], DLDataType::F32);
+    let bytes = prepared.workspace_bytes(tokens);
+    let mut route_workspace = Buffer::new(&stream, bytes, &[bytes], &[1], DLDataType::U8);
+    let mut table = Buffer::new(&stream, E * 4, &[E], &[1], DLDataType::I32);
+    let mut expert_ranks = vec![0i32; E];
+    contiguous_ranks(&mut expert_ranks, RANKS);
+    let table_bytes: Vec<u8> = expert_ranks.iter().flat_map(|r| r.to_le_bytes()).collect();
+    table.write(&stream, &table_bytes);
+    let mut layout = DeviceLayout::new(&stream, shape, prepared.dispatch_workspace_bytes(tokens));
+    // SAFETY: the stream lives to the end of the test and belongs to device 0; the buffers
+    // outlive every use of the stream, and are read back after synchronising.
+    let execution = Execution::Stream(
+        unsafe { DeviceStream::new(Device::Rocm(0), stream.raw() as usize) }.unwrap(),
+    );
+
+    stream.begin_capture().unwrap();
+    let (hidden_dl, mut ids_dl, mut weights_dl, mut workspace_dl) =
+        (hidden.descriptor(), ids.descriptor(), weights.descriptor(), route_workspace.descriptor());
+    // SAFETY: as in `DeviceLayout::enqueue`, for the gate's buffers.
+    let routed = unsafe {
+        let inputs = RouteInputs::new(DlpackView::from_raw(&hidden_dl).unwrap());
+        let mut outputs = RouteOutputs::new(
+            DlpackViewMut::from_raw(&mut ids_dl).unwrap(),
+            DlpackViewMut::from_raw(&mut weights_dl).unwrap(),
+        )
+        .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap());
+        prepared.route_into(&inputs, &mut outputs, execution)
+    };
+    let laid_out = layout.enqueue(&prepared, &mut ids, &mut table, execution);
+    let graph = stream.end_capture().unwrap();
+    routed.unwrap();
+    laid_out.unwrap();
+
+    let map = RankMap { expert_ranks: &expert_ranks, ranks: RANKS };
+    for round in 0..3u32 {
+        // New hidden states in the same buffer; one NaN row in the last round, which mark-invalid
+        // routes to -1 and the layout skips and counts.
+        let mut x: Vec<bf16> =
+            values(20 + round, tokens * H, 2.0).into_iter().map(bf16::from_f32).collect();
+        if round == 2 {
+            x[9 * H] = bf16::NAN;
+        }
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        hidden.write(&stream, &bytes);
+        graph.launch(&stream).unwrap();
+        let got_ids = ids.read_i32(&stream);
+        let got = layout.read(&stream);
+        let expected = reference::dispatch(&got_ids, shape, Some(BLOCK), Some(map)).unwrap();
+        assert_eq!(got, expected, "replay {round}");
+        let invalid_rows = if round == 2 { [1, 9] } else { [0, -1] };
+        assert_eq!(got.invalid, invalid_rows, "replay {round}");
+    }
+}
+
+#[test]
+fn the_gate_dispatches_host_routings_on_the_device() {
+    let Some(backend) = backend("the_gate_dispatches_host_routings_on_the_device") else {
+        return;
+    };
+    let spec = spec();
+    let w: Vec<bf16> = values(4, E * H, 0.2).into_iter().map(bf16::from_f32).collect();
+    let weight = Tensor::from_vec(w, &[E, H]).unwrap();
+    let router = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
+    let gate = PreparedGate::from_router(0, "rocm", Box::new(router));
+    let mut table = vec![0i32; E];
+    contiguous_ranks(&mut table, 4);
+    let map = RankMap { expert_ranks: &table, ranks: 4 };
+    // 3000 tokens of 8 picks take the many-block path, with the workspace `dispatch` makes.
+    for tokens in [1, 5, 3000] {
+        let hidden = Tensor::from_vec(values(30 + tokens as u32, tokens * H, 2.0), &[tokens, H]);
+        let routing = gate.route(&hidden.unwrap()).unwrap();
+        let ids = routing.ids().to_vec::<i32>().unwrap();
+        let shape = DispatchShape { tokens, top_k: K, experts: E };
+        let got = gate.dispatch(&routing, Some(16), Some(map)).unwrap();
+        let expected = reference::dispatch(&ids, shape, Some(16), Some(map)).unwrap();
+        assert_eq!(got, expected, "T={tokens}");
+    }
 }

@@ -19,12 +19,6 @@
 // An id outside [0, E) (the -1 of a row marked invalid, or any other value), or an expert whose
 // rank-table entry is outside [0, R), is skipped: never dispatched, counted in `invalid` like a -1.
 
-// The ROCm backend does not launch these kernels yet, and on AMD the scatter kernel still needs
-// more scalar registers than the code objects' budget allows: AMD builds leave them out unless
-// SLUICE_DISPATCH_ON_AMD is defined (CI's clang test defines it, so the source keeps compiling for
-// wave64).
-#if !defined(GPU_AMD) || defined(SLUICE_DISPATCH_ON_AMD)
-
 #if !defined(SLUICE_E) || !defined(SLUICE_K)
 #error "the dispatch kernels need SLUICE_E and SLUICE_K"
 #endif
@@ -33,27 +27,32 @@
 #define SLUICE_DISPATCH_HIST_SLOTS 6144
 #define SLUICE_DISPATCH_MAX_THREADS 1024
 #define SLUICE_DISPATCH_MAX_WARPS (SLUICE_DISPATCH_MAX_THREADS / GPU_WARP)
+// `#pragma unroll N` with N a macro: the argument is expanded before it is made a string.
+#define SLUICE_PRAGMA(x) _Pragma(#x)
+#define SLUICE_UNROLL(n) SLUICE_PRAGMA(unroll n)
 // Ids a lane loads at once, into registers: all in flight together, then counted or placed, so a
 // pass pays the load latency once per batch rather than once per 32 pairs.
 // AMD's wave64 holds twice the pairs per chunk, and its scalar registers (the chunks' uniform
 // bounds) run out sooner: a quarter of the chunks there.
 // The per-expert loops over blocks and warps are unrolled there too, for their loads; on AMD
-// that would spill scalar registers, so they stay loops.
+// that would spill scalar registers, so they stay loops. The one-block path's sum over warps is
+// left to the compiler on NVIDIA; on AMD its unrolled form (a scalar address per warp, while every
+// argument is held in scalar registers for the passes after it) took gfx942 past the code
+// objects' 102 scalar registers, so it stays a loop there too.
 #if defined(GPU_AMD)
 #define SLUICE_DISPATCH_BATCH 4
 #define SLUICE_DISPATCH_UNROLL_BLOCKS 1
 #define SLUICE_DISPATCH_UNROLL_WARPS 1
+#define SLUICE_DISPATCH_WARP_TOTALS_LOOP SLUICE_PRAGMA(unroll 1)
 #else
 #define SLUICE_DISPATCH_BATCH 16
 #define SLUICE_DISPATCH_UNROLL_BLOCKS 16
 #define SLUICE_DISPATCH_UNROLL_WARPS 4
+#define SLUICE_DISPATCH_WARP_TOTALS_LOOP
 #endif
 // Threads per block of `sluice_dispatch_rank_tokens`, one row each (the geometry's
 // `RANK_TOKENS_THREADS`).
 #define SLUICE_DISPATCH_RANK_THREADS 256
-// `#pragma unroll N` with N a macro: the argument is expanded before it is made a string.
-#define SLUICE_PRAGMA(x) _Pragma(#x)
-#define SLUICE_UNROLL(n) SLUICE_PRAGMA(unroll n)
 #if SLUICE_DISPATCH_HIST_SLOTS / SLUICE_E < 1
 #error "too many experts for the dispatch kernels' shared counts"
 #endif
@@ -263,6 +262,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_MAX_THREADS) void sluice_dispatch_s
   for (int e = tid; e < SLUICE_E; e += threads) {
     int before = 0, total = 0;
     if (one_block) {
+      SLUICE_DISPATCH_WARP_TOTALS_LOOP
       for (int w = 0; w < warps; ++w) total += cursor[w * SLUICE_E + e];
     } else {
       // Unrolled so that the loads of many blocks' counts are in flight together.
@@ -433,5 +433,3 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_DISPATCH_RANK_THREADS) void sluice_dispatch_
     for (int r = tid; r < a.ranks; r += SLUICE_DISPATCH_RANK_THREADS)
       if (per_rank[r] != 0) gpu_atomic_add_i32(&a.rank_tokens[r], per_rank[r]);
 }
-
-#endif  // !GPU_AMD || SLUICE_DISPATCH_ON_AMD

@@ -1,8 +1,12 @@
 //! Launch geometry of the dispatch layout (`gpu/dispatch.cuh`): one block up to
 //! [`ONE_BLOCK_MAX_PAIRS`] pairs, else tiles of rows over many blocks with a workspace of
-//! per-block counts; and the kernels' argument, [`DispatchArgs`].
+//! per-block counts, in warps of the vendor's width; and the kernels' argument, [`DispatchArgs`],
+//! made from checked operands by [`dispatch_args`].
+
+use sluice_tensor::{BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackViewMut};
 
 use crate::geometry::Launch;
+use crate::operands::output_rows;
 use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
 
 /// Name of the many-block path's counting kernel.
@@ -19,11 +23,9 @@ pub const RANK_TOKENS_THREADS: usize = 256;
 const HIST_SLOTS: usize = 6144;
 /// The most threads a dispatch block has (`SLUICE_DISPATCH_MAX_THREADS`).
 const MAX_THREADS: usize = 1024;
-/// The warp width the dispatch geometry is for: NVIDIA's (AMD builds leave the kernels out).
-const WARP: usize = crate::NVIDIA_WAVE_WIDTH;
-/// Pairs per warp that a block is sized for: enough to pay for a warp's share of the per-expert
-/// work (its counts are zeroed, scanned and read by every block).
-const PAIRS_PER_WARP: usize = 4 * WARP;
+/// Pairs per lane of a warp that a block is sized for: enough to pay for a warp's share of the
+/// per-expert work (its counts are zeroed, scanned and read by every block).
+const PAIRS_PER_LANE: usize = 4;
 /// Fewest warps a block gets, so that the per-expert loops over `E` are spread.
 const MIN_WARPS: usize = 4;
 /// Up to this many pairs the whole layout is one block: one launch and no workspace, against a
@@ -121,18 +123,69 @@ impl DispatchPlan {
     }
 }
 
-/// The most warps a block of a layout over `experts` experts takes (its counts are `[warps][E]`
-/// in shared memory).
-fn max_warps(experts: usize) -> usize {
-    (HIST_SLOTS / experts.max(1)).min(MAX_THREADS / WARP)
+/// The kernels' argument for inputs and outputs that `sluice_tensor::check_dispatch_into` accepted
+/// (`shape` and `ranks` are what it returned), before [`DispatchPlan::fill`]: every address, row
+/// stride and size, 0 for an output not asked for. A size beyond the kernels' `int` is refused.
+pub fn dispatch_args(
+    op: &'static str,
+    inputs: &DispatchInputs<'_>,
+    outputs: &mut DispatchOutputs<'_>,
+    shape: DispatchShape,
+    ranks: usize,
+) -> Result<DispatchArgs, BackendError> {
+    let address = |view: &mut DlpackViewMut<'_>| output_rows(view).0;
+    let to_i32 = |arg: &'static str, value: usize| {
+        i32::try_from(value).map_err(|_| BackendError::IndexOverflow { op, arg, entries: value })
+    };
+    let ids = &inputs.topk_ids;
+    let (inverse, inverse_row_stride) = output_rows(&mut outputs.inverse);
+    let mut args = DispatchArgs {
+        ids: ids.data_ptr() as u64,
+        expert_ranks: inputs.expert_ranks.map_or(0, |table| table.data_ptr() as u64),
+        expert_counts: address(&mut outputs.expert_counts),
+        expert_offsets: address(&mut outputs.expert_offsets),
+        sorted_pairs: address(&mut outputs.sorted_pairs),
+        inverse,
+        invalid: outputs.invalid.as_mut().map_or(0, address),
+        block_counts: outputs.workspace.as_mut().map_or(0, address),
+        ids_row_stride: ids.strides().first().map_or(0, |&s| s as i64),
+        inverse_row_stride: inverse_row_stride as i64,
+        tokens: to_i32("topk_ids", shape.tokens)?,
+        ranks: to_i32("rank_counts", ranks)?,
+        ..DispatchArgs::default()
+    };
+    if let Some(padded) = outputs.padded.as_mut() {
+        args.padded_pairs = address(&mut padded.padded_pairs);
+        args.block_experts = address(&mut padded.block_experts);
+        args.padded_total = address(&mut padded.padded_total);
+        args.block_size = to_i32("block_size", padded.block_size)?;
+        args.capacity = to_i32("padded_pairs", padded.padded_pairs.shape()[0])?;
+    }
+    if let Some(rank_outputs) = outputs.ranks.as_mut() {
+        args.rank_counts = address(&mut rank_outputs.rank_counts);
+        args.rank_offsets = address(&mut rank_outputs.rank_offsets);
+        args.rank_pairs = address(&mut rank_outputs.rank_pairs);
+        args.rank_tokens = address(&mut rank_outputs.rank_tokens);
+    }
+    Ok(args)
 }
 
-/// The launches of one dispatch of `tokens` tokens of `top_k` picks among `experts` experts.
+/// The most warps of `wave_width` lanes a block of a layout over `experts` experts takes (its
+/// counts are `[warps][E]` in shared memory).
+fn max_warps(experts: usize, wave_width: usize) -> usize {
+    (HIST_SLOTS / experts.max(1)).min(MAX_THREADS / wave_width)
+}
+
+/// The launches of one dispatch of `tokens` tokens of `top_k` picks among `experts` experts, for
+/// kernels compiled with warps (waves) of `wave_width` lanes (`NVIDIA_WAVE_WIDTH` or
+/// `AMD_WAVE_WIDTH`): every block is a whole number of them.
 pub fn plan_dispatch(
     tokens: usize,
     top_k: usize,
     experts: usize,
+    wave_width: usize,
 ) -> Result<DispatchPlan, KernelError> {
+    debug_assert!(matches!(wave_width, 32 | 64), "a backend's wave width, not {wave_width}");
     if experts > MAX_EXPERTS {
         return Err(KernelError::TooManyExperts(experts));
     }
@@ -157,8 +210,11 @@ pub fn plan_dispatch(
         if one_block { tokens.max(1) } else { (PAIRS_PER_BLOCK / top_k.max(1)).max(1) };
     let blocks = if one_block { 1 } else { tokens.div_ceil(rows_per_block) };
     let tile_pairs = rows_per_block.min(tokens.max(1)) * top_k;
-    let warps = tile_pairs.div_ceil(PAIRS_PER_WARP).clamp(MIN_WARPS, 32).min(max_warps(experts));
-    let launch = Launch { grid: [blocks as u32, 1, 1], block: [(warps * WARP) as u32, 1, 1] };
+    let warps = tile_pairs
+        .div_ceil(PAIRS_PER_LANE * wave_width)
+        .clamp(MIN_WARPS, MAX_THREADS / wave_width)
+        .min(max_warps(experts, wave_width));
+    let launch = Launch { grid: [blocks as u32, 1, 1], block: [(warps * wave_width) as u32, 1, 1] };
     let workspace_bytes = if one_block { 0 } else { blocks * (experts + 2) * 4 };
     let rank_blocks = tokens.div_ceil(RANK_TOKENS_THREADS).max(1) as u32;
     Ok(DispatchPlan {
@@ -176,53 +232,61 @@ pub fn plan_dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{AMD_WAVE_WIDTH, NVIDIA_WAVE_WIDTH as NVIDIA};
 
     #[test]
     fn few_pairs_take_one_block_and_no_workspace() {
         for tokens in [0, 1, 7, 64, 256] {
-            let plan = plan_dispatch(tokens, 8, 256).unwrap();
+            let plan = plan_dispatch(tokens, 8, 256, NVIDIA).unwrap();
             assert_eq!(plan.count, None, "T = {tokens}");
             assert_eq!(plan.scatter.grid, [1, 1, 1]);
             assert_eq!(plan.workspace_bytes, 0);
             assert!(plan.rows_per_block >= tokens);
         }
         // Small tiles get the fewest warps; a full one-block tile gets as many as fit.
-        assert_eq!(plan_dispatch(1, 8, 256).unwrap().scatter.block, [128, 1, 1]);
-        assert_eq!(plan_dispatch(256, 8, 256).unwrap().scatter.block, [512, 1, 1]);
+        assert_eq!(plan_dispatch(1, 8, 256, NVIDIA).unwrap().scatter.block, [128, 1, 1]);
+        assert_eq!(plan_dispatch(256, 8, 256, NVIDIA).unwrap().scatter.block, [512, 1, 1]);
+        // AMD's waves are twice as wide: as many pairs per lane, half the waves.
+        assert_eq!(plan_dispatch(1, 8, 256, AMD_WAVE_WIDTH).unwrap().scatter.block, [256, 1, 1]);
+        assert_eq!(plan_dispatch(256, 8, 256, AMD_WAVE_WIDTH).unwrap().scatter.block, [512, 1, 1]);
     }
 
     #[test]
     fn the_one_block_path_ignores_a_workspace_the_caller_passed() {
         let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
-        plan_dispatch(64, 8, 256).unwrap().fill(&mut args);
+        plan_dispatch(64, 8, 256, NVIDIA).unwrap().fill(&mut args);
         assert_eq!(args.block_counts, 0, "the kernels would take the many-block path");
         let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
-        plan_dispatch(16_384, 8, 256).unwrap().fill(&mut args);
+        plan_dispatch(16_384, 8, 256, NVIDIA).unwrap().fill(&mut args);
         assert_eq!(args.block_counts, 4096);
     }
 
     #[test]
     fn many_pairs_are_tiled_by_rows_with_a_workspace_of_block_counts() {
-        let plan = plan_dispatch(16_384, 8, 256).unwrap();
+        let plan = plan_dispatch(16_384, 8, 256, NVIDIA).unwrap();
         assert_eq!(plan.rows_per_block, PAIRS_PER_BLOCK / 8);
         assert_eq!(plan.scatter.grid[0] as usize, 16_384usize.div_ceil(256));
         assert_eq!(plan.count, Some(plan.scatter));
         assert_eq!(plan.workspace_bytes, 64 * 258 * 4);
         // A last tile shorter than the others still gets its block.
-        let uneven = plan_dispatch(4097, 8, 256).unwrap();
+        let uneven = plan_dispatch(4097, 8, 256, NVIDIA).unwrap();
         assert_eq!(uneven.scatter.grid[0], 17);
         assert!(uneven.rows_per_block * 8 < 4097 * 8);
     }
 
     #[test]
     fn warps_never_outgrow_the_shared_counts() {
-        for experts in [1, 8, 64, 256, 384, 1000, 1024] {
+        for (experts, wave) in [1, 8, 64, 256, 384, 1000, 1024]
+            .into_iter()
+            .flat_map(|e| [(e, NVIDIA), (e, AMD_WAVE_WIDTH)])
+        {
             for tokens in [0, 1, 300, 4096, 100_000] {
                 for top_k in [1, 2, 8, 32] {
-                    let plan = plan_dispatch(tokens, top_k, experts).unwrap();
+                    let plan = plan_dispatch(tokens, top_k, experts, wave).unwrap();
                     let threads = plan.scatter.block[0] as usize;
-                    assert!(threads.is_multiple_of(WARP) && threads <= MAX_THREADS);
-                    assert!(threads / WARP * experts <= HIST_SLOTS, "E = {experts}");
+                    assert!(threads.is_multiple_of(wave) && threads <= MAX_THREADS, "{wave}");
+                    assert!(threads / wave >= MIN_WARPS.min(max_warps(experts, wave)));
+                    assert!(threads / wave * experts <= HIST_SLOTS, "E = {experts}, {wave}");
                     let blocks = plan.scatter.grid[0] as usize;
                     assert!(blocks * plan.rows_per_block >= tokens, "every row has a block");
                     assert!(blocks == 1 || (blocks - 1) * plan.rows_per_block < tokens);
@@ -233,12 +297,18 @@ mod tests {
 
     #[test]
     fn sizes_beyond_the_kernels_are_refused() {
-        assert!(matches!(plan_dispatch(1, 8, 2048), Err(KernelError::TooManyExperts(2048))));
+        assert!(matches!(
+            plan_dispatch(1, 8, 2048, NVIDIA),
+            Err(KernelError::TooManyExperts(2048))
+        ));
         // One thread per row for the tokens per rank.
-        let plan = plan_dispatch(1000, 8, 256).unwrap();
+        let plan = plan_dispatch(1000, 8, 256, NVIDIA).unwrap();
         assert_eq!(plan.rank_tokens.grid[0] as usize * RANK_TOKENS_THREADS, 1024);
-        assert!(matches!(plan_dispatch(1, 33, 256), Err(KernelError::TopKTooLarge(33))));
-        assert!(matches!(plan_dispatch(1 << 29, 8, 256), Err(KernelError::TooLarge { .. })));
+        assert!(matches!(plan_dispatch(1, 33, 256, NVIDIA), Err(KernelError::TopKTooLarge(33))));
+        assert!(matches!(
+            plan_dispatch(1 << 29, 8, 256, NVIDIA),
+            Err(KernelError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -247,7 +317,44 @@ mod tests {
         assert_eq!(size_of::<DispatchArgs>(), 15 * 8 + 2 * 8 + 7 * 4 + 4);
         assert_eq!(align_of::<DispatchArgs>(), 8);
         let mut args = DispatchArgs::default();
-        plan_dispatch(16_384, 8, 256).unwrap().fill(&mut args);
+        plan_dispatch(16_384, 8, 256, NVIDIA).unwrap().fill(&mut args);
         assert_eq!((args.rows_per_block, args.blocks), (256, 64));
+    }
+
+    #[test]
+    fn the_argument_holds_every_address_stride_and_size_and_zero_for_what_was_not_asked() {
+        use sluice_tensor::{DlpackView, PaddedOutputs};
+        let (t, k, e) = (3, 2, 4);
+        // The ids and the inverse are windows of rows 5 and 3 wide.
+        let ids = vec![0i32; t * 5];
+        let (mut counts, mut offsets, mut pairs) = (vec![0; e], vec![0; e + 1], vec![0; t * k]);
+        let mut inverse = vec![0i32; t * 3];
+        let (mut padded, mut blocks, mut total) = (vec![0i32; 16], vec![0i32; 4], vec![0i32; 1]);
+        let inputs =
+            DispatchInputs::new(DlpackView::from_slice_strided(&ids, &[t, k], &[5, 1]).unwrap());
+        let mut outputs = DispatchOutputs::new(
+            DlpackViewMut::from_slice(&mut counts, &[e]).unwrap(),
+            DlpackViewMut::from_slice(&mut offsets, &[e + 1]).unwrap(),
+            DlpackViewMut::from_slice(&mut pairs, &[t * k]).unwrap(),
+            DlpackViewMut::from_slice_strided(&mut inverse, &[t, k], &[3, 1]).unwrap(),
+        )
+        .with_padding(PaddedOutputs {
+            block_size: 4,
+            padded_pairs: DlpackViewMut::from_slice(&mut padded, &[16]).unwrap(),
+            block_experts: DlpackViewMut::from_slice(&mut blocks, &[4]).unwrap(),
+            padded_total: DlpackViewMut::from_slice(&mut total, &[1]).unwrap(),
+        });
+        let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+        let args = dispatch_args("dispatch_into", &inputs, &mut outputs, shape, 0).unwrap();
+        assert_eq!(args.ids, ids.as_ptr() as u64);
+        assert_eq!((args.ids_row_stride, args.inverse_row_stride), (5, 3));
+        assert_eq!((args.tokens, args.block_size, args.capacity, args.ranks), (3, 4, 16, 0));
+        assert_ne!(args.padded_total, 0);
+        // Not asked for: no invalid counts, no rank outputs or table, no workspace.
+        assert_eq!(args.invalid, 0);
+        assert_eq!((args.expert_ranks, args.rank_counts, args.rank_tokens), (0, 0, 0));
+        assert_eq!(args.block_counts, 0);
+        assert_eq!(args.inverse, inverse.as_ptr() as u64);
+        assert_eq!(args.expert_counts, counts.as_ptr() as u64);
     }
 }

@@ -1,6 +1,7 @@
 //! GPU device source for the sluice router kernels, written once for CUDA and HIP, and the host
 //! side both GPU backends share: launch geometry (by wave width), operands read from validated
-//! views, kernel arguments packed in signature order, the offline configs, and the rule for
+//! views, kernel arguments packed in signature order, the device buffers of the synchronous
+//! dispatch layout, the offline configs, and the rule for
 //! finding the LLVM tools that build and inspect the device code ([`toolchain`]).
 //!
 //! The source lives in `gpu/` beside this crate as plain C++ behind a small compatibility header
@@ -28,6 +29,7 @@
 mod args;
 mod config;
 mod dispatch;
+mod dispatch_buffers;
 mod geometry;
 mod offline;
 mod operands;
@@ -40,8 +42,9 @@ pub use args::{
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
-    DispatchPlan, RANK_TOKENS_THREADS, plan_dispatch,
+    DispatchPlan, RANK_TOKENS_THREADS, dispatch_args, plan_dispatch,
 };
+pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
     AMD_WAVE_WIDTH, GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget,
     HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, WeightKind, plan_gemm,

@@ -102,16 +102,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         "-Xclang",
         "+ptx78",
     ];
-    // The dispatch kernels are left out of AMD builds until the ROCm backend launches them; the
-    // define keeps them compiling for wave64.
-    let amdgpu = [
-        "-x",
-        "hip",
-        "--offload-arch=gfx942",
-        "-nogpuinc",
-        "-nogpulib",
-        "-DSLUICE_DISPATCH_ON_AMD",
-    ];
+    let amdgpu = ["-x", "hip", "--offload-arch=gfx942", "-nogpuinc", "-nogpulib"];
     for spec in configs() {
         let defines = RoutingConfig::new(&spec).unwrap().compiler_options();
         let ptx = compile(&clang, &nvptx, &defines, &dir.join("router.ptx"));

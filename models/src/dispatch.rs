@@ -2,7 +2,7 @@
 //! allocating [`PreparedGate::dispatch`] built on them.
 
 use sluice_tensor::{
-    BackendError, Device, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
+    BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackError, DlpackView,
     DlpackViewMut, PaddedOutputs, RankOutputs,
 };
 
@@ -95,8 +95,6 @@ impl PreparedGate {
     ///
     /// A router on a device computes the layout there: its
     /// [`dispatch`](sluice_tensor::PreparedRouter::dispatch) copies the ids up and the layout back.
-    /// A device router without a layout of its own gets the scalar reference's, computed on the
-    /// host from the same ids.
     pub fn dispatch(
         &self,
         routing: &GateRouting,
@@ -124,13 +122,7 @@ impl PreparedGate {
                 &[map.expert_ranks.len()],
             )?);
         }
-        let computed = self.router().dispatch(&inputs, &mut layout.outputs(spec.top_k)?);
-        match computed {
-            Err(BackendError::NotSupported { .. }) if self.router().device() != Device::Cpu => {
-                let ids = routing.ids().to_vec::<i32>()?;
-                Ok(crate::reference::dispatch(&ids, shape, block_size, rank_map)?)
-            }
-            computed => computed.map(|()| layout).map_err(ModelError::from),
-        }
+        self.router().dispatch(&inputs, &mut layout.outputs(spec.top_k)?)?;
+        Ok(layout)
     }
 }
