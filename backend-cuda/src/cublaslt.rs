@@ -450,6 +450,32 @@ impl LtGemm {
         self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether `hidden`'s shape (its address is not read) has a timed plan here, taking the one
+    /// another router of the backend timed where there is one; otherwise the shape gets the
+    /// heuristic's first answer if it has no plan yet (a host-side query). So `warm_up` asks
+    /// before it allocates anything to time with.
+    pub(crate) fn has_timed_plan(
+        &self,
+        hidden: &DeviceMatrix,
+        weight: &DeviceMatrix,
+    ) -> Result<bool, CudaError> {
+        let shape = Shape::of(hidden, weight);
+        let mut plans = self.plans();
+        let plan = match plans.entry(shape) {
+            Entry::Occupied(found) if found.get().timed => return Ok(true),
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(slot) => {
+                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(|source| {
+                    CudaError::Cublas { doing: "choosing a GEMM algorithm", source }
+                })?)
+            }
+        };
+        if let Some(algo) = self.lt.timed().get(&shape) {
+            (plan.algo, plan.timed) = (*algo, true);
+        }
+        Ok(plan.timed)
+    }
+
     /// Chooses the algorithm for `hidden`'s shape (its address is not read) by timing what
     /// `run_gate` enqueues on `gpu`'s stream (the whole gate call, whose GEMM takes the shape's
     /// plan) with each of the heuristic's candidates (up to [`MAX_CANDIDATES`]) in the plan in
@@ -457,8 +483,8 @@ impl LtGemm {
     /// heuristic's first by more than [`REPLACE_MARGIN`], for this router and every router of
     /// the backend. A candidate with which `run_gate` fails is skipped; where none ran (or the
     /// flush buffer could not be allocated) the heuristic's first answer is kept, and a later
-    /// call times again. Nothing is timed where this router or the backend timed the shape
-    /// already. Returns with the stream's work done.
+    /// call times again. Nothing is timed where [`has_timed_plan`](Self::has_timed_plan) holds.
+    /// Returns with the stream's work done.
     pub(crate) fn tune(
         &self,
         gpu: &Gpu,
@@ -466,24 +492,18 @@ impl LtGemm {
         weight: &DeviceMatrix,
         run_gate: &dyn Fn() -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
-        let shape = Shape::of(hidden, weight);
-        let choosing = |source| CudaError::Cublas { doing: "choosing a GEMM algorithm", source };
-        let mut plans = self.plans();
-        let plan = match plans.entry(shape) {
-            Entry::Occupied(found) if found.get().timed => return Ok(()),
-            Entry::Occupied(found) => found.into_mut(),
-            Entry::Vacant(slot) => {
-                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(choosing)?)
-            }
-        };
-        if let Some(algo) = self.lt.timed().get(&shape) {
-            // Another router of this backend timed this shape already.
-            (plan.algo, plan.timed) = (*algo, true);
+        if self.has_timed_plan(hidden, weight)? {
             return Ok(());
         }
-        let candidates =
-            plan.descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?;
-        drop(plans);
+        let shape = Shape::of(hidden, weight);
+        let choosing = |source| CudaError::Cublas { doing: "choosing a GEMM algorithm", source };
+        let candidates = match self.plans().get(&shape) {
+            Some(plan) => {
+                plan.descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?
+            }
+            // `has_timed_plan` made the plan, and plans are never removed.
+            None => return Ok(()),
+        };
         let _span = tracing::debug_span!("cublaslt_tune", ?shape).entered();
         let measured = match memory::zeroed(gpu, 2 * gpu.l2_bytes.max(1 << 20)) {
             Ok(flush) => {

@@ -444,7 +444,9 @@ impl PreparedRouter for CudaPreparedRouter {
         sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)
             .map_err(CudaError::from)?;
         let bf16 = self.dense_hidden(tokens, DType::BF16);
-        if let GemmPath::Lt(lt) = self.gemm_path(&bf16)? {
+        if let GemmPath::Lt(lt) = self.gemm_path(&bf16)?
+            && !lt.has_timed_plan(&bf16, &self.weight.matrix)?
+        {
             self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
             let scratch = match GateScratch::new(self, &bf16) {
                 Ok(scratch) => scratch,
