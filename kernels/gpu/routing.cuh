@@ -220,6 +220,64 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
+// Marks row t as not routed: ids -1 and weights 0 (written by lanes 0..K-1 of one warp), counted
+// in `status` ([count, first row]) by lane 0.
+GPU_INLINE void sluice_mark_row(int lane, int t, int *ids, long long ids_row_stride,
+                                float *weights, long long weights_row_stride, int *status) {
+  if (lane < SLUICE_K) {
+    ids[t * ids_row_stride + lane] = -1;
+    weights[t * weights_row_stride + lane] = 0.f;
+  }
+  if (lane == 0 && status != 0) {
+    gpu_atomic_add_i32(status, 1);
+    gpu_atomic_min_u32((unsigned *)status + 1, (unsigned)t);
+  }
+}
+
+// Writes row t from its choices, one warp: lane r < K holds the r-th choice `my_id` (in choice
+// order), and `s_row` the scores of every expert (scoring after the top-k: the logits). The
+// weights are the chosen scores (scored now, after the top-k), divided by their sum taken in
+// choice order as the reference adds it, scaled, and the row is sorted by (weight descending, id
+// ascending).
+GPU_INLINE void sluice_finish_row(const float *s_row, int my_id, int lane, int t, float scale,
+                                  int *ids, long long ids_row_stride, float *weights,
+                                  long long weights_row_stride) {
+  const float my_score = lane < SLUICE_K ? s_row[my_id] : 0.f;
+  float sum = 0.f;
+#pragma unroll 8
+  for (int r = 0; r < SLUICE_K; ++r) sum += gpu_shfl_f(my_score, r);
+
+  float weight = my_score;
+#if SLUICE_AFTER_TOPK
+  // Lane r holds the r-th chosen logit, the first the largest: score the K of them.
+#if SLUICE_SCORING == SLUICE_SOFTMAX
+  const float largest = gpu_shfl_f(my_score, 0);
+  const float term = lane < SLUICE_K ? gpu_expf(my_score - largest) : 0.f;
+  weight = term / sluice_warp_sum(term);
+#else
+  weight = lane < SLUICE_K ? sluice_elementwise_score(my_score) : 0.f;
+#endif
+  sum = sluice_warp_sum(weight);
+#endif
+#if SLUICE_NORM
+  weight = weight / (sum + SLUICE_RENORM_EPSILON);
+#endif
+  weight = weight * scale;
+
+  // The rank of each entry among the K by (weight descending, id ascending).
+  int rank = 0;
+#pragma unroll 8
+  for (int r = 0; r < SLUICE_K; ++r) {
+    const float w = gpu_shfl_f(weight, r);
+    const int id = gpu_shfl_i(my_id, r);
+    if (sluice_ranks_before(w, id, weight, my_id)) ++rank;
+  }
+  if (lane < SLUICE_K) {
+    ids[t * ids_row_stride + rank] = my_id;
+    weights[t * weights_row_stride + rank] = weight;
+  }
+}
+
 #if SLUICE_METHOD == SLUICE_HASH
 // The table row of token t: its id (i32 or i64, `token_id_bytes` wide), or -1 where the id names
 // no row of the `table_rows` rows.
@@ -304,14 +362,7 @@ GPU_INLINE void sluice_route_tokens(
   const bool invalid = gpu_any(!finite);
 #endif
   if (invalid) {
-    if (lane < SLUICE_K) {
-      ids[t * ids_row_stride + lane] = -1;
-      weights[t * weights_row_stride + lane] = 0.f;
-    }
-    if (lane == 0 && status != 0) {
-      gpu_atomic_add_i32(status, 1);
-      gpu_atomic_min_u32((unsigned *)status + 1, (unsigned)t);
-    }
+    sluice_mark_row(lane, t, ids, ids_row_stride, weights, weights_row_stride, status);
     return;
   }
 
@@ -379,48 +430,15 @@ GPU_INLINE void sluice_route_tokens(
     if (lane == round) my_id = winner;
   }
 #endif
-  // Each lane that keeps a choice reads its score back; the sum is in choice order, as the
-  // reference adds it.
+  // Each lane that keeps a choice reads its score back.
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
     const int e = j * GPU_WARP + lane;
     if (e < SLUICE_E) s_shared[warp][e] = s[j];
   }
   gpu_syncwarp();
-  const float my_score = lane < SLUICE_K ? s_shared[warp][my_id] : 0.f;
-  float sum = 0.f;
-#pragma unroll 8
-  for (int r = 0; r < SLUICE_K; ++r) sum += gpu_shfl_f(my_score, r);
-
-  float weight = my_score;
-#if SLUICE_AFTER_TOPK
-  // Lane r holds the r-th chosen logit, the first the largest: score the K of them.
-#if SLUICE_SCORING == SLUICE_SOFTMAX
-  const float largest = gpu_shfl_f(my_score, 0);
-  const float term = lane < SLUICE_K ? gpu_expf(my_score - largest) : 0.f;
-  weight = term / sluice_warp_sum(term);
-#else
-  weight = lane < SLUICE_K ? sluice_elementwise_score(my_score) : 0.f;
-#endif
-  sum = sluice_warp_sum(weight);
-#endif
-#if SLUICE_NORM
-  weight = weight / (sum + SLUICE_RENORM_EPSILON);
-#endif
-  weight = weight * scale;
-
-  // Sort the row: the rank of each entry among the K by (weight descending, id ascending).
-  int rank = 0;
-#pragma unroll 8
-  for (int r = 0; r < SLUICE_K; ++r) {
-    const float w = gpu_shfl_f(weight, r);
-    const int id = gpu_shfl_i(my_id, r);
-    if (sluice_ranks_before(w, id, weight, my_id)) ++rank;
-  }
-  if (lane < SLUICE_K) {
-    ids[t * ids_row_stride + rank] = my_id;
-    weights[t * weights_row_stride + rank] = weight;
-  }
+  sluice_finish_row(s_shared[warp], my_id, lane, t, scale, ids, ids_row_stride, weights,
+                    weights_row_stride);
 }
 
 #define SLUICE_INSTANTIATE_ROUTE(name, MAX_PARTIALS)                                               \
