@@ -14,7 +14,7 @@ use cudarc::driver::sys::{
 };
 use sluice_kernels::{
     GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, reset_status_args, reset_status_launch,
-    route_args, route_launch, sum_partials_args, sum_partials_launch,
+    route_args, sum_partials_args, sum_partials_launch,
 };
 pub(crate) use sluice_kernels::{HashInputs, Partials, RoutingTargets};
 
@@ -64,16 +64,18 @@ pub(crate) fn route(
     hash: Option<&HashInputs>,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
-    let geometry = route_launch(tokens, NVIDIA_WAVE_WIDTH)?;
     let mut args = route_args(partials, bias, tokens, scale, targets, hash);
-    let function = module.route(partials.splits);
-    // SAFETY: the arguments match the signature `sluice_route` and `sluice_route_logits` share,
-    // in type and order (checked against the source by `sluice-kernels`); the callers validated
-    // every address against the extents `tokens`, E and K of the compiled config, and the compact
-    // kernel is chosen only for one partial sum. A hash-routed module gets `hash` (its callers
-    // make one for every call of such a router): a table of `table_rows` checked rows of K
-    // experts of [0, E), and `tokens` contiguous ids, each looked at before it indexes the table.
-    unsafe { launch(function, geometry, stream, dependent_launch, &mut args.pointers()) }
+    let (function, plan) = module.route(tokens, partials.splits)?;
+    // SAFETY: the arguments match the signature every routing kernel shares (`sluice_route`,
+    // `sluice_route_logits` and their block-per-token forms), in type and order (checked against
+    // the source by `sluice-kernels`); the callers validated every address against the extents
+    // `tokens`, E and K of the compiled config; the plan launches a warp per token for
+    // `tokens` tokens or one block per token (one thread per expert) for exactly `tokens`, and
+    // the compact kernels are chosen only for one partial sum. A hash-routed module gets `hash`
+    // (its callers make one for every call of such a router), and only warp kernels: a table of
+    // `table_rows` checked rows of K experts of [0, E), and `tokens` contiguous ids, each looked
+    // at before it indexes the table.
+    unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
 }
 
 /// Enqueues the reset of `status` to `[0, -1]`, which the GEMM kernels do themselves, for a GEMM

@@ -7,8 +7,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
-    HiddenKind, RESET_STATUS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutingConfig, SOURCE,
-    SUM_PARTIALS_KERNEL, WeightKind,
+    HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
+    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RouteKernel, RoutePlan,
+    RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -17,8 +18,12 @@ use crate::error::CudaError;
 #[derive(Debug)]
 pub(crate) struct RouterModule {
     _module: Arc<CudaModule>,
+    config: RoutingConfig,
     route: CudaFunction,
     route_logits: CudaFunction,
+    /// The block-per-token routing kernels (`[partials, logits]`), which every ranked-score
+    /// config has (hash routing has only the warp kernels).
+    route_block: Option<[CudaFunction; 2]>,
     pub(crate) reset_status: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
     /// The dispatch layout's many-block counting kernel.
@@ -75,7 +80,14 @@ impl RouterModule {
                 }
             }
         }
+        let route_block = if config.is_hashed() {
+            None
+        } else {
+            Some([load(ROUTE_BLOCK_KERNEL)?, load(ROUTE_BLOCK_LOGITS_KERNEL)?])
+        };
         Ok(RouterModule {
+            config: config.clone(),
+            route_block,
             route: load(ROUTE_KERNEL)?,
             route_logits: load(ROUTE_LOGITS_KERNEL)?,
             reset_status: load(RESET_STATUS_KERNEL)?,
@@ -88,13 +100,36 @@ impl RouterModule {
         })
     }
 
-    /// The routing kernel for logits given as `splits` partial sums (the compact one for 1).
-    pub(crate) fn route(&self, splits: usize) -> &CudaFunction {
-        if sluice_kernels::route_kernel(splits) == ROUTE_LOGITS_KERNEL {
-            &self.route_logits
-        } else {
-            &self.route
-        }
+    /// The routing kernel and its launch for `tokens` tokens of logits given as `splits` partial
+    /// sums.
+    pub(crate) fn route(
+        &self,
+        tokens: usize,
+        splits: usize,
+    ) -> Result<(&CudaFunction, RoutePlan), CudaError> {
+        let plan = sluice_kernels::plan_route(
+            &self.config,
+            tokens,
+            NVIDIA_WAVE_WIDTH,
+            self.route_block.is_some(),
+        )?;
+        let compact = plan.name(splits) == ROUTE_LOGITS_KERNEL
+            || plan.name(splits) == ROUTE_BLOCK_LOGITS_KERNEL;
+        let function = match (plan.kernel, &self.route_block) {
+            (RouteKernel::Block, Some([partials, logits])) => {
+                if compact {
+                    logits
+                } else {
+                    partials
+                }
+            }
+            (RouteKernel::Block, None) => {
+                return Err(CudaError::MissingKernel(plan.name(splits).to_owned()));
+            }
+            (RouteKernel::Warp, _) if compact => &self.route_logits,
+            (RouteKernel::Warp, _) => &self.route,
+        };
+        Ok((function, plan))
     }
 
     /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).

@@ -199,6 +199,7 @@ fn random_configs_match_the_reference() {
     for spec in configs() {
         for (tokens, hidden, x_type, w_bf16) in [
             (1, 256, HiddenType::Bf16, true),
+            (3, 136, HiddenType::Bf16, true),
             (5, 72, HiddenType::F32, true),
             (64, 136, HiddenType::F16, true),
             (130, 264, HiddenType::Bf16, true),
@@ -252,24 +253,26 @@ fn unscaled_and_mark_invalid_specs_route_like_the_reference() {
         7,
     );
 
-    // A NaN and an infinity in two rows: those rows are marked, the others routed.
-    let mut s = spec(64, TopkMethod::Greedy, (1, 1), 4, true);
-    s.non_finite = NonFinitePolicy::MarkInvalid;
-    let (t, e) = (6, 64);
-    let mut rng = Rng(99);
-    let mut logits = rng.normals(t * e, 1.0);
-    logits[2 * e + 5] = f32::NAN;
-    logits[4 * e] = f32::INFINITY;
-    let out = backend.route_logits(&dl(logits.clone(), &[t, e]), None, &s).unwrap();
-    let ours =
-        Routing::new(t, 4, host_values(out.topk_ids), host_values(out.topk_weights)).unwrap();
-    let expected = reference::route(&logits, t, None, &s).unwrap();
-    reference::compare_routings(&expected, &ours, e, &[], WEIGHTS).unwrap();
-    assert_eq!(&ours.ids()[8..12], &[-1; 4]);
+    // A NaN and an infinity in two rows: those rows are marked, the others routed. Six tokens
+    // of 64 experts take the warp kernel, three of 128 the block-per-token one.
+    for (t, e) in [(6, 64), (3, 128)] {
+        let mut s = spec(e, TopkMethod::Greedy, (1, 1), 4, true);
+        s.non_finite = NonFinitePolicy::MarkInvalid;
+        let mut rng = Rng(99);
+        let mut logits = rng.normals(t * e, 1.0);
+        logits[2 * e + 5] = f32::NAN;
+        logits[e] = f32::INFINITY;
+        let out = backend.route_logits(&dl(logits.clone(), &[t, e]), None, &s).unwrap();
+        let ours =
+            Routing::new(t, 4, host_values(out.topk_ids), host_values(out.topk_weights)).unwrap();
+        let expected = reference::route(&logits, t, None, &s).unwrap();
+        reference::compare_routings(&expected, &ours, e, &[], WEIGHTS).unwrap();
+        assert_eq!(&ours.ids()[4..12], &[-1; 8], "{t} x {e}");
 
-    s.non_finite = NonFinitePolicy::Error;
-    let error = backend.route_logits(&dl(logits, &[t, e]), None, &s).unwrap_err();
-    assert!(matches!(error, BackendError::NonFinite { row: 2, .. }), "{error}");
+        s.non_finite = NonFinitePolicy::Error;
+        let error = backend.route_logits(&dl(logits, &[t, e]), None, &s).unwrap_err();
+        assert!(matches!(error, BackendError::NonFinite { row: 1, .. }), "{error}");
+    }
 }
 
 #[test]

@@ -210,6 +210,14 @@ GPU_INLINE int gpu_popc_mask(gpu_lanemask_t m) { return __builtin_popcount(m); }
 #else
 GPU_INLINE int gpu_popc_mask(gpu_lanemask_t m) { return __popc(m); }
 #endif
+// The lowest set lane of a non-empty lane mask.
+#if defined(GPU_AMD)
+GPU_INLINE int gpu_lowest_lane(gpu_lanemask_t m) { return __builtin_ctzll(m); }
+#elif defined(SLUICE_NO_VENDOR_HEADERS)
+GPU_INLINE int gpu_lowest_lane(gpu_lanemask_t m) { return __builtin_ctz(m); }
+#else
+GPU_INLINE int gpu_lowest_lane(gpu_lanemask_t m) { return __ffs((int)m) - 1; }
+#endif
 // The lanes below `lane`.
 GPU_INLINE gpu_lanemask_t gpu_lanes_below(int lane) { return ((gpu_lanemask_t)1 << lane) - 1; }
 

@@ -3,4 +3,5 @@
 #include "compat.h"
 #include "router_gemm.cuh"
 #include "routing.cuh"
+#include "route_block.cuh"
 #include "dispatch.cuh"

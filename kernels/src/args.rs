@@ -335,8 +335,10 @@ mod tests {
             kinds(&gemm_args(&gemv, &M, &M, &P, Some(8))),
             signature("#define SLUICE_INSTANTIATE_GEMV", "name")
         );
-        let route = signature("#define SLUICE_INSTANTIATE_ROUTE", "name");
+        let route = signature("#define SLUICE_INSTANTIATE_ROUTE(", "name");
         assert_eq!(kinds(&route_args(&P, None, 3, 2.5, &targets, None)), route);
+        // The block-per-token kernels take the same arguments.
+        assert_eq!(signature("#define SLUICE_INSTANTIATE_ROUTE_BLOCK(", "name"), route);
         let hash = HashInputs { table: 16, table_rows: 7, token_ids: 32, token_id_bytes: 8 };
         let hashed = route_args(&P, None, 3, 2.5, &targets, Some(&hash));
         assert_eq!(kinds(&hashed), route);

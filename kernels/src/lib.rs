@@ -20,6 +20,7 @@
 //! | `sluice_sum_partials` | logits from the partial sums |
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
 //! | `sluice_route_logits` | the same from finished logits (much smaller code) |
+//! | `sluice_route_block`, `sluice_route_block_logits` | the same for a few tokens, a block per token and a thread per expert (NVIDIA, ranked scores) |
 //! | `sluice_reset_status` | the routing status set to `[0, -1]`, ordered after the previous kernel (for a GEMM not of ours) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
@@ -46,9 +47,11 @@ pub use dispatch::{
 };
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
-    AMD_WAVE_WIDTH, GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget,
-    HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, WeightKind, plan_gemm,
-    plan_router_gemm, reset_status_launch, route_kernel, route_launch, sum_partials_launch,
+    AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOKENS, BLOCK_ROUTE_MIN_EXPERTS, GEMV_MAX_THREADS,
+    GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget, HiddenKind, Launch,
+    NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, RouteKernel, RoutePlan, WeightKind, plan_gemm,
+    plan_route, plan_router_gemm, reset_status_launch, route_kernel, route_launch,
+    sum_partials_launch,
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{
@@ -64,6 +67,8 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("../gpu/routing.cuh"),
     "\n",
+    include_str!("../gpu/route_block.cuh"),
+    "\n",
     include_str!("../gpu/dispatch.cuh"),
 );
 
@@ -72,6 +77,12 @@ pub const ROUTE_KERNEL: &str = "sluice_route";
 
 /// Name of the routing kernel that reads finished logits (one partial sum per logit).
 pub const ROUTE_LOGITS_KERNEL: &str = "sluice_route_logits";
+
+/// Name of the block-per-token routing kernel that adds up to `MAX_PARTIALS` partial sums.
+pub const ROUTE_BLOCK_KERNEL: &str = "sluice_route_block";
+
+/// Name of the block-per-token routing kernel that reads finished logits.
+pub const ROUTE_BLOCK_LOGITS_KERNEL: &str = "sluice_route_block_logits";
 
 /// Name of the kernel that resets the routing status where no GEMM kernel of ours does.
 pub const RESET_STATUS_KERNEL: &str = "sluice_reset_status";
@@ -88,6 +99,8 @@ mod tests {
         let mut names = vec![
             ROUTE_KERNEL.to_owned(),
             ROUTE_LOGITS_KERNEL.to_owned(),
+            ROUTE_BLOCK_KERNEL.to_owned(),
+            ROUTE_BLOCK_LOGITS_KERNEL.to_owned(),
             RESET_STATUS_KERNEL.to_owned(),
             SUM_PARTIALS_KERNEL.to_owned(),
             DISPATCH_COUNT_KERNEL.to_owned(),
