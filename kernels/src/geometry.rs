@@ -310,14 +310,18 @@ pub fn route_kernel(splits: usize) -> &'static str {
     if splits <= 1 { crate::ROUTE_LOGITS_KERNEL } else { crate::ROUTE_KERNEL }
 }
 
-/// The most tokens routed a block per token (`sluice_route_block*`, a thread per expert). For
-/// one token the block kernels run the selection as a few block-wide steps where the warp kernel
-/// runs K serial rounds; measured on an H200, routing alone, one token, graph-replayed:
-/// DeepSeek-V3 2.7 us against 3.4, Kimi-K2 2.3 against 3.5, E = 512 in 16 groups 3.3 against 4.7,
-/// within 0.2 us either way for the other configs of more than 64 experts tried (DeepSeek-V2 the
-/// slowest, 2.7 against 2.5). Past a few tokens the warp kernel's four tokens per block win (and
-/// from four tokens on for E = 1024 with K = 32).
-pub const BLOCK_ROUTE_MAX_TOKENS: usize = 4;
+/// The most tokens routed a block per token (`sluice_route_block*`, a thread per expert). The
+/// block kernels run the selection as a few block-wide steps where the warp kernel runs K serial
+/// rounds; measured on an H200, routing alone, graph-replayed, at one token and at 64:
+/// DeepSeek-V3 2.7 and 3.0 us against 3.4 and 3.8, Kimi-K2 2.3 and 2.6 against 3.5 and 3.8, and
+/// ahead at 64 tokens for every config of more than 64 experts tried but DeepSeek-V2 (3.0 against
+/// 2.9: its groups of 20 do not align with warps). Past 64 tokens the warp kernel's four tokens
+/// per block catch up (Qwen3-MoE's 128 experts: 4.6 against 2.9 at 128 tokens).
+pub const BLOCK_ROUTE_MAX_TOKENS: usize = 64;
+/// With more experts per token than this, block routing only for one token: a bound that K
+/// candidates reach lists more of them than one warp ranks (E = 1024 with K = 32: 10.1 against
+/// 13.5 us at one token, 14.4 against 13.4 at four).
+pub const BLOCK_ROUTE_MAX_TOP_K: usize = 16;
 /// Block routing needs more experts than this: with one or two warps of experts there is nothing
 /// to spread, and the warp kernel's single chain is shorter (gpt-oss, Mixtral).
 pub const BLOCK_ROUTE_MIN_EXPERTS: usize = 65;
@@ -352,10 +356,11 @@ impl RoutePlan {
     }
 }
 
-/// Plans the routing of `tokens` tokens (at least 1) for `config`: a block per token for a few
-/// tokens of a config the block kernels take (every ranked-score config, which the module has
-/// when `block_kernels`; NVIDIA only for now) with more than [`BLOCK_ROUTE_MIN_EXPERTS`]
-/// experts, one warp of `wave_width` threads per token otherwise.
+/// Plans the routing of `tokens` tokens (at least 1) for `config`: a block per token for up to
+/// [`BLOCK_ROUTE_MAX_TOKENS`] tokens (one, past [`BLOCK_ROUTE_MAX_TOP_K`] experts per token) of a
+/// config the block kernels take (every ranked-score config, which the module has when
+/// `block_kernels`; NVIDIA only for now) with at least [`BLOCK_ROUTE_MIN_EXPERTS`] experts, one
+/// warp of `wave_width` threads per token otherwise.
 pub fn plan_route(
     config: &crate::RoutingConfig,
     tokens: usize,
@@ -363,10 +368,12 @@ pub fn plan_route(
     block_kernels: bool,
 ) -> Result<RoutePlan, KernelError> {
     let experts = config.experts();
+    let most_tokens =
+        if config.top_k() <= BLOCK_ROUTE_MAX_TOP_K { BLOCK_ROUTE_MAX_TOKENS } else { 1 };
     if block_kernels
         && !config.is_hashed()
         && experts >= BLOCK_ROUTE_MIN_EXPERTS
-        && tokens <= BLOCK_ROUTE_MAX_TOKENS
+        && tokens <= most_tokens
     {
         let threads = experts.div_ceil(wave_width) * wave_width;
         return Ok(RoutePlan {
@@ -536,7 +543,10 @@ mod tests {
         let beyond = plan_route(&v3, BLOCK_ROUTE_MAX_TOKENS + 1, NVIDIA_WAVE_WIDTH, true).unwrap();
         assert_eq!(
             beyond,
-            RoutePlan { kernel: RouteKernel::Warp, launch: route_launch(5, 32).unwrap() }
+            RoutePlan {
+                kernel: RouteKernel::Warp,
+                launch: route_launch(BLOCK_ROUTE_MAX_TOKENS + 1, 32).unwrap()
+            }
         );
         // A module without the block kernels, too few experts, and hash routing: warp kernels.
         assert_eq!(plan_route(&v3, 1, NVIDIA_WAVE_WIDTH, false).unwrap().kernel, RouteKernel::Warp);
@@ -547,6 +557,16 @@ mod tests {
         );
         let odd = crate::RoutingConfig::new(&spec(72, 8, TopkMethod::Greedy)).unwrap();
         assert_eq!(plan_route(&odd, 2, NVIDIA_WAVE_WIDTH, true).unwrap().launch.block, [96, 1, 1]);
+        // Past 16 experts per token, one token only.
+        let wide = crate::RoutingConfig::new(&spec(1024, 32, TopkMethod::NoauxTc)).unwrap();
+        assert_eq!(
+            plan_route(&wide, 1, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
+            RouteKernel::Block
+        );
+        assert_eq!(
+            plan_route(&wide, 2, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
+            RouteKernel::Warp
+        );
         let hashed = RoutingSpec::builder(256, 6).method(TopkMethod::Hash).build().unwrap();
         let hashed = crate::RoutingConfig::new(&hashed).unwrap();
         assert_eq!(
