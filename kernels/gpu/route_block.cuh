@@ -1,6 +1,7 @@
-// Routing for a few tokens: a block per token, a thread per expert.
+// Routing for decode batches (up to 64 tokens, `plan_route`): a block per token, a thread per
+// expert.
 //
-// With one token the warp kernel is a single serial chain: one warp scores every expert, ranks
+// For one token the warp kernel is a single serial chain: one warp scores every expert, ranks
 // the groups and runs K selection rounds over eight candidates per lane. Here every expert has its
 // own thread, and the selection is three short block-wide steps instead of K rounds:
 //   1. each warp's Q-th best candidate key: the M-th largest of those (M = K / Q, rounded up) is
