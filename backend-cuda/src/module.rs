@@ -8,8 +8,8 @@ use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
     HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
-    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RouteKernel, RoutePlan,
-    RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE,
+    SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -19,11 +19,9 @@ use crate::error::CudaError;
 pub(crate) struct RouterModule {
     _module: Arc<CudaModule>,
     config: RoutingConfig,
-    route: CudaFunction,
-    route_logits: CudaFunction,
-    /// The block-per-token routing kernels (`[partials, logits]`), which every ranked-score
-    /// config has (hash routing has only the warp kernels).
-    route_block: Option<[CudaFunction; 2]>,
+    /// The routing kernels by name: the warp kernels, and the block-per-token ones that every
+    /// ranked-score config has (hash routing has only the warp kernels).
+    routes: HashMap<&'static str, CudaFunction>,
     pub(crate) reset_status: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
     /// The dispatch layout's many-block counting kernel.
@@ -80,16 +78,15 @@ impl RouterModule {
                 }
             }
         }
-        let route_block = if config.is_hashed() {
-            None
-        } else {
-            Some([load(ROUTE_BLOCK_KERNEL)?, load(ROUTE_BLOCK_LOGITS_KERNEL)?])
-        };
+        let block_kernels: &[&'static str] =
+            if config.is_hashed() { &[] } else { &[ROUTE_BLOCK_KERNEL, ROUTE_BLOCK_LOGITS_KERNEL] };
+        let mut routes = HashMap::new();
+        for &name in [ROUTE_KERNEL, ROUTE_LOGITS_KERNEL].iter().chain(block_kernels) {
+            routes.insert(name, load(name)?);
+        }
         Ok(RouterModule {
             config: config.clone(),
-            route_block,
-            route: load(ROUTE_KERNEL)?,
-            route_logits: load(ROUTE_LOGITS_KERNEL)?,
+            routes,
             reset_status: load(RESET_STATUS_KERNEL)?,
             sum_partials: load(SUM_PARTIALS_KERNEL)?,
             dispatch_count: load(DISPATCH_COUNT_KERNEL)?,
@@ -107,28 +104,12 @@ impl RouterModule {
         tokens: usize,
         splits: usize,
     ) -> Result<(&CudaFunction, RoutePlan), CudaError> {
-        let plan = sluice_kernels::plan_route(
-            &self.config,
-            tokens,
-            NVIDIA_WAVE_WIDTH,
-            self.route_block.is_some(),
-        )?;
-        let compact = plan.name(splits) == ROUTE_LOGITS_KERNEL
-            || plan.name(splits) == ROUTE_BLOCK_LOGITS_KERNEL;
-        let function = match (plan.kernel, &self.route_block) {
-            (RouteKernel::Block, Some([partials, logits])) => {
-                if compact {
-                    logits
-                } else {
-                    partials
-                }
-            }
-            (RouteKernel::Block, None) => {
-                return Err(CudaError::MissingKernel(plan.name(splits).to_owned()));
-            }
-            (RouteKernel::Warp, _) if compact => &self.route_logits,
-            (RouteKernel::Warp, _) => &self.route,
-        };
+        let block_kernels = self.routes.contains_key(ROUTE_BLOCK_KERNEL);
+        let plan =
+            sluice_kernels::plan_route(&self.config, tokens, NVIDIA_WAVE_WIDTH, block_kernels)?;
+        let name = plan.name(splits);
+        let function =
+            self.routes.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_owned()))?;
         Ok((function, plan))
     }
 

@@ -186,8 +186,8 @@ fn a_hash_routed_gate_is_captured_with_its_token_ids_and_replayed() {
         // and strides; the test writes it only between replays, on the same stream.
         let without_ids = RouteInputs::new(unsafe { DlpackView::from_raw(&hidden_dl) }.unwrap());
         // SAFETY: as above, for the token ids.
-        let inputs =
-            without_ids.with_token_ids(unsafe { DlpackView::from_raw(&token_ids_dl) }.unwrap());
+        let token_ids_view = unsafe { DlpackView::from_raw(&token_ids_dl) }.unwrap();
+        let inputs = without_ids.with_token_ids(token_ids_view);
         // SAFETY: the stream lives to the end of the test; the buffers outlive every use of it,
         // and are read after synchronising.
         let execution = unsafe { on_stream(&stream) };

@@ -95,11 +95,10 @@ impl Dispatcher<'_> {
         })?;
         let workspace_len = workspace_bytes(self.router, tokens);
         let mut workspace = DeviceBuffer::zeroed(stream, DType::U8, &[workspace_len.max(1)])?;
+        let (rocm, raw) = (Device::Rocm(self.gpu.ordinal()), stream.raw() as usize);
         // SAFETY: the backend's own stream lives as long as the backend; every buffer handed to
         // the call is owned here and outlives the synchronisation below.
-        let device_stream =
-            unsafe { DeviceStream::new(Device::Rocm(self.gpu.ordinal()), stream.raw() as usize) }
-                .map_err(RocmError::from)?;
+        let device_stream = unsafe { DeviceStream::new(rocm, raw) }.map_err(RocmError::from)?;
         let mut device_inputs = DispatchInputs::new(ids.view().map_err(argument(OP, "topk_ids"))?);
         if let Some(table) = &table {
             device_inputs = device_inputs

@@ -49,6 +49,17 @@ fn backend(test: &str) -> Option<RocmBackend> {
     }
 }
 
+/// The call's execution on `stream` (of device 0, where these tests run).
+///
+/// # Safety
+///
+/// The stream must outlive every call made with the execution, and the buffers those calls
+/// touch must stay alive until the stream has been synchronised.
+unsafe fn on_stream(stream: &HipStream) -> Execution {
+    // SAFETY: the stream belongs to device 0; the caller keeps the rest.
+    Execution::Stream(unsafe { DeviceStream::new(Device::Rocm(0), stream.raw() as usize) }.unwrap())
+}
+
 fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|i| {
@@ -222,11 +233,9 @@ fn a_gate_that_requires_grad_is_captured_in_a_hip_graph_and_replayed() {
             .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
         )
     };
-    // SAFETY: the stream lives to the end of the test and belongs to device 0; the buffers
-    // outlive every use of the stream, and are read back after synchronising.
-    let execution = Execution::Stream(
-        unsafe { DeviceStream::new(Device::Rocm(0), stream.raw() as usize) }.unwrap(),
-    );
+    // SAFETY: the stream lives to the end of the test; the buffers outlive every use of it, and
+    // are read back after synchronising.
+    let execution = unsafe { on_stream(&stream) };
 
     // The same gate with the error policy, which needs the host and so is refused on a stream.
     let mut strict_spec = spec;
@@ -439,11 +448,9 @@ fn route_into_and_dispatch_into_are_captured_in_a_hip_graph_and_replayed() {
     let table_bytes: Vec<u8> = expert_ranks.iter().flat_map(|r| r.to_le_bytes()).collect();
     table.write(&stream, &table_bytes);
     let mut layout = DeviceLayout::new(&stream, shape, prepared.dispatch_workspace_bytes(tokens));
-    // SAFETY: the stream lives to the end of the test and belongs to device 0; the buffers
-    // outlive every use of the stream, and are read back after synchronising.
-    let execution = Execution::Stream(
-        unsafe { DeviceStream::new(Device::Rocm(0), stream.raw() as usize) }.unwrap(),
-    );
+    // SAFETY: the stream lives to the end of the test; the buffers outlive every use of it, and
+    // are read back after synchronising.
+    let execution = unsafe { on_stream(&stream) };
 
     stream.begin_capture().unwrap();
     let (hidden_dl, mut ids_dl, mut weights_dl, mut workspace_dl) =

@@ -322,8 +322,8 @@ pub const BLOCK_ROUTE_MAX_TOKENS: usize = 64;
 /// candidates reach lists more of them than one warp ranks (E = 1024 with K = 32: 10.1 against
 /// 13.5 us at one token, 14.4 against 13.4 at four).
 pub const BLOCK_ROUTE_MAX_TOP_K: usize = 16;
-/// Block routing needs more experts than this: with one or two warps of experts there is nothing
-/// to spread, and the warp kernel's single chain is shorter (gpt-oss, Mixtral).
+/// The fewest experts routed a block per token: with one or two warps of experts there is nothing
+/// to spread, and the warp kernel's single chain is shorter (V2-Lite's 64, gpt-oss, Mixtral).
 pub const BLOCK_ROUTE_MIN_EXPERTS: usize = 65;
 
 /// Which routing kernel runs.

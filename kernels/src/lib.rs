@@ -20,7 +20,7 @@
 //! | `sluice_sum_partials` | logits from the partial sums |
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
 //! | `sluice_route_logits` | the same from finished logits (much smaller code) |
-//! | `sluice_route_block`, `sluice_route_block_logits` | the same for a few tokens, a block per token and a thread per expert (NVIDIA, ranked scores) |
+//! | `sluice_route_block`, `sluice_route_block_logits` | the same for up to 64 tokens, a block per token and a thread per expert (NVIDIA, ranked scores) |
 //! | `sluice_reset_status` | the routing status set to `[0, -1]`, ordered after the previous kernel (for a GEMM not of ours) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
