@@ -145,7 +145,7 @@ pub(crate) unsafe fn launch(
         blockDimX: geometry.block[0],
         blockDimY: geometry.block[1],
         blockDimZ: geometry.block[2],
-        sharedMemBytes: 0,
+        sharedMemBytes: geometry.shared_bytes,
         hStream: stream,
         attrs: &raw mut attribute,
         numAttrs: u32::from(dependent_launch),

@@ -20,6 +20,8 @@ pub(crate) struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) ordinal: usize,
     pub(crate) multiprocessors: usize,
+    /// The most dynamic shared memory a block may opt in to, in bytes.
+    pub(crate) shared_memory_per_block: usize,
     /// Bytes of L2 cache.
     pub(crate) l2_bytes: usize,
     pub(crate) compute_capability: (i32, i32),
@@ -49,6 +51,9 @@ impl Gpu {
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(CudaError::driver("reading the multiprocessor count"))?;
+        let shared_memory_per_block = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(CudaError::driver("reading the shared memory per block"))?;
         let l2_bytes = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(CudaError::driver("reading the L2 size"))?;
@@ -60,6 +65,7 @@ impl Gpu {
             stream,
             ordinal,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
+            shared_memory_per_block: usize::try_from(shared_memory_per_block).unwrap_or(0),
             l2_bytes: usize::try_from(l2_bytes).unwrap_or(0),
             compute_capability,
             lt: Lt::open().map(Arc::new),
@@ -72,12 +78,19 @@ impl Gpu {
         self.compute_capability.0 >= 8
     }
 
+    /// Whether the tiles GEMM kernels (bulk copies into shared memory) exist on this device.
+    pub(crate) fn has_bulk_copies(&self) -> bool {
+        self.compute_capability.0 >= 9
+    }
+
     /// What the GEMM planner needs to know about this device.
     pub(crate) fn target(&self) -> GpuTarget {
         GpuTarget {
             wave_width: NVIDIA_WAVE_WIDTH,
             tensor_cores: self.has_tensor_cores(),
             multiprocessors: self.multiprocessors,
+            bulk_copies: self.has_bulk_copies(),
+            shared_memory_per_block: self.shared_memory_per_block,
         }
     }
 
@@ -87,7 +100,12 @@ impl Gpu {
         if let Some(module) = modules.get(config) {
             return Ok(Arc::clone(module));
         }
-        let module = Arc::new(RouterModule::compile(&self.ctx, config, self.compute_capability)?);
+        let module = Arc::new(RouterModule::compile(
+            &self.ctx,
+            config,
+            self.compute_capability,
+            self.shared_memory_per_block,
+        )?);
         modules.insert(config.clone(), Arc::clone(&module));
         Ok(module)
     }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
@@ -35,11 +36,13 @@ pub(crate) struct RouterModule {
 
 impl RouterModule {
     /// Compiles the source with `config`'s defines for a device of compute capability
-    /// `(major, minor)` and loads every kernel.
+    /// `(major, minor)` and loads every kernel; the tiles kernels may use up to
+    /// `shared_memory_per_block` bytes of dynamic shared memory.
     pub(crate) fn compile(
         ctx: &Arc<CudaContext>,
         config: &RoutingConfig,
         (major, minor): (i32, i32),
+        shared_memory_per_block: usize,
     ) -> Result<Self, CudaError> {
         let mut options =
             vec![format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++17".into()];
@@ -76,6 +79,22 @@ impl RouterModule {
                     let kernel = GemmKernel::Mma { hidden, tiles };
                     gemm.insert(kernel, load(&kernel.name())?);
                 }
+            }
+        }
+        // The tiles kernels, from compute capability 9.0 on (bulk copies), opt in to the device's
+        // most shared memory per block: their plans use up to that much.
+        if major >= 9 {
+            let shared = i32::try_from(shared_memory_per_block).unwrap_or(i32::MAX);
+            for tokens_per_block in [16, 32, 64] {
+                let kernel = GemmKernel::Tiles { tokens_per_block };
+                let function = load(&kernel.name())?;
+                function
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        shared,
+                    )
+                    .map_err(CudaError::driver("allowing a kernel its shared memory"))?;
+                gemm.insert(kernel, function);
             }
         }
         let block_kernels: &[&'static str] =

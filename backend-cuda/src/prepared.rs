@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUstream;
 use sluice_kernels::{
-    DeviceTokenIds, GEMV_MAX_TOKENS, GemmPlan, GemmShape, RoutingConfig, check_hash_table_rows,
+    DeviceTokenIds, GemmKernel, GemmPlan, GemmShape, RoutingConfig, check_hash_table_rows,
     check_host_token_ids, hash_table_values,
 };
 use sluice_tensor::argument_view;
@@ -162,13 +162,15 @@ impl CudaPreparedRouter {
     /// How the router GEMM of a gate call on `hidden` runs: cuBLASLt past a few bf16 tokens where
     /// it is installed, the backend's kernels otherwise.
     fn gemm_path(&self, hidden: &DeviceMatrix) -> Result<GemmPath<'_>, CudaError> {
+        let plan = gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?;
+        // The backend's own kernels for a few and for tens of tokens; cuBLASLt past them.
         if let Some(lt) = &self.lt
-            && hidden.rows > GEMV_MAX_TOKENS
+            && matches!(plan.kernel, GemmKernel::Mma { .. } | GemmKernel::Simt { .. })
             && LtGemm::accepts(hidden, &self.weight.matrix)
         {
             return Ok(GemmPath::Lt(lt));
         }
-        Ok(GemmPath::Kernels(gate::plan(&self.gpu, hidden, &self.weight, usize::MAX)?))
+        Ok(GemmPath::Kernels(plan))
     }
 
     /// Bytes of workspace a gate call on `hidden` needs.

@@ -58,7 +58,7 @@ struct Case {
     hidden: usize,
     x_type: HiddenType,
     w_bf16: bool,
-    /// Warm the router up for `tokens` before routing (past 8 bf16 tokens this times cuBLASLt's
+    /// Warm the router up for `tokens` before routing (past 64 bf16 tokens this times cuBLASLt's
     /// candidate algorithms and keeps the fastest).
     warm_up: bool,
 }
@@ -206,6 +206,11 @@ fn random_configs_match_the_reference() {
             (64, 136, HiddenType::F16, true),
             (130, 264, HiddenType::Bf16, true),
             (9, 40, HiddenType::F32, false),
+            // The tiles kernel, with hidden sizes that are not a multiple of its 64-value steps:
+            // 16, 32 and 64 tokens per block.
+            (5, 2056, HiddenType::Bf16, true),
+            (24, 40, HiddenType::Bf16, true),
+            (64, 1032, HiddenType::Bf16, true),
         ] {
             seed += 1;
             check(&backend, &Case { spec, tokens, hidden, x_type, w_bf16, warm_up: false }, seed);
@@ -213,8 +218,9 @@ fn random_configs_match_the_reference() {
     }
 }
 
-/// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past 8 and keeps the
-/// fastest; whichever it keeps, the gate must still route like the reference at that count.
+/// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past 64 (on Hopper; past
+/// 8 before it) and keeps the fastest; whichever it keeps, the gate must still route like the
+/// reference at that count.
 #[test]
 fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     let Some(backend) = backend("cublaslt_algorithms_chosen_by_timing_route_like_the_reference")
@@ -226,11 +232,37 @@ fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     let mut seed = 1000;
     // The models' hidden size where the CPU reference stays quick, a smaller one at T = 1024.
     for (spec, tokens, hidden) in
-        [(v3, 16, 7168), (v3, 64, 7168), (kimi, 64, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)]
+        [(v3, 65, 7168), (kimi, 96, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)]
     {
         seed += 1;
         let case =
             Case { spec, tokens, hidden, x_type: HiddenType::Bf16, w_bf16: true, warm_up: true };
+        check(&backend, &case, seed);
+    }
+}
+
+/// The models' own shapes through the tiles kernel (5 to 64 bf16 tokens on Hopper): every token
+/// block size, one and several token blocks, V3's 16 splits and Kimi-K2's 11.
+#[test]
+fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
+    let Some(backend) = backend("tens_of_tokens_at_the_models_shapes_route_like_the_reference")
+    else {
+        return;
+    };
+    let v3 = spec(256, TopkMethod::NoauxTc, (8, 4), 8, true);
+    let kimi = spec(384, TopkMethod::NoauxTc, (1, 1), 8, true);
+    let mut seed = 2000;
+    for (spec, tokens) in [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64)]
+    {
+        seed += 1;
+        let case = Case {
+            spec,
+            tokens,
+            hidden: 7168,
+            x_type: HiddenType::Bf16,
+            w_bf16: true,
+            warm_up: true,
+        };
         check(&backend, &case, seed);
     }
 }

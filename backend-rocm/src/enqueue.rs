@@ -145,7 +145,7 @@ unsafe fn launch(
             bx,
             by,
             bz,
-            0,
+            geometry.shared_bytes,
             stream,
             params.as_mut_ptr(),
             std::ptr::null_mut(),

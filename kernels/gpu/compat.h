@@ -250,3 +250,7 @@ GPU_INLINE void gpu_allow_dependents() {}
 #if defined(GPU_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define GPU_HAS_MMA_SYNC 1
 #endif
+// ---- bulk copies into shared memory, counted on shared-memory barriers (NVIDIA sm_90 and later)
+#if defined(GPU_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GPU_HAS_BULK_COPY 1
+#endif

@@ -424,4 +424,220 @@ GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const uns
 SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_bf16, SLUICE_X_BF16)
 SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_f16, SLUICE_X_F16)
 SLUICE_INSTANTIATE_MMA_TILES(sluice_gemm_mma_f32, SLUICE_X_F32)
+#if defined(GPU_HAS_BULK_COPY)
+// ---- tens of tokens: tiles copied whole into shared memory -----------------------------------
+//
+// Between the matrix-vector kernel's few tokens and a library GEMM's thousands, the router GEMM is
+// still a stream of the weight, but every weight value now meets tens of tokens, so the hidden
+// states are shared through shared memory by the warps that use them. Block (expert block of
+// SLUICE_TILE_EXPERTS, split, token block of TB): the block's weight rows and its tokens' hidden
+// states over its k range land in shared memory by bulk copies (one per row and part, issued to
+// the copy engine: per-thread copies cannot keep enough bytes in flight per multiprocessor), the
+// weight's before the grid-dependency wait, the hidden states' after it; the block multiplies out of
+// shared memory with `ldmatrix` and `mma.sync`, each of the SLUICE_TILE_PARTS parts of its k range
+// as soon as that part has landed.
+//
+// Warps: TB / 16 along the tokens (two 8-token N tiles each), SLUICE_TILE_EXPERTS / 32 along the
+// experts (two 16-row M tiles each) and WK along k (k16 step i goes to warp i % WK). The WK sums of
+// each logit are added in order in shared memory, so every partial sum has one fixed order and
+// nothing depends on scheduling. Needs bf16 hidden states and weight whose rows are 16-byte aligned
+// (a hidden size that is a multiple of 8), a `k_per_split` that is a multiple of 64, and
+// `sluice_tile_shared_bytes` of dynamic shared memory (the launch geometry's formula).
+
+#define SLUICE_TILE_EXPERTS 32
+#define SLUICE_TILE_PARTS 2
+// Bytes before the tiles: 16 per part's barrier (8 bytes, 16-aligned).
+#define SLUICE_TILE_BARRIER_BYTES 32
+#define SLUICE_TILE_WARPS(TB, WK) ((TB) / 16 * (SLUICE_TILE_EXPERTS / 32) * (WK))
+
+extern __shared__ sluice_u32x4 sluice_dynamic_shared[];
+
+GPU_INLINE unsigned sluice_shared_address(const void *p) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(p));
+  return address;
+}
+
+GPU_INLINE void sluice_barrier_init(unsigned barrier) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier) : "memory");
+}
+// The one arrival a barrier waits for, with the bytes its copies will bring.
+GPU_INLINE void sluice_barrier_expect(unsigned barrier, unsigned bytes) {
+  asm volatile("{ .reg .b64 state; mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1; }" ::"r"(
+                   barrier),
+               "r"(bytes)
+               : "memory");
+}
+GPU_INLINE void sluice_barrier_wait(unsigned barrier) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(barrier)
+        : "memory");
+}
+// `bytes` (a multiple of 16) from global to shared memory by the copy engine, counted on `barrier`.
+GPU_INLINE void sluice_bulk_copy(unsigned shared, const void *global, unsigned bytes,
+                                 unsigned barrier) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          shared),
+      "l"(global), "r"(bytes), "r"(barrier)
+      : "memory");
+}
+
+GPU_INLINE int sluice_min_i(int a, int b) { return a < b ? a : b; }
+
+GPU_INLINE void sluice_ldmatrix_x4(unsigned (&r)[4], unsigned shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared));
+}
+
+// k [begin, end) of part `part` of a k range of `length` values: parts of whole k16 steps.
+GPU_INLINE void sluice_tile_part(int length, int part, int &begin, int &end) {
+  const int steps = (length + 15) / 16;
+  const int per_part = (steps + SLUICE_TILE_PARTS - 1) / SLUICE_TILE_PARTS;
+  begin = sluice_min_i(part * per_part * 16, length);
+  end = sluice_min_i(begin + per_part * 16, length);
+}
+
+// Issues the bulk copies of rows [row0, row0 + count) of `src` (row stride `row_stride` bf16) over
+// k [k_begin, k_begin + length) into the tile at `tile` (rows of `pitch` bf16), each part on its
+// barrier; thread i of the block takes row i.
+GPU_INLINE void sluice_tile_copy_rows(unsigned tile, int pitch, const unsigned short *src,
+                                      long long row_stride, int row0, int count, int k_begin,
+                                      int length, unsigned barriers) {
+  for (int r = GPU_TID; r < count; r += GPU_THREADS_X)
+    #pragma unroll
+    for (int part = 0; part < SLUICE_TILE_PARTS; ++part) {
+      int begin, end;
+      sluice_tile_part(length, part, begin, end);
+      if (end > begin)
+        sluice_bulk_copy(tile + (r * pitch + begin) * 2, src + (row0 + r) * row_stride + k_begin + begin,
+                         (end - begin) * 2, barriers + 16 * part);
+    }
+}
+
+template <int TB, int WK>
+GPU_INLINE void sluice_gemm_tiles(const unsigned short *x, long long x_row_stride,
+                                  const unsigned short *w, long long w_row_stride, int tokens,
+                                  int hidden, int experts, int k_per_split, float *partials,
+                                  long long split_stride, long long row_stride, int *status) {
+  const int EB = SLUICE_TILE_EXPERTS, THREADS = SLUICE_TILE_WARPS(TB, WK) * GPU_WARP;
+  const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  const int wk = warp % WK, wm = warp / WK % (EB / 32), wn = warp / WK / (EB / 32);
+  const int e0 = GPU_BID_X * EB, t0 = GPU_BID_Z * TB;
+  const int k_begin = GPU_BID_Y * k_per_split;
+  const int length = sluice_min_i(k_per_split, hidden - k_begin);
+  const int padded = (length + 15) / 16 * 16;
+  const int expert_rows = sluice_min_i(EB, experts - e0), token_rows = sluice_min_i(TB, tokens - t0);
+  // Rows of k_per_split + 8 bf16: 16 bytes of padding make the pitch an odd number of 16-byte
+  // units, so the 8 rows one `ldmatrix` phase reads fall in distinct banks.
+  const int pitch = k_per_split + 8;
+  const unsigned barriers = sluice_shared_address(sluice_dynamic_shared);
+  const unsigned weight_tile = barriers + SLUICE_TILE_BARRIER_BYTES;
+  const unsigned token_tile = weight_tile + EB * pitch * 2;
+  unsigned short *tiles = (unsigned short *)((char *)sluice_dynamic_shared + SLUICE_TILE_BARRIER_BYTES);
+
+  gpu_allow_dependents();
+  if (GPU_TID == 0) {
+    for (int part = 0; part < SLUICE_TILE_PARTS; ++part) sluice_barrier_init(barriers + 16 * part);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // Zeros where no copy lands but the multiplications read: rows past the matrices (so that
+  // nothing but finite values meets the real rows' sums) and the last k16 step's tail.
+  for (int i = GPU_TID; i < (EB + TB) * (padded - length); i += THREADS)
+    tiles[i / (padded - length) * pitch + length + i % (padded - length)] = 0;
+  for (int i = GPU_TID; i < (EB - expert_rows) * padded; i += THREADS)
+    tiles[(expert_rows + i / padded) * pitch + i % padded] = 0;
+  for (int i = GPU_TID; i < (TB - token_rows) * padded; i += THREADS)
+    tiles[(EB + token_rows + i / padded) * pitch + i % padded] = 0;
+  gpu_syncthreads();
+  if (GPU_TID == 0)
+    for (int part = 0; part < SLUICE_TILE_PARTS; ++part) {
+      int begin, end;
+      sluice_tile_part(length, part, begin, end);
+      sluice_barrier_expect(barriers + 16 * part, (expert_rows + token_rows) * (end - begin) * 2);
+    }
+  // The weight does not depend on the previous kernel: its copies go out before the wait.
+  sluice_tile_copy_rows(weight_tile, pitch, w, w_row_stride, e0, expert_rows, k_begin, length,
+                        barriers);
+  gpu_wait_for_previous_grid();
+  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0) {
+    status[0] = 0;
+    status[1] = -1;
+  }
+  sluice_tile_copy_rows(token_tile, pitch, x, x_row_stride, t0, token_rows, k_begin, length,
+                        barriers);
+
+  float acc[2][2][4];
+  #pragma unroll
+  for (int m = 0; m < 2; ++m)
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][n][i] = 0.f;
+  // This lane's ldmatrix rows: expert rows of each M tile (lanes 16-31 read k + 8), and token rows
+  // of the warp's two N tiles (lanes 8-15 and 24-31 read k + 8).
+  const unsigned a_base = weight_tile + ((wm * 32 + lane % 16) * pitch + lane / 16 * 8) * 2;
+  const unsigned b_base = token_tile + ((wn * 16 + lane % 8 + lane / 16 * 8) * pitch + lane / 8 % 2 * 8) * 2;
+  #pragma unroll 1
+  for (int part = 0; part < SLUICE_TILE_PARTS; ++part) {
+    int begin, end;
+    sluice_tile_part(length, part, begin, end);
+    sluice_barrier_wait(barriers + 16 * part);
+    for (int k = begin + 16 * wk; k < end; k += 16 * WK) {
+      unsigned a[2][4], b[4];
+      #pragma unroll
+      for (int m = 0; m < 2; ++m) sluice_ldmatrix_x4(a[m], a_base + (16 * m * pitch + k) * 2);
+      sluice_ldmatrix_x4(b, b_base + k * 2);
+      #pragma unroll
+      for (int m = 0; m < 2; ++m)
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+          sluice_mma_bf16(acc[m][n], a[m][0], a[m][1], a[m][2], a[m][3], b[2 * n], b[2 * n + 1]);
+    }
+  }
+  gpu_syncthreads();
+
+  // Sums [WK][TB][EB] in shared memory (over the tiles, no longer needed), added over the k warps
+  // in order. Accumulator i of lane (g, q) in tile (m, n): expert 16 m + g + 8 (i / 2), token
+  // 8 n + 2 q + i % 2, relative to the warp's corner.
+  float *sums = (float *)tiles;
+  const int g = lane / 4, q = lane % 4;
+  #pragma unroll
+  for (int m = 0; m < 2; ++m)
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int e = wm * 32 + 16 * m + g + 8 * (i / 2), t = wn * 16 + 8 * n + 2 * q + i % 2;
+        sums[(wk * TB + t) * EB + e] = acc[m][n][i];
+      }
+  gpu_syncthreads();
+  for (int i = GPU_TID; i < TB * EB; i += THREADS) {
+    const int t = i / EB, e = i % EB;
+    if (t < token_rows && e < expert_rows) {
+      float sum = 0.f;
+      #pragma unroll
+      for (int k = 0; k < WK; ++k) sum += sums[k * TB * EB + i];
+      partials[GPU_BID_Y * split_stride + (t0 + t) * row_stride + e0 + e] = sum;
+    }
+  }
+}
+
+#define SLUICE_INSTANTIATE_TILES(name, TB, WK)                                                     \
+  GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_TILE_WARPS(TB, WK) * GPU_WARP) void name(                    \
+      const unsigned short *x, long long x_row_stride, const unsigned short *w,                    \
+      long long w_row_stride, int tokens, int hidden, int experts, int k_per_split,                \
+      float *partials, long long split_stride, long long row_stride, int *status) {                \
+    sluice_gemm_tiles<TB, WK>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts,           \
+                              k_per_split, partials, split_stride, row_stride, status);            \
+  }
+SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_16, 16, 4)
+SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_32, 32, 4)
+SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_64, 64, 2)
+#endif  // GPU_HAS_BULK_COPY
 #endif  // GPU_HAS_MMA_SYNC

@@ -147,7 +147,8 @@ pub fn gemm_args(
             long(partials.row_stride),
             status,
         ]),
-        GemmKernel::Mma { .. } => KernelArgs::new(&[
+        // Both take their k range (per warp, per split) where the tiles kernel's is.
+        GemmKernel::Mma { .. } | GemmKernel::Tiles { .. } => KernelArgs::new(&[
             Ptr(hidden.ptr),
             long(hidden.row_stride),
             Ptr(weight.ptr),
@@ -288,7 +289,7 @@ mod tests {
             .collect()
     }
 
-    const PLAN_LAUNCH: Launch = Launch { grid: [1, 1, 1], block: [32, 1, 1] };
+    const PLAN_LAUNCH: Launch = Launch { grid: [1, 1, 1], block: [32, 1, 1], shared_bytes: 0 };
     const M: DeviceMatrix = DeviceMatrix {
         ptr: 64,
         rows: 3,
@@ -317,6 +318,11 @@ mod tests {
         assert_eq!(
             kinds(&gemm_args(&mma, &M, &M, &P, Some(8))),
             signature("#define SLUICE_INSTANTIATE_MMA", "name")
+        );
+        let tiles = GemmPlan { kernel: GemmKernel::Tiles { tokens_per_block: 32 }, ..simt };
+        assert_eq!(
+            kinds(&gemm_args(&tiles, &M, &M, &P, Some(8))),
+            signature("#define SLUICE_INSTANTIATE_TILES", "name")
         );
         let targets = RoutingTargets {
             ids: 1,

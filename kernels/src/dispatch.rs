@@ -214,7 +214,11 @@ pub fn plan_dispatch(
         .div_ceil(PAIRS_PER_LANE * wave_width)
         .clamp(MIN_WARPS, MAX_THREADS / wave_width)
         .min(max_warps(experts, wave_width));
-    let launch = Launch { grid: [blocks as u32, 1, 1], block: [(warps * wave_width) as u32, 1, 1] };
+    let launch = Launch {
+        grid: [blocks as u32, 1, 1],
+        block: [(warps * wave_width) as u32, 1, 1],
+        shared_bytes: 0,
+    };
     let workspace_bytes = if one_block { 0 } else { blocks * (experts + 2) * 4 };
     let rank_blocks = tokens.div_ceil(RANK_TOKENS_THREADS).max(1) as u32;
     Ok(DispatchPlan {
@@ -223,6 +227,7 @@ pub fn plan_dispatch(
         rank_tokens: Launch {
             grid: [rank_blocks, 1, 1],
             block: [RANK_TOKENS_THREADS as u32, 1, 1],
+            shared_bytes: 0,
         },
         rows_per_block,
         workspace_bytes,

@@ -39,6 +39,20 @@ pub const MAX_PARTIALS: usize = 16;
 /// tokens faster than it streams it once per token block (measured on an H200: 4.1 us at T = 8 for
 /// a 7168 x 256 weight, against 6.5 us for cuBLASLt and more for the split tensor-core kernel).
 pub const GEMV_MAX_TOKENS: usize = 8;
+/// The most tokens the matrix-vector kernel serves where the tiles kernel exists: it takes over
+/// sooner (measured on an H200 for a 7168 x 256 weight: 2.0 us against 2.6 at T = 1, 4.1 against
+/// 2.9 at T = 8).
+pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 4;
+/// The most tokens the tiles kernel serves; beyond, a library GEMM is faster (measured on an H200
+/// for 7168 x 256: 5.5 us against 6.9 for cuBLASLt at T = 64, even at T = 128).
+pub const TILES_MAX_TOKENS: usize = 64;
+/// Experts per block of the tiles kernel (`SLUICE_TILE_EXPERTS`).
+const TILE_EXPERTS: usize = 32;
+/// Shared-memory bytes of the tiles kernel's barriers, before its tiles
+/// (`SLUICE_TILE_BARRIER_BYTES`).
+const TILE_BARRIER_BYTES: usize = 32;
+/// Hidden values per split of the tiles kernel are a multiple of this.
+const TILE_K_ALIGN: usize = 64;
 /// The matrix-vector kernel's most threads per block (`SLUICE_GEMV_MAX_THREADS`).
 pub const GEMV_MAX_THREADS: usize = 512;
 /// Tokens per block of the routing kernel (one warp each).
@@ -106,6 +120,11 @@ pub enum GemmKernel {
         /// Consecutive experts per block: 1 or 2.
         experts_per_block: usize,
     },
+    /// Tens of bf16 tokens and a bf16 weight: tiles copied into shared memory whole, tensor cores.
+    Tiles {
+        /// Tokens per block: 16, 32 or 64.
+        tokens_per_block: usize,
+    },
     /// Tensor cores, bf16 weight, `tiles` N tiles of 8 tokens per block.
     Mma {
         /// Hidden-state element type.
@@ -129,6 +148,9 @@ impl GemmKernel {
             GemmKernel::Gemv { tokens_per_block, experts_per_block } => {
                 format!("sluice_gemv_{tokens_per_block}_{experts_per_block}")
             }
+            GemmKernel::Tiles { tokens_per_block } => {
+                format!("sluice_gemm_tiles_{tokens_per_block}")
+            }
             GemmKernel::Mma { hidden, tiles } => {
                 format!("sluice_gemm_mma_{}_{tiles}", hidden.name())
             }
@@ -150,6 +172,8 @@ pub struct Launch {
     pub grid: [u32; 3],
     /// Threads per block in x, y, z.
     pub block: [u32; 3],
+    /// Bytes of dynamic shared memory per block.
+    pub shared_bytes: u32,
 }
 
 /// The router GEMM's sizes.
@@ -170,7 +194,8 @@ pub struct GemmPlan {
     pub kernel: GemmKernel,
     /// Its launch.
     pub launch: Launch,
-    /// Hidden values per warp (tensor-core kernel; the whole row for the scalar one).
+    /// Hidden values per warp (tensor-core kernel), per split (tiles kernel), the whole row (scalar
+    /// kernel).
     pub k_per_warp: usize,
     /// Partial sums per logit `S`.
     pub splits: usize,
@@ -195,6 +220,18 @@ pub struct GpuTarget {
     pub tensor_cores: bool,
     /// Multiprocessors (compute units), which the split of the hidden size aims to fill.
     pub multiprocessors: usize,
+    /// Whether the device has the tiles kernel (bulk copies into shared memory: NVIDIA compute
+    /// capability 9.0 and later).
+    pub bulk_copies: bool,
+    /// The most dynamic shared memory one block may use, in bytes.
+    pub shared_memory_per_block: usize,
+}
+
+impl GpuTarget {
+    /// The most bf16 tokens the matrix-vector kernel serves on this target.
+    pub fn gemv_max_tokens(&self) -> usize {
+        if self.bulk_copies { GEMV_MAX_TOKENS_BEFORE_TILES } else { GEMV_MAX_TOKENS }
+    }
 }
 
 /// Plans the router GEMM of `hidden` `[T, H]` by `weight` `[E, H]` on `target`: the tensor-core
@@ -239,13 +276,20 @@ pub fn plan_gemm(
             launch: Launch {
                 grid: [shape.experts as u32, token_blocks as u32, 1],
                 block: [(GEMM_WARPS * target.wave_width) as u32, 1, 1],
+                shared_bytes: 0,
             },
             k_per_warp: shape.hidden,
             splits: 1,
         });
     }
-    if hidden == HiddenKind::Bf16 && tokens <= GEMV_MAX_TOKENS {
+    if hidden == HiddenKind::Bf16 && tokens <= target.gemv_max_tokens() {
         return Ok(plan_gemv(target, shape));
+    }
+    if hidden == HiddenKind::Bf16
+        && tokens <= TILES_MAX_TOKENS
+        && let Some(plan) = plan_tiles(target, shape, max_splits)
+    {
+        return Ok(plan);
     }
     let tiles = match tokens {
         1..=8 => 1,
@@ -269,10 +313,69 @@ pub fn plan_gemm(
         launch: Launch {
             grid: [expert_blocks as u32, splits as u32, token_blocks as u32],
             block: [(warps * 32) as u32, 1, 1],
+            shared_bytes: 0,
         },
         k_per_warp,
         splits,
     })
+}
+
+/// Warps along k per block of the tiles kernel with `tokens_per_block` tokens (its instances'
+/// `WK`).
+const fn tile_k_warps(tokens_per_block: usize) -> usize {
+    if tokens_per_block >= 64 { 2 } else { 4 }
+}
+
+/// Dynamic shared memory of a tiles block (`sluice_gemm_tiles`): the barriers, then the expert and
+/// token tiles of `k_per_split + 8` bf16 per row, which the block's sums `[WK, TB, 32]` f32 reuse.
+pub fn tile_shared_bytes(tokens_per_block: usize, k_per_split: usize) -> usize {
+    let tiles = (TILE_EXPERTS + tokens_per_block) * (k_per_split + 8) * 2;
+    let sums = tile_k_warps(tokens_per_block) * tokens_per_block * TILE_EXPERTS * 4;
+    TILE_BARRIER_BYTES + tiles.max(sums)
+}
+
+/// The tiles plan for at most [`TILES_MAX_TOKENS`] bf16 tokens, where the target has the kernel:
+/// token blocks of 16, 32 or 64, and the hidden size split so that the blocks about fill the
+/// multiprocessors once (more would run in a second wave: the tiles of a block of 64 tokens leave
+/// room for one block per multiprocessor), into at most `max_splits` and [`MAX_PARTIALS`] splits.
+/// `None` when no split that many fits the target's shared memory.
+fn plan_tiles(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option<GemmPlan> {
+    if !target.bulk_copies {
+        return None;
+    }
+    let tokens = shape.tokens.max(1);
+    let tokens_per_block = match tokens {
+        1..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    };
+    let token_blocks = tokens.div_ceil(tokens_per_block);
+    let expert_blocks = shape.experts.div_ceil(TILE_EXPERTS);
+    let most = max_splits.clamp(1, MAX_PARTIALS);
+    let mut splits = (target.multiprocessors / (expert_blocks * token_blocks)).clamp(1, most);
+    loop {
+        let k_per_split =
+            shape.hidden.div_ceil(splits).next_multiple_of(TILE_K_ALIGN).max(TILE_K_ALIGN);
+        let shared_bytes = tile_shared_bytes(tokens_per_block, k_per_split);
+        if shared_bytes <= target.shared_memory_per_block {
+            let splits = shape.hidden.div_ceil(k_per_split).max(1);
+            let warps = tokens_per_block / 16 * tile_k_warps(tokens_per_block);
+            return Some(GemmPlan {
+                kernel: GemmKernel::Tiles { tokens_per_block },
+                launch: Launch {
+                    grid: [expert_blocks as u32, splits as u32, token_blocks as u32],
+                    block: [(warps * NVIDIA_WAVE_WIDTH) as u32, 1, 1],
+                    shared_bytes: shared_bytes as u32,
+                },
+                k_per_warp: k_per_split,
+                splits,
+            });
+        }
+        if splits >= most {
+            return None;
+        }
+        splits += 1;
+    }
 }
 
 /// The matrix-vector plan for at most [`GEMV_MAX_TOKENS`] tokens. Tokens and experts per block as
@@ -298,6 +401,7 @@ fn plan_gemv(target: &GpuTarget, shape: GemmShape) -> GemmPlan {
                 1,
             ],
             block: [threads as u32, 1, 1],
+            shared_bytes: 0,
         },
         k_per_warp: shape.hidden,
         splits: 1,
@@ -378,7 +482,11 @@ pub fn plan_route(
         let threads = experts.div_ceil(wave_width) * wave_width;
         return Ok(RoutePlan {
             kernel: RouteKernel::Block,
-            launch: Launch { grid: [tokens.max(1) as u32, 1, 1], block: [threads as u32, 1, 1] },
+            launch: Launch {
+                grid: [tokens.max(1) as u32, 1, 1],
+                block: [threads as u32, 1, 1],
+                shared_bytes: 0,
+            },
         });
     }
     Ok(RoutePlan { kernel: RouteKernel::Warp, launch: route_launch(tokens, wave_width)? })
@@ -390,12 +498,12 @@ pub fn route_launch(tokens: usize, wave_width: usize) -> Result<Launch, KernelEr
     check_i32("tokens", tokens)?;
     let blocks = tokens.div_ceil(ROUTE_TOKENS_PER_BLOCK) as u32;
     let threads = (ROUTE_TOKENS_PER_BLOCK * wave_width) as u32;
-    Ok(Launch { grid: [blocks, 1, 1], block: [threads, 1, 1] })
+    Ok(Launch { grid: [blocks, 1, 1], block: [threads, 1, 1], shared_bytes: 0 })
 }
 
 /// The launch of `sluice_reset_status`: one warp.
 pub fn reset_status_launch(wave_width: usize) -> Launch {
-    Launch { grid: [1, 1, 1], block: [wave_width as u32, 1, 1] }
+    Launch { grid: [1, 1, 1], block: [wave_width as u32, 1, 1], shared_bytes: 0 }
 }
 
 /// The launch of `sluice_sum_partials` for a `[T, E]` output.
@@ -409,6 +517,7 @@ pub fn sum_partials_launch(tokens: usize, experts: usize) -> Result<Launch, Kern
     Ok(Launch {
         grid: [elements.div_ceil(SUM_THREADS) as u32, 1, 1],
         block: [SUM_THREADS as u32, 1, 1],
+        shared_bytes: 0,
     })
 }
 
@@ -431,10 +540,22 @@ mod tests {
     use super::*;
 
     const V3: GemmShape = GemmShape { tokens: 1, hidden: 7168, experts: 256 };
-    const H200: GpuTarget =
-        GpuTarget { wave_width: NVIDIA_WAVE_WIDTH, tensor_cores: true, multiprocessors: 132 };
-    const MI300X: GpuTarget =
-        GpuTarget { wave_width: AMD_WAVE_WIDTH, tensor_cores: false, multiprocessors: 304 };
+    const H200: GpuTarget = GpuTarget {
+        wave_width: NVIDIA_WAVE_WIDTH,
+        tensor_cores: true,
+        multiprocessors: 132,
+        bulk_copies: true,
+        shared_memory_per_block: 227 * 1024,
+    };
+    const MI300X: GpuTarget = GpuTarget {
+        wave_width: AMD_WAVE_WIDTH,
+        tensor_cores: false,
+        multiprocessors: 304,
+        bulk_copies: false,
+        shared_memory_per_block: 64 * 1024,
+    };
+    /// An A100: tensor cores, no bulk copies.
+    const A100: GpuTarget = GpuTarget { bulk_copies: false, multiprocessors: 108, ..H200 };
 
     fn matrix(rows: usize, cols: usize, dtype: DType) -> DeviceMatrix {
         DeviceMatrix { ptr: 4096, rows, cols, row_stride: cols, col_stride: 1, dtype }
@@ -468,15 +589,21 @@ mod tests {
 
     #[test]
     fn a_target_without_tensor_cores_always_takes_the_scalar_kernel() {
-        let (hidden, weight) = (matrix(8, 7168, DType::BF16), matrix(256, 7168, DType::BF16));
+        let (hidden, weight) = (
+            matrix(GEMV_MAX_TOKENS_BEFORE_TILES, 7168, DType::BF16),
+            matrix(256, 7168, DType::BF16),
+        );
         let amd = plan_router_gemm(&MI300X, &hidden, &weight, usize::MAX).unwrap();
         assert_eq!(amd.kernel.name(), "sluice_gemm_simt_bf16_bf16");
         assert_eq!((amd.splits, amd.launch.block[0]), (1, 256));
         let nvidia = plan_router_gemm(&H200, &hidden, &weight, usize::MAX).unwrap();
         assert!(matches!(nvidia.kernel, GemmKernel::Gemv { .. }), "{:?}", nvidia.kernel);
-        let many = matrix(GEMV_MAX_TOKENS + 1, 7168, DType::BF16);
+        let many = matrix(GEMV_MAX_TOKENS_BEFORE_TILES + 1, 7168, DType::BF16);
         let nvidia = plan_router_gemm(&H200, &many, &weight, usize::MAX).unwrap();
-        assert!(matches!(nvidia.kernel, GemmKernel::Mma { .. }));
+        assert!(matches!(nvidia.kernel, GemmKernel::Tiles { .. }));
+        let ampere = matrix(GEMV_MAX_TOKENS + 1, 7168, DType::BF16);
+        let ampere = plan_router_gemm(&A100, &ampere, &weight, usize::MAX).unwrap();
+        assert!(matches!(ampere.kernel, GemmKernel::Mma { .. }), "no bulk copies before Hopper");
         // A row that does not start on 16 bytes keeps NVIDIA on the scalar kernel too.
         let unaligned = DeviceMatrix { ptr: 4098, ..hidden };
         let plan = plan_router_gemm(&H200, &unaligned, &weight, usize::MAX).unwrap();
@@ -500,7 +627,7 @@ mod tests {
 
     #[test]
     fn a_few_bf16_tokens_take_the_matrix_vector_kernel_with_every_chunk_covered() {
-        for tokens in 1..=GEMV_MAX_TOKENS {
+        for tokens in 1..=GEMV_MAX_TOKENS_BEFORE_TILES {
             for (hidden, experts) in [(7168, 256), (7168, 384), (2048, 160), (8, 1), (4104, 72)] {
                 let shape = GemmShape { tokens, hidden, experts };
                 let plan =
@@ -518,11 +645,70 @@ mod tests {
                 assert!(threads.is_multiple_of(32) && threads <= GEMV_MAX_THREADS);
             }
         }
-        let beyond = GemmShape { tokens: GEMV_MAX_TOKENS + 1, ..V3 };
+        let beyond = GemmShape { tokens: GEMV_MAX_TOKENS_BEFORE_TILES + 1, ..V3 };
         let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
-        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
+        assert!(matches!(plan.unwrap().kernel, GemmKernel::Tiles { .. }));
         let f16 = plan_gemm(&H200, V3, HiddenKind::F16, WeightKind::Bf16, true, usize::MAX);
         assert!(matches!(f16.unwrap().kernel, GemmKernel::Mma { .. }), "bf16 tokens only");
+    }
+
+    #[test]
+    fn tens_of_bf16_tokens_take_the_tiles_kernel_in_one_wave_with_every_k_covered() {
+        let shapes = [(7168, 256), (7168, 384), (2048, 160), (4104, 72), (8, 1), (16384, 1024)];
+        for tokens in GEMV_MAX_TOKENS_BEFORE_TILES + 1..=TILES_MAX_TOKENS {
+            for (hidden, experts) in shapes {
+                let shape = GemmShape { tokens, hidden, experts };
+                let plan =
+                    plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
+                        .unwrap();
+                let GemmKernel::Tiles { tokens_per_block } = plan.kernel else {
+                    panic!("{shape:?}: {:?}", plan.kernel);
+                };
+                let [x, y, z] = plan.launch.grid.map(|n| n as usize);
+                assert!(x * TILE_EXPERTS >= experts && (x - 1) * TILE_EXPERTS < experts);
+                assert!(z * tokens_per_block >= tokens && (z - 1) * tokens_per_block < tokens);
+                let k = plan.k_per_warp;
+                assert_eq!((y, k % TILE_K_ALIGN), (plan.splits, 0), "{shape:?}");
+                assert!(y * k >= hidden && (y - 1) * k < hidden, "{shape:?}: no empty split");
+                assert!(y <= MAX_PARTIALS);
+                let shared = plan.launch.shared_bytes as usize;
+                assert_eq!(shared, tile_shared_bytes(tokens_per_block, k));
+                assert!(shared <= H200.shared_memory_per_block);
+                // One wave, unless shared memory forced more splits than that.
+                assert!(
+                    x * y * z <= 132 || tile_shared_bytes(tokens_per_block, k * 2) > shared,
+                    "{shape:?}: {x} x {y} x {z} blocks"
+                );
+                let warps = tokens_per_block / 16 * tile_k_warps(tokens_per_block);
+                assert_eq!(plan.launch.block, [warps as u32 * 32, 1, 1]);
+            }
+        }
+        let beyond = GemmShape { tokens: TILES_MAX_TOKENS + 1, ..V3 };
+        let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
+        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
+        // One split allowed: the whole hidden size must fit one block's shared memory.
+        let few = GemmShape { tokens: 9, ..V3 };
+        let one = plan_gemm(&H200, few, HiddenKind::Bf16, WeightKind::Bf16, true, 1).unwrap();
+        assert!(matches!(one.kernel, GemmKernel::Mma { .. }), "7168 values do not fit");
+        let small = GemmShape { tokens: 9, hidden: 2048, experts: 64 };
+        let one = plan_gemm(&H200, small, HiddenKind::Bf16, WeightKind::Bf16, true, 1).unwrap();
+        assert_eq!((one.kernel, one.splits), (GemmKernel::Tiles { tokens_per_block: 16 }, 1));
+    }
+
+    #[test]
+    fn the_tiles_kernel_shares_its_constants_with_the_source() {
+        for define in [
+            format!("#define SLUICE_TILE_EXPERTS {TILE_EXPERTS}\n"),
+            format!("#define SLUICE_TILE_BARRIER_BYTES {TILE_BARRIER_BYTES}\n"),
+        ] {
+            assert!(crate::SOURCE.contains(&define), "{define}");
+        }
+        for tokens_per_block in [16, 32, 64] {
+            let name = GemmKernel::Tiles { tokens_per_block }.name();
+            let wk = tile_k_warps(tokens_per_block);
+            let instance = format!("SLUICE_INSTANTIATE_TILES({name}, {tokens_per_block}, {wk})");
+            assert!(crate::SOURCE.contains(&instance), "{instance}");
+        }
     }
 
     #[test]

@@ -48,10 +48,10 @@ pub use dispatch::{
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
     AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOKENS, BLOCK_ROUTE_MAX_TOP_K, BLOCK_ROUTE_MIN_EXPERTS,
-    GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GemmKernel, GemmPlan, GemmShape, GpuTarget, HiddenKind,
-    Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK, RouteKernel, RoutePlan, WeightKind,
-    plan_gemm, plan_route, plan_router_gemm, reset_status_launch, route_kernel, route_launch,
-    sum_partials_launch,
+    GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS_BEFORE_TILES, GemmKernel, GemmPlan,
+    GemmShape, GpuTarget, HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK,
+    RouteKernel, RoutePlan, TILES_MAX_TOKENS, WeightKind, plan_gemm, plan_route, plan_router_gemm,
+    reset_status_launch, route_kernel, route_launch, sum_partials_launch, tile_shared_bytes,
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{

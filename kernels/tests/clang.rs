@@ -129,6 +129,9 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
                 nvidia_kernels.push(GemmKernel::Mma { hidden, tiles }.name());
             }
         }
+        for tokens_per_block in [16, 32, 64] {
+            nvidia_kernels.push(GemmKernel::Tiles { tokens_per_block }.name());
+        }
         for name in &nvidia_kernels {
             assert!(
                 ptx.contains(&format!(".entry {name}(")),
@@ -142,6 +145,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         }
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         assert!(ptx.contains("griddepcontrol.wait"));
+        assert!(ptx.contains("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"));
         // The dispatch kernels take `DispatchArgs` by value: the device struct has its size, and
         // the warps of one expert are ranked with `match.any`.
         let args = format!(
