@@ -36,10 +36,10 @@ const SECOND: Device = Device::Cuda(1);
 const H: usize = 512;
 const E: usize = 256;
 const K: usize = 8;
-/// Token counts of the three GEMM paths on Hopper: the matrix-vector kernel (up to 4 bf16 tokens),
+/// Token counts of the three GEMM paths on Hopper: the matrix-vector kernel (up to 2 bf16 tokens),
 /// the tiles kernel (up to 64) and, past it, cuBLASLt where installed (the tensor-core kernels
 /// elsewhere).
-const TOKEN_COUNTS: [usize; 3] = [4, 24, 96];
+const TOKEN_COUNTS: [usize; 3] = [2, 24, 96];
 /// Row stride of the output buffers `route_into` writes a window of: wider than `K`.
 const ROW: usize = K + 3;
 /// Where the window starts in each row; the columns outside it are not the call's to write.

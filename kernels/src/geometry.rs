@@ -39,12 +39,13 @@ pub const MAX_PARTIALS: usize = 16;
 /// tokens faster than it streams it once per token block (measured on an H200: 4.1 us at T = 8 for
 /// a 7168 x 256 weight, against 6.5 us for cuBLASLt and more for the split tensor-core kernel).
 pub const GEMV_MAX_TOKENS: usize = 8;
-/// The most tokens the matrix-vector kernel serves where the tiles kernel exists: it takes over
-/// sooner (measured on an H200 for a 7168 x 256 weight: 2.0 us against 2.6 at T = 1, 4.1 against
-/// 2.9 at T = 8).
-pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 4;
-/// The most tokens the tiles kernel serves; beyond, a library GEMM is faster (measured on an H200
-/// for 7168 x 256: 5.5 us against 6.9 for cuBLASLt at T = 64, even at T = 128).
+/// The most tokens the matrix-vector kernel serves where the tiles kernel exists, which takes over
+/// sooner (measured on an H200, 7168 x 256 and 7168 x 384 weights: 2.5 and 2.9 us against 2.8 and
+/// 3.0 at T = 2; 3.1 and 3.6 against 2.8 and 3.0 at T = 3; 4.1 and 6.9 against 2.9 and 3.1 at
+/// T = 8).
+pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 2;
+/// The most tokens the tiles kernel serves; beyond, a library GEMM is as fast or faster (measured on
+/// an H200 for 7168 x 256: 5.5 us against 6.9 for cuBLASLt at T = 64, 7.2 against 7.2 at T = 128).
 pub const TILES_MAX_TOKENS: usize = 64;
 /// Experts per block of the tiles kernel (`SLUICE_TILE_EXPERTS`).
 const TILE_EXPERTS: usize = 32;
