@@ -431,7 +431,7 @@ impl PreparedRouter for CudaPreparedRouter {
 
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
     /// the kernels' launch limits, so that later calls fail for no other reason, and, where
-    /// cuBLASLt runs the GEMM (past 8 bf16 tokens), chooses its algorithm for exactly `tokens`
+    /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, 8 before it), chooses its algorithm for exactly `tokens`
     /// contiguous bf16 tokens by timing the whole gate call with each of up to 8 of the
     /// library's heuristic candidates, on scratch device buffers (allocated here and freed
     /// before this returns) on the backend's own stream, each run after an L2 flush: the fastest
