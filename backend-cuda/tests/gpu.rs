@@ -218,6 +218,28 @@ fn random_configs_match_the_reference() {
     }
 }
 
+/// DeepSeek-V3's and Kimi-K2's routing specs.
+fn model_specs() -> (RoutingSpec, RoutingSpec) {
+    (
+        spec(256, TopkMethod::NoauxTc, (8, 4), 8, true),
+        spec(384, TopkMethod::NoauxTc, (1, 1), 8, true),
+    )
+}
+
+/// Checks bf16 tokens and weights of each `(spec, tokens, hidden)`, the router warmed up for its
+/// token count first, with seeds from `first_seed` on.
+fn check_warmed_bf16(
+    backend: &CudaBackend,
+    cases: &[(RoutingSpec, usize, usize)],
+    first_seed: u64,
+) {
+    for (seed, &(spec, tokens, hidden)) in (first_seed..).zip(cases) {
+        let case =
+            Case { spec, tokens, hidden, x_type: HiddenType::Bf16, w_bf16: true, warm_up: true };
+        check(backend, &case, seed);
+    }
+}
+
 /// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past 64 (on Hopper; past
 /// 8 before it) and keeps the fastest; whichever it keeps, the gate must still route like the
 /// reference at that count.
@@ -227,21 +249,13 @@ fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     else {
         return;
     };
-    let v3 = spec(256, TopkMethod::NoauxTc, (8, 4), 8, true);
-    let kimi = spec(384, TopkMethod::NoauxTc, (1, 1), 8, true);
-    let mut seed = 1000;
+    let (v3, kimi) = model_specs();
     // The models' hidden size where the CPU reference stays quick, a smaller one at T = 1024.
-    for (spec, tokens, hidden) in
-        [(v3, 65, 7168), (kimi, 96, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)]
-    {
-        seed += 1;
-        let case =
-            Case { spec, tokens, hidden, x_type: HiddenType::Bf16, w_bf16: true, warm_up: true };
-        check(&backend, &case, seed);
-    }
+    let cases = [(v3, 65, 7168), (kimi, 96, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)];
+    check_warmed_bf16(&backend, &cases, 1001);
 }
 
-/// The models' own shapes through the tiles kernel (5 to 64 bf16 tokens on Hopper): every token
+/// The models' own shapes through the tiles kernel (3 to 64 bf16 tokens on Hopper): every token
 /// block size, one and several token blocks, V3's 16 splits and Kimi-K2's 11.
 #[test]
 fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
@@ -249,22 +263,10 @@ fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
     else {
         return;
     };
-    let v3 = spec(256, TopkMethod::NoauxTc, (8, 4), 8, true);
-    let kimi = spec(384, TopkMethod::NoauxTc, (1, 1), 8, true);
-    let mut seed = 2000;
-    for (spec, tokens) in [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64)]
-    {
-        seed += 1;
-        let case = Case {
-            spec,
-            tokens,
-            hidden: 7168,
-            x_type: HiddenType::Bf16,
-            w_bf16: true,
-            warm_up: true,
-        };
-        check(&backend, &case, seed);
-    }
+    let (v3, kimi) = model_specs();
+    let cases = [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64)]
+        .map(|(spec, tokens)| (spec, tokens, 7168));
+    check_warmed_bf16(&backend, &cases, 2001);
 }
 
 #[test]
