@@ -10,7 +10,7 @@ use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
     HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
     ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE,
-    SUM_PARTIALS_KERNEL, WeightKind,
+    SUM_PARTIALS_KERNEL, TILE_TOKENS_PER_BLOCK, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -85,7 +85,7 @@ impl RouterModule {
         // most shared memory per block: their plans use up to that much.
         if major >= 9 {
             let shared = i32::try_from(shared_memory_per_block).unwrap_or(i32::MAX);
-            for tokens_per_block in [16, 32, 64] {
+            for tokens_per_block in TILE_TOKENS_PER_BLOCK {
                 let kernel = GemmKernel::Tiles { tokens_per_block };
                 let function = load(&kernel.name())?;
                 function

@@ -47,6 +47,8 @@ pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 2;
 /// The most tokens the tiles kernel serves; beyond, a library GEMM is as fast or faster (measured on
 /// an H200 for 7168 x 256: 5.5 us against 6.9 for cuBLASLt at T = 64, 7.2 against 7.2 at T = 128).
 pub const TILES_MAX_TOKENS: usize = 64;
+/// Tokens per block of the tiles kernel's instances (`sluice_gemm_tiles_{16,32,64}`).
+pub const TILE_TOKENS_PER_BLOCK: [usize; 3] = [16, 32, 64];
 /// Experts per block of the tiles kernel (`SLUICE_TILE_EXPERTS`).
 const TILE_EXPERTS: usize = 32;
 /// Shared-memory bytes of the tiles kernel's barriers, before its tiles
@@ -704,7 +706,7 @@ mod tests {
         ] {
             assert!(crate::SOURCE.contains(&define), "{define}");
         }
-        for tokens_per_block in [16, 32, 64] {
+        for tokens_per_block in TILE_TOKENS_PER_BLOCK {
             let name = GemmKernel::Tiles { tokens_per_block }.name();
             let wk = tile_k_warps(tokens_per_block);
             let instance = format!("SLUICE_INSTANTIATE_TILES({name}, {tokens_per_block}, {wk})");

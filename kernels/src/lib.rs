@@ -14,7 +14,8 @@
 //!
 //! | kernel | what |
 //! | --- | --- |
-//! | `sluice_gemv_{1,2,4,8}_{1,2}` | router GEMM for up to 8 bf16 tokens: every weight load in flight at once, logits written straight |
+//! | `sluice_gemv_{1,2,4,8}_{1,2}` | router GEMM for up to 2 bf16 tokens on Hopper, 8 before it: every weight load in flight at once, logits written straight |
+//! | `sluice_gemm_tiles_{16,32,64}` | router GEMM for 3 to 64 bf16 tokens on Hopper: weight rows and hidden states brought into shared memory by bulk copies, tensor cores, partial sums `[S, T, E]` |
 //! | `sluice_gemm_mma_{bf16,f16,f32}_{1,2,4,8}` | router GEMM on tensor cores (bf16 weight), split over the hidden size, partial sums `[S, T, E]` |
 //! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
 //! | `sluice_sum_partials` | logits from the partial sums |
@@ -50,8 +51,9 @@ pub use geometry::{
     AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOKENS, BLOCK_ROUTE_MAX_TOP_K, BLOCK_ROUTE_MIN_EXPERTS,
     GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS_BEFORE_TILES, GemmKernel, GemmPlan,
     GemmShape, GpuTarget, HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK,
-    RouteKernel, RoutePlan, TILES_MAX_TOKENS, WeightKind, plan_gemm, plan_route, plan_router_gemm,
-    reset_status_launch, route_kernel, route_launch, sum_partials_launch, tile_shared_bytes,
+    RouteKernel, RoutePlan, TILE_TOKENS_PER_BLOCK, TILES_MAX_TOKENS, WeightKind, plan_gemm,
+    plan_route, plan_router_gemm, reset_status_launch, route_kernel, route_launch,
+    sum_partials_launch, tile_shared_bytes,
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{

@@ -129,7 +129,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
                 nvidia_kernels.push(GemmKernel::Mma { hidden, tiles }.name());
             }
         }
-        for tokens_per_block in [16, 32, 64] {
+        for tokens_per_block in sluice_kernels::TILE_TOKENS_PER_BLOCK {
             nvidia_kernels.push(GemmKernel::Tiles { tokens_per_block }.name());
         }
         for name in &nvidia_kernels {
