@@ -10,7 +10,8 @@ use sluice_models::reference::{self, DispatchLayout, RankMap};
 use sluice_models::{MoeGate, PreparedGate};
 use sluice_tensor::{
     BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchShape, DlpackView,
-    DlpackViewMut, Execution, PreparedRouter, RoutingSpec, Tensor, contiguous_ranks,
+    DlpackViewMut, Execution, PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec, Tensor,
+    contiguous_ranks,
 };
 
 /// What the outputs hold before a call: a call must overwrite every position it owns.
@@ -538,4 +539,75 @@ fn a_router_that_needs_a_workspace_gets_one_that_fits_or_refuses_first() {
     );
     call(&mut layout, Some(DlpackViewMut::from_slice(&mut scratch.0, &[2 * NEEDED]).unwrap()))
         .unwrap();
+}
+
+#[test]
+fn route_and_dispatch_into_is_route_into_then_dispatch_into_and_refuses_first() {
+    let (t, h, k, e) = (37, 16, 8, 64);
+    let gate = common::noaux_gate(e, h, (8, 4, k), 0.5, 5)
+        .prepare(&CpuBackend::builder().threads(2).build().unwrap())
+        .unwrap();
+    let hidden = Rng::new(9).normals(t * h, 1.0);
+    let hidden_view = || DlpackView::from_slice(&hidden, &[t, h]).unwrap();
+    let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+    let mut table = vec![0i32; e];
+    contiguous_ranks(&mut table, 4);
+    let map = RankMap { expert_ranks: &table, ranks: 4 };
+
+    // Two calls.
+    let (mut ids, mut weights) = (vec![STALE; t * k], vec![f32::NAN; t * k]);
+    let mut outputs = RouteOutputs::new(
+        DlpackViewMut::from_slice(&mut ids, &[t, k]).unwrap(),
+        DlpackViewMut::from_slice(&mut weights, &[t, k]).unwrap(),
+    );
+    let routed = gate.route_into(&RouteInputs::new(hidden_view()), &mut outputs, Execution::Host);
+    routed.unwrap();
+    let two = cpu_layout(&gate, &ids, shape, Some(16), Some(map)).unwrap();
+
+    // One call, into stale buffers.
+    let (mut one_ids, mut one_weights) = (vec![STALE; t * k], vec![f32::NAN; t * k]);
+    let mut one = stale_buffers(shape, Some(16), Some(4));
+    {
+        let mut outputs = RouteOutputs::new(
+            DlpackViewMut::from_slice(&mut one_ids, &[t, k]).unwrap(),
+            DlpackViewMut::from_slice(&mut one_weights, &[t, k]).unwrap(),
+        );
+        let table_view = DlpackView::from_slice(&table, &[e]).unwrap();
+        gate.route_and_dispatch_into(
+            &RouteInputs::new(hidden_view()),
+            &mut outputs,
+            &mut one.outputs(k).unwrap(),
+            Some(table_view),
+            Execution::Host,
+        )
+        .unwrap();
+    }
+    assert_eq!(one_ids, ids);
+    let bits = |v: &[f32]| v.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&one_weights), bits(&weights));
+    assert_eq!(one, two);
+    assert_eq!(one, reference::dispatch(&ids, shape, Some(16), Some(map)).unwrap());
+
+    // A layout the checks refuse (rank outputs without a table): nothing is written, the
+    // routing outputs included.
+    let (mut refused_ids, mut refused_weights) = (vec![STALE; t * k], vec![0.0f32; t * k]);
+    let mut layout = stale_buffers(shape, None, Some(4));
+    let before = layout.clone();
+    let result = {
+        let mut outputs = RouteOutputs::new(
+            DlpackViewMut::from_slice(&mut refused_ids, &[t, k]).unwrap(),
+            DlpackViewMut::from_slice(&mut refused_weights, &[t, k]).unwrap(),
+        );
+        gate.router().route_and_dispatch_into(
+            &RouteInputs::new(hidden_view()),
+            &mut outputs,
+            &mut layout.outputs(k).unwrap(),
+            None,
+            Execution::Host,
+        )
+    };
+    assert!(matches!(result, Err(BackendError::MissingArgument { .. })), "{result:?}");
+    assert_eq!(layout, before, "a layout output changed");
+    assert!(refused_ids.iter().all(|&id| id == STALE), "an id was written");
+    assert!(refused_weights.iter().all(|&w| w == 0.0), "a weight was written");
 }

@@ -5,8 +5,8 @@ use std::fmt;
 
 use sluice_tensor::reexports::ndarray::ArrayView2;
 use sluice_tensor::{
-    DType, Dlpack, DlpackView, DlpackViewMut, Execution, NonFinitePolicy, PreparedRouter,
-    RouteInputs, RouteOutputs, RoutingSpec, Tensor, TopkMethod,
+    DType, DispatchOutputs, Dlpack, DlpackView, DlpackViewMut, Execution, NonFinitePolicy,
+    PreparedRouter, RouteInputs, RouteOutputs, RoutingSpec, Tensor, TopkMethod,
 };
 
 use crate::error::{ModelError, RoutingProblem};
@@ -147,11 +147,43 @@ impl PreparedGate {
         outputs: &mut RouteOutputs<'_>,
         execution: Execution,
     ) -> Result<(), ModelError> {
+        self.check_route_inputs(inputs)?;
+        self.router.route_into(inputs, outputs, execution)?;
+        self.check_host_routing(outputs, execution)
+    }
+
+    /// Routes into caller-owned outputs and lays the call's ids out for dispatch into `layout`
+    /// (with `expert_ranks` for rank outputs), on the host or the caller's stream, allocating
+    /// nothing: [`route_into`](PreparedGate::route_into) and the layout in one call, which a
+    /// backend may run as one kernel (see [`PreparedRouter::route_and_dispatch_into`]).
+    pub fn route_and_dispatch_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        layout: &mut DispatchOutputs<'_>,
+        expert_ranks: Option<DlpackView<'_>>,
+        execution: Execution,
+    ) -> Result<(), ModelError> {
+        self.check_route_inputs(inputs)?;
+        self.router.route_and_dispatch_into(inputs, outputs, layout, expert_ranks, execution)?;
+        self.check_host_routing(outputs, execution)
+    }
+
+    /// Refuses hidden states that are not `[T, H]`, and a hash-routed call without token ids.
+    fn check_route_inputs(&self, inputs: &RouteInputs<'_>) -> Result<(), ModelError> {
         self.check_hidden_view(&inputs.hidden)?;
         if self.is_hashed() && inputs.token_ids.is_none() {
             return Err(ModelError::MissingTokenIds { layer: self.layer });
         }
-        self.router.route_into(inputs, outputs, execution)?;
+        Ok(())
+    }
+
+    /// On the host, checks the backend's routing in `outputs` before the call returns.
+    fn check_host_routing(
+        &self,
+        outputs: &RouteOutputs<'_>,
+        execution: Execution,
+    ) -> Result<(), ModelError> {
         if execution == Execution::Host {
             let (ids, weights) = (outputs.topk_ids.as_view(), outputs.topk_weights.as_view());
             check_routing(&self.backend, self.spec(), &ids, &weights)?;

@@ -26,7 +26,9 @@ use std::fmt;
 use thiserror::Error;
 
 use crate::contract::{ExpectedShape, argument_view, with_borrowed_dlpack, write_status};
-use crate::dispatch::{DispatchInputs, DispatchOutputs, check_dispatch_into};
+use crate::dispatch::{
+    DispatchInputs, DispatchOutputs, check_dispatch_into, check_route_and_dispatch_into,
+};
 use crate::dlpack::{Dlpack, DlpackError, export_vec};
 use crate::{
     DType, Device, DlpackView, DlpackViewMut, Element, Execution, HashTableError, RouteInputs,
@@ -255,6 +257,43 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
         const OP: &str = "dispatch_into";
         check_dispatch_into(OP, self, inputs, outputs, execution)?;
         Err(BackendError::NotSupported { op: OP })
+    }
+
+    /// The gate and the dispatch layout of its own ids in one call: `route_into` into `outputs`,
+    /// then the layout of `outputs.topk_ids` (with `expert_ranks` when `layout` asks for rank
+    /// outputs) into `layout`, under the same rules. Everything is checked
+    /// ([`check_route_and_dispatch_into`](crate::check_route_and_dispatch_into)) before anything is
+    /// written; `outputs.workspace` is sized by [`workspace_bytes`](Self::workspace_bytes) and
+    /// `layout.workspace` by [`dispatch_workspace_bytes`](Self::dispatch_workspace_bytes), as for
+    /// the two calls.
+    ///
+    /// The default body makes the two calls. A backend overrides it where it computes the layout
+    /// inside the routing kernel, which saves the layout's own launch (the CUDA backend, for
+    /// decode batches).
+    fn route_and_dispatch_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        layout: &mut DispatchOutputs<'_>,
+        expert_ranks: Option<DlpackView<'_>>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "route_and_dispatch_into";
+        let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
+        let needed = self.workspace_bytes(tokens);
+        check_route_and_dispatch_into(
+            OP,
+            self,
+            inputs,
+            outputs,
+            layout,
+            expert_ranks,
+            execution,
+            needed,
+        )?;
+        self.route_into(inputs, outputs, execution)?;
+        let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
+        self.dispatch_into(&ids, layout, execution)
     }
 
     /// The bytes of caller workspace (`DispatchOutputs::workspace`) a `dispatch_into` of `tokens`

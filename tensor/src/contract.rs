@@ -165,6 +165,16 @@ pub fn check_route_into<R: PreparedRouter + ?Sized>(
         }
         None => {}
     }
+    let (written, read) = route_extents(inputs, outputs);
+    check_disjoint(op, &written, &read)?;
+    Ok(tokens)
+}
+
+/// What a `route_into` call writes and what it reads, by name.
+pub(crate) fn route_extents(
+    inputs: &RouteInputs<'_>,
+    outputs: &RouteOutputs<'_>,
+) -> ([Named; 5], [Named; 2]) {
     let written = [
         Some(("topk_ids", outputs.topk_ids.extent())),
         Some(("topk_weights", outputs.topk_weights.extent())),
@@ -176,8 +186,7 @@ pub fn check_route_into<R: PreparedRouter + ?Sized>(
         Some(("hidden", inputs.hidden.extent())),
         inputs.token_ids.map(|v| ("token_ids", v.extent())),
     ];
-    check_disjoint(op, &written, &read)?;
-    Ok(tokens)
+    (written, read)
 }
 
 /// The one rule for a router weight, shared by every backend and by gates built from tensors:

@@ -31,9 +31,12 @@
 
 use crate::contract::{
     ExpectedShape, Named, check_disjoint, check_execution, check_output, check_rows,
-    check_workspace,
+    check_workspace, route_extents,
 };
-use crate::{BackendError, DType, DlpackView, DlpackViewMut, Execution, PreparedRouter};
+use crate::{
+    BackendError, DType, DlpackView, DlpackViewMut, Execution, PreparedRouter, RouteInputs,
+    RouteOutputs, check_route_into,
+};
 
 /// The inputs of one dispatch call.
 #[derive(Debug, Clone, Copy)]
@@ -282,9 +285,20 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
         }
         None => {}
     }
+    let written = dispatch_written(outputs);
+    let read = [
+        named("topk_ids", &inputs.topk_ids),
+        inputs.expert_ranks.and_then(|v| named("expert_ranks", &v)),
+    ];
+    check_disjoint(op, &written, &read)?;
+    Ok((shape, ranks))
+}
+
+/// What a dispatch call writes, by name.
+fn dispatch_written(outputs: &DispatchOutputs<'_>) -> [Named; 13] {
     let padded = outputs.padded.as_ref();
     let rank_outputs = outputs.ranks.as_ref();
-    let written: [Named; 13] = [
+    [
         named_mut("expert_counts", &outputs.expert_counts),
         named_mut("expert_offsets", &outputs.expert_offsets),
         named_mut("sorted_pairs", &outputs.sorted_pairs),
@@ -298,13 +312,32 @@ pub fn check_dispatch_into<R: PreparedRouter + ?Sized>(
         rank_outputs.and_then(|r| named_mut("rank_pairs", &r.rank_pairs)),
         rank_outputs.and_then(|r| named_mut("rank_tokens", &r.rank_tokens)),
         outputs.workspace.as_ref().and_then(|v| named_mut("workspace", v)),
-    ];
-    let read = [
-        named("topk_ids", &inputs.topk_ids),
-        inputs.expert_ranks.and_then(|v| named("expert_ranks", &v)),
-    ];
-    check_disjoint(op, &written, &read)?;
-    Ok((shape, ranks))
+    ]
+}
+
+/// Checks a `route_and_dispatch_into` call: everything [`check_route_into`] checks of the routing
+/// (with `workspace_needed` bytes of route workspace), everything [`check_dispatch_into`] checks of
+/// the layout of the call's own `topk_ids` (with `expert_ranks`), and that no layout output
+/// overlaps what routing reads or writes. Returns `T` and the layout's rank count (0 without rank
+/// outputs).
+#[allow(clippy::too_many_arguments)]
+pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
+    op: &'static str,
+    router: &R,
+    inputs: &RouteInputs<'_>,
+    outputs: &RouteOutputs<'_>,
+    layout: &DispatchOutputs<'_>,
+    expert_ranks: Option<DlpackView<'_>>,
+    execution: Execution,
+    workspace_needed: usize,
+) -> Result<(usize, usize), BackendError> {
+    let tokens = check_route_into(op, router, inputs, outputs, execution, workspace_needed)?;
+    let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
+    let (_, ranks) = check_dispatch_into(op, router, &ids, layout, execution)?;
+    let (route_written, route_read) = route_extents(inputs, outputs);
+    let route_all: Vec<Named> = route_written.into_iter().chain(route_read).collect();
+    check_disjoint(op, &dispatch_written(layout), &route_all)?;
+    Ok((tokens, ranks))
 }
 
 /// The checks of a dispatch's data, for backends that compute on the host: every id is `-1` or

@@ -62,7 +62,7 @@ pub use contract::{
 pub use device::Device;
 pub use dispatch::{
     DispatchInputs, DispatchOutputs, DispatchShape, PaddedOutputs, RankOutputs,
-    check_dispatch_into, check_dispatch_values, contiguous_ranks,
+    check_dispatch_into, check_dispatch_values, check_route_and_dispatch_into, contiguous_ranks,
 };
 pub use dlpack::export_vec;
 pub use dlpack::{Dlpack, DlpackError, LegacyDlpack};
