@@ -13,10 +13,10 @@ use cudarc::driver::sys::{
     CUstream, cuLaunchKernelEx,
 };
 use sluice_kernels::{
-    GemmPlan, Launch, NVIDIA_WAVE_WIDTH, gemm_args, reset_status_args, reset_status_launch,
-    route_args, sum_partials_args, sum_partials_launch,
+    DispatchArgs, FusedLayout, GemmPlan, Launch, NVIDIA_WAVE_WIDTH, RouteDispatchArgs, gemm_args,
+    reset_status_args, reset_status_launch, route_args, sum_partials_args, sum_partials_launch,
 };
-pub(crate) use sluice_kernels::{HashInputs, Partials, RoutingTargets};
+pub(crate) use sluice_kernels::{HashInputs, Partials, RouteCounters, RoutingTargets};
 
 use crate::error::CudaError;
 use crate::input::DeviceMatrix;
@@ -29,8 +29,8 @@ pub(crate) struct Weight {
 }
 
 /// Enqueues the router GEMM: `plan.splits` partial sums into `partials` (the logits themselves
-/// when there is one split), and, if `status` is given, its reset to `[0, -1]` (ordered after the
-/// previous kernel on the stream).
+/// when there is one split), and the reset of `counters` (ordered after the previous kernel on the
+/// stream).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     stream: CUstream,
@@ -39,11 +39,11 @@ pub(crate) fn gemm(
     hidden: &DeviceMatrix,
     weight: &Weight,
     partials: &Partials,
-    status: Option<u64>,
+    counters: RouteCounters,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
     let function = module.gemm(plan.kernel)?;
-    let mut args = gemm_args(plan, hidden, &weight.matrix, partials, status);
+    let mut args = gemm_args(plan, hidden, &weight.matrix, partials, counters);
     // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
     // against the source by `sluice-kernels`) and outlive the call; every address was validated
     // to cover the extents the plan reads or writes.
@@ -78,18 +78,51 @@ pub(crate) fn route(
     unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
 }
 
-/// Enqueues the reset of `status` to `[0, -1]`, which the GEMM kernels do themselves, for a GEMM
-/// that is not one of them, ordered after the previous kernel on the stream.
+/// Enqueues routing of `tokens` rows of `partials` into `targets` with the dispatch layout of
+/// the ids it writes, by the fused kernel `fused` planned (`layout` filled by it), counting its
+/// blocks at `ticket` (which the GEMM before it reset).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_dispatch(
+    stream: CUstream,
+    module: &RouterModule,
+    partials: &Partials,
+    bias: Option<u64>,
+    scale: f32,
+    targets: &RoutingTargets,
+    fused: &FusedLayout,
+    layout: DispatchArgs,
+    ticket: u64,
+    dependent_launch: bool,
+) -> Result<(), CudaError> {
+    let function = module.route_dispatch(fused, partials.splits)?;
+    let route = route_args(partials, bias, fused.tokens, scale, targets, None);
+    let mut args = RouteDispatchArgs::new(route, layout, ticket);
+    let (_, plan) = module.route(fused.tokens, partials.splits)?;
+    // SAFETY: the arguments match the fused kernels' signature (the routing kernels', then
+    // `sluice_dispatch_args` by value and the ticket pointer; checked against the source by
+    // `sluice-kernels`), and outlive the call. The routing part is as in `route` for the
+    // block-per-token plan it launches (one block per token, a thread per expert; never a
+    // hash-routed module, whose modules have no fused kernels). `layout` was made by
+    // `dispatch_args` from outputs that `check_route_and_dispatch_into` validated, its ids being
+    // `targets.ids` itself, and filled for one block of the routing block's threads and every
+    // row. `ticket` is a 4-byte word inside the caller's checked route workspace, past the
+    // partials, and the GEMM enqueued before this resets it after its own wait.
+    unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
+}
+
+/// Enqueues the reset of `counters`, which the GEMM kernels do themselves, for a GEMM that is not
+/// one of them, ordered after the previous kernel on the stream.
 pub(crate) fn reset_status(
     stream: CUstream,
     module: &RouterModule,
-    status: u64,
+    counters: RouteCounters,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
-    let mut args = reset_status_args(status);
+    let mut args = reset_status_args(counters);
     let geometry = reset_status_launch(NVIDIA_WAVE_WIDTH);
-    // SAFETY: the argument matches `sluice_reset_status`'s one pointer; `status` is the caller's
-    // checked i32 `[2]` on this context's device.
+    // SAFETY: the arguments match `sluice_reset_status`'s two pointers; each is null or a checked
+    // device address of this context: the caller's i32 `[2]` status, the ticket word inside the
+    // caller's checked route workspace.
     unsafe {
         launch(&module.reset_status, geometry, stream, dependent_launch, &mut args.pointers())
     }

@@ -14,7 +14,7 @@ use sluice_tensor::{
     RoutingOutput, RoutingSpec,
 };
 
-use crate::enqueue::{self, HashInputs, Partials, RoutingTargets, Weight};
+use crate::enqueue::{self, HashInputs, Partials, RouteCounters, RoutingTargets, Weight};
 use crate::error::CudaError;
 use crate::gpu::Gpu;
 use crate::input::{self, DeviceMatrix};
@@ -127,7 +127,16 @@ pub(crate) fn logits(
         };
         gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
         let stream = gpu.stream.cu_stream();
-        enqueue::gemm(stream, module, &plan, &hidden.matrix, weight, &partials, None, false)?;
+        enqueue::gemm(
+            stream,
+            module,
+            &plan,
+            &hidden.matrix,
+            weight,
+            &partials,
+            RouteCounters::default(),
+            false,
+        )?;
         enqueue::sum_partials(
             stream,
             module,
@@ -182,7 +191,15 @@ pub(crate) fn route(
             Source::Gemm { hidden, router, hash } => {
                 let workspace = memory::zeroed(gpu, router.call_workspace_bytes(&hidden.matrix)?)?;
                 let address = memory::address(gpu, &workspace);
-                router.enqueue(stream, &hidden.matrix, address, &targets, hash.as_ref(), false)?;
+                router.enqueue(
+                    stream,
+                    &hidden.matrix,
+                    address,
+                    &targets,
+                    hash.as_ref(),
+                    None,
+                    false,
+                )?;
                 Some(workspace)
             }
             Source::Logits(logits) => {

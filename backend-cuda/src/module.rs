@@ -7,10 +7,11 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, GemmKernel,
-    HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
-    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE,
-    SUM_PARTIALS_KERNEL, TILE_TOKENS_PER_BLOCK, WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, FusedLayout,
+    GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
+    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, ROUTE_KERNEL,
+    ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL,
+    TILE_TOKENS_PER_BLOCK, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -21,7 +22,8 @@ pub(crate) struct RouterModule {
     _module: Arc<CudaModule>,
     config: RoutingConfig,
     /// The routing kernels by name: the warp kernels, and the block-per-token ones that every
-    /// ranked-score config has (hash routing has only the warp kernels).
+    /// ranked-score config has, with and without the layout of the ids (hash routing has only the
+    /// warp kernels).
     routes: HashMap<&'static str, CudaFunction>,
     pub(crate) reset_status: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
@@ -97,8 +99,16 @@ impl RouterModule {
                 gemm.insert(kernel, function);
             }
         }
-        let block_kernels: &[&'static str] =
-            if config.is_hashed() { &[] } else { &[ROUTE_BLOCK_KERNEL, ROUTE_BLOCK_LOGITS_KERNEL] };
+        let block_kernels: &[&'static str] = if config.is_hashed() {
+            &[]
+        } else {
+            &[
+                ROUTE_BLOCK_KERNEL,
+                ROUTE_BLOCK_LOGITS_KERNEL,
+                ROUTE_DISPATCH_KERNEL,
+                ROUTE_DISPATCH_LOGITS_KERNEL,
+            ]
+        };
         let mut routes = HashMap::new();
         for &name in [ROUTE_KERNEL, ROUTE_LOGITS_KERNEL].iter().chain(block_kernels) {
             routes.insert(name, load(name)?);
@@ -130,6 +140,26 @@ impl RouterModule {
         let function =
             self.routes.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_owned()))?;
         Ok((function, plan))
+    }
+
+    /// The fused routing and layout of `tokens` tokens, where this module has it for that call
+    /// (block-per-token routing, no rank outputs), else `None`.
+    pub(crate) fn fused_layout(&self, tokens: usize, rank_outputs: bool) -> Option<FusedLayout> {
+        if !self.routes.contains_key(ROUTE_DISPATCH_KERNEL) {
+            return None;
+        }
+        let (_, plan) = self.route(tokens, 1).ok()?;
+        FusedLayout::plan(&plan, rank_outputs)
+    }
+
+    /// A fused kernel of this module (present whenever `fused_layout` planned one).
+    pub(crate) fn route_dispatch(
+        &self,
+        fused: &FusedLayout,
+        splits: usize,
+    ) -> Result<&CudaFunction, CudaError> {
+        let name = fused.name(splits);
+        self.routes.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_owned()))
     }
 
     /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).

@@ -6,20 +6,20 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUstream;
 use sluice_kernels::{
-    DeviceTokenIds, GemmKernel, GemmPlan, GemmShape, RoutingConfig, check_hash_table_rows,
-    check_host_token_ids, hash_table_values,
+    DeviceTokenIds, DispatchArgs, FusedLayout, GemmKernel, GemmPlan, GemmShape, RoutingConfig,
+    check_hash_table_rows, check_host_token_ids, dispatch_args, hash_table_values,
 };
 use sluice_tensor::argument_view;
 use sluice_tensor::{
-    BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
-    DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
-    RoutingOutput, RoutingSpec, TopkMethod, check_logits_into, check_route_into,
-    check_router_weight,
+    BackendError, DType, Device, DispatchInputs, DispatchOutputs, DispatchShape, Dlpack,
+    DlpackView, DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
+    RoutingOutput, RoutingSpec, TopkMethod, WORKSPACE_ALIGN, check_logits_into,
+    check_route_and_dispatch_into, check_route_into, check_router_weight,
 };
 
 use crate::cublaslt::{self, LtGemm};
 use crate::dispatch::{self, Dispatcher};
-use crate::enqueue::{self, HashInputs, Partials, RoutingTargets, Weight};
+use crate::enqueue::{self, HashInputs, Partials, RouteCounters, RoutingTargets, Weight};
 use crate::error::CudaError;
 use crate::gate::{self, Source};
 use crate::gpu::Gpu;
@@ -188,6 +188,12 @@ impl CudaPreparedRouter {
         })
     }
 
+    /// Where the fused layout's ticket lies in the workspace of a gate call on `hidden`: after
+    /// what the GEMM path uses, aligned. `workspace_bytes` counts its word for every call.
+    fn ticket_offset(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
+        Ok(self.call_workspace_bytes(hidden)?.next_multiple_of(WORKSPACE_ALIGN))
+    }
+
     fn dispatcher(&self) -> Dispatcher<'_> {
         Dispatcher {
             router: self,
@@ -219,10 +225,13 @@ impl CudaPreparedRouter {
     }
 
     /// Enqueues the whole gate on `stream`: GEMM into `workspace` (at least
-    /// [`partials_bytes`](Self::partials_bytes)), then routing into `targets` (by the table and
-    /// token ids of `hash` for a hash-routed router, which [`hash_inputs`](Self::hash_inputs)
-    /// makes). Only enqueues: the module is loaded and the weight is resident, so this can be
-    /// captured in a graph.
+    /// [`call_workspace_bytes`](Self::call_workspace_bytes), and the ticket's word past it with
+    /// `fused`), then routing into `targets` (by the table and token ids of `hash` for a
+    /// hash-routed router, which [`hash_inputs`](Self::hash_inputs) makes), or, with `fused`, the
+    /// fused kernel that also lays out the ids it writes by the filled argument it carries. Only
+    /// enqueues: the module is loaded and the weight is resident, so this can be captured in a
+    /// graph.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn enqueue(
         &self,
         stream: CUstream,
@@ -230,20 +239,26 @@ impl CudaPreparedRouter {
         workspace: u64,
         targets: &RoutingTargets,
         hash: Option<&HashInputs>,
+        fused: Option<(&FusedLayout, DispatchArgs)>,
         dependent_launch: bool,
     ) -> Result<(), CudaError> {
         if hidden.rows == 0 {
             return Ok(());
         }
         let (tokens, experts) = (hidden.rows, self.experts());
+        let ticket = match fused {
+            Some(_) => Some(workspace + self.ticket_offset(hidden)? as u64),
+            None => None,
+        };
+        let counters = RouteCounters { status: targets.status, ticket };
         self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
         let partials = match self.gemm_path(hidden)? {
             GemmPath::Lt(lt) => {
                 let lt_workspace = (workspace + lt_logits_bytes(tokens, experts) as u64)
                     .next_multiple_of(cublaslt::WORKSPACE_ALIGN as u64);
                 // Before the GEMM, so that its launch overlaps the previous kernel.
-                if let Some(status) = targets.status {
-                    enqueue::reset_status(stream, &self.module, status, dependent_launch)?;
+                if counters.any() {
+                    enqueue::reset_status(stream, &self.module, counters, dependent_launch)?;
                 }
                 // SAFETY: `accepts` held for both matrices, which the callers validated; the
                 // workspace holds `call_workspace_bytes` for this call (checked by the callers):
@@ -273,7 +288,7 @@ impl CudaPreparedRouter {
                     hidden,
                     &self.weight,
                     &partials,
-                    targets.status,
+                    counters,
                     dependent_launch,
                 )?;
                 partials
@@ -281,6 +296,20 @@ impl CudaPreparedRouter {
         };
         let scale = self.spec.output_scale();
         let (bias, tokens) = (self.bias, hidden.rows);
+        if let (Some((fused, layout)), Some(ticket)) = (fused, ticket) {
+            return enqueue::route_dispatch(
+                stream,
+                &self.module,
+                &partials,
+                bias,
+                scale,
+                targets,
+                fused,
+                layout,
+                ticket,
+                dependent_launch,
+            );
+        }
         enqueue::route(
             stream,
             &self.module,
@@ -292,6 +321,49 @@ impl CudaPreparedRouter {
             hash,
             dependent_launch,
         )
+    }
+
+    /// A gate call whose arguments were checked (`check_route_into`, or
+    /// `check_route_and_dispatch_into` with `fused`): its operands as the kernels take them, then
+    /// [`enqueue`](Self::enqueue) on the execution's stream.
+    fn enqueue_checked(
+        &self,
+        op: &'static str,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        fused: Option<(&FusedLayout, DispatchArgs)>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
+        let hidden = input::matrix(
+            op,
+            "hidden",
+            &inputs.hidden,
+            self.device(),
+            gate::HIDDEN_DTYPES,
+            expected,
+        )?;
+        let (ids, ids_row_stride) = input::output_rows(&mut outputs.topk_ids);
+        let (weights, weights_row_stride) = input::output_rows(&mut outputs.topk_weights);
+        let targets = RoutingTargets {
+            ids,
+            ids_row_stride,
+            weights,
+            weights_row_stride,
+            logits: outputs.logits.as_mut().map(input::output_rows),
+            status: outputs.status.as_mut().map(|s| input::output_rows(s).0),
+        };
+        // Token ids matter to a hash-routed router only; every other router ignores them.
+        let token_ids = match (&self.hash_table, &inputs.token_ids) {
+            (Some(_), Some(ids)) => Some(input::token_ids(op, ids, self.device())?),
+            _ => None,
+        };
+        let hash = self.hash_inputs(op, token_ids)?;
+        let workspace = outputs.workspace.as_mut().map_or(0, |w| input::output_rows(w).0);
+        let stream = Self::stream(execution);
+        let dependent_launch = self.dependent_launch;
+        self.enqueue(stream, &hidden, workspace, &targets, hash.as_ref(), fused, dependent_launch)?;
+        Ok(())
     }
 
     /// Contiguous, aligned hidden states `[tokens, H]` of `dtype` (for planning; never read).
@@ -420,11 +492,15 @@ impl PreparedRouter for CudaPreparedRouter {
     /// The most any gate call on `T` tokens needs, whatever its hidden states' type: the partial
     /// sums of the split router GEMM (`S * T * E * 4` bytes, `S` falling as `T` grows; f32 hidden
     /// states have the most splits), or, past a few bf16 tokens where cuBLASLt runs, the logits
-    /// and cuBLASLt's own workspace.
+    /// and cuBLASLt's own workspace; then one aligned word, the ticket of the layout that
+    /// `route_and_dispatch_into` computes inside routing.
     fn workspace_bytes(&self, tokens: usize) -> usize {
         [DType::BF16, DType::F32]
             .into_iter()
-            .map(|dtype| self.call_workspace_bytes(&self.dense_hidden(tokens, dtype)).unwrap_or(0))
+            .map(|dtype| {
+                self.ticket_offset(&self.dense_hidden(tokens, dtype))
+                    .map_or(0, |offset| offset + WORKSPACE_ALIGN)
+            })
             .max()
             .unwrap_or(0)
     }
@@ -482,6 +558,7 @@ impl PreparedRouter for CudaPreparedRouter {
                     workspace,
                     &targets,
                     hash.as_ref(),
+                    None,
                     self.dependent_launch,
                 )
             };
@@ -501,35 +578,46 @@ impl PreparedRouter for CudaPreparedRouter {
         let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
         let needed = self.workspace_bytes(tokens);
         check_route_into(OP, self, inputs, outputs, execution, needed)?;
-        let expected = ExpectedShape(vec![None, Some(self.hidden_size())]);
-        let hidden = input::matrix(
+        self.enqueue_checked(OP, inputs, outputs, None, execution)
+    }
+
+    /// For up to 64 tokens of a block-routed config (DeepSeek's 256 experts, Kimi-K2's 384; see
+    /// `sluice_kernels::FusedLayout`) and no rank outputs, one kernel routes and lays out: the
+    /// routing block that finishes last lays out every row, which saves the layout's own launch.
+    /// Otherwise the two calls' kernels, one after the other. Either way only enqueues.
+    fn route_and_dispatch_into(
+        &self,
+        inputs: &RouteInputs<'_>,
+        outputs: &mut RouteOutputs<'_>,
+        layout: &mut DispatchOutputs<'_>,
+        expert_ranks: Option<DlpackView<'_>>,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "route_and_dispatch_into";
+        let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
+        let needed = self.workspace_bytes(tokens);
+        let (tokens, ranks) = check_route_and_dispatch_into(
             OP,
-            "hidden",
-            &inputs.hidden,
-            self.device(),
-            gate::HIDDEN_DTYPES,
-            expected,
+            self,
+            inputs,
+            outputs,
+            layout,
+            expert_ranks,
+            execution,
+            needed,
         )?;
-        let (ids, ids_row_stride) = input::output_rows(&mut outputs.topk_ids);
-        let (weights, weights_row_stride) = input::output_rows(&mut outputs.topk_weights);
-        let targets = RoutingTargets {
-            ids,
-            ids_row_stride,
-            weights,
-            weights_row_stride,
-            logits: outputs.logits.as_mut().map(input::output_rows),
-            status: outputs.status.as_mut().map(|s| input::output_rows(s).0),
+        let fused = if tokens == 0 { None } else { self.module.fused_layout(tokens, ranks > 0) };
+        let Some(fused) = fused else {
+            self.enqueue_checked(OP, inputs, outputs, None, execution)?;
+            let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
+            return self.dispatcher().dispatch_into(&ids, layout, execution);
         };
-        // Token ids matter to a hash-routed router only; every other router ignores them.
-        let token_ids = match (&self.hash_table, &inputs.token_ids) {
-            (Some(_), Some(ids)) => Some(input::token_ids(OP, ids, self.device())?),
-            _ => None,
-        };
-        let hash = self.hash_inputs(OP, token_ids)?;
-        let workspace = outputs.workspace.as_mut().map_or(0, |w| input::output_rows(w).0);
-        let stream = Self::stream(execution);
-        self.enqueue(stream, &hidden, workspace, &targets, hash.as_ref(), self.dependent_launch)?;
-        Ok(())
+        let shape = DispatchShape { tokens, top_k: self.spec.top_k, experts: self.experts() };
+        let ids = DispatchInputs::new(outputs.topk_ids.as_view());
+        let mut args = dispatch_args(OP, &ids, layout, shape, 0)?;
+        fused.fill(&mut args);
+        tracing::trace!(tokens, threads = fused.threads, "routing and layout in one kernel");
+        self.enqueue_checked(OP, inputs, outputs, Some((&fused, args)), execution)
     }
 
     fn dispatch_into(
@@ -584,7 +672,7 @@ impl PreparedRouter for CudaPreparedRouter {
             &hidden,
             &self.weight,
             &out,
-            None,
+            RouteCounters::default(),
             self.dependent_launch,
         )?;
         Ok(())

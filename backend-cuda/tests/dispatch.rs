@@ -2,8 +2,9 @@
 //! device windows, on random configs, every T of the issue and beyond (one-block and many-block
 //! paths), invalid rows and stray ids, block sizes 1 to 128, contiguous and explicit rank maps;
 //! every output checked entry for entry and against the layout's invariants. Then the host
-//! convenience through `PreparedGate::dispatch`, and a CUDA graph of `route_into` followed by
-//! `dispatch_into`, replayed, against the same calls made eagerly.
+//! convenience through `PreparedGate::dispatch`; `route_and_dispatch_into` (the layout inside
+//! routing for decode batches) against `route_into` then `dispatch_into`, on model configs with a
+//! row of NaN; and CUDA graphs of both forms, replayed, against the same calls made eagerly.
 //!
 //! Skips with a message where no CUDA device is found, unless `SLUICE_REQUIRE_GPU` is set.
 
@@ -165,6 +166,18 @@ impl DeviceLayout {
         stream: &Arc<CudaStream>,
         router: &CudaPreparedRouter,
     ) -> Result<(), BackendError> {
+        // SAFETY: the test's stream lives to the end of the test; the buffers outlive its use and
+        // are read after synchronising.
+        let execution = unsafe { on_stream(stream) };
+        self.with_views(stream, |inputs, outputs| router.dispatch_into(&inputs, outputs, execution))
+    }
+
+    /// Calls `call` with the ids (and rank table) and every output, as views of the buffers.
+    fn with_views<R>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        call: impl FnOnce(DispatchInputs<'_>, &mut DispatchOutputs<'_>) -> R,
+    ) -> R {
         let ids = self.ids.descriptor(stream);
         let table = self.table.as_mut().map(|t| t.descriptor(stream));
         let mut mine = [
@@ -187,9 +200,8 @@ impl DeviceLayout {
             ]
         });
         // SAFETY: every descriptor points at a live device buffer of this test with its shape
-        // and strides; the views end with this call and nothing else touches the buffers. The
-        // test's stream lives to the end of the test, and every buffer outlives its use there
-        // and is read after synchronising.
+        // and strides; the views end with this call, and only the call's kernels touch the
+        // buffers until the test synchronises.
         unsafe {
             let view = |d: &DLTensor| DlpackView::from_raw(d).unwrap();
             let view_mut = |d: &mut DLTensor| DlpackViewMut::from_raw(d).unwrap();
@@ -222,7 +234,7 @@ impl DeviceLayout {
                     rank_tokens: view_mut(tokens),
                 });
             }
-            router.dispatch_into(&inputs, &mut outputs, on_stream(stream))
+            call(inputs, &mut outputs)
         }
     }
 
@@ -420,20 +432,58 @@ fn the_gate_dispatches_host_routings_on_the_device() {
     }
 }
 
-/// Enqueues the gate (`route_into` into the layout's ids window) and the layout of its ids.
+/// How a test calls the gate and the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Calls {
+    /// `route_into`, then `dispatch_into` of its ids.
+    Two,
+    /// `route_and_dispatch_into`.
+    One,
+}
+
+/// The gate's buffers besides the layout's (whose ids window routing writes).
+struct GateBuffers {
+    hidden: Buffer,
+    weights: Buffer,
+    status: Buffer,
+    workspace: Buffer,
+}
+
+impl GateBuffers {
+    /// Hidden states `[T, H]` (bf16, filled with the marker until written), weights and status
+    /// (the marker) and a zeroed route workspace.
+    fn new(stream: &Arc<CudaStream>, router: &CudaPreparedRouter, t: usize, k: usize) -> Self {
+        let h = router.hidden_size();
+        let mut hidden = Buffer::i32(stream, &[t, h.div_ceil(2)], h.div_ceil(2));
+        hidden.shape = vec![t as i64, h as i64];
+        hidden.strides = vec![h as i64, 1];
+        hidden.dtype = DLDataType::BF16;
+        let mut weights = Buffer::i32(stream, &[t, k], k);
+        weights.dtype = DLDataType::F32;
+        GateBuffers {
+            hidden,
+            weights,
+            status: Buffer::i32(stream, &[2], 1),
+            workspace: Buffer::workspace(stream, router.workspace_bytes(t)),
+        }
+    }
+}
+
+/// Enqueues the gate (routing into the layout's ids window, counting invalid rows in the status)
+/// and the layout of its ids, in `calls`.
 fn enqueue_gate(
     router: &CudaPreparedRouter,
     stream: &Arc<CudaStream>,
-    hidden: &mut Buffer,
-    weights: &mut Buffer,
-    route_workspace: &mut Buffer,
+    gate: &mut GateBuffers,
     layout: &mut DeviceLayout,
+    calls: Calls,
 ) -> Result<(), BackendError> {
-    let (hidden_dl, mut ids_dl, mut weights_dl, mut workspace_dl) = (
-        hidden.descriptor(stream),
+    let (hidden_dl, mut ids_dl, mut weights_dl, mut status_dl, mut workspace_dl) = (
+        gate.hidden.descriptor(stream),
         layout.ids.descriptor(stream),
-        weights.descriptor(stream),
-        route_workspace.descriptor(stream),
+        gate.weights.descriptor(stream),
+        gate.status.descriptor(stream),
+        gate.workspace.descriptor(stream),
     );
     // SAFETY: the descriptors point at live device buffers of this test with their shapes and
     // strides; the views end with the call.
@@ -444,13 +494,105 @@ fn enqueue_gate(
                 DlpackViewMut::from_raw(&mut ids_dl).unwrap(),
                 DlpackViewMut::from_raw(&mut weights_dl).unwrap(),
             )
+            .with_status(DlpackViewMut::from_raw(&mut status_dl).unwrap())
             .with_workspace(DlpackViewMut::from_raw(&mut workspace_dl).unwrap()),
         )
     };
     // SAFETY: the test's stream lives to the end of the test; the buffers outlive its use and
     // are read after synchronising.
-    router.route_into(&inputs, &mut outputs, unsafe { on_stream(stream) })?;
-    layout.enqueue(stream, router)
+    let execution = unsafe { on_stream(stream) };
+    match calls {
+        Calls::Two => {
+            router.route_into(&inputs, &mut outputs, execution)?;
+            layout.enqueue(stream, router)
+        }
+        Calls::One => layout.with_views(stream, |ids, layout| {
+            router.route_and_dispatch_into(
+                &inputs,
+                &mut outputs,
+                layout,
+                ids.expert_ranks,
+                execution,
+            )
+        }),
+    }
+}
+
+/// Random bf16 values in [-2, 2].
+fn bf16_values(rng: &mut Rng, n: usize) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32((rng.below(2001) as f32 - 1000.0) / 500.0)).collect()
+}
+
+fn bf16_bytes(values: &[bf16]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A router of `spec` on a random bf16 weight of hidden size `h`.
+fn random_router(
+    backend: &CudaBackend,
+    spec: &RoutingSpec,
+    h: usize,
+    rng: &mut Rng,
+) -> CudaPreparedRouter {
+    let e = spec.num_experts;
+    let weight = Tensor::from_vec(bf16_values(rng, e * h), &[e, h]).unwrap();
+    backend.prepare(&weight.to_dlpack().unwrap(), None, spec).unwrap()
+}
+
+/// Captures one gate call of `t` tokens with its layout (padded to `block_size`, over `ranks`
+/// contiguous ranks) in `calls` into a CUDA graph; then, three times, routes new hidden states
+/// eagerly, spoils the layout and replays the graph, which must write the same layout again, and
+/// the reference's.
+fn check_graph_replays(
+    backend: &CudaBackend,
+    spec: &RoutingSpec,
+    t: usize,
+    calls: Calls,
+    block_size: Option<usize>,
+    ranks: Option<usize>,
+) {
+    let (h, e, k) = (256, spec.num_experts, spec.top_k);
+    let context = format!("E={e} K={k} T={t} {calls:?} block={block_size:?} ranks={ranks:?}");
+    let mut rng = Rng(7 + t as u64);
+    let router = random_router(backend, spec, h, &mut rng);
+    let stream = test_stream(0);
+    let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+    let mut gate = GateBuffers::new(&stream, &router, t, k);
+    let mut layout = DeviceLayout::new(&stream, &router, shape, block_size, ranks);
+    let mut table = vec![0i32; e];
+    if let Some(ranks) = ranks {
+        contiguous_ranks(&mut table, ranks);
+        layout.table.as_mut().unwrap().write(&stream, &table);
+    }
+
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = enqueue_gate(&router, &stream, &mut gate, &mut layout, calls);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .unwrap()
+        .expect("a captured graph");
+    captured.unwrap();
+    let map = ranks.map(|ranks| RankMap { expert_ranks: &table, ranks });
+    for replay in 0..3 {
+        // New hidden states in the same buffer, through the eager calls and then the graph.
+        let bytes = bf16_bytes(&bf16_values(&mut rng, t * h));
+        stream.memcpy_htod(&bytes, &mut gate.hidden.memory).unwrap();
+        enqueue_gate(&router, &stream, &mut gate, &mut layout, calls).unwrap();
+        stream.synchronize().unwrap();
+        let eager = layout.read(&stream);
+        let ids = layout.ids.elements(&stream);
+        // Spoil the outputs, then replay: the graph must write them all again.
+        let spoiled = DeviceLayout::new(&stream, &router, shape, block_size, ranks);
+        stream.memcpy_dtod(&spoiled.counts.memory, &mut layout.counts.memory).unwrap();
+        stream.memcpy_dtod(&spoiled.sorted.memory, &mut layout.sorted.memory).unwrap();
+        stream.memcpy_dtod(&spoiled.inverse.memory, &mut layout.inverse.memory).unwrap();
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        let replayed = layout.read(&stream);
+        assert_eq!(replayed, eager, "{context}: replay {replay}");
+        let expected = reference::dispatch(&ids, shape, block_size, map).unwrap();
+        assert_eq!(replayed, expected, "{context}: replay {replay}");
+    }
 }
 
 #[test]
@@ -460,70 +602,97 @@ fn a_graph_of_route_into_and_dispatch_into_replays_like_eager_calls() {
         return;
     };
     // 2048 tokens of 8 picks: the many-block path, both dispatch kernels in the graph.
-    let (t, h, e, k) = (2048, 256, 256, 8);
-    let spec = deepseek_v3_spec(e, k);
-    let mut rng = Rng(7);
-    let mut normal = |n: usize| -> Vec<bf16> {
-        (0..n).map(|_| bf16::from_f32((rng.below(2001) as f32 - 1000.0) / 500.0)).collect()
+    check_graph_replays(&backend, &deepseek_v3_spec(256, 8), 2048, Calls::Two, Some(64), Some(8));
+}
+
+#[test]
+fn a_graph_of_route_and_dispatch_into_replays_like_eager_calls() {
+    let Some(backend) = backend("a_graph_of_route_and_dispatch_into_replays_like_eager_calls")
+    else {
+        return;
     };
-    let weight = Tensor::from_vec(normal(e * h), &[e, h]).unwrap();
-    let router = backend.prepare(&weight.to_dlpack().unwrap(), None, &spec).unwrap();
+    // The layout inside routing: every replay must find its last block afresh (the GEMM resets
+    // the ticket), at one token, a decode batch, and Kimi-K2's 384 experts with padding.
+    let v3 = deepseek_v3_spec(256, 8);
+    check_graph_replays(&backend, &v3, 1, Calls::One, None, None);
+    check_graph_replays(&backend, &v3, 64, Calls::One, Some(16), None);
+    check_graph_replays(&backend, &deepseek_v3_spec(384, 8), 37, Calls::One, Some(64), None);
+    // With rank outputs the call makes the layout's own launches, captured the same way.
+    check_graph_replays(&backend, &v3, 5, Calls::One, Some(64), Some(4));
+}
+
+#[test]
+fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
+    let Some(backend) = backend("route_and_dispatch_into_equals_route_into_then_dispatch_into")
+    else {
+        return;
+    };
     let stream = test_stream(0);
-    let shape = DispatchShape { tokens: t, top_k: k, experts: e };
-
-    let mut hidden = Buffer::i32(&stream, &[t, h / 2], h / 2);
-    hidden.shape = vec![t as i64, h as i64];
-    hidden.strides = vec![h as i64, 1];
-    hidden.dtype = DLDataType::BF16;
-    let mut weights = Buffer::i32(&stream, &[t, k], k);
-    weights.dtype = DLDataType::F32;
-    let mut route_workspace = Buffer::workspace(&stream, router.workspace_bytes(t));
-    let mut layout = DeviceLayout::new(&stream, &router, shape, Some(64), Some(8));
-    let mut table = vec![0i32; e];
-    contiguous_ranks(&mut table, 8);
-    layout.table.as_mut().unwrap().write(&stream, &table);
-
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    let captured = enqueue_gate(
-        &router,
-        &stream,
-        &mut hidden,
-        &mut weights,
-        &mut route_workspace,
-        &mut layout,
-    );
-    let graph = stream
-        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
-        .unwrap()
-        .expect("a captured graph");
-    captured.unwrap();
-    let map = RankMap { expert_ranks: &table, ranks: 8 };
-    for replay in 0..3 {
-        // New hidden states in the same buffer, through the eager calls and then the graph.
-        let bytes: Vec<u8> = normal(t * h).iter().flat_map(|v| v.to_le_bytes()).collect();
-        stream.memcpy_htod(&bytes, &mut hidden.memory).unwrap();
-        enqueue_gate(
-            &router,
-            &stream,
-            &mut hidden,
-            &mut weights,
-            &mut route_workspace,
-            &mut layout,
-        )
-        .unwrap();
-        stream.synchronize().unwrap();
-        let eager = layout.read(&stream);
-        let ids = layout.ids.elements(&stream);
-        // Spoil the outputs, then replay: the graph must write them all again.
-        let spoiled = DeviceLayout::new(&stream, &router, shape, Some(64), Some(8));
-        stream.memcpy_dtod(&spoiled.counts.memory, &mut layout.counts.memory).unwrap();
-        stream.memcpy_dtod(&spoiled.sorted.memory, &mut layout.sorted.memory).unwrap();
-        stream.memcpy_dtod(&spoiled.inverse.memory, &mut layout.inverse.memory).unwrap();
-        graph.launch().unwrap();
-        stream.synchronize().unwrap();
-        let replayed = layout.read(&stream);
-        assert_eq!(replayed, eager, "replay {replay}");
-        let expected = reference::dispatch(&ids, shape, Some(64), Some(map)).unwrap();
-        assert_eq!(replayed, expected, "replay {replay}");
+    let mut rng = Rng(0x0f05_ed1a_7e55_0002);
+    let h = 512;
+    // Fused where routing is a block per token (V3, Kimi-K2, V2's 160 in 8 groups, 512 experts;
+    // K = 32 for one token only) and no rank outputs are asked for; the two launches elsewhere
+    // (64 experts route a warp per token, as do 65 tokens).
+    let specs = [
+        deepseek_v3_spec(256, 8),
+        deepseek_v3_spec(384, 8),
+        RoutingSpec::builder(160, 6)
+            .scoring(ScoringFunc::Softmax)
+            .method(TopkMethod::GroupLimitedGreedy)
+            .groups(8, 3)
+            .non_finite(NonFinitePolicy::MarkInvalid)
+            .build()
+            .unwrap(),
+        greedy_spec(64, 6),
+        greedy_spec(512, 8),
+        deepseek_v3_spec(256, 32),
+    ];
+    for spec in &specs {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let router = random_router(&backend, spec, h, &mut rng);
+        for t in [1, 2, 3, 17, 64, 65] {
+            let shape = DispatchShape { tokens: t, top_k: k, experts: e };
+            let block_size = [None, Some(1), Some(16), Some(64)][rng.below(4)];
+            let ranks = (rng.below(4) == 0).then(|| 1 + rng.below(6));
+            let context = format!("E={e} K={k} T={t} block={block_size:?} ranks={ranks:?}");
+            let mut hidden = bf16_values(&mut rng, t * h);
+            // A row of NaN: marked invalid, counted in the status, skipped by the layout.
+            let nan_row = (t >= 3).then(|| rng.below(t));
+            if let Some(row) = nan_row {
+                hidden[row * h..(row + 1) * h].fill(bf16::NAN);
+            }
+            let mut table = vec![0i32; e];
+            if let Some(ranks) = ranks {
+                contiguous_ranks(&mut table, ranks);
+            }
+            let mut results = Vec::new();
+            for calls in [Calls::Two, Calls::One] {
+                let mut gate = GateBuffers::new(&stream, &router, t, k);
+                stream.memcpy_htod(&bf16_bytes(&hidden), &mut gate.hidden.memory).unwrap();
+                let mut layout = DeviceLayout::new(&stream, &router, shape, block_size, ranks);
+                if ranks.is_some() {
+                    layout.table.as_mut().unwrap().write(&stream, &table);
+                }
+                enqueue_gate(&router, &stream, &mut gate, &mut layout, calls)
+                    .unwrap_or_else(|error| panic!("{context} {calls:?}: {error}"));
+                stream.synchronize().unwrap();
+                let ids = layout.ids.elements(&stream);
+                let weights = gate.weights.read(&stream);
+                let status = gate.status.read(&stream);
+                results.push((ids, weights, status, layout.read(&stream)));
+            }
+            let (one, two) = (results.pop().unwrap(), results.pop().unwrap());
+            assert_eq!(one, two, "{context}: one call against two");
+            let (ids, _, status, got) = one;
+            let expected_status = match nan_row {
+                Some(row) => [1, row as i32],
+                None => [0, -1],
+            };
+            assert_eq!(status[..2], expected_status, "{context}");
+            let map = ranks.map(|ranks| RankMap { expert_ranks: &table, ranks });
+            let expected = reference::dispatch(&ids, shape, block_size, map).unwrap();
+            assert_eq!(got, expected, "{context}");
+            got.check_invariants(&ids, shape, map).unwrap_or_else(|e| panic!("{context}: {e}"));
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use sluice_kernels::{
     AMD_WAVE_WIDTH, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
     DeviceMatrix, DispatchArgs, DispatchPlan, GemmPlan, HashInputs, Launch, Partials,
-    RoutingTargets, gemm_args, route_args, route_launch,
+    RouteCounters, RoutingTargets, gemm_args, route_args, route_launch,
 };
 
 use crate::api::Handle;
@@ -34,7 +34,8 @@ pub(crate) fn gemm(
     status: Option<u64>,
 ) -> Result<(), RocmError> {
     let function = module.kernel(&plan.kernel.name())?;
-    let mut args = gemm_args(plan, hidden, weight, partials, status);
+    let counters = RouteCounters { status, ticket: None };
+    let mut args = gemm_args(plan, hidden, weight, partials, counters);
     // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
     // against the source by `sluice-kernels`) and outlive the call; every address was validated
     // to cover the extents the plan reads or writes.

@@ -233,6 +233,32 @@ GPU_INLINE void gpu_atomic_add_i32(int *p, int v) { atomicAdd(p, v); }
 GPU_INLINE void gpu_atomic_min_u32(unsigned *p, unsigned v) { atomicMin(p, v); }
 #endif
 
+// ---- 64-bit masks: set bits, the lowest one (of a non-empty mask), and an atomic or -----------
+#if defined(GPU_AMD) || defined(SLUICE_NO_VENDOR_HEADERS)
+GPU_INLINE int gpu_popc_u64(unsigned long long m) { return __builtin_popcountll(m); }
+GPU_INLINE int gpu_lowest_bit_u64(unsigned long long m) { return __builtin_ctzll(m); }
+GPU_INLINE void gpu_atomic_or_u64(unsigned long long *p, unsigned long long v) {
+  __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
+#else
+GPU_INLINE int gpu_popc_u64(unsigned long long m) { return __popcll(m); }
+GPU_INLINE int gpu_lowest_bit_u64(unsigned long long m) { return __ffsll((long long)m) - 1; }
+GPU_INLINE void gpu_atomic_or_u64(unsigned long long *p, unsigned long long v) { atomicOr(p, v); }
+#endif
+
+// ---- arrival at a grid-wide count (NVIDIA) ---------------------------------------------------
+// Adds 1 to `*counter` at device scope and returns the value before, as one acquire-release
+// operation: called by one thread after a block-wide barrier, it publishes every write the block
+// made before the barrier to whichever block arrives after it, and sees every write of the blocks
+// that arrived before it (the pattern of a grid's "last block").
+#if defined(GPU_NVIDIA)
+GPU_INLINE unsigned gpu_grid_arrive(unsigned *counter) {
+  unsigned before;
+  asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  return before;
+}
+#endif
+
 // ---- programmatic dependent launch (Hopper and later; no-ops elsewhere) ----------------------
 // `gpu_wait_for_previous_grid` returns once the kernel this one depends on has finished and its
 // writes are visible; everything before it may only read memory that kernel does not write.

@@ -22,6 +22,19 @@
 
 GPU_INLINE float sluice_bf16_to_f32(unsigned short v) { return gpu_bits_float(((unsigned)v) << 16); }
 
+// What a gate call's routing counts into, reset by the first thread of the GEMM's first block
+// after the wait for the previous kernel (which may still count into the same memory): the status
+// to [0, -1] (no row marked invalid), and the ticket of the fused layout (`route_dispatch.cuh`) to
+// 0 (no block arrived). Either may be null.
+GPU_INLINE void sluice_reset_counters(int *status, unsigned *ticket, bool first_thread) {
+  if (!first_thread) return;
+  if (status != 0) {
+    status[0] = 0;
+    status[1] = -1;
+  }
+  if (ticket != 0) *ticket = 0u;
+}
+
 template <int XKIND>
 GPU_INLINE float sluice_load_x(const void *x, long long index) {
   if (XKIND == SLUICE_X_F32) return ((const float *)x)[index];
@@ -42,15 +55,12 @@ template <int XKIND, int WKIND>
 GPU_INLINE void sluice_gemm_simt(const void *x, long long x_row_stride, long long x_col_stride,
                                  const void *w, long long w_row_stride, long long w_col_stride,
                                  int tokens, int hidden, int experts, float *partials,
-                                 long long row_stride, int *status) {
+                                 long long row_stride, int *status, unsigned *ticket) {
   gpu_allow_dependents();
   gpu_wait_for_previous_grid();
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
   const int e = GPU_BID_X, t = GPU_BID_Y * SLUICE_GEMM_WARPS + warp;
-  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0) {
-    status[0] = 0;
-    status[1] = -1;
-  }
+  sluice_reset_counters(status, ticket, GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0);
   if (t >= tokens) return;
   float acc = 0.f;
   for (int k = lane; k < hidden; k += GPU_WARP)
@@ -64,9 +74,9 @@ GPU_INLINE void sluice_gemm_simt(const void *x, long long x_row_stride, long lon
   GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_GEMM_WARPS *GPU_WARP) void name(                             \
       const void *x, long long x_row_stride, long long x_col_stride, const void *w,                \
       long long w_row_stride, long long w_col_stride, int tokens, int hidden, int experts,         \
-      float *partials, long long row_stride, int *status) {                                        \
+      float *partials, long long row_stride, int *status, unsigned *ticket) {                      \
     sluice_gemm_simt<XKIND, WKIND>(x, x_row_stride, x_col_stride, w, w_row_stride, w_col_stride,  \
-                                   tokens, hidden, experts, partials, row_stride, status);         \
+                                   tokens, hidden, experts, partials, row_stride, status, ticket); \
   }
 SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_bf16_bf16, SLUICE_X_BF16, SLUICE_W_BF16)
 SLUICE_INSTANTIATE_SIMT(sluice_gemm_simt_f16_bf16, SLUICE_X_F16, SLUICE_W_BF16)
@@ -141,7 +151,7 @@ template <int TOKENS, int EPB>
 GPU_INLINE void sluice_gemv(const unsigned short *x, long long x_row_stride,
                             const unsigned short *w, long long w_row_stride, int tokens,
                             int hidden, int experts, float *logits, long long row_stride,
-                            int *status) {
+                            int *status, unsigned *ticket) {
   __shared__ float sums[SLUICE_GEMV_MAX_THREADS / GPU_WARP][TOKENS * EPB];
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
   const int threads = GPU_THREADS_X, warps = threads / GPU_WARP;
@@ -190,10 +200,7 @@ GPU_INLINE void sluice_gemv(const unsigned short *x, long long x_row_stride,
     }
   }
   gpu_wait_for_previous_grid();  // for threads without a chunk; returns at once otherwise
-  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0) {
-    status[0] = 0;
-    status[1] = -1;
-  }
+  sluice_reset_counters(status, ticket, GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0);
   #pragma unroll
   for (int t = 0; t < TOKENS; ++t)
     #pragma unroll
@@ -215,9 +222,9 @@ GPU_INLINE void sluice_gemv(const unsigned short *x, long long x_row_stride,
   GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_GEMV_MAX_THREADS) void name(                                 \
       const unsigned short *x, long long x_row_stride, const unsigned short *w,                    \
       long long w_row_stride, int tokens, int hidden, int experts, float *logits,                  \
-      long long row_stride, int *status) {                                                         \
+      long long row_stride, int *status, unsigned *ticket) {                                       \
     sluice_gemv<TOKENS, EPB>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts, logits,    \
-                             row_stride, status);                                                  \
+                             row_stride, status, ticket);                                          \
   }
 SLUICE_INSTANTIATE_GEMV(sluice_gemv_1_1, 1, 1)
 SLUICE_INSTANTIATE_GEMV(sluice_gemv_1_2, 1, 2)
@@ -320,7 +327,7 @@ template <int XKIND, int TILES, int WARPS>
 GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const unsigned short *w,
                                 long long w_row_stride, int tokens, int hidden, int experts,
                                 int k_per_warp, float *partials, long long split_stride,
-                                long long row_stride, int *status) {
+                                long long row_stride, int *status, unsigned *ticket) {
   const int TERMS = sluice_x_terms<XKIND>::value;
   __shared__ float sums[WARPS][TILES * 8][GPU_WARP];
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
@@ -380,10 +387,8 @@ GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const uns
     }
   }
   gpu_wait_for_previous_grid();  // for warps with an empty k range; returns at once otherwise
-  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0) {
-    status[0] = 0;
-    status[1] = -1;
-  }
+  sluice_reset_counters(status, ticket,
+                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0);
 
   #pragma unroll
   for (int n = 0; n < TILES; ++n)
@@ -412,9 +417,9 @@ GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const uns
   GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_MMA_WARPS(TILES) * GPU_WARP) void name(                     \
       const void *x, long long x_row_stride, const unsigned short *w, long long w_row_stride,      \
       int tokens, int hidden, int experts, int k_per_warp, float *partials,                        \
-      long long split_stride, long long row_stride, int *status) {                                 \
+      long long split_stride, long long row_stride, int *status, unsigned *ticket) {               \
     sluice_gemm_mma<XKIND, TILES, SLUICE_MMA_WARPS(TILES)>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts,       \
-                                  k_per_warp, partials, split_stride, row_stride, status);         \
+                                  k_per_warp, partials, split_stride, row_stride, status, ticket); \
   }
 #define SLUICE_INSTANTIATE_MMA_TILES(prefix, XKIND)                                                \
   SLUICE_INSTANTIATE_MMA(prefix##_1, XKIND, 1)                                                     \
@@ -524,7 +529,8 @@ template <int TB, int WK>
 GPU_INLINE void sluice_gemm_tiles(const unsigned short *x, long long x_row_stride,
                                   const unsigned short *w, long long w_row_stride, int tokens,
                                   int hidden, int experts, int k_per_split, float *partials,
-                                  long long split_stride, long long row_stride, int *status) {
+                                  long long split_stride, long long row_stride, int *status,
+                                  unsigned *ticket) {
   const int EB = SLUICE_TILE_EXPERTS, THREADS = SLUICE_TILE_WARPS(TB, WK) * GPU_WARP;
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
   const int wk = warp % WK, wm = warp / WK % (EB / 32), wn = warp / WK / (EB / 32);
@@ -565,10 +571,8 @@ GPU_INLINE void sluice_gemm_tiles(const unsigned short *x, long long x_row_strid
   sluice_tile_copy_rows(weight_tile, pitch, w, w_row_stride, e0, expert_rows, k_begin, length,
                         barriers);
   gpu_wait_for_previous_grid();
-  if (status != 0 && GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0) {
-    status[0] = 0;
-    status[1] = -1;
-  }
+  sluice_reset_counters(status, ticket,
+                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0);
   sluice_tile_copy_rows(token_tile, pitch, x, x_row_stride, t0, token_rows, k_begin, length,
                         barriers);
 
@@ -632,9 +636,10 @@ GPU_INLINE void sluice_gemm_tiles(const unsigned short *x, long long x_row_strid
   GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_TILE_WARPS(TB, WK) * GPU_WARP) void name(                    \
       const unsigned short *x, long long x_row_stride, const unsigned short *w,                    \
       long long w_row_stride, int tokens, int hidden, int experts, int k_per_split,                \
-      float *partials, long long split_stride, long long row_stride, int *status) {                \
+      float *partials, long long split_stride, long long row_stride,                               \
+      int *status, unsigned *ticket) {                                                             \
     sluice_gemm_tiles<TB, WK>(x, x_row_stride, w, w_row_stride, tokens, hidden, experts,           \
-                              k_per_split, partials, split_stride, row_stride, status);            \
+                              k_per_split, partials, split_stride, row_stride, status, ticket);    \
   }
 SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_16, 16, 4)
 SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_32, 32, 4)

@@ -5,3 +5,4 @@
 #include "routing.cuh"
 #include "route_block.cuh"
 #include "dispatch.cuh"
+#include "route_dispatch.cuh"

@@ -7,6 +7,7 @@
 
 use std::ffi::c_void;
 
+use crate::dispatch::DispatchArgs;
 use crate::geometry::{GemmKernel, GemmPlan};
 use crate::operands::DeviceMatrix;
 
@@ -121,17 +122,34 @@ fn long(value: usize) -> KernelArg {
     KernelArg::I64(value as i64)
 }
 
+/// What a gate call's routing counts into, which the kernel before it resets (the GEMM, or
+/// `sluice_reset_status` before a GEMM not of ours), after waiting for the kernel before that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteCounters {
+    /// i32 `[2]`, reset to `[0, -1]`: rows marked invalid, and the first of them.
+    pub status: Option<u64>,
+    /// u32 `[1]`, reset to 0: the fused layout's count of routing blocks that have finished.
+    pub ticket: Option<u64>,
+}
+
+impl RouteCounters {
+    /// Whether there is anything to reset.
+    pub fn any(&self) -> bool {
+        self.status.is_some() || self.ticket.is_some()
+    }
+}
+
 /// The arguments of the GEMM kernel `plan` names: `hidden` by `weight` into `partials`, and the
-/// status reset to `[0, -1]` when one is given.
+/// reset of `counters`.
 pub fn gemm_args(
     plan: &GemmPlan,
     hidden: &DeviceMatrix,
     weight: &DeviceMatrix,
     partials: &Partials,
-    status: Option<u64>,
+    counters: RouteCounters,
 ) -> KernelArgs {
     use KernelArg::Ptr;
-    let status = Ptr(status.unwrap_or(0));
+    let (status, ticket) = (Ptr(counters.status.unwrap_or(0)), Ptr(counters.ticket.unwrap_or(0)));
     let (tokens, hidden_size, experts) = (int(hidden.rows), int(hidden.cols), int(weight.rows));
     match plan.kernel {
         // One split: the logits themselves, no split stride.
@@ -146,6 +164,7 @@ pub fn gemm_args(
             Ptr(partials.ptr),
             long(partials.row_stride),
             status,
+            ticket,
         ]),
         // Both take their k range (per warp, per split) where the tiles kernel's is.
         GemmKernel::Mma { .. } | GemmKernel::Tiles { .. } => KernelArgs::new(&[
@@ -161,6 +180,7 @@ pub fn gemm_args(
             long(partials.split_stride),
             long(partials.row_stride),
             status,
+            ticket,
         ]),
         GemmKernel::Simt { .. } => KernelArgs::new(&[
             Ptr(hidden.ptr),
@@ -175,6 +195,7 @@ pub fn gemm_args(
             Ptr(partials.ptr),
             long(partials.row_stride),
             status,
+            ticket,
         ]),
     }
 }
@@ -220,9 +241,39 @@ pub fn route_args(
     ])
 }
 
-/// The arguments of `sluice_reset_status`: the status `[2]` to reset.
-pub fn reset_status_args(status: u64) -> KernelArgs {
-    KernelArgs::new(&[KernelArg::Ptr(status)])
+/// The arguments of `sluice_reset_status`: the counters to reset.
+pub fn reset_status_args(counters: RouteCounters) -> KernelArgs {
+    let (status, ticket) = (counters.status.unwrap_or(0), counters.ticket.unwrap_or(0));
+    KernelArgs::new(&[KernelArg::Ptr(status), KernelArg::Ptr(ticket)])
+}
+
+/// The parameters of the fused kernels (`sluice_route_block_dispatch`, `_logits`): the routing
+/// kernels' ([`route_args`]), then the layout's argument by value and the ticket the GEMM reset.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDispatchArgs {
+    route: KernelArgs,
+    layout: DispatchArgs,
+    ticket: u64,
+}
+
+impl RouteDispatchArgs {
+    /// The routing arguments `route`, the layout's `layout` (filled by
+    /// [`FusedLayout::fill`](crate::FusedLayout::fill)) and the ticket's address.
+    pub fn new(route: KernelArgs, layout: DispatchArgs, ticket: u64) -> Self {
+        RouteDispatchArgs { route, layout, ticket }
+    }
+
+    /// The pointer array a launch takes, valid while `self` is neither moved nor dropped (as
+    /// [`KernelArgs::pointers`]).
+    pub fn pointers(&mut self) -> [*mut c_void; MAX_KERNEL_ARGS + 2] {
+        let route = self.route.pointers();
+        let len = self.route.values().len();
+        let mut all = [std::ptr::null_mut(); MAX_KERNEL_ARGS + 2];
+        all[..len].copy_from_slice(&route[..len]);
+        all[len] = std::ptr::from_mut(&mut self.layout).cast();
+        all[len + 1] = std::ptr::from_mut(&mut self.ticket).cast();
+        all
+    }
 }
 
 /// The arguments of `sluice_sum_partials`: the contiguous slices of `partials` added into logits
@@ -271,6 +322,7 @@ mod tests {
                     Some("int") => "int",
                     Some("long") => "long",
                     Some("float") => "float",
+                    Some("sluice_dispatch_args") => "layout",
                     other => panic!("{name}: parameter {param:?} of type {other:?}"),
                 }
             })
@@ -299,6 +351,7 @@ mod tests {
         dtype: DType::BF16,
     };
     const P: Partials = Partials { ptr: 128, splits: 2, split_stride: 48, row_stride: 16 };
+    const COUNTERS: RouteCounters = RouteCounters { status: Some(8), ticket: Some(24) };
 
     #[test]
     fn every_kernel_gets_its_parameters_in_the_order_and_types_of_the_source() {
@@ -310,18 +363,18 @@ mod tests {
         };
         // The GEMM kernels are stamped out by macros, whose `name` stands for each kernel.
         assert_eq!(
-            kinds(&gemm_args(&simt, &M, &M, &P, None)),
+            kinds(&gemm_args(&simt, &M, &M, &P, RouteCounters::default())),
             signature("#define SLUICE_INSTANTIATE_SIMT", "name")
         );
         let mma =
             GemmPlan { kernel: GemmKernel::Mma { hidden: HiddenKind::F32, tiles: 2 }, ..simt };
         assert_eq!(
-            kinds(&gemm_args(&mma, &M, &M, &P, Some(8))),
+            kinds(&gemm_args(&mma, &M, &M, &P, COUNTERS)),
             signature("#define SLUICE_INSTANTIATE_MMA", "name")
         );
         let tiles = GemmPlan { kernel: GemmKernel::Tiles { tokens_per_block: 32 }, ..simt };
         assert_eq!(
-            kinds(&gemm_args(&tiles, &M, &M, &P, Some(8))),
+            kinds(&gemm_args(&tiles, &M, &M, &P, COUNTERS)),
             signature("#define SLUICE_INSTANTIATE_TILES", "name")
         );
         let targets = RoutingTargets {
@@ -338,7 +391,7 @@ mod tests {
             ..simt
         };
         assert_eq!(
-            kinds(&gemm_args(&gemv, &M, &M, &P, Some(8))),
+            kinds(&gemm_args(&gemv, &M, &M, &P, COUNTERS)),
             signature("#define SLUICE_INSTANTIATE_GEMV", "name")
         );
         let route = signature("#define SLUICE_INSTANTIATE_ROUTE(", "name");
@@ -352,7 +405,29 @@ mod tests {
             hashed.values()[14..],
             [KernelArg::Ptr(16), KernelArg::I32(7), KernelArg::Ptr(32), KernelArg::I32(8)]
         );
-        assert_eq!(kinds(&reset_status_args(8)), signature("", "sluice_reset_status"));
+        assert_eq!(kinds(&reset_status_args(COUNTERS)), signature("", "sluice_reset_status"));
+        // The fused kernels: the routing kernels' arguments, then the layout's and the ticket.
+        let fused = signature("#define SLUICE_INSTANTIATE_ROUTE_DISPATCH(", "name");
+        let mut expected = route.clone();
+        expected.extend(["layout", "ptr"]);
+        assert_eq!(fused, expected);
+        let mut args = RouteDispatchArgs::new(
+            route_args(&P, None, 3, 2.5, &targets, None),
+            DispatchArgs { tokens: 3, ..DispatchArgs::default() },
+            40,
+        );
+        let pointers = args.pointers();
+        let (route_len, last) = (route.len(), MAX_KERNEL_ARGS + 1);
+        // SAFETY: `args` is alive and unmoved; the pointers past the routing ones were made from
+        // the layout's argument and the ticket.
+        let (layout_tokens, ticket) = unsafe {
+            (
+                (*pointers[route_len].cast::<DispatchArgs>()).tokens,
+                *pointers[route_len + 1].cast::<u64>(),
+            )
+        };
+        assert_eq!((layout_tokens, ticket), (3, 40));
+        assert_eq!(route_len + 2, last + 1, "the fused kernels take the most parameters");
         assert_eq!(
             kinds(&sum_partials_args(&P, 3, 16, 256, 16)),
             signature("", "sluice_sum_partials")

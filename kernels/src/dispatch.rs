@@ -1,11 +1,12 @@
 //! Launch geometry of the dispatch layout (`gpu/dispatch.cuh`): one block up to
 //! [`ONE_BLOCK_MAX_PAIRS`] pairs, else tiles of rows over many blocks with a workspace of
-//! per-block counts, in warps of the vendor's width; and the kernels' argument, [`DispatchArgs`],
-//! made from checked operands by [`dispatch_args`].
+//! per-block counts, in warps of the vendor's width; the layout fused into block-per-token routing
+//! (`gpu/route_dispatch.cuh`, [`FusedLayout`]); and the kernels' argument, [`DispatchArgs`], made
+//! from checked operands by [`dispatch_args`].
 
 use sluice_tensor::{BackendError, DispatchInputs, DispatchOutputs, DispatchShape, DlpackViewMut};
 
-use crate::geometry::Launch;
+use crate::geometry::{Launch, RouteKernel, RoutePlan};
 use crate::operands::output_rows;
 use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
 
@@ -15,6 +16,13 @@ pub const DISPATCH_COUNT_KERNEL: &str = "sluice_dispatch_count";
 pub const DISPATCH_SCATTER_KERNEL: &str = "sluice_dispatch_scatter";
 /// Name of the kernel that counts distinct tokens per rank, after the scatter (rank outputs only).
 pub const DISPATCH_RANK_TOKENS_KERNEL: &str = "sluice_dispatch_rank_tokens";
+
+/// Name of the block-per-token routing kernel that adds up to `MAX_PARTIALS` partial sums and lays
+/// out the call's ids.
+pub const ROUTE_DISPATCH_KERNEL: &str = "sluice_route_block_dispatch";
+/// Name of the block-per-token routing kernel that reads finished logits and lays out the call's
+/// ids.
+pub const ROUTE_DISPATCH_LOGITS_KERNEL: &str = "sluice_route_block_dispatch_logits";
 
 /// Threads per block of the rank-tokens kernel, one row each (`SLUICE_DISPATCH_RANK_THREADS`).
 pub const RANK_TOKENS_THREADS: usize = 256;
@@ -120,6 +128,47 @@ impl DispatchPlan {
         args.rows_per_block = i32::try_from(self.rows_per_block).unwrap_or(i32::MAX);
         args.blocks = self.scatter.grid[0] as i32;
         args.threads = self.scatter.block[0] as i32;
+    }
+}
+
+/// Rows the layout inside routing takes (`SLUICE_DECODE_MAX_ROWS`: a bit each in a 64-bit mask).
+pub const DECODE_MAX_ROWS: usize = 64;
+
+/// The dispatch layout computed inside block-per-token routing (`gpu/route_dispatch.cuh`): the
+/// block that finishes last lays out every row, a thread per expert, from masks of the rows that
+/// chose each expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedLayout {
+    /// Rows routed, one block each.
+    pub tokens: usize,
+    /// Threads per routing block: a thread per expert, in whole warps.
+    pub threads: usize,
+}
+
+impl FusedLayout {
+    /// The fused kernels' layout for a routing launch `route`, where they take it: block-per-token
+    /// routing (every ranked-score config has the fused kernels beside the block ones) of at most
+    /// [`DECODE_MAX_ROWS`] rows, and no rank outputs (their distinct tokens per rank are a kernel
+    /// of their own). `None` otherwise: the layout is then a launch of its own after routing.
+    pub fn plan(route: &RoutePlan, rank_outputs: bool) -> Option<Self> {
+        let tokens = route.launch.grid[0] as usize;
+        let fused = route.kernel == RouteKernel::Block && !rank_outputs;
+        (fused && tokens <= DECODE_MAX_ROWS)
+            .then_some(FusedLayout { tokens, threads: route.launch.block[0] as usize })
+    }
+
+    /// The kernel's symbol, for logits given as `splits` partial sums.
+    pub fn name(&self, splits: usize) -> &'static str {
+        if splits <= 1 { ROUTE_DISPATCH_LOGITS_KERNEL } else { ROUTE_DISPATCH_KERNEL }
+    }
+
+    /// Writes the launch's share of the argument: all rows laid out by one block (the last to
+    /// arrive) of the routing block's threads, no workspace.
+    pub fn fill(&self, args: &mut DispatchArgs) {
+        args.block_counts = 0;
+        args.rows_per_block = self.tokens as i32;
+        args.blocks = 1;
+        args.threads = self.threads as i32;
     }
 }
 
@@ -254,6 +303,45 @@ mod tests {
         // AMD's waves are twice as wide: as many pairs per lane, half the waves.
         assert_eq!(plan_dispatch(1, 8, 256, AMD_WAVE_WIDTH).unwrap().scatter.block, [256, 1, 1]);
         assert_eq!(plan_dispatch(256, 8, 256, AMD_WAVE_WIDTH).unwrap().scatter.block, [512, 1, 1]);
+    }
+
+    #[test]
+    fn the_layout_is_fused_into_block_routing_of_decode_batches() {
+        use crate::geometry::{RouteKernel, plan_route};
+        use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
+        let config = |experts, top_k| {
+            let spec = RoutingSpec::builder(experts, top_k)
+                .scoring(ScoringFunc::Sigmoid)
+                .method(TopkMethod::NoauxTc)
+                .build()
+                .unwrap();
+            crate::RoutingConfig::new(&spec).unwrap()
+        };
+        let v3 = config(256, 8);
+        for tokens in [1, 7, DECODE_MAX_ROWS] {
+            let route = plan_route(&v3, tokens, NVIDIA, true).unwrap();
+            let fused = FusedLayout::plan(&route, false).expect("V3 decode is fused");
+            assert_eq!(fused, FusedLayout { tokens, threads: 256 });
+            // Every row laid out by one block of the routing block's threads, no workspace.
+            let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
+            fused.fill(&mut args);
+            assert_eq!((args.block_counts, args.blocks), (0, 1));
+            assert_eq!((args.rows_per_block, args.threads), (tokens as i32, 256));
+            assert_eq!(fused.name(1), ROUTE_DISPATCH_LOGITS_KERNEL);
+            assert_eq!(fused.name(6), ROUTE_DISPATCH_KERNEL);
+            // Rank outputs keep their own launches.
+            assert_eq!(FusedLayout::plan(&route, true), None);
+        }
+        // A warp per token past 64 tokens: the layout is a launch of its own.
+        let warp = plan_route(&v3, DECODE_MAX_ROWS + 1, NVIDIA, true).unwrap();
+        assert_eq!(warp.kernel, RouteKernel::Warp);
+        assert_eq!(FusedLayout::plan(&warp, false), None);
+        // Every block-routed config, up to 1024 experts (a thread each).
+        let large = plan_route(&config(1024, 32), 1, NVIDIA, true).unwrap();
+        assert_eq!(FusedLayout::plan(&large, false).map(|f| f.threads), Some(1024));
+        // No block kernels in the module (hash routing), no fusion.
+        let warp_only = plan_route(&v3, 1, NVIDIA, false).unwrap();
+        assert_eq!(FusedLayout::plan(&warp_only, false), None);
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
 //! | `sluice_route_logits` | the same from finished logits (much smaller code) |
 //! | `sluice_route_block`, `sluice_route_block_logits` | the same for up to 64 tokens, a block per token and a thread per expert (NVIDIA, ranked scores) |
-//! | `sluice_reset_status` | the routing status set to `[0, -1]`, ordered after the previous kernel (for a GEMM not of ours) |
+//! | `sluice_route_block_dispatch`, `_logits` | block-per-token routing, then the dispatch layout of every row by the block that finishes last (decode batches, no rank outputs) |
+//! | `sluice_reset_status` | the routing status set to `[0, -1]` and the fused layout's ticket to 0, ordered after the previous kernel (for a GEMM not of ours) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
 //! | `sluice_dispatch_rank_tokens` | with rank outputs, after the scatter: distinct tokens per rank, one row per thread |
@@ -38,13 +39,14 @@ mod operands;
 pub mod toolchain;
 
 pub use args::{
-    HashInputs, KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RoutingTargets, gemm_args,
-    reset_status_args, route_args, sum_partials_args,
+    HashInputs, KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RouteCounters, RouteDispatchArgs,
+    RoutingTargets, gemm_args, reset_status_args, route_args, sum_partials_args,
 };
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
-    DispatchPlan, RANK_TOKENS_THREADS, dispatch_args, plan_dispatch,
+    DECODE_MAX_ROWS, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DispatchArgs, DispatchPlan, FusedLayout, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL,
+    ROUTE_DISPATCH_LOGITS_KERNEL, dispatch_args, plan_dispatch,
 };
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
@@ -72,6 +74,8 @@ pub const SOURCE: &str = concat!(
     include_str!("../gpu/route_block.cuh"),
     "\n",
     include_str!("../gpu/dispatch.cuh"),
+    "\n",
+    include_str!("../gpu/route_dispatch.cuh"),
 );
 
 /// Name of the routing kernel that adds up to `MAX_PARTIALS` partial sums per logit.
@@ -108,6 +112,8 @@ mod tests {
             DISPATCH_COUNT_KERNEL.to_owned(),
             DISPATCH_SCATTER_KERNEL.to_owned(),
             DISPATCH_RANK_TOKENS_KERNEL.to_owned(),
+            ROUTE_DISPATCH_KERNEL.to_owned(),
+            ROUTE_DISPATCH_LOGITS_KERNEL.to_owned(),
         ];
         for tokens_per_block in [1, 2, 4, 8] {
             for experts_per_block in [1, 2] {

@@ -12,7 +12,8 @@ use std::process::Command;
 use sluice_kernels::toolchain::find_clang;
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
-    GemmKernel, HiddenKind, RANK_TOKENS_THREADS, RoutingConfig, WeightKind,
+    GemmKernel, HiddenKind, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL,
+    ROUTE_DISPATCH_LOGITS_KERNEL, RoutingConfig, WeightKind,
 };
 use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
@@ -154,6 +155,23 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         );
         assert!(ptx.contains(&args), "{spec}: {args} missing from the PTX");
         assert!(ptx.contains("match.any.sync.b32"), "{spec}");
+        // The fused routing and layout: in every ranked-score config, taking the layout's
+        // argument after the routing kernels' and the ticket last; never on AMD.
+        let fused = spec.method != TopkMethod::Hash;
+        for kernel in [ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL] {
+            assert_eq!(ptx.contains(&format!(".entry {kernel}(")), fused, "{spec}: {kernel}");
+            let layout = format!(
+                ".param .align 8 .b8 {kernel}_param_{}[{}]",
+                sluice_kernels::MAX_KERNEL_ARGS,
+                size_of::<DispatchArgs>()
+            );
+            assert_eq!(ptx.contains(&layout), fused, "{spec}: {layout}");
+            assert!(!amd.contains(kernel), "{spec}: {kernel} on AMD");
+        }
+        if fused {
+            assert!(ptx.contains("atom.add.acq_rel.gpu.u32"), "{spec}: the ticket");
+            assert!(ptx.contains("atom.shared.or.b64"), "{spec}: the rows of each expert");
+        }
         // The rank-tokens kernel is launched with the block size its launch bounds name.
         let rank_tokens = ptx.split(&format!(".entry {DISPATCH_RANK_TOKENS_KERNEL}(")).nth(1);
         let bounds = format!(".maxntid {RANK_TOKENS_THREADS}, 1, 1");
