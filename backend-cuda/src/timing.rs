@@ -8,9 +8,10 @@
 //! divided by `S`. Each router is warmed up for `T` first, as an engine does, so the cuBLASLt path
 //! runs the algorithm `warm_up` timed fastest.
 //!
-//! With [`GateBench::layout`], every gate call is followed by `dispatch_into` of its ids (the gate
-//! with the layout, as an engine runs the two), and the layout alone is timed too: a graph of
-//! [`LAYOUT_CALLS`] `dispatch_into` calls on one routing's ids, replayed.
+//! With [`GateBench::layout`], every gate call also lays out its ids for dispatch, as one
+//! `route_and_dispatch_into` call or as `route_into` then `dispatch_into`
+//! ([`LayoutBench::one_call`]), and the layout alone is timed too: a graph of [`LAYOUT_CALLS`]
+//! `dispatch_into` calls on one routing's ids, replayed.
 
 use std::sync::Arc;
 
@@ -42,6 +43,9 @@ pub const LAYOUT_CALLS: usize = 20;
 pub struct LayoutBench {
     /// Pad each expert's rows to a multiple of this block size.
     pub block_size: Option<usize>,
+    /// Gate and layout as one `route_and_dispatch_into` call (the layout inside routing where the
+    /// backend fuses it), rather than `route_into` then `dispatch_into`.
+    pub one_call: bool,
 }
 
 /// What to time.
@@ -186,9 +190,28 @@ impl CudaBackend {
                 )
                 .with_status(status.view_mut().map_err(argument("status"))?)
                 .with_workspace(workspace.view_mut().map_err(argument("workspace"))?);
-                router.route_into(&inputs, &mut outputs, execution)?;
-                if let Some((layout, workspace)) = layout.as_mut() {
-                    lay_out(router, &ids, layout, workspace, execution)?;
+                match (layout.as_mut(), bench.layout) {
+                    (
+                        Some((layout, layout_workspace)),
+                        Some(LayoutBench { one_call: true, .. }),
+                    ) => {
+                        let mut layout = layout.views("time_gate")?;
+                        layout.workspace = Some(
+                            layout_workspace.view_mut().map_err(argument("layout workspace"))?,
+                        );
+                        router.route_and_dispatch_into(
+                            &inputs,
+                            &mut outputs,
+                            &mut layout,
+                            None,
+                            execution,
+                        )?;
+                    }
+                    (Some((layout, layout_workspace)), _) => {
+                        router.route_into(&inputs, &mut outputs, execution)?;
+                        lay_out(router, &ids, layout, layout_workspace, execution)?;
+                    }
+                    (None, _) => router.route_into(&inputs, &mut outputs, execution)?,
                 }
             }
             Ok(())

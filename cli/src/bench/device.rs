@@ -1,6 +1,7 @@
 //! `sluice bench --backend cuda`: the gate as an engine runs it, `route_into` on a stream,
 //! replayed from a CUDA graph and enqueued eagerly, beside the memory floor of each cell. With
-//! `--dispatch`, the gate again with `dispatch_into` after every call: what the layout adds to the
+//! `--dispatch`, the gate again with the layout of its ids, side by side as one
+//! `route_and_dispatch_into` call and as `route_into` then `dispatch_into`: what each adds to the
 //! graph-replayed gate, and the layout alone.
 
 use serde_json::json;
@@ -20,9 +21,8 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 .into(),
         ));
     }
-    let layout = args
-        .dispatch
-        .then_some(LayoutBench { block_size: args.block_size.map(|block| block as usize) });
+    let block_size = args.block_size.map(|block| block as usize);
+    let layout = args.dispatch.then_some(LayoutBench { block_size, one_call: true });
     let backend = args.backend.cuda()?;
     let spec = args.model.spec();
     let (h, e, k) = (args.model.hidden_size(), spec.num_experts, spec.top_k);
@@ -41,7 +41,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         "T", "graph us", "graph min", "eager us", "floor us", "x floor", "sets"
     );
     if layout.is_some() {
-        print!("  {:>14}  {:>9}  {:>10}", "+layout us", "added us", "layout us");
+        print!(
+            "  {:>14}  {:>9}  {:>14}  {:>10}",
+            "+layout us", "added us", "2 calls added", "layout us"
+        );
     }
     println!();
     let hidden_bytes = match args.dtype {
@@ -62,9 +65,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             layout: None,
         };
         let times = backend.time_gate(&bench)?;
-        let with_layout =
-            layout.map(|layout| backend.time_gate(&GateBench { layout: Some(layout), ..bench }));
-        let with_layout = with_layout.transpose()?;
+        let time_with = |layout| backend.time_gate(&GateBench { layout: Some(layout), ..bench });
+        let with_layout = layout.map(time_with).transpose()?;
+        let two_calls = layout
+            .map(|layout| time_with(LayoutBench { one_call: false, ..layout }))
+            .transpose()?;
         // The fewest bytes the gate moves: hidden states, weight, bias, ids and weights out.
         let bytes = tokens * h * hidden_bytes + e * h * 2 + e * 4 + tokens * k * 8;
         let floor_us = bytes as f64 / bandwidth * 1e6;
@@ -78,11 +83,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         );
         // What the layout adds: the two graph-replayed medians, gate + layout minus gate alone.
         let added_us = with_layout.map(|w| w.graph.median_us - times.graph.median_us);
+        let two_calls_added_us = two_calls.map(|w| w.graph.median_us - times.graph.median_us);
         let layout_us = with_layout.and_then(|w| w.layout).map(|l| l.median_us);
-        if let (Some(with_layout), Some(added_us), Some(layout_us)) =
-            (with_layout, added_us, layout_us)
+        if let (Some(with_layout), Some(added_us), Some(two_calls_added_us), Some(layout_us)) =
+            (with_layout, added_us, two_calls_added_us, layout_us)
         {
-            print!("  {:>14.2}  {added_us:>9.2}  {layout_us:>10.2}", with_layout.graph.median_us);
+            print!(
+                "  {:>14.2}  {added_us:>9.2}  {two_calls_added_us:>14.2}  {layout_us:>10.2}",
+                with_layout.graph.median_us
+            );
         }
         println!();
         results.push(json!({
@@ -100,6 +109,8 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             "graph_with_layout_us": with_layout.map(|w| w.graph.median_us),
             "eager_with_layout_us": with_layout.map(|w| w.eager.median_us),
             "layout_added_us": added_us,
+            "graph_with_two_calls_us": two_calls.map(|w| w.graph.median_us),
+            "two_calls_added_us": two_calls_added_us,
             "layout_graph_us": layout_us,
         }));
     }
@@ -121,8 +132,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 "method": "route_into on a stream; S distinct (hidden, weight, bias) sets totalling \
                            3x L2; a pass routes each once; graph = one pass captured and replayed; \
                            median over repetitions of a pass, device events, divided by S; \
-                           with --dispatch, each route_into followed by dispatch_into of its ids \
+                           with --dispatch, each gate call as one route_and_dispatch_into \
                            (graph_with_layout_us; layout_added_us is its difference to graph_us), \
+                           and as route_into followed by dispatch_into of its ids \
+                           (graph_with_two_calls_us, two_calls_added_us), \
                            and layout_graph_us: a graph of layout_calls_per_replay dispatch_into \
                            calls on one routing's ids, replayed, divided by that count",
             },
