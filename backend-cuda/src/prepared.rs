@@ -594,8 +594,6 @@ impl PreparedRouter for CudaPreparedRouter {
         execution: Execution,
     ) -> Result<(), BackendError> {
         const OP: &str = "route_and_dispatch_into";
-        let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
-        let needed = self.workspace_bytes(tokens);
         let (tokens, ranks) = check_route_and_dispatch_into(
             OP,
             self,
@@ -604,7 +602,6 @@ impl PreparedRouter for CudaPreparedRouter {
             layout,
             expert_ranks,
             execution,
-            needed,
         )?;
         let fused = if tokens == 0 { None } else { self.module.fused_layout(tokens, ranks > 0) };
         let Some(fused) = fused else {

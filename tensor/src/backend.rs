@@ -279,18 +279,7 @@ pub trait PreparedRouter: Send + Sync + fmt::Debug {
         execution: Execution,
     ) -> Result<(), BackendError> {
         const OP: &str = "route_and_dispatch_into";
-        let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
-        let needed = self.workspace_bytes(tokens);
-        check_route_and_dispatch_into(
-            OP,
-            self,
-            inputs,
-            outputs,
-            layout,
-            expert_ranks,
-            execution,
-            needed,
-        )?;
+        check_route_and_dispatch_into(OP, self, inputs, outputs, layout, expert_ranks, execution)?;
         self.route_into(inputs, outputs, execution)?;
         let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
         self.dispatch_into(&ids, layout, execution)

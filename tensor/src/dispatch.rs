@@ -316,11 +316,10 @@ fn dispatch_written(outputs: &DispatchOutputs<'_>) -> [Named; 13] {
 }
 
 /// Checks a `route_and_dispatch_into` call: everything [`check_route_into`] checks of the routing
-/// (with `workspace_needed` bytes of route workspace), everything [`check_dispatch_into`] checks of
-/// the layout of the call's own `topk_ids` (with `expert_ranks`), and that no layout output
-/// overlaps what routing reads or writes. Returns `T` and the layout's rank count (0 without rank
-/// outputs).
-#[allow(clippy::too_many_arguments)]
+/// (with the router's `workspace_bytes(T)` of route workspace), everything [`check_dispatch_into`]
+/// checks of the layout of the call's own `topk_ids` (with `expert_ranks`), and that no layout
+/// output overlaps what routing reads or writes. Returns `T` and the layout's rank count (0
+/// without rank outputs).
 pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
     op: &'static str,
     router: &R,
@@ -329,9 +328,10 @@ pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
     layout: &DispatchOutputs<'_>,
     expert_ranks: Option<DlpackView<'_>>,
     execution: Execution,
-    workspace_needed: usize,
 ) -> Result<(usize, usize), BackendError> {
-    let tokens = check_route_into(op, router, inputs, outputs, execution, workspace_needed)?;
+    let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
+    let needed = router.workspace_bytes(tokens);
+    let tokens = check_route_into(op, router, inputs, outputs, execution, needed)?;
     let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
     let (_, ranks) = check_dispatch_into(op, router, &ids, layout, execution)?;
     let (route_written, route_read) = route_extents(inputs, outputs);
