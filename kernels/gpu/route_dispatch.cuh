@@ -26,7 +26,8 @@
 
 // The layout of `a.tokens` (at most SLUICE_DECODE_MAX_ROWS) rows of a routing's ids, each K
 // distinct experts of [0, E) or K -1s, without rank outputs, by a block of `a.threads` >= E
-// threads (see the top of the file). Writes what `sluice_dispatch_scatter` writes for such ids.
+// threads (see the top of the file), over a `padded_pairs` already all sentinels
+// (`sluice_route_dispatch_impl`). Writes what `sluice_dispatch_scatter` writes for such ids.
 GPU_INLINE void sluice_dispatch_decode(const sluice_dispatch_args &a) {
   __shared__ unsigned long long rows_of[SLUICE_E];  // bit t: row t chose the expert
   __shared__ int run_start[SLUICE_E];               // offsets in `sorted_pairs`
@@ -37,9 +38,6 @@ GPU_INLINE void sluice_dispatch_decode(const sluice_dispatch_args &a) {
   const int pairs = a.tokens * SLUICE_K, sentinel = pairs, bs = a.block_size;
   if (tid < SLUICE_E) rows_of[tid] = 0ull;
   if (tid == 0) invalid_rows = 0ull;
-  // The padded layout is mostly sentinels (each run padded to the block size, then the rest of
-  // the capacity): all of it first, in coalesced stores, and the pairs over it after the barriers.
-  for (int i = tid; i < a.capacity; i += threads) a.padded_pairs[i] = sentinel;
   gpu_syncthreads();
 
   // 1. The rows of each expert, and the rows with a skipped pair.
@@ -131,6 +129,13 @@ GPU_INLINE void sluice_route_dispatch_impl(
   sluice_route_block_impl<MAX_PARTIALS>(partials, splits, split_stride, row_stride, bias, scale,
                                         ids, ids_row_stride, weights, weights_row_stride, logits,
                                         logits_row_stride, status);
+  // The padded layout is mostly sentinels (each run padded to the block size, then the rest of
+  // the capacity): every block writes its share of them, coalesced, before it counts itself in,
+  // so the last block only places the pairs over them.
+  const int share = (layout.capacity + tokens - 1) / tokens, begin = GPU_BID_X * share;
+  const int end = begin + share < layout.capacity ? begin + share : layout.capacity;
+  for (int i = begin + GPU_TID; i < end; i += SLUICE_BLOCK_THREADS)
+    layout.padded_pairs[i] = tokens * SLUICE_K;
   gpu_syncthreads();  // this block's row (ids, or the -1s of an invalid row) is written
   // One token's block is the last by itself: no count (its fence and round trip to L2) needed.
   if (GPU_TID == 0) last = tokens == 1 || gpu_grid_arrive(ticket) == (unsigned)(tokens - 1);
