@@ -20,7 +20,6 @@
 // layout's (the same outputs, entry for entry).
 
 #if defined(SLUICE_HAS_ROUTE_BLOCK)
-#define SLUICE_HAS_ROUTE_DISPATCH 1
 // Rows a decode layout takes: one bit each in a 64-bit mask.
 #define SLUICE_DECODE_MAX_ROWS 64
 

@@ -342,6 +342,9 @@ mod tests {
         // No block kernels in the module (hash routing), no fusion.
         let warp_only = plan_route(&v3, 1, NVIDIA, false).unwrap();
         assert_eq!(FusedLayout::plan(&warp_only, false), None);
+        // The rows the device's masks hold.
+        let define = format!("#define SLUICE_DECODE_MAX_ROWS {DECODE_MAX_ROWS}\n");
+        assert!(crate::SOURCE.contains(&define), "{define}");
     }
 
     #[test]
