@@ -631,8 +631,9 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     let mut rng = Rng(0x0f05_ed1a_7e55_0002);
     let h = 512;
     // Fused where routing is a block per token (V3, Kimi-K2, V2's 160 in 8 groups, 512 experts;
-    // K = 32 for one token only) and no rank outputs are asked for; the two launches elsewhere
-    // (64 experts route a warp per token, as do 65 tokens).
+    // K = 32 for one token only, up to 1024 experts: a block of 1024 threads) and no rank outputs
+    // are asked for; the two launches elsewhere (64 experts route a warp per token, as do 65
+    // tokens).
     let specs = [
         deepseek_v3_spec(256, 8),
         deepseek_v3_spec(384, 8),
@@ -646,6 +647,7 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
         greedy_spec(64, 6),
         greedy_spec(512, 8),
         deepseek_v3_spec(256, 32),
+        greedy_spec(1024, 32),
     ];
     for spec in &specs {
         let (e, k) = (spec.num_experts, spec.top_k);
