@@ -17,8 +17,8 @@ use sluice_kernels::{
     dispatch_args, host_i32_values, plan_dispatch,
 };
 use sluice_tensor::{
-    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DlpackError,
-    DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
+    BackendError, DType, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape,
+    DlpackError, DlpackView, DlpackViewMut, Execution, PreparedRouter, check_dispatch_into,
 };
 
 use crate::buffer::DeviceBuffer;
@@ -59,15 +59,30 @@ impl Dispatcher<'_> {
     ) -> Result<(), BackendError> {
         const OP: &str = "dispatch_into";
         let (shape, ranks) = check_dispatch_into(OP, self.router, inputs, outputs, execution)?;
+        self.enqueue_checked(OP, inputs, outputs, shape, ranks, execution)
+    }
+
+    /// A layout whose arguments were checked (`check_dispatch_into`, or
+    /// `check_route_and_dispatch_into`, which returned `shape` and `ranks`): its kernels on the
+    /// execution's stream.
+    pub(crate) fn enqueue_checked(
+        &self,
+        op: &'static str,
+        inputs: &DispatchInputs<'_>,
+        outputs: &mut DispatchOutputs<'_>,
+        shape: DispatchShape,
+        ranks: usize,
+        execution: Execution,
+    ) -> Result<(), BackendError> {
         let plan = plan(self.router, shape.tokens)?;
-        let mut args = dispatch_args(OP, inputs, outputs, shape, ranks)?;
+        let mut args = dispatch_args(op, inputs, outputs, shape, ranks)?;
         plan.fill(&mut args);
         self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
         let stream = CudaPreparedRouter::stream(execution);
         let mut params: [*mut c_void; 1] = [(&raw mut args).cast()];
         if let Some(count) = plan.count {
             // SAFETY: the one parameter is a `DispatchArgs`, the device's `sluice_dispatch_args`
-            // (same layout, checked against the PTX in CI); `check_dispatch_into` validated every
+            // (same layout, checked against the PTX in CI); the caller's check validated every
             // address against the extents the kernel touches (the workspace against
             // `plan.workspace_bytes`), and `args` outlives the call.
             unsafe {

@@ -97,17 +97,16 @@ pub(crate) fn route_dispatch(
     let function = module.route_dispatch(fused, partials.splits)?;
     let route = route_args(partials, bias, fused.tokens, scale, targets, None);
     let mut args = RouteDispatchArgs::new(route, layout, ticket);
-    let (_, plan) = module.route(fused.tokens, partials.splits)?;
     // SAFETY: the arguments match the fused kernels' signature (the routing kernels', then
     // `sluice_dispatch_args` by value and the ticket pointer; checked against the source by
-    // `sluice-kernels`), and outlive the call. The routing part is as in `route` for the
-    // block-per-token plan it launches (one block per token, a thread per expert; never a
-    // hash-routed module, whose modules have no fused kernels). `layout` was made by
-    // `dispatch_args` from outputs that `check_route_and_dispatch_into` validated, its ids being
-    // `targets.ids` itself, and filled for one block of the routing block's threads and every
-    // row. `ticket` is a 4-byte word inside the caller's checked route workspace, past the
-    // partials, and the GEMM enqueued before this resets it after its own wait.
-    unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
+    // `sluice-kernels`), and outlive the call. The routing part is as in `route`: `fused` was
+    // planned from the block-per-token plan, whose launch `fused.launch()` is (one block per
+    // token, a thread per expert; never a hash-routed module, which has no fused kernels).
+    // `layout` was made by `dispatch_args` from outputs that `check_route_and_dispatch_into`
+    // validated, its ids being `targets.ids` itself, and filled for one block of the routing
+    // block's threads and every row. `ticket` is a 4-byte word inside the caller's checked route
+    // workspace, past the partials, and the GEMM enqueued before this resets it after its wait.
+    unsafe { launch(function, fused.launch(), stream, dependent_launch, &mut args.pointers()) }
 }
 
 /// Enqueues the reset of `counters`, which the GEMM kernels do themselves, for a GEMM that is not

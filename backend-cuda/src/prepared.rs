@@ -11,8 +11,8 @@ use sluice_kernels::{
 };
 use sluice_tensor::argument_view;
 use sluice_tensor::{
-    BackendError, DType, Device, DispatchInputs, DispatchOutputs, DispatchShape, Dlpack,
-    DlpackView, DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
+    BackendError, DType, Device, DispatchInputs, DispatchOutputs, Dlpack, DlpackView,
+    DlpackViewMut, Execution, ExpectedShape, PreparedRouter, RouteInputs, RouteOutputs,
     RoutingOutput, RoutingSpec, TopkMethod, WORKSPACE_ALIGN, check_logits_into,
     check_route_and_dispatch_into, check_route_into, check_router_weight,
 };
@@ -175,8 +175,13 @@ impl CudaPreparedRouter {
 
     /// Bytes of workspace a gate call on `hidden` needs.
     pub(crate) fn call_workspace_bytes(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
+        Ok(self.path_workspace_bytes(&self.gemm_path(hidden)?, hidden))
+    }
+
+    /// Bytes of workspace the GEMM path `path` of a gate call on `hidden` uses.
+    fn path_workspace_bytes(&self, path: &GemmPath<'_>, hidden: &DeviceMatrix) -> usize {
         let (tokens, experts) = (hidden.rows, self.experts());
-        Ok(match self.gemm_path(hidden)? {
+        match path {
             GemmPath::Lt(_) => {
                 lt_logits_bytes(tokens, experts)
                     + cublaslt::WORKSPACE_ALIGN
@@ -185,13 +190,13 @@ impl CudaPreparedRouter {
             GemmPath::Kernels(plan) => {
                 plan.partials_bytes(GemmShape { tokens, hidden: hidden.cols, experts })
             }
-        })
+        }
     }
 
-    /// Where the fused layout's ticket lies in the workspace of a gate call on `hidden`: after
-    /// what the GEMM path uses, aligned. `workspace_bytes` counts its word for every call.
-    fn ticket_offset(&self, hidden: &DeviceMatrix) -> Result<usize, CudaError> {
-        Ok(self.call_workspace_bytes(hidden)?.next_multiple_of(WORKSPACE_ALIGN))
+    /// Where the fused layout's ticket lies in a gate call's workspace: after the `path_bytes`
+    /// its GEMM path uses, aligned. `workspace_bytes` counts its word for every call.
+    fn ticket_offset(path_bytes: usize) -> usize {
+        path_bytes.next_multiple_of(WORKSPACE_ALIGN)
     }
 
     fn dispatcher(&self) -> Dispatcher<'_> {
@@ -246,13 +251,12 @@ impl CudaPreparedRouter {
             return Ok(());
         }
         let (tokens, experts) = (hidden.rows, self.experts());
-        let ticket = match fused {
-            Some(_) => Some(workspace + self.ticket_offset(hidden)? as u64),
-            None => None,
-        };
+        let path = self.gemm_path(hidden)?;
+        let ticket_offset = Self::ticket_offset(self.path_workspace_bytes(&path, hidden));
+        let ticket = fused.as_ref().map(|_| workspace + ticket_offset as u64);
         let counters = RouteCounters { status: targets.status, ticket };
         self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
-        let partials = match self.gemm_path(hidden)? {
+        let partials = match path {
             GemmPath::Lt(lt) => {
                 let lt_workspace = (workspace + lt_logits_bytes(tokens, experts) as u64)
                     .next_multiple_of(cublaslt::WORKSPACE_ALIGN as u64);
@@ -498,8 +502,8 @@ impl PreparedRouter for CudaPreparedRouter {
         [DType::BF16, DType::F32]
             .into_iter()
             .map(|dtype| {
-                self.ticket_offset(&self.dense_hidden(tokens, dtype))
-                    .map_or(0, |offset| offset + WORKSPACE_ALIGN)
+                self.call_workspace_bytes(&self.dense_hidden(tokens, dtype))
+                    .map_or(0, |bytes| Self::ticket_offset(bytes) + WORKSPACE_ALIGN)
             })
             .max()
             .unwrap_or(0)
@@ -594,7 +598,7 @@ impl PreparedRouter for CudaPreparedRouter {
         execution: Execution,
     ) -> Result<(), BackendError> {
         const OP: &str = "route_and_dispatch_into";
-        let (tokens, ranks) = check_route_and_dispatch_into(
+        let (shape, ranks) = check_route_and_dispatch_into(
             OP,
             self,
             inputs,
@@ -603,13 +607,13 @@ impl PreparedRouter for CudaPreparedRouter {
             expert_ranks,
             execution,
         )?;
+        let tokens = shape.tokens;
         let fused = if tokens == 0 { None } else { self.module.fused_layout(tokens, ranks > 0) };
         let Some(fused) = fused else {
             self.enqueue_checked(OP, inputs, outputs, None, execution)?;
             let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
-            return self.dispatcher().dispatch_into(&ids, layout, execution);
+            return self.dispatcher().enqueue_checked(OP, &ids, layout, shape, ranks, execution);
         };
-        let shape = DispatchShape { tokens, top_k: self.spec.top_k, experts: self.experts() };
         let ids = DispatchInputs::new(outputs.topk_ids.as_view());
         let mut args = dispatch_args(OP, &ids, layout, shape, 0)?;
         fused.fill(&mut args);

@@ -33,6 +33,7 @@ GPU_INLINE void sluice_dispatch_decode(const sluice_dispatch_args &a) {
   __shared__ int padded_run_start[SLUICE_E];        // offsets in `padded_pairs`
   __shared__ int warp_totals[2][SLUICE_BLOCK_WARPS];
   __shared__ unsigned long long invalid_rows;       // bit t: row t holds a skipped pair
+  __shared__ int expert_of[SLUICE_DECODE_MAX_ROWS * SLUICE_K];  // each pair's, -1: skipped
   const int tid = GPU_TID, lane = tid % GPU_WARP, warp = tid / GPU_WARP, threads = a.threads;
   const int pairs = a.tokens * SLUICE_K, sentinel = pairs, bs = a.block_size;
   if (tid < SLUICE_E) rows_of[tid] = 0ull;
@@ -42,6 +43,7 @@ GPU_INLINE void sluice_dispatch_decode(const sluice_dispatch_args &a) {
   // 1. The rows of each expert, and the rows with a skipped pair.
   for (int pair = tid; pair < pairs; pair += threads) {
     const int row = pair / SLUICE_K, e = sluice_dispatch_expert(a, 0, pair);
+    expert_of[pair] = e;
     gpu_atomic_or_u64(e >= 0 ? &rows_of[e] : &invalid_rows, 1ull << row);
   }
   gpu_syncthreads();
@@ -96,7 +98,7 @@ GPU_INLINE void sluice_dispatch_decode(const sluice_dispatch_args &a) {
   // the expert (pair order within an expert).
   for (int pair = tid; pair < pairs; pair += threads) {
     const int row = pair / SLUICE_K, slot = pair - row * SLUICE_K;
-    const int x = sluice_dispatch_expert(a, 0, pair);
+    const int x = expert_of[pair];
     int *inverse = a.inverse + row * a.inverse_row_stride + slot;
     if (x < 0) {
       *inverse = -1;

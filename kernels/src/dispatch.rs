@@ -157,6 +157,15 @@ impl FusedLayout {
             .then_some(FusedLayout { tokens, threads: route.launch.block[0] as usize })
     }
 
+    /// The fused kernel's launch: the routing's, a block per row.
+    pub fn launch(&self) -> Launch {
+        Launch {
+            grid: [self.tokens as u32, 1, 1],
+            block: [self.threads as u32, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+
     /// The kernel's symbol, for logits given as `splits` partial sums.
     pub fn name(&self, splits: usize) -> &'static str {
         if splits <= 1 { ROUTE_DISPATCH_LOGITS_KERNEL } else { ROUTE_DISPATCH_KERNEL }
@@ -322,6 +331,7 @@ mod tests {
             let route = plan_route(&v3, tokens, NVIDIA, true).unwrap();
             let fused = FusedLayout::plan(&route, false).expect("V3 decode is fused");
             assert_eq!(fused, FusedLayout { tokens, threads: 256 });
+            assert_eq!(fused.launch(), route.launch, "the routing's own launch");
             // Every row laid out by one block of the routing block's threads, no workspace.
             let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
             fused.fill(&mut args);

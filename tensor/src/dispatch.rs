@@ -318,8 +318,8 @@ fn dispatch_written(outputs: &DispatchOutputs<'_>) -> [Named; 13] {
 /// Checks a `route_and_dispatch_into` call: everything [`check_route_into`] checks of the routing
 /// (with the router's `workspace_bytes(T)` of route workspace), everything [`check_dispatch_into`]
 /// checks of the layout of the call's own `topk_ids` (with `expert_ranks`), and that no layout
-/// output overlaps what routing reads or writes. Returns `T` and the layout's rank count (0
-/// without rank outputs).
+/// output overlaps what routing reads or writes. Returns the layout's shape and rank count (0
+/// without rank outputs), as `check_dispatch_into` does.
 pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
     op: &'static str,
     router: &R,
@@ -328,16 +328,16 @@ pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
     layout: &DispatchOutputs<'_>,
     expert_ranks: Option<DlpackView<'_>>,
     execution: Execution,
-) -> Result<(usize, usize), BackendError> {
+) -> Result<(DispatchShape, usize), BackendError> {
     let tokens = inputs.hidden.shape().first().copied().unwrap_or(0);
     let needed = router.workspace_bytes(tokens);
-    let tokens = check_route_into(op, router, inputs, outputs, execution, needed)?;
+    check_route_into(op, router, inputs, outputs, execution, needed)?;
     let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
-    let (_, ranks) = check_dispatch_into(op, router, &ids, layout, execution)?;
+    let (shape, ranks) = check_dispatch_into(op, router, &ids, layout, execution)?;
     let (route_written, route_read) = route_extents(inputs, outputs);
     let route_all: Vec<Named> = route_written.into_iter().chain(route_read).collect();
     check_disjoint(op, &dispatch_written(layout), &route_all)?;
-    Ok((tokens, ranks))
+    Ok((shape, ranks))
 }
 
 /// The checks of a dispatch's data, for backends that compute on the host: every id is `-1` or
