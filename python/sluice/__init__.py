@@ -329,9 +329,155 @@ class Gate:
                 status=status,
             )
 
+    def route_and_dispatch(
+        self,
+        hidden: Any,
+        *,
+        block_size: int | None = None,
+        expert_ranks: Any | None = None,
+        ranks: int | None = None,
+        input_ids: Any | None = None,
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """Routes as ``route`` does and lays the ids out for the expert step, in one call (on a
+        GPU, a decode batch is routed and laid out by one kernel).
+
+        Returns ``(topk_ids, topk_weights, layout)``, ``layout`` the dict of int32 torch tensors
+        on the gate's device that ``empty_layout`` makes, filled: ``expert_counts``,
+        ``expert_offsets``, ``sorted_pairs`` (the pairs ``t * K + k`` grouped by expert in
+        token order, then the sentinel ``T * K``), ``inverse`` (each pair's place in
+        ``sorted_pairs``, -1 for the pairs of a row marked invalid) and ``invalid``; with
+        ``block_size``, the layout padded for a grouped GEMM (``padded_pairs``,
+        ``block_experts``, ``padded_total``); with ``expert_ranks`` (int32 ``[E]``, the rank
+        of each expert among ``ranks``), what an expert-parallel all-to-all sends
+        (``rank_counts``, ``rank_offsets``, ``rank_pairs``, ``rank_tokens``). Needs torch.
+        """
+        import torch
+
+        if (expert_ranks is None) != (ranks is None):
+            raise ValueError("`expert_ranks` and `ranks` go together: the table and its rank count")
+        hidden, tokens = _with_rows(hidden)
+        ordinal = self._cuda_ordinal
+        device = torch.device("cpu") if ordinal is None else torch.device("cuda", ordinal)
+        on_device = contextlib.nullcontext() if ordinal is None else torch.cuda.device(ordinal)
+        with on_device:
+            ids = torch.empty(tokens, self.top_k, dtype=torch.int32, device=device)
+            weights = torch.empty(tokens, self.top_k, dtype=torch.float32, device=device)
+            layout = self.empty_layout(tokens, block_size=block_size, ranks=ranks)
+            options = dict(block_size=block_size, expert_ranks=expert_ranks, input_ids=input_ids)
+            if ordinal is None:
+                self._gate.route_and_dispatch_into(hidden, ids, weights, layout, **options)
+                return ids, weights, layout
+            options.update(stream=_cuda_stream(ordinal), workspace=self._workspace(tokens, ordinal))
+            if self._gate.mark_invalid:
+                self._gate.route_and_dispatch_into(hidden, ids, weights, layout, **options)
+                return ids, weights, layout
+            # Zeros: with no rows no kernel runs to write the status.
+            status = torch.zeros(2, dtype=torch.int32, device=device)
+            self._gate._route_and_dispatch_into_counting(
+                hidden, ids, weights, layout, status, **options
+            )
+            self._gate._check_status(*status.tolist())  # waits for the stream
+        return ids, weights, layout
+
+    def route_and_dispatch_into(
+        self,
+        hidden: Any,
+        topk_ids: Any,
+        topk_weights: Any,
+        layout: dict[str, Any],
+        *,
+        block_size: int | None = None,
+        expert_ranks: Any | None = None,
+        input_ids: Any | None = None,
+        stream: int | None = None,
+        workspace: Any | None = None,
+        status: Any | None = None,
+    ) -> None:
+        """``route_into``, and the layout of the ids it writes into ``layout``: caller-owned
+        int32 tensors by name, as ``empty_layout`` makes them (``block_size`` with the padded
+        outputs, ``expert_ranks`` with the rank outputs). Under ``route_into``'s contract:
+        nothing is allocated but, on a CUDA device on torch's current stream, the workspaces
+        left out; nothing is synchronised, so a CUDA graph captures the call."""
+        ordinal = self._cuda_ordinal
+        on_device = contextlib.nullcontext() if ordinal is None else _on_cuda_device(ordinal)
+        with on_device:
+            if ordinal is not None and stream is None:
+                stream = _cuda_stream(ordinal)
+                hidden, tokens = _with_rows(hidden)
+                if workspace is None:
+                    workspace = self._workspace(tokens, ordinal)
+                if "workspace" not in layout and self._gate.dispatch_workspace_bytes(tokens) > 0:
+                    layout = {**layout, "workspace": self._dispatch_workspace(tokens)}
+            self._gate.route_and_dispatch_into(
+                hidden,
+                topk_ids,
+                topk_weights,
+                layout,
+                block_size=block_size,
+                expert_ranks=expert_ranks,
+                input_ids=input_ids,
+                stream=stream,
+                workspace=workspace,
+                status=status,
+            )
+
+    def empty_layout(
+        self, tokens: int, *, block_size: int | None = None, ranks: int | None = None
+    ) -> dict[str, Any]:
+        """The layout's buffers for ``tokens`` rows on the gate's device, from torch's allocator
+        (for ``route_and_dispatch_into``; a CUDA graph replays into buffers made once):
+        ``expert_counts`` ``[E]``, ``expert_offsets`` ``[E + 1]``, ``sorted_pairs``
+        ``[T * K]``, ``inverse`` ``[T, K]`` and ``invalid`` ``[2]`` (rows with a skipped pair,
+        the first of them); with ``block_size``, ``padded_pairs``
+        ``[padded_capacity(T, block_size)]``, ``block_experts`` and ``padded_total`` ``[1]``;
+        with ``ranks``, ``rank_counts`` ``[R]``, ``rank_offsets`` ``[R + 1]``, ``rank_pairs``
+        ``[T * K]`` and ``rank_tokens`` ``[R]``; and ``workspace`` where the layout of that
+        many rows needs one."""
+        import torch
+
+        ordinal = self._cuda_ordinal
+        device = torch.device("cpu") if ordinal is None else torch.device("cuda", ordinal)
+        experts, pairs = self.num_experts, tokens * self.top_k
+
+        def empty(*shape: int) -> Any:
+            return torch.empty(shape, dtype=torch.int32, device=device)
+
+        layout = {
+            "expert_counts": empty(experts),
+            "expert_offsets": empty(experts + 1),
+            "sorted_pairs": empty(pairs),
+            "inverse": empty(tokens, self.top_k),
+            "invalid": empty(2),
+        }
+        if block_size is not None:
+            capacity = self._gate.padded_capacity(tokens, block_size)
+            layout["padded_pairs"] = empty(capacity)
+            layout["block_experts"] = empty(capacity // block_size)
+            layout["padded_total"] = empty(1)
+        if ranks is not None:
+            layout["rank_counts"] = empty(ranks)
+            layout["rank_offsets"] = empty(ranks + 1)
+            layout["rank_pairs"] = empty(pairs)
+            layout["rank_tokens"] = empty(ranks)
+        if ordinal is not None and self._gate.dispatch_workspace_bytes(tokens) > 0:
+            layout["workspace"] = self._dispatch_workspace(tokens)
+        return layout
+
+    def _dispatch_workspace(self, tokens: int) -> Any:
+        """The layout's workspace for ``tokens`` rows, from torch's allocator on the device."""
+        import torch
+
+        size = self._gate.dispatch_workspace_bytes(tokens)
+        return torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", self._cuda_ordinal))
+
     def workspace_bytes(self, tokens: int) -> int:
         """Bytes of scratch ``route_into`` needs for ``tokens`` rows (0 on the CPU)."""
         return self._gate.workspace_bytes(tokens)
+
+    def dispatch_workspace_bytes(self, tokens: int) -> int:
+        """Bytes of scratch the layout of ``tokens`` rows needs in ``layout["workspace"]`` (0 on
+        the CPU, and for the rows a GPU lays out in one block)."""
+        return self._gate.dispatch_workspace_bytes(tokens)
 
     def warm_up(self, tokens: int) -> None:
         """Does now what the first call on ``tokens`` rows would otherwise do, so that a captured

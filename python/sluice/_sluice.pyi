@@ -96,6 +96,36 @@ class Gate:
         stream: int | None = None,
         workspace: Any | None = None,
     ) -> None: ...
+    def route_and_dispatch_into(
+        self,
+        hidden: Any,
+        topk_ids: Any,
+        topk_weights: Any,
+        layout: dict[str, Any],
+        *,
+        block_size: int | None = None,
+        expert_ranks: Any | None = None,
+        input_ids: Any | None = None,
+        stream: int | None = None,
+        workspace: Any | None = None,
+        status: Any | None = None,
+    ) -> None: ...
+    def _route_and_dispatch_into_counting(
+        self,
+        hidden: Any,
+        topk_ids: Any,
+        topk_weights: Any,
+        layout: dict[str, Any],
+        status: Any,
+        *,
+        block_size: int | None = None,
+        expert_ranks: Any | None = None,
+        input_ids: Any | None = None,
+        stream: int | None = None,
+        workspace: Any | None = None,
+    ) -> None: ...
+    def dispatch_workspace_bytes(self, tokens: int) -> int: ...
+    def padded_capacity(self, tokens: int, block_size: int) -> int: ...
     def _check_status(self, count: int, first_row: int) -> None: ...
     def workspace_bytes(self, tokens: int) -> int: ...
     def warm_up(self, tokens: int) -> None: ...

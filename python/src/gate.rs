@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use sluice_models::{Checkpoint, ModelConfig, ModelError, MoeGate, PreparedGate};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, Dlpack, DlpackError, DlpackView, DlpackViewMut, Element,
-    Execution, NonFiniteInput, NonFinitePolicy, RouteInputs, RouteOutputs, Tensor, export_vec,
+    BackendError, Device, DeviceStream, DispatchOutputs, DispatchShape, Dlpack, DlpackError,
+    DlpackView, DlpackViewMut, Element, Execution, NonFiniteInput, NonFinitePolicy, PaddedOutputs,
+    RankOutputs, RouteInputs, RouteOutputs, Tensor, export_vec,
 };
 
 use crate::backend::{PyCpuBackend, PyCudaBackend, default_backend};
@@ -103,6 +105,27 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Runs a `route_and_dispatch_into` call where `stream` says; `counting` lets a device gate
+    /// whose policy is to raise enqueue anyway (its caller reads the status back).
+    fn route_and_dispatch(
+        &self,
+        py: Python<'_>,
+        call: IntoCall,
+        layout: LayoutCall,
+        stream: Option<usize>,
+        counting: bool,
+    ) -> PyResult<()> {
+        let execution = self.execution(stream)?;
+        let enqueued = matches!(execution, Execution::Stream(_));
+        if enqueued && !counting && self.non_finite == NonFinitePolicy::Error {
+            let error = BackendError::PolicyNeedsHost { op: "route_and_dispatch_into" };
+            return Err(errors::model(error.into()));
+        }
+        call.run_with_layout(py, &self.prepared, layout, execution)
+    }
+}
+
 /// Hidden states (and token ids) as the gate's inputs: detached here, at the bridge, so a tensor
 /// that requires grad routes while a plain export of it stays refused.
 fn route_inputs<'a>(
@@ -126,13 +149,14 @@ fn host_buffer<T: Element + Default>(count: usize) -> PyResult<Vec<T>> {
     Ok(buffer)
 }
 
-/// A writable view of an output the caller handed over, with errors naming it.
+/// A writable view of an output the caller handed over to `op`, with errors naming it.
 fn output_view<'a>(
     output: &'a mut Dlpack,
+    op: &'static str,
     arg: &'static str,
 ) -> Result<DlpackViewMut<'a>, ModelError> {
     DlpackViewMut::from_dlpack(output)
-        .map_err(|source| BackendError::Argument { op: "route_into", arg, source }.into())
+        .map_err(|source| BackendError::Argument { op, arg, source }.into())
 }
 
 /// The tensors of one `route_into` call, imported zero-copy: the inputs detached at the bridge,
@@ -140,10 +164,32 @@ fn output_view<'a>(
 struct IntoCall {
     hidden: Tensor,
     token_ids: Option<Tensor>,
+    outputs: RouteTensors,
+}
+
+/// The outputs (and scratch) of a `route_into` call.
+struct RouteTensors {
     topk_ids: Dlpack,
     topk_weights: Dlpack,
     workspace: Option<Dlpack>,
     status: Option<Dlpack>,
+}
+
+impl RouteTensors {
+    /// Writable views, as `op` names them in errors.
+    fn views(&mut self, op: &'static str) -> Result<RouteOutputs<'_>, ModelError> {
+        let mut outputs = RouteOutputs::new(
+            output_view(&mut self.topk_ids, op, "topk_ids")?,
+            output_view(&mut self.topk_weights, op, "topk_weights")?,
+        );
+        if let Some(workspace) = &mut self.workspace {
+            outputs = outputs.with_workspace(output_view(workspace, op, "workspace")?);
+        }
+        if let Some(status) = &mut self.status {
+            outputs = outputs.with_status(output_view(status, op, "status")?);
+        }
+        Ok(outputs)
+    }
 }
 
 impl IntoCall {
@@ -158,10 +204,12 @@ impl IntoCall {
         Ok(IntoCall {
             hidden: tensor::import(hidden)?.detach(),
             token_ids: input_ids.map(tensor::import).transpose()?.map(|ids| ids.detach()),
-            topk_ids: tensor::import_output(topk_ids, "topk_ids")?,
-            topk_weights: tensor::import_output(topk_weights, "topk_weights")?,
-            workspace: workspace.map(|w| tensor::import_output(w, "workspace")).transpose()?,
-            status: status.map(|s| tensor::import_output(s, "status")).transpose()?,
+            outputs: RouteTensors {
+                topk_ids: tensor::import_output(topk_ids, "topk_ids")?,
+                topk_weights: tensor::import_output(topk_weights, "topk_weights")?,
+                workspace: workspace.map(|w| tensor::import_output(w, "workspace")).transpose()?,
+                status: status.map(|s| tensor::import_output(s, "status")).transpose()?,
+            },
         })
     }
 
@@ -169,19 +217,161 @@ impl IntoCall {
     fn run(mut self, py: Python<'_>, gate: &PreparedGate, execution: Execution) -> PyResult<()> {
         py.detach(|| {
             let inputs = route_inputs(&self.hidden, self.token_ids.as_ref())?;
-            let mut outputs = RouteOutputs::new(
-                output_view(&mut self.topk_ids, "topk_ids")?,
-                output_view(&mut self.topk_weights, "topk_weights")?,
-            );
-            if let Some(workspace) = &mut self.workspace {
-                outputs = outputs.with_workspace(output_view(workspace, "workspace")?);
-            }
-            if let Some(status) = &mut self.status {
-                outputs = outputs.with_status(output_view(status, "status")?);
-            }
-            gate.route_into(&inputs, &mut outputs, execution)
+            gate.route_into(&inputs, &mut self.outputs.views("route_into")?, execution)
         })
         .map_err(errors::model)
+    }
+
+    /// Routes and lays the ids out into `layout`, as `run` does.
+    fn run_with_layout(
+        mut self,
+        py: Python<'_>,
+        gate: &PreparedGate,
+        mut layout: LayoutCall,
+        execution: Execution,
+    ) -> PyResult<()> {
+        const OP: &str = "route_and_dispatch_into";
+        py.detach(|| {
+            let inputs = route_inputs(&self.hidden, self.token_ids.as_ref())?;
+            let expert_ranks = layout.expert_ranks.as_ref().map(DlpackView::from_tensor);
+            let expert_ranks = expert_ranks.transpose()?;
+            let mut outputs = self.outputs.views(OP)?;
+            let mut layout_outputs = layout.outputs.views(OP)?;
+            gate.route_and_dispatch_into(
+                &inputs,
+                &mut outputs,
+                &mut layout_outputs,
+                expert_ranks,
+                execution,
+            )
+        })
+        .map_err(errors::model)
+    }
+}
+
+/// The dispatch layout's outputs, by the names a `layout` mapping gives them (the names of
+/// `sluice_tensor::DispatchOutputs`).
+const LAYOUT_OUTPUTS: [&str; 4] = ["expert_counts", "expert_offsets", "sorted_pairs", "inverse"];
+const PADDED_OUTPUTS: [&str; 3] = ["padded_pairs", "block_experts", "padded_total"];
+const RANK_OUTPUTS: [&str; 4] = ["rank_counts", "rank_offsets", "rank_pairs", "rank_tokens"];
+const OPTIONAL_OUTPUTS: [&str; 2] = ["invalid", "workspace"];
+
+/// The layout tensors of one call, imported zero-copy from the caller's mapping: every output
+/// writable, the expert-to-rank table detached at the bridge.
+struct LayoutCall {
+    outputs: LayoutTensors,
+    expert_ranks: Option<Tensor>,
+}
+
+/// The outputs of a layout.
+struct LayoutTensors {
+    /// `LAYOUT_OUTPUTS`, in order.
+    required: [Dlpack; 4],
+    invalid: Option<Dlpack>,
+    workspace: Option<Dlpack>,
+    /// The block size and `PADDED_OUTPUTS`, in order.
+    padded: Option<(usize, [Dlpack; 3])>,
+    /// `RANK_OUTPUTS`, in order.
+    ranks: Option<[Dlpack; 4]>,
+}
+
+/// The tensors of a group whose names the caller's mapping gave, all of them.
+fn all_of<const N: usize>(tensors: Vec<Dlpack>) -> PyResult<[Dlpack; N]> {
+    tensors.try_into().map_err(|_| PyValueError::new_err("`layout`: an output is missing"))
+}
+
+impl LayoutCall {
+    /// Takes the outputs out of `layout`, refusing a name it does not know, a missing output,
+    /// and padded or rank outputs without their block size or table (or the other way round).
+    fn import(
+        layout: &Bound<'_, PyDict>,
+        block_size: Option<usize>,
+        expert_ranks: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let known = [&LAYOUT_OUTPUTS[..], &PADDED_OUTPUTS, &RANK_OUTPUTS, &OPTIONAL_OUTPUTS];
+        for key in layout.keys() {
+            let name: String = key.extract()?;
+            if !known.iter().any(|names| names.contains(&name.as_str())) {
+                return Err(PyValueError::new_err(format!(
+                    "`layout`: no output is named {name:?} (outputs: {})",
+                    known.concat().join(", ")
+                )));
+            }
+        }
+        let output = |name: &'static str| -> PyResult<Option<Dlpack>> {
+            layout.get_item(name)?.map(|tensor| tensor::import_output(&tensor, name)).transpose()
+        };
+        // All of a group, or none of it, as its switch (`block_size`, `expert_ranks`) says.
+        let group = |names: &[&'static str],
+                     switch: &str,
+                     on: bool|
+         -> PyResult<Option<Vec<Dlpack>>> {
+            let found = names.iter().map(|&name| output(name)).collect::<PyResult<Vec<_>>>()?;
+            let present = found.iter().filter(|tensor| tensor.is_some()).count();
+            match (on, present) {
+                (true, n) if n == names.len() => Ok(Some(found.into_iter().flatten().collect())),
+                (false, 0) => Ok(None),
+                (true, _) => Err(PyValueError::new_err(format!(
+                    "`layout`: {switch} asks for {}",
+                    names.join(", ")
+                ))),
+                (false, _) => Err(PyValueError::new_err(format!(
+                    "`layout`: {} need {switch}",
+                    names.join(", ")
+                ))),
+            }
+        };
+        let required = group(&LAYOUT_OUTPUTS, "every layout", true)?.unwrap_or_default();
+        let padded = group(&PADDED_OUTPUTS, "`block_size`", block_size.is_some())?;
+        let ranks = group(&RANK_OUTPUTS, "`expert_ranks`", expert_ranks.is_some())?;
+        let outputs = LayoutTensors {
+            required: all_of(required)?,
+            invalid: output("invalid")?,
+            workspace: output("workspace")?,
+            padded: match (block_size, padded) {
+                (Some(size), Some(tensors)) => Some((size, all_of(tensors)?)),
+                _ => None,
+            },
+            ranks: ranks.map(all_of).transpose()?,
+        };
+        let expert_ranks = expert_ranks.map(tensor::import).transpose()?.map(|t| t.detach());
+        Ok(LayoutCall { outputs, expert_ranks })
+    }
+}
+
+impl LayoutTensors {
+    /// Writable views, as `op` names them in errors.
+    fn views(&mut self, op: &'static str) -> Result<DispatchOutputs<'_>, ModelError> {
+        let [counts, offsets, sorted, inverse] = &mut self.required;
+        let mut outputs = DispatchOutputs::new(
+            output_view(counts, op, LAYOUT_OUTPUTS[0])?,
+            output_view(offsets, op, LAYOUT_OUTPUTS[1])?,
+            output_view(sorted, op, LAYOUT_OUTPUTS[2])?,
+            output_view(inverse, op, LAYOUT_OUTPUTS[3])?,
+        );
+        if let Some(invalid) = &mut self.invalid {
+            outputs = outputs.with_invalid(output_view(invalid, op, "invalid")?);
+        }
+        if let Some(workspace) = &mut self.workspace {
+            outputs = outputs.with_workspace(output_view(workspace, op, "workspace")?);
+        }
+        if let Some((block_size, [pairs, blocks, total])) = &mut self.padded {
+            outputs = outputs.with_padding(PaddedOutputs {
+                block_size: *block_size,
+                padded_pairs: output_view(pairs, op, PADDED_OUTPUTS[0])?,
+                block_experts: output_view(blocks, op, PADDED_OUTPUTS[1])?,
+                padded_total: output_view(total, op, PADDED_OUTPUTS[2])?,
+            });
+        }
+        if let Some([counts, offsets, pairs, tokens]) = &mut self.ranks {
+            outputs = outputs.with_ranks(RankOutputs {
+                rank_counts: output_view(counts, op, RANK_OUTPUTS[0])?,
+                rank_offsets: output_view(offsets, op, RANK_OUTPUTS[1])?,
+                rank_pairs: output_view(pairs, op, RANK_OUTPUTS[2])?,
+                rank_tokens: output_view(tokens, op, RANK_OUTPUTS[3])?,
+            });
+        }
+        Ok(outputs)
     }
 }
 
@@ -349,6 +539,89 @@ impl Gate {
             &self.prepared,
             execution,
         )
+    }
+
+    /// `route_into`, and the dispatch layout of the ids it writes into `layout`: a dict of
+    /// caller-owned int32 tensors by name (`expert_counts` `[E]`, `expert_offsets` `[E + 1]`,
+    /// `sorted_pairs` `[T * K]`, `inverse` `[T, K]`; optionally `invalid` `[2]`, `workspace`
+    /// (uint8, at least `dispatch_workspace_bytes(T)` bytes); with `block_size`, `padded_pairs`
+    /// `[padded_capacity(T, block_size)]`, `block_experts` `[padded_capacity / block_size]`
+    /// and `padded_total` `[1]`; with `expert_ranks` (int32 `[E]`, the rank of each expert, `R`
+    /// ranks), `rank_counts` `[R]`, `rank_offsets` `[R + 1]`, `rank_pairs` `[T * K]` and
+    /// `rank_tokens` `[R]`). One call, under `route_into`'s contract: on a CUDA stream, a
+    /// decode batch is routed and laid out by one kernel.
+    #[pyo3(signature = (
+        hidden, topk_ids, topk_weights, layout, *, block_size=None, expert_ranks=None,
+        input_ids=None, stream=None, workspace=None, status=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn route_and_dispatch_into(
+        &self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        layout: &Bound<'_, PyDict>,
+        block_size: Option<usize>,
+        expert_ranks: Option<&Bound<'_, PyAny>>,
+        input_ids: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
+        workspace: Option<&Bound<'_, PyAny>>,
+        status: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let call = IntoCall::import(hidden, input_ids, topk_ids, topk_weights, workspace, status)?;
+        let layout = LayoutCall::import(layout, block_size, expert_ranks)?;
+        self.route_and_dispatch(py, call, layout, stream, false)
+    }
+
+    /// `route_and_dispatch_into` whatever the policy, as `_route_into_counting` is beside
+    /// `route_into` (for `sluice.Gate.route_and_dispatch` on a device gate).
+    #[pyo3(
+        name = "_route_and_dispatch_into_counting",
+        signature = (hidden, topk_ids, topk_weights, layout, status, *, block_size=None,
+                     expert_ranks=None, input_ids=None, stream=None, workspace=None)
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn route_and_dispatch_into_counting(
+        &self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_weights: &Bound<'_, PyAny>,
+        layout: &Bound<'_, PyDict>,
+        status: &Bound<'_, PyAny>,
+        block_size: Option<usize>,
+        expert_ranks: Option<&Bound<'_, PyAny>>,
+        input_ids: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
+        workspace: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let status = Some(status);
+        let call = IntoCall::import(hidden, input_ids, topk_ids, topk_weights, workspace, status)?;
+        let layout = LayoutCall::import(layout, block_size, expert_ranks)?;
+        self.route_and_dispatch(py, call, layout, stream, true)
+    }
+
+    /// Bytes of scratch the layout of `tokens` rows needs in `layout["workspace"]` (0 for a
+    /// CPU gate, and for the few rows a GPU lays out in one block).
+    fn dispatch_workspace_bytes(&self, tokens: usize) -> usize {
+        self.prepared.router().dispatch_workspace_bytes(tokens)
+    }
+
+    /// The length of `padded_pairs` for `tokens` rows and `block_size`: the most the padded
+    /// layout can need.
+    fn padded_capacity(&self, tokens: usize, block_size: usize) -> PyResult<usize> {
+        let shape = DispatchShape {
+            tokens,
+            top_k: self.gate.spec().top_k,
+            experts: self.gate.num_experts(),
+        };
+        shape.padded_capacity(block_size).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "no padded layout of {tokens} rows in blocks of {block_size}: the block size \
+                 must be at least 1, and the capacity must fit"
+            ))
+        })
     }
 
     /// Raises sluice's error for rows with NaN or infinities when a status read back after the

@@ -56,12 +56,13 @@ for step in "${steps[@]}"; do
     python)
         # The wheel, installed without network into a folder of its own, and the Python module's
         # CUDA tests with torch as the client (SLUICE_REQUIRE_GPU: a missing GPU fails them),
-        # the README's examples among them.
+        # the dispatch layout's and the README's examples among them.
         log="$out/python.log"
         site=""
         if site="$(install_wheel "$log")" &&
             PYTHONPATH="$site" PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q -rs \
                 -p no:cacheprovider "$here/python/tests/test_cuda.py" \
+                "$here/python/tests/test_dispatch_layout.py" \
                 "$here/python/tests/test_second_device.py" \
                 "$here/python/tests/test_readme.py" >>"$log" 2>&1; then
             summary+=("python: ok ($(tail -1 "$log"))")
