@@ -107,7 +107,8 @@ def main() -> None:
         f"V3 gate ({HIDDEN} -> {EXPERTS}, top-{TOP_K}), bf16, CPU, {args.threads} thread(s), "
         f"block size {block_size}; us per call"
     )
-    print(f"{'T':>6} {'route_into':>11} {'+layout':>9} {'added':>8} {'torch layout':>13} {'ratio':>6}")
+    header = ("T", 6), ("route_into", 11), ("+layout", 9), ("added", 8), ("torch layout", 13)
+    print(" ".join(f"{name:>{width}}" for name, width in header), f"{'ratio':>6}")
     for tokens in [int(t) for t in args.tokens.split(",")]:
         hidden = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
         hidden = hidden.to(torch.bfloat16)
@@ -130,9 +131,8 @@ def main() -> None:
         for name, expected in reference.items():
             assert torch.equal(layout[name].long(), expected), name
         calls = max(20, 20_000 // max(tokens, 1))
-        timings = [fastest_per_call(step, calls, args.repetitions) for step in
-                   (route, route_and_layout, route_then_torch)]
-        gate_us, fused_us, torch_us = timings
+        steps = (route, route_and_layout, route_then_torch)
+        gate_us, fused_us, torch_us = [fastest_per_call(s, calls, args.repetitions) for s in steps]
         added, torch_added = fused_us - gate_us, torch_us - gate_us
         print(
             f"{tokens:>6} {gate_us:>11.1f} {fused_us:>9.1f} {added:>8.1f} {torch_added:>13.1f} "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sluice
-from conftest import GraphCase, tiny_config, tiny_gate
+from conftest import FAMILIES, Golden, GraphCase, tiny_config, tiny_gate
 
 cuda = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
@@ -60,7 +60,8 @@ def reference_layout(
             start, count = int(padded_offsets[expert]), int(counts[expert])
             run = sorted_pairs[int(offsets[expert]) : int(offsets[expert]) + count]
             padded_pairs[start : start + count] = run
-            block_experts[start // block_size : int(padded_offsets[expert + 1]) // block_size] = expert
+            end = int(padded_offsets[expert + 1])
+            block_experts[start // block_size : end // block_size] = expert
         layout.update(
             padded_pairs=padded_pairs,
             block_experts=block_experts,
@@ -109,7 +110,8 @@ def test_route_and_dispatch_on_the_cpu_is_route_then_the_reference_layout(
 ):
     gate, _, _ = tiny_gate()
     hidden = torch.randn(tokens, gate.hidden_size, generator=torch.Generator().manual_seed(tokens))
-    table = None if ranks is None else contiguous_ranks(gate.num_experts, ranks, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    table = None if ranks is None else contiguous_ranks(gate.num_experts, ranks, cpu)
     ids, weights, layout = gate.route_and_dispatch(
         hidden, block_size=block_size, expert_ranks=table, ranks=ranks
     )
@@ -185,11 +187,30 @@ def test_a_layout_output_of_the_wrong_dtype_is_sluices_error_naming_it():
         gate.route_and_dispatch_into(hidden, ids, weights, layout)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_fixture_family_lays_out_its_own_routing(family):
+    """Every layer of every golden fixture (DeepSeek-V4's hash-routed ones with their token ids):
+    the ids `route` gives, laid out as the reference lays them out."""
+    golden = Golden(family)
+    hidden = golden.hidden("f32")
+    for layer in golden.moe_layers:
+        gate = sluice.Gate.from_pretrained(golden.dir, layer)
+        ids, weights, layout = gate.route_and_dispatch(
+            hidden, block_size=4, input_ids=golden.input_ids
+        )
+        expected_ids, expected_weights = gate.route(hidden, golden.input_ids)
+        assert torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
+        assert_layout(layout, reference_layout(ids, gate.num_experts, 4))
+
+
 def large_gate(device: torch.device, experts: int, top_k: int, **options) -> sluice.Gate:
     """A V3-shaped gate of `experts` experts (hidden size 256, 8 groups keep 4) on `device`."""
     generator = torch.Generator().manual_seed(experts)
     config = tiny_config(
-        hidden_size=256, n_routed_experts=experts, num_experts_per_tok=top_k, n_group=8,
+        hidden_size=256,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        n_group=8,
         topk_group=4,
     )
     weight = (torch.randn(experts, 256, generator=generator) * 0.05).to(torch.bfloat16)
