@@ -177,6 +177,19 @@ def test_padded_or_rank_outputs_without_their_switch_are_refused():
         gate.route_and_dispatch(hidden, ranks=2)
 
 
+def test_a_layout_output_over_the_routing_outputs_is_refused():
+    """The layout reads the ids routing writes: an output laid over them would change them."""
+    gate, _, _ = tiny_gate()
+    hidden = torch.randn(3, gate.hidden_size)
+    ids = torch.full((3, gate.top_k), -7, dtype=torch.int32)
+    weights = torch.zeros(3, gate.top_k)
+    layout = gate.empty_layout(3)
+    layout["sorted_pairs"] = ids.view(-1)
+    with pytest.raises(ValueError, match="sorted_pairs"):
+        gate.route_and_dispatch_into(hidden, ids, weights, layout)
+    assert bool((ids == -7).all())
+
+
 def test_a_layout_output_of_the_wrong_dtype_is_sluices_error_naming_it():
     gate, _, _ = tiny_gate()
     hidden = torch.randn(3, gate.hidden_size)
