@@ -511,16 +511,16 @@ impl PreparedRouter for CudaPreparedRouter {
 
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
     /// the kernels' launch limits, so that later calls fail for no other reason, and, where
-    /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, 8 before it), chooses its algorithm for exactly `tokens`
-    /// contiguous bf16 tokens by timing the whole gate call with each of up to 8 of the
-    /// library's heuristic candidates, on scratch device buffers (allocated here and freed
-    /// before this returns) on the backend's own stream, each run after an L2 flush: the fastest
-    /// by median is kept for every later call of that shape, by every router of the backend,
-    /// where it beats the heuristic's first choice by more than 3%. So this call does device
-    /// work and waits for it; a candidate the gate fails with is skipped, and where none runs
-    /// the heuristic's first choice is kept. A shape that `warm_up` never saw takes the
-    /// heuristic's first choice at its first call (a host-side query), and never times anything
-    /// there.
+    /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, 8 before it), chooses its
+    /// algorithm for exactly `tokens` contiguous bf16 tokens by timing the whole gate call with
+    /// each of up to 8 of the library's heuristic candidates, on scratch device buffers
+    /// (allocated here and freed before this returns) on the backend's own stream, each run after
+    /// an L2 flush: the fastest by median is kept for every later call of that shape, by every
+    /// router of the backend, where it beats the heuristic's first choice by more than 3%. So
+    /// this call does device work and waits for it; a candidate the gate fails with is skipped,
+    /// and where none runs the heuristic's first choice is kept. A shape that `warm_up` never saw
+    /// takes the heuristic's first choice at its first call (a host-side query), and never times
+    /// anything there.
     fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
         gate::plan(&self.gpu, &self.dense_hidden(tokens, DType::F32), &self.weight, usize::MAX)?;
         sluice_kernels::route_launch(tokens, sluice_kernels::NVIDIA_WAVE_WIDTH)

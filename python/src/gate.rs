@@ -275,9 +275,30 @@ struct LayoutTensors {
     ranks: Option<[Dlpack; 4]>,
 }
 
-/// The tensors of a group whose names the caller's mapping gave, all of them.
-fn all_of<const N: usize>(tensors: Vec<Dlpack>) -> PyResult<[Dlpack; N]> {
-    tensors.try_into().map_err(|_| PyValueError::new_err("`layout`: an output is missing"))
+/// The tensor the caller's `layout` names `name`, imported as an output, if it names one.
+fn layout_output(layout: &Bound<'_, PyDict>, name: &'static str) -> PyResult<Option<Dlpack>> {
+    layout.get_item(name)?.map(|tensor| tensor::import_output(&tensor, name)).transpose()
+}
+
+/// The outputs of a group of `names`: all of them where `wanted` (the group's `switch` is on),
+/// none of them otherwise; anything in between is refused.
+fn layout_group<const N: usize>(
+    layout: &Bound<'_, PyDict>,
+    names: &[&'static str; N],
+    switch: &str,
+    wanted: bool,
+) -> PyResult<Option<[Dlpack; N]>> {
+    let found = names.iter().map(|&name| layout_output(layout, name));
+    let found: Vec<Dlpack> = found.collect::<PyResult<Vec<_>>>()?.into_iter().flatten().collect();
+    let listed = names.join(", ");
+    match (wanted, found.len()) {
+        (false, 0) => Ok(None),
+        (false, _) => Err(PyValueError::new_err(format!("`layout`: {listed} need {switch}"))),
+        (true, _) => found
+            .try_into()
+            .map(Some)
+            .map_err(|_| PyValueError::new_err(format!("`layout`: {switch} asks for {listed}"))),
+    }
 }
 
 impl LayoutCall {
@@ -298,41 +319,16 @@ impl LayoutCall {
                 )));
             }
         }
-        let output = |name: &'static str| -> PyResult<Option<Dlpack>> {
-            layout.get_item(name)?.map(|tensor| tensor::import_output(&tensor, name)).transpose()
-        };
-        // All of a group, or none of it, as its switch (`block_size`, `expert_ranks`) says.
-        let group = |names: &[&'static str],
-                     switch: &str,
-                     on: bool|
-         -> PyResult<Option<Vec<Dlpack>>> {
-            let found = names.iter().map(|&name| output(name)).collect::<PyResult<Vec<_>>>()?;
-            let present = found.iter().filter(|tensor| tensor.is_some()).count();
-            match (on, present) {
-                (true, n) if n == names.len() => Ok(Some(found.into_iter().flatten().collect())),
-                (false, 0) => Ok(None),
-                (true, _) => Err(PyValueError::new_err(format!(
-                    "`layout`: {switch} asks for {}",
-                    names.join(", ")
-                ))),
-                (false, _) => Err(PyValueError::new_err(format!(
-                    "`layout`: {} need {switch}",
-                    names.join(", ")
-                ))),
-            }
-        };
-        let required = group(&LAYOUT_OUTPUTS, "every layout", true)?.unwrap_or_default();
-        let padded = group(&PADDED_OUTPUTS, "`block_size`", block_size.is_some())?;
-        let ranks = group(&RANK_OUTPUTS, "`expert_ranks`", expert_ranks.is_some())?;
+        // A wanted group is all of its outputs or an error, never `None`.
+        let required = layout_group(layout, &LAYOUT_OUTPUTS, "every layout", true)?
+            .ok_or_else(|| PyValueError::new_err("`layout`: the layout's outputs are missing"))?;
+        let padded = layout_group(layout, &PADDED_OUTPUTS, "`block_size`", block_size.is_some())?;
         let outputs = LayoutTensors {
-            required: all_of(required)?,
-            invalid: output("invalid")?,
-            workspace: output("workspace")?,
-            padded: match (block_size, padded) {
-                (Some(size), Some(tensors)) => Some((size, all_of(tensors)?)),
-                _ => None,
-            },
-            ranks: ranks.map(all_of).transpose()?,
+            required,
+            invalid: layout_output(layout, "invalid")?,
+            workspace: layout_output(layout, "workspace")?,
+            padded: block_size.zip(padded),
+            ranks: layout_group(layout, &RANK_OUTPUTS, "`expert_ranks`", expert_ranks.is_some())?,
         };
         let expert_ranks = expert_ranks.map(tensor::import).transpose()?.map(|t| t.detach());
         Ok(LayoutCall { outputs, expert_ranks })
@@ -644,9 +640,10 @@ impl Gate {
 
     /// Does now what the first call on `tokens` rows would otherwise do, so that a captured
     /// `route_into` only enqueues its kernels. On a CUDA gate it checks the launch limits and,
-    /// past 64 bf16 rows (8 before Hopper), chooses cuBLASLt's algorithm for exactly `tokens` rows by timing the
-    /// whole gate with each candidate (device work on the backend's own stream, waited for; the
-    /// choice is shared by every gate of the backend with that shape); nothing on a CPU gate.
+    /// past 64 bf16 rows (8 before Hopper), chooses cuBLASLt's algorithm for exactly `tokens`
+    /// rows by timing the whole gate with each candidate (device work on the backend's own
+    /// stream, waited for; the choice is shared by every gate of the backend with that shape);
+    /// nothing on a CPU gate.
     /// Call it once for each row count an engine captures, before capturing.
     fn warm_up(&self, py: Python<'_>, tokens: usize) -> PyResult<()> {
         let router = self.prepared.router();

@@ -335,8 +335,9 @@ pub fn check_route_and_dispatch_into<R: PreparedRouter + ?Sized>(
     let ids = DispatchInputs { topk_ids: outputs.topk_ids.as_view(), expert_ranks };
     let (shape, ranks) = check_dispatch_into(op, router, &ids, layout, execution)?;
     let (route_written, route_read) = route_extents(inputs, outputs);
-    let route_all: Vec<Named> = route_written.into_iter().chain(route_read).collect();
-    check_disjoint(op, &dispatch_written(layout), &route_all)?;
+    let layout_written = dispatch_written(layout);
+    check_disjoint(op, &layout_written, &route_written)?;
+    check_disjoint(op, &layout_written, &route_read)?;
     Ok((shape, ranks))
 }
 
