@@ -13,14 +13,16 @@ use cudarc::driver::sys::{
     CUstream, cuLaunchKernelEx,
 };
 use sluice_kernels::{
-    DispatchArgs, FusedLayout, GemmPlan, Launch, NVIDIA_WAVE_WIDTH, RouteDispatchArgs, gemm_args,
-    reset_status_args, reset_status_launch, route_args, sum_partials_args, sum_partials_launch,
+    DispatchArgs, FusedLayout, GemmKernel, GemmPlan, Launch, NVIDIA_WAVE_WIDTH, RouteDispatchArgs,
+    TilesArgs, gemm_args, reset_status_args, reset_status_launch, route_args, sum_partials_args,
+    sum_partials_launch,
 };
 pub(crate) use sluice_kernels::{HashInputs, Partials, RouteCounters, RoutingTargets};
 
 use crate::error::CudaError;
 use crate::input::DeviceMatrix;
 use crate::module::RouterModule;
+use crate::tensor_map::tile_maps;
 
 /// The router weight on the device.
 #[derive(Debug, Clone, Copy)]
@@ -44,10 +46,21 @@ pub(crate) fn gemm(
 ) -> Result<(), CudaError> {
     let function = module.gemm(plan.kernel)?;
     let mut args = gemm_args(plan, hidden, &weight.matrix, partials, counters);
+    // Whichever holds the values lives to the launch: the pointers point into it.
+    let mut tiles;
+    let params = &mut if plan.kernel == GemmKernel::Warpgroup {
+        let maps = tile_maps(hidden, &weight.matrix, plan.token_rows(hidden.rows))?;
+        tiles = TilesArgs::new(maps, args);
+        tiles.pointers()
+    } else {
+        args.pointers()
+    };
     // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
-    // against the source by `sluice-kernels`) and outlive the call; every address was validated
-    // to cover the extents the plan reads or writes.
-    unsafe { launch(function, plan.launch, stream, dependent_launch, &mut args.pointers()) }
+    // against the source by `sluice-kernels`), the warpgroup kernel's tensor maps first, and outlive
+    // the call; every address was validated to cover the extents the plan reads or writes, and
+    // the maps describe exactly those matrices (the copy unit reads nothing outside a map's
+    // extents, filling zeros there).
+    unsafe { launch(function, plan.launch, stream, dependent_launch, params) }
 }
 
 /// Enqueues routing of `tokens` rows of `partials` into `targets`, with the table and token ids

@@ -78,9 +78,15 @@ impl Gpu {
         self.compute_capability.0 >= 8
     }
 
-    /// Whether the tiles GEMM kernels (bulk copies into shared memory) exist on this device.
+    /// Whether the tiles GEMM kernel (bulk copies into shared memory) exists on this device.
     pub(crate) fn has_bulk_copies(&self) -> bool {
         self.compute_capability.0 >= 9
+    }
+
+    /// Whether the warpgroup GEMM kernel (tensor copies and `wgmma`) exists on this device:
+    /// compute capability 9.0, whose module is compiled for the architecture-specific `sm_90a`.
+    pub(crate) fn has_warpgroup_mma(&self) -> bool {
+        self.compute_capability == (9, 0)
     }
 
     /// What the GEMM planner needs to know about this device.
@@ -90,6 +96,7 @@ impl Gpu {
             tensor_cores: self.has_tensor_cores(),
             multiprocessors: self.multiprocessors,
             bulk_copies: self.has_bulk_copies(),
+            warpgroup_mma: self.has_warpgroup_mma(),
             shared_memory_per_block: self.shared_memory_per_block,
         }
     }
@@ -104,6 +111,7 @@ impl Gpu {
             &self.ctx,
             config,
             self.compute_capability,
+            self.has_warpgroup_mma(),
             self.shared_memory_per_block,
         )?);
         modules.insert(config.clone(), Arc::clone(&module));

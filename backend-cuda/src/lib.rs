@@ -31,6 +31,7 @@ mod input;
 mod memory;
 mod module;
 mod prepared;
+mod tensor_map;
 pub mod timing;
 
 pub use backend::CudaBackend;

@@ -10,8 +10,7 @@ use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, FusedLayout,
     GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
     ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, ROUTE_KERNEL,
-    ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL,
-    TILE_TOKENS_PER_BLOCK, WeightKind,
+    ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -38,16 +37,20 @@ pub(crate) struct RouterModule {
 
 impl RouterModule {
     /// Compiles the source with `config`'s defines for a device of compute capability
-    /// `(major, minor)` and loads every kernel; the tiles kernels may use up to
-    /// `shared_memory_per_block` bytes of dynamic shared memory.
+    /// `(major, minor)` (for the architecture-specific target where `warpgroup_mma` says the
+    /// device has the warpgroup kernel) and loads every kernel; the tiles and warpgroup kernels may
+    /// use up to `shared_memory_per_block` bytes of dynamic shared memory.
     pub(crate) fn compile(
         ctx: &Arc<CudaContext>,
         config: &RoutingConfig,
         (major, minor): (i32, i32),
+        warpgroup_mma: bool,
         shared_memory_per_block: usize,
     ) -> Result<Self, CudaError> {
+        // `wgmma` exists only in code for the architecture-specific target.
+        let suffix = if warpgroup_mma { "a" } else { "" };
         let mut options =
-            vec![format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++17".into()];
+            vec![format!("--gpu-architecture=sm_{major}{minor}{suffix}"), "--std=c++17".into()];
         options.extend(config.compiler_options());
         let _span = tracing::debug_span!("nvrtc_compile", ?options).entered();
         let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { options, ..Default::default() })
@@ -83,21 +86,24 @@ impl RouterModule {
                 }
             }
         }
-        // The tiles kernels, from compute capability 9.0 on (bulk copies), opt in to the device's
-        // most shared memory per block: their plans use up to that much.
-        if major >= 9 {
-            let shared = i32::try_from(shared_memory_per_block).unwrap_or(i32::MAX);
-            for tokens_per_block in TILE_TOKENS_PER_BLOCK {
-                let kernel = GemmKernel::Tiles { tokens_per_block };
-                let function = load(&kernel.name())?;
-                function
-                    .set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        shared,
-                    )
-                    .map_err(CudaError::driver("allowing a kernel its shared memory"))?;
-                gemm.insert(kernel, function);
+        // The tiles kernel, from compute capability 9.0 on (bulk copies), and the warpgroup
+        // kernel, on 9.0, opt in to the device's most shared memory per block: their plans use up
+        // to that much.
+        let shared = i32::try_from(shared_memory_per_block).unwrap_or(i32::MAX);
+        for (present, kernel) in
+            [(major >= 9, GemmKernel::Tiles), (warpgroup_mma, GemmKernel::Warpgroup)]
+        {
+            if !present {
+                continue;
             }
+            let function = load(&kernel.name())?;
+            function
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared,
+                )
+                .map_err(CudaError::driver("allowing a kernel its shared memory"))?;
+            gemm.insert(kernel, function);
         }
         let block_kernels: &[&'static str] = if config.is_hashed() {
             &[]

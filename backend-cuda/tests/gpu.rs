@@ -206,8 +206,9 @@ fn random_configs_match_the_reference() {
             (64, 136, HiddenType::F16, true),
             (130, 264, HiddenType::Bf16, true),
             (9, 40, HiddenType::F32, false),
-            // The tiles kernel, with hidden sizes that are not a multiple of its 64-value steps:
-            // 16, 32 and 64 tokens per block.
+            // The tiles kernels, with hidden sizes that are not a multiple of their 64-value steps:
+            // the bulk-copy kernel at 5 tokens, the warpgroup one (the copy unit filling zeros
+            // past the hidden size and the tokens) at 24 and 64.
             (5, 2056, HiddenType::Bf16, true),
             (24, 40, HiddenType::Bf16, true),
             (64, 1032, HiddenType::Bf16, true),
@@ -255,8 +256,9 @@ fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     check_warmed_bf16(&backend, &cases, 1001);
 }
 
-/// The models' own shapes through the tiles kernel (3 to 64 bf16 tokens on Hopper): every token
-/// block size, one and several token blocks, V3's 16 splits and Kimi-K2's 11.
+/// The models' own shapes through the tiles kernels (3 to 64 bf16 tokens on Hopper): the bulk-copy
+/// kernel up to 16 tokens, the warpgroup kernel's token boxes of 24 to 64 rows past it, V3's 16
+/// splits and Kimi-K2's 11.
 #[test]
 fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
     let Some(backend) = backend("tens_of_tokens_at_the_models_shapes_route_like_the_reference")
@@ -264,8 +266,9 @@ fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
         return;
     };
     let (v3, kimi) = model_specs();
-    let cases = [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64)]
-        .map(|(spec, tokens)| (spec, tokens, 7168));
+    let cases =
+        [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64), (kimi, 64)]
+            .map(|(spec, tokens)| (spec, tokens, 7168));
     check_warmed_bf16(&backend, &cases, 2001);
 }
 

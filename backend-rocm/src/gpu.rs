@@ -20,14 +20,15 @@ pub(crate) struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<LoadedModule>>>,
 }
 
-/// What the GEMM planner needs to know about an AMD Instinct GPU. There are no tensor-core or
-/// bulk-copy kernels on AMD, and the scalar kernel's plan depends neither on the compute-unit
+/// What the GEMM planner needs to know about an AMD Instinct GPU. There are no tensor-core,
+/// tiles or warpgroup kernels on AMD, and the scalar kernel's plan depends neither on the compute-unit
 /// count nor on shared memory.
 pub(crate) const TARGET: GpuTarget = GpuTarget {
     wave_width: AMD_WAVE_WIDTH,
     tensor_cores: false,
     multiprocessors: 1,
     bulk_copies: false,
+    warpgroup_mma: false,
     shared_memory_per_block: 0,
 };
 

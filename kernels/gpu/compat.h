@@ -280,3 +280,20 @@ GPU_INLINE void gpu_allow_dependents() {}
 #if defined(GPU_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define GPU_HAS_BULK_COPY 1
 #endif
+// ---- Hopper's tensor copies and warpgroup MMA (NVIDIA sm_90a: compiled for sm_90a, run on 9.0) --
+// Tensor copies (`cp.async.bulk.tensor`) from a tensor map passed by value, counted on
+// shared-memory barriers, and `wgmma`, which exists only on 9.0 and only in code compiled for the
+// architecture-specific target.
+#if defined(GPU_NVIDIA) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GPU_HAS_WGMMA 1
+#endif
+// A kernel parameter whose address is taken (a tensor map the copy unit reads in place).
+#if defined(SLUICE_NO_VENDOR_HEADERS) && __has_attribute(grid_constant)
+#define GPU_GRID_CONSTANT __attribute__((grid_constant))
+#elif defined(SLUICE_NO_VENDOR_HEADERS)
+// clang before 20 has no such attribute: CI's compile check still covers the kernel, whose PTX
+// from that compiler is never run (the backend compiles its own with NVRTC).
+#define GPU_GRID_CONSTANT
+#else
+#define GPU_GRID_CONSTANT __grid_constant__
+#endif

@@ -166,8 +166,21 @@ pub fn gemm_args(
             status,
             ticket,
         ]),
-        // Both take their k range (per warp, per split) where the tiles kernel's is.
-        GemmKernel::Mma { .. } | GemmKernel::Tiles { .. } => KernelArgs::new(&[
+        // The parameters after its two tensor maps (`TilesArgs` puts them first).
+        GemmKernel::Warpgroup => KernelArgs::new(&[
+            tokens,
+            hidden_size,
+            experts,
+            int(plan.k_per_warp),
+            int(plan.token_rows(hidden.rows)),
+            Ptr(partials.ptr),
+            long(partials.split_stride),
+            long(partials.row_stride),
+            status,
+            ticket,
+        ]),
+        // Both take their k range (per warp, per split).
+        GemmKernel::Mma { .. } | GemmKernel::Tiles => KernelArgs::new(&[
             Ptr(hidden.ptr),
             long(hidden.row_stride),
             Ptr(weight.ptr),
@@ -276,6 +289,50 @@ impl RouteDispatchArgs {
     }
 }
 
+/// A tensor map (`CUtensorMap`): the copy unit's description of a matrix in global memory, made by
+/// the driver and passed to a kernel by value. Opaque here.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorMap(pub [u64; 16]);
+
+/// The warpgroup kernel's operands as tensor maps: bf16, k innermost, boxes of
+/// [`WG_K`](crate::WG_K) values by [`GemmPlan::token_rows`] rows (the hidden states) and by
+/// [`WG_EXPERTS`](crate::WG_EXPERTS) rows (the weight), 128-byte swizzle, zero fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileMaps {
+    /// The hidden states `[T, H]`.
+    pub hidden: TensorMap,
+    /// The weight `[E, H]`.
+    pub weight: TensorMap,
+}
+
+/// The warpgroup kernel's arguments: its two tensor maps by value, then what [`gemm_args`] packs
+/// for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TilesArgs {
+    maps: TileMaps,
+    rest: KernelArgs,
+}
+
+impl TilesArgs {
+    /// The maps `maps` before the arguments `rest` ([`gemm_args`] of a warpgroup plan).
+    pub fn new(maps: TileMaps, rest: KernelArgs) -> Self {
+        TilesArgs { maps, rest }
+    }
+
+    /// The pointer array a launch takes, valid while `self` is neither moved nor dropped (as
+    /// [`KernelArgs::pointers`]).
+    pub fn pointers(&mut self) -> [*mut c_void; MAX_KERNEL_ARGS] {
+        let rest = self.rest.pointers();
+        let len = self.rest.values().len();
+        let mut all = [std::ptr::null_mut(); MAX_KERNEL_ARGS];
+        all[0] = std::ptr::from_mut(&mut self.maps.hidden).cast();
+        all[1] = std::ptr::from_mut(&mut self.maps.weight).cast();
+        all[2..len + 2].copy_from_slice(&rest[..len]);
+        all
+    }
+}
+
 /// The arguments of `sluice_sum_partials`: the contiguous slices of `partials` added into logits
 /// `[tokens, experts]` at `logits` with row stride `logits_row_stride`.
 pub fn sum_partials_args(
@@ -323,6 +380,7 @@ mod tests {
                     Some("long") => "long",
                     Some("float") => "float",
                     Some("sluice_dispatch_args") => "layout",
+                    Some("sluice_tensor_map") => "map",
                     other => panic!("{name}: parameter {param:?} of type {other:?}"),
                 }
             })
@@ -372,11 +430,32 @@ mod tests {
             kinds(&gemm_args(&mma, &M, &M, &P, COUNTERS)),
             signature("#define SLUICE_INSTANTIATE_MMA", "name")
         );
-        let tiles = GemmPlan { kernel: GemmKernel::Tiles { tokens_per_block: 32 }, ..simt };
+        let tiles = GemmPlan { kernel: GemmKernel::Tiles, ..simt };
         assert_eq!(
             kinds(&gemm_args(&tiles, &M, &M, &P, COUNTERS)),
             signature("#define SLUICE_INSTANTIATE_TILES", "name")
         );
+        // The warpgroup kernel: two tensor maps, then the rest.
+        let warpgroup = GemmPlan { kernel: GemmKernel::Warpgroup, ..simt };
+        let rest = gemm_args(&warpgroup, &M, &M, &P, COUNTERS);
+        let mut expected = vec!["map", "map"];
+        expected.extend(kinds(&rest));
+        assert_eq!(expected, signature("", "sluice_gemm_warpgroup"));
+        assert_eq!(rest.values()[4], KernelArg::I32(8), "boxes of 3 tokens rounded up to 8 rows");
+        let maps = TileMaps { hidden: TensorMap([1; 16]), weight: TensorMap([2; 16]) };
+        let mut args = TilesArgs::new(maps, rest);
+        let pointers = args.pointers();
+        // SAFETY: `args` is alive and unmoved; the first two pointers were made from the maps,
+        // the third from the tokens (an `int`).
+        let (hidden, weight, tokens) = unsafe {
+            (
+                (*pointers[0].cast::<TensorMap>()).0[0],
+                (*pointers[1].cast::<TensorMap>()).0[15],
+                *pointers[2].cast::<i32>(),
+            )
+        };
+        assert_eq!((hidden, weight, tokens), (1, 2, 3));
+        assert!(pointers[2 + rest.values().len()..].iter().all(|p| p.is_null()));
         let targets = RoutingTargets {
             ids: 1,
             ids_row_stride: 8,

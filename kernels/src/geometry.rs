@@ -44,11 +44,36 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 /// 3.0 at T = 2; 3.1 and 3.6 against 2.8 and 3.0 at T = 3; 4.1 and 6.9 against 2.9 and 3.1 at
 /// T = 8).
 pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 2;
-/// The most tokens the tiles kernel serves; beyond, a library GEMM is as fast or faster (measured on
-/// an H200 for 7168 x 256: 5.5 us against 6.9 for cuBLASLt at T = 64, 7.2 against 7.2 at T = 128).
-pub const TILES_MAX_TOKENS: usize = 64;
-/// Tokens per block of the tiles kernel's instances (`sluice_gemm_tiles_{16,32,64}`).
-pub const TILE_TOKENS_PER_BLOCK: [usize; 3] = [16, 32, 64];
+/// The most tokens the bulk-copy tiles kernel serves, in blocks of 16; past it the warpgroup kernel
+/// does, where the device has it (graph-replayed gate on an H200, us, bulk-copy against warpgroup
+/// kernel: V3 5.9 / 6.3 / 6.8 against 6.0 / 6.1 / 6.1 at T = 8 / 16 / 17, Kimi-K2 5.7 / 6.1 /
+/// 6.8 against 6.2 / 6.3 / 6.3).
+pub const TILES_MAX_TOKENS: usize = 16;
+/// Tokens per block of the bulk-copy tiles kernel (`sluice_gemm_tiles_16`).
+pub const TILE_TOKENS_PER_BLOCK: usize = 16;
+/// The most tokens the warpgroup kernel serves. Beyond, cuBLASLt writes the logits themselves: at
+/// T = 128 the warpgroup kernel alone is faster (4.0 us per launch against 7.2 on an H200, V3),
+/// but the whole gate is slower (13.1 us against 11.2), routing then adding 8 partial sums per
+/// logit.
+pub const WARPGROUP_MAX_TOKENS: usize = 64;
+/// Rows of the warpgroup kernel's token tiles (`SLUICE_WG_TOKENS`: the M of its `wgmma`), the most
+/// tokens one of its blocks takes. (Blocks of 32 tokens at 33 to 64, twice the blocks over half
+/// the splits, measured slower on an H200: V3 7.6 against 6.9 us at T = 64, Kimi-K2 9.6 against
+/// 7.0.)
+const WG_TOKENS: usize = 64;
+/// Experts per block of the warpgroup kernel (`SLUICE_WG_EXPERTS`: the N of its `wgmma`), the
+/// weight's box rows.
+pub const WG_EXPERTS: usize = 32;
+/// Hidden values per chunk of the warpgroup kernel (`SLUICE_WG_K`): one tensor copy per operand,
+/// one barrier; every split is a whole number of chunks, and the boxes are this wide.
+pub const WG_K: usize = 64;
+/// Threads per block of the warpgroup kernel: one warpgroup (`SLUICE_WG_THREADS`).
+const WG_THREADS: usize = 128;
+/// The alignment of the warpgroup kernel's tiles in shared memory (`SLUICE_WG_ALIGN`), which its
+/// dynamic shared memory leaves room for.
+const WG_ALIGN: usize = 1024;
+// The splits of `split_hidden` are whole chunks of the warpgroup kernel.
+const _: () = assert!(TILE_K_ALIGN.is_multiple_of(WG_K));
 /// Experts per block of the tiles kernel (`SLUICE_TILE_EXPERTS`).
 const TILE_EXPERTS: usize = 32;
 /// Shared-memory bytes of the tiles kernel's barriers, before its tiles
@@ -123,11 +148,14 @@ pub enum GemmKernel {
         /// Consecutive experts per block: 1 or 2.
         experts_per_block: usize,
     },
-    /// Tens of bf16 tokens and a bf16 weight: tiles copied into shared memory whole, tensor cores.
-    Tiles {
-        /// Tokens per block: 16, 32 or 64.
-        tokens_per_block: usize,
-    },
+    /// A few bf16 tokens and a bf16 weight (Hopper and later): tiles copied into shared memory
+    /// whole by bulk copies, `mma.sync`; blocks of [`TILE_TOKENS_PER_BLOCK`] tokens.
+    Tiles,
+    /// Tens of bf16 tokens and a bf16 weight on Hopper: tiles brought into shared memory whole by
+    /// tensor copies, warpgroup MMA. Its operands are passed as tensor maps
+    /// ([`TileMaps`](crate::TileMaps)), the hidden states' with boxes of
+    /// [`GemmPlan::token_rows`] rows.
+    Warpgroup,
     /// Tensor cores, bf16 weight, `tiles` N tiles of 8 tokens per block.
     Mma {
         /// Hidden-state element type.
@@ -151,9 +179,8 @@ impl GemmKernel {
             GemmKernel::Gemv { tokens_per_block, experts_per_block } => {
                 format!("sluice_gemv_{tokens_per_block}_{experts_per_block}")
             }
-            GemmKernel::Tiles { tokens_per_block } => {
-                format!("sluice_gemm_tiles_{tokens_per_block}")
-            }
+            GemmKernel::Tiles => format!("sluice_gemm_tiles_{TILE_TOKENS_PER_BLOCK}"),
+            GemmKernel::Warpgroup => "sluice_gemm_warpgroup".to_owned(),
             GemmKernel::Mma { hidden, tiles } => {
                 format!("sluice_gemm_mma_{}_{tiles}", hidden.name())
             }
@@ -209,6 +236,15 @@ impl GemmPlan {
     pub fn partials_bytes(&self, shape: GemmShape) -> usize {
         self.splits * shape.tokens * shape.experts * size_of::<f32>()
     }
+
+    /// The warpgroup kernel's tokens per block (its `token_rows`, the rows of the hidden states'
+    /// tensor-copy box) for `tokens` tokens: the tokens over its token blocks, rounded up to a
+    /// multiple of 8; fewer tokens copy fewer rows (V3 at 32 tokens on an H200: 2.3 us per launch
+    /// with boxes of 32 rows against 2.8 with 64, in a chain of GEMMs).
+    pub fn token_rows(&self, tokens: usize) -> usize {
+        let blocks = (self.launch.grid[2] as usize).max(1);
+        tokens.max(1).div_ceil(blocks).next_multiple_of(8).min(WG_TOKENS)
+    }
 }
 
 /// What the planner needs to know about the device the kernels run on.
@@ -226,6 +262,9 @@ pub struct GpuTarget {
     /// Whether the device has the tiles kernel (bulk copies into shared memory: NVIDIA compute
     /// capability 9.0 and later).
     pub bulk_copies: bool,
+    /// Whether the device has the warpgroup kernel: tensor copies and `wgmma`, NVIDIA compute
+    /// capability 9.0 exactly (its source is compiled for the architecture-specific `sm_90a`).
+    pub warpgroup_mma: bool,
     /// The most dynamic shared memory one block may use, in bytes.
     pub shared_memory_per_block: usize,
 }
@@ -294,6 +333,12 @@ pub fn plan_gemm(
     {
         return Ok(plan);
     }
+    if hidden == HiddenKind::Bf16
+        && tokens <= WARPGROUP_MAX_TOKENS
+        && let Some(plan) = plan_warpgroup(target, shape, max_splits)
+    {
+        return Ok(plan);
+    }
     let tiles = match tokens {
         1..=8 => 1,
         9..=16 => 2,
@@ -323,62 +368,88 @@ pub fn plan_gemm(
     })
 }
 
-/// Warps along k per block of the tiles kernel with `tokens_per_block` tokens (its instances'
-/// `WK`).
-const fn tile_k_warps(tokens_per_block: usize) -> usize {
-    if tokens_per_block >= 64 { 2 } else { 4 }
-}
+/// Warps along k per block of the tiles kernel (its instance's `WK`).
+const TILE_K_WARPS: usize = 4;
 
-/// Dynamic shared memory of a tiles block (`sluice_gemm_tiles`): the barriers, then the expert and
-/// token tiles of `k_per_split + 8` bf16 per row, which the block's sums `[WK, TB, 32]` f32 reuse.
-pub fn tile_shared_bytes(tokens_per_block: usize, k_per_split: usize) -> usize {
-    let tiles = (TILE_EXPERTS + tokens_per_block) * (k_per_split + 8) * 2;
-    let sums = tile_k_warps(tokens_per_block) * tokens_per_block * TILE_EXPERTS * 4;
+/// Dynamic shared memory of a tiles block (`sluice_gemm_tiles_16`): the barriers, then the expert
+/// and token tiles of `k_per_split + 8` bf16 per row, which the block's sums `[WK, TB, 32]` f32
+/// reuse.
+pub fn tile_shared_bytes(k_per_split: usize) -> usize {
+    let tiles = (TILE_EXPERTS + TILE_TOKENS_PER_BLOCK) * (k_per_split + 8) * 2;
+    let sums = TILE_K_WARPS * TILE_TOKENS_PER_BLOCK * TILE_EXPERTS * 4;
     TILE_BARRIER_BYTES + tiles.max(sums)
 }
 
-/// The tiles plan for at most [`TILES_MAX_TOKENS`] bf16 tokens, where the target has the kernel:
-/// token blocks of 16, 32 or 64, and the hidden size split so that the blocks about fill the
-/// multiprocessors once (more would run in a second wave: the tiles of a block of 64 tokens leave
-/// room for one block per multiprocessor), into at most `max_splits` and [`MAX_PARTIALS`] splits.
-/// `None` when no split that many fits the target's shared memory.
-fn plan_tiles(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option<GemmPlan> {
-    if !target.bulk_copies {
-        return None;
-    }
-    let tokens = shape.tokens.max(1);
-    let tokens_per_block = match tokens {
-        1..=16 => 16,
-        17..=32 => 32,
-        _ => 64,
-    };
-    let token_blocks = tokens.div_ceil(tokens_per_block);
-    let expert_blocks = shape.experts.div_ceil(TILE_EXPERTS);
+/// Dynamic shared memory of a warpgroup block (`sluice_gemm_warpgroup`): room to align its
+/// tiles, then for each chunk of `k_per_split` a token tile of 64 rows (`SLUICE_WG_TOKENS`) and
+/// a weight tile of [`WG_EXPERTS`] rows (128 bytes each), and a barrier (8 bytes) per chunk.
+pub fn warpgroup_shared_bytes(k_per_split: usize) -> usize {
+    let chunks = k_per_split.div_ceil(WG_K);
+    WG_ALIGN + chunks * ((WG_TOKENS + WG_EXPERTS) * WG_K * 2 + 8)
+}
+
+/// How a kernel that holds its whole k range in shared memory splits the hidden size: so that its
+/// `blocks` blocks per split about fill the multiprocessors once, into at most `max_splits` and
+/// [`MAX_PARTIALS`] splits of a multiple of [`TILE_K_ALIGN`] values, each block's
+/// `shared_bytes(k_per_split)` within the target's. `(launch, k_per_split, splits)` with the
+/// grid's y the splits, or `None` when no split that many fits.
+fn split_hidden(
+    target: &GpuTarget,
+    shape: GemmShape,
+    [expert_blocks, token_blocks]: [usize; 2],
+    threads: usize,
+    max_splits: usize,
+    shared_bytes: impl Fn(usize) -> usize,
+) -> Option<(Launch, usize, usize)> {
     let most = max_splits.clamp(1, MAX_PARTIALS);
     let mut splits = (target.multiprocessors / (expert_blocks * token_blocks)).clamp(1, most);
     loop {
         let k_per_split =
             shape.hidden.div_ceil(splits).next_multiple_of(TILE_K_ALIGN).max(TILE_K_ALIGN);
-        let shared_bytes = tile_shared_bytes(tokens_per_block, k_per_split);
-        if shared_bytes <= target.shared_memory_per_block {
+        let shared = shared_bytes(k_per_split);
+        if shared <= target.shared_memory_per_block {
             let splits = shape.hidden.div_ceil(k_per_split).max(1);
-            let warps = tokens_per_block / 16 * tile_k_warps(tokens_per_block);
-            return Some(GemmPlan {
-                kernel: GemmKernel::Tiles { tokens_per_block },
-                launch: Launch {
-                    grid: [expert_blocks as u32, splits as u32, token_blocks as u32],
-                    block: [(warps * NVIDIA_WAVE_WIDTH) as u32, 1, 1],
-                    shared_bytes: shared_bytes as u32,
-                },
-                k_per_warp: k_per_split,
-                splits,
-            });
+            let launch = Launch {
+                grid: [expert_blocks as u32, splits as u32, token_blocks as u32],
+                block: [threads as u32, 1, 1],
+                shared_bytes: shared as u32,
+            };
+            return Some((launch, k_per_split, splits));
         }
         if splits >= most {
             return None;
         }
         splits += 1;
     }
+}
+
+/// The tiles plan for at most [`TILES_MAX_TOKENS`] bf16 tokens, where the target has the kernel:
+/// token blocks of [`TILE_TOKENS_PER_BLOCK`], expert blocks of 32, the hidden size split by
+/// [`split_hidden`]. `None` when no split fits the target's shared memory.
+fn plan_tiles(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option<GemmPlan> {
+    if !target.bulk_copies {
+        return None;
+    }
+    let blocks =
+        [shape.experts.div_ceil(TILE_EXPERTS), shape.tokens.max(1).div_ceil(TILE_TOKENS_PER_BLOCK)];
+    let threads = TILE_TOKENS_PER_BLOCK / 16 * TILE_K_WARPS * NVIDIA_WAVE_WIDTH;
+    let (launch, k_per_warp, splits) =
+        split_hidden(target, shape, blocks, threads, max_splits, tile_shared_bytes)?;
+    Some(GemmPlan { kernel: GemmKernel::Tiles, launch, k_per_warp, splits })
+}
+
+/// The warpgroup plan for at most [`WARPGROUP_MAX_TOKENS`] bf16 tokens, where the target has the
+/// kernel: token blocks of [`WG_TOKENS`], expert blocks of [`WG_EXPERTS`], the hidden size split
+/// by [`split_hidden`] into whole chunks of [`WG_K`]. `None` when no split fits the target's
+/// shared memory.
+fn plan_warpgroup(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option<GemmPlan> {
+    if !target.warpgroup_mma {
+        return None;
+    }
+    let blocks = [shape.experts.div_ceil(WG_EXPERTS), shape.tokens.max(1).div_ceil(WG_TOKENS)];
+    let (launch, k_per_warp, splits) =
+        split_hidden(target, shape, blocks, WG_THREADS, max_splits, warpgroup_shared_bytes)?;
+    Some(GemmPlan { kernel: GemmKernel::Warpgroup, launch, k_per_warp, splits })
 }
 
 /// The matrix-vector plan for at most [`GEMV_MAX_TOKENS`] tokens. Tokens and experts per block as
@@ -548,6 +619,7 @@ mod tests {
         tensor_cores: true,
         multiprocessors: 132,
         bulk_copies: true,
+        warpgroup_mma: true,
         shared_memory_per_block: 227 * 1024,
     };
     const MI300X: GpuTarget = GpuTarget {
@@ -555,10 +627,14 @@ mod tests {
         tensor_cores: false,
         multiprocessors: 304,
         bulk_copies: false,
+        warpgroup_mma: false,
         shared_memory_per_block: 64 * 1024,
     };
     /// An A100: tensor cores, no bulk copies.
-    const A100: GpuTarget = GpuTarget { bulk_copies: false, multiprocessors: 108, ..H200 };
+    const A100: GpuTarget =
+        GpuTarget { bulk_copies: false, warpgroup_mma: false, multiprocessors: 108, ..H200 };
+    /// A device past Hopper: bulk copies, no `wgmma`.
+    const LATER: GpuTarget = GpuTarget { warpgroup_mma: false, multiprocessors: 148, ..H200 };
 
     fn matrix(rows: usize, cols: usize, dtype: DType) -> DeviceMatrix {
         DeviceMatrix { ptr: 4096, rows, cols, row_stride: cols, col_stride: 1, dtype }
@@ -603,7 +679,7 @@ mod tests {
         assert!(matches!(nvidia.kernel, GemmKernel::Gemv { .. }), "{:?}", nvidia.kernel);
         let many = matrix(GEMV_MAX_TOKENS_BEFORE_TILES + 1, 7168, DType::BF16);
         let nvidia = plan_router_gemm(&H200, &many, &weight, usize::MAX).unwrap();
-        assert!(matches!(nvidia.kernel, GemmKernel::Tiles { .. }));
+        assert_eq!(nvidia.kernel, GemmKernel::Tiles);
         let ampere = matrix(GEMV_MAX_TOKENS + 1, 7168, DType::BF16);
         let ampere = plan_router_gemm(&A100, &ampere, &weight, usize::MAX).unwrap();
         assert!(matches!(ampere.kernel, GemmKernel::Mma { .. }), "no bulk copies before Hopper");
@@ -650,67 +726,116 @@ mod tests {
         }
         let beyond = GemmShape { tokens: GEMV_MAX_TOKENS_BEFORE_TILES + 1, ..V3 };
         let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
-        assert!(matches!(plan.unwrap().kernel, GemmKernel::Tiles { .. }));
+        assert_eq!(plan.unwrap().kernel, GemmKernel::Tiles);
         let f16 = plan_gemm(&H200, V3, HiddenKind::F16, WeightKind::Bf16, true, usize::MAX);
         assert!(matches!(f16.unwrap().kernel, GemmKernel::Mma { .. }), "bf16 tokens only");
     }
 
+    /// Checks a tiles or warpgroup plan for `shape`: expert and token blocks covering both, whole
+    /// splits of a multiple of the chunk covering the hidden size with none empty, at most
+    /// [`MAX_PARTIALS`], one wave unless shared memory forced more splits, and the launch's shared
+    /// memory `shared_bytes(k_per_split)`.
+    fn check_whole_k_plan(
+        target: &GpuTarget,
+        plan: &GemmPlan,
+        shape: GemmShape,
+        [experts_per_block, tokens_per_block]: [usize; 2],
+        shared_bytes: fn(usize) -> usize,
+    ) {
+        let GemmShape { tokens, hidden, experts } = shape;
+        let [x, y, z] = plan.launch.grid.map(|n| n as usize);
+        assert!(x * experts_per_block >= experts && (x - 1) * experts_per_block < experts);
+        assert!(z * tokens_per_block >= tokens && (z - 1) * tokens_per_block < tokens);
+        let k = plan.k_per_warp;
+        assert_eq!((y, k % TILE_K_ALIGN), (plan.splits, 0), "{shape:?}");
+        assert!(y * k >= hidden && (y - 1) * k < hidden, "{shape:?}: no empty split");
+        assert!(y <= MAX_PARTIALS);
+        let shared = plan.launch.shared_bytes as usize;
+        assert_eq!(shared, shared_bytes(k));
+        assert!(shared <= target.shared_memory_per_block);
+        assert!(
+            x * y * z <= target.multiprocessors
+                || shared_bytes(k * 2) > target.shared_memory_per_block,
+            "{shape:?}: {x} x {y} x {z} blocks"
+        );
+    }
+
+    const SHAPES: [(usize, usize); 6] =
+        [(7168, 256), (7168, 384), (2048, 160), (4104, 72), (8, 1), (16384, 1024)];
+
     #[test]
-    fn tens_of_bf16_tokens_take_the_tiles_kernel_in_one_wave_with_every_k_covered() {
-        let shapes = [(7168, 256), (7168, 384), (2048, 160), (4104, 72), (8, 1), (16384, 1024)];
-        for tokens in GEMV_MAX_TOKENS_BEFORE_TILES + 1..=TILES_MAX_TOKENS {
-            for (hidden, experts) in shapes {
-                let shape = GemmShape { tokens, hidden, experts };
-                let plan =
-                    plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
-                        .unwrap();
-                let GemmKernel::Tiles { tokens_per_block } = plan.kernel else {
-                    panic!("{shape:?}: {:?}", plan.kernel);
-                };
-                let [x, y, z] = plan.launch.grid.map(|n| n as usize);
-                assert!(x * TILE_EXPERTS >= experts && (x - 1) * TILE_EXPERTS < experts);
-                assert!(z * tokens_per_block >= tokens && (z - 1) * tokens_per_block < tokens);
-                let k = plan.k_per_warp;
-                assert_eq!((y, k % TILE_K_ALIGN), (plan.splits, 0), "{shape:?}");
-                assert!(y * k >= hidden && (y - 1) * k < hidden, "{shape:?}: no empty split");
-                assert!(y <= MAX_PARTIALS);
-                let shared = plan.launch.shared_bytes as usize;
-                assert_eq!(shared, tile_shared_bytes(tokens_per_block, k));
-                assert!(shared <= H200.shared_memory_per_block);
-                // One wave, unless shared memory forced more splits than that.
-                assert!(
-                    x * y * z <= 132 || tile_shared_bytes(tokens_per_block, k * 2) > shared,
-                    "{shape:?}: {x} x {y} x {z} blocks"
-                );
-                let warps = tokens_per_block / 16 * tile_k_warps(tokens_per_block);
-                assert_eq!(plan.launch.block, [warps as u32 * 32, 1, 1]);
+    fn a_few_bf16_tokens_take_the_tiles_kernel_in_one_wave_with_every_k_covered() {
+        for target in [H200, LATER] {
+            for tokens in GEMV_MAX_TOKENS_BEFORE_TILES + 1..=TILES_MAX_TOKENS {
+                for (hidden, experts) in SHAPES {
+                    let shape = GemmShape { tokens, hidden, experts };
+                    let plan = plan_gemm(
+                        &target,
+                        shape,
+                        HiddenKind::Bf16,
+                        WeightKind::Bf16,
+                        true,
+                        usize::MAX,
+                    )
+                    .unwrap();
+                    assert_eq!(plan.kernel, GemmKernel::Tiles, "{shape:?}");
+                    let blocks = [TILE_EXPERTS, TILE_TOKENS_PER_BLOCK];
+                    check_whole_k_plan(&target, &plan, shape, blocks, tile_shared_bytes);
+                    let warps = TILE_TOKENS_PER_BLOCK / 16 * TILE_K_WARPS;
+                    assert_eq!(plan.launch.block, [warps as u32 * 32, 1, 1]);
+                }
             }
         }
-        let beyond = GemmShape { tokens: TILES_MAX_TOKENS + 1, ..V3 };
-        let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
-        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
         // One split allowed: the whole hidden size must fit one block's shared memory.
         let few = GemmShape { tokens: 9, ..V3 };
         let one = plan_gemm(&H200, few, HiddenKind::Bf16, WeightKind::Bf16, true, 1).unwrap();
         assert!(matches!(one.kernel, GemmKernel::Mma { .. }), "7168 values do not fit");
         let small = GemmShape { tokens: 9, hidden: 2048, experts: 64 };
         let one = plan_gemm(&H200, small, HiddenKind::Bf16, WeightKind::Bf16, true, 1).unwrap();
-        assert_eq!((one.kernel, one.splits), (GemmKernel::Tiles { tokens_per_block: 16 }, 1));
+        assert_eq!((one.kernel, one.splits), (GemmKernel::Tiles, 1));
     }
 
     #[test]
-    fn the_tiles_kernel_shares_its_constants_with_the_source() {
+    fn tens_of_bf16_tokens_take_the_warpgroup_kernel_on_hopper_alone() {
+        for tokens in TILES_MAX_TOKENS + 1..=WARPGROUP_MAX_TOKENS {
+            for (hidden, experts) in SHAPES {
+                let shape = GemmShape { tokens, hidden, experts };
+                let kinds = (HiddenKind::Bf16, WeightKind::Bf16);
+                let plan = plan_gemm(&H200, shape, kinds.0, kinds.1, true, usize::MAX).unwrap();
+                assert_eq!(plan.kernel, GemmKernel::Warpgroup, "{shape:?}");
+                let rows = plan.token_rows(tokens);
+                let blocks = [WG_EXPERTS, rows];
+                check_whole_k_plan(&H200, &plan, shape, blocks, warpgroup_shared_bytes);
+                assert_eq!(plan.launch.block, [WG_THREADS as u32, 1, 1]);
+                assert!(rows.is_multiple_of(8) && rows <= WG_TOKENS);
+                let per_block = tokens.div_ceil(plan.launch.grid[2] as usize);
+                assert!(rows >= per_block && rows < per_block + 8, "{shape:?}");
+                // Without `wgmma`, past the tiles kernel's tokens: the library GEMM's plan.
+                let later = plan_gemm(&LATER, shape, kinds.0, kinds.1, true, usize::MAX).unwrap();
+                assert!(matches!(later.kernel, GemmKernel::Mma { .. }), "{shape:?}");
+            }
+        }
+        let beyond = GemmShape { tokens: WARPGROUP_MAX_TOKENS + 1, ..V3 };
+        let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
+        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
+    }
+
+    #[test]
+    fn the_tiles_kernels_share_their_constants_with_the_source() {
         for define in [
             format!("#define SLUICE_TILE_EXPERTS {TILE_EXPERTS}\n"),
             format!("#define SLUICE_TILE_BARRIER_BYTES {TILE_BARRIER_BYTES}\n"),
+            format!("#define SLUICE_WG_EXPERTS {WG_EXPERTS}\n"),
+            format!("#define SLUICE_WG_TOKENS {WG_TOKENS}\n"),
+            format!("#define SLUICE_WG_K {WG_K}\n"),
+            format!("#define SLUICE_WG_THREADS {WG_THREADS}\n"),
+            format!("#define SLUICE_WG_ALIGN {WG_ALIGN}\n"),
+            format!(
+                "SLUICE_INSTANTIATE_TILES({}, {TILE_TOKENS_PER_BLOCK}, {TILE_K_WARPS})",
+                GemmKernel::Tiles.name()
+            ),
         ] {
             assert!(crate::SOURCE.contains(&define), "{define}");
-        }
-        for tokens_per_block in TILE_TOKENS_PER_BLOCK {
-            let name = GemmKernel::Tiles { tokens_per_block }.name();
-            let wk = tile_k_warps(tokens_per_block);
-            let instance = format!("SLUICE_INSTANTIATE_TILES({name}, {tokens_per_block}, {wk})");
-            assert!(crate::SOURCE.contains(&instance), "{instance}");
         }
     }
 

@@ -15,7 +15,8 @@
 //! | kernel | what |
 //! | --- | --- |
 //! | `sluice_gemv_{1,2,4,8}_{1,2}` | router GEMM for up to 2 bf16 tokens on Hopper, 8 before it: every weight load in flight at once, logits written straight |
-//! | `sluice_gemm_tiles_{16,32,64}` | router GEMM for 3 to 64 bf16 tokens on Hopper: weight rows and hidden states brought into shared memory by bulk copies, tensor cores, partial sums `[S, T, E]` |
+//! | `sluice_gemm_tiles_16` | router GEMM for 3 to 16 bf16 tokens on Hopper: weight rows and hidden states brought into shared memory by bulk copies, tensor cores, partial sums `[S, T, E]` |
+//! | `sluice_gemm_warpgroup` | router GEMM for 17 to 64 bf16 tokens on compute capability 9.0: weight and hidden states brought into shared memory by tensor copies from tensor maps the backend makes, warpgroup MMA (`wgmma`), partial sums `[S, T, E]` |
 //! | `sluice_gemm_mma_{bf16,f16,f32}_{1,2,4,8}` | router GEMM on tensor cores (bf16 weight), split over the hidden size, partial sums `[S, T, E]` |
 //! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
 //! | `sluice_sum_partials` | logits from the partial sums |
@@ -40,7 +41,8 @@ pub mod toolchain;
 
 pub use args::{
     HashInputs, KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RouteCounters, RouteDispatchArgs,
-    RoutingTargets, gemm_args, reset_status_args, route_args, sum_partials_args,
+    RoutingTargets, TensorMap, TileMaps, TilesArgs, gemm_args, reset_status_args, route_args,
+    sum_partials_args,
 };
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
@@ -53,9 +55,9 @@ pub use geometry::{
     AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOKENS, BLOCK_ROUTE_MAX_TOP_K, BLOCK_ROUTE_MIN_EXPERTS,
     GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS_BEFORE_TILES, GemmKernel, GemmPlan,
     GemmShape, GpuTarget, HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK,
-    RouteKernel, RoutePlan, TILE_TOKENS_PER_BLOCK, TILES_MAX_TOKENS, WeightKind, plan_gemm,
-    plan_route, plan_router_gemm, reset_status_launch, route_kernel, route_launch,
-    sum_partials_launch, tile_shared_bytes,
+    RouteKernel, RoutePlan, TILE_TOKENS_PER_BLOCK, TILES_MAX_TOKENS, WARPGROUP_MAX_TOKENS,
+    WG_EXPERTS, WG_K, WeightKind, plan_gemm, plan_route, plan_router_gemm, reset_status_launch,
+    route_kernel, route_launch, sum_partials_launch, tile_shared_bytes, warpgroup_shared_bytes,
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{
@@ -128,6 +130,8 @@ mod tests {
                 names.push(GemmKernel::Mma { hidden, tiles }.name());
             }
         }
+        names.push(GemmKernel::Tiles.name());
+        names.push(GemmKernel::Warpgroup.name());
         for name in names {
             // Kernels are either spelled out or built by an instantiation macro from a prefix.
             let (prefix, _) = name.rsplit_once('_').unwrap();

@@ -1,4 +1,4 @@
-//! The device source compiled by clang for NVPTX (sm_90) and AMDGPU (gfx942), with no CUDA or
+//! The device source compiled by clang for NVPTX (sm_90a) and AMDGPU (gfx942), with no CUDA or
 //! ROCm installed, for routing configs that exercise every branch of the routing kernel. The
 //! compiler is found by the same rule as the AMD build ([`find_clang`]).
 //!
@@ -95,13 +95,15 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
     let nvptx = [
         "-x",
         "cuda",
-        "--cuda-gpu-arch=sm_90",
+        // What NVRTC compiles for on Hopper: the architecture-specific target, which alone has the
+        // tiles kernel's `wgmma`, and the PTX version that has it.
+        "--cuda-gpu-arch=sm_90a",
         "-nocudainc",
         "-nocudalib",
         "-Xclang",
         "-target-feature",
         "-Xclang",
-        "+ptx78",
+        "+ptx80",
     ];
     let amdgpu = ["-x", "hip", "--offload-arch=gfx942", "-nogpuinc", "-nogpulib"];
     for spec in configs() {
@@ -130,9 +132,8 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
                 nvidia_kernels.push(GemmKernel::Mma { hidden, tiles }.name());
             }
         }
-        for tokens_per_block in sluice_kernels::TILE_TOKENS_PER_BLOCK {
-            nvidia_kernels.push(GemmKernel::Tiles { tokens_per_block }.name());
-        }
+        nvidia_kernels.push(GemmKernel::Tiles.name());
+        nvidia_kernels.push(GemmKernel::Warpgroup.name());
         for name in &nvidia_kernels {
             assert!(
                 ptx.contains(&format!(".entry {name}(")),
@@ -147,6 +148,11 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         assert!(ptx.contains("griddepcontrol.wait"));
         assert!(ptx.contains("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"));
+        assert!(ptx.contains("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier"));
+        assert!(ptx.contains("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16"));
+        // The warpgroup kernel takes its two tensor maps by value, as the driver lays them out.
+        let map = ".param .align 64 .b8 sluice_gemm_warpgroup_param_1[128]";
+        assert!(ptx.contains(map), "{spec}");
         // The dispatch kernels take `DispatchArgs` by value: the device struct has its size, and
         // the warps of one expert are ranked with `match.any`.
         let args = format!(
