@@ -776,7 +776,10 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_WG_THREADS) void sluice_gemm_warpgroup(
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 
   // Accumulator 4 j + 2 h + i of lane (g, q) of warp w: row 16 w + g + 8 h of the block's tokens,
-  // expert 8 j + 2 q + i. Rows past the box are not the block's.
+  // expert 8 j + 2 q + i. Rows past the box are not the block's. The two experts of a lane go out
+  // as one 8-byte store where they can, so that the four lanes of a row write whole 32-byte
+  // sectors: on an H200 the gate at 64 tokens took 6.46 us with them against 6.85 with 4-byte
+  // stores (V3; Kimi-K2 6.64 against 6.97), though 0.15 to 0.2 us more at 24 to 48 tokens.
   const int g = lane / 4, q = lane % 4;
   float *out = partials + GPU_BID_Y * split_stride;
   #pragma unroll
@@ -784,9 +787,14 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_WG_THREADS) void sluice_gemm_warpgroup(
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = 16 * warp + g + 8 * h, t = t0 + row, e = e0 + 8 * j + 2 * q;
-      if (row < token_rows && t < tokens) {
-        if (e < experts) out[t * row_stride + e] = acc[4 * j + 2 * h];
-        if (e + 1 < experts) out[t * row_stride + e + 1] = acc[4 * j + 2 * h + 1];
+      if (row >= token_rows || t >= tokens) continue;
+      float *at = out + t * row_stride + e;
+      const float first = acc[4 * j + 2 * h], second = acc[4 * j + 2 * h + 1];
+      if (e + 1 < experts && ((unsigned long long)at & 7) == 0) {
+        asm volatile("st.v2.f32 [%0], {%1, %2};" ::"l"(at), "f"(first), "f"(second) : "memory");
+      } else {
+        if (e < experts) at[0] = first;
+        if (e + 1 < experts) at[1] = second;
       }
     }
 }
