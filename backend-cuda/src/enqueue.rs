@@ -14,15 +14,15 @@ use cudarc::driver::sys::{
 };
 use sluice_kernels::{
     DispatchArgs, FusedLayout, GemmKernel, GemmPlan, Launch, NVIDIA_WAVE_WIDTH, RouteDispatchArgs,
-    TilesArgs, gemm_args, reset_status_args, reset_status_launch, route_args, sum_partials_args,
-    sum_partials_launch,
+    WarpgroupArgs, gemm_args, reset_status_args, reset_status_launch, route_args,
+    sum_partials_args, sum_partials_launch,
 };
 pub(crate) use sluice_kernels::{HashInputs, Partials, RouteCounters, RoutingTargets};
 
 use crate::error::CudaError;
 use crate::input::DeviceMatrix;
 use crate::module::RouterModule;
-use crate::tensor_map::tile_maps;
+use crate::tensor_map::warpgroup_maps;
 
 /// The router weight on the device.
 #[derive(Debug, Clone, Copy)]
@@ -47,19 +47,19 @@ pub(crate) fn gemm(
     let function = module.gemm(plan.kernel)?;
     let mut args = gemm_args(plan, hidden, &weight.matrix, partials, counters);
     // Whichever holds the values lives to the launch: the pointers point into it.
-    let mut tiles;
+    let mut warpgroup;
     let params = &mut if plan.kernel == GemmKernel::Warpgroup {
-        let maps = tile_maps(hidden, &weight.matrix, plan.token_rows(hidden.rows))?;
-        tiles = TilesArgs::new(maps, args);
-        tiles.pointers()
+        let maps = warpgroup_maps(hidden, &weight.matrix, plan.token_rows(hidden.rows))?;
+        warpgroup = WarpgroupArgs::new(maps, args);
+        warpgroup.pointers()
     } else {
         args.pointers()
     };
     // SAFETY: the arguments are packed in the kernel's parameter order and C types (checked
-    // against the source by `sluice-kernels`), the warpgroup kernel's tensor maps first, and outlive
-    // the call; every address was validated to cover the extents the plan reads or writes, and
-    // the maps describe exactly those matrices (the copy unit reads nothing outside a map's
-    // extents, filling zeros there).
+    // against the source by `sluice-kernels`), the warpgroup kernel's tensor maps first, and
+    // outlive the call; every address was validated to cover the extents the plan reads or
+    // writes, and the maps describe exactly those matrices (the copy unit reads nothing outside
+    // a map's extents, filling zeros there).
     unsafe { launch(function, plan.launch, stream, dependent_launch, params) }
 }
 

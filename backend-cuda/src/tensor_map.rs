@@ -7,19 +7,19 @@ use cudarc::driver::sys::{
     CUresult, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
     CUtensorMapL2promotion, CUtensorMapSwizzle, cuTensorMapEncodeTiled,
 };
-use sluice_kernels::{DeviceMatrix, TensorMap, TileMaps, WG_EXPERTS, WG_K};
+use sluice_kernels::{DeviceMatrix, TensorMap, WG_EXPERTS, WG_K, WarpgroupMaps};
 
 use crate::error::CudaError;
 
 /// The warpgroup kernel's two maps for a call on `hidden` `[T, H]` with `weight` `[E, H]`, both
 /// bf16 with rows that start on 16 bytes and unit column stride (what the planner requires of the
 /// kernel), the hidden states' read `token_rows` rows at a time.
-pub(crate) fn tile_maps(
+pub(crate) fn warpgroup_maps(
     hidden: &DeviceMatrix,
     weight: &DeviceMatrix,
     token_rows: usize,
-) -> Result<TileMaps, CudaError> {
-    Ok(TileMaps { hidden: encode(hidden, token_rows)?, weight: encode(weight, WG_EXPERTS)? })
+) -> Result<WarpgroupMaps, CudaError> {
+    Ok(WarpgroupMaps { hidden: encode(hidden, token_rows)?, weight: encode(weight, WG_EXPERTS)? })
 }
 
 /// A bf16 matrix as a 2-D tensor, k innermost, read in boxes of [`WG_K`] values by `box_rows`
@@ -34,10 +34,10 @@ fn encode(matrix: &DeviceMatrix, box_rows: usize) -> Result<TensorMap, CudaError
     let mut map = CUtensorMap { opaque: [0; 16] };
     // SAFETY: every pointer is to a live local of the length the call reads for a rank of 2
     // (`dims` and `boxes` and `steps` two values, `row_bytes` one: the strides past the first
-    // dimension); `map` is the driver's own aligned type, written in full. The driver only
-    // encodes: it checks the address (16-byte aligned), sizes, strides (multiples of 16 bytes)
-    // and box against the type, swizzle and limits, and reports a violation as an error; it
-    // neither reads nor writes device memory.
+    // dimension); `map` is the driver's own aligned type, written in full. The matrix's address
+    // is a device address the host never dereferences: the driver only encodes it, checking the
+    // address (16-byte aligned), sizes, strides (multiples of 16 bytes) and box against the type,
+    // swizzle and limits and reporting a violation as an error; it touches no device memory.
     let result = unsafe {
         cuTensorMapEncodeTiled(
             &raw mut map,

@@ -166,7 +166,7 @@ pub fn gemm_args(
             status,
             ticket,
         ]),
-        // The parameters after its two tensor maps (`TilesArgs` puts them first).
+        // The parameters after its two tensor maps (`WarpgroupArgs` puts them first).
         GemmKernel::Warpgroup => KernelArgs::new(&[
             tokens,
             hidden_size,
@@ -299,7 +299,7 @@ pub struct TensorMap(pub [u64; 16]);
 /// [`WG_K`](crate::WG_K) values by [`GemmPlan::token_rows`] rows (the hidden states) and by
 /// [`WG_EXPERTS`](crate::WG_EXPERTS) rows (the weight), 128-byte swizzle, zero fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TileMaps {
+pub struct WarpgroupMaps {
     /// The hidden states `[T, H]`.
     pub hidden: TensorMap,
     /// The weight `[E, H]`.
@@ -309,15 +309,15 @@ pub struct TileMaps {
 /// The warpgroup kernel's arguments: its two tensor maps by value, then what [`gemm_args`] packs
 /// for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TilesArgs {
-    maps: TileMaps,
+pub struct WarpgroupArgs {
+    maps: WarpgroupMaps,
     rest: KernelArgs,
 }
 
-impl TilesArgs {
+impl WarpgroupArgs {
     /// The maps `maps` before the arguments `rest` ([`gemm_args`] of a warpgroup plan).
-    pub fn new(maps: TileMaps, rest: KernelArgs) -> Self {
-        TilesArgs { maps, rest }
+    pub fn new(maps: WarpgroupMaps, rest: KernelArgs) -> Self {
+        WarpgroupArgs { maps, rest }
     }
 
     /// The pointer array a launch takes, valid while `self` is neither moved nor dropped (as
@@ -442,8 +442,8 @@ mod tests {
         expected.extend(kinds(&rest));
         assert_eq!(expected, signature("", "sluice_gemm_warpgroup"));
         assert_eq!(rest.values()[4], KernelArg::I32(8), "boxes of 3 tokens rounded up to 8 rows");
-        let maps = TileMaps { hidden: TensorMap([1; 16]), weight: TensorMap([2; 16]) };
-        let mut args = TilesArgs::new(maps, rest);
+        let maps = WarpgroupMaps { hidden: TensorMap([1; 16]), weight: TensorMap([2; 16]) };
+        let mut args = WarpgroupArgs::new(maps, rest);
         let pointers = args.pointers();
         // SAFETY: `args` is alive and unmoved; the first two pointers were made from the maps,
         // the third from the tokens (an `int`).

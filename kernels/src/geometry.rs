@@ -153,7 +153,7 @@ pub enum GemmKernel {
     Tiles,
     /// Tens of bf16 tokens and a bf16 weight on Hopper: tiles brought into shared memory whole by
     /// tensor copies, warpgroup MMA. Its operands are passed as tensor maps
-    /// ([`TileMaps`](crate::TileMaps)), the hidden states' with boxes of
+    /// ([`WarpgroupMaps`](crate::WarpgroupMaps)), the hidden states' with boxes of
     /// [`GemmPlan::token_rows`] rows.
     Warpgroup,
     /// Tensor cores, bf16 weight, `tiles` N tiles of 8 tokens per block.

@@ -41,8 +41,8 @@ pub mod toolchain;
 
 pub use args::{
     HashInputs, KernelArg, KernelArgs, MAX_KERNEL_ARGS, Partials, RouteCounters, RouteDispatchArgs,
-    RoutingTargets, TensorMap, TileMaps, TilesArgs, gemm_args, reset_status_args, route_args,
-    sum_partials_args,
+    RoutingTargets, TensorMap, WarpgroupArgs, WarpgroupMaps, gemm_args, reset_status_args,
+    route_args, sum_partials_args,
 };
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{

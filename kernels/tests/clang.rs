@@ -96,7 +96,7 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         "-x",
         "cuda",
         // What NVRTC compiles for on Hopper: the architecture-specific target, which alone has the
-        // tiles kernel's `wgmma`, and the PTX version that has it.
+        // warpgroup kernel's `wgmma`, and the PTX version that has it.
         "--cuda-gpu-arch=sm_90a",
         "-nocudainc",
         "-nocudalib",
