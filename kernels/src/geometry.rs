@@ -79,7 +79,7 @@ const TILE_EXPERTS: usize = 32;
 /// Shared-memory bytes of the tiles kernel's barriers, before its tiles
 /// (`SLUICE_TILE_BARRIER_BYTES`).
 const TILE_BARRIER_BYTES: usize = 32;
-/// Hidden values per split of the tiles kernel are a multiple of this.
+/// Hidden values per split of the tiles and warpgroup kernels are a multiple of this.
 const TILE_K_ALIGN: usize = 64;
 /// The matrix-vector kernel's most threads per block (`SLUICE_GEMV_MAX_THREADS`).
 pub const GEMV_MAX_THREADS: usize = 512;
@@ -224,8 +224,8 @@ pub struct GemmPlan {
     pub kernel: GemmKernel,
     /// Its launch.
     pub launch: Launch,
-    /// Hidden values per warp (tensor-core kernel), per split (tiles kernel), the whole row (scalar
-    /// kernel).
+    /// Hidden values per warp (tensor-core kernel), per split (tiles and warpgroup kernels), the
+    /// whole row (scalar kernel).
     pub k_per_warp: usize,
     /// Partial sums per logit `S`.
     pub splits: usize,
