@@ -650,7 +650,8 @@ SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_16, 16, 4)
 // ---- tens of tokens on Hopper: tiles brought in by the tensor-copy unit, warpgroup MMA ----------
 //
 // From 17 to 64 tokens on compute capability 9.0 this kernel replaces the bulk-copy one above
-// (which keeps up to 16, where it measured faster inside the gate). Block (expert block of
+// (which keeps up to 16, where it measured faster inside the gate), and it takes up to 128 where
+// its blocks all run at once (two token blocks). Block (expert block of
 // SLUICE_WG_EXPERTS, split, token block of `token_rows` <= SLUICE_WG_TOKENS): one warpgroup. Its
 // k range lands in shared memory in chunks of SLUICE_WG_K values, by 2-D tensor copies (one per
 // chunk and operand, all issued by one thread, swizzled as `wgmma` reads them), each chunk counted
@@ -681,6 +682,11 @@ SLUICE_INSTANTIATE_TILES(sluice_gemm_tiles_16, 16, 4)
 #define SLUICE_WG_WEIGHT_BYTES (SLUICE_WG_EXPERTS * SLUICE_WG_K * 2)
 // The 128-byte swizzle repeats every 1024 bytes; every tile starts at a multiple of it.
 #define SLUICE_WG_ALIGN 1024
+
+// Two f32, stored as one 8-byte store.
+struct alignas(8) sluice_f32x2 {
+  float first, second;
+};
 
 // A `CUtensorMap`: the copy unit's description of a matrix in global memory, made by the driver.
 struct alignas(64) sluice_tensor_map {
@@ -779,7 +785,9 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_WG_THREADS) void sluice_gemm_warpgroup(
   // expert 8 j + 2 q + i. Rows past the box are not the block's. The two experts of a lane go out
   // as one 8-byte store where they can, so that the four lanes of a row write whole 32-byte
   // sectors: on an H200 the gate at 64 tokens took 6.46 us with them against 6.85 with 4-byte
-  // stores (V3; Kimi-K2 6.64 against 6.97), though 0.15 to 0.2 us more at 24 to 48 tokens.
+  // stores (V3; Kimi-K2 6.64 against 6.97). An ordinary store, which the compiler may schedule:
+  // 0.02 to 0.04 us less than the same store as inline assembly with a memory clobber, at 24 to
+  // 64 tokens.
   const int g = lane / 4, q = lane % 4;
   float *out = partials + GPU_BID_Y * split_stride;
   #pragma unroll
@@ -791,7 +799,7 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_WG_THREADS) void sluice_gemm_warpgroup(
       float *at = out + t * row_stride + e;
       const float first = acc[4 * j + 2 * h], second = acc[4 * j + 2 * h + 1];
       if (e + 1 < experts && ((unsigned long long)at & 7) == 0) {
-        asm volatile("st.v2.f32 [%0], {%1, %2};" ::"l"(at), "f"(first), "f"(second) : "memory");
+        *(sluice_f32x2 *)at = sluice_f32x2{first, second};
       } else {
         if (e < experts) at[0] = first;
         if (e + 1 < experts) at[1] = second;
