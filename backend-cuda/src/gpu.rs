@@ -20,6 +20,8 @@ pub(crate) struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) ordinal: usize,
     pub(crate) multiprocessors: usize,
+    /// Threads one multiprocessor holds at once.
+    pub(crate) threads_per_multiprocessor: usize,
     /// The most dynamic shared memory a block may opt in to, in bytes.
     pub(crate) shared_memory_per_block: usize,
     /// Bytes of L2 cache.
@@ -51,6 +53,9 @@ impl Gpu {
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(CudaError::driver("reading the multiprocessor count"))?;
+        let threads_per_multiprocessor = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)
+            .map_err(CudaError::driver("reading the threads per multiprocessor"))?;
         let shared_memory_per_block = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(CudaError::driver("reading the shared memory per block"))?;
@@ -65,6 +70,7 @@ impl Gpu {
             stream,
             ordinal,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1),
+            threads_per_multiprocessor: usize::try_from(threads_per_multiprocessor).unwrap_or(0),
             shared_memory_per_block: usize::try_from(shared_memory_per_block).unwrap_or(0),
             l2_bytes: usize::try_from(l2_bytes).unwrap_or(0),
             compute_capability,
@@ -113,6 +119,7 @@ impl Gpu {
             self.compute_capability,
             self.has_warpgroup_mma(),
             self.shared_memory_per_block,
+            self.multiprocessors * self.threads_per_multiprocessor,
         )?);
         modules.insert(config.clone(), Arc::clone(&module));
         Ok(module)

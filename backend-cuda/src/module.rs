@@ -10,7 +10,8 @@ use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, FusedLayout,
     GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
     ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, ROUTE_KERNEL,
-    ROUTE_LOGITS_KERNEL, RoutePlan, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
+    ROUTE_LOGITS_KERNEL, RoutePlan, RouteTarget, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL,
+    WeightKind,
 };
 
 use crate::error::CudaError;
@@ -24,6 +25,9 @@ pub(crate) struct RouterModule {
     /// ranked-score config has, with and without the layout of the ids (hash routing has only the
     /// warp kernels).
     routes: HashMap<&'static str, CudaFunction>,
+    /// What the routing planner needs: whether `routes` has the block kernels, and the device's
+    /// resident threads.
+    route_target: RouteTarget,
     pub(crate) reset_status: CudaFunction,
     pub(crate) sum_partials: CudaFunction,
     /// The dispatch layout's many-block counting kernel.
@@ -39,13 +43,15 @@ impl RouterModule {
     /// Compiles the source with `config`'s defines for a device of compute capability
     /// `(major, minor)` (for the architecture-specific target where `warpgroup_mma` says the
     /// device has the warpgroup kernel) and loads every kernel; the tiles and warpgroup kernels may
-    /// use up to `shared_memory_per_block` bytes of dynamic shared memory.
+    /// use up to `shared_memory_per_block` bytes of dynamic shared memory. `resident_threads`, the
+    /// threads the device holds at once, bounds block-per-token routing.
     pub(crate) fn compile(
         ctx: &Arc<CudaContext>,
         config: &RoutingConfig,
         (major, minor): (i32, i32),
         warpgroup_mma: bool,
         shared_memory_per_block: usize,
+        resident_threads: usize,
     ) -> Result<Self, CudaError> {
         // `wgmma` exists only in code for the architecture-specific target.
         let suffix = if warpgroup_mma { "a" } else { "" };
@@ -119,9 +125,15 @@ impl RouterModule {
         for &name in [ROUTE_KERNEL, ROUTE_LOGITS_KERNEL].iter().chain(block_kernels) {
             routes.insert(name, load(name)?);
         }
+        let route_target = RouteTarget {
+            wave_width: NVIDIA_WAVE_WIDTH,
+            block_kernels: routes.contains_key(ROUTE_BLOCK_KERNEL),
+            resident_threads,
+        };
         Ok(RouterModule {
             config: config.clone(),
             routes,
+            route_target,
             reset_status: load(RESET_STATUS_KERNEL)?,
             sum_partials: load(SUM_PARTIALS_KERNEL)?,
             dispatch_count: load(DISPATCH_COUNT_KERNEL)?,
@@ -139,9 +151,7 @@ impl RouterModule {
         tokens: usize,
         splits: usize,
     ) -> Result<(&CudaFunction, RoutePlan), CudaError> {
-        let block_kernels = self.routes.contains_key(ROUTE_BLOCK_KERNEL);
-        let plan =
-            sluice_kernels::plan_route(&self.config, tokens, NVIDIA_WAVE_WIDTH, block_kernels)?;
+        let plan = sluice_kernels::plan_route(&self.config, tokens, &self.route_target)?;
         let name = plan.name(splits);
         let function =
             self.routes.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_owned()))?;

@@ -511,7 +511,8 @@ impl PreparedRouter for CudaPreparedRouter {
 
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
     /// the kernels' launch limits, so that later calls fail for no other reason, and, where
-    /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, 8 before it), chooses its
+    /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, or 128 where the warpgroup kernel
+    /// takes them; 8 before it), chooses its
     /// algorithm for exactly `tokens` contiguous bf16 tokens by timing the whole gate call with
     /// each of up to 8 of the library's heuristic candidates, on scratch device buffers
     /// (allocated here and freed before this returns) on the backend's own stream, each run after

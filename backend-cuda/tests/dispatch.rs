@@ -632,8 +632,8 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     let h = 512;
     // Fused where routing is a block per token (V3, Kimi-K2, V2's 160 in 8 groups, 512 experts;
     // K = 32 for one token only, up to 1024 experts: a block of 1024 threads) and no rank outputs
-    // are asked for; the two launches elsewhere (64 experts route a warp per token, as do 65
-    // tokens).
+    // are asked for, up to 64 rows; the two launches elsewhere (64 experts route a warp per
+    // token; 65 rows are past the fused layout's masks).
     let specs = [
         deepseek_v3_spec(256, 8),
         deepseek_v3_spec(384, 8),

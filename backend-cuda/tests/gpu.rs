@@ -58,7 +58,7 @@ struct Case {
     hidden: usize,
     x_type: HiddenType,
     w_bf16: bool,
-    /// Warm the router up for `tokens` before routing (past 64 bf16 tokens this times cuBLASLt's
+    /// Warm the router up for `tokens` before routing (where cuBLASLt runs the GEMM this times its
     /// candidate algorithms and keeps the fastest).
     warm_up: bool,
 }
@@ -196,8 +196,10 @@ fn configs() -> Vec<RoutingSpec> {
 fn random_configs_match_the_reference() {
     let Some(backend) = backend("random_configs_match_the_reference") else { return };
     let mut seed = 1;
-    // Up to 64 tokens of more than 64 experts (K <= 16) are routed a block per token, 130 a warp
-    // per token: every config goes through both routing kernels.
+    // Tokens of more than 64 experts (K <= 16) are routed a block per token up to 64 on any device
+    // and while one wave of the device's threads holds their blocks (130 tokens on an H200), a
+    // warp per token past that wave (4000 tokens, even at 96 threads a block): every config goes
+    // through both routing kernels.
     for spec in configs() {
         for (tokens, hidden, x_type, w_bf16) in [
             (1, 256, HiddenType::Bf16, true),
@@ -205,13 +207,15 @@ fn random_configs_match_the_reference() {
             (5, 72, HiddenType::F32, true),
             (64, 136, HiddenType::F16, true),
             (130, 264, HiddenType::Bf16, true),
+            (4000, 40, HiddenType::Bf16, true),
             (9, 40, HiddenType::F32, false),
             // The tiles kernels, with hidden sizes that are not a multiple of their 64-value steps:
             // the bulk-copy kernel at 5 tokens, the warpgroup one (the copy unit filling zeros
-            // past the hidden size and the tokens) at 24 and 64.
+            // past the hidden size and the tokens) at 24 and 64, and with two token blocks at 100.
             (5, 2056, HiddenType::Bf16, true),
             (24, 40, HiddenType::Bf16, true),
             (64, 1032, HiddenType::Bf16, true),
+            (100, 1032, HiddenType::Bf16, true),
         ] {
             seed += 1;
             check(&backend, &Case { spec, tokens, hidden, x_type, w_bf16, warm_up: false }, seed);
@@ -241,9 +245,9 @@ fn check_warmed_bf16(
     }
 }
 
-/// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past 64 (on Hopper; past
-/// 8 before it) and keeps the fastest; whichever it keeps, the gate must still route like the
-/// reference at that count.
+/// `warm_up` times cuBLASLt's candidate algorithms for bf16 token counts past the backend's own
+/// kernels (64, or 128 for V3's shape, on Hopper; 8 before it) and keeps the fastest; whichever it
+/// keeps, the gate must still route like the reference at that count.
 #[test]
 fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     let Some(backend) = backend("cublaslt_algorithms_chosen_by_timing_route_like_the_reference")
@@ -252,13 +256,14 @@ fn cublaslt_algorithms_chosen_by_timing_route_like_the_reference() {
     };
     let (v3, kimi) = model_specs();
     // The models' hidden size where the CPU reference stays quick, a smaller one at T = 1024.
-    let cases = [(v3, 65, 7168), (kimi, 96, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)];
+    let cases = [(v3, 129, 7168), (kimi, 96, 7168), (v3, 1024, 1024), (kimi, 1024, 1024)];
     check_warmed_bf16(&backend, &cases, 1001);
 }
 
-/// The models' own shapes through the tiles kernels (3 to 64 bf16 tokens on Hopper): the bulk-copy
-/// kernel up to 16 tokens, the warpgroup kernel's token boxes of 24 to 64 rows past it, V3's 16
-/// splits and Kimi-K2's 11.
+/// The models' own shapes through the tiles kernels (3 to 64 bf16 tokens on Hopper, and V3's to
+/// 128): the bulk-copy kernel up to 16 tokens, the warpgroup kernel's token boxes of 24 to 64 rows
+/// past it, V3's 16 splits and Kimi-K2's 11, and V3's two token blocks of 33 and 64 rows over 8
+/// splits at 65 and 128 tokens.
 #[test]
 fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
     let Some(backend) = backend("tens_of_tokens_at_the_models_shapes_route_like_the_reference")
@@ -268,7 +273,10 @@ fn tens_of_tokens_at_the_models_shapes_route_like_the_reference() {
     let (v3, kimi) = model_specs();
     let cases =
         [(v3, 5), (kimi, 8), (v3, 16), (kimi, 17), (v3, 33), (kimi, 48), (v3, 64), (kimi, 64)]
-            .map(|(spec, tokens)| (spec, tokens, 7168));
+            .into_iter()
+            .chain([(v3, 65), (v3, 128)])
+            .map(|(spec, tokens)| (spec, tokens, 7168))
+            .collect::<Vec<_>>();
     check_warmed_bf16(&backend, &cases, 2001);
 }
 

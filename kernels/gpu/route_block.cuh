@@ -1,5 +1,5 @@
-// Routing for decode batches (up to 64 tokens, `plan_route`): a block per token, a thread per
-// expert.
+// Routing for decode batches and beyond (while one wave of the device's threads holds the blocks,
+// `plan_route`): a block per token, a thread per expert.
 //
 // For one token the warp kernel is a single serial chain: one warp scores every expert, ranks
 // the groups and runs K selection rounds over eight candidates per lane. Here every expert has its

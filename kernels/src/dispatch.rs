@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn the_layout_is_fused_into_block_routing_of_decode_batches() {
-        use crate::geometry::{RouteKernel, plan_route};
+        use crate::geometry::{H200_ROUTE, RouteKernel, RouteTarget, plan_route};
         use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
         let config = |experts, top_k| {
             let spec = RoutingSpec::builder(experts, top_k)
@@ -328,7 +328,7 @@ mod tests {
         };
         let v3 = config(256, 8);
         for tokens in [1, 7, DECODE_MAX_ROWS] {
-            let route = plan_route(&v3, tokens, NVIDIA, true).unwrap();
+            let route = plan_route(&v3, tokens, &H200_ROUTE).unwrap();
             let fused = FusedLayout::plan(&route, false).expect("V3 decode is fused");
             assert_eq!(fused, FusedLayout { tokens, threads: 256 });
             assert_eq!(fused.launch(), route.launch, "the routing's own launch");
@@ -342,15 +342,19 @@ mod tests {
             // Rank outputs keep their own launches.
             assert_eq!(FusedLayout::plan(&route, true), None);
         }
-        // A warp per token past 64 tokens: the layout is a launch of its own.
-        let warp = plan_route(&v3, DECODE_MAX_ROWS + 1, NVIDIA, true).unwrap();
+        // Past 64 rows the layout is a launch of its own, whichever kernel routes.
+        let block = plan_route(&v3, DECODE_MAX_ROWS + 1, &H200_ROUTE).unwrap();
+        assert_eq!(block.kernel, RouteKernel::Block);
+        assert_eq!(FusedLayout::plan(&block, false), None);
+        let warp = plan_route(&v3, 4096, &H200_ROUTE).unwrap();
         assert_eq!(warp.kernel, RouteKernel::Warp);
         assert_eq!(FusedLayout::plan(&warp, false), None);
         // Every block-routed config, up to 1024 experts (a thread each).
-        let large = plan_route(&config(1024, 32), 1, NVIDIA, true).unwrap();
+        let large = plan_route(&config(1024, 32), 1, &H200_ROUTE).unwrap();
         assert_eq!(FusedLayout::plan(&large, false).map(|f| f.threads), Some(1024));
         // No block kernels in the module (hash routing), no fusion.
-        let warp_only = plan_route(&v3, 1, NVIDIA, false).unwrap();
+        let no_block_kernels = RouteTarget { block_kernels: false, ..H200_ROUTE };
+        let warp_only = plan_route(&v3, 1, &no_block_kernels).unwrap();
         assert_eq!(FusedLayout::plan(&warp_only, false), None);
         // The rows the device's masks hold.
         let define = format!("#define SLUICE_DECODE_MAX_ROWS {DECODE_MAX_ROWS}\n");

@@ -51,11 +51,14 @@ pub const GEMV_MAX_TOKENS_BEFORE_TILES: usize = 2;
 pub const TILES_MAX_TOKENS: usize = 16;
 /// Tokens per block of the bulk-copy tiles kernel (`sluice_gemm_tiles_16`).
 pub const TILE_TOKENS_PER_BLOCK: usize = 16;
-/// The most tokens the warpgroup kernel serves. Beyond, cuBLASLt writes the logits themselves: at
-/// T = 128 the warpgroup kernel alone is faster (4.0 us per launch against 7.2 on an H200, V3),
-/// but the whole gate is slower (13.1 us against 11.2), routing then adding 8 partial sums per
-/// logit.
-pub const WARPGROUP_MAX_TOKENS: usize = 64;
+/// The most tokens the warpgroup kernel serves: any count up to one token block (64 tokens), and
+/// up to two blocks where every block of the split runs at once
+/// (at most one per multiprocessor). Beyond, cuBLASLt writes the logits themselves. Measured on an
+/// H200, whole gate graph-replayed, block-per-token routing after either GEMM, us: V3 (128 blocks)
+/// 7.7 / 7.3 / 7.4 against 9.6 / 9.8 / 10.6 for cuBLASLt at T = 65 / 96 / 128; Kimi-K2, whose
+/// 168 blocks take two turns, 10.0 / 10.9 / 11.1 against 9.5 / 9.9 / 10.9, and V3 at T = 160
+/// likewise, 11.7 against 11.1.
+pub const WARPGROUP_MAX_TOKENS: usize = 2 * WG_TOKENS;
 /// Rows of the warpgroup kernel's token tiles (`SLUICE_WG_TOKENS`: the M of its `wgmma`), the most
 /// tokens one of its blocks takes. (Blocks of 32 tokens at 33 to 64, twice the blocks over half
 /// the splits, measured slower on an H200: V3 7.6 against 6.9 us at T = 64, Kimi-K2 9.6 against
@@ -441,14 +444,25 @@ fn plan_tiles(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option
 /// The warpgroup plan for at most [`WARPGROUP_MAX_TOKENS`] bf16 tokens, where the target has the
 /// kernel: token blocks of [`WG_TOKENS`], expert blocks of [`WG_EXPERTS`], the hidden size split
 /// by [`split_hidden`] into whole chunks of [`WG_K`]. `None` when no split fits the target's
-/// shared memory.
+/// shared memory, or past one token block when the blocks would not all run at once.
 fn plan_warpgroup(target: &GpuTarget, shape: GemmShape, max_splits: usize) -> Option<GemmPlan> {
     if !target.warpgroup_mma {
         return None;
     }
-    let blocks = [shape.experts.div_ceil(WG_EXPERTS), shape.tokens.max(1).div_ceil(WG_TOKENS)];
-    let (launch, k_per_warp, splits) =
-        split_hidden(target, shape, blocks, WG_THREADS, max_splits, warpgroup_shared_bytes)?;
+    let [expert_blocks, token_blocks] =
+        [shape.experts.div_ceil(WG_EXPERTS), shape.tokens.max(1).div_ceil(WG_TOKENS)];
+    let (launch, k_per_warp, splits) = split_hidden(
+        target,
+        shape,
+        [expert_blocks, token_blocks],
+        WG_THREADS,
+        max_splits,
+        warpgroup_shared_bytes,
+    )?;
+    // Past one token block, only where every block runs at once.
+    if token_blocks > 1 && expert_blocks * token_blocks * splits > target.multiprocessors {
+        return None;
+    }
     Some(GemmPlan { kernel: GemmKernel::Warpgroup, launch, k_per_warp, splits })
 }
 
@@ -488,14 +502,14 @@ pub fn route_kernel(splits: usize) -> &'static str {
     if splits <= 1 { crate::ROUTE_LOGITS_KERNEL } else { crate::ROUTE_KERNEL }
 }
 
-/// The most tokens routed a block per token (`sluice_route_block*`, a thread per expert). The
-/// block kernels run the selection as a few block-wide steps where the warp kernel runs K serial
-/// rounds; measured on an H200, routing alone, graph-replayed, at one token and at 64:
-/// DeepSeek-V3 2.7 and 3.0 us against 3.4 and 3.8, Kimi-K2 2.3 and 2.6 against 3.5 and 3.8, and
-/// ahead at 64 tokens for every config of more than 64 experts tried but DeepSeek-V2 (3.0 against
-/// 2.9: its groups of 20 do not align with warps). Past 64 tokens the warp kernel's four tokens
-/// per block catch up (Qwen3-MoE's 128 experts: 4.6 against 2.9 at 128 tokens).
-pub const BLOCK_ROUTE_MAX_TOKENS: usize = 64;
+/// The tokens routed a block per token (`sluice_route_block*`, a thread per expert) on any
+/// device: decode batches. The block kernels run the selection as a few block-wide steps where the
+/// warp kernel runs K serial rounds; measured on an H200, routing alone, graph-replayed, at one
+/// token and at 64: DeepSeek-V3 2.7 and 3.0 us against 3.4 and 3.8, Kimi-K2 2.3 and 2.6 against
+/// 3.5 and 3.8, and ahead at 64 tokens for every config of more than 64 experts tried but
+/// DeepSeek-V2 (3.0 against 2.9: its groups of 20 do not align with warps). Past them, as many
+/// tokens as one wave of the device's resident threads holds ([`plan_route`]).
+pub const BLOCK_ROUTE_TOKENS: usize = 64;
 /// With more experts per token than this, block routing only for one token: a bound that K
 /// candidates reach lists more of them than one warp ranks (E = 1024 with K = 32: 10.1 against
 /// 13.5 us at one token, 14.4 against 13.4 at four).
@@ -534,26 +548,46 @@ impl RoutePlan {
     }
 }
 
-/// Plans the routing of `tokens` tokens (at least 1) for `config`: a block per token for up to
-/// [`BLOCK_ROUTE_MAX_TOKENS`] tokens (one, past [`BLOCK_ROUTE_MAX_TOP_K`] experts per token) of a
-/// config the block kernels take (every ranked-score config, which the module has when
-/// `block_kernels`; NVIDIA only for now) with at least [`BLOCK_ROUTE_MIN_EXPERTS`] experts, one
-/// warp of `wave_width` threads per token otherwise.
+/// What the routing planner needs to know about the module and the device it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTarget {
+    /// Threads per warp (wave) the kernels were compiled for.
+    pub wave_width: usize,
+    /// Whether the module has the block-per-token kernels (every ranked-score config's module on
+    /// NVIDIA).
+    pub block_kernels: bool,
+    /// The threads the device holds at once: multiprocessors x threads per multiprocessor.
+    pub resident_threads: usize,
+}
+
+/// Plans the routing of `tokens` tokens (at least 1) for `config`: a block per token (a thread
+/// per expert) for a config the block kernels take (ranked scores, at least
+/// [`BLOCK_ROUTE_MIN_EXPERTS`] experts) while one wave of the target's resident threads holds
+/// every token's block, and always up to [`BLOCK_ROUTE_TOKENS`] (one token past
+/// [`BLOCK_ROUTE_MAX_TOP_K`] experts per token); one warp per token otherwise.
+///
+/// The wave is where the block kernel stops winning. On an H200 (132 x 2048 threads: 1056
+/// tokens of V3's 256 experts, 704 of Kimi-K2's 384), whole gate graph-replayed, us, block against
+/// warp routing: V3 12.7 / 14.5 / 17.1 against 18.8 / 20.9 / 18.4 at T = 256 / 512 / 1024, and
+/// 25.6 against 23.8 at 2048; Kimi-K2 9.5 / 15.7 against 10.4 / 17.9 at T = 65 / 512, and 21.7
+/// against 19.9 at 1024.
 pub fn plan_route(
     config: &crate::RoutingConfig,
     tokens: usize,
-    wave_width: usize,
-    block_kernels: bool,
+    target: &RouteTarget,
 ) -> Result<RoutePlan, KernelError> {
     let experts = config.experts();
-    let most_tokens =
-        if config.top_k() <= BLOCK_ROUTE_MAX_TOP_K { BLOCK_ROUTE_MAX_TOKENS } else { 1 };
-    if block_kernels
+    let threads = experts.div_ceil(target.wave_width) * target.wave_width;
+    let most_tokens = if config.top_k() <= BLOCK_ROUTE_MAX_TOP_K {
+        BLOCK_ROUTE_TOKENS.max(target.resident_threads / threads)
+    } else {
+        1
+    };
+    if target.block_kernels
         && !config.is_hashed()
         && experts >= BLOCK_ROUTE_MIN_EXPERTS
         && tokens <= most_tokens
     {
-        let threads = experts.div_ceil(wave_width) * wave_width;
         return Ok(RoutePlan {
             kernel: RouteKernel::Block,
             launch: Launch {
@@ -563,7 +597,7 @@ pub fn plan_route(
             },
         });
     }
-    Ok(RoutePlan { kernel: RouteKernel::Warp, launch: route_launch(tokens, wave_width)? })
+    Ok(RoutePlan { kernel: RouteKernel::Warp, launch: route_launch(tokens, target.wave_width)? })
 }
 
 /// The routing kernel's launch for `tokens` tokens (at least 1), one warp of `wave_width`
@@ -608,6 +642,15 @@ fn check_grid(what: &'static str, blocks: usize, value: usize) -> Result<(), Ker
     }
     Ok(())
 }
+
+/// An H200's routing target, for tests: 132 multiprocessors of 2048 threads, a module with the
+/// block kernels.
+#[cfg(test)]
+pub(crate) const H200_ROUTE: RouteTarget = RouteTarget {
+    wave_width: NVIDIA_WAVE_WIDTH,
+    block_kernels: true,
+    resident_threads: 132 * 2048,
+};
 
 #[cfg(test)]
 mod tests {
@@ -802,6 +845,12 @@ mod tests {
                 let shape = GemmShape { tokens, hidden, experts };
                 let kinds = (HiddenKind::Bf16, WeightKind::Bf16);
                 let plan = plan_gemm(&H200, shape, kinds.0, kinds.1, true, usize::MAX).unwrap();
+                let [x, y, z] = plan.launch.grid.map(|blocks| blocks as usize);
+                if tokens > WG_TOKENS && x * y * z > H200.multiprocessors {
+                    // Two token blocks whose split would not run at once: the library GEMM.
+                    assert!(matches!(plan.kernel, GemmKernel::Mma { .. }), "{shape:?}");
+                    continue;
+                }
                 assert_eq!(plan.kernel, GemmKernel::Warpgroup, "{shape:?}");
                 let rows = plan.token_rows(tokens);
                 let blocks = [WG_EXPERTS, rows];
@@ -815,9 +864,18 @@ mod tests {
                 assert!(matches!(later.kernel, GemmKernel::Mma { .. }), "{shape:?}");
             }
         }
-        let beyond = GemmShape { tokens: WARPGROUP_MAX_TOKENS + 1, ..V3 };
-        let plan = plan_gemm(&H200, beyond, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX);
-        assert!(matches!(plan.unwrap().kernel, GemmKernel::Mma { .. }));
+        let kernel = |tokens, experts| {
+            let shape = GemmShape { tokens, experts, ..V3 };
+            plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
+                .unwrap()
+                .kernel
+        };
+        // V3's two token blocks: 8 expert blocks x 8 splits x 2 = 128 blocks at once.
+        assert_eq!(kernel(WARPGROUP_MAX_TOKENS, 256), GemmKernel::Warpgroup);
+        // Kimi-K2's: 12 x 7 x 2 = 168 (its shared memory takes at least 7 splits), two turns.
+        assert!(matches!(kernel(WG_TOKENS + 1, 384), GemmKernel::Mma { .. }));
+        assert_eq!(kernel(WG_TOKENS, 384), GemmKernel::Warpgroup);
+        assert!(matches!(kernel(WARPGROUP_MAX_TOKENS + 1, 256), GemmKernel::Mma { .. }));
     }
 
     #[test]
@@ -840,53 +898,51 @@ mod tests {
     }
 
     #[test]
-    fn a_few_tokens_of_many_experts_are_routed_a_block_per_token() {
+    fn tokens_of_many_experts_are_routed_a_block_per_token_while_one_wave_holds_them() {
         use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
         let spec = |e, k, method| {
             RoutingSpec::builder(e, k).scoring(ScoringFunc::Sigmoid).method(method).build().unwrap()
         };
         let v3 = crate::RoutingConfig::new(&spec(256, 8, TopkMethod::NoauxTc)).unwrap();
-        for tokens in 1..=BLOCK_ROUTE_MAX_TOKENS {
-            let plan = plan_route(&v3, tokens, NVIDIA_WAVE_WIDTH, true).unwrap();
-            assert_eq!(plan.kernel, RouteKernel::Block);
+        // 132 x 2048 threads hold 1056 blocks of 256.
+        for tokens in [1, 2, BLOCK_ROUTE_TOKENS, BLOCK_ROUTE_TOKENS + 1, 1024, 1056] {
+            let plan = plan_route(&v3, tokens, &H200_ROUTE).unwrap();
+            assert_eq!(plan.kernel, RouteKernel::Block, "{tokens} tokens");
             assert_eq!(plan.launch.grid, [tokens as u32, 1, 1], "a block per token");
             assert_eq!(plan.launch.block, [256, 1, 1], "a thread per expert");
             assert_eq!(plan.name(1), crate::ROUTE_BLOCK_LOGITS_KERNEL);
             assert_eq!(plan.name(3), crate::ROUTE_BLOCK_KERNEL);
         }
-        let beyond = plan_route(&v3, BLOCK_ROUTE_MAX_TOKENS + 1, NVIDIA_WAVE_WIDTH, true).unwrap();
+        let beyond = plan_route(&v3, 1057, &H200_ROUTE).unwrap();
         assert_eq!(
             beyond,
-            RoutePlan {
-                kernel: RouteKernel::Warp,
-                launch: route_launch(BLOCK_ROUTE_MAX_TOKENS + 1, 32).unwrap()
-            }
+            RoutePlan { kernel: RouteKernel::Warp, launch: route_launch(1057, 32).unwrap() }
+        );
+        // Kimi-K2's blocks of 384: 704 tokens.
+        let kimi = crate::RoutingConfig::new(&spec(384, 8, TopkMethod::NoauxTc)).unwrap();
+        assert_eq!(plan_route(&kimi, 704, &H200_ROUTE).unwrap().kernel, RouteKernel::Block);
+        assert_eq!(plan_route(&kimi, 705, &H200_ROUTE).unwrap().kernel, RouteKernel::Warp);
+        // A small device still routes decode batches a block per token.
+        let small = RouteTarget { resident_threads: 4 * 1024, ..H200_ROUTE };
+        assert_eq!(plan_route(&v3, BLOCK_ROUTE_TOKENS, &small).unwrap().kernel, RouteKernel::Block);
+        assert_eq!(
+            plan_route(&v3, BLOCK_ROUTE_TOKENS + 1, &small).unwrap().kernel,
+            RouteKernel::Warp
         );
         // A module without the block kernels, too few experts, and hash routing: warp kernels.
-        assert_eq!(plan_route(&v3, 1, NVIDIA_WAVE_WIDTH, false).unwrap().kernel, RouteKernel::Warp);
-        let small = crate::RoutingConfig::new(&spec(64, 6, TopkMethod::Greedy)).unwrap();
-        assert_eq!(
-            plan_route(&small, 1, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
-            RouteKernel::Warp
-        );
+        let no_block_kernels = RouteTarget { block_kernels: false, ..H200_ROUTE };
+        assert_eq!(plan_route(&v3, 1, &no_block_kernels).unwrap().kernel, RouteKernel::Warp);
+        let few = crate::RoutingConfig::new(&spec(64, 6, TopkMethod::Greedy)).unwrap();
+        assert_eq!(plan_route(&few, 1, &H200_ROUTE).unwrap().kernel, RouteKernel::Warp);
         let odd = crate::RoutingConfig::new(&spec(72, 8, TopkMethod::Greedy)).unwrap();
-        assert_eq!(plan_route(&odd, 2, NVIDIA_WAVE_WIDTH, true).unwrap().launch.block, [96, 1, 1]);
+        assert_eq!(plan_route(&odd, 2, &H200_ROUTE).unwrap().launch.block, [96, 1, 1]);
         // Past 16 experts per token, one token only.
         let wide = crate::RoutingConfig::new(&spec(1024, 32, TopkMethod::NoauxTc)).unwrap();
-        assert_eq!(
-            plan_route(&wide, 1, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
-            RouteKernel::Block
-        );
-        assert_eq!(
-            plan_route(&wide, 2, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
-            RouteKernel::Warp
-        );
+        assert_eq!(plan_route(&wide, 1, &H200_ROUTE).unwrap().kernel, RouteKernel::Block);
+        assert_eq!(plan_route(&wide, 2, &H200_ROUTE).unwrap().kernel, RouteKernel::Warp);
         let hashed = RoutingSpec::builder(256, 6).method(TopkMethod::Hash).build().unwrap();
         let hashed = crate::RoutingConfig::new(&hashed).unwrap();
-        assert_eq!(
-            plan_route(&hashed, 1, NVIDIA_WAVE_WIDTH, true).unwrap().kernel,
-            RouteKernel::Warp
-        );
+        assert_eq!(plan_route(&hashed, 1, &H200_ROUTE).unwrap().kernel, RouteKernel::Warp);
     }
 
     #[test]
@@ -961,7 +1017,11 @@ mod tests {
             let plan =
                 plan_gemm(&H200, shape, HiddenKind::Bf16, WeightKind::Bf16, true, usize::MAX)
                     .unwrap();
-            let per_block = plan.launch.block[0] as usize / 32 * plan.k_per_warp;
+            // The tiles and warpgroup kernels' k range is per split, the others' per warp.
+            let per_block = match plan.kernel {
+                GemmKernel::Tiles | GemmKernel::Warpgroup => plan.k_per_warp,
+                _ => plan.launch.block[0] as usize / 32 * plan.k_per_warp,
+            };
             assert!((plan.splits - 1) * per_block < hidden, "{shape:?}");
             assert_eq!(plan.partials_bytes(shape), plan.splits * tokens * experts * 4);
         }

@@ -16,13 +16,13 @@
 //! | --- | --- |
 //! | `sluice_gemv_{1,2,4,8}_{1,2}` | router GEMM for up to 2 bf16 tokens on Hopper, 8 before it: every weight load in flight at once, logits written straight |
 //! | `sluice_gemm_tiles_16` | router GEMM for 3 to 16 bf16 tokens on Hopper: weight rows and hidden states brought into shared memory by bulk copies, tensor cores, partial sums `[S, T, E]` |
-//! | `sluice_gemm_warpgroup` | router GEMM for 17 to 64 bf16 tokens on compute capability 9.0: weight and hidden states brought into shared memory by tensor copies from tensor maps the backend makes, warpgroup MMA (`wgmma`), partial sums `[S, T, E]` |
+//! | `sluice_gemm_warpgroup` | router GEMM for 17 to 64 bf16 tokens on compute capability 9.0 (to 128 where its blocks all run at once): weight and hidden states brought into shared memory by tensor copies from tensor maps the backend makes, warpgroup MMA (`wgmma`), partial sums `[S, T, E]` |
 //! | `sluice_gemm_mma_{bf16,f16,f32}_{1,2,4,8}` | router GEMM on tensor cores (bf16 weight), split over the hidden size, partial sums `[S, T, E]` |
 //! | `sluice_gemm_simt_{x}_{w}` | the scalar router GEMM for any strides and f32 weights (`S = 1`) |
 //! | `sluice_sum_partials` | logits from the partial sums |
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
 //! | `sluice_route_logits` | the same from finished logits (much smaller code) |
-//! | `sluice_route_block`, `sluice_route_block_logits` | the same for up to 64 tokens, a block per token and a thread per expert (NVIDIA, ranked scores) |
+//! | `sluice_route_block`, `sluice_route_block_logits` | the same, a block per token and a thread per expert, while one wave of the device's threads holds the blocks (NVIDIA, ranked scores) |
 //! | `sluice_route_block_dispatch`, `_logits` | block-per-token routing, then the dispatch layout of every row by the block that finishes last (decode batches, no rank outputs) |
 //! | `sluice_reset_status` | the routing status set to `[0, -1]` and the fused layout's ticket to 0, ordered after the previous kernel (for a GEMM not of ours) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
@@ -52,12 +52,13 @@ pub use dispatch::{
 };
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
-    AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOKENS, BLOCK_ROUTE_MAX_TOP_K, BLOCK_ROUTE_MIN_EXPERTS,
+    AMD_WAVE_WIDTH, BLOCK_ROUTE_MAX_TOP_K, BLOCK_ROUTE_MIN_EXPERTS, BLOCK_ROUTE_TOKENS,
     GEMV_MAX_THREADS, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS_BEFORE_TILES, GemmKernel, GemmPlan,
     GemmShape, GpuTarget, HiddenKind, Launch, NVIDIA_WAVE_WIDTH, ROUTE_TOKENS_PER_BLOCK,
-    RouteKernel, RoutePlan, TILE_TOKENS_PER_BLOCK, TILES_MAX_TOKENS, WARPGROUP_MAX_TOKENS,
-    WG_EXPERTS, WG_K, WeightKind, plan_gemm, plan_route, plan_router_gemm, reset_status_launch,
-    route_kernel, route_launch, sum_partials_launch, tile_shared_bytes, warpgroup_shared_bytes,
+    RouteKernel, RoutePlan, RouteTarget, TILE_TOKENS_PER_BLOCK, TILES_MAX_TOKENS,
+    WARPGROUP_MAX_TOKENS, WG_EXPERTS, WG_K, WeightKind, plan_gemm, plan_route, plan_router_gemm,
+    reset_status_launch, route_kernel, route_launch, sum_partials_launch, tile_shared_bytes,
+    warpgroup_shared_bytes,
 };
 pub use offline::{OfflineConfig, offline_config_for, offline_configs};
 pub use operands::{

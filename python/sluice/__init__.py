@@ -481,7 +481,8 @@ class Gate:
 
     def warm_up(self, tokens: int) -> None:
         """Does now what the first call on ``tokens`` rows would otherwise do, so that a captured
-        ``route_into`` only enqueues its kernels: on a GPU, past 64 bf16 rows (8 before Hopper),
+        ``route_into`` only enqueues its kernels: on a GPU, where cuBLASLt runs the GEMM (past 64
+        or 128 bf16 rows on Hopper, 8 before it),
         times the whole gate with each of cuBLASLt's candidate algorithms for ``tokens`` rows on
         the backend's own stream and keeps the fastest (nothing on the CPU). Call it once per row
         count an engine captures, before capturing."""
