@@ -137,7 +137,10 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
         .unwrap_or_else(|err| panic!("{context}: {err}"));
     assert!(summary.rows_compared + summary.rows_skipped == t, "{context}");
 
-    // Routing alone, from the exact logits.
+    // Routing alone, from the exact logits. The same near ties are skipped: the device's f32
+    // scores may differ from the reference's correctly rounded ones by an ulp, which orders two
+    // candidates within one either way (at 4000 tokens of 512 experts, a row whose 16th choice
+    // was two candidates 1.2e-7 apart).
     let from_logits =
         backend.route_logits(&dl(exact.clone(), &[t, e]), bias_dl.as_ref(), &case.spec).unwrap();
     let ours = Routing::new(
@@ -147,7 +150,7 @@ fn check(backend: &CudaBackend, case: &Case, seed: u64) {
         host_values(from_logits.topk_weights),
     )
     .unwrap();
-    reference::compare_routings(&expected, &ours, e, &[], WEIGHTS)
+    reference::compare_routings(&expected, &ours, e, &near_ties, WEIGHTS)
         .unwrap_or_else(|err| panic!("{context} (route_logits): {err}"));
 }
 
