@@ -6,17 +6,29 @@
 //! T = 1024, against 11.6 us and 38.6 us for the split tensor-core kernel). The library is loaded
 //! at run time like the driver; where it is missing the backend's kernels run instead.
 //!
-//! Each problem shape gets its descriptors and algorithm once, kept with the router; a call then
-//! only enqueues `cublasLtMatmul` with the caller's workspace, so engines capture it in their
-//! graphs. `warm_up` chooses the algorithm by timing the whole gate call (status reset, GEMM,
-//! routing kernel) with each of up to [`MAX_CANDIDATES`] of the heuristic's candidates, on scratch
-//! buffers of the real shape, each run after an L2 flush (a gate meets its weight cold in an
-//! engine), and keeps the fastest by median where it beats the heuristic's first choice by more
-//! than [`REPLACE_MARGIN`]. On an H200, the GEMM timed alone with a warm L2 chose algorithms
-//! that made the whole gate slower in the benchmark (Kimi-K2, T = 1024: 24.5 us against 19.3 us
-//! with the heuristic's first), so what is timed is what runs. The choice is kept per shape for
-//! the whole backend. A shape first met in a call, without `warm_up`, takes the heuristic's first answer, a
-//! host-side query with no device work.
+//! The hidden size may be split: the GEMM is then a strided batch of `S` GEMMs, one per slice of
+//! the hidden size, each writing its own partial sums, which the routing kernel adds as it does
+//! the backend's split kernels'. With too few output tiles to fill the GPU, cuBLASLt itself
+//! splits the hidden size and adds the slices in a reduction kernel of its own; the batch fills
+//! the GPU in one kernel and leaves the sum to routing. On an H200 the whole gate, graph-replayed,
+//! went from 12.1 to 9.6 us for V3 at T = 256 (a batch of 8) and from 20.0 to 17.5 us for Kimi-K2
+//! at T = 1024 (a batch of 2); for V3 at T = 1024 a batch of 8 made the gate slower (19.2 against
+//! 17.2 us, though its GEMM alone was faster), and the timing below keeps the library's own split
+//! there.
+//!
+//! Each problem shape gets its split, descriptors and algorithm once, kept with the router; a
+//! call then only enqueues `cublasLtMatmul` with the caller's workspace, so engines capture it in
+//! their graphs. `warm_up` chooses the split and the algorithm by timing the whole gate call
+//! (status reset, GEMM, routing kernel) with each of the heuristic's candidates for each split
+//! (up to [`MAX_CANDIDATES`] for the default split, [`OTHER_SPLIT_CANDIDATES`] for the others),
+//! on scratch buffers of the real shape, each run after an L2 flush (a gate meets its weight cold
+//! in an engine), and keeps the fastest by median where it beats the heuristic's first choice
+//! for the default split by more than [`REPLACE_MARGIN`]. On an H200, the GEMM timed alone with
+//! a warm L2 chose algorithms that made the whole gate slower in the benchmark (Kimi-K2,
+//! T = 1024: 24.5 us against 19.3 us with the heuristic's first), so what is timed is what runs.
+//! The choice is kept per shape for the whole backend. A shape first met in a call, without
+//! `warm_up`, takes [`default_splits`] and the heuristic's first answer for it, a host-side query
+//! with no device work.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -27,8 +39,8 @@ use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys::{
     self as lt_sys, cublasComputeType_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
     cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, cublasLtMatmulHeuristicResult_t,
-    cublasLtMatmulPreferenceAttributes_t, cublasLtMatrixLayout_t, cublasStatus_t, cudaDataType,
-    cudaStream_t,
+    cublasLtMatmulPreferenceAttributes_t, cublasLtMatrixLayout_t, cublasLtMatrixLayoutAttribute_t,
+    cublasStatus_t, cudaDataType, cudaStream_t,
 };
 use cudarc::driver::sys::{CUevent_flags, CUstream, cuMemsetD32Async};
 use cudarc::driver::{CudaEvent, CudaSlice};
@@ -47,8 +59,52 @@ pub(crate) fn workspace_bytes(tokens: usize) -> usize {
 /// The alignment cuBLASLt's workspace gets (what the library asks of a workspace).
 pub(crate) const WORKSPACE_ALIGN: usize = 256;
 
-/// How many of the heuristic's candidates `warm_up` times.
+/// How many of the heuristic's candidates `warm_up` times for the default split.
 const MAX_CANDIDATES: usize = 8;
+
+/// How many it times for each other split.
+const OTHER_SPLIT_CANDIDATES: usize = 4;
+
+/// The splits of the hidden size a GEMM may take (1: none).
+const SPLIT_OPTIONS: [usize; 4] = [1, 2, 4, 8];
+
+/// The most rows of partial sums (splits times tokens) a call's workspace holds: past 1024
+/// tokens the splits fall (2048 tokens take 4 at most, 8192 none), as the output tiles alone
+/// come to fill the GPU.
+const MAX_SPLIT_ROWS: usize = 8192;
+
+/// The output tile (tokens by experts) of the library's kernels at these shapes, which sets how
+/// many blocks one split makes: 128 x 128 on an H200 once the hidden size is split.
+const TILE: usize = 128;
+
+/// Whether `splits` slices of `hidden` fit a call of `tokens` tokens: each slice a whole number
+/// of 16-byte chunks (every batch's operands stay 16-byte aligned), and the partial sums within
+/// [`MAX_SPLIT_ROWS`].
+fn splits_fit(splits: usize, tokens: usize, hidden: usize) -> bool {
+    splits == 1
+        || (hidden.is_multiple_of(splits)
+            && (hidden / splits).is_multiple_of(8)
+            && splits.saturating_mul(tokens) <= MAX_SPLIT_ROWS)
+}
+
+/// The most splits a GEMM of `tokens` tokens over a hidden size of `hidden` may take: what a
+/// call's workspace holds partial sums for.
+pub(crate) fn max_splits(tokens: usize, hidden: usize) -> usize {
+    SPLIT_OPTIONS.into_iter().filter(|&s| splits_fit(s, tokens, hidden)).max().unwrap_or(1)
+}
+
+/// The splits a shape takes without timing: the most whose blocks (output tiles times splits)
+/// all run at once on `multiprocessors`. Measured on an H200 as a GEMM alone, this is within
+/// 10% of the best split for V3 and Kimi-K2 from 256 to 4096 tokens; the whole gate may still do
+/// better with another, which `warm_up` finds.
+fn default_splits(shape: Shape, multiprocessors: usize) -> usize {
+    let tiles = shape.tokens.div_ceil(TILE) * shape.experts.div_ceil(TILE);
+    SPLIT_OPTIONS
+        .into_iter()
+        .filter(|&s| splits_fit(s, shape.tokens, shape.hidden) && tiles * s <= multiprocessors)
+        .max()
+        .unwrap_or(1)
+}
 
 /// Untimed runs of a candidate before its timed ones: the first launch of a kernel loads it.
 const WARMUP_RUNS: usize = 2;
@@ -67,9 +123,9 @@ const REPLACE_MARGIN: f64 = 0.03;
 #[derive(Debug)]
 pub(crate) struct Lt {
     handle: cublasLtHandle_t,
-    /// The algorithms `warm_up` timed on this device, per shape: every router of the backend
-    /// with that shape takes the same one, timed once.
-    timed: Mutex<HashMap<Shape, cublasLtMatmulAlgo_t>>,
+    /// The splits and algorithms `warm_up` timed on this device, per shape: every router of the
+    /// backend with that shape takes the same, timed once.
+    timed: Mutex<HashMap<Shape, Choice>>,
 }
 
 // SAFETY: a cuBLASLt handle holds no per-thread state; the library documents it as thread safe
@@ -97,7 +153,7 @@ impl Lt {
 }
 
 impl Lt {
-    fn timed(&self) -> MutexGuard<'_, HashMap<Shape, cublasLtMatmulAlgo_t>> {
+    fn timed(&self) -> MutexGuard<'_, HashMap<Shape, Choice>> {
         self.timed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -131,7 +187,14 @@ impl Shape {
     }
 }
 
-/// The matmul and matrix descriptors of one shape.
+/// How one shape's GEMM runs: its split of the hidden size and the algorithm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Choice {
+    splits: usize,
+    algo: cublasLtMatmulAlgo_t,
+}
+
+/// The matmul and matrix descriptors of one shape and split.
 struct Descriptors {
     desc: cublasLtMatmulDesc_t,
     layouts: [cublasLtMatrixLayout_t; 3],
@@ -162,7 +225,7 @@ impl Drop for Descriptors {
 struct Operands<'a> {
     hidden: &'a DeviceMatrix,
     weight: &'a DeviceMatrix,
-    /// `T * E` f32.
+    /// `S * T * E` f32: the partial sums of the `S` splits, one `[T, E]` after another.
     logits: u64,
     /// [`workspace_bytes`]`(T)` bytes, [`WORKSPACE_ALIGN`]-aligned.
     workspace: u64,
@@ -172,9 +235,12 @@ impl Descriptors {
     /// Logits `[T, E]` (f32, rows `E` apart) = hidden `[T, H]` . weight `[E, H]`^T, written in
     /// cuBLASLt's column-major terms: D `[E, T]` = op(A) `[E, H]` . B `[H, T]` with A the weight
     /// transposed (column-major `[H, E]`, leading dimension the weight's row stride) and B the
-    /// hidden states (column-major `[H, T]`).
-    fn new(shape: Shape) -> Result<Self, CublasError> {
-        let (t, h, e) = (shape.tokens as u64, shape.hidden as u64, shape.experts as u64);
+    /// hidden states (column-major `[H, T]`). With `splits` > 1, a strided batch of `splits` such
+    /// GEMMs over consecutive slices of `H / splits` (which [`splits_fit`]), each into its own
+    /// `[T, E]` of partial sums.
+    fn new(shape: Shape, splits: usize) -> Result<Self, CublasError> {
+        let (t, e) = (shape.tokens as u64, shape.experts as u64);
+        let h = (shape.hidden / splits) as u64;
         let desc = lt::create_matmul_desc(
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cudaDataType::CUDA_R_32F,
@@ -208,6 +274,30 @@ impl Descriptors {
         )?;
         descriptors.layouts[2] =
             lt::create_matrix_layout(cudaDataType::CUDA_R_32F, e, t, e as i64)?;
+        if splits > 1 {
+            // Batch b reads the b-th slice of the weight's and the hidden states' rows and writes
+            // the b-th `[T, E]`.
+            let count = splits as i32;
+            let offsets = [h as i64, h as i64, (e * t) as i64];
+            for (layout, offset) in descriptors.layouts.into_iter().zip(offsets) {
+                // SAFETY: each attribute and its size match (an `int32_t` count, an `int64_t`
+                // offset in elements); the layout is live.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&raw const count).cast::<c_void>(),
+                        size_of::<i32>(),
+                    )?;
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&raw const offset).cast::<c_void>(),
+                        size_of::<i64>(),
+                    )?;
+                }
+            }
+        }
         Ok(descriptors)
     }
 
@@ -392,21 +482,30 @@ fn median(mut micros: Vec<f64>) -> f64 {
     micros[micros.len() / 2]
 }
 
-/// The descriptors of one shape and the algorithm chosen for it.
+/// The split and algorithm chosen for one shape, with their descriptors.
 struct Plan {
+    choice: Choice,
     descriptors: Descriptors,
-    algo: cublasLtMatmulAlgo_t,
     /// Chosen by timing candidates (`warm_up`) rather than as the heuristic's first answer; such
     /// a plan is never replaced.
     timed: bool,
 }
 
 impl Plan {
-    /// The heuristic's first answer for `shape`: a host-side query, no device work.
-    fn from_heuristic(lt: &Lt, shape: Shape) -> Result<Self, CublasError> {
-        let descriptors = Descriptors::new(shape)?;
+    /// `splits` with the heuristic's first answer for it: a host-side query, no device work.
+    fn from_heuristic(lt: &Lt, shape: Shape, splits: usize) -> Result<Self, CublasError> {
+        let descriptors = Descriptors::new(shape, splits)?;
         let first = descriptors.candidates(lt, shape, 1)?[0];
-        Ok(Plan { descriptors, algo: first.algo, timed: false })
+        Ok(Plan { choice: Choice { splits, algo: first.algo }, descriptors, timed: false })
+    }
+
+    /// Takes `choice`, with new descriptors where its split differs from the plan's.
+    fn take(&mut self, shape: Shape, choice: Choice) -> Result<(), CublasError> {
+        if choice.splits != self.choice.splits {
+            self.descriptors = Descriptors::new(shape, choice.splits)?;
+        }
+        self.choice = choice;
+        Ok(())
     }
 }
 
@@ -423,6 +522,8 @@ impl Drop for Preference {
 /// A router's GEMM through cuBLASLt, with the plans of the shapes it has seen.
 pub(crate) struct LtGemm {
     lt: Arc<Lt>,
+    /// The device's multiprocessors, which [`default_splits`] fills.
+    multiprocessors: usize,
     plans: Mutex<HashMap<Shape, Plan>>,
 }
 
@@ -432,9 +533,16 @@ impl std::fmt::Debug for LtGemm {
     }
 }
 
+/// One candidate `warm_up` times: a split and one of the heuristic's algorithms for it.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    choice: Choice,
+    candidate: Candidate,
+}
+
 impl LtGemm {
-    pub(crate) fn new(lt: Arc<Lt>) -> Self {
-        LtGemm { lt, plans: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(lt: Arc<Lt>, multiprocessors: usize) -> Self {
+        LtGemm { lt, multiprocessors, plans: Mutex::new(HashMap::new()) }
     }
 
     /// Whether cuBLASLt takes this GEMM: bf16 on both sides, rows 16-byte aligned.
@@ -450,41 +558,81 @@ impl LtGemm {
         self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The plan of `shape`, made where there is none: the choice another router of the backend
+    /// timed where there is one, otherwise [`default_splits`] with the heuristic's first answer
+    /// (host-side queries, no device work).
+    fn plan<'a>(
+        &self,
+        plans: &'a mut HashMap<Shape, Plan>,
+        shape: Shape,
+    ) -> Result<&'a mut Plan, CublasError> {
+        let plan = match plans.entry(shape) {
+            Entry::Occupied(found) if found.get().timed => return Ok(found.into_mut()),
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(slot) => {
+                let _span = tracing::debug_span!("cublaslt_heuristic", ?shape).entered();
+                let splits = default_splits(shape, self.multiprocessors);
+                slot.insert(Plan::from_heuristic(&self.lt, shape, splits)?)
+            }
+        };
+        let timed = self.lt.timed().get(&shape).copied();
+        if let Some(choice) = timed {
+            plan.take(shape, choice)?;
+            plan.timed = true;
+        }
+        Ok(plan)
+    }
+
     /// Whether `hidden`'s shape (its address is not read) has a timed plan here, taking the one
-    /// another router of the backend timed where there is one; otherwise the shape gets the
-    /// heuristic's first answer if it has no plan yet (a host-side query). So `warm_up` asks
-    /// before it allocates anything to time with.
+    /// another router of the backend timed where there is one; otherwise the shape gets its
+    /// untimed plan if it has none yet (host-side queries). So `warm_up` asks before it
+    /// allocates anything to time with.
     pub(crate) fn has_timed_plan(
         &self,
         hidden: &DeviceMatrix,
         weight: &DeviceMatrix,
     ) -> Result<bool, CudaError> {
-        let shape = Shape::of(hidden, weight);
         let mut plans = self.plans();
-        let plan = match plans.entry(shape) {
-            Entry::Occupied(found) if found.get().timed => return Ok(true),
-            Entry::Occupied(found) => found.into_mut(),
-            Entry::Vacant(slot) => {
-                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(|source| {
-                    CudaError::Cublas { doing: "choosing a GEMM algorithm", source }
-                })?)
-            }
-        };
-        if let Some(algo) = self.lt.timed().get(&shape) {
-            (plan.algo, plan.timed) = (*algo, true);
-        }
+        let plan = self.plan(&mut plans, Shape::of(hidden, weight)).map_err(choosing)?;
         Ok(plan.timed)
     }
 
-    /// Chooses the algorithm for `hidden`'s shape (its address is not read) by timing what
-    /// `run_gate` enqueues on `gpu`'s stream (the whole gate call, whose GEMM takes the shape's
-    /// plan) with each of the heuristic's candidates (up to [`MAX_CANDIDATES`]) in the plan in
-    /// turn, each timed run after an L2 flush; keeps the fastest by median where it beats the
-    /// heuristic's first by more than [`REPLACE_MARGIN`], for this router and every router of
-    /// the backend. A candidate with which `run_gate` fails is skipped; where none ran (or the
-    /// flush buffer could not be allocated) the heuristic's first answer is kept, and a later
-    /// call times again. Nothing is timed where [`has_timed_plan`](Self::has_timed_plan) holds.
-    /// Returns with the stream's work done.
+    /// The candidates `tune` times for `shape`: the heuristic's for the default split first (its
+    /// first answer, the untimed plan's, at index 0), then those for every other split that fits.
+    fn candidates(&self, shape: Shape) -> Result<Vec<Timed>, CublasError> {
+        let default = default_splits(shape, self.multiprocessors);
+        let others = SPLIT_OPTIONS
+            .into_iter()
+            .filter(|&s| s != default && splits_fit(s, shape.tokens, shape.hidden));
+        let mut all = Vec::new();
+        for splits in std::iter::once(default).chain(others) {
+            let count = if splits == default { MAX_CANDIDATES } else { OTHER_SPLIT_CANDIDATES };
+            let found = Descriptors::new(shape, splits)
+                .and_then(|descriptors| descriptors.candidates(&self.lt, shape, count));
+            let found = match found {
+                Ok(found) => found,
+                // A split the library has no algorithm for is left out; the default split's
+                // answer is the plan's, so its failure is the caller's.
+                Err(_) if splits != default => continue,
+                Err(error) => return Err(error),
+            };
+            all.extend(found.into_iter().map(|candidate| Timed {
+                choice: Choice { splits, algo: candidate.algo },
+                candidate,
+            }));
+        }
+        Ok(all)
+    }
+
+    /// Chooses the split and algorithm for `hidden`'s shape (its address is not read) by timing
+    /// what `run_gate` enqueues on `gpu`'s stream (the whole gate call, whose GEMM takes the
+    /// shape's plan) with each of [`candidates`](Self::candidates) in the plan in turn, each timed
+    /// run after an L2 flush; keeps the fastest by median where it beats the untimed plan by
+    /// more than [`REPLACE_MARGIN`], for this router and every router of the backend. A
+    /// candidate with which `run_gate` fails is skipped; where none ran (or the flush buffer
+    /// could not be allocated) the untimed plan is kept, and a later call times again. Nothing is
+    /// timed where [`has_timed_plan`](Self::has_timed_plan) holds. Returns with the stream's work
+    /// done.
     pub(crate) fn tune(
         &self,
         gpu: &Gpu,
@@ -496,14 +644,7 @@ impl LtGemm {
             return Ok(());
         }
         let shape = Shape::of(hidden, weight);
-        let choosing = |source| CudaError::Cublas { doing: "choosing a GEMM algorithm", source };
-        let candidates = match self.plans().get(&shape) {
-            Some(plan) => {
-                plan.descriptors.candidates(&self.lt, shape, MAX_CANDIDATES).map_err(choosing)?
-            }
-            // `has_timed_plan` made the plan, and plans are never removed.
-            None => return Ok(()),
-        };
+        let candidates = self.candidates(shape).map_err(choosing)?;
         let _span = tracing::debug_span!("cublaslt_tune", ?shape).entered();
         let measured = match memory::zeroed(gpu, 2 * gpu.l2_bytes.max(1 << 20)) {
             Ok(flush) => {
@@ -526,23 +667,25 @@ impl LtGemm {
             Some(index) => tracing::info!(
                 ?shape,
                 candidate = index,
+                splits = candidates[index].choice.splits,
                 micros = measured[index].as_ref().ok(),
                 heuristic_first_micros = measured[0].as_ref().ok(),
                 candidates = candidates.len(),
-                "cuBLASLt algorithm chosen by timing the gate"
+                "cuBLASLt split and algorithm chosen by timing the gate"
             ),
             None => tracing::info!(
                 ?shape,
                 candidates = candidates.len(),
-                "no cuBLASLt candidate could be timed: keeping the heuristic's first choice"
+                "no cuBLASLt candidate could be timed: keeping the untimed plan"
             ),
         }
-        let algo = match chosen {
-            Some(_) => *self.lt.timed().entry(shape).or_insert(candidates[index].algo),
-            None => candidates[index].algo,
+        let choice = match chosen {
+            Some(_) => *self.lt.timed().entry(shape).or_insert(candidates[index].choice),
+            None => candidates[index].choice,
         };
         if let Some(plan) = self.plans().get_mut(&shape) {
-            (plan.algo, plan.timed) = (algo, chosen.is_some());
+            plan.take(shape, choice).map_err(choosing)?;
+            plan.timed = chosen.is_some();
         }
         Ok(())
     }
@@ -554,7 +697,7 @@ impl LtGemm {
         &self,
         gpu: &Gpu,
         shape: Shape,
-        candidates: &[Candidate],
+        candidates: &[Timed],
         flush: &CudaSlice<u8>,
         run_gate: &dyn Fn() -> Result<(), CudaError>,
     ) -> Result<Vec<Result<f64, CudaError>>, CudaError> {
@@ -575,9 +718,9 @@ impl LtGemm {
                 .map_err(CudaError::driver("flushing the L2"))
         };
         let mut measured = Vec::with_capacity(candidates.len());
-        for (index, candidate) in candidates.iter().enumerate() {
+        for (index, timed) in candidates.iter().enumerate() {
             if let Some(plan) = self.plans().get_mut(&shape) {
-                plan.algo = candidate.algo;
+                plan.take(shape, timed.choice).map_err(choosing)?;
             }
             let outcome = (|| -> Result<Result<f64, CudaError>, CudaError> {
                 for _ in 0..WARMUP_RUNS {
@@ -603,13 +746,15 @@ impl LtGemm {
             match &outcome {
                 Ok(micros) => tracing::debug!(
                     candidate = index,
+                    splits = timed.choice.splits,
                     micros,
-                    workspace = candidate.workspace,
-                    waves = candidate.waves,
+                    workspace = timed.candidate.workspace,
+                    waves = timed.candidate.waves,
                     "cuBLASLt candidate timed in the gate"
                 ),
                 Err(refused) => tracing::debug!(
                     candidate = index,
+                    splits = timed.choice.splits,
                     error = %refused,
                     "cuBLASLt candidate skipped: the gate did not run with it"
                 ),
@@ -619,16 +764,19 @@ impl LtGemm {
         Ok(measured)
     }
 
-    /// Enqueues logits `[T, E]` (f32, contiguous rows) at `logits` on `stream`, using
-    /// [`workspace_bytes`]`(T)` bytes at `workspace`, with the shape's plan (from the heuristic's
-    /// first answer, a host-side query, where `warm_up` made none).
+    /// Enqueues the partial sums of the logits `[T, E]` (f32, contiguous rows, one `[T, E]` per
+    /// split) at `logits` on `stream`, using [`workspace_bytes`]`(T)` bytes at `workspace`, with
+    /// the shape's plan (the untimed one, from host-side queries, where `warm_up` made none).
+    /// Returns the split count: `logits` must hold that many `[T, E]`, which [`max_splits`]
+    /// bounds.
     ///
     /// # Safety
     ///
     /// `hidden` and `weight` must describe live device memory accepted by [`accepts`](Self::accepts);
-    /// `logits` must hold `T * E` f32 and `workspace` `workspace_bytes(T)` bytes, 256-byte aligned,
-    /// both on this context's device and not read or written by anything else until the work on
-    /// `stream` is done; the context must be current on this thread.
+    /// `logits` must hold `max_splits(T, H) * T * E` f32 and `workspace` `workspace_bytes(T)`
+    /// bytes, 256-byte aligned, both on this context's device and not read or written by
+    /// anything else until the work on `stream` is done; the context must be current on this
+    /// thread.
     pub(crate) unsafe fn enqueue(
         &self,
         stream: CUstream,
@@ -636,24 +784,24 @@ impl LtGemm {
         weight: &DeviceMatrix,
         logits: u64,
         workspace: u64,
-    ) -> Result<(), CudaError> {
+    ) -> Result<usize, CudaError> {
         let shape = Shape::of(hidden, weight);
         let mut plans = self.plans();
-        let plan = match plans.entry(shape) {
-            Entry::Occupied(found) => found.into_mut(),
-            Entry::Vacant(slot) => {
-                let _span = tracing::debug_span!("cublaslt_heuristic", ?shape).entered();
-                slot.insert(Plan::from_heuristic(&self.lt, shape).map_err(|source| {
-                    CudaError::Cublas { doing: "choosing a GEMM algorithm", source }
-                })?)
-            }
-        };
+        let plan = self.plan(&mut plans, shape).map_err(choosing)?;
         let operands = Operands { hidden, weight, logits, workspace };
-        // SAFETY: the caller vouches for the operands, as `matmul` asks; the algorithm is the
-        // plan's, one of the heuristic's candidates for this shape.
-        unsafe { plan.descriptors.matmul(&self.lt, &plan.algo, stream, operands) }
-            .map_err(|source| CudaError::Cublas { doing: "enqueueing the router GEMM", source })
+        // SAFETY: the caller vouches for the operands, as `matmul` asks, and for room for the
+        // partial sums of up to `max_splits` splits, which the plan's split never exceeds (every
+        // split the plan takes fits the shape); the algorithm is one of the heuristic's
+        // candidates for the plan's descriptors.
+        unsafe { plan.descriptors.matmul(&self.lt, &plan.choice.algo, stream, operands) }
+            .map_err(|source| CudaError::Cublas { doing: "enqueueing the router GEMM", source })?;
+        Ok(plan.choice.splits)
     }
+}
+
+/// The error of choosing a split and an algorithm.
+fn choosing(source: CublasError) -> CudaError {
+    CudaError::Cublas { doing: "choosing a GEMM algorithm", source }
 }
 
 #[cfg(test)]
@@ -687,15 +835,15 @@ mod tests {
         None
     }
 
-    /// A plan made by a call takes the heuristic's first answer; `warm_up`'s timing then keeps
-    /// one of the candidates in its place, and neither a later call nor a second timing replaces
-    /// it.
+    /// A plan made by a call takes the default split and the heuristic's first answer for it;
+    /// `warm_up`'s timing then keeps one of the candidates (of any split) in its place, and
+    /// neither a later call nor a second timing replaces it.
     #[test]
     fn a_timed_choice_replaces_the_heuristics_and_is_shared() {
         const TEST: &str = "a_timed_choice_replaces_the_heuristics_and_is_shared";
         let Some(gpu) = gpu_with_cublaslt(TEST) else { return };
         let Some(lt) = gpu.lt.clone() else { return };
-        let gemm = LtGemm::new(lt);
+        let gemm = LtGemm::new(lt, gpu.multiprocessors);
         let (tokens, hidden_size, experts) = (64, 7168, 256);
         let matrix = |ptr, rows| DeviceMatrix {
             ptr,
@@ -715,7 +863,8 @@ mod tests {
             weight_row_stride: hidden_size,
         };
         let hidden_buffer = memory::zeroed(&gpu, tokens * hidden_size * 2).unwrap();
-        let logits_buffer = memory::zeroed(&gpu, tokens * experts * 4).unwrap();
+        let splits = max_splits(tokens, hidden_size);
+        let logits_buffer = memory::zeroed(&gpu, splits * tokens * experts * 4).unwrap();
         let workspace_buffer =
             memory::zeroed(&gpu, workspace_bytes(tokens) + WORKSPACE_ALIGN).unwrap();
         let hidden = matrix(memory::address(&gpu, &hidden_buffer), tokens);
@@ -733,29 +882,77 @@ mod tests {
         let plan = |gemm: &LtGemm| {
             let plans = gemm.plans();
             let plan = &plans[&shape];
-            (plan.algo, plan.timed)
+            (plan.choice, plan.timed)
         };
-        let candidates =
-            Descriptors::new(shape).unwrap().candidates(&gemm.lt, shape, MAX_CANDIDATES).unwrap();
+        let candidates = gemm.candidates(shape).unwrap();
+        let default = default_splits(shape, gpu.multiprocessors);
+        assert_eq!(candidates[0].choice.splits, default);
+        assert!(
+            candidates.iter().any(|c| c.choice.splits != default),
+            "other splits are timed too"
+        );
 
-        call(&gemm).unwrap();
-        assert_eq!(plan(&gemm), (candidates[0].algo, false));
+        assert_eq!(call(&gemm).unwrap(), default);
+        assert_eq!(plan(&gemm), (candidates[0].choice, false));
 
-        let tune = |gemm: &LtGemm| gemm.tune(&gpu, &hidden, &weight, &|| call(gemm)).unwrap();
+        let tune = |gemm: &LtGemm| {
+            gemm.tune(&gpu, &hidden, &weight, &|| call(gemm).map(|_| ())).unwrap();
+        };
         tune(&gemm);
-        let (timed_algo, timed) = plan(&gemm);
+        let (timed_choice, timed) = plan(&gemm);
         assert!(timed, "no candidate of {} could be timed", candidates.len());
-        assert!(candidates.iter().any(|c| c.algo == timed_algo));
+        assert!(candidates.iter().any(|c| c.choice == timed_choice));
 
-        call(&gemm).unwrap();
+        assert_eq!(call(&gemm).unwrap(), timed_choice.splits);
         tune(&gemm);
-        assert_eq!(plan(&gemm), (timed_algo, true));
+        assert_eq!(plan(&gemm), (timed_choice, true));
 
         // Another router of the backend takes the same choice, without timing again.
-        let other = LtGemm::new(Arc::clone(&gemm.lt));
+        let other = LtGemm::new(Arc::clone(&gemm.lt), gpu.multiprocessors);
         tune(&other);
-        assert_eq!(plan(&other), (timed_algo, true));
+        assert_eq!(plan(&other), (timed_choice, true));
         gpu.stream.synchronize().unwrap();
+    }
+
+    fn shape(tokens: usize, hidden: usize, experts: usize) -> Shape {
+        Shape { tokens, hidden, experts, hidden_row_stride: hidden, weight_row_stride: hidden }
+    }
+
+    #[test]
+    fn splits_keep_slices_aligned_and_partial_sums_within_the_workspace() {
+        // V3's and Kimi-K2's hidden size: 8 slices of 896.
+        assert_eq!(max_splits(1024, 7168), 8);
+        assert_eq!(max_splits(1025, 7168), 4);
+        assert_eq!(max_splits(2048, 7168), 4);
+        assert_eq!(max_splits(4096, 7168), 2);
+        assert_eq!(max_splits(8192, 7168), 1);
+        assert_eq!(max_splits(16384, 7168), 1);
+        // Slices must be whole 16-byte chunks of bf16: 5120 / 8 = 640 is, 1032 / 2 = 516 is not.
+        assert_eq!(max_splits(256, 5120), 8);
+        assert_eq!(max_splits(256, 1032), 1);
+        assert_eq!(max_splits(256, 48), 2);
+        for tokens in [1, 129, 1000, 3000, 20000] {
+            for hidden in [8, 48, 1032, 2048, 7168] {
+                let most = max_splits(tokens, hidden);
+                assert!(splits_fit(most, tokens, hidden));
+                assert!(most * tokens <= MAX_SPLIT_ROWS || most == 1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_split_fills_one_wave_of_tiles() {
+        // An H200's 132 multiprocessors; the splits each shape measured best with as a GEMM.
+        let sms = 132;
+        let v3 = |t| default_splits(shape(t, 7168, 256), sms);
+        let kimi = |t| default_splits(shape(t, 7168, 384), sms);
+        assert_eq!([v3(129), v3(256), v3(1024), v3(2048), v3(4096), v3(16384)], [8, 8, 8, 4, 2, 1]);
+        assert_eq!([kimi(256), kimi(1024), kimi(2048), kimi(4096)], [8, 4, 2, 1]);
+        // Never more than the workspace holds, nor slices that break alignment.
+        assert_eq!(default_splits(shape(1025, 7168, 256), sms), 4);
+        assert_eq!(default_splits(shape(256, 1032, 256), sms), 1);
+        // A small device splits less.
+        assert_eq!(default_splits(shape(1024, 7168, 256), 40), 2);
     }
 
     #[test]

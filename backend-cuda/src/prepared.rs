@@ -144,7 +144,7 @@ impl CudaPreparedRouter {
         let _span = tracing::debug_span!("cuda_prepare_router", %spec).entered();
         let hash_table = table.map(|t| DeviceHashTable::upload(&gpu, op, t, spec)).transpose()?;
         let module = gpu.module(&config)?;
-        let lt = gpu.lt.clone().map(LtGemm::new);
+        let lt = gpu.lt.clone().map(|lt| LtGemm::new(lt, gpu.multiprocessors));
         Ok(CudaPreparedRouter {
             bias: bias_buffer.as_ref().map(|b| memory::address(&gpu, b)),
             gpu,
@@ -183,7 +183,7 @@ impl CudaPreparedRouter {
         let (tokens, experts) = (hidden.rows, self.experts());
         match path {
             GemmPath::Lt(_) => {
-                lt_logits_bytes(tokens, experts)
+                lt_logits_bytes(tokens, hidden.cols, experts)
                     + cublaslt::WORKSPACE_ALIGN
                     + cublaslt::workspace_bytes(tokens)
             }
@@ -258,7 +258,8 @@ impl CudaPreparedRouter {
         self.gpu.ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
         let partials = match path {
             GemmPath::Lt(lt) => {
-                let lt_workspace = (workspace + lt_logits_bytes(tokens, experts) as u64)
+                let logits_bytes = lt_logits_bytes(tokens, hidden.cols, experts);
+                let lt_workspace = (workspace + logits_bytes as u64)
                     .next_multiple_of(cublaslt::WORKSPACE_ALIGN as u64);
                 // Before the GEMM, so that its launch overlaps the previous kernel.
                 if counters.any() {
@@ -266,14 +267,15 @@ impl CudaPreparedRouter {
                 }
                 // SAFETY: `accepts` held for both matrices, which the callers validated; the
                 // workspace holds `call_workspace_bytes` for this call (checked by the callers):
-                // the logits at its start, then cuBLASLt's own part, 256-byte aligned, which the
-                // slack of `WORKSPACE_ALIGN` bytes keeps inside it; the context is current.
-                unsafe {
+                // the partial sums of the most splits at its start, then cuBLASLt's own part,
+                // 256-byte aligned, which the slack of `WORKSPACE_ALIGN` bytes keeps inside it;
+                // the context is current.
+                let splits = unsafe {
                     lt.enqueue(stream, hidden, &self.weight.matrix, workspace, lt_workspace)?
                 };
                 Partials {
                     ptr: workspace,
-                    splits: 1,
+                    splits,
                     split_stride: tokens * experts,
                     row_stride: experts,
                 }
@@ -390,7 +392,7 @@ impl CudaPreparedRouter {
 enum GemmPath<'a> {
     /// The backend's kernels, as planned.
     Kernels(GemmPlan),
-    /// cuBLASLt, into logits at the start of the workspace.
+    /// cuBLASLt, into partial sums of the logits at the start of the workspace.
     Lt(&'a LtGemm),
 }
 
@@ -423,9 +425,10 @@ impl GateScratch {
     }
 }
 
-/// Bytes of f32 logits `[T, E]`.
-fn lt_logits_bytes(tokens: usize, experts: usize) -> usize {
-    tokens * experts * size_of::<f32>()
+/// Bytes of the f32 partial sums of the logits `[T, E]` that cuBLASLt writes for a hidden size of
+/// `hidden`: one `[T, E]` for each of the most splits it may take.
+fn lt_logits_bytes(tokens: usize, hidden: usize, experts: usize) -> usize {
+    cublaslt::max_splits(tokens, hidden) * tokens * experts * size_of::<f32>()
 }
 
 impl PreparedRouter for CudaPreparedRouter {
@@ -495,8 +498,9 @@ impl PreparedRouter for CudaPreparedRouter {
 
     /// The most any gate call on `T` tokens needs, whatever its hidden states' type: the partial
     /// sums of the split router GEMM (`S * T * E * 4` bytes, `S` falling as `T` grows; f32 hidden
-    /// states have the most splits), or, past a few bf16 tokens where cuBLASLt runs, the logits
-    /// and cuBLASLt's own workspace; then one aligned word, the ticket of the layout that
+    /// states have the most splits), or, past a few bf16 tokens where cuBLASLt runs, the partial
+    /// sums of the most splits it may take (`max_splits`: 8 up to 1024 tokens, then fewer, one
+    /// from 8192) and cuBLASLt's own workspace; then one aligned word, the ticket of the layout that
     /// `route_and_dispatch_into` computes inside routing.
     fn workspace_bytes(&self, tokens: usize) -> usize {
         [DType::BF16, DType::F32]
@@ -512,15 +516,17 @@ impl PreparedRouter for CudaPreparedRouter {
     /// The kernels were compiled and loaded by `prepare_router`; this checks that `tokens` fit
     /// the kernels' launch limits, so that later calls fail for no other reason, and, where
     /// cuBLASLt runs the GEMM (past 64 bf16 tokens on Hopper, or 128 where the warpgroup kernel
-    /// takes them; 8 before it), chooses its
-    /// algorithm for exactly `tokens` contiguous bf16 tokens by timing the whole gate call with
-    /// each of up to 8 of the library's heuristic candidates, on scratch device buffers
-    /// (allocated here and freed before this returns) on the backend's own stream, each run after
-    /// an L2 flush: the fastest by median is kept for every later call of that shape, by every
-    /// router of the backend, where it beats the heuristic's first choice by more than 3%. So
-    /// this call does device work and waits for it; a candidate the gate fails with is skipped,
-    /// and where none runs the heuristic's first choice is kept. A shape that `warm_up` never saw
-    /// takes the heuristic's first choice at its first call (a host-side query), and never times
+    /// takes them; 8 before it), chooses its split of the hidden size (a strided batch of GEMMs
+    /// whose partial sums routing adds) and its algorithm for exactly `tokens` contiguous bf16
+    /// tokens by timing the whole gate call with each of the library's heuristic candidates for
+    /// each split (up to 8 for the default split, the most whose tiles fill the device once, 4
+    /// for each other), on scratch device buffers (allocated here and freed before this
+    /// returns) on the backend's own stream, each run after an L2 flush: the fastest by median
+    /// is kept for every later call of that shape, by every router of the backend, where it
+    /// beats the default split's first choice by more than 3%. So this call does device work
+    /// and waits for it; a candidate the gate fails with is skipped, and where none runs the
+    /// default is kept. A shape that `warm_up` never saw takes the default split and the
+    /// heuristic's first choice for it at its first call (host-side queries), and never times
     /// anything there.
     fn warm_up(&self, tokens: usize) -> Result<(), BackendError> {
         gate::plan(&self.gpu, &self.dense_hidden(tokens, DType::F32), &self.weight, usize::MAX)?;

@@ -641,7 +641,7 @@ impl Gate {
     /// Does now what the first call on `tokens` rows would otherwise do, so that a captured
     /// `route_into` only enqueues its kernels. On a CUDA gate it checks the launch limits and,
     /// where cuBLASLt runs the GEMM (past 64 or 128 bf16 rows on Hopper, 8 before it), chooses
-    /// cuBLASLt's algorithm for exactly `tokens`
+    /// cuBLASLt's split of the hidden size and algorithm for exactly `tokens`
     /// rows by timing the whole gate with each candidate (device work on the backend's own
     /// stream, waited for; the choice is shared by every gate of the backend with that shape);
     /// nothing on a CPU gate.
