@@ -118,23 +118,28 @@ pub(crate) fn route_dispatch(
     // `layout` was made by `dispatch_args` from outputs that `check_route_and_dispatch_into`
     // validated, its ids being `targets.ids` itself, and filled for one block of the routing
     // block's threads and every row. `ticket` is a 4-byte word inside the caller's checked route
-    // workspace, past the partials, and the GEMM enqueued before this resets it after its wait.
+    // workspace, past the partials, followed there by the masks of `fused_masks_bytes` for the
+    // call's rows; the GEMM enqueued before this resets both after its wait.
     unsafe { launch(function, fused.launch(), stream, dependent_launch, &mut args.pointers()) }
 }
 
-/// Enqueues the reset of `counters`, which the GEMM kernels do themselves, for a GEMM that is not
-/// one of them, ordered after the previous kernel on the stream.
+/// Enqueues the reset of `counters` for a call of `tokens` rows, which the GEMM kernels do
+/// themselves, for a GEMM that is not one of them, ordered after the previous kernel on the
+/// stream.
 pub(crate) fn reset_status(
     stream: CUstream,
     module: &RouterModule,
     counters: RouteCounters,
+    tokens: usize,
     dependent_launch: bool,
 ) -> Result<(), CudaError> {
-    let mut args = reset_status_args(counters);
+    let mut args = reset_status_args(counters, tokens);
     let geometry = reset_status_launch(NVIDIA_WAVE_WIDTH);
-    // SAFETY: the arguments match `sluice_reset_status`'s two pointers; each is null or a checked
-    // device address of this context: the caller's i32 `[2]` status, the ticket word inside the
-    // caller's checked route workspace.
+    // SAFETY: the arguments match `sluice_reset_status`'s two pointers and row count; each
+    // pointer is null or a checked device address of this context: the caller's i32 `[2]`
+    // status, the ticket word inside the caller's checked route workspace, which holds the
+    // fused layout's masks for `tokens` rows after it (`fused_masks_bytes`) wherever the call
+    // passes a ticket.
     unsafe {
         launch(&module.reset_status, geometry, stream, dependent_launch, &mut args.pointers())
     }

@@ -165,7 +165,7 @@ impl RouterModule {
             return None;
         }
         let (_, plan) = self.route(tokens, 1).ok()?;
-        FusedLayout::plan(&plan, rank_outputs)
+        FusedLayout::plan(&plan, &self.config, rank_outputs)
     }
 
     /// A fused kernel of this module (present whenever `fused_layout` planned one).

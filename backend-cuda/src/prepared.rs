@@ -199,6 +199,14 @@ impl CudaPreparedRouter {
         path_bytes.next_multiple_of(WORKSPACE_ALIGN)
     }
 
+    /// Bytes from the ticket to the end of a gate call's workspace on `tokens` rows: its word,
+    /// and the masks of the fused layout past decode batches where it has them (from
+    /// `FUSED_MASKS_OFFSET` on), aligned.
+    fn ticket_bytes(&self, tokens: usize) -> usize {
+        let masks = sluice_kernels::fused_masks_bytes(self.experts(), tokens);
+        (sluice_kernels::FUSED_MASKS_OFFSET + masks).next_multiple_of(WORKSPACE_ALIGN)
+    }
+
     fn dispatcher(&self) -> Dispatcher<'_> {
         Dispatcher {
             router: self,
@@ -263,7 +271,13 @@ impl CudaPreparedRouter {
                     .next_multiple_of(cublaslt::WORKSPACE_ALIGN as u64);
                 // Before the GEMM, so that its launch overlaps the previous kernel.
                 if counters.any() {
-                    enqueue::reset_status(stream, &self.module, counters, dependent_launch)?;
+                    enqueue::reset_status(
+                        stream,
+                        &self.module,
+                        counters,
+                        tokens,
+                        dependent_launch,
+                    )?;
                 }
                 // SAFETY: `accepts` held for both matrices, which the callers validated; the
                 // workspace holds `call_workspace_bytes` for this call (checked by the callers):
@@ -501,13 +515,14 @@ impl PreparedRouter for CudaPreparedRouter {
     /// states have the most splits), or, past a few bf16 tokens where cuBLASLt runs, the partial
     /// sums of the most splits it may take (`max_splits`: 8 up to 1024 tokens, then fewer, one
     /// from 8192) and cuBLASLt's own workspace; then one aligned word, the ticket of the layout that
-    /// `route_and_dispatch_into` computes inside routing.
+    /// `route_and_dispatch_into` computes inside routing, followed, past 64 rows, by that layout's
+    /// masks of the rows that chose each expert (`(E + 1) * 8` bytes per 64 rows).
     fn workspace_bytes(&self, tokens: usize) -> usize {
         [DType::BF16, DType::F32]
             .into_iter()
             .map(|dtype| {
                 self.call_workspace_bytes(&self.dense_hidden(tokens, dtype))
-                    .map_or(0, |bytes| Self::ticket_offset(bytes) + WORKSPACE_ALIGN)
+                    .map_or(0, |bytes| Self::ticket_offset(bytes) + self.ticket_bytes(tokens))
             })
             .max()
             .unwrap_or(0)
@@ -592,9 +607,10 @@ impl PreparedRouter for CudaPreparedRouter {
         self.enqueue_checked(OP, inputs, outputs, None, execution)
     }
 
-    /// For up to 64 tokens of a block-routed config (DeepSeek's 256 experts, Kimi-K2's 384; see
+    /// Where routing is a block per token (on an H200 up to 1056 tokens of DeepSeek's 256 experts,
+    /// 704 of Kimi-K2's 384), up to 16 pairs per thread of a block (512 tokens of V3; see
     /// `sluice_kernels::FusedLayout`) and no rank outputs, one kernel routes and lays out: the
-    /// routing block that finishes last lays out every row, which saves the layout's own launch.
+    /// routing block that finishes last lays out every row, which saves the layout's own launches.
     /// Otherwise the two calls' kernels, one after the other. Either way only enqueues.
     fn route_and_dispatch_into(
         &self,

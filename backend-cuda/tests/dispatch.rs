@@ -612,11 +612,16 @@ fn a_graph_of_route_and_dispatch_into_replays_like_eager_calls() {
         return;
     };
     // The layout inside routing: every replay must find its last block afresh (the GEMM resets
-    // the ticket), at one token, a decode batch, and Kimi-K2's 384 experts with padding.
+    // the ticket) and, past decode batches, masks with no bit of the last replay (the GEMM
+    // resets them too, or the status reset kernel before cuBLASLt), at one token, a decode
+    // batch, Kimi-K2's 384 experts with padding, and batches past 64 rows.
     let v3 = deepseek_v3_spec(256, 8);
     check_graph_replays(&backend, &v3, 1, Calls::One, None, None);
     check_graph_replays(&backend, &v3, 64, Calls::One, Some(16), None);
     check_graph_replays(&backend, &deepseek_v3_spec(384, 8), 37, Calls::One, Some(64), None);
+    check_graph_replays(&backend, &v3, 100, Calls::One, None, None);
+    check_graph_replays(&backend, &v3, 500, Calls::One, Some(64), None);
+    check_graph_replays(&backend, &deepseek_v3_spec(384, 8), 500, Calls::One, None, None);
     // With rank outputs the call makes the layout's own launches, captured the same way.
     check_graph_replays(&backend, &v3, 5, Calls::One, Some(64), Some(4));
 }
@@ -632,8 +637,10 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     let h = 512;
     // Fused where routing is a block per token (V3, Kimi-K2, V2's 160 in 8 groups, 512 experts;
     // K = 32 for one token only, up to 1024 experts: a block of 1024 threads) and no rank outputs
-    // are asked for, up to 64 rows; the two launches elsewhere (64 experts route a warp per
-    // token; 65 rows are past the fused layout's masks).
+    // are asked for: masks built by the last block up to 64 rows, set by every block past them
+    // (65 rows on the backend's GEMM, 129 on cuBLASLt's), up to 16 pairs per thread (512 rows
+    // of V3; 513 route a block per token on an H200, laid out by the two launches); the two
+    // launches elsewhere (64 experts route a warp per token, and K = 32 past one token).
     let specs = [
         deepseek_v3_spec(256, 8),
         deepseek_v3_spec(384, 8),
@@ -652,7 +659,7 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     for spec in &specs {
         let (e, k) = (spec.num_experts, spec.top_k);
         let router = random_router(&backend, spec, h, &mut rng);
-        for t in [1, 2, 3, 17, 64, 65] {
+        for t in [1, 2, 3, 17, 64, 65, 129, 300, 512, 513] {
             let shape = DispatchShape { tokens: t, top_k: k, experts: e };
             let block_size = [None, Some(1), Some(16), Some(64)][rng.below(4)];
             let ranks = (rng.below(4) == 0).then(|| 1 + rng.below(6));

@@ -22,17 +22,41 @@
 
 GPU_INLINE float sluice_bf16_to_f32(unsigned short v) { return gpu_bits_float(((unsigned)v) << 16); }
 
-// What a gate call's routing counts into, reset by the first thread of the GEMM's first block
+// 16 bytes as four u32.
+struct alignas(16) sluice_u32x4 {
+  unsigned x, y, z, w;
+};
+
+// ---- the fused layout's workspace (`route_dispatch.cuh`) ----------------------------------------
+// The ticket, a u32 at a 16-byte aligned address of the gate call's workspace; past decode
+// batches, 16 bytes after it, the masks of the rows that chose each expert: E + 1 rows of 64-bit
+// words (row E: the rows marked invalid), bit t % 64 of word t / 64 for row t, each row
+// `sluice_fused_mask_words(T)` words long (an even count, for 16-byte loads).
+#define SLUICE_DECODE_MAX_ROWS 64
+GPU_INLINE int sluice_fused_mask_words(int tokens) { return (tokens + 127) / 128 * 2; }
+GPU_INLINE unsigned long long *sluice_fused_masks(unsigned *ticket) {
+  return (unsigned long long *)(ticket + 4);
+}
+
+// What a gate call's routing counts into, reset by the first warp of the GEMM's first block
 // after the wait for the previous kernel (which may still count into the same memory): the status
-// to [0, -1] (no row marked invalid), and the ticket of the fused layout (`route_dispatch.cuh`) to
-// 0 (no block arrived). Either may be null.
-GPU_INLINE void sluice_reset_counters(int *status, unsigned *ticket, bool first_thread) {
-  if (!first_thread) return;
-  if (status != 0) {
-    status[0] = 0;
-    status[1] = -1;
+// to [0, -1] (no row marked invalid), and the fused layout's ticket to 0 (no block arrived) and,
+// past decode batches, its masks to 0 (no row chose anything). Status and ticket may be null.
+GPU_INLINE void sluice_reset_counters(int *status, unsigned *ticket, int tokens, bool first_block) {
+  if (!first_block || GPU_TID >= GPU_WARP) return;
+  if (GPU_TID == 0) {
+    if (status != 0) {
+      status[0] = 0;
+      status[1] = -1;
+    }
+    if (ticket != 0) *ticket = 0u;
   }
-  if (ticket != 0) *ticket = 0u;
+  if (ticket != 0 && tokens > SLUICE_DECODE_MAX_ROWS) {
+    // 16 bytes a store: the masks start 16 bytes after the ticket, 16-byte aligned as it is.
+    sluice_u32x4 *masks = (sluice_u32x4 *)sluice_fused_masks(ticket);
+    const int stores = (SLUICE_E + 1) * sluice_fused_mask_words(tokens) / 2;
+    for (int i = GPU_TID; i < stores; i += GPU_WARP) masks[i] = sluice_u32x4{0u, 0u, 0u, 0u};
+  }
 }
 
 template <int XKIND>
@@ -60,7 +84,7 @@ GPU_INLINE void sluice_gemm_simt(const void *x, long long x_row_stride, long lon
   gpu_wait_for_previous_grid();
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
   const int e = GPU_BID_X, t = GPU_BID_Y * SLUICE_GEMM_WARPS + warp;
-  sluice_reset_counters(status, ticket, GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens, GPU_BID_X == 0 && GPU_BID_Y == 0);
   if (t >= tokens) return;
   float acc = 0.f;
   for (int k = lane; k < hidden; k += GPU_WARP)
@@ -100,10 +124,6 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(256) void sluice_sum_partials(const float *partials
 }
 
 // ---- 16-byte loads ----------------------------------------------------------------------------
-
-struct alignas(16) sluice_u32x4 {
-  unsigned x, y, z, w;
-};
 
 // 16 bytes of the weight, which nothing writes while the kernel runs: on NVIDIA the read-only
 // path without an L1 fill. Not volatile, and without a memory clobber, so the compiler may issue it
@@ -200,7 +220,7 @@ GPU_INLINE void sluice_gemv(const unsigned short *x, long long x_row_stride,
     }
   }
   gpu_wait_for_previous_grid();  // for threads without a chunk; returns at once otherwise
-  sluice_reset_counters(status, ticket, GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens, GPU_BID_X == 0 && GPU_BID_Y == 0);
   #pragma unroll
   for (int t = 0; t < TOKENS; ++t)
     #pragma unroll
@@ -387,8 +407,8 @@ GPU_INLINE void sluice_gemm_mma(const void *x, long long x_row_stride, const uns
     }
   }
   gpu_wait_for_previous_grid();  // for warps with an empty k range; returns at once otherwise
-  sluice_reset_counters(status, ticket,
-                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens,
+                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0);
 
   #pragma unroll
   for (int n = 0; n < TILES; ++n)
@@ -572,8 +592,8 @@ GPU_INLINE void sluice_gemm_tiles(const unsigned short *x, long long x_row_strid
   sluice_tile_copy_rows(weight_tile, pitch, w, w_row_stride, e0, expert_rows, k_begin, length,
                         barriers);
   gpu_wait_for_previous_grid();
-  sluice_reset_counters(status, ticket,
-                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens,
+                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0);
   sluice_tile_copy_rows(token_tile, pitch, x, x_row_stride, t0, token_rows, k_begin, length,
                         barriers);
 
@@ -758,8 +778,8 @@ GPU_KERNEL GPU_LAUNCH_BOUNDS(SLUICE_WG_THREADS) void sluice_gemm_warpgroup(
     }
   }
   gpu_wait_for_previous_grid();
-  sluice_reset_counters(status, ticket,
-                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0 && GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens,
+                        GPU_BID_X == 0 && GPU_BID_Y == 0 && GPU_BID_Z == 0);
   if (GPU_TID == 0)
     for (int c = 0; c < chunks; ++c)
       sluice_tensor_copy(token_tiles + c * SLUICE_WG_TOKEN_BYTES, &hidden_map,

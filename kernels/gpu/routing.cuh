@@ -456,11 +456,12 @@ GPU_INLINE void sluice_route_tokens(
 SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
 SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)
 
-// Resets what routing counts into (the status, the fused layout's ticket; either may be null)
-// where no GEMM kernel of ours runs before routing (the cuBLASLt path). It waits for the previous
-// kernel, which may still count into the same memory.
-GPU_KERNEL GPU_LAUNCH_BOUNDS(GPU_WARP) void sluice_reset_status(int *status, unsigned *ticket) {
+// Resets what routing counts into (the status, the fused layout's ticket and masks for `tokens`
+// rows; status and ticket may be null) where no GEMM kernel of ours runs before routing (the
+// cuBLASLt path). It waits for the previous kernel, which may still count into the same memory.
+GPU_KERNEL GPU_LAUNCH_BOUNDS(GPU_WARP) void sluice_reset_status(int *status, unsigned *ticket,
+                                                                int tokens) {
   gpu_allow_dependents();
   gpu_wait_for_previous_grid();
-  sluice_reset_counters(status, ticket, GPU_TID == 0);
+  sluice_reset_counters(status, ticket, tokens, true);
 }

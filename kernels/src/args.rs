@@ -254,10 +254,10 @@ pub fn route_args(
     ])
 }
 
-/// The arguments of `sluice_reset_status`: the counters to reset.
-pub fn reset_status_args(counters: RouteCounters) -> KernelArgs {
+/// The arguments of `sluice_reset_status`: the counters to reset for a call of `tokens` rows.
+pub fn reset_status_args(counters: RouteCounters, tokens: usize) -> KernelArgs {
     let (status, ticket) = (counters.status.unwrap_or(0), counters.ticket.unwrap_or(0));
-    KernelArgs::new(&[KernelArg::Ptr(status), KernelArg::Ptr(ticket)])
+    KernelArgs::new(&[KernelArg::Ptr(status), KernelArg::Ptr(ticket), int(tokens)])
 }
 
 /// The parameters of the fused kernels (`sluice_route_block_dispatch`, `_logits`): the routing
@@ -484,7 +484,7 @@ mod tests {
             hashed.values()[14..],
             [KernelArg::Ptr(16), KernelArg::I32(7), KernelArg::Ptr(32), KernelArg::I32(8)]
         );
-        assert_eq!(kinds(&reset_status_args(COUNTERS)), signature("", "sluice_reset_status"));
+        assert_eq!(kinds(&reset_status_args(COUNTERS, 3)), signature("", "sluice_reset_status"));
         // The fused kernels: the routing kernels' arguments, then the layout's and the ticket.
         let fused = signature("#define SLUICE_INSTANTIATE_ROUTE_DISPATCH(", "name");
         let mut expected = route.clone();

@@ -8,7 +8,7 @@ use sluice_tensor::{BackendError, DispatchInputs, DispatchOutputs, DispatchShape
 
 use crate::geometry::{Launch, RouteKernel, RoutePlan};
 use crate::operands::output_rows;
-use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
+use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
 
 /// Name of the many-block path's counting kernel.
 pub const DISPATCH_COUNT_KERNEL: &str = "sluice_dispatch_count";
@@ -131,12 +131,62 @@ impl DispatchPlan {
     }
 }
 
-/// Rows the layout inside routing takes (`SLUICE_DECODE_MAX_ROWS`: a bit each in a 64-bit mask).
+/// Rows the decode layout inside routing takes (`SLUICE_DECODE_MAX_ROWS`: a bit each in one 64-bit
+/// mask per expert, built in shared memory by the last block).
 pub const DECODE_MAX_ROWS: usize = 64;
 
-/// The dispatch layout computed inside block-per-token routing (`gpu/route_dispatch.cuh`): the
-/// block that finishes last lays out every row, a thread per expert, from masks of the rows that
-/// chose each expert.
+/// Entries of the table that the layout past decode batches keeps in shared memory, a 16-bit count
+/// per expert and word of 64 rows (`SLUICE_FUSED_PREFIX_ENTRIES`: 16 KiB).
+pub const FUSED_PREFIX_ENTRIES: usize = 8192;
+
+/// Words of 64 rows that table holds at most (`SLUICE_FUSED_MAX_WORDS` is the smaller of this
+/// and what fits, an even count): 1024 rows.
+pub const FUSED_MAX_WORDS: usize = 16;
+
+/// Where the masks of the layout past decode batches start, in bytes after the ticket.
+pub const FUSED_MASKS_OFFSET: usize = 16;
+
+/// The most pairs per thread of the last block that the layout inside routing places (two
+/// batches of `SLUICE_FUSED_PLACE_BATCH`): past them it costs more than the layout's own
+/// launches. On an H200, graph-replayed, the layout added to V3's gate 3.3 / 6.1 / 10.8 us
+/// inside routing at 65 / 256 / 512 rows (8 pairs a thread at 256, 16 at 512) against
+/// 6.7 / 8.2 / 11.4 us as its own launches, but 25.9 against 20.2 us at 1024 rows (32 pairs a
+/// thread); Kimi-K2's 640 rows (13 a thread) 13.5 against 15.6 us. The fused kernel takes 80
+/// registers a thread for the layout's batches of loads, so a multiprocessor holds 3 of V3's
+/// blocks instead of 8, and 1024 rows take three turns of the device; capping its registers to
+/// hold 8 (launch bounds) spilled and measured slower at every row count (6.3 us added at 65
+/// rows, 13.3 at 512).
+pub const FUSED_PAIRS_PER_THREAD: usize = 16;
+
+/// The most rows the layout inside routing takes for `experts` experts: 1024 up to 512 experts,
+/// then fewer (512 for 1024 experts), as the table of 16-bit counts per expert and word of 64
+/// rows fits in [`FUSED_PREFIX_ENTRIES`].
+pub fn fused_max_rows(experts: usize) -> usize {
+    let fit = FUSED_PREFIX_ENTRIES / experts.max(1) / 2 * 2;
+    64 * fit.min(FUSED_MAX_WORDS)
+}
+
+/// 64-bit words per expert in the masks of a layout of `tokens` rows: one per 64 rows, an even
+/// count (`sluice_fused_mask_words`).
+fn fused_mask_words(tokens: usize) -> usize {
+    tokens.div_ceil(128) * 2
+}
+
+/// Bytes of the masks that a fused layout of `tokens` rows past decode batches keeps after its
+/// ticket ([`FUSED_MASKS_OFFSET`] bytes on): a row of words for each of the `experts` experts and
+/// one for the rows marked invalid. 0 where no fused layout uses masks.
+pub fn fused_masks_bytes(experts: usize, tokens: usize) -> usize {
+    if tokens <= DECODE_MAX_ROWS || tokens > fused_max_rows(experts) {
+        return 0;
+    }
+    (experts + 1) * fused_mask_words(tokens) * size_of::<u64>()
+}
+
+/// The dispatch layout computed inside block-per-token routing (`gpu/route_dispatch.cuh`), up to
+/// [`fused_max_rows`] rows and [`FUSED_PAIRS_PER_THREAD`] pairs per thread: the block that
+/// finishes last lays out every row, a thread per expert, from masks of the rows that
+/// chose each expert (built by that block up to [`DECODE_MAX_ROWS`] rows; past them set by every
+/// block as it finishes, in the gate call's workspace after the ticket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedLayout {
     /// Rows routed, one block each.
@@ -146,15 +196,17 @@ pub struct FusedLayout {
 }
 
 impl FusedLayout {
-    /// The fused kernels' layout for a routing launch `route`, where they take it: block-per-token
-    /// routing (every ranked-score config has the fused kernels beside the block ones) of at most
-    /// [`DECODE_MAX_ROWS`] rows, and no rank outputs (their distinct tokens per rank are a kernel
-    /// of their own). `None` otherwise: the layout is then a launch of its own after routing.
-    pub fn plan(route: &RoutePlan, rank_outputs: bool) -> Option<Self> {
-        let tokens = route.launch.grid[0] as usize;
+    /// The fused kernels' layout for a routing launch `route` of `config`, where they take it:
+    /// block-per-token routing (every ranked-score config has the fused kernels beside the block
+    /// ones) of at most [`fused_max_rows`] rows and [`FUSED_PAIRS_PER_THREAD`] pairs per thread
+    /// of a block, and no rank outputs (their distinct tokens per rank are a kernel of their own).
+    /// `None` otherwise: the layout is then a launch of its own after routing.
+    pub fn plan(route: &RoutePlan, config: &RoutingConfig, rank_outputs: bool) -> Option<Self> {
+        let (tokens, threads) = (route.launch.grid[0] as usize, route.launch.block[0] as usize);
         let fused = route.kernel == RouteKernel::Block && !rank_outputs;
-        (fused && tokens <= DECODE_MAX_ROWS)
-            .then_some(FusedLayout { tokens, threads: route.launch.block[0] as usize })
+        let fits = tokens <= fused_max_rows(config.experts())
+            && tokens * config.top_k() <= FUSED_PAIRS_PER_THREAD * threads;
+        (fused && fits).then_some(FusedLayout { tokens, threads })
     }
 
     /// The fused kernel's launch: the routing's, a block per row.
@@ -172,7 +224,7 @@ impl FusedLayout {
     }
 
     /// Writes the launch's share of the argument: all rows laid out by one block (the last to
-    /// arrive) of the routing block's threads, no workspace.
+    /// arrive) of the routing block's threads, no per-block counts.
     pub fn fill(&self, args: &mut DispatchArgs) {
         args.block_counts = 0;
         args.rows_per_block = self.tokens as i32;
@@ -315,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn the_layout_is_fused_into_block_routing_of_decode_batches() {
+    fn the_layout_is_fused_into_block_routing_while_its_table_fits() {
         use crate::geometry::{H200_ROUTE, RouteKernel, RouteTarget, plan_route};
         use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
         let config = |experts, top_k| {
@@ -327,9 +379,9 @@ mod tests {
             crate::RoutingConfig::new(&spec).unwrap()
         };
         let v3 = config(256, 8);
-        for tokens in [1, 7, DECODE_MAX_ROWS] {
+        for tokens in [1, 7, DECODE_MAX_ROWS, DECODE_MAX_ROWS + 1, 300, 512] {
             let route = plan_route(&v3, tokens, &H200_ROUTE).unwrap();
-            let fused = FusedLayout::plan(&route, false).expect("V3 decode is fused");
+            let fused = FusedLayout::plan(&route, &v3, false).expect("V3 is fused");
             assert_eq!(fused, FusedLayout { tokens, threads: 256 });
             assert_eq!(fused.launch(), route.launch, "the routing's own launch");
             // Every row laid out by one block of the routing block's threads, no workspace.
@@ -340,25 +392,65 @@ mod tests {
             assert_eq!(fused.name(1), ROUTE_DISPATCH_LOGITS_KERNEL);
             assert_eq!(fused.name(6), ROUTE_DISPATCH_KERNEL);
             // Rank outputs keep their own launches.
-            assert_eq!(FusedLayout::plan(&route, true), None);
+            assert_eq!(FusedLayout::plan(&route, &v3, true), None);
         }
-        // Past 64 rows the layout is a launch of its own, whichever kernel routes.
-        let block = plan_route(&v3, DECODE_MAX_ROWS + 1, &H200_ROUTE).unwrap();
+        // Past 16 pairs per thread (V3: 512 rows; Kimi-K2: 768, past its wave of 704) the
+        // layout is a launch of its own, whichever kernel routes.
+        let block = plan_route(&v3, 513, &H200_ROUTE).unwrap();
         assert_eq!(block.kernel, RouteKernel::Block);
-        assert_eq!(FusedLayout::plan(&block, false), None);
+        assert_eq!(FusedLayout::plan(&block, &v3, false), None);
+        let kimi = config(384, 8);
+        let wave = plan_route(&kimi, 704, &H200_ROUTE).unwrap();
+        assert_eq!(FusedLayout::plan(&wave, &kimi, false).map(|f| f.tokens), Some(704));
         let warp = plan_route(&v3, 4096, &H200_ROUTE).unwrap();
         assert_eq!(warp.kernel, RouteKernel::Warp);
-        assert_eq!(FusedLayout::plan(&warp, false), None);
-        // Every block-routed config, up to 1024 experts (a thread each).
-        let large = plan_route(&config(1024, 32), 1, &H200_ROUTE).unwrap();
-        assert_eq!(FusedLayout::plan(&large, false).map(|f| f.threads), Some(1024));
+        assert_eq!(FusedLayout::plan(&warp, &v3, false), None);
+        // Every block-routed config, up to 1024 experts (a thread each), and rows while the
+        // table fits: 512 of them there (block routing past one token takes K <= 16).
+        let large = config(1024, 32);
+        let one = plan_route(&large, 1, &H200_ROUTE).unwrap();
+        assert_eq!(FusedLayout::plan(&one, &large, false).map(|f| f.threads), Some(1024));
+        // (A device whose wave holds that many blocks of 1024 threads; an H200's holds 264.)
+        let wide = RouteTarget { resident_threads: 1024 * 1024, ..H200_ROUTE };
+        let e1024 = config(1024, 8);
+        let last = plan_route(&e1024, 512, &wide).unwrap();
+        assert_eq!(FusedLayout::plan(&last, &e1024, false).map(|f| f.tokens), Some(512));
+        let past = plan_route(&e1024, 513, &wide).unwrap();
+        assert_eq!(past.kernel, RouteKernel::Block);
+        assert_eq!(FusedLayout::plan(&past, &e1024, false), None);
         // No block kernels in the module (hash routing), no fusion.
         let no_block_kernels = RouteTarget { block_kernels: false, ..H200_ROUTE };
         let warp_only = plan_route(&v3, 1, &no_block_kernels).unwrap();
-        assert_eq!(FusedLayout::plan(&warp_only, false), None);
-        // The rows the device's masks hold.
-        let define = format!("#define SLUICE_DECODE_MAX_ROWS {DECODE_MAX_ROWS}\n");
-        assert!(crate::SOURCE.contains(&define), "{define}");
+        assert_eq!(FusedLayout::plan(&warp_only, &v3, false), None);
+        // The rows and table the device's layouts hold.
+        for define in [
+            format!("#define SLUICE_DECODE_MAX_ROWS {DECODE_MAX_ROWS}\n"),
+            format!("#define SLUICE_FUSED_PREFIX_ENTRIES {FUSED_PREFIX_ENTRIES}\n"),
+            format!(
+                "SLUICE_FUSED_WORDS_FIT < {FUSED_MAX_WORDS} ? SLUICE_FUSED_WORDS_FIT : {FUSED_MAX_WORDS})"
+            ),
+            format!("(ticket + {})", FUSED_MASKS_OFFSET / 4),
+        ] {
+            assert!(crate::SOURCE.contains(&define), "{define}");
+        }
+    }
+
+    #[test]
+    fn the_fused_masks_cover_the_rows_past_decode_batches_while_the_table_fits() {
+        assert_eq!([256, 384, 512, 1024].map(fused_max_rows), [1024, 1024, 1024, 512]);
+        // 8192 / 640 = 12.8 words fit: 12, 768 rows; 8192 / 896 = 9.1: an even 8, 512 rows.
+        assert_eq!(fused_max_rows(640), 768);
+        assert_eq!(fused_max_rows(896), 512);
+        assert_eq!(fused_masks_bytes(256, 1), 0);
+        assert_eq!(fused_masks_bytes(256, DECODE_MAX_ROWS), 0, "decode builds its own");
+        // 65 rows: two words (an even count) per expert and for the invalid rows.
+        assert_eq!(fused_masks_bytes(256, DECODE_MAX_ROWS + 1), 257 * 2 * 8);
+        assert_eq!(fused_masks_bytes(256, 1024), 257 * 16 * 8);
+        assert_eq!(fused_masks_bytes(256, 1025), 0, "past the table: no fused layout");
+        assert_eq!(fused_masks_bytes(1024, 512), 1025 * 8 * 8);
+        assert_eq!(fused_masks_bytes(1024, 513), 0);
+        // The device's words per row.
+        assert!(crate::SOURCE.contains("return (tokens + 127) / 128 * 2;"));
     }
 
     #[test]

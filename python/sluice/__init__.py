@@ -339,7 +339,8 @@ class Gate:
         input_ids: Any | None = None,
     ) -> tuple[Any, Any, dict[str, Any]]:
         """Routes as ``route`` does and lays the ids out for the expert step, in one call (on a
-        GPU, a decode batch is routed and laid out by one kernel).
+        GPU, where routing is a block per token, up to 512 tokens of V3 are routed and laid out
+        by one kernel).
 
         Returns ``(topk_ids, topk_weights, layout)``, ``layout`` the dict of int32 torch tensors
         on the gate's device that ``empty_layout`` makes, filled: ``expert_counts``,

@@ -544,8 +544,9 @@ impl Gate {
     /// `[padded_capacity(T, block_size)]`, `block_experts` `[padded_capacity / block_size]`
     /// and `padded_total` `[1]`; with `expert_ranks` (int32 `[E]`, the rank of each expert, `R`
     /// ranks), `rank_counts` `[R]`, `rank_offsets` `[R + 1]`, `rank_pairs` `[T * K]` and
-    /// `rank_tokens` `[R]`). One call, under `route_into`'s contract: on a CUDA stream, a
-    /// decode batch is routed and laid out by one kernel.
+    /// `rank_tokens` `[R]`). One call, under `route_into`'s contract: on a CUDA stream, where
+    /// routing is a block per token, up to 512 tokens of V3 (704 of Kimi-K2) are routed and
+    /// laid out by one kernel.
     #[pyo3(signature = (
         hidden, topk_ids, topk_weights, layout, *, block_size=None, expert_ranks=None,
         input_ids=None, stream=None, workspace=None, status=None
