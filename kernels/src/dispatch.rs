@@ -174,7 +174,8 @@ fn fused_mask_words(tokens: usize) -> usize {
 
 /// Bytes of the masks that a fused layout of `tokens` rows past decode batches keeps after its
 /// ticket ([`FUSED_MASKS_OFFSET`] bytes on): a row of words for each of the `experts` experts and
-/// one for the rows marked invalid. 0 where no fused layout uses masks.
+/// one for the rows marked invalid. Counted for every row count the kernel takes
+/// ([`fused_max_rows`]), whether or not [`FusedLayout::plan`] fuses it; 0 for the others.
 pub fn fused_masks_bytes(experts: usize, tokens: usize) -> usize {
     if tokens <= DECODE_MAX_ROWS || tokens > fused_max_rows(experts) {
         return 0;

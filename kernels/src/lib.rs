@@ -47,9 +47,9 @@ pub use args::{
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
     DECODE_MAX_ROWS, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
-    DispatchArgs, DispatchPlan, FUSED_MASKS_OFFSET, FusedLayout, RANK_TOKENS_THREADS,
-    ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, dispatch_args, fused_masks_bytes,
-    fused_max_rows, plan_dispatch,
+    DispatchArgs, DispatchPlan, FUSED_MASKS_OFFSET, FUSED_MAX_WORDS, FUSED_PAIRS_PER_THREAD,
+    FUSED_PREFIX_ENTRIES, FusedLayout, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL,
+    ROUTE_DISPATCH_LOGITS_KERNEL, dispatch_args, fused_masks_bytes, fused_max_rows, plan_dispatch,
 };
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{
