@@ -10,8 +10,8 @@
 //!
 //! With [`GateBench::layout`], every gate call also lays out its ids for dispatch, as one
 //! `route_and_dispatch_into` call or as `route_into` then `dispatch_into`
-//! ([`LayoutBench::one_call`]), and the layout alone is timed too: a graph of [`LAYOUT_CALLS`]
-//! `dispatch_into` calls on one routing's ids, replayed.
+//! ([`LayoutBench::one_call`]), and, where asked ([`LayoutBench::alone`]), the layout alone is
+//! timed too: a graph of [`LAYOUT_CALLS`] `dispatch_into` calls on one routing's ids, replayed.
 
 use std::sync::Arc;
 
@@ -46,6 +46,8 @@ pub struct LayoutBench {
     /// Gate and layout as one `route_and_dispatch_into` call (the layout inside routing where the
     /// backend fuses it), rather than `route_into` then `dispatch_into`.
     pub one_call: bool,
+    /// Also time `dispatch_into` alone on one routing's ids ([`GateTimes::layout`]).
+    pub alone: bool,
 }
 
 /// What to time.
@@ -85,8 +87,8 @@ pub struct GateTimes {
     pub eager: Times,
     /// The same calls captured once in a CUDA graph and replayed: what an engine sees.
     pub graph: Times,
-    /// With [`GateBench::layout`]: `dispatch_into` alone, replayed from a graph of
-    /// [`LAYOUT_CALLS`] calls.
+    /// With a [`GateBench::layout`] that asks for it ([`LayoutBench::alone`]): `dispatch_into`
+    /// alone, replayed from a graph of [`LAYOUT_CALLS`] calls.
     pub layout: Option<Times>,
 }
 
@@ -244,7 +246,7 @@ impl CudaBackend {
         let (median, min) = time_repetitions(&stream, 3, repetitions, &mut replay)?;
         let graph =
             Times { median_us: median / sets as f64, min_us: min / sets as f64, repetitions };
-        let layout = match layout.as_mut() {
+        let layout = match layout.as_mut().filter(|_| bench.layout.is_some_and(|l| l.alone)) {
             Some((outputs, workspace)) => {
                 let router = &routers[0];
                 let mut calls = || -> Result<(), BackendError> {

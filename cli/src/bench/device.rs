@@ -22,7 +22,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         ));
     }
     let block_size = args.block_size.map(|block| block as usize);
-    let layout = args.dispatch.then_some(LayoutBench { block_size, one_call: true });
+    let layout = args.dispatch.then_some(LayoutBench { block_size, one_call: true, alone: true });
     let backend = args.backend.cuda()?;
     let spec = args.model.spec();
     let (h, e, k) = (args.model.hidden_size(), spec.num_experts, spec.top_k);
@@ -68,7 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         let time_with = |layout| backend.time_gate(&GateBench { layout: Some(layout), ..bench });
         let with_layout = layout.map(time_with).transpose()?;
         let two_calls = layout
-            .map(|layout| time_with(LayoutBench { one_call: false, ..layout }))
+            .map(|layout| time_with(LayoutBench { one_call: false, alone: false, ..layout }))
             .transpose()?;
         // The fewest bytes the gate moves: hidden states, weight, bias, ids and weights out.
         let bytes = tokens * h * hidden_bytes + e * h * 2 + e * 4 + tokens * k * 8;
