@@ -499,6 +499,11 @@ impl Plan {
         Ok(Plan { choice: Choice { splits, algo: first.algo }, descriptors, timed: false })
     }
 
+    /// The timed `choice`, with descriptors for its split.
+    fn from_choice(shape: Shape, choice: Choice) -> Result<Self, CublasError> {
+        Ok(Plan { choice, descriptors: Descriptors::new(shape, choice.splits)?, timed: true })
+    }
+
     /// Takes `choice`, with new descriptors where its split differs from the plan's.
     fn take(&mut self, shape: Shape, choice: Choice) -> Result<(), CublasError> {
         if choice.splits != self.choice.splits {
@@ -560,27 +565,28 @@ impl LtGemm {
 
     /// The plan of `shape`, made where there is none: the choice another router of the backend
     /// timed where there is one, otherwise [`default_splits`] with the heuristic's first answer
-    /// (host-side queries, no device work).
+    /// (host-side queries, no device work). A call finds its plan here, so an existing plan is
+    /// returned as it is.
     fn plan<'a>(
         &self,
         plans: &'a mut HashMap<Shape, Plan>,
         shape: Shape,
     ) -> Result<&'a mut Plan, CublasError> {
-        let plan = match plans.entry(shape) {
-            Entry::Occupied(found) if found.get().timed => return Ok(found.into_mut()),
-            Entry::Occupied(found) => found.into_mut(),
+        match plans.entry(shape) {
+            Entry::Occupied(found) => Ok(found.into_mut()),
             Entry::Vacant(slot) => {
-                let _span = tracing::debug_span!("cublaslt_heuristic", ?shape).entered();
-                let splits = default_splits(shape, self.multiprocessors);
-                slot.insert(Plan::from_heuristic(&self.lt, shape, splits)?)
+                let timed = self.lt.timed().get(&shape).copied();
+                let plan = match timed {
+                    Some(choice) => Plan::from_choice(shape, choice)?,
+                    None => {
+                        let _span = tracing::debug_span!("cublaslt_heuristic", ?shape).entered();
+                        let splits = default_splits(shape, self.multiprocessors);
+                        Plan::from_heuristic(&self.lt, shape, splits)?
+                    }
+                };
+                Ok(slot.insert(plan))
             }
-        };
-        let timed = self.lt.timed().get(&shape).copied();
-        if let Some(choice) = timed {
-            plan.take(shape, choice)?;
-            plan.timed = true;
         }
-        Ok(plan)
     }
 
     /// Whether `hidden`'s shape (its address is not read) has a timed plan here, taking the one
@@ -592,8 +598,16 @@ impl LtGemm {
         hidden: &DeviceMatrix,
         weight: &DeviceMatrix,
     ) -> Result<bool, CudaError> {
+        let shape = Shape::of(hidden, weight);
         let mut plans = self.plans();
-        let plan = self.plan(&mut plans, Shape::of(hidden, weight)).map_err(choosing)?;
+        let plan = self.plan(&mut plans, shape).map_err(choosing)?;
+        if !plan.timed {
+            let timed = self.lt.timed().get(&shape).copied();
+            if let Some(choice) = timed {
+                plan.take(shape, choice).map_err(choosing)?;
+                plan.timed = true;
+            }
+        }
         Ok(plan.timed)
     }
 

@@ -246,8 +246,8 @@ impl CudaBackend {
         let (median, min) = time_repetitions(&stream, 3, repetitions, &mut replay)?;
         let graph =
             Times { median_us: median / sets as f64, min_us: min / sets as f64, repetitions };
-        let layout = match layout.as_mut().filter(|_| bench.layout.is_some_and(|l| l.alone)) {
-            Some((outputs, workspace)) => {
+        let layout = match (layout.as_mut(), bench.layout) {
+            (Some((outputs, workspace)), Some(LayoutBench { alone: true, .. })) => {
                 let router = &routers[0];
                 let mut calls = || -> Result<(), BackendError> {
                     for _ in 0..LAYOUT_CALLS {
@@ -273,7 +273,7 @@ impl CudaBackend {
                 let per_call = LAYOUT_CALLS as f64;
                 Some(Times { median_us: median / per_call, min_us: min / per_call, repetitions })
             }
-            None => None,
+            _ => None,
         };
         Ok(GateTimes { sets, eager, graph, layout })
     }
