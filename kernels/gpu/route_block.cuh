@@ -99,10 +99,11 @@ GPU_INLINE void sluice_route_block_impl(
   s_shared[e] = term;
   gpu_syncthreads();
   if (warp == 0) {
-    // Lane lambda adds its experts lambda, lambda + GPU_WARP, ... in order, then the butterfly.
+    // Lane lambda adds the warp kernel's experts of its lane, lambda * SLUICE_PER_LANE onwards,
+    // in order, then the butterfly.
     float lane_sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < SLUICE_BLOCK_WARPS; ++w) lane_sum += s_shared[w * GPU_WARP + lane];
+    for (int j = 0; j < SLUICE_PER_LANE; ++j) lane_sum += s_shared[lane * SLUICE_PER_LANE + j];
     const float sum = sluice_warp_sum(lane_sum);
     if (lane == 0) warp_value[0] = sum;
   }

@@ -17,6 +17,10 @@
 // Scoring is one switch (`sluice_score`) and the group score another (`sluice_group_score`), so a
 // new scoring function or selection rule is one more case in each.
 //
+// Lane `lane` holds the SLUICE_PER_LANE experts lane * SLUICE_PER_LANE + j, in order: its loads
+// share one address, a group whose size is a multiple of SLUICE_PER_LANE is a run of whole lanes
+// (its score needs shuffles only), and lane order then j order is expert order.
+//
 // Semantics are those of the scalar reference router: f32 scores; the bias (noaux_tc) is added for
 // selection only and the unbiased scores are carried alongside; groups and experts are ranked by
 // larger value, then lower index; rows are written sorted by weight, then id; a row with a
@@ -133,7 +137,7 @@ GPU_INLINE void sluice_lane_best(const unsigned (&key)[SLUICE_PER_LANE], int lan
     // j ascending and a strict >: among equal keys this lane keeps its lowest expert.
     if (key[j] > best) {
       best = key[j];
-      best_expert = j * GPU_WARP + lane;
+      best_expert = lane * SLUICE_PER_LANE + j;
     }
 }
 
@@ -220,6 +224,105 @@ GPU_INLINE void sluice_select_groups(const float *c_shared, float *group_score,
 }
 #endif
 
+#if SLUICE_GROUPED && SLUICE_PER_GROUP % SLUICE_PER_LANE == 0 &&                                 \
+    ((SLUICE_PER_GROUP / SLUICE_PER_LANE) & (SLUICE_PER_GROUP / SLUICE_PER_LANE - 1)) == 0
+// A group is SLUICE_GROUP_LANES whole lanes (a power of two): its score is a butterfly over them.
+#define SLUICE_GROUP_LANES (SLUICE_PER_GROUP / SLUICE_PER_LANE)
+// Whether this lane's group is among the SLUICE_KG best, from the lanes' selection values c: the
+// same top two, group score and order as `sluice_select_groups`, in registers.
+GPU_INLINE bool sluice_lane_group_kept(const float (&c)[SLUICE_PER_LANE], int lane) {
+  float a = -GPU_INFINITY, b = -GPU_INFINITY;
+  // Selects, not branches: c[j] merged as a top two of its own.
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) sluice_merge_top2(a, b, c[j], -GPU_INFINITY);
+#pragma unroll
+  for (int off = SLUICE_GROUP_LANES / 2; off > 0; off >>= 1)
+    sluice_merge_top2(a, b, gpu_shfl_xor_f(a, off), gpu_shfl_xor_f(b, off));
+  const float mine = sluice_group_score(a, b);
+  const int group = lane / SLUICE_GROUP_LANES;
+  int rank = 0;
+#pragma unroll
+  for (int g = 0; g < SLUICE_G; ++g)
+    if (sluice_ranks_before(gpu_shfl_f(mine, g * SLUICE_GROUP_LANES), g, mine, group)) ++rank;
+  return group < SLUICE_G && rank < SLUICE_KG;
+}
+#endif
+
+// The K best candidates (larger key, then lower expert; key 0 is none) of this lane's experts and
+// the others', in choice order: lane r < K gets the r-th, the others -1. `list_key` and
+// `list_expert` hold GPU_WARP entries, `chosen` SLUICE_K, all this warp's own shared memory.
+//
+// The K-th largest of the lanes' best keys bounds the choices from below: the lanes holding the K
+// largest hold K distinct candidates at or above it, so no expert under it is among the K best
+// (every candidate is above a bound of 0, where fewer lanes hold any). The candidates at or above
+// it, typically a few more than K, are listed in expert order, and each counts those ranked
+// before it: that count is its place. Where more than a warp's worth reach the bound (many equal
+// keys, or K near the lanes' count), K rounds take the best remaining head instead.
+GPU_INLINE int sluice_warp_top_k(unsigned (&key)[SLUICE_PER_LANE], int lane, unsigned *list_key,
+                                 int *list_expert, int *chosen) {
+  unsigned best = 0u;
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) best = key[j] > best ? key[j] : best;
+  unsigned bound = 0u, rest = best;
+#pragma unroll
+  for (int r = 0; r < SLUICE_K; ++r) {
+    bound = gpu_wave_max_u32(rest);
+    if (lane == gpu_lowest_lane(gpu_ballot(rest == bound))) rest = 0u;
+  }
+  const unsigned least = bound > 1u ? bound : 1u;
+  int mine = 0;
+#pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) mine += key[j] >= least ? 1 : 0;
+  int upto = mine;  // inclusive prefix sum over the lanes
+#pragma unroll
+  for (int off = 1; off < GPU_WARP; off <<= 1) {
+    const int other = gpu_shfl_i(upto, (lane - off) & (GPU_WARP - 1));
+    if (lane >= off) upto += other;
+  }
+  const int listed = gpu_shfl_i(upto, GPU_WARP - 1);
+  if (listed <= GPU_WARP) {
+    int at = upto - mine;
+#pragma unroll
+    for (int j = 0; j < SLUICE_PER_LANE; ++j)
+      if (key[j] >= least) {
+        list_key[at] = key[j];
+        list_expert[at] = lane * SLUICE_PER_LANE + j;
+        ++at;
+      }
+    gpu_syncwarp();
+    const unsigned my_key = lane < listed ? list_key[lane] : 0u;
+    const int my_expert = lane < listed ? list_expert[lane] : -1;
+    int place = 0;
+    for (int m = 0; m < listed; ++m) {
+      const unsigned other = (unsigned)gpu_shfl_i((int)my_key, m);
+      place += (other > my_key || (other == my_key && m < lane)) ? 1 : 0;
+    }
+    if (lane < listed && place < SLUICE_K) chosen[place] = my_expert;
+    gpu_syncwarp();
+    return lane < SLUICE_K ? chosen[lane] : -1;
+  }
+  // Each lane keeps its best remaining candidate as its head; a round compares only the heads
+  // (two warp reductions), and only the winning lane drops its head and looks again. Rounds stay
+  // a loop: unrolled, K of them would multiply the code, and a kernel that runs once per layer
+  // fetches its instructions from L2 (or memory) every time.
+  int my_id = -1;
+  unsigned head_key;
+  int head;
+  sluice_lane_best(key, lane, head_key, head);
+#pragma unroll 1
+  for (int round = 0; round < SLUICE_K; ++round) {
+    const int winner = sluice_warp_best_index(head_key, head);
+    if (head == winner) {  // experts are distinct: exactly one lane
+#pragma unroll
+      for (int j = 0; j < SLUICE_PER_LANE; ++j)
+        if (lane * SLUICE_PER_LANE + j == winner) key[j] = 0u;
+      sluice_lane_best(key, lane, head_key, head);
+    }
+    if (lane == round) my_id = winner;
+  }
+  return my_id;
+}
+
 // Marks row t as not routed: ids -1 and weights 0 (written by lanes 0..K-1 of one warp), counted
 // in `status` ([count, first row]) by lane 0.
 GPU_INLINE void sluice_mark_row(int lane, int t, int *ids, long long ids_row_stride,
@@ -260,7 +363,9 @@ GPU_INLINE void sluice_finish_row(const float *s_row, int my_id, int lane, int t
   sum = sluice_warp_sum(weight);
 #endif
 #if SLUICE_NORM
-  weight = weight / (sum + SLUICE_RENORM_EPSILON);
+  // Lanes past K divide 1, not their 0: a zero numerator sends the whole warp down the division's
+  // slow path, and those lanes' weights are never read.
+  weight = (lane < SLUICE_K ? weight : 1.f) / (sum + SLUICE_RENORM_EPSILON);
 #endif
   weight = weight * scale;
 
@@ -298,21 +403,26 @@ GPU_INLINE void sluice_route_tokens(
     const float *bias, int tokens, float scale, int *ids, long long ids_row_stride, float *weights,
     long long weights_row_stride, float *logits, long long logits_row_stride, int *status,
     const int *hash_table, int hash_rows, const void *token_ids, int token_id_bytes) {
-#if SLUICE_GROUPED
+#if SLUICE_GROUPED && !defined(SLUICE_GROUP_LANES)
   __shared__ float c_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
   __shared__ float group_score[SLUICE_ROUTE_WARPS][SLUICE_G];
   __shared__ unsigned char kept[SLUICE_ROUTE_WARPS][SLUICE_G];
 #endif
+#if SLUICE_METHOD != SLUICE_HASH
+  __shared__ unsigned list_key[SLUICE_ROUTE_WARPS][GPU_WARP];
+  __shared__ int list_expert[SLUICE_ROUTE_WARPS][GPU_WARP];
+  __shared__ int chosen[SLUICE_ROUTE_WARPS][SLUICE_K];
+#endif
   // The unbiased scores, read back by the lane that keeps each choice.
   __shared__ float s_shared[SLUICE_ROUTE_WARPS][SLUICE_E];
   const int lane = GPU_TID % GPU_WARP, warp = GPU_TID / GPU_WARP;
+  const int first = lane * SLUICE_PER_LANE;  // this lane's first expert
   // The bias was written at preparation, not by the previous kernel: read it before the wait.
   float b[SLUICE_PER_LANE];
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
     const bool biased = SLUICE_METHOD == SLUICE_NOAUX_TC || SLUICE_LOGIT_BIAS;
-    b[j] = (biased && bias != 0 && e < SLUICE_E) ? bias[e] : 0.f;
+    b[j] = (biased && bias != 0 && first + j < SLUICE_E) ? bias[first + j] : 0.f;
   }
   gpu_allow_dependents();
   gpu_wait_for_previous_grid();
@@ -325,15 +435,13 @@ GPU_INLINE void sluice_route_tokens(
   float l[SLUICE_PER_LANE];
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) l[j] = 0.f;
-  const float *row = partials + t * row_stride;
+  const float *row = partials + t * row_stride + first;
 #pragma unroll
   for (int s = 0; s < MAX_PARTIALS; ++s) {
     if (s < splits) {
 #pragma unroll
-      for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-        const int e = j * GPU_WARP + lane;
-        if (e < SLUICE_E) l[j] += row[s * split_stride + e];
-      }
+      for (int j = 0; j < SLUICE_PER_LANE; ++j)
+        if (first + j < SLUICE_E) l[j] += row[s * split_stride + j];
     }
   }
   // The logits handed out are x . W^T; a router bias joins them after, and the non-finite check
@@ -341,9 +449,8 @@ GPU_INLINE void sluice_route_tokens(
   bool finite = true;
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
-    if (e < SLUICE_E) {
-      if (logits != 0) logits[t * logits_row_stride + e] = l[j];
+    if (first + j < SLUICE_E) {
+      if (logits != 0) logits[t * logits_row_stride + first + j] = l[j];
       if (SLUICE_LOGIT_BIAS) l[j] += b[j];
       finite = finite && gpu_is_finite(l[j]);
     } else {
@@ -386,56 +493,34 @@ GPU_INLINE void sluice_route_tokens(
   for (int j = 0; j < SLUICE_PER_LANE; ++j) c[j] = SLUICE_METHOD == SLUICE_NOAUX_TC ? s[j] + b[j] : s[j];
 #endif
 
-  // Which of this lane's experts may be chosen (bit j: expert j * GPU_WARP + lane).
-  unsigned allowed = 0;
-#if SLUICE_GROUPED
+  // The selection keys: 0 for the experts that may not be chosen (padding, groups not kept).
+  unsigned key[SLUICE_PER_LANE];
+#if SLUICE_GROUPED && defined(SLUICE_GROUP_LANES)
+  const bool group_kept = sluice_lane_group_kept(c, lane);
   #pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
-    if (e < SLUICE_E) c_shared[warp][e] = c[j];
-  }
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    key[j] = group_kept && first + j < SLUICE_E ? sluice_order_key(c[j]) : 0u;
+#elif SLUICE_GROUPED
+  #pragma unroll
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    if (first + j < SLUICE_E) c_shared[warp][first + j] = c[j];
   gpu_syncwarp();
   sluice_select_groups(c_shared[warp], group_score[warp], kept[warp], lane);
   #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
-    if (e < SLUICE_E && kept[warp][e / SLUICE_PER_GROUP]) allowed |= 1u << j;
+    const int e = first + j;
+    key[j] = e < SLUICE_E && kept[warp][e / SLUICE_PER_GROUP] ? sluice_order_key(c[j]) : 0u;
   }
 #else
   #pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j)
-    if (j * GPU_WARP + lane < SLUICE_E) allowed |= 1u << j;
+  for (int j = 0; j < SLUICE_PER_LANE; ++j) key[j] = first + j < SLUICE_E ? sluice_order_key(c[j]) : 0u;
 #endif
-
-  // Top K by c. Each lane keeps its best remaining candidate as its head; a round compares only
-  // the heads (two warp reductions), and only the winning lane drops its head and looks again.
-  unsigned key[SLUICE_PER_LANE];
-#pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j)
-    key[j] = ((allowed >> j) & 1u) ? sluice_order_key(c[j]) : 0u;
-  unsigned head_key;
-  int head;
-  sluice_lane_best(key, lane, head_key, head);
-  // Rounds stay a loop: unrolled, K of them would multiply the code, and a kernel that runs once
-  // per layer fetches its instructions from L2 (or memory) every time.
-#pragma unroll 1
-  for (int round = 0; round < SLUICE_K; ++round) {
-    const int winner = sluice_warp_best_index(head_key, head);
-    if (head == winner) {  // experts are distinct: exactly one lane
-#pragma unroll
-      for (int j = 0; j < SLUICE_PER_LANE; ++j)
-        if (j * GPU_WARP + lane == winner) key[j] = 0u;
-      sluice_lane_best(key, lane, head_key, head);
-    }
-    if (lane == round) my_id = winner;
-  }
+  my_id = sluice_warp_top_k(key, lane, list_key[warp], list_expert[warp], chosen[warp]);
 #endif
   // Each lane that keeps a choice reads its score back.
 #pragma unroll
-  for (int j = 0; j < SLUICE_PER_LANE; ++j) {
-    const int e = j * GPU_WARP + lane;
-    if (e < SLUICE_E) s_shared[warp][e] = s[j];
-  }
+  for (int j = 0; j < SLUICE_PER_LANE; ++j)
+    if (first + j < SLUICE_E) s_shared[warp][first + j] = s[j];
   gpu_syncwarp();
   sluice_finish_row(s_shared[warp], my_id, lane, t, scale, ids, ids_row_stride, weights,
                     weights_row_stride);
