@@ -12,8 +12,9 @@ use std::process::Command;
 
 use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
-    GemmKernel, HiddenKind, ROUTE_TOKENS_PER_BLOCK, WeightKind, offline_configs, toolchain,
+    AMD_WAVE_WIDTH, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DispatchArgs, GemmKernel, HiddenKind, ROUTE_TOKENS_PER_BLOCK, WeightKind, offline_configs,
+    toolchain,
 };
 
 const REQUIRED_ARCHS: [&str; 2] = ["gfx90a", "gfx942"];
@@ -193,24 +194,31 @@ fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_
             );
         }
         // Every routing block keeps its warps' unbiased scores in LDS (f32 `[warps][E]`); the
-        // grouped configs keep their per-warp group scores there too, the others nothing more.
+        // ranked configs their warps' top-k candidate lists too (`[warps][wave]` keys and
+        // experts, `[warps][K]` choices); and the configs whose groups are not whole lanes
+        // (DeepSeek-V2's groups of 20 experts, 3 a lane) their per-warp group values.
         let route_lds = number(&kernels["sluice_route"], ".group_segment_fixed_size");
-        let scores = (ROUTE_TOKENS_PER_BLOCK * experts(object.config) * 4) as u64;
-        let grouped = ["deepseek_v3", "deepseek_v2"].contains(&object.config);
+        let warps = ROUTE_TOKENS_PER_BLOCK;
+        let hashed = define(object.config, "METHOD") == 3;
+        let lists =
+            if hashed { 0 } else { warps * (AMD_WAVE_WIDTH * 8 + define(object.config, "K") * 4) };
+        let expected = (warps * define(object.config, "E") * 4 + lists) as u64;
+        let groups_in_lds = object.config == "deepseek_v2";
         assert_eq!(
-            route_lds > scores,
-            grouped,
-            "{}.{}: sluice_route uses {route_lds} bytes of LDS, its scores {scores}",
+            route_lds > expected,
+            groups_in_lds,
+            "{}.{}: sluice_route uses {route_lds} bytes of LDS, its scores and lists {expected}",
             object.config,
             object.arch
         );
-        assert!(route_lds >= scores, "{}.{}: {route_lds}", object.config, object.arch);
+        assert!(route_lds >= expected, "{}.{}: {route_lds}", object.config, object.arch);
     }
 }
 
-/// `E` of the offline config `name`, from its defines.
-fn experts(name: &str) -> usize {
+/// The value of `-DSLUICE_{key}` in the offline config `name`.
+fn define(name: &str, key: &str) -> usize {
     let config = offline_configs().find(|config| config.name == name).unwrap();
-    let define = config.defines.split(' ').find_map(|d| d.strip_prefix("-DSLUICE_E="));
-    define.and_then(|e| e.parse().ok()).unwrap_or_else(|| panic!("no E in {}", config.defines))
+    let prefix = format!("-DSLUICE_{key}=");
+    let define = config.defines.split(' ').find_map(|d| d.strip_prefix(prefix.as_str()));
+    define.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key} in {}", config.defines))
 }
