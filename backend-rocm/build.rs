@@ -56,9 +56,11 @@ type Object = (String, &'static str, PathBuf);
 fn build_all(clang: &str, kernels: &Path, out: &Path) -> Result<(String, Vec<Object>), String> {
     let compiler =
         toolchain::version_line(clang).ok_or_else(|| format!("{clang} --version failed"))?;
+    // The probe compiles the first offline config: a full set of defines the kernels accept.
+    let probe = offline_configs().next().ok_or("the offline config list is empty")?.defines;
     let optional: Vec<_> = OPTIONAL_ARCHS
         .into_iter()
-        .filter(|arch| compile(clang, kernels, arch, "", &out.join("probe.co")).is_ok())
+        .filter(|arch| compile(clang, kernels, arch, probe, &out.join("probe.co")).is_ok())
         .collect();
     let mut objects = Vec::new();
     for config in offline_configs() {
@@ -78,14 +80,7 @@ fn compile(
     defines: &str,
     out: &Path,
 ) -> Result<(), String> {
-    // The probe compiles a config the routing kernel accepts; real configs replace it.
-    let defines: Vec<&str> = if defines.is_empty() {
-        "-DSLUICE_E=64 -DSLUICE_G=1 -DSLUICE_KG=1 -DSLUICE_K=1 -DSLUICE_SCORING=0 -DSLUICE_METHOD=0 -DSLUICE_NORM=0"
-            .split(' ')
-            .collect()
-    } else {
-        defines.split(' ').collect()
-    };
+    let defines: Vec<&str> = defines.split(' ').collect();
     let output = Command::new(clang)
         .args(["-x", "hip", "-std=c++17", "-O3", "-DSLUICE_NO_VENDOR_HEADERS"])
         .args(["-nogpuinc", "-nogpulib", "--cuda-device-only", "--no-gpu-bundle-output"])

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::Write as _; // skips are written past the test harness's capture, to show in every run
 use std::process::Command;
 
-use sluice_backend_rocm::{CODE_OBJECTS, CodeObject, architectures, built_with_kernels};
+use sluice_backend_rocm::{CODE_OBJECTS, COMPILER, CodeObject, architectures, built_with_kernels};
 use sluice_kernels::{
     AMD_WAVE_WIDTH, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
     DispatchArgs, GemmKernel, HiddenKind, ROUTE_TOKENS_PER_BLOCK, WeightKind, offline_configs,
@@ -77,6 +77,11 @@ fn every_offline_config_is_embedded_for_every_required_architecture() {
     }
     for arch in REQUIRED_ARCHS {
         assert!(architectures().contains(&arch), "{arch} missing from {:?}", architectures());
+    }
+    // Clang 20 and newer compile for gfx950, so a build with one embeds it (its probe compiles
+    // a whole config, not a partial one that fails on every architecture).
+    if clang_major(COMPILER).is_some_and(|major| major >= 20) {
+        assert!(architectures().contains(&"gfx950"), "{COMPILER}: {:?}", architectures());
     }
     for config in offline_configs() {
         for arch in architectures() {
@@ -213,6 +218,19 @@ fn every_kernel_is_wave64_without_scratch_or_spills_and_within_register_and_lds_
         );
         assert!(route_lds >= expected, "{}.{}: {route_lds}", object.config, object.arch);
     }
+}
+
+/// The major version in a `clang --version` line ("... clang version 20.1.8 ...").
+fn clang_major(version_line: &str) -> Option<u32> {
+    let after = version_line.split("clang version ").nth(1)?;
+    after.split('.').next()?.parse().ok()
+}
+
+#[test]
+fn clang_versions_are_read_from_the_version_line() {
+    assert_eq!(clang_major("Debian clang version 19.1.7 (3+b1)"), Some(19));
+    assert_eq!(clang_major("Ubuntu clang version 20.1.8 (++20250804)"), Some(20));
+    assert_eq!(clang_major(""), None);
 }
 
 /// The value of `-DSLUICE_{key}` in the offline config `name`.
