@@ -171,6 +171,11 @@ fn configs() -> Vec<RoutingSpec> {
         spec(7, Greedy, (1, 1), 3, true),
         spec(96, NoauxTc, (48, 10), 4, false), // more groups than lanes
         RoutingSpec { scoring: ScoringFunc::SqrtSoftplus, ..spec(256, NoauxTc, (1, 1), 6, true) },
+        // Lanes past the last expert (200 experts, 7 a lane; 100, 4 a lane), and 4 groups of
+        // 64: 8 whole lanes a group.
+        RoutingSpec { scoring: ScoringFunc::Sigmoid, ..spec(200, Greedy, (1, 1), 8, true) },
+        spec(100, NoauxTc, (1, 1), 4, false),
+        spec(256, NoauxTc, (4, 2), 8, true),
         // Scoring after the top-k: gpt-oss (softmax of the selected logits, a bias on the
         // logits), Llama 4 (the sigmoid of each selected logit), and both renormalised.
         RoutingSpec::builder(128, 4)
@@ -201,8 +206,8 @@ fn random_configs_match_the_reference() {
     let mut seed = 1;
     // Tokens of more than 64 experts (K <= 16) are routed a block per token up to 64 on any device
     // and while one wave of the device's threads holds their blocks (130 tokens on an H200), a
-    // warp per token past that wave (4000 tokens, even at 96 threads a block): every config goes
-    // through both routing kernels.
+    // warp per token past that wave (4001 tokens, even at 96 threads a block, the last block's
+    // warps not all used): every config goes through both routing kernels.
     for spec in configs() {
         for (tokens, hidden, x_type, w_bf16) in [
             (1, 256, HiddenType::Bf16, true),
@@ -210,7 +215,7 @@ fn random_configs_match_the_reference() {
             (5, 72, HiddenType::F32, true),
             (64, 136, HiddenType::F16, true),
             (130, 264, HiddenType::Bf16, true),
-            (4000, 40, HiddenType::Bf16, true),
+            (4001, 40, HiddenType::Bf16, true),
             (9, 40, HiddenType::F32, false),
             // The tiles kernels, with hidden sizes that are not a multiple of their 64-value steps:
             // the bulk-copy kernel at 5 tokens, the warpgroup one (the copy unit filling zeros
@@ -304,9 +309,14 @@ fn unscaled_and_mark_invalid_specs_route_like_the_reference() {
     );
 
     // A NaN and an infinity in two rows: those rows are marked, the others routed. Six tokens
-    // of 64 experts take the warp kernel, three of 128 the block-per-token one.
-    for (t, e) in [(6, 64), (3, 128)] {
-        let mut s = spec(e, TopkMethod::Greedy, (1, 1), 4, true);
+    // of 64 experts take the warp kernel (softmax and sigmoid scores), three of 128 the
+    // block-per-token one.
+    for (t, e, scoring) in [
+        (6, 64, ScoringFunc::Softmax),
+        (6, 64, ScoringFunc::Sigmoid),
+        (3, 128, ScoringFunc::Softmax),
+    ] {
+        let mut s = RoutingSpec { scoring, ..spec(e, TopkMethod::Greedy, (1, 1), 4, true) };
         s.non_finite = NonFinitePolicy::MarkInvalid;
         let mut rng = Rng(99);
         let mut logits = rng.normals(t * e, 1.0);

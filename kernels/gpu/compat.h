@@ -107,6 +107,25 @@ GPU_INLINE float gpu_log1pf(float v) { return log1pf(v); }
 GPU_INLINE float gpu_sqrtf(float v) { return sqrtf(v); }
 #endif
 
+// 1 / d for d >= 1, as the correctly rounded division gives it below 2^126, and 0 from there on
+// (where the quotient is under 2^-126). On NVIDIA this is the division's own fast path (an
+// approximate reciprocal and one Newton step) without its range check and slow-path call.
+#if defined(GPU_AMD)
+GPU_INLINE float gpu_rcp_from_one(float d) { return 1.f / d; }
+#else
+GPU_INLINE float gpu_rcp_from_one(float d) {
+  float r, refined;
+  asm("{\n\t.reg .f32 e;\n\t"
+      "rcp.approx.ftz.f32 %0, %2;\n\t"
+      "fma.rn.f32 e, %3, %0, 0f3F800000;\n\t"  // e = 1 - d r
+      "fma.rn.f32 %1, %0, e, %0;\n\t"          // r + r e
+      "}"
+      : "=&f"(r), "=f"(refined)
+      : "f"(d), "f"(-d));
+  return d < 0x1p126f ? refined : r;
+}
+#endif
+
 // ---- half precision: f16 bits to f32 (exact) -------------------------------------------------
 #if defined(GPU_AMD)
 GPU_INLINE float gpu_f16_to_f32(unsigned short h) { return (float)__builtin_bit_cast(_Float16, h); }

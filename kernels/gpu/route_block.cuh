@@ -10,8 +10,8 @@
 //   2. the candidates at or above that bound (typically a little more than K) are packed into a
 //      list in expert order;
 //   3. each listed candidate counts the candidates ranked before it (larger key, then lower
-//      expert): that count is its place among the choices, if it is below K (one warp with
-//      shuffles when the list fits in it).
+//      expert): that count is its place among the choices, if it is below K (the warp kernel's
+//      own count, `sluice_list_place`).
 // One warp then writes the row exactly as the warp kernel does (`sluice_finish_row`).
 //
 // The results are bit for bit the warp kernel's: the same score functions, the softmax sum added
@@ -171,32 +171,18 @@ GPU_INLINE void sluice_route_block_impl(
   }
   gpu_syncthreads();
 
-  // 3. Each listed candidate's place among them: on one warp with shuffles when they fit in it
-  // (the common case), else every thread takes one and reads the list.
-  if (count <= GPU_WARP) {
-    if (warp != 0) return;
-    const unsigned my_key = lane < count ? list_key[lane] : 0u;
-    const int my_expert = lane < count ? list_expert[lane] : GPU_INT_MAX;
-    int place = 0;
-#pragma unroll
-    for (int i = 0; i < GPU_WARP; ++i) {
-      const unsigned k = (unsigned)gpu_shfl_i((int)my_key, i);
-      const int x = gpu_shfl_i(my_expert, i);
-      place += (k > my_key || (k == my_key && x < my_expert)) ? 1 : 0;
-    }
-    if (lane < count && place < SLUICE_K) chosen[place] = my_expert;
+  // 3. Each listed candidate's place among them (`sluice_list_place`, as the warp kernel places
+  // its own): on the first warp alone when the list fits in it (the common case), else every
+  // thread takes one entry.
+  const bool one_warp = count <= GPU_WARP;
+  if (one_warp && warp != 0) return;
+  if (e < count) {
+    const int place = sluice_list_place(list_key, count, e);
+    if (place < SLUICE_K) chosen[place] = list_expert[e];
+  }
+  if (one_warp) {
     gpu_syncwarp();
   } else {
-    if (e < count) {
-      const unsigned my_key = list_key[e];
-      const int my_expert = list_expert[e];
-      int place = 0;
-      for (int i = 0; i < count; ++i) {
-        const unsigned k = list_key[i];
-        place += (k > my_key || (k == my_key && list_expert[i] < my_expert)) ? 1 : 0;
-      }
-      if (place < SLUICE_K) chosen[place] = my_expert;
-    }
     gpu_syncthreads();
     if (warp != 0) return;
   }

@@ -98,7 +98,7 @@ GPU_INLINE float sluice_elementwise_score(float l) {
   const float l_abs = l < 0.f ? -l : l;
   return gpu_sqrtf((l > 0.f ? l : 0.f) + gpu_log1pf(gpu_expf(-l_abs)));
 #else
-  return 1.f / (1.f + gpu_expf(-l));
+  return gpu_rcp_from_one(1.f + gpu_expf(-l));
 #endif
 }
 
@@ -248,6 +248,18 @@ GPU_INLINE bool sluice_lane_group_kept(const float (&c)[SLUICE_PER_LANE], int la
 }
 #endif
 
+// The place of list entry i among the first `listed` entries: how many rank before it (larger
+// key, then the earlier entry; every list is in expert order, so earlier is lower expert).
+GPU_INLINE int sluice_list_place(const unsigned *list_key, int listed, int i) {
+  const unsigned mine = list_key[i];
+  int place = 0;
+  for (int m = 0; m < listed; ++m) {
+    const unsigned other = list_key[m];
+    place += (other > mine || (other == mine && m < i)) ? 1 : 0;
+  }
+  return place;
+}
+
 // The K best candidates (larger key, then lower expert; key 0 is none) of this lane's experts and
 // the others', in choice order: lane r < K gets the r-th, the others -1. `list_key` and
 // `list_expert` hold GPU_WARP entries, `chosen` SLUICE_K, all this warp's own shared memory.
@@ -290,14 +302,10 @@ GPU_INLINE int sluice_warp_top_k(unsigned (&key)[SLUICE_PER_LANE], int lane, uns
         ++at;
       }
     gpu_syncwarp();
-    const unsigned my_key = lane < listed ? list_key[lane] : 0u;
-    const int my_expert = lane < listed ? list_expert[lane] : -1;
-    int place = 0;
-    for (int m = 0; m < listed; ++m) {
-      const unsigned other = (unsigned)gpu_shfl_i((int)my_key, m);
-      place += (other > my_key || (other == my_key && m < lane)) ? 1 : 0;
+    if (lane < listed) {
+      const int place = sluice_list_place(list_key, listed, lane);
+      if (place < SLUICE_K) chosen[place] = list_expert[lane];
     }
-    if (lane < listed && place < SLUICE_K) chosen[place] = my_expert;
     gpu_syncwarp();
     return lane < SLUICE_K ? chosen[lane] : -1;
   }
@@ -446,11 +454,16 @@ GPU_INLINE void sluice_route_tokens(
   }
   // The logits handed out are x . W^T; a router bias joins them after, and the non-finite check
   // sees the sum (a bias can overflow a large logit).
+  if (logits != 0) {  // one branch, not one an expert
+    float *out = logits + t * logits_row_stride + first;
+#pragma unroll
+    for (int j = 0; j < SLUICE_PER_LANE; ++j)
+      if (first + j < SLUICE_E) out[j] = l[j];
+  }
   bool finite = true;
 #pragma unroll
   for (int j = 0; j < SLUICE_PER_LANE; ++j) {
     if (first + j < SLUICE_E) {
-      if (logits != 0) logits[t * logits_row_stride + first + j] = l[j];
       if (SLUICE_LOGIT_BIAS) l[j] += b[j];
       finite = finite && gpu_is_finite(l[j]);
     } else {
