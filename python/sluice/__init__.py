@@ -422,11 +422,39 @@ class Gate:
                 status=status,
             )
 
+    def dispatch_into(
+        self,
+        topk_ids: Any,
+        layout: dict[str, Any],
+        *,
+        block_size: int | None = None,
+        expert_ranks: Any | None = None,
+        stream: int | None = None,
+    ) -> None:
+        """The layout of ids the caller has (routed by its own kernel, or by an earlier call)
+        into ``layout``, as ``route_and_dispatch_into`` writes it: ``topk_ids`` int32 ``[T, K]``
+        on the gate's device, rows contiguous, -1 a pair to skip. Under ``route_into``'s
+        contract: on a CUDA device it is enqueued on torch's current stream (or ``stream``),
+        with a workspace from torch's allocator where ``layout`` has none and the rows need
+        one, and nothing is synchronised."""
+        ordinal = self._cuda_ordinal
+        on_device = contextlib.nullcontext() if ordinal is None else _on_cuda_device(ordinal)
+        with on_device:
+            if ordinal is not None and stream is None:
+                stream = _cuda_stream(ordinal)
+                tokens = int(topk_ids.shape[0])
+                if "workspace" not in layout and self._gate.dispatch_workspace_bytes(tokens) > 0:
+                    layout = {**layout, "workspace": self._dispatch_workspace(tokens)}
+            self._gate.dispatch_into(
+                topk_ids, layout, block_size=block_size, expert_ranks=expert_ranks, stream=stream
+            )
+
     def empty_layout(
         self, tokens: int, *, block_size: int | None = None, ranks: int | None = None
     ) -> dict[str, Any]:
         """The layout's buffers for ``tokens`` rows on the gate's device, from torch's allocator
-        (for ``route_and_dispatch_into``; a CUDA graph replays into buffers made once):
+        (for ``route_and_dispatch_into`` and ``dispatch_into``; a CUDA graph replays into buffers
+        made once):
         ``expert_counts`` ``[E]``, ``expert_offsets`` ``[E + 1]``, ``sorted_pairs``
         ``[T * K]``, ``inverse`` ``[T, K]`` and ``invalid`` ``[2]`` (rows with a skipped pair,
         the first of them); with ``block_size``, ``padded_pairs``

@@ -8,9 +8,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sluice_models::{Checkpoint, ModelConfig, ModelError, MoeGate, PreparedGate};
 use sluice_tensor::{
-    BackendError, Device, DeviceStream, DispatchOutputs, DispatchShape, Dlpack, DlpackError,
-    DlpackView, DlpackViewMut, Element, Execution, NonFiniteInput, NonFinitePolicy, PaddedOutputs,
-    RankOutputs, RouteInputs, RouteOutputs, Tensor, export_vec,
+    BackendError, Device, DeviceStream, DispatchInputs, DispatchOutputs, DispatchShape, Dlpack,
+    DlpackError, DlpackView, DlpackViewMut, Element, Execution, NonFiniteInput, NonFinitePolicy,
+    PaddedOutputs, RankOutputs, RouteInputs, RouteOutputs, Tensor, export_vec,
 };
 
 use crate::backend::{PyCpuBackend, PyCudaBackend, default_backend};
@@ -335,6 +335,29 @@ impl LayoutCall {
     }
 }
 
+impl LayoutCall {
+    /// Lays out `topk_ids` into the outputs (on the host) or enqueues the layout (on a stream),
+    /// without the GIL; nothing is allocated.
+    fn run(
+        mut self,
+        py: Python<'_>,
+        gate: &PreparedGate,
+        topk_ids: &Tensor,
+        execution: Execution,
+    ) -> PyResult<()> {
+        const OP: &str = "dispatch_into";
+        py.detach(|| {
+            let mut inputs = DispatchInputs::new(DlpackView::from_tensor(topk_ids)?);
+            if let Some(ranks) = &self.expert_ranks {
+                inputs = inputs.with_expert_ranks(DlpackView::from_tensor(ranks)?);
+            }
+            let mut outputs = self.outputs.views(OP)?;
+            Ok(gate.router().dispatch_into(&inputs, &mut outputs, execution)?)
+        })
+        .map_err(errors::model)
+    }
+}
+
 impl LayoutTensors {
     /// Writable views, as `op` names them in errors.
     fn views(&mut self, op: &'static str) -> Result<DispatchOutputs<'_>, ModelError> {
@@ -597,6 +620,27 @@ impl Gate {
         let call = IntoCall::import(hidden, input_ids, topk_ids, topk_weights, workspace, status)?;
         let layout = LayoutCall::import(layout, block_size, expert_ranks)?;
         self.route_and_dispatch(py, call, layout, stream, true)
+    }
+
+    /// The dispatch layout of `topk_ids` (int32 `[T, K]`, rows contiguous, -1 a pair to skip:
+    /// ids the caller routed itself, or an earlier call's) into `layout`, the dict
+    /// `route_and_dispatch_into` takes, with the same `block_size` and `expert_ranks`. Under
+    /// `route_into`'s contract: on a stream it only enqueues (a stray id is skipped and counted
+    /// like -1 there; on the host it is an error before anything is written).
+    #[pyo3(signature = (topk_ids, layout, *, block_size=None, expert_ranks=None, stream=None))]
+    fn dispatch_into(
+        &self,
+        py: Python<'_>,
+        topk_ids: &Bound<'_, PyAny>,
+        layout: &Bound<'_, PyDict>,
+        block_size: Option<usize>,
+        expert_ranks: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
+    ) -> PyResult<()> {
+        // An input, detached at the bridge as hidden states are.
+        let topk_ids = tensor::import(topk_ids)?.detach();
+        let layout = LayoutCall::import(layout, block_size, expert_ranks)?;
+        layout.run(py, &self.prepared, &topk_ids, self.execution(stream)?)
     }
 
     /// Bytes of scratch the layout of `tokens` rows needs in `layout["workspace"]` (0 for a

@@ -1,7 +1,7 @@
 """The dispatch layout from Python: `Gate.route_and_dispatch` and `route_and_dispatch_into` give
 the ids `route` gives and the layout a sort-based torch reference computes from them (counts,
 offsets, the stable order, its inverse, the padded layout of a grouped GEMM and the per-rank
-rows of an all-to-all), on the CPU and on a CUDA device, where the call is also captured in a
+rows of an all-to-all), and `dispatch_into` that layout of ids the caller has, on the CPU and on a CUDA device, where the call is also captured in a
 CUDA graph; a malformed `layout` mapping is a `ValueError` naming what is wrong.
 
 Tests marked `cuda` skip without a CUDA device unless `SLUICE_REQUIRE_GPU` is set (see
@@ -145,6 +145,48 @@ def test_route_and_dispatch_into_writes_windows_of_the_callers_buffers():
     assert_layout(layout, reference_layout(ids[2:8], gate.num_experts, 8))
 
 
+def some_ids(tokens: int, top_k: int, experts: int, seed: int) -> torch.Tensor:
+    """Ids an engine routed itself: K distinct experts a row, every fifth pair skipped (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]
+    ids = torch.stack(rows) if rows else torch.empty(0, top_k, dtype=torch.long)
+    ids.view(-1)[::5] = -1
+    return ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7, 64])
+@pytest.mark.parametrize("block_size, ranks", [(None, None), (16, None), (4, 3)])
+def test_dispatch_into_lays_out_ids_the_caller_has(tokens, block_size, ranks):
+    gate, _, _ = tiny_gate()
+    experts, cpu = gate.num_experts, torch.device("cpu")
+    ids = some_ids(tokens, gate.top_k, experts, seed=tokens)
+    table = None if ranks is None else contiguous_ranks(experts, ranks, cpu)
+    layout = gate.empty_layout(tokens, block_size=block_size, ranks=ranks)
+    gate.dispatch_into(ids, layout, block_size=block_size, expert_ranks=table)
+    assert_layout(layout, reference_layout(ids, experts, block_size, table, ranks))
+
+
+def test_dispatch_into_of_routed_ids_is_the_layout_route_and_dispatch_gives():
+    gate, _, _ = tiny_gate()
+    hidden = torch.randn(9, gate.hidden_size, generator=torch.Generator().manual_seed(4))
+    ids, _, together = gate.route_and_dispatch(hidden, block_size=8)
+    layout = gate.empty_layout(9, block_size=8)
+    gate.dispatch_into(ids, layout, block_size=8)
+    assert all(torch.equal(layout[name], together[name]) for name in together)
+
+
+def test_dispatch_into_refuses_an_id_outside_the_experts_before_anything_is_written():
+    gate, _, _ = tiny_gate()
+    ids = some_ids(4, gate.top_k, gate.num_experts, seed=2)
+    ids[3, 0] = gate.num_experts
+    layout = gate.empty_layout(4)
+    for output in layout.values():
+        output.fill_(-5)
+    with pytest.raises(ValueError, match="topk_ids"):
+        gate.dispatch_into(ids, layout)
+    assert all(bool((output == -5).all()) for output in layout.values())
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -247,6 +289,19 @@ def test_route_and_dispatch_on_a_cuda_device_is_route_then_the_reference_layout(
         expected_ids, expected_weights = gate.route(hidden)
         assert torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
         assert_layout(layout, reference_layout(ids, 256, block_size, table, ranks))
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_dispatch_into_on_a_cuda_device_is_the_reference_layout(tokens):
+    """Ids the caller has, laid out on torch's current stream (one block for few rows, row
+    tiles with a workspace from torch's allocator past them)."""
+    gate = large_gate(CUDA, 256, 8)
+    ids = some_ids(tokens, 8, 256, seed=tokens)
+    table = contiguous_ranks(256, 4, CUDA)
+    layout = gate.empty_layout(tokens, block_size=16, ranks=4)
+    gate.dispatch_into(ids.to(CUDA), layout, block_size=16, expert_ranks=table)
+    assert_layout(layout, reference_layout(ids, 256, 16, table, 4))
 
 
 @cuda
