@@ -407,8 +407,7 @@ class Gate:
                 hidden, tokens = _with_rows(hidden)
                 if workspace is None:
                     workspace = self._workspace(tokens, ordinal)
-                if "workspace" not in layout and self._gate.dispatch_workspace_bytes(tokens) > 0:
-                    layout = {**layout, "workspace": self._dispatch_workspace(tokens)}
+                layout = self._with_dispatch_workspace(layout, tokens)
             self._gate.route_and_dispatch_into(
                 hidden,
                 topk_ids,
@@ -442,9 +441,7 @@ class Gate:
         with on_device:
             if ordinal is not None and stream is None:
                 stream = _cuda_stream(ordinal)
-                tokens = int(topk_ids.shape[0])
-                if "workspace" not in layout and self._gate.dispatch_workspace_bytes(tokens) > 0:
-                    layout = {**layout, "workspace": self._dispatch_workspace(tokens)}
+                layout = self._with_dispatch_workspace(layout, int(topk_ids.shape[0]))
             self._gate.dispatch_into(
                 topk_ids, layout, block_size=block_size, expert_ranks=expert_ranks, stream=stream
             )
@@ -490,6 +487,13 @@ class Gate:
             layout["rank_tokens"] = empty(ranks)
         if ordinal is not None and self._gate.dispatch_workspace_bytes(tokens) > 0:
             layout["workspace"] = self._dispatch_workspace(tokens)
+        return layout
+
+    def _with_dispatch_workspace(self, layout: dict[str, Any], tokens: int) -> dict[str, Any]:
+        """``layout`` with a workspace from torch's allocator where it has none and the layout of
+        ``tokens`` rows needs one (a device gate's call on torch's current stream)."""
+        if "workspace" not in layout and self._gate.dispatch_workspace_bytes(tokens) > 0:
+            return {**layout, "workspace": self._dispatch_workspace(tokens)}
         return layout
 
     def _dispatch_workspace(self, tokens: int) -> Any:
