@@ -93,7 +93,8 @@ pub(crate) fn route(
 
 /// Enqueues routing of `tokens` rows of `partials` into `targets` with the dispatch layout of
 /// the ids it writes, by the fused kernel `fused` planned (`layout` filled by it), counting its
-/// blocks at `ticket` (which the GEMM before it reset).
+/// blocks and their rows at `ticket` (which the GEMM before it reset), then, past the rows the
+/// last routing block lays out, `sluice_dispatch_words`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn route_dispatch(
     stream: CUstream,
@@ -116,11 +117,18 @@ pub(crate) fn route_dispatch(
     // planned from the block-per-token plan, whose launch `fused.launch()` is (one block per
     // token, a thread per expert; never a hash-routed module, which has no fused kernels).
     // `layout` was made by `dispatch_args` from outputs that `check_route_and_dispatch_into`
-    // validated, its ids being `targets.ids` itself, and filled for one block of the routing
-    // block's threads and every row. `ticket` is a 4-byte word inside the caller's checked route
-    // workspace, past the partials, followed there by the masks of `fused_masks_bytes` for the
-    // call's rows; the GEMM enqueued before this resets both after its wait.
-    unsafe { launch(function, fused.launch(), stream, dependent_launch, &mut args.pointers()) }
+    // validated, its ids being `targets.ids` itself, and filled by `fused` for blocks of the
+    // routing block's threads. `ticket` is a 4-byte word inside the caller's checked route
+    // workspace, past the partials, followed there by the counts of `fused_counts_bytes` for
+    // the call's rows; the GEMM enqueued before this resets both after its wait.
+    unsafe { launch(function, fused.launch(), stream, dependent_launch, &mut args.pointers())? };
+    let Some(geometry) = fused.layout_launch() else { return Ok(()) };
+    let words = module.dispatch_words()?;
+    // SAFETY: `sluice_dispatch_words` takes the same layout argument and ticket (signature
+    // checked against the source by `sluice-kernels`); `layout.blocks` is its grid, a word of
+    // rows each, within the `tokens` rows the counts after the ticket were sized for, and its
+    // blocks have the routing block's threads, one per expert, as `fill` set.
+    unsafe { launch(words, geometry, stream, dependent_launch, &mut args.layout_pointers()) }
 }
 
 /// Enqueues the reset of `counters` for a call of `tokens` rows, which the GEMM kernels do
@@ -138,7 +146,7 @@ pub(crate) fn reset_status(
     // SAFETY: the arguments match `sluice_reset_status`'s two pointers and row count; each
     // pointer is null or a checked device address of this context: the caller's i32 `[2]`
     // status, the ticket word inside the caller's checked route workspace, which holds the
-    // fused layout's masks for `tokens` rows after it (`fused_masks_bytes`) wherever the call
+    // fused layout's counts for `tokens` rows after it (`fused_counts_bytes`) wherever the call
     // passes a ticket.
     unsafe {
         launch(&module.reset_status, geometry, stream, dependent_launch, &mut args.pointers())

@@ -7,11 +7,11 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, FusedLayout,
-    GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH, RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL,
-    ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, ROUTE_KERNEL,
-    ROUTE_LOGITS_KERNEL, RoutePlan, RouteTarget, RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL,
-    WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DISPATCH_WORDS_KERNEL, FusedLayout, GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH,
+    RESET_STATUS_KERNEL, ROUTE_BLOCK_KERNEL, ROUTE_BLOCK_LOGITS_KERNEL, ROUTE_DISPATCH_KERNEL,
+    ROUTE_DISPATCH_LOGITS_KERNEL, ROUTE_KERNEL, ROUTE_LOGITS_KERNEL, RoutePlan, RouteTarget,
+    RoutingConfig, SOURCE, SUM_PARTIALS_KERNEL, WeightKind,
 };
 
 use crate::error::CudaError;
@@ -119,6 +119,7 @@ impl RouterModule {
                 ROUTE_BLOCK_LOGITS_KERNEL,
                 ROUTE_DISPATCH_KERNEL,
                 ROUTE_DISPATCH_LOGITS_KERNEL,
+                DISPATCH_WORDS_KERNEL,
             ]
         };
         let mut routes = HashMap::new();
@@ -165,7 +166,7 @@ impl RouterModule {
             return None;
         }
         let (_, plan) = self.route(tokens, 1).ok()?;
-        FusedLayout::plan(&plan, &self.config, rank_outputs)
+        FusedLayout::plan(&plan, rank_outputs)
     }
 
     /// A fused kernel of this module (present whenever `fused_layout` planned one).
@@ -176,6 +177,13 @@ impl RouterModule {
     ) -> Result<&CudaFunction, CudaError> {
         let name = fused.name(splits);
         self.routes.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_owned()))
+    }
+
+    /// The layout after a fused kernel past its last-block rows (present with the fused kernels).
+    pub(crate) fn dispatch_words(&self) -> Result<&CudaFunction, CudaError> {
+        self.routes
+            .get(DISPATCH_WORDS_KERNEL)
+            .ok_or_else(|| CudaError::MissingKernel(DISPATCH_WORDS_KERNEL.to_owned()))
     }
 
     /// A GEMM kernel of this module (every kernel the planner can name for this device is loaded).

@@ -200,11 +200,13 @@ impl CudaPreparedRouter {
     }
 
     /// Bytes from the ticket to the end of a gate call's workspace on `tokens` rows: its word,
-    /// and the masks of the fused layout past decode batches where it has them (from
-    /// `FUSED_MASKS_OFFSET` on), aligned.
+    /// and the counts of the fused layout where this module fuses that call (from
+    /// `FUSED_COUNTS_OFFSET` on), aligned.
     fn ticket_bytes(&self, tokens: usize) -> usize {
-        let masks = sluice_kernels::fused_masks_bytes(self.experts(), tokens);
-        (sluice_kernels::FUSED_MASKS_OFFSET + masks).next_multiple_of(WORKSPACE_ALIGN)
+        let fused = self.module.fused_layout(tokens, false).is_some();
+        let counts =
+            if fused { sluice_kernels::fused_counts_bytes(self.experts(), tokens) } else { 0 };
+        (sluice_kernels::FUSED_COUNTS_OFFSET + counts).next_multiple_of(WORKSPACE_ALIGN)
     }
 
     fn dispatcher(&self) -> Dispatcher<'_> {
@@ -608,9 +610,10 @@ impl PreparedRouter for CudaPreparedRouter {
     }
 
     /// Where routing is a block per token (on an H200 up to 1056 tokens of DeepSeek's 256 experts,
-    /// 704 of Kimi-K2's 384), up to 16 pairs per thread of a block (512 tokens of V3; see
-    /// `sluice_kernels::FusedLayout`) and no rank outputs, one kernel routes and lays out: the
-    /// routing block that finishes last lays out every row, which saves the layout's own launches.
+    /// 704 of Kimi-K2's 384) and no rank outputs are asked for, routing lays out (see
+    /// `sluice_kernels::FusedLayout`): up to 64 rows the routing block that finishes last lays out
+    /// every row, past them routing counts its rows per expert and word of 64 rows and one
+    /// kernel after it lays out a word per block; either saves the layout's own launches.
     /// Otherwise the two calls' kernels, one after the other. Either way only enqueues.
     fn route_and_dispatch_into(
         &self,
@@ -640,7 +643,12 @@ impl PreparedRouter for CudaPreparedRouter {
         let ids = DispatchInputs::new(outputs.topk_ids.as_view());
         let mut args = dispatch_args(OP, &ids, layout, shape, 0)?;
         fused.fill(&mut args);
-        tracing::trace!(tokens, threads = fused.threads, "routing and layout in one kernel");
+        tracing::trace!(
+            tokens,
+            threads = fused.threads,
+            layout_blocks = fused.layout_blocks,
+            "the layout with routing"
+        );
         self.enqueue_checked(OP, inputs, outputs, Some((&fused, args)), execution)
     }
 

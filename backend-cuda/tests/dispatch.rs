@@ -612,9 +612,9 @@ fn a_graph_of_route_and_dispatch_into_replays_like_eager_calls() {
         return;
     };
     // The layout inside routing: every replay must find its last block afresh (the GEMM resets
-    // the ticket) and, past decode batches, masks with no bit of the last replay (the GEMM
-    // resets them too, or the status reset kernel before cuBLASLt), at one token, a decode
-    // batch, Kimi-K2's 384 experts with padding, and batches past 64 rows.
+    // the ticket) and, past 64 rows, counts with none of the last replay (the GEMM resets them
+    // too, or the status reset kernel before cuBLASLt), at one token, a decode batch, Kimi-K2's
+    // 384 experts with padding, and batches past 64 rows, up to 16 words of them.
     let v3 = deepseek_v3_spec(256, 8);
     check_graph_replays(&backend, &v3, 1, Calls::One, None, None);
     check_graph_replays(&backend, &v3, 64, Calls::One, Some(16), None);
@@ -622,6 +622,7 @@ fn a_graph_of_route_and_dispatch_into_replays_like_eager_calls() {
     check_graph_replays(&backend, &v3, 100, Calls::One, None, None);
     check_graph_replays(&backend, &v3, 500, Calls::One, Some(64), None);
     check_graph_replays(&backend, &deepseek_v3_spec(384, 8), 500, Calls::One, None, None);
+    check_graph_replays(&backend, &v3, 1024, Calls::One, Some(64), None);
     // With rank outputs the call makes the layout's own launches, captured the same way.
     check_graph_replays(&backend, &v3, 5, Calls::One, Some(64), Some(4));
 }
@@ -635,12 +636,13 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     let stream = test_stream(0);
     let mut rng = Rng(0x0f05_ed1a_7e55_0002);
     let h = 512;
-    // Fused where routing is a block per token (V3, Kimi-K2, V2's 160 in 8 groups, 512 experts;
-    // K = 32 for one token only, up to 1024 experts: a block of 1024 threads) and no rank outputs
-    // are asked for: masks built by the last block up to 64 rows, set by every block past them
-    // (65 rows on the backend's GEMM, 129 on cuBLASLt's), up to 16 pairs per thread (512 rows
-    // of V3; 513 route a block per token on an H200, laid out by the two launches); the two
-    // launches elsewhere (64 experts route a warp per token, and K = 32 past one token).
+    // Fused where routing is a block per token (V3 up to 1056 rows on an H200, Kimi-K2 up to
+    // 704, V2's 160 in 8 groups, 512 experts up to 528; K = 32 for one token only, up to 1024
+    // experts: a block of 1024 threads) and no rank outputs are asked for: laid out by the last
+    // routing block up to 64 rows, by a block per word of 64 rows after routing past them (65
+    // rows on the backend's GEMM, 129 on cuBLASLt's; 1024 rows in 16 words); the two launches
+    // elsewhere (64 experts route a warp per token, K = 32 past one token, and rows past the
+    // wave).
     let specs = [
         deepseek_v3_spec(256, 8),
         deepseek_v3_spec(384, 8),
@@ -659,15 +661,17 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
     for spec in &specs {
         let (e, k) = (spec.num_experts, spec.top_k);
         let router = random_router(&backend, spec, h, &mut rng);
-        for t in [1, 2, 3, 17, 64, 65, 129, 300, 512, 513] {
+        for t in [1, 2, 3, 17, 64, 65, 129, 300, 512, 513, 700, 1024] {
             let shape = DispatchShape { tokens: t, top_k: k, experts: e };
             let block_size = [None, Some(1), Some(16), Some(64)][rng.below(4)];
             let ranks = (rng.below(4) == 0).then(|| 1 + rng.below(6));
             let context = format!("E={e} K={k} T={t} block={block_size:?} ranks={ranks:?}");
             let mut hidden = bf16_values(&mut rng, t * h);
-            // A row of NaN: marked invalid, counted in the status, skipped by the layout.
-            let nan_row = (t >= 3).then(|| rng.below(t));
-            if let Some(row) = nan_row {
+            // Up to two rows of NaN (in any word of 64 rows): marked invalid, counted in the
+            // status, skipped by the layout.
+            let nan_rows: Vec<usize> =
+                if t >= 3 { (0..rng.below(3)).map(|_| rng.below(t)).collect() } else { vec![] };
+            for &row in &nan_rows {
                 hidden[row * h..(row + 1) * h].fill(bf16::NAN);
             }
             let mut table = vec![0i32; e];
@@ -693,10 +697,9 @@ fn route_and_dispatch_into_equals_route_into_then_dispatch_into() {
             let (one, two) = (results.pop().unwrap(), results.pop().unwrap());
             assert_eq!(one, two, "{context}: one call against two");
             let (ids, _, status, got) = one;
-            let expected_status = match nan_row {
-                Some(row) => [1, row as i32],
-                None => [0, -1],
-            };
+            let first_nan = nan_rows.iter().min().map_or(-1, |&row| row as i32);
+            let distinct_nan = nan_rows.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let expected_status = [distinct_nan as i32, first_nan];
             assert_eq!(status[..2], expected_status, "{context}");
             let map = ranks.map(|ranks| RankMap { expert_ranks: &table, ranks });
             let expected = reference::dispatch(&ids, shape, block_size, map).unwrap();

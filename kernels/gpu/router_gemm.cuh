@@ -28,20 +28,23 @@ struct alignas(16) sluice_u32x4 {
 };
 
 // ---- the fused layout's workspace (`route_dispatch.cuh`) ----------------------------------------
-// The ticket, a u32 at a 16-byte aligned address of the gate call's workspace; past decode
-// batches, 16 bytes after it, the masks of the rows that chose each expert: E + 1 rows of 64-bit
-// words (row E: the rows marked invalid), bit t % 64 of word t / 64 for row t, each row
-// `sluice_fused_mask_words(T)` words long (an even count, for 16-byte loads).
-#define SLUICE_DECODE_MAX_ROWS 64
-GPU_INLINE int sluice_fused_mask_words(int tokens) { return (tokens + 127) / 128 * 2; }
-GPU_INLINE unsigned long long *sluice_fused_masks(unsigned *ticket) {
-  return (unsigned long long *)(ticket + 4);
+// The ticket, a u32 at a 16-byte aligned address of the gate call's workspace; past the rows the
+// last routing block lays out (`FusedLayout`'s `LAST_BLOCK_MAX_ROWS`), 16 bytes after it, the counts of the pairs of each expert in each word of 64 rows: E + 1 rows of
+// i32 (row E: the rows marked invalid), `sluice_fused_count_stride(T)` counts each (a multiple of
+// 4, for 16-byte loads).
+#define SLUICE_WORD_ROWS 64
+#define SLUICE_LAST_BLOCK_MAX_ROWS 64
+GPU_INLINE int sluice_fused_count_stride(int tokens) { return (tokens + 255) / 256 * 4; }
+GPU_INLINE int *sluice_fused_word_counts(unsigned *ticket) { return (int *)(ticket + 4); }
+GPU_INLINE const int *sluice_fused_word_counts(const unsigned *ticket) {
+  return (const int *)(ticket + 4);
 }
 
 // What a gate call's routing counts into, reset by the first warp of the GEMM's first block
 // after the wait for the previous kernel (which may still count into the same memory): the status
 // to [0, -1] (no row marked invalid), and the fused layout's ticket to 0 (no block arrived) and,
-// past decode batches, its masks to 0 (no row chose anything). Status and ticket may be null.
+// past the last block's rows, its counts to 0 (no row chose anything). Status and ticket may be
+// null.
 GPU_INLINE void sluice_reset_counters(int *status, unsigned *ticket, int tokens, bool first_block) {
   if (!first_block || GPU_TID >= GPU_WARP) return;
   if (GPU_TID == 0) {
@@ -51,11 +54,11 @@ GPU_INLINE void sluice_reset_counters(int *status, unsigned *ticket, int tokens,
     }
     if (ticket != 0) *ticket = 0u;
   }
-  if (ticket != 0 && tokens > SLUICE_DECODE_MAX_ROWS) {
-    // 16 bytes a store: the masks start 16 bytes after the ticket, 16-byte aligned as it is.
-    sluice_u32x4 *masks = (sluice_u32x4 *)sluice_fused_masks(ticket);
-    const int stores = (SLUICE_E + 1) * sluice_fused_mask_words(tokens) / 2;
-    for (int i = GPU_TID; i < stores; i += GPU_WARP) masks[i] = sluice_u32x4{0u, 0u, 0u, 0u};
+  if (ticket != 0 && tokens > SLUICE_LAST_BLOCK_MAX_ROWS) {
+    // 16 bytes a store: the counts start 16 bytes after the ticket, 16-byte aligned as it is.
+    sluice_u32x4 *counts = (sluice_u32x4 *)sluice_fused_word_counts(ticket);
+    const int stores = (SLUICE_E + 1) * sluice_fused_count_stride(tokens) / 4;
+    for (int i = GPU_TID; i < stores; i += GPU_WARP) counts[i] = sluice_u32x4{0u, 0u, 0u, 0u};
   }
 }
 

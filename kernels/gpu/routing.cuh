@@ -554,7 +554,7 @@ GPU_INLINE void sluice_route_tokens(
 SLUICE_INSTANTIATE_ROUTE(sluice_route, SLUICE_MAX_PARTIALS)
 SLUICE_INSTANTIATE_ROUTE(sluice_route_logits, 1)
 
-// Resets what routing counts into (the status, the fused layout's ticket and masks for `tokens`
+// Resets what routing counts into (the status, the fused layout's ticket and counts for `tokens`
 // rows; status and ticket may be null) where no GEMM kernel of ours runs before routing (the
 // cuBLASLt path). It waits for the previous kernel, which may still count into the same memory.
 GPU_KERNEL GPU_LAUNCH_BOUNDS(GPU_WARP) void sluice_reset_status(int *status, unsigned *ticket,

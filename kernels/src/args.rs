@@ -261,7 +261,8 @@ pub fn reset_status_args(counters: RouteCounters, tokens: usize) -> KernelArgs {
 }
 
 /// The parameters of the fused kernels (`sluice_route_block_dispatch`, `_logits`): the routing
-/// kernels' ([`route_args`]), then the layout's argument by value and the ticket the GEMM reset.
+/// kernels' ([`route_args`]), then the layout's argument by value and the ticket the GEMM reset;
+/// and of `sluice_dispatch_words` after them, the last two.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteDispatchArgs {
     route: KernelArgs,
@@ -286,6 +287,12 @@ impl RouteDispatchArgs {
         all[len] = std::ptr::from_mut(&mut self.layout).cast();
         all[len + 1] = std::ptr::from_mut(&mut self.ticket).cast();
         all
+    }
+
+    /// The pointer array of `sluice_dispatch_words` after the fused kernel (the layout's argument
+    /// by value and the ticket, the counts after it), valid as [`pointers`](Self::pointers).
+    pub fn layout_pointers(&mut self) -> [*mut c_void; 2] {
+        [std::ptr::from_mut(&mut self.layout).cast(), std::ptr::from_mut(&mut self.ticket).cast()]
     }
 }
 

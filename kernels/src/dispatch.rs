@@ -8,7 +8,7 @@ use sluice_tensor::{BackendError, DispatchInputs, DispatchOutputs, DispatchShape
 
 use crate::geometry::{Launch, RouteKernel, RoutePlan};
 use crate::operands::output_rows;
-use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig};
+use crate::{KernelError, MAX_EXPERTS, MAX_TOP_K};
 
 /// Name of the many-block path's counting kernel.
 pub const DISPATCH_COUNT_KERNEL: &str = "sluice_dispatch_count";
@@ -23,6 +23,9 @@ pub const ROUTE_DISPATCH_KERNEL: &str = "sluice_route_block_dispatch";
 /// Name of the block-per-token routing kernel that reads finished logits and lays out the call's
 /// ids.
 pub const ROUTE_DISPATCH_LOGITS_KERNEL: &str = "sluice_route_block_dispatch_logits";
+/// Name of the kernel that lays out the ids of those two past [`LAST_BLOCK_MAX_ROWS`] rows, a
+/// word of [`WORD_ROWS`] rows per block.
+pub const DISPATCH_WORDS_KERNEL: &str = "sluice_dispatch_words";
 
 /// Threads per block of the rank-tokens kernel, one row each (`SLUICE_DISPATCH_RANK_THREADS`).
 pub const RANK_TOKENS_THREADS: usize = 256;
@@ -131,83 +134,64 @@ impl DispatchPlan {
     }
 }
 
-/// Rows the decode layout inside routing takes (`SLUICE_DECODE_MAX_ROWS`: a bit each in one 64-bit
-/// mask per expert, built in shared memory by the last block).
-pub const DECODE_MAX_ROWS: usize = 64;
+/// Rows of a word of the layout inside routing (`SLUICE_WORD_ROWS`): a bit each in a 64-bit mask
+/// of the rows that chose each expert, laid out by one block.
+pub const WORD_ROWS: usize = 64;
 
-/// Entries of the table that the layout past decode batches keeps in shared memory, a 16-bit count
-/// per expert and word of 64 rows (`SLUICE_FUSED_PREFIX_ENTRIES`: 16 KiB).
-pub const FUSED_PREFIX_ENTRIES: usize = 8192;
+/// Rows up to which the routing block that finishes last lays out every row itself (one word):
+/// past them `sluice_dispatch_words` lays out a word per block after routing.
+pub const LAST_BLOCK_MAX_ROWS: usize = WORD_ROWS;
 
-/// Words of 64 rows that table holds at most (`SLUICE_FUSED_MAX_WORDS` is the smaller of this
-/// and what fits, an even count): 1024 rows.
-pub const FUSED_MAX_WORDS: usize = 16;
+/// Where the counts of the layout inside routing start, in bytes after the ticket.
+pub const FUSED_COUNTS_OFFSET: usize = 16;
 
-/// Where the masks of the layout past decode batches start, in bytes after the ticket.
-pub const FUSED_MASKS_OFFSET: usize = 16;
-
-/// The most pairs per thread of the last block that the layout inside routing places (two
-/// batches of `SLUICE_FUSED_PLACE_BATCH`): past them it costs more than the layout's own
-/// launches. On an H200, graph-replayed, the layout added to V3's gate 3.3 / 6.1 / 10.8 us
-/// inside routing at 65 / 256 / 512 rows (8 pairs a thread at 256, 16 at 512) against
-/// 6.7 / 8.2 / 11.4 us as its own launches, but 25.9 against 20.2 us at 1024 rows (32 pairs a
-/// thread); Kimi-K2's 640 rows (13 a thread) 13.5 against 15.6 us. The fused kernel takes 80
-/// registers a thread for the layout's batches of loads, so a multiprocessor holds 3 of V3's
-/// blocks instead of 8, and 1024 rows take three turns of the device; capping its registers to
-/// hold 8 (launch bounds) spilled and measured slower at every row count (6.3 us added at 65
-/// rows, 13.3 at 512).
-pub const FUSED_PAIRS_PER_THREAD: usize = 16;
-
-/// The most rows the layout inside routing takes for `experts` experts: 1024 up to 512 experts,
-/// then fewer (512 for 1024 experts), as the table of 16-bit counts per expert and word of 64
-/// rows fits in [`FUSED_PREFIX_ENTRIES`].
-pub fn fused_max_rows(experts: usize) -> usize {
-    let fit = FUSED_PREFIX_ENTRIES / experts.max(1) / 2 * 2;
-    64 * fit.min(FUSED_MAX_WORDS)
+/// Counts per expert in the fused layout's counts of `tokens` rows: one per word of
+/// [`WORD_ROWS`] rows, a multiple of 4 (`sluice_fused_count_stride`).
+fn fused_count_stride(tokens: usize) -> usize {
+    tokens.div_ceil(4 * WORD_ROWS) * 4
 }
 
-/// 64-bit words per expert in the masks of a layout of `tokens` rows: one per 64 rows, an even
-/// count (`sluice_fused_mask_words`).
-fn fused_mask_words(tokens: usize) -> usize {
-    tokens.div_ceil(128) * 2
-}
-
-/// Bytes of the masks that a fused layout of `tokens` rows past decode batches keeps after its
-/// ticket ([`FUSED_MASKS_OFFSET`] bytes on): a row of words for each of the `experts` experts and
-/// one for the rows marked invalid. Counted for every row count the kernel takes
-/// ([`fused_max_rows`]), whether or not [`FusedLayout::plan`] fuses it; 0 for the others.
-pub fn fused_masks_bytes(experts: usize, tokens: usize) -> usize {
-    if tokens <= DECODE_MAX_ROWS || tokens > fused_max_rows(experts) {
+/// Bytes of the counts that a fused layout of `tokens` rows keeps after its ticket
+/// ([`FUSED_COUNTS_OFFSET`] bytes on): an i32 per word for each of the `experts` experts and
+/// for the rows marked invalid; 0 where the last routing block lays out.
+pub fn fused_counts_bytes(experts: usize, tokens: usize) -> usize {
+    if tokens <= LAST_BLOCK_MAX_ROWS {
         return 0;
     }
-    (experts + 1) * fused_mask_words(tokens) * size_of::<u64>()
+    (experts + 1) * fused_count_stride(tokens) * size_of::<i32>()
 }
 
-/// The dispatch layout computed inside block-per-token routing (`gpu/route_dispatch.cuh`), up to
-/// [`fused_max_rows`] rows and [`FUSED_PAIRS_PER_THREAD`] pairs per thread: the block that
-/// finishes last lays out every row, a thread per expert, from masks of the rows that
-/// chose each expert (built by that block up to [`DECODE_MAX_ROWS`] rows; past them set by every
-/// block as it finishes, in the gate call's workspace after the ticket).
+/// The dispatch layout computed with block-per-token routing (`gpu/route_dispatch.cuh`), for every
+/// row count that routing takes a block per token: up to [`LAST_BLOCK_MAX_ROWS`] rows the block
+/// that finishes last lays out every row; past them each routing block counts its row per
+/// expert and word of [`WORD_ROWS`] rows (in the gate call's workspace after the ticket), and
+/// `sluice_dispatch_words` lays out a word per block after routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedLayout {
     /// Rows routed, one block each.
     pub tokens: usize,
-    /// Threads per routing block: a thread per expert, in whole warps.
+    /// Threads per routing block: a thread per expert, in whole warps; the layout blocks' too.
     pub threads: usize,
+    /// Blocks of `sluice_dispatch_words`, a word of rows each; 0 where the last routing block
+    /// lays out.
+    pub layout_blocks: usize,
 }
 
 impl FusedLayout {
-    /// The fused kernels' layout for a routing launch `route` of `config`, where they take it:
+    /// The fused kernels' layout for a routing launch `route`, where they take it:
     /// block-per-token routing (every ranked-score config has the fused kernels beside the block
-    /// ones) of at most [`fused_max_rows`] rows and [`FUSED_PAIRS_PER_THREAD`] pairs per thread
-    /// of a block, and no rank outputs (their distinct tokens per rank are a kernel of their own).
+    /// ones) and no rank outputs (their distinct tokens per rank are a kernel of their own).
     /// `None` otherwise: the layout is then a launch of its own after routing.
-    pub fn plan(route: &RoutePlan, config: &RoutingConfig, rank_outputs: bool) -> Option<Self> {
+    ///
+    /// On an H200, graph-replayed, the last routing block laying out every row added to V3's gate
+    /// 3.3 / 6.1 / 10.8 / 25.9 us at 65 / 256 / 512 / 1024 rows, alone with 32 pairs a thread
+    /// at 1024 rows; the layout's own general launches added 6.7 / 8.2 / 11.4 / 20.2 us.
+    pub fn plan(route: &RoutePlan, rank_outputs: bool) -> Option<Self> {
         let (tokens, threads) = (route.launch.grid[0] as usize, route.launch.block[0] as usize);
         let fused = route.kernel == RouteKernel::Block && !rank_outputs;
-        let fits = tokens <= fused_max_rows(config.experts())
-            && tokens * config.top_k() <= FUSED_PAIRS_PER_THREAD * threads;
-        (fused && fits).then_some(FusedLayout { tokens, threads })
+        let layout_blocks =
+            if tokens <= LAST_BLOCK_MAX_ROWS { 0 } else { tokens.div_ceil(WORD_ROWS) };
+        fused.then_some(FusedLayout { tokens, threads, layout_blocks })
     }
 
     /// The fused kernel's launch: the routing's, a block per row.
@@ -219,17 +203,27 @@ impl FusedLayout {
         }
     }
 
+    /// The launch of `sluice_dispatch_words` after the fused kernel, where it lays out.
+    pub fn layout_launch(&self) -> Option<Launch> {
+        (self.layout_blocks > 0).then_some(Launch {
+            grid: [self.layout_blocks as u32, 1, 1],
+            block: [self.threads as u32, 1, 1],
+            shared_bytes: 0,
+        })
+    }
+
     /// The kernel's symbol, for logits given as `splits` partial sums.
     pub fn name(&self, splits: usize) -> &'static str {
         if splits <= 1 { ROUTE_DISPATCH_LOGITS_KERNEL } else { ROUTE_DISPATCH_KERNEL }
     }
 
-    /// Writes the launch's share of the argument: all rows laid out by one block (the last to
-    /// arrive) of the routing block's threads, no per-block counts.
+    /// Writes the launch's share of the argument: rows laid out a word per block by
+    /// [`layout_blocks`](Self::layout_blocks) blocks (0: every row by the last routing block),
+    /// of the routing block's threads, with no per-block counts.
     pub fn fill(&self, args: &mut DispatchArgs) {
         args.block_counts = 0;
-        args.rows_per_block = self.tokens as i32;
-        args.blocks = 1;
+        args.rows_per_block = self.tokens.min(WORD_ROWS) as i32;
+        args.blocks = self.layout_blocks as i32;
         args.threads = self.threads as i32;
     }
 }
@@ -368,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn the_layout_is_fused_into_block_routing_while_its_table_fits() {
+    fn the_layout_is_fused_into_block_routing_wherever_routing_takes_a_block_per_token() {
         use crate::geometry::{H200_ROUTE, RouteKernel, RouteTarget, plan_route};
         use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
         let config = |experts, top_k| {
@@ -380,78 +374,68 @@ mod tests {
             crate::RoutingConfig::new(&spec).unwrap()
         };
         let v3 = config(256, 8);
-        for tokens in [1, 7, DECODE_MAX_ROWS, DECODE_MAX_ROWS + 1, 300, 512] {
+        for tokens in [1, 7, LAST_BLOCK_MAX_ROWS, LAST_BLOCK_MAX_ROWS + 1, 300, 1024, 1056] {
             let route = plan_route(&v3, tokens, &H200_ROUTE).unwrap();
-            let fused = FusedLayout::plan(&route, &v3, false).expect("V3 is fused");
-            assert_eq!(fused, FusedLayout { tokens, threads: 256 });
+            let fused = FusedLayout::plan(&route, false).expect("V3 is fused");
+            assert_eq!((fused.tokens, fused.threads), (tokens, 256));
             assert_eq!(fused.launch(), route.launch, "the routing's own launch");
-            // Every row laid out by one block of the routing block's threads, no workspace.
+            // The last routing block lays out a word of rows; past it a block a word, of the
+            // routing block's threads, after routing.
+            let words = if tokens <= LAST_BLOCK_MAX_ROWS { 0 } else { tokens.div_ceil(64) };
+            assert_eq!(fused.layout_blocks, words);
+            assert_eq!(
+                fused.layout_launch().map(|l| (l.grid, l.block)),
+                (words > 0).then_some(([words as u32, 1, 1], [256, 1, 1]))
+            );
             let mut args = DispatchArgs { block_counts: 4096, ..DispatchArgs::default() };
             fused.fill(&mut args);
-            assert_eq!((args.block_counts, args.blocks), (0, 1));
-            assert_eq!((args.rows_per_block, args.threads), (tokens as i32, 256));
+            assert_eq!((args.block_counts, args.blocks), (0, words as i32));
+            assert_eq!((args.rows_per_block, args.threads), (tokens.min(64) as i32, 256));
             assert_eq!(fused.name(1), ROUTE_DISPATCH_LOGITS_KERNEL);
             assert_eq!(fused.name(6), ROUTE_DISPATCH_KERNEL);
             // Rank outputs keep their own launches.
-            assert_eq!(FusedLayout::plan(&route, &v3, true), None);
+            assert_eq!(FusedLayout::plan(&route, true), None);
         }
-        // Past 16 pairs per thread (V3: 512 rows; Kimi-K2: 768, past its wave of 704) the
-        // layout is a launch of its own, whichever kernel routes.
-        let block = plan_route(&v3, 513, &H200_ROUTE).unwrap();
-        assert_eq!(block.kernel, RouteKernel::Block);
-        assert_eq!(FusedLayout::plan(&block, &v3, false), None);
+        // Past the wave (1056 rows of V3, 704 of Kimi-K2's) routing is a warp per token, and the
+        // layout a launch of its own.
         let kimi = config(384, 8);
         let wave = plan_route(&kimi, 704, &H200_ROUTE).unwrap();
-        assert_eq!(FusedLayout::plan(&wave, &kimi, false).map(|f| f.tokens), Some(704));
-        let warp = plan_route(&v3, 4096, &H200_ROUTE).unwrap();
-        assert_eq!(warp.kernel, RouteKernel::Warp);
-        assert_eq!(FusedLayout::plan(&warp, &v3, false), None);
-        // Every block-routed config, up to 1024 experts (a thread each), and rows while the
-        // table fits: 512 of them there (block routing past one token takes K <= 16).
+        assert_eq!(FusedLayout::plan(&wave, false).map(|f| f.layout_blocks), Some(11));
+        for (config, tokens) in [(&v3, 1057), (&kimi, 705), (&v3, 4096)] {
+            let warp = plan_route(config, tokens, &H200_ROUTE).unwrap();
+            assert_eq!(warp.kernel, RouteKernel::Warp);
+            assert_eq!(FusedLayout::plan(&warp, false), None);
+        }
+        // Up to 1024 experts (a thread each), K = 32 for one row.
         let large = config(1024, 32);
         let one = plan_route(&large, 1, &H200_ROUTE).unwrap();
-        assert_eq!(FusedLayout::plan(&one, &large, false).map(|f| f.threads), Some(1024));
-        // (A device whose wave holds that many blocks of 1024 threads; an H200's holds 264.)
-        let wide = RouteTarget { resident_threads: 1024 * 1024, ..H200_ROUTE };
-        let e1024 = config(1024, 8);
-        let last = plan_route(&e1024, 512, &wide).unwrap();
-        assert_eq!(FusedLayout::plan(&last, &e1024, false).map(|f| f.tokens), Some(512));
-        let past = plan_route(&e1024, 513, &wide).unwrap();
-        assert_eq!(past.kernel, RouteKernel::Block);
-        assert_eq!(FusedLayout::plan(&past, &e1024, false), None);
+        assert_eq!(FusedLayout::plan(&one, false).map(|f| f.threads), Some(1024));
         // No block kernels in the module (hash routing), no fusion.
         let no_block_kernels = RouteTarget { block_kernels: false, ..H200_ROUTE };
         let warp_only = plan_route(&v3, 1, &no_block_kernels).unwrap();
-        assert_eq!(FusedLayout::plan(&warp_only, &v3, false), None);
-        // The rows and table the device's layouts hold.
+        assert_eq!(FusedLayout::plan(&warp_only, false), None);
+        // The rows of a word and the counts' place as the device has them.
         for define in [
-            format!("#define SLUICE_DECODE_MAX_ROWS {DECODE_MAX_ROWS}\n"),
-            format!("#define SLUICE_FUSED_PREFIX_ENTRIES {FUSED_PREFIX_ENTRIES}\n"),
-            format!(
-                "SLUICE_FUSED_WORDS_FIT < {FUSED_MAX_WORDS} ? SLUICE_FUSED_WORDS_FIT : {FUSED_MAX_WORDS})"
-            ),
-            format!("(ticket + {})", FUSED_MASKS_OFFSET / 4),
+            format!("#define SLUICE_WORD_ROWS {WORD_ROWS}\n"),
+            format!("#define SLUICE_LAST_BLOCK_MAX_ROWS {LAST_BLOCK_MAX_ROWS}\n"),
+            format!("(int *)(ticket + {})", FUSED_COUNTS_OFFSET / 4),
         ] {
             assert!(crate::SOURCE.contains(&define), "{define}");
         }
     }
 
     #[test]
-    fn the_fused_masks_cover_the_rows_past_decode_batches_while_the_table_fits() {
-        assert_eq!([256, 384, 512, 1024].map(fused_max_rows), [1024, 1024, 1024, 512]);
-        // 8192 / 640 = 12.8 words fit: 12, 768 rows; 8192 / 896 = 9.1: an even 8, 512 rows.
-        assert_eq!(fused_max_rows(640), 768);
-        assert_eq!(fused_max_rows(896), 512);
-        assert_eq!(fused_masks_bytes(256, 1), 0);
-        assert_eq!(fused_masks_bytes(256, DECODE_MAX_ROWS), 0, "decode builds its own");
-        // 65 rows: two words (an even count) per expert and for the invalid rows.
-        assert_eq!(fused_masks_bytes(256, DECODE_MAX_ROWS + 1), 257 * 2 * 8);
-        assert_eq!(fused_masks_bytes(256, 1024), 257 * 16 * 8);
-        assert_eq!(fused_masks_bytes(256, 1025), 0, "past the table: no fused layout");
-        assert_eq!(fused_masks_bytes(1024, 512), 1025 * 8 * 8);
-        assert_eq!(fused_masks_bytes(1024, 513), 0);
-        // The device's words per row.
-        assert!(crate::SOURCE.contains("return (tokens + 127) / 128 * 2;"));
+    fn the_fused_counts_hold_a_count_per_expert_and_word_of_rows() {
+        assert_eq!(fused_counts_bytes(256, 1), 0, "the last block lays out");
+        assert_eq!(fused_counts_bytes(256, LAST_BLOCK_MAX_ROWS), 0);
+        // A multiple of 4 counts per expert and for the invalid rows: 16-byte loads and stores.
+        assert_eq!(fused_counts_bytes(256, LAST_BLOCK_MAX_ROWS + 1), 257 * 4 * 4);
+        assert_eq!(fused_counts_bytes(256, 256), 257 * 4 * 4);
+        assert_eq!(fused_counts_bytes(256, 257), 257 * 8 * 4);
+        assert_eq!(fused_counts_bytes(256, 1024), 257 * 16 * 4);
+        assert_eq!(fused_counts_bytes(1024, 1056), 1025 * 20 * 4);
+        // The device's counts per expert.
+        assert!(crate::SOURCE.contains("return (tokens + 255) / 256 * 4;"));
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! | `sluice_route` | scores, groups, top-k, renormalisation and scaling, one warp per token, adding up to 16 partial sums per logit |
 //! | `sluice_route_logits` | the same from finished logits (much smaller code) |
 //! | `sluice_route_block`, `sluice_route_block_logits` | the same, a block per token and a thread per expert, while one wave of the device's threads holds the blocks (NVIDIA, ranked scores) |
-//! | `sluice_route_block_dispatch`, `_logits` | block-per-token routing, then the dispatch layout of every row by the block that finishes last (up to 16 pairs per thread of a block and 1024 rows, fewer past 512 experts; no rank outputs): from masks of rows per expert that it builds (decode batches) or that every block sets as it finishes |
-//! | `sluice_reset_status` | the routing status set to `[0, -1]`, the fused layout's ticket and masks to 0, ordered after the previous kernel (for a GEMM not of ours; the GEMM kernels reset them themselves) |
+//! | `sluice_route_block_dispatch`, `_logits` | block-per-token routing with the dispatch layout of its ids (no rank outputs): up to 64 rows laid out by the block that finishes last, from 64-bit masks of the rows that chose each expert; past them each block adds its row to counts per expert and word of 64 rows |
+//! | `sluice_dispatch_words` | after those past 64 rows: the layout of a word of 64 rows per block, from the counts and the word's own masks |
+//! | `sluice_reset_status` | the routing status set to `[0, -1]`, the fused layout's ticket and counts to 0, ordered after the previous kernel (for a GEMM not of ours; the GEMM kernels reset them themselves) |
 //! | `sluice_dispatch_count` | the dispatch layout's many-block path: each block's per-expert counts into the caller's workspace |
 //! | `sluice_dispatch_scatter` | the dispatch layout (counts, offsets, sorted pairs, inverse, padding, ranks): the whole of it in one block, or one tile per block after `sluice_dispatch_count` |
 //! | `sluice_dispatch_rank_tokens` | with rank outputs, after the scatter: distinct tokens per rank, one row per thread |
@@ -46,10 +47,10 @@ pub use args::{
 };
 pub use config::{KernelError, MAX_EXPERTS, MAX_TOP_K, RoutingConfig, check_hash_table_rows};
 pub use dispatch::{
-    DECODE_MAX_ROWS, DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
-    DispatchArgs, DispatchPlan, FUSED_MASKS_OFFSET, FUSED_MAX_WORDS, FUSED_PAIRS_PER_THREAD,
-    FUSED_PREFIX_ENTRIES, FusedLayout, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL,
-    ROUTE_DISPATCH_LOGITS_KERNEL, dispatch_args, fused_masks_bytes, fused_max_rows, plan_dispatch,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DISPATCH_WORDS_KERNEL, DispatchArgs, DispatchPlan, FUSED_COUNTS_OFFSET, FusedLayout,
+    LAST_BLOCK_MAX_ROWS, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL,
+    WORD_ROWS, dispatch_args, fused_counts_bytes, plan_dispatch,
 };
 pub use dispatch_buffers::{DispatchBuffer, DispatchBuffers, check_host_dispatch, host_i32_values};
 pub use geometry::{

@@ -11,9 +11,9 @@ use std::process::Command;
 
 use sluice_kernels::toolchain::find_clang;
 use sluice_kernels::{
-    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL, DispatchArgs,
-    GemmKernel, HiddenKind, RANK_TOKENS_THREADS, ROUTE_DISPATCH_KERNEL,
-    ROUTE_DISPATCH_LOGITS_KERNEL, RoutingConfig, WeightKind,
+    DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
+    DISPATCH_WORDS_KERNEL, DispatchArgs, GemmKernel, HiddenKind, RANK_TOKENS_THREADS,
+    ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL, RoutingConfig, WeightKind,
 };
 use sluice_tensor::{BiasRole, RoutingSpec, ScoringFunc, ScoringOrder, TopkMethod};
 
@@ -162,8 +162,16 @@ fn the_device_source_compiles_for_nvptx_and_amdgpu() {
         assert!(ptx.contains(&args), "{spec}: {args} missing from the PTX");
         assert!(ptx.contains("match.any.sync.b32"), "{spec}");
         // The fused routing and layout: in every ranked-score config, taking the layout's
-        // argument after the routing kernels' and the ticket last; never on AMD.
+        // argument after the routing kernels' and the ticket last, and the layout by words of rows
+        // after it, taking the same two; never on AMD.
         let fused = spec.method != TopkMethod::Hash;
+        let words = format!(
+            ".param .align 8 .b8 {DISPATCH_WORDS_KERNEL}_param_0[{}]",
+            size_of::<DispatchArgs>()
+        );
+        assert_eq!(ptx.contains(&words), fused, "{spec}: {words}");
+        assert_eq!(ptx.contains(&format!("{DISPATCH_WORDS_KERNEL}_param_1")), fused, "{spec}");
+        assert!(!amd.contains(DISPATCH_WORDS_KERNEL), "{spec}: the words on AMD");
         for kernel in [ROUTE_DISPATCH_KERNEL, ROUTE_DISPATCH_LOGITS_KERNEL] {
             assert_eq!(ptx.contains(&format!(".entry {kernel}(")), fused, "{spec}: {kernel}");
             let layout = format!(
