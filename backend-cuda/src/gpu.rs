@@ -12,6 +12,7 @@ use sluice_tensor::{RoutingSpec, ScoringFunc, TopkMethod};
 use crate::cublaslt::Lt;
 use crate::error::CudaError;
 use crate::module::RouterModule;
+use crate::ptx_cache::PtxCache;
 
 #[derive(Debug)]
 pub(crate) struct Gpu {
@@ -29,6 +30,8 @@ pub(crate) struct Gpu {
     pub(crate) compute_capability: (i32, i32),
     /// cuBLASLt, where the library is installed.
     pub(crate) lt: Option<Arc<Lt>>,
+    /// Where the PTX of each routing config is kept between processes.
+    ptx_cache: PtxCache,
     modules: Mutex<HashMap<RoutingConfig, Arc<RouterModule>>>,
 }
 
@@ -75,6 +78,7 @@ impl Gpu {
             l2_bytes: usize::try_from(l2_bytes).unwrap_or(0),
             compute_capability,
             lt: Lt::open().map(Arc::new),
+            ptx_cache: PtxCache::from_env(nvrtc_version()),
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -120,6 +124,7 @@ impl Gpu {
             self.has_warpgroup_mma(),
             self.shared_memory_per_block,
             self.multiprocessors * self.threads_per_multiprocessor,
+            &self.ptx_cache,
         )?);
         modules.insert(config.clone(), Arc::clone(&module));
         Ok(module)
@@ -138,4 +143,14 @@ impl Gpu {
             .map_err(sluice_kernels::KernelError::from)?;
         self.module(&RoutingConfig::new(&spec)?)
     }
+}
+
+/// The loaded NVRTC's version, `(major, minor)`; `(0, 0)` if it does not say (its PTX is then
+/// kept under that key, which no NVRTC that answers shares).
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC was found loadable in `Gpu::open` before this runs; the call writes two
+    // `int`s through pointers to these two locals, which outlive it.
+    let result = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&raw mut major, &raw mut minor) };
+    if result == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS { (major, minor) } else { (0, 0) }
 }

@@ -3,7 +3,8 @@
 //! [`CudaBackend`] implements `sluice_tensor::Backend` on one NVIDIA GPU through cudarc, with the
 //! driver and NVRTC loaded at run time: a binary built on a machine without CUDA runs wherever a
 //! driver is, and reports [`CudaError::NoDriver`] elsewhere. The kernels come from
-//! `sluice-kernels` and are compiled by NVRTC once per routing config, at prepare time.
+//! `sluice-kernels` and are compiled by NVRTC once per routing config, at prepare time, and their
+//! PTX kept on disk for the next process (`ptx_cache`, `$SLUICE_KERNEL_CACHE`).
 //!
 //! Layers, bottom up:
 //! - `cublaslt`: the router GEMM for many tokens through cuBLASLt (loaded at run time too; the
@@ -31,6 +32,7 @@ mod input;
 mod memory;
 mod module;
 mod prepared;
+mod ptx_cache;
 mod tensor_map;
 pub mod timing;
 

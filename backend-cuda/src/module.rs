@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
 use sluice_kernels::{
     DISPATCH_COUNT_KERNEL, DISPATCH_RANK_TOKENS_KERNEL, DISPATCH_SCATTER_KERNEL,
     DISPATCH_WORDS_KERNEL, FusedLayout, GemmKernel, HiddenKind, NVIDIA_WAVE_WIDTH,
@@ -15,6 +15,7 @@ use sluice_kernels::{
 };
 
 use crate::error::CudaError;
+use crate::ptx_cache::PtxCache;
 
 /// The loaded module and its kernels.
 #[derive(Debug)]
@@ -44,7 +45,8 @@ impl RouterModule {
     /// `(major, minor)` (for the architecture-specific target where `warpgroup_mma` says the
     /// device has the warpgroup kernel) and loads every kernel; the tiles and warpgroup kernels may
     /// use up to `shared_memory_per_block` bytes of dynamic shared memory. `resident_threads`, the
-    /// threads the device holds at once, bounds block-per-token routing.
+    /// threads the device holds at once, bounds block-per-token routing. The PTX comes from
+    /// `ptx_cache` where it holds this compilation's.
     pub(crate) fn compile(
         ctx: &Arc<CudaContext>,
         config: &RoutingConfig,
@@ -52,21 +54,33 @@ impl RouterModule {
         warpgroup_mma: bool,
         shared_memory_per_block: usize,
         resident_threads: usize,
+        ptx_cache: &PtxCache,
     ) -> Result<Self, CudaError> {
         // `wgmma` exists only in code for the architecture-specific target.
         let suffix = if warpgroup_mma { "a" } else { "" };
         let mut options =
             vec![format!("--gpu-architecture=sm_{major}{minor}{suffix}"), "--std=c++17".into()];
         options.extend(config.compiler_options());
-        let _span = tracing::debug_span!("nvrtc_compile", ?options).entered();
-        let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { options, ..Default::default() })
-            .map_err(|error| CudaError::Compile {
-            config: format!("{config:?}"),
-            log: match error {
-                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                other => other.to_string(),
-            },
+        let key = ptx_cache.key(&options, SOURCE);
+        let ptx = ptx_cache.get_or_compile(&key, || {
+            let _span = tracing::debug_span!("nvrtc_compile", ?options).entered();
+            let ptx =
+                compile_ptx_with_opts(SOURCE, CompileOptions { options, ..Default::default() })
+                    .map_err(|error| CudaError::Compile {
+                        config: format!("{config:?}"),
+                        log: match error {
+                            CompileError::CompileError { log, .. } => {
+                                log.to_string_lossy().into_owned()
+                            }
+                            other => other.to_string(),
+                        },
+                    })?;
+            ptx_text(&ptx).ok_or_else(|| CudaError::Compile {
+                config: format!("{config:?}"),
+                log: "NVRTC returned PTX that is not text".to_owned(),
+            })
         })?;
+        let ptx = Ptx::from_src(ptx);
         let module =
             ctx.load_module(ptx).map_err(CudaError::driver("loading the router kernels"))?;
         let load = |name: &str| {
@@ -190,4 +204,12 @@ impl RouterModule {
     pub(crate) fn gemm(&self, kernel: GemmKernel) -> Result<&CudaFunction, CudaError> {
         self.gemm.get(&kernel).ok_or_else(|| CudaError::MissingKernel(kernel.name()))
     }
+}
+
+/// The text of PTX that NVRTC made (its image, up to the terminating NUL), or `None` if it is not
+/// UTF-8.
+fn ptx_text(ptx: &Ptx) -> Option<String> {
+    let bytes = ptx.as_bytes()?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8(bytes[..end].to_vec()).ok()
 }
