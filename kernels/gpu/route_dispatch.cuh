@@ -137,11 +137,11 @@ GPU_INLINE void sluice_layout_tail(const sluice_dispatch_args &a, const sluice_l
 
 // The layout of the rows of word `word` of `words` (rows 64 word to 64 word + 63) of a routing's
 // `a.tokens` rows, each K distinct experts of [0, E) or K -1s, without rank outputs, by a block
-// of `a.threads` >= E threads, over a `padded_pairs` already all sentinels: what
-// `sluice_dispatch_scatter` writes for such ids, the `words` blocks together. With one word,
-// `word_counts` is null and the block finds every count in its own masks; otherwise it holds a
-// count per expert and word (`sluice_fused_count_stride(T)` words a row, row E the rows marked
-// invalid), summed over every row.
+// of SLUICE_BLOCK_THREADS threads (`a.threads`, a thread per expert), over a `padded_pairs`
+// already all sentinels: what `sluice_dispatch_scatter` writes for such ids, the `words` blocks
+// together. With one word, `word_counts` is null and the block finds every count in its own
+// masks; otherwise it holds a count per expert and word (rows of `sluice_fused_count_stride(T)`
+// counts, row E the rows marked invalid), summed over every row.
 GPU_INLINE void sluice_dispatch_word(const sluice_dispatch_args &a, sluice_layout_shared &sh,
                                      int word, int words, const int *word_counts) {
   const int tid = GPU_TID, lane = tid % GPU_WARP;
