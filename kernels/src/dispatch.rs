@@ -139,7 +139,9 @@ impl DispatchPlan {
 pub const WORD_ROWS: usize = 64;
 
 /// Rows up to which the routing block that finishes last lays out every row itself (one word):
-/// past them `sluice_dispatch_words` lays out a word per block after routing.
+/// past them `sluice_dispatch_words` lays out a word per block after routing. The words' kernel
+/// from 2 rows on measured slower on an H200 (V3, added to the graph-replayed gate: 2.7 / 4.2 /
+/// 5.1 us at 2 / 32 / 64 rows, against 2.0 / 3.0 / 5.0 by the last block).
 pub const LAST_BLOCK_MAX_ROWS: usize = WORD_ROWS;
 
 /// Where the counts of the layout inside routing start, in bytes after the ticket.
@@ -183,9 +185,10 @@ impl FusedLayout {
     /// ones) and no rank outputs (their distinct tokens per rank are a kernel of their own).
     /// `None` otherwise: the layout is then a launch of its own after routing.
     ///
-    /// On an H200, graph-replayed, the last routing block laying out every row added to V3's gate
-    /// 3.3 / 6.1 / 10.8 / 25.9 us at 65 / 256 / 512 / 1024 rows, alone with 32 pairs a thread
-    /// at 1024 rows; the layout's own general launches added 6.7 / 8.2 / 11.4 / 20.2 us.
+    /// On an H200, graph-replayed, the layout added to V3's gate 4.3 / 4.1 / 4.6 / 8.2 us at
+    /// 65 / 256 / 512 / 1024 rows a word per block, where the last routing block laying out every
+    /// row had added 3.3 / 6.2 / 11.2 / 25.9 us (alone with 32 pairs a thread at 1024 rows) and
+    /// the layout's own general launches add 6.7 / 8.1 / 13.7 / 20.0 us.
     pub fn plan(route: &RoutePlan, rank_outputs: bool) -> Option<Self> {
         let (tokens, threads) = (route.launch.grid[0] as usize, route.launch.block[0] as usize);
         let fused = route.kernel == RouteKernel::Block && !rank_outputs;
