@@ -145,12 +145,12 @@ impl Gpu {
     }
 }
 
-/// The loaded NVRTC's version, `(major, minor)`; `(0, 0)` if it does not say (its PTX is then
-/// kept under that key, which no NVRTC that answers shares).
-fn nvrtc_version() -> (i32, i32) {
+/// The loaded NVRTC's version, `(major, minor)`, or `None` if it does not say (then nothing is
+/// cached: an entry could not tell which NVRTC made it).
+fn nvrtc_version() -> Option<(i32, i32)> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: NVRTC was found loadable in `Gpu::open` before this runs; the call writes two
     // `int`s through pointers to these two locals, which outlive it.
     let result = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&raw mut major, &raw mut minor) };
-    if result == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS { (major, minor) } else { (0, 0) }
+    (result == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
 }

@@ -66,9 +66,11 @@ pub(crate) struct PtxCache {
 }
 
 impl PtxCache {
-    /// The cache the environment names (see the module's documentation), for NVRTC `nvrtc`.
-    pub(crate) fn from_env(nvrtc: (i32, i32)) -> Self {
-        PtxCache { dir: cache_dir(|name| std::env::var_os(name)), nvrtc }
+    /// The cache the environment names (see the module's documentation), for NVRTC `nvrtc`;
+    /// none where NVRTC's version is unknown.
+    pub(crate) fn from_env(nvrtc: Option<(i32, i32)>) -> Self {
+        let dir = nvrtc.and_then(|_| cache_dir(|name| std::env::var_os(name)));
+        PtxCache { dir, nvrtc: nvrtc.unwrap_or((0, 0)) }
     }
 
     /// A cache in `dir`, or none.
