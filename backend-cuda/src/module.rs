@@ -174,12 +174,11 @@ impl RouterModule {
     }
 
     /// The fused routing and layout of `tokens` tokens, where this module has it for that call
-    /// (block-per-token routing, no rank outputs), else `None`.
+    /// (block-per-token routing, no rank outputs), else `None`. Arithmetic only, as every gate
+    /// call's workspace size asks: the plan routes a block per token only where the module has the
+    /// block kernels, and the fused ones are loaded with them.
     pub(crate) fn fused_layout(&self, tokens: usize, rank_outputs: bool) -> Option<FusedLayout> {
-        if !self.routes.contains_key(ROUTE_DISPATCH_KERNEL) {
-            return None;
-        }
-        let (_, plan) = self.route(tokens, 1).ok()?;
+        let plan = sluice_kernels::plan_route(&self.config, tokens, &self.route_target).ok()?;
         FusedLayout::plan(&plan, rank_outputs)
     }
 

@@ -256,11 +256,13 @@ mod tests {
 
     #[test]
     fn the_folder_comes_from_the_environment() {
-        let home = ("HOME", "/home/a");
-        assert_eq!(dir_in(&[home]), Some("/home/a/.cache/sluice/kernels".into()));
-        let xdg = ("XDG_CACHE_HOME", "/var/cache/a");
-        assert_eq!(dir_in(&[home, xdg]), Some("/var/cache/a/sluice/kernels".into()));
-        assert_eq!(dir_in(&[home, xdg, (CACHE_VAR, "/tmp/k")]), Some("/tmp/k".into()));
+        let home = ("HOME", "user-home");
+        let in_home = ["user-home", ".cache", "sluice", "kernels"].iter().collect::<PathBuf>();
+        assert_eq!(dir_in(&[home]), Some(in_home));
+        let xdg = ("XDG_CACHE_HOME", "xdg-cache");
+        let in_xdg = ["xdg-cache", "sluice", "kernels"].iter().collect::<PathBuf>();
+        assert_eq!(dir_in(&[home, xdg]), Some(in_xdg));
+        assert_eq!(dir_in(&[home, xdg, (CACHE_VAR, "named")]), Some("named".into()));
         assert_eq!(dir_in(&[home, (CACHE_VAR, "off")]), None);
         assert_eq!(dir_in(&[home, (CACHE_VAR, "")]), None);
         assert_eq!(dir_in(&[("XDG_CACHE_HOME", "")]), None, "no home, no cache");
