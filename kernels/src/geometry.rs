@@ -571,6 +571,11 @@ pub struct RouteTarget {
 /// warp routing: V3 12.7 / 14.5 / 17.1 against 18.8 / 20.9 / 18.4 at T = 256 / 512 / 1024, and
 /// 25.6 against 23.8 at 2048; Kimi-K2 9.5 / 15.7 against 10.4 / 17.9 at T = 65 / 512, and 21.7
 /// against 19.9 at 1024.
+///
+/// Past the wave the warp kernel stays: a thread per token (a warp scoring 32 rows, then each
+/// thread selecting its row's K best in registers) made the gate 1.3 to 5 times slower there,
+/// with too few warps for its latency and its insertions taken by some thread at nearly every
+/// expert (BENCHMARKS.md, fourteenth session).
 pub fn plan_route(
     config: &crate::RoutingConfig,
     tokens: usize,
